@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make demo` (set up, run the main job) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export TORCHINDUCTOR_COMPILE_THREADS ?= 1
+export YOLO_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,dist]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/moeworks demo
+
+test: install
+	$(PY) -m pytest -n 2 --timeout=1800 tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

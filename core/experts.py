@@ -1,0 +1,70 @@
+"""Stacked expert FFN weights, run either over sorted contiguous slices or densely (for export)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class Experts(nn.Module):
+    """`num_experts` two-layer FFNs (hidden -> intermediate -> hidden), weights stacked.
+
+    Args:
+        num_experts: E.
+        hidden_size: H, the width read and written.
+        intermediate_size: I, each expert's inner width.
+        activation: "gelu", "relu" or "silu".
+    Weights: w_in (E, H, I), w_out (E, I, H); no biases, as in Mixtral/DeepSeek experts.
+    """
+
+    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w_out = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        # Same scale as nn.Linear's default init, per expert.
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(hidden_size), 1 / math.sqrt(hidden_size))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(intermediate_size), 1 / math.sqrt(intermediate_size))
+
+    def forward_sorted(self, x_sorted: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Run each active expert once over its contiguous slice.
+
+        x_sorted: (assignments, H), rows grouped by expert. bounds: (expert, start, end) for each
+        expert with work. Returns (assignments, H); rows outside every slice stay zero.
+        """
+        act = ACTIVATIONS[self.activation]
+        out = x_sorted.new_zeros(x_sorted.shape)
+        for expert, start, end in bounds:
+            out[start:end] = act(x_sorted[start:end] @ self.w_in[expert]) @ self.w_out[expert]
+        return out
+
+    def forward_dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Every expert over every token, mixed by a dense weight matrix: static shapes only.
+
+        x: (tokens, H); combine: (tokens, E) weights, zero where a token does not use an expert.
+        Returns (tokens, H). Costs E/top_k times the sorted path; used for ONNX/torch.export.
+        """
+        act = ACTIVATIONS[self.activation]
+        inner = act(torch.einsum("th,ehi->eti", x, self.w_in))  # (E, tokens, I)
+        per_expert = torch.einsum("eti,eih->eth", inner, self.w_out)  # (E, tokens, H)
+        return torch.einsum("eth,te->th", per_expert, combine.to(per_expert.dtype))
+
+
+class DenseFFN(nn.Module):
+    """A plain FFN (hidden -> intermediate -> hidden): shared experts and the dense reference."""
+
+    def __init__(self, *, hidden_size: int, intermediate_size: int, activation: str = "gelu") -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(ACTIVATIONS[self.activation](self.up(x)))

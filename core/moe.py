@@ -1,0 +1,130 @@
+"""The Mixture-of-Experts layer: route, dispatch by sorting, combine, report losses and load."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import MoEConfig
+from core.experts import DenseFFN, Experts
+from core.router import Router, load_balancing_loss, router_z_loss
+
+
+class MoEOutput(NamedTuple):
+    output: torch.Tensor  # same shape as the input
+    aux_loss: torch.Tensor  # scalar: weighted balancing + z-loss, add it to the task loss
+    load_balancing_loss: torch.Tensor  # scalar, unweighted (1.0 at perfectly even load)
+    z_loss: torch.Tensor  # scalar, unweighted
+    expert_load: torch.Tensor  # (experts,) assignments routed to each expert, before any drop
+    dropped: torch.Tensor  # scalar int64: assignments over capacity, not computed
+
+
+def is_exporting() -> bool:
+    """True while torch.export, the ONNX exporter or the JIT tracer runs this module."""
+    return bool(
+        torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    )
+
+
+class MoELayer(nn.Module):
+    """Top-k routed experts (+ optional shared experts) over (batch, tokens, H) or (tokens, H).
+
+    Dispatch sorts the tokens' (token, slot) assignments by expert and runs each active expert
+    once over its contiguous slice, then scatters the weighted results back. No per-token loop and
+    no dense compute of idle experts.
+
+    Capacity policy (when the config sets one): assignments are served in priority order, all
+    first choices before any second choice and, within a slot, in token order (GShard/Switch);
+    an expert past its capacity drops the rest. A dropped assignment contributes nothing and the
+    token's other weights are not renormalised, so with every choice dropped a token passes through
+    the residual alone. `dropped` counts them.
+
+    Under export (`is_exporting()`), or with `static=True`, the same maths runs with static shapes
+    (every expert densely, a dense combine matrix, capacity from a cumulative sum) so that ONNX and
+    torch.export see no data-dependent shapes.
+
+    Args:
+        config: the layer's MoEConfig.
+        router: optional Router to use instead of a fresh one.
+        experts: optional Experts to use instead of fresh ones.
+    """
+
+    def __init__(self, config: MoEConfig, *, router: Router | None = None,
+                 experts: Experts | None = None, static: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.static = static
+        self.router = router if router is not None else Router(config=config)
+        self.experts = experts if experts is not None else Experts(
+            num_experts=config.num_experts, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, activation=config.activation,
+        )
+        self.shared_experts = nn.ModuleList(
+            DenseFFN(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                     activation=config.activation)
+            for _ in range(config.num_shared_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        cfg = self.config
+        assert x.dim() in (2, 3), f"MoELayer expects (batch, tokens, hidden) or (tokens, hidden), got {tuple(x.shape)}"
+        assert x.shape[-1] == cfg.hidden_size, f"last dim {x.shape[-1]} != hidden_size {cfg.hidden_size}"
+        tokens = x.reshape(-1, cfg.hidden_size)  # (T, H)
+        routing = self.router(tokens)
+        capacity = cfg.capacity(tokens.shape[0])
+        if self.static or is_exporting():
+            out, dropped = self._dispatch_static(tokens, routing.expert_index, routing.weight, capacity)
+        else:
+            out, dropped = self._dispatch_sorted(tokens, routing.expert_index, routing.weight, capacity)
+        for shared in self.shared_experts:
+            out = out + shared(tokens)
+
+        expert_load = F.one_hot(routing.expert_index, cfg.num_experts).sum(dim=(0, 1))  # (E,)
+        balance = load_balancing_loss(routing.probs, routing.expert_index, cfg.num_experts)
+        z_loss = router_z_loss(routing.logits)
+        aux = cfg.aux_loss_weight * balance + cfg.z_loss_weight * z_loss
+        if self.training and cfg.bias_balancing:
+            self.router.update_selection_bias(expert_load)
+        return MoEOutput(out.reshape(x.shape), aux, balance, z_loss, expert_load, dropped)
+
+    def _dispatch_sorted(self, tokens: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor,
+                         capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens, top_k = expert_index.shape
+        # Slot-major order (all first choices, then all second ones) is the drop priority; a
+        # stable sort by expert keeps that order inside each expert's slice.
+        flat_expert = expert_index.t().reshape(-1)  # (k*T,)
+        order = torch.sort(flat_expert, stable=True).indices  # (k*T,)
+        token_of = order % num_tokens  # (k*T,) source token of each sorted assignment
+        slot_of = order // num_tokens
+        counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()
+        bounds, start, dropped = [], 0, 0
+        for expert, count in enumerate(counts):
+            if count:
+                served = count if capacity is None else min(count, capacity)
+                bounds.append((expert, start, start + served))
+                dropped += count - served
+            start += count
+        x_sorted = tokens.index_select(0, token_of)  # (k*T, H)
+        y_sorted = self.experts.forward_sorted(x_sorted, bounds)  # (k*T, H), dropped rows zero
+        w_sorted = weight[token_of, slot_of].to(y_sorted.dtype).unsqueeze(-1)  # (k*T, 1)
+        out = tokens.new_zeros(tokens.shape).index_add_(0, token_of, y_sorted * w_sorted)
+        return out, torch.tensor(dropped, dtype=torch.int64)
+
+    def _dispatch_static(self, tokens: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor,
+                         capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens, top_k = expert_index.shape
+        num_experts = self.config.num_experts
+        one_hot = F.one_hot(expert_index, num_experts).to(weight.dtype)  # (T, k, E)
+        if capacity is None:
+            keep = torch.ones_like(weight)
+        else:
+            # Position of each assignment in its expert's queue, in the same slot-major priority.
+            slot_major = one_hot.transpose(0, 1).reshape(top_k * num_tokens, num_experts)
+            position = (slot_major.cumsum(dim=0) * slot_major).sum(dim=-1)  # 1-based, (k*T,)
+            keep = (position <= capacity).to(weight.dtype).reshape(top_k, num_tokens).t()  # (T, k)
+        dropped = (keep.numel() - keep.sum()).to(torch.int64)
+        combine = torch.einsum("tk,tke->te", weight * keep, one_hot)  # (T, E)
+        return self.experts.forward_dense(tokens, combine), dropped

@@ -1,0 +1,1 @@
+"""moeworks deploy: the CLI, serving, export, containers and the edge agent."""

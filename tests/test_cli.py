@@ -1,0 +1,10 @@
+from typer.testing import CliRunner
+
+from deploy.cli import app
+
+
+def test_demo_runs_on_embedded_defaults(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "validation AUC" in result.output
+    assert (tmp_path / "core_demo_moe.pt").exists()
