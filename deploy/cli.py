@@ -7,8 +7,16 @@ from pathlib import Path
 
 import typer
 
+from finance.cli import app as finance_app
+from manufacturing.cli import defects_app, maintenance_app
+from twin.cli import app as twin_app
+
 app = typer.Typer(help="moeworks: an industry AI suite on a shared Mixture-of-Experts engine.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(finance_app, name="finance")
+app.add_typer(defects_app, name="defects")
+app.add_typer(maintenance_app, name="maintenance")
+app.add_typer(twin_app, name="twin")
 
 
 def data_root() -> Path | None:
