@@ -1,0 +1,1 @@
+"""Serving: a FastAPI app run by gunicorn (uvicorn workers) in front of core's dynamic batcher."""

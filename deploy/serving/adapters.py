@@ -1,0 +1,271 @@
+"""Model adapters: one interface in front of a PyTorch checkpoint or an ONNX file.
+
+An adapter knows its input fields (to validate requests before they reach the model), runs a
+batch of rows, and splits the result back per request. The server and the batcher see only this
+interface, so a new model kind (the credit scorer, RUL, defects) is a new adapter or a new entry in
+`deploy.serving.models.LOADERS`, not a change to the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from deploy.serving.models import InputField, load_model
+
+
+class InvalidRequest(ValueError):
+    """A request that does not fit the model's inputs; `loc` names the field (and row)."""
+
+    def __init__(self, loc: list[str | int], message: str) -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: {message}")
+        self.loc = loc
+        self.message = message
+
+
+def file_version(path: Path) -> str:
+    """A content version for a model file: the first 12 hex digits of its sha256."""
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+@dataclass
+class AdapterOptions:
+    # torch: int8_dynamic | int8_weight_only (AWQ + torchao); ONNX: int8_dynamic | int8_static (onnxruntime)
+    quantize: Literal["none", "int8_dynamic", "int8_weight_only", "int8_static"] = "none"
+    fuse: bool = False  # torch.compile the dense parts (torch runtime); ORT always fuses its graph
+    calibration: Path | None = None  # .npz of named input arrays for AWQ / static quantization
+    calibration_rows: int = 512  # generated rows when no calibration file is given
+    threads: int = 1  # intra-op threads of the runtime: one core per worker process
+
+
+class ModelAdapter(ABC):
+    """Validate requests, run batches, split results. Subclasses set `fields` and implement `predict`."""
+
+    name: str
+    version: str
+    runtime: str
+    fields: list[InputField]
+
+    @abstractmethod
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named arrays with `rows` rows each -> named outputs with `rows` rows each."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model_version": self.version, "runtime": self.runtime,
+                "inputs": {f.name: {"dtype": f.dtype.name, "row_shape": list(f.row_shape)} for f in self.fields}}
+
+    def parse(self, payload: Any, *, max_rows: int = 256) -> tuple[dict[str, np.ndarray], int]:
+        """JSON body {"instances": [{field: value, ...}, ...]} -> (named arrays, rows)."""
+        if not isinstance(payload, dict):
+            raise InvalidRequest(["body"], "expected a JSON object with an `instances` list")
+        instances = payload.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise InvalidRequest(["body", "instances"], "expected a non-empty list of objects")
+        if len(instances) > max_rows:
+            raise InvalidRequest(["body", "instances"], f"{len(instances)} instances; at most {max_rows} per request")
+        known = {f.name for f in self.fields}
+        columns: dict[str, list[np.ndarray]] = {f.name: [] for f in self.fields}
+        for row, instance in enumerate(instances):
+            if not isinstance(instance, dict):
+                raise InvalidRequest(["body", "instances", row], "expected an object of named inputs")
+            unknown = sorted(set(instance) - known)
+            if unknown:
+                raise InvalidRequest(["body", "instances", row, unknown[0]],
+                                     f"unknown input; this model reads {sorted(known)}")
+            for spec in self.fields:
+                columns[spec.name].append(self._value(instance, spec, row))
+        return {name: np.stack(values) for name, values in columns.items()}, len(instances)
+
+    @staticmethod
+    def _value(instance: dict[str, Any], spec: InputField, row: int) -> np.ndarray:
+        loc: list[str | int] = ["body", "instances", row, spec.name]
+        if spec.name not in instance:
+            raise InvalidRequest(loc, "field required")
+        try:
+            value = np.asarray(instance[spec.name], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidRequest(loc, "expected numbers (nested lists of numbers)") from None
+        if value.shape != spec.row_shape:
+            raise InvalidRequest(loc, f"expected shape {list(spec.row_shape)}, got {list(value.shape)}")
+        if not np.isfinite(value).all():
+            raise InvalidRequest(loc, "NaN or infinite value")
+        if spec.dtype.kind in "iu":
+            if (value != np.round(value)).any():
+                raise InvalidRequest(loc, "expected integer codes")
+            if spec.high is not None:
+                bad = np.flatnonzero((value < 0) | (value >= np.asarray(spec.high)))
+                if bad.size:
+                    j = int(bad[0])
+                    raise InvalidRequest(loc + [j], f"code {int(value.flat[j])} outside [0, {spec.high[j]})")
+        return value.astype(spec.dtype)
+
+    def example(self, rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+        """Generated inputs that fit the fields (warm-up; calibration when no file is given)."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for spec in self.fields:
+            shape = (rows, *spec.row_shape)
+            if spec.dtype.kind in "iu":
+                high = np.asarray(spec.high if spec.high is not None else (2,) * spec.row_shape[-1])
+                out[spec.name] = (rng.random(shape) * high).astype(spec.dtype)
+            else:
+                out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        return out
+
+    def run_batch(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """The batcher's call: concatenate the requests' rows, predict once, split per request."""
+        if len(requests) == 1:
+            return [self.predict(requests[0])]
+        joined = {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+        outputs = self.predict(joined)
+        bounds = np.cumsum([len(next(iter(r.values()))) for r in requests])[:-1]
+        split = {name: np.split(value, bounds) for name, value in outputs.items()}
+        return [{name: parts[i] for name, parts in split.items()} for i in range(len(requests))]
+
+
+def _load_calibration(options: AdapterOptions, adapter: ModelAdapter) -> dict[str, np.ndarray]:
+    if options.calibration is None:
+        return adapter.example(options.calibration_rows, seed=1)
+    with np.load(options.calibration) as data:
+        missing = [f.name for f in adapter.fields if f.name not in data]
+        if missing:
+            raise ValueError(f"{options.calibration}: calibration arrays missing {missing}")
+        return {f.name: data[f.name].astype(f.dtype) for f in adapter.fields}
+
+
+class TorchAdapter(ModelAdapter):
+    """A saved core checkpoint (see deploy.serving.models) run by PyTorch, optionally INT8 and fused."""
+
+    def __init__(self, path: str | Path, options: AdapterOptions | None = None) -> None:
+        from core.fused import fuse_model
+        from core.quantization import AWQConfig, AWQQuantizer
+
+        self.options = options = options or AdapterOptions()
+        path = Path(path)
+        torch.set_num_threads(options.threads)
+        loaded = load_model(path)
+        self.fields = loaded.fields
+        self.name = loaded.metadata.get("name", path.stem)
+        self.version = loaded.metadata.get("version") or file_version(path)
+        model = loaded.model.eval()
+        variant = ["torch", "fp32"]
+        if options.quantize in ("int8_dynamic", "int8_weight_only"):
+            arrays = _load_calibration(options, self)
+            batches = [{k: torch.from_numpy(v[s:s + 128]) for k, v in arrays.items()}
+                       for s in range(0, len(next(iter(arrays.values()))), 128)]
+            with torch.no_grad():
+                model = AWQQuantizer(AWQConfig(scheme=options.quantize)).fit(model, batches).transform(model)
+            variant[1] = options.quantize
+        elif options.quantize != "none":
+            raise ValueError(f"quantize={options.quantize!r} is not a PyTorch scheme (int8_dynamic, int8_weight_only)")
+        if options.fuse:
+            model = fuse_model(model)
+            variant.append("fused")
+        self.model = model
+        self.runtime = "+".join(variant)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            logits = self.model(**{k: torch.from_numpy(v) for k, v in inputs.items()})[0].float().numpy()
+        out = {"logits": logits}
+        if logits.shape[-1] == 1:
+            out["probability"] = 1 / (1 + np.exp(-logits))
+        return out
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(double)": np.float64}
+
+
+class OnnxAdapter(ModelAdapter):
+    """An ONNX file run by onnxruntime; optionally quantized to INT8 at load (dynamic or QDQ static)."""
+
+    def __init__(self, path: str | Path, options: AdapterOptions | None = None, *,
+                 work_dir: Path | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        from core.onnx_export import available_providers
+        from core.quantization import quantize_onnx
+
+        self.options = options = options or AdapterOptions()
+        path = Path(path)
+        proto = onnx.load(str(path), load_external_data=False)
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        self.name = metadata.get("name", path.stem)
+        self.version = metadata.get("version") or file_version(path)
+        highs = self._categorical_bounds(metadata)
+        self.fields = []
+        for value in proto.graph.input:
+            tensor = value.type.tensor_type
+            elem = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim][1:]
+            if any(d is None for d in dims):
+                raise ValueError(f"{path}: input {value.name} has a dynamic non-batch axis {dims}; not servable")
+            self.fields.append(InputField(value.name, np.dtype(elem), tuple(dims), high=highs.get(value.name)))
+        run_path, variant = path, "fp32"
+        if options.quantize in ("int8_dynamic", "int8_static"):
+            work_dir = work_dir or path.parent
+            run_path = work_dir / f"{path.stem}.{options.quantize}.onnx"
+            mode = "dynamic" if options.quantize == "int8_dynamic" else "static"
+            calibration = _load_calibration(options, self) if mode == "static" else None
+            quantize_onnx(path, run_path, mode=mode, calibration=calibration)
+            variant = options.quantize
+        elif options.quantize != "none":
+            raise ValueError(f"quantize={options.quantize!r} is not an ONNX scheme (int8_dynamic, int8_static)")
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.threads
+        session_options.inter_op_num_threads = 1
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # ORT's own fusions
+        self.session = ort.InferenceSession(str(run_path), sess_options=session_options,
+                                            providers=available_providers())
+        # Per-row outputs only (a scalar auxiliary loss is not an answer).
+        self.outputs = [o.name for o in self.session.get_outputs() if len(o.shape) >= 1]
+        self.runtime = f"onnxruntime+{variant}"
+
+    @staticmethod
+    def _categorical_bounds(metadata: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        """`categorical` code ranges from a TabularMoE config saved in the file's metadata, if any."""
+        try:
+            config = json.loads(metadata.get("config", "{}"))
+        except json.JSONDecodeError:
+            return {}
+        cards = config.get("categorical_cardinalities") if isinstance(config, dict) else None
+        return {"categorical": tuple(cards)} if cards else {}
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.outputs, inputs)
+        out = dict(zip(self.outputs, values, strict=True))
+        first = values[0]
+        if first.ndim == 2 and first.shape[-1] == 1:
+            out["probability"] = 1 / (1 + np.exp(-first.astype(np.float64)))
+        return out
+
+
+def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> ModelAdapter:
+    """An adapter by file type: .onnx -> onnxruntime, anything else -> a PyTorch checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return OnnxAdapter(path, options) if path.suffix == ".onnx" else TorchAdapter(path, options)
+
+
+def row_to_json(outputs: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+    """One row of outputs as JSON values: a one-element vector becomes a number."""
+    answer = {}
+    for name, value in outputs.items():
+        item = value[row].tolist()
+        if isinstance(item, list) and len(item) == 1:
+            item = item[0]
+        if isinstance(item, float) and not math.isfinite(item):
+            item = None
+        answer[name] = item
+    return answer

@@ -1,0 +1,48 @@
+"""Run the serving app under gunicorn with uvicorn workers (as the seed's container does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.batcher import BatcherConfig
+from deploy.serving.adapters import AdapterOptions, load_adapter
+
+
+@dataclass
+class ServeConfig:
+    model: Path
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    host: str = "127.0.0.1"  # loopback unless asked: a model server is not exposed by accident
+    port: int = 8080
+    workers: int = 1  # one process per model copy; the batcher batches within a process
+    max_request_rows: int = 256  # rows one request may carry
+    startup_timeout_s: int = 600  # quantizing and compiling at start-up take minutes on 2 cores
+
+
+def build_app(config: ServeConfig):
+    from deploy.serving.app import create_app
+
+    return create_app(lambda: load_adapter(config.model, config.adapter), batcher_config=config.batcher,
+                      max_request_rows=config.max_request_rows)
+
+
+def run_gunicorn(config: ServeConfig) -> None:
+    """Blocks: gunicorn master plus `config.workers` uvicorn workers, each loading the model."""
+    from gunicorn.app.base import BaseApplication
+
+    class GunicornApp(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{config.host}:{config.port}")
+            self.cfg.set("workers", config.workers)
+            self.cfg.set("worker_class", "uvicorn.workers.UvicornWorker")
+            self.cfg.set("timeout", config.startup_timeout_s)  # a worker compiling is not a hung worker
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("keepalive", 30)
+            self.cfg.set("accesslog", None)
+
+        def load(self):
+            return build_app(config)
+
+    GunicornApp().run()
