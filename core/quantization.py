@@ -19,6 +19,7 @@ configs own them. Routers stay in fp32: int8 gate logits flip top-k choices.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -342,6 +343,28 @@ class AWQQuantizer:
         """Per layer: chosen alpha, output MSE with AWQ and with plain rounding."""
         return [{"layer": name, "alpha": s.alpha, "mse_awq": s.error, "mse_plain": s.error_plain}
                 for name, s in self.searches_.items()]
+
+
+def compile_quantized(model: nn.Module) -> nn.Module:
+    """Run every torchao int8 op of `model` under torch.compile, in place; returns the model.
+
+    Eager torchao re-dispatches each int8 call through its tensor subclass (~1 ms per call on this
+    CPU); compiled, quantize-matmul-rescale becomes one graph. One compiled function serves all
+    Linears and one all experts (weights are arguments), so the number of graphs stays small. This
+    compiles the int8 kernels only; `core.fused.fuse_model` compiles the whole model instead.
+    """
+    linear = torch.compile(F.linear, dynamic=True)
+    expert_mlp = torch.compile(scaled_expert_mlp, dynamic=True)
+    for module in model.modules():
+        if isinstance(module, LinearExperts):
+            module.mlp = expert_mlp
+        elif isinstance(module, nn.Linear) and type(module.weight) not in (torch.Tensor, nn.Parameter):
+            module.forward = functools.partial(_call_linear, linear, module)
+    return model
+
+
+def _call_linear(linear, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
 
 
 # --- ONNX --------------------------------------------------------------------------------------

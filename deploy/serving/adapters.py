@@ -31,6 +31,20 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
+def example_rows(fields: list[InputField], rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """`rows` generated rows for `fields`: standard normal floats, uniform valid integer codes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in fields:
+        shape = (rows, *spec.row_shape)
+        if spec.dtype.kind in "iu":
+            high = np.asarray(spec.high if spec.high is not None else (2,) * spec.row_shape[-1])
+            out[spec.name] = (rng.random(shape) * high).astype(spec.dtype)
+        else:
+            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return out
+
+
 def file_version(path: Path) -> str:
     """A content version for a model file: the first 12 hex digits of its sha256."""
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
@@ -109,16 +123,7 @@ class ModelAdapter(ABC):
 
     def example(self, rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
         """Generated inputs that fit the fields (warm-up; calibration when no file is given)."""
-        rng = np.random.default_rng(seed)
-        out = {}
-        for spec in self.fields:
-            shape = (rows, *spec.row_shape)
-            if spec.dtype.kind in "iu":
-                high = np.asarray(spec.high if spec.high is not None else (2,) * spec.row_shape[-1])
-                out[spec.name] = (rng.random(shape) * high).astype(spec.dtype)
-            else:
-                out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        return out
+        return example_rows(self.fields, rows, seed=seed)
 
     def run_batch(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """The batcher's call: concatenate the requests' rows, predict once, split per request."""
@@ -146,7 +151,7 @@ class TorchAdapter(ModelAdapter):
 
     def __init__(self, path: str | Path, options: AdapterOptions | None = None) -> None:
         from core.fused import fuse_model
-        from core.quantization import AWQConfig, AWQQuantizer
+        from core.quantization import AWQConfig, AWQQuantizer, compile_quantized
 
         self.options = options = options or AdapterOptions()
         path = Path(path)
@@ -163,6 +168,8 @@ class TorchAdapter(ModelAdapter):
                        for s in range(0, len(next(iter(arrays.values()))), 128)]
             with torch.no_grad():
                 model = AWQQuantizer(AWQConfig(scheme=options.quantize)).fit(model, batches).transform(model)
+            if not options.fuse:  # torchao's int8 kernels want torch.compile; fuse_model compiles them anyway
+                model = compile_quantized(model)
             variant[1] = options.quantize
         elif options.quantize != "none":
             raise ValueError(f"quantize={options.quantize!r} is not a PyTorch scheme (int8_dynamic, int8_weight_only)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def run_gunicorn(config: ServeConfig) -> None:
             self.cfg.set("accesslog", None)
 
         def load(self):
+            # Inductor logs a traceback for every cache key it cannot pickle (torchao tensors); noise.
+            logging.getLogger("torch._inductor.codecache").setLevel(logging.ERROR)
             return build_app(config)
 
     GunicornApp().run()

@@ -1,0 +1,314 @@
+"""Serving benchmark: a loopback load generator against `moeworks serve` in several configurations.
+
+For each model (a tabular MoE trained on generated data, the MoE Transformer sequence classifier,
+and any checkpoint passed with --checkpoint), the server is started once per configuration and
+driven by `--clients` concurrent closed-loop clients for `--seconds`:
+
+  1. eager-fp32-1     the original: eager FP32, one request per forward pass
+  2. fp32-batched     FP32 + dynamic batching (isolates what batching alone does)
+  3. int8-batched     AWQ INT8 (torchao int8 dynamic) + dynamic batching
+  4. int8-batched-fused  the same + fused kernels (torch.compile, grouped experts where they apply)
+
+Reported per configuration: QPS, p50/p99 latency, the server's CPU use (cores busy) and the whole
+machine's; ratios against configuration 1. Before the load runs, the INT8 accuracy change is
+measured on the same models (AUC for the trained tabular model; output error otherwise).
+
+    python benchmarks/serving.py --seconds 10 --clients 32 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core import MoEConfig  # noqa: E402
+from core.blocks import TabularMoE, TabularMoEConfig  # noqa: E402
+from core.synthetic import segmented_classification  # noqa: E402
+from core.trainer import save_checkpoint  # noqa: E402
+from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model  # noqa: E402
+
+CONFIGS = {
+    "eager-fp32-1": ["--no-batching"],
+    "fp32-batched": [],
+    "int8-batched": ["--quantize", "int8_dynamic"],
+    "int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
+}
+
+
+@dataclass
+class LoadResult:
+    config: str
+    requests: int
+    errors: int
+    seconds: float
+    qps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_cores: float  # CPU seconds of the server processes per wall second
+    machine_cpu_percent: float  # all cores, all processes (the load generator included)
+    startup_s: float
+
+
+# --- models ------------------------------------------------------------------------------------
+
+def build_tabular(out: Path, seed: int = 0) -> tuple[Path, dict]:
+    """Train a TabularMoE (16 experts, top-2) on generated segmented data; returns checkpoint + AUCs."""
+    from sklearn.metrics import roc_auc_score
+
+    numeric, segment, label = segmented_classification(24_000, seed=seed)
+    x, c, y = torch.from_numpy(numeric), torch.from_numpy(segment)[:, None], torch.from_numpy(label)
+    config = TabularMoEConfig(num_numeric=numeric.shape[1], categorical_cardinalities=[4], moe=MoEConfig(
+        num_experts=16, top_k=2, hidden_size=64, intermediate_size=128))
+    torch.manual_seed(seed)
+    model = TabularMoE(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for start in range(0, 20_000, 256):
+            logits, aux = model(x[start:start + 256], c[start:start + 256])
+            loss = F.binary_cross_entropy_with_logits(logits.squeeze(-1), y[start:start + 256]) + aux
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    path = save_checkpoint(out / "tabular_moe.pt", model, config=config, extra={"model_kind": "tabular_moe"})
+    np.savez(out / "tabular_moe.calibration.npz", numeric=numeric[:512], categorical=segment[:512, None])
+    held_out = {"numeric": x[20_000:], "categorical": c[20_000:]}
+    return path, {"held_out": held_out, "labels": label[20_000:],
+                  "metric": lambda scores: float(roc_auc_score(label[20_000:], scores)), "metric_name": "AUC"}
+
+
+def build_sequence(out: Path, seed: int = 0) -> tuple[Path, dict]:
+    """A MoE Transformer classifier (2 blocks, 16 experts top-2, width 128, 16 steps); untrained."""
+    torch.manual_seed(seed)
+    config = SequenceMoEConfig(num_features=8)
+    model = SequenceMoEClassifier(config).eval()
+    path = save_checkpoint(out / "sequence_moe.pt", model, config=config, extra={"model_kind": "sequence_moe"})
+    rng = np.random.default_rng(seed)
+    np.savez(out / "sequence_moe.calibration.npz",
+             features=rng.standard_normal((512, 16, 8)).astype(np.float32))
+    held_out = {"features": torch.from_numpy(rng.standard_normal((2000, 16, 8)).astype(np.float32))}
+    return path, {"held_out": held_out, "metric": None, "metric_name": "relative output error"}
+
+
+def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
+    """FP32 vs AWQ INT8 (the server's recipe, in process) on held-out rows."""
+    from core.quantization import AWQConfig, AWQQuantizer
+
+    model = load_model(path).model
+    with np.load(calibration) as data:
+        batches = [{k: torch.from_numpy(data[k][s:s + 128]) for k in data.files} for s in range(0, 512, 128)]
+    quantized = AWQQuantizer(AWQConfig(scheme="int8_dynamic")).fit(model, batches).transform(model)
+    with torch.inference_mode():
+        fp32 = model(**spec["held_out"])[0].squeeze(-1).numpy()
+        int8 = quantized(**spec["held_out"])[0].squeeze(-1).numpy()
+    result = {"relative_output_error": float(np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32))}
+    if spec["metric"] is not None:
+        base, quant = spec["metric"](fp32), spec["metric"](int8)
+        result.update({"fp32": base, "int8": quant, "relative_change": (quant - base) / base})
+    return result
+
+
+def request_bodies(path: Path, count: int = 256, seed: int = 0) -> list[bytes]:
+    """`count` distinct one-row JSON requests that fit the model's inputs."""
+    from deploy.serving.adapters import OnnxAdapter, example_rows
+
+    fields = OnnxAdapter(path).fields if path.suffix == ".onnx" else load_model(path).fields
+    rows = example_rows(fields, count, seed=seed)
+    return [json.dumps({"instances": [{k: v[i].tolist() for k, v in rows.items()}]}).encode() for i in range(count)]
+
+
+# --- the load generator ------------------------------------------------------------------------
+
+async def _client(port: int, bodies: list[bytes], stop_at: float, latencies: list[float], errors: list[int],
+                  rng: random.Random) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop_at:
+            body = bodies[rng.randrange(len(bodies))]
+            head = (f"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            started = time.perf_counter()
+            writer.write(head + body)
+            header = await reader.readuntil(b"\r\n\r\n")
+            status = int(header.split(b" ", 2)[1])
+            length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            if status == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def _load(port: int, bodies: list[bytes], clients: int, seconds: float) -> tuple[list[float], list[int], float]:
+    latencies: list[float] = []
+    errors: list[int] = []
+    started = time.perf_counter()
+    await asyncio.gather(*(_client(port, bodies, started + seconds, latencies, errors, random.Random(i))
+                           for i in range(clients)))
+    return latencies, errors, time.perf_counter() - started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_config(name: str, path: Path, calibration: Path, extra: list[str], bodies: list[bytes], *,
+               clients: int, seconds: float, threads: int) -> LoadResult:
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, "-m", "deploy.cli", "serve", str(path), "--port", str(port),
+               "--threads", str(threads), *extra]
+    if "--quantize" in extra:
+        command += ["--calibration", str(calibration)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    started = time.perf_counter()
+    log_path = path.parent / f"{path.stem}.{name}.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"{name}: server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - started > 900:
+                raise RuntimeError(f"{name}: server not ready after 900 s")
+            time.sleep(0.5)
+        startup = time.perf_counter() - started
+        asyncio.run(_load(port, bodies, clients, min(2.0, seconds)))  # warm the connection paths
+        proc = psutil.Process(server.pid)
+        cpu_before = _server_cpu_seconds(proc)
+        psutil.cpu_percent(None)
+        latencies, errors, wall = asyncio.run(_load(port, bodies, clients, seconds))
+        machine = psutil.cpu_percent(None)
+        server_cores = (_server_cpu_seconds(proc) - cpu_before) / wall
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return LoadResult(name, len(latencies), len(errors), wall, len(latencies) / wall,
+                      float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), server_cores, machine, startup)
+
+
+def machine_description() -> str:
+    return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores "
+            f"({os.sched_getaffinity(0).__len__()} usable), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available()
+            else f"GPU {torch.cuda.get_device_name()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tabular,sequence", help="comma list: tabular, sequence")
+    parser.add_argument("--checkpoint", type=Path, action="append", default=[],
+                        help="another saved model to serve (needs --calibration-file alongside)")
+    parser.add_argument("--calibration-file", type=Path, action="append", default=[])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured load per configuration")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the server")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "serving.json")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=args.json)
+    work = Path(tempfile.mkdtemp(prefix="moeworks-serving-"))
+    builders = {"tabular": build_tabular, "sequence": build_sequence}
+    models: list[tuple[str, Path, Path, dict | None]] = []
+    for key in filter(None, args.models.split(",")):
+        with console.status(f"building {key} model"):
+            path, spec = builders[key](work)
+        models.append((key, path, path.with_suffix(".calibration.npz"), spec))
+    assert len(args.checkpoint) == len(args.calibration_file), "one --calibration-file per --checkpoint"
+    for path, calibration in zip(args.checkpoint, args.calibration_file, strict=True):
+        models.append((path.stem, path, calibration, None))
+
+    results: dict = {"machine": machine_description(), "load_average_at_start": os.getloadavg(),
+                     "clients": args.clients, "seconds": args.seconds,
+                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "models": {}}
+    for key, path, calibration, spec in models:
+        entry: dict = {"configs": {}}
+        if spec is not None:
+            with console.status(f"{key}: INT8 accuracy"):
+                entry["accuracy"] = accuracy_gate(path, calibration, spec)
+                entry["accuracy"]["metric"] = spec["metric_name"]
+        bodies = request_bodies(path)
+        for name in filter(None, args.configs.split(",")):
+            with console.status(f"{key}: {name} ({args.clients} clients, {args.seconds:.0f} s)"):
+                result = run_config(name, path, calibration, CONFIGS[name], bodies, clients=args.clients,
+                                    seconds=args.seconds, threads=args.threads)
+            entry["configs"][name] = asdict(result)
+            console.print(f"{key} {name}: {result.qps:.0f} QPS, p99 {result.p99_ms:.1f} ms")
+        results["models"][key] = entry
+
+        table = Table(title=f"{key}: {args.clients} clients x {args.seconds:.0f} s on loopback ({results['machine']})")
+        for column in ("config", "QPS", "x QPS", "p50 ms", "p99 ms", "p99 / base", "server cores", "machine CPU %",
+                       "errors", "start s"):
+            table.add_column(column, justify="left" if column == "config" else "right")
+        base = entry["configs"].get("eager-fp32-1")
+        for name, r in entry["configs"].items():
+            qps_ratio = f"{r['qps'] / base['qps']:.2f}" if base else "-"
+            p99_ratio = f"{base['p99_ms'] / r['p99_ms']:.2f}x lower" if base else "-"
+            table.add_row(name, f"{r['qps']:.0f}", qps_ratio, f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", p99_ratio,
+                          f"{r['server_cpu_cores']:.2f}", f"{r['machine_cpu_percent']:.0f}", str(r["errors"]),
+                          f"{r['startup_s']:.0f}")
+        console.print(table)
+        if "accuracy" in entry:
+            console.print(f"{key} INT8 accuracy: {json.dumps(entry['accuracy'])}")
+
+    results["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    console.print(f"results: {args.out}")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
