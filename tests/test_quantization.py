@@ -132,3 +132,15 @@ def test_onnxruntime_dynamic_and_static_int8(tmp_path):
         got = inference_session(target).run(["logits"], {"numeric": numeric.numpy(),
                                                          "categorical": categorical.numpy()})[0]
         assert np.corrcoef(got.ravel(), reference.ravel())[0, 1] > min_corr, mode
+
+
+def test_int8_kernels_under_torch_compile_match_eager_int8():
+    from core.quantization import compile_quantized
+
+    model = tabular()
+    quantized = AWQQuantizer(AWQConfig(grid_size=4)).fit(model, batches(2)).transform(model)
+    x = batches(1, rows=9, seed=2)[0]
+    with torch.inference_mode():
+        eager = quantized(*x)[0]
+        compiled = compile_quantized(quantized)
+        torch.testing.assert_close(compiled(*x)[0], eager, atol=1e-4, rtol=1e-4)
