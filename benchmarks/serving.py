@@ -1,19 +1,24 @@
 """Serving benchmark: a loopback load generator against `moeworks serve` in several configurations.
 
 For each model (a tabular MoE trained on generated data, the MoE Transformer sequence classifier,
-and any checkpoint passed with --checkpoint), the server is started once per configuration and
-driven by `--clients` concurrent closed-loop clients for `--seconds`:
+and any checkpoint passed with --checkpoint), one server is started per configuration (all
+up at once, each on its own port) and each is driven by `--clients` concurrent closed-loop clients
+for `--seconds` in total, in `--rounds` interleaved slices so that drifts in the machine's other load
+fall on every configuration alike:
 
   1. eager-fp32-1     the original: eager FP32, one request per forward pass
   2. fp32-batched     FP32 + dynamic batching (isolates what batching alone does)
   3. int8-batched     AWQ INT8 (torchao int8 dynamic) + dynamic batching
   4. int8-batched-fused  the same + fused kernels (torch.compile, grouped experts where they apply)
+  5. fp32-batched-fused  FP32 + batching + fused kernels (isolates fusion)
 
-Reported per configuration: QPS, p50/p99 latency, the server's CPU use (cores busy) and the whole
-machine's; ratios against configuration 1. Before the load runs, the INT8 accuracy change is
-measured on the same models (AUC for the trained tabular model; output error otherwise).
+Reported per configuration: QPS, p50/p99 latency, the server's CPU use (cores busy), its CPU time
+per request (robust to other load on a shared machine) and the whole machine's CPU; ratios against
+configuration 1. Server logs (with torch.compile recompilations, TORCH_LOGS=recompiles) are kept
+beside the models. Before the load runs, the INT8 accuracy change is measured on the same models
+(AUC for the trained tabular model; relative output error otherwise).
 
-    python benchmarks/serving.py --seconds 10 --clients 32 --json
+    python benchmarks/serving.py --seconds 12 --rounds 4 --clients 32 --json
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ CONFIGS = {
     "fp32-batched": [],
     "int8-batched": ["--quantize", "int8_dynamic"],
     "int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
+    "fp32-batched-fused": ["--fuse"],  # isolates what fusion does without INT8
 }
 
 
@@ -64,6 +70,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     server_cpu_cores: float  # CPU seconds of the server processes per wall second
+    cpu_ms_per_request: float  # server CPU time per answered request
     machine_cpu_percent: float  # all cores, all processes (the load generator included)
     startup_s: float
 
@@ -187,49 +194,82 @@ def _server_cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-def run_config(name: str, path: Path, calibration: Path, extra: list[str], bodies: list[bytes], *,
-               clients: int, seconds: float, threads: int) -> LoadResult:
-    import httpx
+class Server:
+    """One `moeworks serve` process for one configuration, on its own port, logging to a file."""
 
-    port = _free_port()
-    command = [sys.executable, "-m", "deploy.cli", "serve", str(path), "--port", str(port),
-               "--threads", str(threads), *extra]
-    if "--quantize" in extra:
-        command += ["--calibration", str(calibration)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    started = time.perf_counter()
-    log_path = path.parent / f"{path.stem}.{name}.log"
-    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    def __init__(self, name: str, path: Path, calibration: Path, extra: list[str], *, threads: int) -> None:
+        self.name, self.port = name, _free_port()
+        command = [sys.executable, "-m", "deploy.cli", "serve", str(path), "--port", str(self.port),
+                   "--threads", str(threads), *extra]
+        if "--quantize" in extra:
+            command += ["--calibration", str(calibration)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "1",
+               "TORCH_LOGS": "recompiles"}
+        self.log_path = path.parent / f"{path.stem}.{name}.log"
+        self.started = time.perf_counter()
+        with open(self.log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.startup_s = float("nan")
+
+    def wait_ready(self, timeout_s: float = 900) -> None:
+        import httpx
+
         while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"{name}: server exited: {log_path.read_text()[-2000:]}")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name}: server exited: {self.log_path.read_text()[-2000:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    self.startup_s = time.perf_counter() - self.started
+                    return
             except httpx.TransportError:
                 pass
-            if time.perf_counter() - started > 900:
-                raise RuntimeError(f"{name}: server not ready after 900 s")
+            if time.perf_counter() - self.started > timeout_s:
+                raise RuntimeError(f"{self.name}: server not ready after {timeout_s} s")
             time.sleep(0.5)
-        startup = time.perf_counter() - started
-        asyncio.run(_load(port, bodies, clients, min(2.0, seconds)))  # warm the connection paths
-        proc = psutil.Process(server.pid)
-        cpu_before = _server_cpu_seconds(proc)
-        psutil.cpu_percent(None)
-        latencies, errors, wall = asyncio.run(_load(port, bodies, clients, seconds))
-        machine = psutil.cpu_percent(None)
-        server_cores = (_server_cpu_seconds(proc) - cpu_before) / wall
-    finally:
-        server.terminate()
+
+    def cpu_seconds(self) -> float:
+        return _server_cpu_seconds(psutil.Process(self.process.pid))
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            server.wait(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
-    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
-    return LoadResult(name, len(latencies), len(errors), wall, len(latencies) / wall,
-                      float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), server_cores, machine, startup)
+            self.process.kill()
+
+
+def measure(servers: list[Server], bodies: list[bytes], *, clients: int, seconds: float,
+            rounds: int) -> list[LoadResult]:
+    """Load each server in turn, `rounds` times, `seconds / rounds` each: slow drifts in the
+    machine's other load then fall on every configuration alike."""
+    slice_s = seconds / rounds
+    latencies: dict[str, list[float]] = {s.name: [] for s in servers}
+    errors = dict.fromkeys(latencies, 0)
+    wall = dict.fromkeys(latencies, 0.0)
+    cpu = dict.fromkeys(latencies, 0.0)
+    machine: dict[str, list[float]] = {s.name: [] for s in servers}
+    for server in servers:  # warm the connection paths and the allocator
+        asyncio.run(_load(server.port, bodies, clients, min(2.0, slice_s)))
+    for _ in range(rounds):
+        for server in servers:
+            cpu_before = server.cpu_seconds()
+            psutil.cpu_percent(None)
+            got, failed, elapsed = asyncio.run(_load(server.port, bodies, clients, slice_s))
+            machine[server.name].append(psutil.cpu_percent(None))
+            cpu[server.name] += server.cpu_seconds() - cpu_before
+            latencies[server.name] += got
+            errors[server.name] += len(failed)
+            wall[server.name] += elapsed
+    results = []
+    for server in servers:
+        name = server.name
+        ms = np.asarray(latencies[name]) * 1000 if latencies[name] else np.asarray([np.nan])
+        answered = len(latencies[name])
+        results.append(LoadResult(name, answered, errors[name], wall[name], answered / wall[name],
+                                  float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
+                                  cpu[name] / wall[name], 1000 * cpu[name] / max(1, answered),
+                                  float(np.mean(machine[name])), server.startup_s))
+    return results
 
 
 def machine_description() -> str:
@@ -247,7 +287,8 @@ def main() -> None:
     parser.add_argument("--calibration-file", type=Path, action="append", default=[])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     parser.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured load per configuration")
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured load per configuration")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the seconds are split into")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the server")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "serving.json")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
@@ -270,7 +311,7 @@ def main() -> None:
         models.append((path.stem, path, calibration, None))
 
     results: dict = {"machine": machine_description(), "load_average_at_start": os.getloadavg(),
-                     "clients": args.clients, "seconds": args.seconds,
+                     "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "models": {}}
     for key, path, calibration, spec in models:
         entry: dict = {"configs": {}}
@@ -279,24 +320,32 @@ def main() -> None:
                 entry["accuracy"] = accuracy_gate(path, calibration, spec)
                 entry["accuracy"]["metric"] = spec["metric_name"]
         bodies = request_bodies(path)
-        for name in filter(None, args.configs.split(",")):
-            with console.status(f"{key}: {name} ({args.clients} clients, {args.seconds:.0f} s)"):
-                result = run_config(name, path, calibration, CONFIGS[name], bodies, clients=args.clients,
-                                    seconds=args.seconds, threads=args.threads)
-            entry["configs"][name] = asdict(result)
-            console.print(f"{key} {name}: {result.qps:.0f} QPS, p99 {result.p99_ms:.1f} ms")
+        names = list(filter(None, args.configs.split(",")))
+        servers = [Server(name, path, calibration, CONFIGS[name], threads=args.threads) for name in names]
+        try:
+            for server in servers:  # one at a time: start-ups (compiling) would skew each other
+                with console.status(f"{key}: starting {server.name}"):
+                    server.wait_ready()
+            with console.status(f"{key}: {args.clients} clients, {len(servers)} configs x {args.rounds} rounds"):
+                measured = measure(servers, bodies, clients=args.clients, seconds=args.seconds, rounds=args.rounds)
+        finally:
+            for server in servers:
+                server.stop()
+        for result in measured:
+            entry["configs"][result.config] = asdict(result)
         results["models"][key] = entry
 
         table = Table(title=f"{key}: {args.clients} clients x {args.seconds:.0f} s on loopback ({results['machine']})")
-        for column in ("config", "QPS", "x QPS", "p50 ms", "p99 ms", "p99 / base", "server cores", "machine CPU %",
-                       "errors", "start s"):
+        for column in ("config", "QPS", "x QPS", "p50 ms", "p99 ms", "p99 / base", "server cores",
+                       "CPU ms/req", "machine CPU %", "errors", "start s"):
             table.add_column(column, justify="left" if column == "config" else "right")
         base = entry["configs"].get("eager-fp32-1")
         for name, r in entry["configs"].items():
             qps_ratio = f"{r['qps'] / base['qps']:.2f}" if base else "-"
             p99_ratio = f"{base['p99_ms'] / r['p99_ms']:.2f}x lower" if base else "-"
             table.add_row(name, f"{r['qps']:.0f}", qps_ratio, f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", p99_ratio,
-                          f"{r['server_cpu_cores']:.2f}", f"{r['machine_cpu_percent']:.0f}", str(r["errors"]),
+                          f"{r['server_cpu_cores']:.2f}", f"{r['cpu_ms_per_request']:.2f}",
+                          f"{r['machine_cpu_percent']:.0f}", str(r["errors"]),
                           f"{r['startup_s']:.0f}")
         console.print(table)
         if "accuracy" in entry:
