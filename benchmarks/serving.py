@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -294,6 +295,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the `finally`s: stop the servers
 
     from rich.console import Console
     from rich.table import Table
@@ -321,11 +323,12 @@ def main() -> None:
                 entry["accuracy"]["metric"] = spec["metric_name"]
         bodies = request_bodies(path)
         names = list(filter(None, args.configs.split(",")))
-        servers = [Server(name, path, calibration, CONFIGS[name], threads=args.threads) for name in names]
+        servers: list[Server] = []
         try:
-            for server in servers:  # one at a time: start-ups (compiling) would skew each other
-                with console.status(f"{key}: starting {server.name}"):
-                    server.wait_ready()
+            for name in names:  # one at a time: concurrent start-ups (compiling) would starve each other
+                with console.status(f"{key}: starting {name}"):
+                    servers.append(Server(name, path, calibration, CONFIGS[name], threads=args.threads))
+                    servers[-1].wait_ready()
             with console.status(f"{key}: {args.clients} clients, {len(servers)} configs x {args.rounds} rounds"):
                 measured = measure(servers, bodies, clients=args.clients, seconds=args.seconds, rounds=args.rounds)
         finally:

@@ -29,7 +29,7 @@ from torch import nn
 
 from core.experts import ACTIVATIONS, Experts
 from core.moe import MoELayer
-from core.quantization import LinearExperts, scaled_expert_mlp
+from core.quantization import LinearExperts, compile_expert_mlp
 
 
 def bias_gelu_layernorm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor,
@@ -107,11 +107,12 @@ def fuse_model(model: nn.Module, *, grouped_experts: bool = True, compile: bool 
         group_experts(model, min_active_experts=min_active_experts)
     if not compile:
         return model
+    compiled_expert_mlp = compile_expert_mlp()
     for layer in model.modules():
         if isinstance(layer, MoELayer):
             if isinstance(layer.experts, LinearExperts):
                 # int8 experts: eager torchao re-dispatches every call; one compiled graph serves all.
-                layer.experts.mlp = torch.compile(scaled_expert_mlp, dynamic=True)
+                layer.experts.mlp = compiled_expert_mlp
             # An instance attribute shadows the method for this layer only; core is unchanged.
             layer._dispatch_sorted = torch.compiler.disable(layer._dispatch_sorted)
     return torch.compile(model, dynamic=True)

@@ -19,7 +19,6 @@ configs own them. Routers stay in fp32: int8 gate logits flip top-k choices.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -349,22 +348,32 @@ def compile_quantized(model: nn.Module) -> nn.Module:
     """Run every torchao int8 op of `model` under torch.compile, in place; returns the model.
 
     Eager torchao re-dispatches each int8 call through its tensor subclass (~1 ms per call on this
-    CPU); compiled, quantize-matmul-rescale becomes one graph. One compiled function serves all
-    Linears and one all experts (weights are arguments), so the number of graphs stays small. This
-    compiles the int8 kernels only; `core.fused.fuse_model` compiles the whole model instead.
+    CPU); compiled, quantize-matmul-rescale becomes one graph. Each int8 Linear is compiled in
+    place (`nn.Module.compile`: names and state_dict unchanged) and one compiled function serves
+    all experts (weights are arguments). This compiles the int8 kernels only;
+    `core.fused.fuse_model` compiles the whole model instead.
     """
-    linear = torch.compile(F.linear, dynamic=True)
-    expert_mlp = torch.compile(scaled_expert_mlp, dynamic=True)
+    expert_mlp = compile_expert_mlp()
     for module in model.modules():
         if isinstance(module, LinearExperts):
             module.mlp = expert_mlp
         elif isinstance(module, nn.Linear) and type(module.weight) not in (torch.Tensor, nn.Parameter):
-            module.forward = functools.partial(_call_linear, linear, module)
+            module.compile(dynamic=True)
     return model
 
 
-def _call_linear(linear, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, module.weight, module.bias)
+def compile_expert_mlp():
+    """`scaled_expert_mlp` under torch.compile, one graph for every expert of a model."""
+    return _own_storage(torch.compile(scaled_expert_mlp, dynamic=True))
+
+
+def _own_storage(fn):
+    """Give views (an expert's slice of the sorted rows, its row of the scale buffer) their own
+    storage before a compiled call: dynamo guards on storage offsets, so every new slice offset
+    would otherwise recompile the graph. The copies are a few hundred floats."""
+    def call(*args):
+        return fn(*(a.clone() if isinstance(a, torch.Tensor) and a.storage_offset() else a for a in args))
+    return call
 
 
 # --- ONNX --------------------------------------------------------------------------------------
