@@ -56,7 +56,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=170)  # the table is wide; logs are not terminals
     work = Path(tempfile.mkdtemp(prefix="moeworks-quant-"))
     with console.status("training the tabular model"):
         path, _ = build_tabular(work)
@@ -68,7 +68,7 @@ def main() -> None:
 
     paths: dict = {"fp32 eager": model}
     with console.status("building variants (compiling)"):
-        paths["fp32 grouped experts"] = fuse_model(copy.deepcopy(model), compile=False)
+        paths["fp32 grouped experts"] = fuse_model(copy.deepcopy(model), grouped_experts=True, compile=False)
         paths["fp32 fused (compile)"] = fuse_model(copy.deepcopy(model))
         paths["int8 eager"] = quantizer.transform(model)
         paths["int8 compiled kernels"] = compile_quantized(quantizer.transform(model))

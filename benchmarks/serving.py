@@ -300,7 +300,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=170)  # the table is wide; logs are not terminals
     work = Path(tempfile.mkdtemp(prefix="moeworks-serving-"))
     builders = {"tabular": build_tabular, "sequence": build_sequence}
     models: list[tuple[str, Path, Path, dict | None]] = []
