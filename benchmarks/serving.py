@@ -1,8 +1,9 @@
 """Serving benchmark: a loopback load generator against `moeworks serve` in several configurations.
 
 For each model (a tabular MoE trained on generated data, the MoE Transformer sequence classifier,
-and any checkpoint passed with --checkpoint), one server is started per configuration (all
-up at once, each on its own port) and each is driven by `--clients` concurrent closed-loop clients
+the credit MoE scorer with --credit-data, and any checkpoint passed with --checkpoint), one server
+is started per configuration (started one by one, then all up at once, each on its own port) and
+each is driven by `--clients` concurrent closed-loop clients
 for `--seconds` in total, in `--rounds` interleaved slices so that drifts in the machine's other load
 fall on every configuration alike:
 
@@ -117,6 +118,45 @@ def build_sequence(out: Path, seed: int = 0) -> tuple[Path, dict]:
     return path, {"held_out": held_out, "metric": None, "metric_name": "relative output error"}
 
 
+def build_credit(out: Path, data: Path, model_dir: Path | None, seed: int = 0) -> tuple[Path, dict]:
+    """The credit MoE scorer (finance) on the Taiwan data: trained here unless `model_dir` is given.
+
+    Its INT8 gate is the AUC on the scorer's own validation split (the seeded split it was fitted
+    with), FP32 against AWQ INT8 of the MoE network, computed here.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from core.quantization import AWQConfig, AWQQuantizer
+    from finance.data import load_records
+    from finance.models.moe import MoEModelConfig
+    from finance.scorer import load_model as load_scorer
+    from finance.scorer import split_records, train_scorer
+
+    records = load_records("taiwan", data)
+    if model_dir is None:
+        scorer = train_scorer(records, "moe", seed=seed, model_config=MoEModelConfig(max_epochs=8))
+        model_dir = out / "credit_moe"
+        scorer.save(model_dir)
+    scorer = load_scorer(model_dir)
+    train, valid = split_records(records, seed=scorer.seed)
+    x_train = scorer.pipeline_.transform(train.frame).astype(np.float32)
+    x_valid = torch.from_numpy(scorer.pipeline_.transform(valid.frame).astype(np.float32))
+    np.savez(model_dir.with_suffix(".calibration.npz"), features=x_train[:512])
+    module = scorer.model_.module_.eval()
+    with torch.inference_mode():
+        standardised = module.standardise(torch.from_numpy(x_train[:512]))
+        quantizer = AWQQuantizer(AWQConfig(scheme="int8_dynamic")).fit(
+            module.net, [(standardised[s:s + 128],) for s in range(0, 512, 128)])
+        int8_net = quantizer.transform(module.net)
+        z = module.standardise(x_valid)
+        fp32, int8 = module.net(z)[0][:, 0].numpy(), int8_net(z)[0][:, 0].numpy()
+    base, quant = roc_auc_score(valid.target, fp32), roc_auc_score(valid.target, int8)
+    accuracy = {"metric": "AUC (scorer's validation split)", "fp32": float(base), "int8": float(quant),
+                "relative_change": float((quant - base) / base),
+                "relative_output_error": float(np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32))}
+    return model_dir, {"accuracy": accuracy}
+
+
 def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
     """FP32 vs AWQ INT8 (the server's recipe, in process) on held-out rows."""
     from core.quantization import AWQConfig, AWQQuantizer
@@ -139,6 +179,11 @@ def request_bodies(path: Path, count: int = 256, seed: int = 0) -> list[bytes]:
     """`count` distinct one-row JSON requests that fit the model's inputs."""
     from deploy.serving.adapters import OnnxAdapter, example_rows
 
+    if path.is_dir():  # a credit scorer: real feature rows, missing values as JSON null
+        with np.load(path.with_suffix(".calibration.npz")) as data:
+            features = data["features"]
+        return [json.dumps({"instances": [{"features": [None if v != v else float(v) for v in features[i % len(
+            features)]]}]}).encode() for i in range(count)]
     fields = OnnxAdapter(path).fields if path.suffix == ".onnx" else load_model(path).fields
     rows = example_rows(fields, count, seed=seed)
     return [json.dumps({"instances": [{k: v[i].tolist() for k, v in rows.items()}]}).encode() for i in range(count)]
@@ -283,6 +328,10 @@ def machine_description() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tabular,sequence", help="comma list: tabular, sequence")
+    parser.add_argument("--credit-data", type=Path, default=None,
+                        help="Taiwan credit data folder: adds the credit MoE scorer (finance) to the run")
+    parser.add_argument("--credit-model", type=Path, default=None,
+                        help="a saved credit MoE scorer folder to serve instead of training one")
     parser.add_argument("--checkpoint", type=Path, action="append", default=[],
                         help="another saved model to serve (needs --calibration-file alongside)")
     parser.add_argument("--calibration-file", type=Path, action="append", default=[])
@@ -308,6 +357,10 @@ def main() -> None:
         with console.status(f"building {key} model"):
             path, spec = builders[key](work)
         models.append((key, path, path.with_suffix(".calibration.npz"), spec))
+    if args.credit_data is not None:
+        with console.status("credit: loading the Taiwan data, training/loading the MoE scorer, INT8 AUC gate"):
+            path, spec = build_credit(work, args.credit_data, args.credit_model)
+        models.append(("credit", path, path.with_suffix(".calibration.npz"), spec))
     assert len(args.checkpoint) == len(args.calibration_file), "one --calibration-file per --checkpoint"
     for path, calibration in zip(args.checkpoint, args.calibration_file, strict=True):
         models.append((path.stem, path, calibration, None))
@@ -317,7 +370,9 @@ def main() -> None:
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "models": {}}
     for key, path, calibration, spec in models:
         entry: dict = {"configs": {}}
-        if spec is not None:
+        if spec is not None and "accuracy" in spec:
+            entry["accuracy"] = spec["accuracy"]
+        elif spec is not None:
             with console.status(f"{key}: INT8 accuracy"):
                 entry["accuracy"] = accuracy_gate(path, calibration, spec)
                 entry["accuracy"]["metric"] = spec["metric_name"]

@@ -372,9 +372,10 @@ def _own_storage(fn):
     storage before a compiled call: dynamo guards on storage offsets, so every new slice offset
     would otherwise recompile the graph. The copies are a few hundred floats."""
     def call(*args):
-        # Every view, offset 0 included: a view and a fresh tensor differ in dispatch keys, which
-        # dynamo also guards on.
-        return fn(*(a.clone() if isinstance(a, torch.Tensor) and a._is_view() else a for a in args))
+        # Every view, offset 0 included (a view and a fresh tensor differ in dispatch keys, which
+        # dynamo also guards on), and any offset tensor (inference-mode slices are not "views").
+        return fn(*(a.clone() if isinstance(a, torch.Tensor) and (a._is_view() or a.storage_offset()) else a
+                    for a in args))
     return call
 
 

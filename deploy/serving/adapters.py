@@ -103,14 +103,17 @@ class ModelAdapter(ABC):
         loc: list[str | int] = ["body", "instances", row, spec.name]
         if spec.name not in instance:
             raise InvalidRequest(loc, "field required")
+        raw = instance[spec.name]
+        if spec.allow_nan and isinstance(raw, list):
+            raw = [np.nan if v is None else v for v in raw]  # JSON null = missing
         try:
-            value = np.asarray(instance[spec.name], dtype=np.float64)
+            value = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError):
             raise InvalidRequest(loc, "expected numbers (nested lists of numbers)") from None
         if value.shape != spec.row_shape:
             raise InvalidRequest(loc, f"expected shape {list(spec.row_shape)}, got {list(value.shape)}")
-        if not np.isfinite(value).all():
-            raise InvalidRequest(loc, "NaN or infinite value")
+        if np.isinf(value).any() or (not spec.allow_nan and np.isnan(value).any()):
+            raise InvalidRequest(loc, "NaN or infinite value" if not spec.allow_nan else "infinite value")
         if spec.dtype.kind in "iu":
             if (value != np.round(value)).any():
                 raise InvalidRequest(loc, "expected integer codes")
@@ -257,11 +260,64 @@ class OnnxAdapter(ModelAdapter):
         return out
 
 
+class CreditAdapter(ModelAdapter):
+    """A saved credit scorer folder (finance.scorer; its MoE model) served at the feature level.
+
+    Input `features`: the scorer's feature vector (its FeaturePipeline output; null/NaN = missing,
+    imputed inside the model). Outputs: probability of default, points on the scorer's scale and
+    the approve/decline decision at its cut-off. INT8 and fusion apply to the MoE network inside;
+    the imputation and standardisation in front of it stay fp32.
+    """
+
+    def __init__(self, directory: str | Path, options: AdapterOptions | None = None) -> None:
+        from core.fused import fuse_model
+        from core.quantization import AWQConfig, AWQQuantizer, compile_quantized
+        from finance.scorer import load_model as load_scorer
+
+        self.options = options = options or AdapterOptions()
+        directory = Path(directory)
+        torch.set_num_threads(options.threads)
+        self.scorer = load_scorer(directory)
+        model = self.scorer.model_
+        if not hasattr(model, "module_"):
+            raise ValueError(f"{directory}: model {self.scorer.model_name!r} is not a torch MoE; serve its ONNX export")
+        self.module = model.module_.eval()  # StandardisedMoE: raw features -> logit
+        self.name = f"credit-{self.scorer.dataset}-{self.scorer.model_name}"
+        self.version = self.scorer.version_
+        self.fields = [InputField("features", np.dtype(np.float32), (len(self.scorer.pipeline_.feature_names_),),
+                                  allow_nan=True)]
+        variant = ["torch", "fp32"]
+        if options.quantize in ("int8_dynamic", "int8_weight_only"):
+            raw = _load_calibration(options, self)["features"]
+            with torch.no_grad():
+                standardised = self.module.standardise(torch.from_numpy(raw))
+                batches = [(standardised[s:s + 128],) for s in range(0, len(standardised), 128)]
+                net = AWQQuantizer(AWQConfig(scheme=options.quantize)).fit(self.module.net, batches) \
+                    .transform(self.module.net)
+            self.module.net = net if options.fuse else compile_quantized(net)
+            variant[1] = options.quantize
+        elif options.quantize != "none":
+            raise ValueError(f"quantize={options.quantize!r} is not a PyTorch scheme (int8_dynamic, int8_weight_only)")
+        if options.fuse:
+            self.module.net = fuse_model(self.module.net)
+            variant.append("fused")
+        self.runtime = "+".join(variant)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            logit = self.module(torch.from_numpy(inputs["features"])).double().numpy()
+        pd_ = 1 / (1 + np.exp(-logit))
+        return {"probability_of_default": pd_, "points": np.asarray(self.scorer.policy.scale.points(pd_)),
+                "decision": np.where(pd_ <= self.scorer.cutoff_pd_, "approve", "decline")}
+
+
 def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> ModelAdapter:
-    """An adapter by file type: .onnx -> onnxruntime, anything else -> a PyTorch checkpoint."""
+    """An adapter by what `path` is: a credit scorer folder, an .onnx file, or a core checkpoint."""
     path = Path(path)
+    if path.is_dir() and (path / "scorer.json").is_file():
+        return CreditAdapter(path, options)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(f"model not found: {path} (a checkpoint, an .onnx file or a credit model folder)")
     return OnnxAdapter(path, options) if path.suffix == ".onnx" else TorchAdapter(path, options)
 
 

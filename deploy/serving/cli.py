@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 
-def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt) or an ONNX file (.onnx)"),
+def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ONNX file (.onnx) or a credit "
+                                                   "model folder (moeworks finance train --model moe)"),
           host: str = typer.Option("127.0.0.1", help="address to bind"),
           port: int = typer.Option(8080, help="port to bind"),
           workers: int = typer.Option(1, help="gunicorn worker processes (one model copy each)"),
@@ -26,8 +27,8 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt) or an 
     from deploy.serving.adapters import AdapterOptions
     from deploy.serving.server import ServeConfig, run_gunicorn
 
-    if not model.is_file():
-        typer.echo(f"error: model: no such file {model}", err=True)
+    if not (model.is_file() or (model / "scorer.json").is_file()):
+        typer.echo(f"error: model: no model file or credit model folder at {model}", err=True)
         raise typer.Exit(2)
     if quantize not in ("none", "int8_dynamic", "int8_weight_only", "int8_static"):
         typer.echo(f"error: --quantize: unknown scheme {quantize!r}", err=True)

@@ -29,6 +29,7 @@ class InputField:
     dtype: np.dtype
     row_shape: tuple[int, ...]
     high: tuple[int, ...] | None = None  # integer codes: column j must lie in [0, high[j])
+    allow_nan: bool = False  # True where NaN means "missing" and the model imputes it (credit features)
 
 
 @dataclass
