@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from finance.data import check_columns, count_rows, data_files, dataset_spec, iter_rows, read_rows
+from finance.data import check_columns, count_rows, data_files, dataset_spec, iter_rows, read_rows, typed_ids
 from finance.errors import CreditDataError
 from finance.schema import check_records, coerce
 from finance.scorer import CreditScorer, load_model
@@ -88,6 +88,7 @@ def score_chunk(scorer: CreditScorer, chunk: ChunkSpec, frame: pd.DataFrame, out
     why = np.where(ids.isna().to_numpy() & (why == ""), f"{spec.id_column}: missing", why)
     bad = why != ""
     good = coerce(frame.loc[~bad], fields).reset_index(drop=True)
+    good[spec.id_column] = typed_ids(good[spec.id_column])
     scored = scorer.score(good, reasons=reasons) if len(good) else pd.DataFrame()
     _write_atomic(scored, output / "scored" / f"part-{chunk.id}.parquet")
     quarantine = frame.loc[bad].astype("string").reset_index(drop=True)

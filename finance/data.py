@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 
 from finance import generate as gen
 from finance.errors import CreditDataError
-from finance.schema import FieldSpec, check_records, coerce, missing_columns
+from finance.schema import FieldSpec, check_records, coerce
 
 DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
+MISSING_TEXT = ["", "NA", "N/A", "NaN", "nan", "null", "NULL"]  # how CSV exports write a missing value
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def read_table(file: Path, spec: DatasetSpec) -> pd.DataFrame:
         if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
             return assemble_generated_part(file.parent.parent, file.name)
         return _normalise_columns(pq.read_table(file).to_pandas(), spec)
-    return _normalise_columns(pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""]), spec)
+    return _normalise_columns(pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT), spec)
 
 
 def count_rows(file: Path) -> int:
@@ -177,7 +178,7 @@ def read_rows(file: Path, spec: DatasetSpec, start: int, stop: int) -> pd.DataFr
         if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
             return assemble_generated_part(file.parent.parent, file.name).iloc[start:stop].reset_index(drop=True)
         return _normalise_columns(pq.read_table(file).slice(start, stop - start).to_pandas(), spec)
-    frame = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""],
+    frame = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT,
                         skiprows=range(1, start + 1), nrows=stop - start)
     return _normalise_columns(frame, spec)
 
@@ -193,7 +194,7 @@ def iter_rows(file: Path, spec: DatasetSpec, chunk_rows: int) -> Iterator[pd.Dat
         for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows):
             yield _normalise_columns(batch.to_pandas(), spec)
         return
-    reader = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""], chunksize=chunk_rows)
+    reader = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT, chunksize=chunk_rows)
     for frame in reader:
         yield _normalise_columns(frame.reset_index(drop=True), spec)
 
@@ -224,9 +225,18 @@ def validate(frame: pd.DataFrame, spec: DatasetSpec, source: str, *, require_tar
         raise CreditDataError(first.split(": ", 1)[1], field=first.split(":", 1)[0],
                               row=first_row + int(bad[0]), source=source)
     typed = coerce(frame, fields)
+    typed[spec.id_column] = typed_ids(typed[spec.id_column])
     target = typed.pop(spec.target).to_numpy(dtype=np.int64) if require_target else None
     typed = typed.drop(columns=[spec.target], errors="ignore")
     return typed[[spec.id_column, *spec.field_names]].reset_index(drop=True), target
+
+
+def typed_ids(values: pd.Series) -> pd.Series:
+    """Ids as int64 when they are all whole numbers (CSV and Parquet then agree), else as text."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all() and (numeric % 1 == 0).all():
+        return numeric.astype("int64")
+    return values.astype(str)
 
 
 def load_records(dataset: str, path: str | Path, *, require_target: bool = True) -> Records:

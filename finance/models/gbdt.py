@@ -86,7 +86,7 @@ class LightGBMModel(CreditModel):
         from core.onnx_export import OPSET
 
         proto = onnxmltools.convert_lightgbm(self.booster_, initial_types=[("features", FloatTensorType(
-            [None, len(self.feature_names)]))], zipmap=False, target_opset={"": OPSET, "ai.onnx.ml": 3})
+            [None, len(self.feature_names)]))], zipmap=False, target_opset=OPSET)
         proto.producer_name = "moeworks"
         onnx.checker.check_model(proto, full_check=True)
         path.parent.mkdir(parents=True, exist_ok=True)
