@@ -81,7 +81,8 @@ def score_chunk(scorer: CreditScorer, chunk: ChunkSpec, frame: pd.DataFrame, out
     """Validate, score and write one chunk; returns its counts (also written as its manifest)."""
     spec = dataset_spec(scorer.dataset)
     check_columns(frame, spec, chunk.file, require_target=False)
-    assert len(frame) == chunk.stop - chunk.start, f"chunk {chunk.id}: read {len(frame)} rows, planned {chunk.stop - chunk.start}"
+    planned = chunk.stop - chunk.start
+    assert len(frame) == planned, f"chunk {chunk.id}: read {len(frame)} rows, planned {planned}"
     fields = list(spec.fields)
     why = check_records(frame, fields).to_numpy()
     ids = frame[spec.id_column]

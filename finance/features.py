@@ -296,7 +296,8 @@ _GEN_LABELS = {
     "credit_limit": "Card credit limit", "statement_balance": "Card statement balance",
     "card_spend": "Card spending", "card_txn_count": "Number of card transactions",
     "cash_advance": "Cash advances", "online_spend_share": "Share of spending online",
-    "gambling_spend": "Gambling spending", "payment_amount": "Card payment", "min_payment_missed": "Minimum payment missed",
+    "gambling_spend": "Gambling spending", "payment_amount": "Card payment",
+    "min_payment_missed": "Minimum payment missed",
     "days_past_due": "Days past due", "salary_inflow": "Salary received", "overdraft_days": "Days overdrawn",
     "atm_withdrawals": "ATM withdrawals", "returned_debits": "Returned direct debits",
 }
@@ -321,7 +322,8 @@ def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> No
         for w in (1, 3, 6):
             b.add(f"n_dpd{days}_{w}m", (dpd[:, :w] >= days).sum(1), "transactions",
                   f"Months {days}+ days past due in the last {w} month{'s' if w > 1 else ''}")
-    b.add("months_since_dpd", _months_since(dpd > 0), "transactions", "Months since the latest past-due month (6: none)")
+    b.add("months_since_dpd", _months_since(dpd > 0), "transactions",
+          "Months since the latest past-due month (6: none)")
     b.add("longest_dpd_run", _longest_run(dpd > 0), "transactions", "Longest run of consecutive past-due months")
     b.add("months_since_missed", _months_since(monthly["min_payment_missed"] > 0), "transactions",
           "Months since a minimum payment was last missed (6: none)")

@@ -54,17 +54,26 @@ class CreditScorer:
         self.model_config = model_config
 
     # ------------------------------------------------------------------------------ training
-    def fit(self, train: Records, valid: Records, *, sample_weight: np.ndarray | None = None) -> CreditScorer:
-        """Fit features and model on `train`; `valid` drives early stopping, the cut-off and the PSI reference."""
+    def fit(self, train: Records, valid: Records, *, sample_weight: np.ndarray | None = None,
+            fitted_model: CreditModel | None = None) -> CreditScorer:
+        """Fit features and model on `train`; `valid` drives early stopping, the cut-off and the PSI reference.
+
+        fitted_model: a model already fitted on the same split's features (e.g. an ensemble blended
+        from fitted members); it is used as it is.
+        """
         from finance.evaluation import credit_metrics
 
         self.pipeline_ = FeaturePipeline(dataset=self.dataset).fit(train.frame)
         fit_train = FitData(self.pipeline_.transform(train.frame), train.target, train.frame, sample_weight)
         fit_valid = FitData(self.pipeline_.transform(valid.frame), valid.target, valid.frame)
         started = time.perf_counter()
-        self.model_ = build_model(self.model_name, feature_names=self.pipeline_.feature_names_, dataset=self.dataset,
-                                  seed=self.seed, progress=self.progress, config=self.model_config)
-        self.model_.fit(fit_train, fit_valid)
+        if fitted_model is None:
+            self.model_ = build_model(self.model_name, feature_names=self.pipeline_.feature_names_,
+                                      dataset=self.dataset, seed=self.seed, progress=self.progress,
+                                      config=self.model_config)
+            self.model_.fit(fit_train, fit_valid)
+        else:
+            self.model_ = fitted_model
         self.train_seconds_ = time.perf_counter() - started
         pd_valid = self.model_.predict_proba(fit_valid)[:, 1]
         self.cutoff_pd_ = float(np.quantile(pd_valid, self.policy.approval_rate))
@@ -164,8 +173,8 @@ class CreditScorer:
                      policy=ScoringPolicy(approval_rate=policy["approval_rate"], reason_count=policy["reason_count"],
                                           scale=PointsScale(**policy["scale"])))
         scorer.pipeline_ = FeaturePipeline.from_dict(json.loads((directory / "pipeline.json").read_text()))
-        scorer.model_ = model_class(meta["model"]).load(directory / "model", feature_names=scorer.pipeline_.feature_names_,
-                                                        dataset=meta["dataset"])
+        scorer.model_ = model_class(meta["model"]).load(
+            directory / "model", feature_names=scorer.pipeline_.feature_names_, dataset=meta["dataset"])
         scorer.version_ = meta["version"]
         scorer.cutoff_pd_ = meta["cutoff_pd"]
         scorer.reference_edges_ = np.asarray(meta["reference_edges"])

@@ -60,7 +60,8 @@ def test_onnx_exports_match_the_framework(taiwan_sample, tmp_path):
     X_test = pipe.transform(test_part.frame)
     for name, config in (("lightgbm", None), ("moe", SMALL_MOE)):
         model = build_model(name, feature_names=pipe.feature_names_, dataset="taiwan", config=config)
-        model.fit(FitData(pipe.transform(train.frame), train.target), FitData(pipe.transform(valid.frame), valid.target))
+        model.fit(FitData(pipe.transform(train.frame), train.target),
+                  FitData(pipe.transform(valid.frame), valid.target))
         path = model.export_onnx(tmp_path / f"{name}.onnx")
         if name == "moe":
             assert max_abs_difference(model.probability_module(), path, {"features": torch.from_numpy(X_test)}) < 1e-5

@@ -38,11 +38,21 @@ class EnsembleModel(CreditModel):
         return any(model_class(m).needs_records for m in self.config.members)
 
     def fit(self, train: FitData, valid: FitData) -> EnsembleModel:
-        self.members_ = [build_model(name, feature_names=self.feature_names, dataset=self.dataset, seed=self.seed,
-                                     progress=self.progress).fit(train, valid) for name in self.config.members]
-        self.blend_ = LogisticRegression(C=100.0, max_iter=1000).fit(self._member_logits(valid), valid.y,
-                                                                    sample_weight=valid.sample_weight)
+        members = [build_model(name, feature_names=self.feature_names, dataset=self.dataset, seed=self.seed,
+                               progress=self.progress).fit(train, valid) for name in self.config.members]
+        fitted = self.from_fitted(members, valid, feature_names=self.feature_names, dataset=self.dataset)
+        self.members_, self.blend_ = fitted.members_, fitted.blend_
         return self
+
+    @classmethod
+    def from_fitted(cls, members: list[CreditModel], valid: FitData, *, feature_names: list[str],
+                    dataset: str) -> EnsembleModel:
+        """Blend models that are already fitted (on the same split), e.g. in a benchmark."""
+        model = cls(feature_names=feature_names, dataset=dataset, config=EnsembleConfig([m.name for m in members]))
+        model.members_ = list(members)
+        model.blend_ = LogisticRegression(C=100.0, max_iter=1000).fit(model._member_logits(valid), valid.y,
+                                                                     sample_weight=valid.sample_weight)
+        return model
 
     def _member_logits(self, data: FitData) -> np.ndarray:
         return np.column_stack([_logit(m.predict_proba(data)[:, 1]) for m in self.members_])  # (n, members)

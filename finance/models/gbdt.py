@@ -85,8 +85,10 @@ class LightGBMModel(CreditModel):
 
         from core.onnx_export import OPSET
 
-        proto = onnxmltools.convert_lightgbm(self.booster_, initial_types=[("features", FloatTensorType(
-            [None, len(self.feature_names)]))], zipmap=False, target_opset=OPSET)
+        features = [("features", FloatTensorType([None, len(self.feature_names)]))]
+        # onnxmltools' LightGBM converter stops at opset 15.
+        proto = onnxmltools.convert_lightgbm(self.booster_, initial_types=features, zipmap=False,
+                                             target_opset=min(OPSET, 15))
         proto.producer_name = "moeworks"
         onnx.checker.check_model(proto, full_check=True)
         path.parent.mkdir(parents=True, exist_ok=True)
