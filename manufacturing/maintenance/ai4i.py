@@ -54,7 +54,7 @@ def read_ai4i(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise MaintenanceDataError("file not found", source=str(path))
     try:
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str)
+        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as error:
         raise MaintenanceDataError(f"not a readable CSV: {error}", source=str(path)) from None
     return validate_ai4i(frame, source=str(path), labels=all(c in frame.columns for c in LABELS))

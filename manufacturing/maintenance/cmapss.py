@@ -92,8 +92,9 @@ def read_cmapss(path: str | Path) -> pd.DataFrame:
                 raise MaintenanceDataError(message, source=str(path), row=number, field=absent[0])
             raise MaintenanceDataError(f"{len(fields)} fields, expected {len(COLUMNS)} ({', '.join(COLUMNS)})",
                                        source=str(path), row=number)
+    # Strings first, no NA guessing: a bad value is then reported as written ("n/a", not nan).
     frame = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, names=COLUMNS, dtype=str,
-                        skip_blank_lines=True)
+                        keep_default_na=False, skip_blank_lines=True)
     return validate_frame(frame, source=str(path))
 
 

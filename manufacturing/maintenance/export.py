@@ -69,7 +69,7 @@ def export_ai4i_onnx(model, folder: str | Path) -> dict[str, Path]:
                                 metadata={"model": "moeworks AI4I MoE", **scaling})}
     for name, booster in model.boosters_.items():
         proto = convert_lightgbm(booster, initial_types=[("features", FloatTensorType([None, len(FEATURES) + 1]))],
-                                 zipmap=False, target_opset={"": 15, "ai.onnx.ml": 3})
+                                 zipmap=False, target_opset=15)
         entry = proto.metadata_props.add()
         entry.key, entry.value = "model", f"moeworks AI4I LightGBM, output {name}"
         path = folder / f"lightgbm_{name}.onnx"

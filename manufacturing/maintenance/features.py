@@ -76,11 +76,8 @@ class ConditionNormalizer:
             if len(rows):
                 mean[r] = rows.mean(axis=0)
                 std[r] = np.where(rows.std(axis=0) > 1e-9, rows.std(axis=0), np.inf)  # flat: maps to 0
-        normalised = pd.DataFrame((sensors - mean[regime]) / std[regime], columns=SENSORS)
-        normalised["cycle"] = frame["cycle"].to_numpy()
-        normalised["unit"] = frame["unit"].to_numpy()
-        trend = normalised.groupby("unit").apply(
-            lambda g: g[SENSORS].corrwith(g["cycle"]).abs(), include_groups=False).median().fillna(0.0)
+        trend = pd.Series(_median_unit_trend((sensors - mean[regime]) / std[regime], frame["unit"].to_numpy(),
+                                             frame["cycle"].to_numpy()), index=SENSORS)
         self.trend_ = trend.to_dict()
         self.sensors_ = [s for s in SENSORS if trend[s] >= cfg.min_trend]
         assert self.sensors_, f"no sensor trends with age (min_trend={cfg.min_trend}): is this run-to-failure data?"
@@ -116,3 +113,24 @@ class ConditionNormalizer:
         self.std_ = np.asarray([[np.inf if s is None else s for s in row] for row in state["std"]])
         self.trend_ = state["trend"]
         return self
+
+
+def _median_unit_trend(values: np.ndarray, units: np.ndarray, cycles: np.ndarray) -> np.ndarray:
+    """Median over units of |Pearson corr(column, cycle)| inside each unit. values: (rows, C) -> (C,).
+
+    Flat columns (zero variance in a unit) count as no trend.
+    """
+    _, unit_index = np.unique(units, return_inverse=True)
+    count = np.bincount(unit_index).astype(np.float64)[:, None]  # (units, 1)
+
+    def unit_sum(x: np.ndarray) -> np.ndarray:  # (rows, C) -> (units, C)
+        return np.stack([np.bincount(unit_index, weights=col, minlength=len(count)) for col in x.T], axis=1)
+
+    c = cycles.astype(np.float64)[:, None]
+    dx = values - (unit_sum(values) / count)[unit_index]
+    dc = c - (unit_sum(c) / count)[unit_index]
+    covariance = unit_sum(dx * dc)
+    scale = np.sqrt(unit_sum(dx**2) * unit_sum(dc**2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.where(scale > 1e-12, np.abs(covariance) / scale, 0.0)
+    return np.median(np.nan_to_num(corr), axis=0)

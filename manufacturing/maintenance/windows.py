@@ -60,8 +60,8 @@ def build_windows(features: np.ndarray, units: np.ndarray, *, window: int, full_
         padded.append(np.repeat(block[:1], pad, axis=0))
         padded.append(block)
         length = stop - start
-        first = (window - 1) if full_only and length >= window else 0
-        cycles = np.arange(length - 1, length) if last_only else np.arange(min(first, length - 1), length)
+        first = min(window, length) - 1 if full_only else 0
+        cycles = np.arange(length - 1, length) if last_only else np.arange(first, length)
         ends.append(offset + pad + cycles)
         unit_of.append(np.full(len(cycles), units[start]))
         rows_of.append(start + cycles)
