@@ -33,6 +33,10 @@ def test_generate_train_evaluate_export(tmp_path):
     metrics = last_json(result.output)
     assert metrics["engines"] == 6 and metrics["rmse"] >= 0 and "score" in metrics
     assert len((tmp_path / "pred.csv").read_text().splitlines()) == 7
+    result = invoke("export", "--model", model, "--out", tmp_path / "onnx", "--test", data / "test_FD001.txt")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "onnx" / "rul_lstm.onnx").is_file()
+    assert float(result.output.strip().split("= ")[-1]) < 1e-3
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
@@ -55,7 +59,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
 def test_ai4i_train_and_evaluate(tmp_path):
     csv = tmp_path / "ai4i.csv"
     generate_ai4i(1500, seed=2).to_csv(csv, index=False)
-    result = invoke("ai4i-train", "--data", csv, "--out", tmp_path / "model", "--json")
+    result = invoke("ai4i-train", "--data", csv, "--out", tmp_path / "model", "--epochs", 3, "--trees", 50, "--json")
     assert result.exit_code == 0, result.output
     trained = last_json(result.output)
     assert 0 <= trained["lightgbm_failure_pr_auc"] <= 1 and 0 <= trained["moe_failure_pr_auc"] <= 1

@@ -82,7 +82,7 @@ def test_unit_split_and_random_cuts_like_the_test_set():
     cut, true_rul = truncate_units(frame[frame["unit"].isin(val)], seed=0, cuts_per_unit=3)
     assert cut["unit"].nunique() == 18 == len(true_rul)
     lives = frame.groupby("unit")["cycle"].max()
-    for (unit, rows), rul in zip(cut.groupby("unit", sort=True), true_rul, strict=True):
+    for (_, rows), rul in zip(cut.groupby("unit", sort=True), true_rul, strict=True):
         source = rows["source_unit"].iloc[0]
         assert rows["cycle"].max() + rul == lives[source] and rul >= 1
         assert rows["cycle"].tolist() == list(range(1, len(rows) + 1))

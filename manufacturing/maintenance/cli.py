@@ -170,15 +170,18 @@ def register(app: typer.Typer) -> None:
                                                                 "(default: $MOEWORKS_DATA/ai4i2020)"),
                    out: Path = typer.Option(Path("runs/maintenance/ai4i"), help="model folder to write"),
                    alert_rate: float = typer.Option(0.05, help="share of machines flagged for recall@alert"),
+                   epochs: int = typer.Option(60, help="most epochs of the MoE network (early stopping)"),
+                   trees: int = typer.Option(400, help="boosting rounds of each LightGBM model"),
                    seed: int = typer.Option(0),
                    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")):
         """Train LightGBM and a small MoE network for machine failure and its five modes."""
-        from manufacturing.maintenance.ai4i import AI4IFailureModel, read_ai4i, split_rows
+        from manufacturing.maintenance.ai4i import AI4IFailureModel, LightGBMParams, read_ai4i, split_rows
 
         _threads()
         frame = read_ai4i(_data_folder(data, "ai4i2020"))
         train_rows, val_rows = split_rows(frame, seed=seed)
-        model = AI4IFailureModel(seed=seed, progress=not as_json).fit(train_rows, val_frame=val_rows)
+        model = AI4IFailureModel(seed=seed, progress=not as_json, max_epochs=epochs,
+                                 lightgbm=LightGBMParams(n_estimators=trees)).fit(train_rows, val_frame=val_rows)
         metrics = model.evaluate(val_rows, alert_rate=alert_rate)
         model.save(out, metrics=metrics)
         _print_metrics(f"AI4I failure on {len(val_rows)} validation rows (model in {out}; "
