@@ -276,7 +276,8 @@ class AI4IFailureModel:
 
     def predict_proba(self, rows: pd.DataFrame | Mapping[str, Any] | Sequence[Mapping[str, Any]], *,
                       backend: str | None = None) -> pd.DataFrame:
-        """Probabilities of `failure` and of each mode, one row per input row (columns OUTPUTS).
+        """Probabilities of `failure` and of each mode, one row per input row (columns OUTPUTS, the
+        input DataFrame's index).
 
         rows: a DataFrame, a dict or a list of dicts with the INPUTS columns; backend: "lightgbm",
         "moe" or None for `default_backend_`.
@@ -284,6 +285,7 @@ class AI4IFailureModel:
         backend = backend or self.default_backend_
         if backend not in ("lightgbm", "moe"):
             raise MaintenanceDataError(f"unknown backend {backend!r}; expected lightgbm or moe", field="backend")
+        index = rows.index if isinstance(rows, pd.DataFrame) else None
         frame = validate_ai4i(rows)
         if backend == "lightgbm":
             numeric, codes = features(frame)
@@ -293,7 +295,7 @@ class AI4IFailureModel:
             with torch.no_grad():
                 logits, _ = self.moe_(*self.moe_inputs(frame))
             probs = torch.sigmoid(logits).numpy()
-        return pd.DataFrame(probs, columns=OUTPUTS, index=frame.index)
+        return pd.DataFrame(probs, columns=OUTPUTS, index=frame.index if index is None else index)
 
     def evaluate(self, frame: pd.DataFrame, *, alert_rate: float = 0.05) -> dict[str, Any]:
         """Metrics of both backends on labelled rows: {backend: {"<output>_<metric>": value}}."""

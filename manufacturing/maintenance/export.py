@@ -17,8 +17,8 @@ RUL_INPUT, RUL_OUTPUT = "window", "rul"
 def export_rul_onnx(estimator: RULEstimator, path: str | Path) -> Path:
     """Write the RUL net as ONNX: input `window` (batch, window, features) float32, normalised as
     `metadata_props["normalizer"]` says; output `rul` (batch,) in cycles. Dynamic batch axis."""
-    example = torch.zeros(2, estimator.net.window, estimator.net.num_features)
-    metadata = {"model": f"moeworks RUL {estimator.net.kind}", "net": estimator.net.to_dict(),
+    example = torch.zeros(2, estimator.net_.window, estimator.net_.num_features)
+    metadata = {"model": f"moeworks RUL {estimator.net.kind}", "net": estimator.net_.to_dict(),
                 "normalizer": estimator.normalizer_.state(),
                 "input": "window (batch, window, features): sensors normalised per regime, then regime one-hot",
                 "metrics": estimator.metadata_.get("metrics", {})}

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from manufacturing.maintenance.errors import MaintenanceDataError
 from manufacturing.maintenance.metrics import rul_metrics
 from manufacturing.maintenance.rul import RULEstimator
 from manufacturing.maintenance.split import split_units, truncate_units
@@ -30,8 +31,6 @@ def score_test(estimator: RULEstimator, test: pd.DataFrame, true_rul: np.ndarray
     """Predict each test unit's RUL at its last cycle and score it against `true_rul` (unit order)."""
     predicted = estimator.predict(test, source=source)
     if len(predicted) != len(true_rul):
-        from manufacturing.maintenance.errors import MaintenanceDataError
-
         raise MaintenanceDataError(f"{len(predicted)} test units but {len(true_rul)} RUL values", source=source,
                                    field="rul")
     predicted["true_rul"] = true_rul

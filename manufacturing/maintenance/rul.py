@@ -46,7 +46,8 @@ class RULTrainConfig:
 class RULEstimator:
     """fit(run-to-failure frame, val_frame=...) -> self; predict(frame) -> RUL at each unit's last cycle.
 
-    Learned: `normalizer_`, `model_`, `train_result_` (core TrainResult), `metadata_`.
+    Learned: `normalizer_`, `net_` (the net config with the fitted feature count), `model_`,
+    `train_result_` (core TrainResult), `metadata_`.
     """
 
     net: RULNetConfig = field(default_factory=RULNetConfig)
@@ -66,18 +67,18 @@ class RULEstimator:
         """
         frame = add_rul(validate_frame(frame, source="training data"), cap=self.net.rul_cap)
         self.normalizer_ = ConditionNormalizer(self.features).fit(frame)
-        self.net = replace(self.net, num_features=self.normalizer_.num_features)
+        self.net_ = replace(self.net, num_features=self.normalizer_.num_features)
         train = self._windows(frame)
         target = torch.from_numpy(frame["rul"].to_numpy(np.float32)[train.cycle_row])
         if val_frame is not None:
             val_frame = add_rul(validate_frame(val_frame, source="validation data"), cap=self.net.rul_cap)
             val = self._windows(val_frame)
             val_x, val_y = val.gather(), torch.from_numpy(val_frame["rul"].to_numpy(np.float32)[val.cycle_row])
-        else:
+        else:  # no held-out engines: early stopping can only watch (a slice of) the training windows
             val_x, val_y = train.gather(slice(0, min(len(train), 4096))), target[:4096]
         cap = self.net.rul_cap
         torch.manual_seed(self.train.seed)
-        model = build_rul_net(self.net)
+        model = build_rul_net(self.net_)
         batch_size = self.train.batch_size
         per_epoch = min(len(train), self.train.windows_per_epoch or len(train))
 
@@ -139,9 +140,9 @@ class RULEstimator:
         folder.mkdir(parents=True, exist_ok=True)
         extra = {"normalizer": self.normalizer_.state(), "train_config": asdict(self.train),
                  "info": self.metadata_}
-        save_checkpoint(folder / CHECKPOINT, self.model_, config=self.net, metrics=metrics,
+        save_checkpoint(folder / CHECKPOINT, self.model_, config=self.net_, metrics=metrics,
                         data_fingerprint=self.metadata_.get("data_fingerprint"), extra=extra)
-        summary = {"net": self.net.to_dict(), "metrics": metrics or {}, **extra, "saved_at": time.time()}
+        summary = {"net": self.net_.to_dict(), "metrics": metrics or {}, **extra, "saved_at": time.time()}
         (folder / "model.json").write_text(json.dumps(summary, indent=2, default=float))
         return folder
 
@@ -152,10 +153,11 @@ class RULEstimator:
             raise MaintenanceDataError(f"no {CHECKPOINT} here: not a RUL model folder (make one with "
                                        "`moeworks maintenance train`)", source=str(folder))
         model, metadata = load_checkpoint(path, build_rul_net)
-        self = cls(net=RULNetConfig(**metadata["config"]),
+        net = RULNetConfig(**metadata["config"])
+        self = cls(net=net,
                    features=FeatureConfig(**metadata["normalizer"]["config"]),
                    train=RULTrainConfig(**metadata["train_config"]))
         self.normalizer_ = ConditionNormalizer.from_state(metadata["normalizer"])
-        self.model_ = model
+        self.net_, self.model_ = net, model
         self.metadata_ = {**metadata["info"], "metrics": metadata.get("metrics", {})}
         return self
