@@ -18,5 +18,8 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     from finance.demo import run_finance_demo
 
     run_finance_demo(out_dir, quick=quick, console=console)
+    from manufacturing.maintenance.demo import run_maintenance_demo
+
+    run_maintenance_demo(out_dir, quick=quick, console=console)
     console.rule()
     console.print(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")
