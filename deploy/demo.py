@@ -18,5 +18,11 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     from deploy.serving.demo import run_serving_demo
 
     run_serving_demo(out_dir / "core_demo_moe.pt", rows=5_000 if quick else 20_000, console=console)
+    from finance.demo import run_finance_demo
+
+    run_finance_demo(out_dir, quick=quick, console=console)
+    from manufacturing.maintenance.demo import run_maintenance_demo
+
+    run_maintenance_demo(out_dir, quick=quick, console=console)
     console.rule()
     console.print(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")
