@@ -59,7 +59,13 @@ CONFIGS = {
     "int8-batched": ["--quantize", "int8_dynamic"],
     "int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
     "fp32-batched-fused": ["--fuse"],  # isolates what fusion does without INT8
+    # The same model exported to ONNX and run by onnxruntime (quantize_dynamic INT8; --fuse turns on
+    # ORT's extended graph fusions: GELU, bias, LayerNorm, MatMul+Add).
+    "ort-int8-batched": ["--quantize", "int8_dynamic"],
+    "ort-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
 }
+ONNX_CONFIGS = {"ort-int8-batched", "ort-int8-batched-fused"}
+DEFAULT_CONFIGS = "eager-fp32-1,fp32-batched,int8-batched,int8-batched-fused,fp32-batched-fused"
 
 
 @dataclass
@@ -155,6 +161,36 @@ def build_credit(out: Path, data: Path, model_dir: Path | None, seed: int = 0) -
                 "relative_change": float((quant - base) / base),
                 "relative_output_error": float(np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32))}
     return model_dir, {"accuracy": accuracy}
+
+
+def export_for_serving(path: Path) -> Path:
+    """The served model as ONNX beside it (static MoE path), carrying the same version."""
+    import onnx
+
+    from core.onnx_export import export_onnx
+    from deploy.serving.adapters import CreditAdapter, load_adapter
+
+    adapter = load_adapter(path)
+    target = path.with_suffix(".onnx") if path.is_file() else path.parent / f"{path.name}.onnx"
+    if isinstance(adapter, CreditAdapter):
+        adapter.scorer.model_.export_onnx(target)
+        extra = {"nan_means_missing": "features"}
+    else:
+        example = adapter.example(4, seed=0)
+        export_onnx(adapter.model, tuple(torch.from_numpy(example[f.name]) for f in adapter.fields), target,
+                    input_names=[f.name for f in adapter.fields], output_names=["logits", "aux"])
+        extra = {}
+        if any(f.high for f in adapter.fields):
+            extra["config"] = json.dumps({"categorical_cardinalities": list(adapter.fields[-1].high)})
+    proto = onnx.load(str(target))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({"version": adapter.version, "name": adapter.name, **extra})
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(target))
+    return target
 
 
 def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
@@ -335,7 +371,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, action="append", default=[],
                         help="another saved model to serve (needs --calibration-file alongside)")
     parser.add_argument("--calibration-file", type=Path, action="append", default=[])
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of {list(CONFIGS)}")
     parser.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
     parser.add_argument("--seconds", type=float, default=12.0, help="measured load per configuration")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the seconds are split into")
@@ -378,11 +414,16 @@ def main() -> None:
                 entry["accuracy"]["metric"] = spec["metric_name"]
         bodies = request_bodies(path)
         names = list(filter(None, args.configs.split(",")))
+        onnx_path = None
+        if ONNX_CONFIGS & set(names):
+            with console.status(f"{key}: exporting to ONNX"):
+                onnx_path = export_for_serving(path)
         servers: list[Server] = []
         try:
             for name in names:  # one at a time: concurrent start-ups (compiling) would starve each other
                 with console.status(f"{key}: starting {name}"):
-                    servers.append(Server(name, path, calibration, CONFIGS[name], threads=args.threads))
+                    served = onnx_path if name in ONNX_CONFIGS else path
+                    servers.append(Server(name, served, calibration, CONFIGS[name], threads=args.threads))
                     servers[-1].wait_ready()
             with console.status(f"{key}: {args.clients} clients, {len(servers)} configs x {args.rounds} rounds"):
                 measured = measure(servers, bodies, clients=args.clients, seconds=args.seconds, rounds=args.rounds)
@@ -395,7 +436,7 @@ def main() -> None:
 
         table = Table(title=f"{key}: {args.clients} clients x {args.seconds:.0f} s on loopback ({results['machine']})")
         for column in ("config", "QPS", "x QPS", "p50 ms", "p99 ms", "p99 / base", "server cores",
-                       "CPU ms/req", "machine CPU %", "errors", "start s"):
+                       "CPU ms/req", "req/s per core", "x per core", "machine CPU %", "errors", "start s"):
             table.add_column(column, justify="left" if column == "config" else "right")
         base = entry["configs"].get("eager-fp32-1")
         for name, r in entry["configs"].items():
@@ -403,6 +444,8 @@ def main() -> None:
             p99_ratio = f"{base['p99_ms'] / r['p99_ms']:.2f}x lower" if base else "-"
             table.add_row(name, f"{r['qps']:.0f}", qps_ratio, f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", p99_ratio,
                           f"{r['server_cpu_cores']:.2f}", f"{r['cpu_ms_per_request']:.2f}",
+                          f"{1000 / r['cpu_ms_per_request']:.0f}",
+                          f"{base['cpu_ms_per_request'] / r['cpu_ms_per_request']:.2f}" if base else "-",
                           f"{r['machine_cpu_percent']:.0f}", str(r["errors"]),
                           f"{r['startup_s']:.0f}")
         console.print(table)

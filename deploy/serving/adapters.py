@@ -54,7 +54,7 @@ def file_version(path: Path) -> str:
 class AdapterOptions:
     # torch: int8_dynamic | int8_weight_only (AWQ + torchao); ONNX: int8_dynamic | int8_static (onnxruntime)
     quantize: Literal["none", "int8_dynamic", "int8_weight_only", "int8_static"] = "none"
-    fuse: bool = False  # torch.compile the dense parts (torch runtime); ORT always fuses its graph
+    fuse: bool = False  # torch: torch.compile the dense parts; ONNX: ORT's extended graph fusions
     calibration: Path | None = None  # .npz of named input arrays for AWQ / static quantization
     calibration_rows: int = 512  # generated rows when no calibration file is given
     threads: int = 1  # intra-op threads of the runtime: one core per worker process
@@ -213,6 +213,8 @@ class OnnxAdapter(ModelAdapter):
         self.name = metadata.get("name", path.stem)
         self.version = metadata.get("version") or file_version(path)
         highs = self._categorical_bounds(metadata)
+        # Inputs whose NaN means "missing" (the graph imputes it), as the exporter declared them.
+        missing = set(filter(None, metadata.get("nan_means_missing", "").split(",")))
         self.fields = []
         for value in proto.graph.input:
             tensor = value.type.tensor_type
@@ -220,7 +222,8 @@ class OnnxAdapter(ModelAdapter):
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim][1:]
             if any(d is None for d in dims):
                 raise ValueError(f"{path}: input {value.name} has a dynamic non-batch axis {dims}; not servable")
-            self.fields.append(InputField(value.name, np.dtype(elem), tuple(dims), high=highs.get(value.name)))
+            self.fields.append(InputField(value.name, np.dtype(elem), tuple(dims), high=highs.get(value.name),
+                                          allow_nan=value.name in missing and np.dtype(elem).kind == "f"))
         run_path, variant = path, "fp32"
         if options.quantize in ("int8_dynamic", "int8_static"):
             work_dir = work_dir or path.parent
@@ -234,12 +237,15 @@ class OnnxAdapter(ModelAdapter):
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.threads
         session_options.inter_op_num_threads = 1
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # ORT's own fusions
+        # ORT's fused kernels (GELU, bias+GELU, LayerNorm, MatMul+Add, attention) are its "extended"
+        # and layout levels: `fuse` turns them on; without it only basic graph clean-ups run.
+        level = ort.GraphOptimizationLevel
+        session_options.graph_optimization_level = level.ORT_ENABLE_ALL if options.fuse else level.ORT_ENABLE_BASIC
         self.session = ort.InferenceSession(str(run_path), sess_options=session_options,
                                             providers=available_providers())
         # Per-row outputs only (a scalar auxiliary loss is not an answer).
         self.outputs = [o.name for o in self.session.get_outputs() if len(o.shape) >= 1]
-        self.runtime = f"onnxruntime+{variant}"
+        self.runtime = f"onnxruntime+{variant}" + ("+fused" if options.fuse else "")
 
     @staticmethod
     def _categorical_bounds(metadata: dict[str, str]) -> dict[str, tuple[int, ...]]:
@@ -254,9 +260,8 @@ class OnnxAdapter(ModelAdapter):
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.outputs, inputs)
         out = dict(zip(self.outputs, values, strict=True))
-        first = values[0]
-        if first.ndim == 2 and first.shape[-1] == 1:
-            out["probability"] = 1 / (1 + np.exp(-first.astype(np.float64)))
+        if "logits" in out and out["logits"].ndim == 2 and out["logits"].shape[-1] == 1:
+            out["probability"] = 1 / (1 + np.exp(-out["logits"].astype(np.float64)))
         return out
 
 
