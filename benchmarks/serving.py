@@ -3,23 +3,26 @@
 For each model (a tabular MoE trained on generated data, the MoE Transformer sequence classifier,
 the credit MoE scorer with --credit-data, and any checkpoint passed with --checkpoint), one server
 is started per configuration (started one by one, then all up at once, each on its own port) and
-each is driven by `--clients` concurrent closed-loop clients
-for `--seconds` in total, in `--rounds` interleaved slices so that drifts in the machine's other load
-fall on every configuration alike:
+each is driven by `--clients` concurrent closed-loop clients for `--seconds` in total, in `--rounds`
+interleaved slices so that drifts in the machine's other load fall on every configuration alike:
 
   1. eager-fp32-1     the original: eager FP32, one request per forward pass
   2. fp32-batched     FP32 + dynamic batching (isolates what batching alone does)
   3. int8-batched     AWQ INT8 (torchao int8 dynamic) + dynamic batching
-  4. int8-batched-fused  the same + fused kernels (torch.compile, grouped experts where they apply)
+  4. int8-batched-fused  the same + fused kernels (torch.compile over the dense parts)
   5. fp32-batched-fused  FP32 + batching + fused kernels (isolates fusion)
+  and, with --configs, the model exported to ONNX and served by onnxruntime:
+  6. ort-int8-batched        onnxruntime quantize_dynamic INT8 + batching, basic graph optimisations
+  7. ort-int8-batched-fused  the same with ORT's extended fusions (GELU, bias, LayerNorm, MatMul+Add)
 
 Reported per configuration: QPS, p50/p99 latency, the server's CPU use (cores busy), its CPU time
 per request (robust to other load on a shared machine) and the whole machine's CPU; ratios against
 configuration 1. Server logs (with torch.compile recompilations, TORCH_LOGS=recompiles) are kept
 beside the models. Before the load runs, the INT8 accuracy change is measured on the same models
-(AUC for the trained tabular model; relative output error otherwise).
+(AUC for the trained tabular and credit models; relative output error otherwise).
 
-    python benchmarks/serving.py --seconds 12 --rounds 4 --clients 32 --json
+    python benchmarks/serving.py --credit-data ../shared/data/taiwan_credit_default --json
+    python benchmarks/serving.py --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
 """
 
 from __future__ import annotations
