@@ -112,8 +112,7 @@ class EmbeddedBroker:
             self._broker = Broker(config, loop=self._loop)
             await self._broker.start()
 
-        asyncio.run_coroutine_threadsafe(boot(), self._loop).result(timeout=20)
-        wait_port(self.port)
+        asyncio.run_coroutine_threadsafe(boot(), self._loop).result(timeout=20)  # listening once it returns
         return self
 
     def stop(self) -> None:
