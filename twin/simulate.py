@@ -3,8 +3,10 @@ report when and how it fails, with the spread.
 
 Mills (AI4I 2020 type) follow the data's documented generator and failure rules: air temperature
 a mean-reverting random walk with sd 2 K around its mean, process temperature air + 10 K with
-sd 1 K, torque normal around its set point with sd 10 Nm and never negative, tool wear +2/+3/+5
-min per process for L/M/H, and failures by the rules (TWF when the tool reaches its failure
+sd 1 K, torque normal around its set point with sd 10 Nm and never negative, spindle power normal
+around set-point torque x speed with the sd measured on the AI4I file (speed = power / torque, the
+data's strong negative speed-torque correlation), tool wear +2/+3/+5 min per process for L/M/H,
+and failures by the rules (TWF when the tool reaches its failure
 point, drawn uniformly in 200-240 min; HDF; PWF; OSF; RNF 0.1% per process). A learned model can
 replace the rules as the hazard. Engines project the RUL estimate under a changed duty.
 """
@@ -21,6 +23,7 @@ from twin.health import ai4i_rule_flags
 
 WEAR_PER_PROCESS = {"L": 2.0, "M": 3.0, "H": 5.0}  # min of tool wear per process, documented with AI4I 2020
 MODES = ("TWF", "HDF", "PWF", "OSF", "RNF")
+RAD_PER_S = 2 * np.pi / 60  # rpm -> rad/s
 
 
 class SimulationError(ValueError):
@@ -36,7 +39,7 @@ class MillPlan:
     processes_per_hour: float = 4.0         # a 15-minute process; set it to the plant's cycle time
     tool_change_min: float | None = None    # planned tool change at this wear; None runs the tool to failure
     horizon_hours: float = 24.0 * 14        # calendar hours to look ahead: two weeks of shifts
-    speed_sd_rpm: float = 50.0              # spindle speed noise around the set point
+    power_sd_w: float = 1069.0              # spindle power sd, measured on the AI4I file (mean 6,278 W)
     runs: int = 500                         # Monte Carlo runs: ~0.1 s for two weeks of shifts
     seed: int = 0
     hazard: str = "rules"                   # "rules" (documented rules) or "model" (the learned AI4I model)
@@ -77,6 +80,7 @@ def simulate_mill(state: dict[str, Any], plan: MillPlan, *, model: FailureModel 
     offset = np.full(n, float(state["process_temperature"]) - air_mean - 10.0)
     speed_sp = float(plan.speed_rpm if plan.speed_rpm is not None else state["rotational_speed"])
     torque_sp = float(plan.torque_nm if plan.torque_nm is not None else state["torque"])
+    power_sp = torque_sp * speed_sp * RAD_PER_S
     wear = np.full(n, float(state["tool_wear"]))
     fail_at = rng.uniform(200.0, 240.0, n)
     failed_step = np.full(n, -1)
@@ -88,8 +92,9 @@ def simulate_mill(state: dict[str, Any], plan: MillPlan, *, model: FailureModel 
         air = air_mean + phi * (air - air_mean) + rng.normal(0, 2.0 * np.sqrt(1 - phi**2), n)
         offset = phi * offset + rng.normal(0, 1.0 * np.sqrt(1 - phi**2), n)
         process = air + 10.0 + offset
-        speed = speed_sp + rng.normal(0, plan.speed_sd_rpm, n)
-        torque = np.maximum(0.0, torque_sp + rng.normal(0, 10.0, n))
+        torque = np.maximum(3.8, torque_sp + rng.normal(0, 10.0, n))  # 3.8 Nm: the data's minimum
+        power = power_sp + rng.normal(0, plan.power_sd_w, n)
+        speed = np.maximum(power, 1.0) / (torque * RAD_PER_S)
         if plan.tool_change_min is not None:
             change = alive & (wear >= plan.tool_change_min) & (wear < fail_at)
             wear[change], tool_changes[change] = 0.0, tool_changes[change] + 1

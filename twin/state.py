@@ -270,7 +270,8 @@ class TwinState:
 def _reason_key(reason: str) -> str:
     for key, start in (("malformed", "malformed JSON"), ("unknown_device", "unknown device"),
                        ("unknown_node", "unknown edge node"), ("unknown_group", "unknown group"),
-                       ("bad_topic", "topic outside"), ("bad_topic", "unknown message type")):
-        if reason.startswith(start):
+                       ("bad_topic", "topic outside"), ("bad_topic", "unknown message type"),
+                       ("bad_topic", "topic needs")):
+        if start in reason:
             return key
     return "invalid_payload"
