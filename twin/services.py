@@ -53,8 +53,10 @@ class Mosquitto:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Mosquitto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+                 "user root" if os.geteuid() == 0 else "",  # as root it would switch to `mosquitto` and lose its dir
                  "max_queued_messages 0",          # unbounded queue per client: the twin may lag, never lose
                  "max_inflight_messages 1000",     # QoS 1 window towards each subscriber
                  "persistent_client_expiration 1h"]

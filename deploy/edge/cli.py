@@ -32,13 +32,16 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         as_json: bool = typer.Option(False, "--json", help="print counters as JSON on the last line")) -> None:
     """Publish until the source ends, --max-messages, --duration or Ctrl-C; the spool keeps what is unsent."""
     from deploy.edge.agent import EdgeAgent, EdgeConfig, default_spool
-    from deploy.edge.inference import EdgeModelError, OnnxRULEstimator
     from deploy.edge.sources import SourceError, make_source
 
     try:
         src = make_source(source, data=data, unit=unit, subset=subset, start_row=start_row, seed=seed)
-        estimator = OnnxRULEstimator(onnx) if onnx else None
-    except (SourceError, EdgeModelError) as exc:
+        estimator = None
+        if onnx:  # torch and onnxruntime load only when a model is asked for: small devices start fast
+            from deploy.edge.inference import OnnxRULEstimator
+
+            estimator = OnnxRULEstimator(onnx)
+    except (SourceError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if rate <= 0:
@@ -55,3 +58,5 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         stop.set()
         return
     typer.echo(json.dumps(stats) if as_json else ", ".join(f"{k} {v}" for k, v in stats.items()))
+if __name__ == "__main__":
+    app()
