@@ -52,6 +52,7 @@ class AlarmManager:
     def __init__(self) -> None:
         self.open: dict[tuple[str, str, str], Alarm] = {}   # (device, kind, metric) -> not yet CLOSED
         self.by_id: dict[str, Alarm] = {}
+        self._limited: dict[str, list] = {}                 # machine -> its sensors with limits (the hot path)
 
     def load(self, alarms: Iterable[Alarm]) -> None:
         """Resume the open alarms found in history after a restart."""
@@ -67,11 +68,13 @@ class AlarmManager:
             active[("offline", "")] = (f"{machine.id} is offline (death certificate)", None)
         if device.online and device.stale:
             active[("stale", "")] = (f"no data from {machine.id} for over {machine.stale_after_s:g} s", None)
-        for name, sensor in machine.sensors.items():
-            if sensor.max is None and sensor.min is None:
-                continue
+        limited = self._limited.get(machine.id)
+        if limited is None:
+            limited = self._limited[machine.id] = [(n, s) for n, s in machine.sensors.items()
+                                                   if s.max is not None or s.min is not None]
+        for name, sensor in limited:
             value = device.values.get(name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
+            if type(value) is not float and type(value) is not int:
                 continue
             for kind, limit, beyond, back in (("limit_high", sensor.max, value > (sensor.max or 0),
                                                value > (sensor.max or 0) - sensor.deadband),

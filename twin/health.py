@@ -55,8 +55,11 @@ def ai4i_rule_flags(product_type: np.ndarray, air_k: np.ndarray, process_k: np.n
     TWF is the window in which the tool fails or is replaced (200-240 min); HDF, PWF and OSF are exact.
     """
     power_w = torque_nm * speed_rpm * (2 * np.pi / 60)
-    osf_limit = np.where(product_type == "L", OSF_LIMIT["L"], np.where(product_type == "M", OSF_LIMIT["M"],
-                                                                        OSF_LIMIT["H"]))
+    if isinstance(product_type, str):  # one row (the twin, per message): no numpy round trips
+        osf_limit = OSF_LIMIT.get(product_type, OSF_LIMIT["H"])
+    else:
+        osf_limit = np.where(product_type == "L", OSF_LIMIT["L"], np.where(product_type == "M", OSF_LIMIT["M"],
+                                                                            OSF_LIMIT["H"]))
     return {
         "TWF": (wear_min >= 200) & (wear_min <= 240),
         "HDF": ((process_k - air_k) < 8.6) & (speed_rpm < 1380),
@@ -84,7 +87,10 @@ class AI4IRuleHealth:
         probs = {mode: float(flags[mode]) for mode in ("HDF", "PWF", "OSF")}
         probs["TWF"] = min(max((float(wear) - 200.0) / 40.0, 0.0), 1.0) if flags["TWF"] else 0.0
         probs["RNF"] = self.random_failure
-        failure = 1.0 - float(np.prod([1.0 - p for p in probs.values()]))
+        survive = 1.0
+        for p in probs.values():
+            survive *= 1.0 - p
+        failure = 1.0 - survive
         return Health(failure_prob=failure, mode_probs=probs, source="ai4i-rules")
 
 
