@@ -4,11 +4,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-import torch
-from torch import nn
+from onnx import TensorProto, helper, numpy_helper
 
-from core.onnx_export import export_onnx
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.inference import EdgeModelError, OnnxRULEstimator
 from deploy.edge.sources import SimulatedEngine
@@ -17,45 +16,59 @@ from twin.services import Mosquitto
 
 FEATURES = ["s2", "s3", "s4", "s7", "s11", "s12"]
 WINDOW = 8
+RNG = np.random.default_rng(0)
+W1 = RNG.normal(0, 0.1, (WINDOW * len(FEATURES), 16)).astype(np.float32)
+W2 = RNG.normal(0, 0.1, (16, 1)).astype(np.float32)
 
 
-class TinyRUL(nn.Module):
-    """(batch, window, features) -> (batch,) RUL; a stand-in model with fixed weights for the runtime path."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(WINDOW * len(FEATURES), 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def forward(self, window):  # the argument's name is the ONNX input's name
-        return 100.0 + self.net((window - 500.0) / 500.0).squeeze(-1)
+def reference(window: np.ndarray) -> np.ndarray:
+    """(batch, window, features) -> (batch,): the small MLP the ONNX file holds, in numpy."""
+    x = (window.reshape(len(window), -1) - 500.0) / 500.0
+    return (np.maximum(x @ W1, 0) @ W2)[:, 0] + 100.0
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("onnx") / "rul.onnx"
-    export_onnx(TinyRUL(), (torch.randn(2, WINDOW, len(FEATURES)) * 10 + 500,), path, input_names=["window"],
-                output_names=["rul"], metadata={"features": FEATURES, "window": WINDOW})
+def write_model(path: Path, metadata: dict[str, str]) -> Path:
+    nodes = [helper.make_node("Reshape", ["window", "flat_shape"], ["flat"]),
+             helper.make_node("Sub", ["flat", "c500"], ["centred"]),
+             helper.make_node("Div", ["centred", "c500"], ["scaled"]),
+             helper.make_node("MatMul", ["scaled", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["o"]), helper.make_node("Add", ["o", "c100"], ["o100"]),
+             helper.make_node("Reshape", ["o100", "out_shape"], ["rul"])]
+    inits = [numpy_helper.from_array(np.array([-1, WINDOW * len(FEATURES)], np.int64), "flat_shape"),
+             numpy_helper.from_array(np.array([-1], np.int64), "out_shape"),
+             numpy_helper.from_array(np.array(500.0, np.float32), "c500"),
+             numpy_helper.from_array(np.array(100.0, np.float32), "c100"),
+             numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(W2, "w2")]
+    graph = helper.make_graph(nodes, "rul", [helper.make_tensor_value_info("window", TensorProto.FLOAT,
+                                                                           ["batch", WINDOW, len(FEATURES)])],
+                              [helper.make_tensor_value_info("rul", TensorProto.FLOAT, ["batch"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)  # ORT reads IR <= 13
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
     return path
 
 
-def test_estimator_matches_torch_on_a_sliding_window(model_file):
+@pytest.fixture
+def model_file(tmp_path):
+    return write_model(tmp_path / "rul.onnx", {"features": '["s2", "s3", "s4", "s7", "s11", "s12"]',
+                                               "window": str(WINDOW), "rul_rmse": "14.5"})
+
+
+def test_estimator_matches_the_model_on_a_sliding_window(model_file):
     estimator = OnnxRULEstimator(model_file)
     ticks = list(SimulatedEngine(seed=0, life_cycles=20))
     estimates = [estimator.update(t) for t in ticks]
     rows = np.array([[t[f] for f in FEATURES] for t in ticks], dtype=np.float32)
     padded = np.concatenate([np.repeat(rows[:1], WINDOW, axis=0), rows])
-    model = TinyRUL().eval()
-    with torch.no_grad():
-        expected = [model(torch.from_numpy(padded[i + 1:i + 1 + WINDOW][None])).item() for i in range(len(ticks))]
-    assert np.allclose(estimates, expected, atol=1e-3)
+    expected = reference(np.stack([padded[i + 1:i + 1 + WINDOW] for i in range(len(ticks))]))
+    assert np.allclose(estimates, expected, atol=1e-3) and estimator.rul_rmse == 14.5
     assert estimator.update({"s2": 1.0}) is None, "a tick without every feature gives no estimate"
 
 
 def test_missing_metadata_is_a_clear_error(tmp_path):
-    path = tmp_path / "bare.onnx"
-    export_onnx(TinyRUL(), (torch.randn(2, WINDOW, len(FEATURES)),), path, input_names=["window"],
-                output_names=["rul"])
+    path = write_model(tmp_path / "bare.onnx", {})
     with pytest.raises(EdgeModelError, match="features"):
         OnnxRULEstimator(path)
 
