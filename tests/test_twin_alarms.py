@@ -29,7 +29,7 @@ def test_limit_alarm_is_raised_once_held_by_the_deadband_then_cleared_and_closed
     cleared = alarms.evaluate(d, 4)
     assert cleared[0].state == "CLEARED_UNACK" and cleared[0].cleared_ms == 4
     closed = alarms.acknowledge(cleared[0].id, user="ann", now_ms=5)
-    assert closed.state == "CLOSED" and closed.acked_by == "ann" and not alarms.open
+    assert closed.state == "CLOSED" and closed.acked_by == "ann" and not alarms.all_open()
     d.values["torque"] = 90.0
     again = alarms.evaluate(d, 6)
     assert len(again) == 1 and again[0].id != closed.id, "after closing, a new occurrence is a new alarm"

@@ -41,7 +41,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
 def test_edge_run_replays_real_data_into_the_spool_when_no_broker_is_there(tmp_path, data_root):
     # nothing listens on port 1: every message waits in the spool, in order, for a later connection
     cmd = [sys.executable, "-m", "deploy.cli", "edge", "run", "--source", "cmapss", "--data", str(data_root),
-           "--unit", "3", "--rate", "200", "--port", "1", "--max-messages", "40", "--duration", "3",
+           "--unit", "3", "--rate", "200", "--port", "1", "--max-messages", "40", "--duration", "1.5",
            "--node", "edge-cell-1", "--device", "engine-1", "--spool", str(tmp_path / "e.spool"), "--json"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     stats = json.loads(out.stdout.strip().splitlines()[-1])

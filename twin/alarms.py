@@ -50,7 +50,7 @@ class AlarmManager:
     """Evaluates a device's conditions after each change; returns the alarms whose rows changed."""
 
     def __init__(self) -> None:
-        self.open: dict[tuple[str, str, str], Alarm] = {}   # (device, kind, metric) -> not yet CLOSED
+        self.open: dict[str, dict[tuple[str, str], Alarm]] = {}  # device -> (kind, metric) -> not yet CLOSED
         self.by_id: dict[str, Alarm] = {}
         self._limited: dict[str, list] = {}                 # machine -> its sensors with limits (the hot path)
 
@@ -58,11 +58,12 @@ class AlarmManager:
         """Resume the open alarms found in history after a restart."""
         for alarm in alarms:
             if alarm.state != "CLOSED":
-                self.open[(alarm.device, alarm.kind, alarm.metric)] = alarm
+                self.open.setdefault(alarm.device, {})[(alarm.kind, alarm.metric)] = alarm
                 self.by_id[alarm.id] = alarm
 
     def evaluate(self, device: DeviceState, now_ms: int) -> list[Alarm]:
         machine = device.machine
+        mine = self.open.get(machine.id, {})
         active: dict[tuple[str, str], tuple[str, float | None]] = {}  # (kind, metric) -> (message, value)
         if device.ever_online and not device.online:
             active[("offline", "")] = (f"{machine.id} is offline (death certificate)", None)
@@ -82,7 +83,7 @@ class AlarmManager:
                                                value < (sensor.min or 0) + sensor.deadband)):
                 if limit is None:
                     continue
-                still = (machine.id, kind, name) in self.open and self.open[(machine.id, kind, name)].cleared_ms is None
+                still = (kind, name) in mine and mine[(kind, name)].cleared_ms is None
                 if beyond or (still and back):  # the deadband holds an active alarm until clearly back
                     side = "above max" if kind == "limit_high" else "below min"
                     active[(kind, name)] = (f"{name} = {value:g} {sensor.unit} {side} {limit:g}", float(value))
@@ -98,21 +99,25 @@ class AlarmManager:
     def _reconcile(self, device: str, active: dict[tuple[str, str], tuple[str, float | None]],
                    now_ms: int) -> list[Alarm]:
         changed = []
+        mine = self.open.setdefault(device, {})
         for (kind, metric), (message, value) in active.items():
-            alarm = self.open.get((device, kind, metric))
+            alarm = mine.get((kind, metric))
             if alarm is None:
                 alarm = Alarm(uuid.uuid4().hex[:16], device, kind, metric, SEVERITY[kind], message, value, now_ms)
-                self.open[(device, kind, metric)] = self.by_id[alarm.id] = alarm
+                mine[(kind, metric)] = self.by_id[alarm.id] = alarm
                 changed.append(alarm)
             elif alarm.cleared_ms is not None:
                 alarm.cleared_ms, alarm.message, alarm.value = None, message, value
                 changed.append(alarm)
-        for key, alarm in list(self.open.items()):
-            if key[0] == device and key[1:] not in active and alarm.cleared_ms is None:
+        for key, alarm in list(mine.items()):
+            if key not in active and alarm.cleared_ms is None:
                 alarm.cleared_ms = now_ms
                 changed.append(alarm)
                 self._close_if_done(alarm)
         return changed
+
+    def all_open(self) -> list[Alarm]:
+        return [alarm for alarms in self.open.values() for alarm in alarms.values()]
 
     def acknowledge(self, alarm_id: str, *, user: str, now_ms: int) -> Alarm | None:
         alarm = self.by_id.get(alarm_id)
@@ -124,5 +129,5 @@ class AlarmManager:
 
     def _close_if_done(self, alarm: Alarm) -> None:
         if alarm.state == "CLOSED":
-            self.open.pop((alarm.device, alarm.kind, alarm.metric), None)
+            self.open.get(alarm.device, {}).pop((alarm.kind, alarm.metric), None)
             self.by_id.pop(alarm.id, None)

@@ -165,9 +165,8 @@ class TwinService:
     def assets(self) -> list[dict[str, Any]]:
         with self._lock:
             open_by_device: dict[str, int] = {}
-            for (device, _, _), alarm in self.alarms.open.items():
-                if alarm.cleared_ms is None:
-                    open_by_device[device] = open_by_device.get(device, 0) + 1
+            for device, alarms in self.alarms.open.items():
+                open_by_device[device] = sum(a.cleared_ms is None for a in alarms.values())
             out = []
             for device in self.state.devices.values():
                 row = device.to_dict()
@@ -201,7 +200,7 @@ class TwinService:
 
     def open_alarms(self) -> list[Alarm]:
         with self._lock:
-            return [Alarm(**vars(a)) for a in self.alarms.open.values()]
+            return [Alarm(**vars(a)) for a in self.alarms.all_open()]
 
     def simulate(self, device_id: str, plan: MillPlan | EnginePlan) -> dict[str, Any]:
         with self._lock:
