@@ -59,7 +59,7 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     while acked[0] < births and time.monotonic() < deadline:
         time.sleep(0.01)
     published, i = 0, 0
-    start = time.monotonic()
+    start, cpu0 = time.monotonic(), time.process_time()
     while (elapsed := time.monotonic() - start) < seconds:
         due = int(rate * elapsed) - published
         for _ in range(max(0, due)):
@@ -80,9 +80,10 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     deadline = time.monotonic() + 60
     while acked[0] < births + published and time.monotonic() < deadline:
         time.sleep(0.01)
+    cpu = time.process_time() - cpu0
     client.loop_stop()
     client.disconnect()
-    out.put({"published": published, "acked": acked[0] - births})
+    out.put({"published": published, "acked": acked[0] - births, "cpu_s": cpu})
 
 
 def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
@@ -107,9 +108,9 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
             p.start()
         time.sleep(warmup)
         service.latency_ms.clear()
-        committed0, t0 = service.committed, time.monotonic()
+        committed0, t0, cpu0, broker0 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
         time.sleep(seconds)
-        committed1, t1 = service.committed, time.monotonic()
+        committed1, t1, cpu1, broker1 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
         window_latency = np.fromiter(service.latency_ms, float)
         results = [out.get(timeout=120) for _ in procs]
         for p in procs:
@@ -122,12 +123,26 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
         stored = service.store.count("history")
         counters = dict(service.state.counters)
         service.stop()
+    ingested = max(1, committed1 - committed0)
+    cpu_per_msg = {"twin_us": (cpu1 - cpu0) / ingested * 1e6, "broker_us": (broker1 - broker0) / ingested * 1e6,
+                   "publishers_us": sum(r["cpu_s"] for r in results) / max(1, acked) * 1e6}
+    total = sum(cpu_per_msg.values()) / 1e6
+    # not a measurement: what this CPU cost per message would allow on 2 idle cores (the twin's Python is
+    # one core at most: one GIL)
+    projected = min(1e6 / cpu_per_msg["twin_us"], 2.0 / total)
     return {"target_rate": rate, "sustained_rate": (committed1 - committed0) / (t1 - t0),
+            "cpu_per_msg": cpu_per_msg, "projected_rate_2_idle_cores": projected,
             "latency_p50_ms": float(np.percentile(window_latency, 50)) if window_latency.size else None,
             "latency_p99_ms": float(np.percentile(window_latency, 99)) if window_latency.size else None,
             "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": stored,
             "lost": acked - stored, "duplicates": counters.get("duplicate", 0),
             "dead_letters": counters.get("dead_letter", 0), "devices": machines}
+
+
+def _cpu(broker) -> float:
+    """CPU seconds (user + system) the Mosquitto process has used."""
+    fields = Path(f"/proc/{broker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def state_bytes_per_device(devices: int) -> float:
@@ -178,12 +193,14 @@ def main() -> None:
     base = runs[0]["sustained_rate"]
     table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {machine['cpus']} CPUs "
                         f"(load {machine['load_avg_at_start'][0]:.1f} at start)")
-    for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "acked", "stored", "lost"):
+    for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "acked", "stored", "lost",
+                "twin CPU us/msg", "all CPU us/msg"):
         table.add_column(col, justify="right")
     for r in runs:
         table.add_row(f"{r['target_rate']:,.0f}", f"{r['sustained_rate']:,.0f}", f"{r['sustained_rate'] / base:.2f}x",
                       f"{r['latency_p50_ms']:.1f}", f"{r['latency_p99_ms']:.1f}", f"{r['acked_by_broker']:,}",
-                      f"{r['stored']:,}", str(r["lost"]))
+                      f"{r['stored']:,}", str(r["lost"]), f"{r['cpu_per_msg']['twin_us']:.0f}",
+                      f"{sum(r['cpu_per_msg'].values()):.0f}")
     console.print(table)
     console.print(f"live state: {capacity['state_bytes_per_device']:,.0f} bytes/device -> "
                   f"{capacity['devices_per_gib_of_state']:,} devices per GiB")
