@@ -31,6 +31,8 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           broker_host: str = typer.Option("127.0.0.1"), broker_port: int = typer.Option(1883),
           http_host: str = typer.Option("127.0.0.1"), http_port: int = typer.Option(8000),
           mes_url: str | None = typer.Option(None, help="POST work orders here (retried until accepted)"),
+          rul_model: Path | None = typer.Option(None, help="RUL model folder (`moeworks maintenance train`)"),
+          ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
           work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv"))) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import uvicorn
@@ -42,10 +44,12 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
 
     try:
         model = Plant.from_yaml(plant or DEFAULT_PLANT)
-        config = TwinConfig(broker_host=broker_host, broker_port=broker_port, db=db,
-                            mes_url=mes_url, work_orders_csv=str(work_orders_csv) if work_orders_csv else None)
+        config = TwinConfig(broker_host=broker_host, broker_port=broker_port, db=db, mes_url=mes_url,
+                            work_orders_csv=str(work_orders_csv) if work_orders_csv else None,
+                            rul_model=str(rul_model) if rul_model else None,
+                            ai4i_model=str(ai4i_model) if ai4i_model else None)
         service = TwinService(config=config, plant=model).start()
-    except (PlantConfigError, StoreError) as exc:
+    except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)
     typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}; "
                f"dashboard http://{http_host}:{http_port}/", err=True)

@@ -19,7 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from twin.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
-from twin.health import HealthModel, default_health_models
+from twin.health import HealthModel
 from twin.mes import MESConfig, WorkOrderExporter
 from twin.payload import NAMESPACE, REBIRTH, Metric, Payload, Topic
 from twin.plant import DEFAULT_PLANT, Plant
@@ -41,6 +41,8 @@ class TwinConfig:
     flush_interval_s: float = 0.05
     mes_url: str | None = None
     work_orders_csv: str | None = None
+    rul_model: str | None = None           # folder from `moeworks maintenance train`: RUL of engines
+    ai4i_model: str | None = None          # folder from `moeworks maintenance ai4i-train`: mill failure risk
     latency_window: int = 200_000          # latencies kept for p50/p99 (a few seconds at full rate)
 
 
@@ -49,7 +51,13 @@ class TwinService:
                  health_models: dict[str, HealthModel] | None = None, failure_model: FailureModel | None = None):
         self.config = config
         self.plant = plant or Plant.from_yaml(config.plant)
-        self.health_models = health_models if health_models is not None else default_health_models()
+        if health_models is None:
+            from twin.models import learned_health_models
+
+            health_models, learned_hazard = learned_health_models(rul_model=config.rul_model,
+                                                                  ai4i_model=config.ai4i_model)
+            failure_model = failure_model or learned_hazard
+        self.health_models = health_models
         self.failure_model = failure_model
         self._lock = threading.RLock()
         self.version = 0                            # bumps on every state change: the dashboard's cue
