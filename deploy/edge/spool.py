@@ -27,6 +27,7 @@ class Spool:
         self._db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process; WAL keeps it consistent
         self._db.executescript(SCHEMA)
         self._counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+        self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]  # kept in memory after this
 
     def counter(self, name: str) -> int:
         """The last value handed out (-1 if none yet)."""
@@ -51,6 +52,7 @@ class Spool:
             self._db.execute("ROLLBACK")
             self._counters[f"seq:{device}"] -= 1
             raise
+        self._depth += 1
         return seq
 
     def pending(self, *, after_id: int = 0, limit: int = 500) -> list[tuple[int, str, bytes]]:
@@ -65,11 +67,12 @@ class Spool:
     def acknowledge(self, ids: list[int]) -> None:
         if ids:
             self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            cur = self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
             self._db.execute("COMMIT")
+            self._depth -= cur.rowcount
 
     def depth(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self._depth
 
     def close(self) -> None:
         self._db.close()
