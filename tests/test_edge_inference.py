@@ -91,3 +91,29 @@ def test_edge_estimate_reaches_the_twin_as_engine_health(model_file, tmp_path):
             assert last["rul"] == pytest.approx(health.rul) and twin.store.count("history") == 50
         finally:
             twin.stop()
+
+
+@pytest.mark.slow
+def test_exported_maintenance_model_runs_on_the_edge_in_fp32_and_int8(tmp_path):
+    quick = pytest.importorskip("manufacturing.maintenance.quick", reason="predictive maintenance not merged")
+    from manufacturing.maintenance.export import export_rul_onnx
+    from manufacturing.maintenance.rul import RULEstimator
+    from manufacturing.maintenance.streaming import StreamingRULPredictor
+
+    from deploy.edge.quantize import quantize_for_edge
+
+    quick.train_quick_rul_model(tmp_path / "rul", num_units=16, max_epochs=1, seed=0)
+    estimator = RULEstimator.load(tmp_path / "rul")  # as saved, with its validation metrics
+    fp32 = export_rul_onnx(estimator, tmp_path / "rul.onnx")
+    int8 = quantize_for_edge(fp32, tmp_path / "rul_int8.onnx")
+    edge32, edge8 = OnnxRULEstimator(fp32), OnnxRULEstimator(int8)
+    reference = StreamingRULPredictor(estimator)
+    got32, got8, expected = [], [], []
+    for tick in SimulatedEngine(seed=5, life_cycles=45):
+        got32.append(edge32.update(tick))
+        got8.append(edge8.update(tick))
+        expected.append(reference.update("u", {k.replace("setting", "setting_") if k.startswith("setting") else
+                                               ("s_" + k[1:] if k[0] == "s" else k): v for k, v in tick.items()}))
+    assert np.allclose(got32, expected, atol=1e-2), "the edge normalises and windows like the twin's predictor"
+    assert np.max(np.abs(np.array(got8) - np.array(expected))) < 10.0, "INT8 stays within a few cycles"
+    assert edge32.rul_rmse is not None and int8.stat().st_size < fp32.stat().st_size

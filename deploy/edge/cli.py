@@ -58,5 +58,20 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         stop.set()
         return
     typer.echo(json.dumps(stats) if as_json else ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+@app.command()
+def quantize(model: Path = typer.Option(..., help="ONNX RUL model (e.g. from `moeworks maintenance export`)"),
+             out: Path = typer.Option(..., help="INT8 model to write")) -> None:
+    """Make an INT8 copy of an ONNX model for small devices (dynamic quantisation; metadata kept)."""
+    from deploy.edge.quantize import quantize_for_edge
+
+    if not model.is_file():
+        typer.echo(f"error: {model}: no such ONNX file", err=True)
+        raise typer.Exit(2)
+    path = quantize_for_edge(model, out)
+    typer.echo(f"{path} ({path.stat().st_size:,} bytes, from {model.stat().st_size:,})")
+
+
 if __name__ == "__main__":
     app()
