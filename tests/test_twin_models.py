@@ -58,6 +58,7 @@ def test_streaming_rul_matches_the_predictor_and_restarts_a_life(rul_folder):
 
 def test_ai4i_model_scores_rows_and_drives_the_what_if(ai4i_folder):
     health = AI4IModelHealth.from_dir(ai4i_folder)
+    health.min_interval_s = 0.0  # score every row here
     mill = PLANT.machines["mill-1"]
     values = {"product_type": "L", "air_temperature": 300.0, "process_temperature": 310.0,
               "rotational_speed": 1500.0, "torque": 40.0, "tool_wear": 20.0}
@@ -65,6 +66,8 @@ def test_ai4i_model_scores_rows_and_drives_the_what_if(ai4i_folder):
     hot = health.update(mill, dict(values, rotational_speed=2800.0, torque=70.0))  # ~20 kW: power failure
     assert set(calm.mode_probs) == set(MODES) and hot.failure_prob > calm.failure_prob
     assert health.update(mill, {"torque": 40.0}) is None
+    throttled = AI4IModelHealth(health.model, min_interval_s=60.0)
+    assert throttled.update(mill, values) is not None and throttled.update(mill, values) is None
     result = simulate_mill(values, MillPlan(hazard="model", runs=40, horizon_hours=24), model=health.hazard)
     assert 0.0 <= result["failure_probability"] <= 1.0 and result["plan"]["hazard"] == "model"
 

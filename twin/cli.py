@@ -65,12 +65,16 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
          rate: float = typer.Option(10.0, help="ticks per second per machine"),
          data: Path | None = typer.Option(None, help="data folder (like ../shared/data); generated data without"),
          quick: bool = typer.Option(False, help="a few seconds at a high rate (for tests)"),
+         rul_model: Path | None = typer.Option(None, help="RUL model folder (`moeworks maintenance train`)"),
+         ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
+         train_models: bool = typer.Option(False, help="train small health models on generated data first"),
          as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line")) -> None:
     """Broker, edge agents, twin and dashboard on this machine, no set-up; prints the dashboard's address."""
     from twin.demo import run_twin_demo
 
     summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
-                            rate_hz=50.0 if quick else rate)
+                            rate_hz=50.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
+                            train_models=train_models, quick=quick)
     if as_json:
         typer.echo(json.dumps(summary))
 

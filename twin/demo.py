@@ -70,26 +70,54 @@ def edge_sources(plant: Plant, data_root: Path | None, *, ticks: int | None) -> 
     return sources
 
 
+def demo_models(out_dir: Path, *, quick: bool, console: Console) -> tuple[Path, Path]:
+    """A small RUL model and AI4I failure model trained on generated data (seconds), saved in out_dir."""
+    import torch
+    from manufacturing.maintenance.ai4i import AI4IFailureModel, LightGBMParams, generate_ai4i, split_rows
+    from manufacturing.maintenance.quick import train_quick_rul_model
+
+    torch.set_num_threads(1)  # one thread per small model call: more only oversubscribes a 2-core box
+    started = time.monotonic()
+    rul, ai4i = out_dir / "models" / "rul", out_dir / "models" / "ai4i"
+    train_quick_rul_model(rul, num_units=24 if quick else 40, max_epochs=2 if quick else 6)
+    train, val = split_rows(generate_ai4i(2000 if quick else 5000, seed=0), seed=0)
+    AI4IFailureModel(seed=0, progress=False, max_epochs=3 if quick else 15,
+                     lightgbm=LightGBMParams(n_estimators=60 if quick else 300)).fit(train, val_frame=val).save(ai4i)
+    console.print(f"trained a RUL model and an AI4I failure model on generated data in "
+                  f"{time.monotonic() - started:.0f} s ({out_dir / 'models'})")
+    return rul, ai4i
+
+
 def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: float = 60.0, rate_hz: float = 10.0,
-                  console: Console | None = None, health_models=None) -> dict[str, Any]:
-    """Run the demo for `duration_s` (0: until Ctrl-C); returns a summary (also written to twin_summary.json)."""
+                  console: Console | None = None, rul_model: Path | None = None, ai4i_model: Path | None = None,
+                  train_models: bool = False, quick: bool = False) -> dict[str, Any]:
+    """Run the demo for `duration_s` (0: until Ctrl-C); returns a summary (also written to twin_summary.json).
+
+    Health comes from the given model folders, from small models trained first (`train_models`),
+    or else from the AI4I rules alone (engines then have no RUL).
+    """
     from deploy.edge.agent import EdgeAgent, EdgeConfig
     from twin.api import create_app
 
     console = console or Console()
     out_dir = Path(out_dir)
-    for stale in ("twin.db", "twin.db-wal", "twin.db-shm", "edge", "work_orders.csv"):  # each demo starts afresh
+    # each demo starts afresh
+    for stale in ("twin.db", "twin.db-wal", "twin.db-shm", "edge", "work_orders.csv", "models"):
         path = out_dir / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if train_models and rul_model is None and ai4i_model is None:
+        rul_model, ai4i_model = demo_models(out_dir, quick=quick, console=console)
     plant = Plant.from_yaml()
     sources = edge_sources(plant, data_root, ticks=None)
     generated = [m for m, s in sources.items() if "generated" in s.description]
     started = time.monotonic()
     with EmbeddedBroker() as broker:
         service = TwinService(config=TwinConfig(broker_port=broker.port, db=str(out_dir / "twin.db"),
-                                                work_orders_csv=str(out_dir / "work_orders.csv")),
-                              plant=plant, health_models=health_models).start()
+                                                work_orders_csv=str(out_dir / "work_orders.csv"),
+                                                rul_model=str(rul_model) if rul_model else None,
+                                                ai4i_model=str(ai4i_model) if ai4i_model else None),
+                              plant=plant).start()
         http = HttpServer(create_app(service)).start()
         try:
             service.wait_connected()
