@@ -95,12 +95,11 @@ def test_edge_estimate_reaches_the_twin_as_engine_health(model_file, tmp_path):
 
 @pytest.mark.slow
 def test_exported_maintenance_model_runs_on_the_edge_in_fp32_and_int8(tmp_path):
-    quick = pytest.importorskip("manufacturing.maintenance.quick", reason="predictive maintenance not merged")
+    from deploy.edge.quantize import quantize_for_edge
+    from manufacturing.maintenance import quick
     from manufacturing.maintenance.export import export_rul_onnx
     from manufacturing.maintenance.rul import RULEstimator
     from manufacturing.maintenance.streaming import StreamingRULPredictor
-
-    from deploy.edge.quantize import quantize_for_edge
 
     quick.train_quick_rul_model(tmp_path / "rul", num_units=16, max_epochs=1, seed=0)
     estimator = RULEstimator.load(tmp_path / "rul")  # as saved, with its validation metrics

@@ -4,12 +4,11 @@ process, and the AI4I model as the what-if hazard."""
 import numpy as np
 import pytest
 
+from manufacturing.maintenance import quick as maintenance
 from twin.health import MODES
 from twin.models import AI4IModelHealth, StreamingRULHealth, learned_health_models
 from twin.plant import Plant
 from twin.simulate import MillPlan, simulate_mill
-
-maintenance = pytest.importorskip("manufacturing.maintenance.quick", reason="predictive maintenance not merged")
 
 PLANT = Plant.from_yaml()
 

@@ -35,6 +35,7 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
           work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv"))) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
+    import torch
     import uvicorn
 
     from twin.api import create_app
@@ -42,6 +43,7 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
     from twin.service import TwinConfig, TwinService
     from twin.store import StoreError
 
+    torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     try:
         model = Plant.from_yaml(plant or DEFAULT_PLANT)
         config = TwinConfig(broker_host=broker_host, broker_port=broker_port, db=db, mes_url=mes_url,
@@ -67,11 +69,15 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
          quick: bool = typer.Option(False, help="a few seconds at a high rate (for tests)"),
          rul_model: Path | None = typer.Option(None, help="RUL model folder (`moeworks maintenance train`)"),
          ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
-         train_models: bool = typer.Option(False, help="train small health models on generated data first"),
+         train_models: bool = typer.Option(True, help="train small health models on generated data first "
+                                                      "(when no model folders are given)"),
          as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line")) -> None:
     """Broker, edge agents, twin and dashboard on this machine, no set-up; prints the dashboard's address."""
+    import torch
+
     from twin.demo import run_twin_demo
 
+    torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
                             rate_hz=50.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
                             train_models=train_models, quick=quick)
