@@ -79,7 +79,7 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
 
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
-                            rate_hz=50.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
+                            rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
                             train_models=train_models, quick=quick)
     if as_json:
         typer.echo(json.dumps(summary))
