@@ -1,6 +1,8 @@
 """The learned maintenance models inside the twin: RUL per engine cycle, AI4I failure risk per
 process, and the AI4I model as the what-if hazard."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -77,3 +79,31 @@ def test_learned_health_models_by_folder(rul_folder, ai4i_folder):
     assert hazard is not None
     defaults, none = learned_health_models()
     assert none is None and type(defaults["mill"]).__name__ == "AI4IRuleHealth"
+
+
+def test_a_restarted_twin_rebuilds_the_rul_windows_from_history(rul_folder, tmp_path):
+    from twin.service import TwinConfig, TwinService
+    from twin.services import free_port
+
+    ticks = engine_cycles(50)
+    config = TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"), rul_model=str(rul_folder))
+
+    def feed(service, seqs):
+        for seq in seqs:
+            raw = json.dumps({"timestamp": 1_700_000_000_000 + seq, "seq": seq,
+                              "metrics": [{"name": k, "value": v} for k, v in ticks[seq].items()]}).encode()
+            service.ingest("spBv1.0/plant1/DDATA/edge-cell-1/engine-1", raw)
+        return service.state.devices["engine-1"].health.rul
+
+    uninterrupted = TwinService(config=TwinConfig(**{**vars(config), "db": str(tmp_path / "other.db")})).start()
+    expected = feed(uninterrupted, range(50))
+    uninterrupted.stop()
+    first = TwinService(config=config).start()
+    feed(first, range(45))
+    first.stop()
+    restarted = TwinService(config=config).start()
+    try:
+        assert restarted.state.devices["engine-1"].health is not None, "health is back before new data"
+        assert feed(restarted, range(45, 50)) == pytest.approx(expected, abs=1e-4)
+    finally:
+        restarted.stop()

@@ -35,6 +35,18 @@ class StreamingRULHealth:
         metrics = predictor.estimator.metadata_.get("metrics", {})
         return cls(predictor, rul_sd=metrics.get("val_rmse"))
 
+    @property
+    def history_needed(self) -> int:
+        return self.predictor.window
+
+    def warm(self, machine: Machine, history: list[dict[str, Any]]) -> Health | None:
+        """Rebuild an engine's window from its stored cycles (oldest first), e.g. after the twin restarts:
+        the next estimate then equals the one an uninterrupted twin would give."""
+        health = None
+        for values in history:
+            health = self.update(machine, values) or health
+        return health
+
     def update(self, machine: Machine, values: dict[str, Any]) -> Health | None:
         from manufacturing.maintenance.errors import MaintenanceDataError
 

@@ -78,6 +78,7 @@ class TwinService:
                                last_seqs=self.store.last_seqs())
         self.alarms = AlarmManager()
         self.alarms.load(self.store.open_alarms())
+        self._warm_health()
         self.mes = WorkOrderExporter(config=MESConfig(cfg.mes_url, Path(cfg.work_orders_csv)
                                                       if cfg.work_orders_csv else None), store=self.store).start()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, clean_session=False)
@@ -95,6 +96,18 @@ class TwinService:
         ticker.start()
         self._threads.append(ticker)
         return self
+
+    def _warm_health(self) -> None:
+        """Health models with a memory (the RUL windows) get each device's recent in-order history back."""
+        for device in self.state.devices.values():
+            model = self.health_models.get(device.machine.kind)
+            if device.last_seq < 0 or not hasattr(model, "warm"):
+                continue
+            rows = [r for r in self.store.history(device.machine.id, latest=True, limit=model.history_needed)
+                    if r["in_order"]]
+            if rows:
+                device.values.update(rows[-1]["values"])
+                device.health = model.warm(device.machine, [r["values"] for r in rows])
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         if not self.connected.wait(timeout):
