@@ -148,7 +148,12 @@ class YoloDetector:
         if self.module is not None:
             with torch.inference_mode():
                 return self.module(torch.from_numpy(batch)).numpy()
-        return self.session.run(None, {self.session.get_inputs()[0].name: batch})[0]
+        model_input = self.session.get_inputs()[0]
+        if isinstance(model_input.shape[0], int) and model_input.shape[0] != len(batch):
+            # The export pinned the batch (ultralytics' head caches anchors per shape): one image at a time.
+            return np.concatenate([self.session.run(None, {model_input.name: batch[i:i + 1]})[0]
+                                   for i in range(len(batch))])
+        return self.session.run(None, {model_input.name: batch})[0]
 
     def detect(self, images: list[np.ndarray], *, conf: float = 0.25, iou: float = 0.7,
                max_det: int = 300, batch_size: int = 16) -> list[Detections]:

@@ -24,7 +24,9 @@ def export_detector_onnx(detector: YoloDetector, path: str | Path) -> Path:
 
     assert detector.module is not None, "export needs the PyTorch detector"
     example = torch.zeros(1, 3, detector.imgsz, detector.imgsz)
+    # Batch 1: the head computes its anchors from the traced shape, which pins the batch axis anyway.
     return export_onnx(detector.module, (example,), path, input_names=["images"], output_names=["head"],
+                       dynamic_batch=False,
                        metadata={"names": detector.names, "imgsz": detector.imgsz,
                                  "output": "(batch, 4 + classes, anchors): cx, cy, w, h in input px, "
                                            "then per-class sigmoid scores"})

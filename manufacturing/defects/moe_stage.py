@@ -57,7 +57,9 @@ class CropTrainingConfig:
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+    # GroupNorm, not BatchNorm: no running statistics to drift in short runs, same maths in train and eval.
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.GroupNorm(min(8, cout), cout),
+                         nn.SiLU())
 
 
 class CropMoENet(nn.Module):

@@ -29,6 +29,7 @@ class DetectorConfig:
     device: str = "cpu"  # "0" for the first GPU
     optimizer: str = "auto"  # ultralytics picks AdamW for short runs, SGD for long ones
     cos_lr: bool = False
+    warmup_epochs: float = 3.0  # ultralytics' default; a few-epoch demo run needs less
     hsv_h: float = 0.0  # steel and PCB images are grey or fixed-colour: hue shifts only add noise
     hsv_s: float = 0.0
     hsv_v: float = 0.4  # lighting changes along a line: brightness jitter is realistic
