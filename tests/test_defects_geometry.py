@@ -108,3 +108,20 @@ def _iou(a, b):
     h = min(a[3], b[3]) - max(a[1], b[1])
     inter = max(w, 0) * max(h, 0)
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_detection_metrics_reference_cases():
+    from manufacturing.defects.metrics import detection_metrics
+
+    gt_boxes = np.array([[10, 10, 50, 50], [60, 60, 90, 120]], np.float32)
+    gt = [(gt_boxes, np.array([0, 1]))]
+    perfect = Detections(gt_boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1]))
+    m = detection_metrics([perfect], gt, ["a", "b"])
+    assert m["mAP50"] == pytest.approx(1.0, abs=0.01) and m["mAP50-95"] == pytest.approx(1.0, abs=0.01)
+    swapped = Detections(gt_boxes, np.array([0.9, 0.8], np.float32), np.array([1, 0]))
+    assert detection_metrics([swapped], gt, ["a", "b"])["mAP50"] == 0.0
+    # Shifted by a quarter of the box: IoU 0.6, a hit at 0.5 but not at 0.75 and above.
+    shifted = Detections(gt_boxes[:1] + np.array([10, 0, 10, 0], np.float32), np.array([0.9], np.float32),
+                         np.array([0]))
+    m = detection_metrics([shifted], [(gt_boxes[:1], np.array([0]))], ["a"])
+    assert m["mAP50"] == pytest.approx(1.0, abs=0.01) and 0.1 < m["mAP50-95"] < 0.5
