@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--moe-epochs", type=int, default=CropTrainingConfig.epochs)
     parser.add_argument("--weights", type=Path, help="an already trained detector: skip YOLO training")
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1,
@@ -79,7 +80,7 @@ def main() -> None:
 
     records = read_voc_folder(args.data)
     train, val = seeded_split(records, val_fraction=0.2, seed=args.seed)
-    moe_training = CropTrainingConfig(seed=args.seed)
+    moe_training = CropTrainingConfig(seed=args.seed, epochs=args.moe_epochs)
     if args.weights is None:
         job = TrainJob(detector=DetectorConfig(imgsz=args.imgsz, epochs=args.epochs, time=args.hours or None,
                                                batch=args.batch, device=args.device, seed=args.seed),
