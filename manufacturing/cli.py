@@ -105,6 +105,8 @@ def defects_predict(
     out: Path = typer.Option(Path("runs/defects/predict"), help="predictions.json and annotated images"),
     calibration: Path = typer.Option(None, help="JSON/YAML with mm_per_pixel(_x/_y) and min_size_mm"),
     mm_per_pixel: float = typer.Option(None, help="camera scale (overrides the calibration file's)"),
+    reference: Path = typer.Option(None, help="image of a reference object of known size, to measure the scale"),
+    reference_mm: str = typer.Option("", help="the reference object's size, WIDTHxHEIGHT in mm, e.g. 40x20"),
     min_size_mm: float = typer.Option(None, help="smallest defect to report, longer side in mm (default 0.2)"),
     conf: float = typer.Option(0.25, help="score threshold"),
 ) -> None:
@@ -117,6 +119,17 @@ def defects_predict(
     from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, predict_to_folder
 
     cal = Calibration.from_file(calibration) if calibration else Calibration()
+    if reference is not None:
+        from manufacturing.defects.dataset import load_image
+        from manufacturing.defects.errors import DefectDataError
+
+        try:
+            width_mm, height_mm = (float(v) for v in reference_mm.lower().split("x"))
+        except ValueError:
+            raise DefectDataError(f"--reference-mm must be WIDTHxHEIGHT in mm, got {reference_mm!r}") from None
+        cal = Calibration.from_reference(load_image(reference), width_mm=width_mm, height_mm=height_mm,
+                                         min_size_mm=cal.min_size_mm)
+        typer.echo(f"calibrated from {reference}: {cal.mm_per_pixel_x:.4g} x {cal.mm_per_pixel_y:.4g} mm/px")
     if mm_per_pixel is not None:
         cal = dataclasses.replace(cal, mm_per_pixel_x=mm_per_pixel, mm_per_pixel_y=mm_per_pixel)
     if min_size_mm is not None:
