@@ -125,3 +125,33 @@ def test_detection_metrics_reference_cases():
                          np.array([0]))
     m = detection_metrics([shifted], [(gt_boxes[:1], np.array([0]))], ["a"])
     assert m["mAP50"] == pytest.approx(1.0, abs=0.01) and 0.1 < m["mAP50-95"] < 0.5
+
+
+def test_matching_is_greedy_by_score_so_a_weak_duplicate_cannot_steal_a_hit():
+    from manufacturing.defects.metrics import match_predictions
+
+    gt = np.array([[10, 10, 50, 50]], np.float32)
+    # The confident box overlaps the defect by IoU 0.8, a weak duplicate by 1.0.
+    pred = Detections(np.array([[10, 10, 50, 60], [10, 10, 50, 50]], np.float32), np.array([0.9, 0.1], np.float32),
+                      np.array([0, 0]))
+    correct = match_predictions(pred, gt, np.array([0]))
+    assert correct[0, 0] and not correct[1, 0]  # at IoU 0.5 the confident box is the hit
+    assert not correct[0, -1] and correct[1, -1]  # at 0.95 only the exact one qualifies
+
+
+def test_multi_label_postprocess_proposes_every_class_above_threshold():
+    from manufacturing.defects.detector import postprocess
+
+    raw = np.zeros((1, 4 + 3, 2), np.float32)
+    raw[0, :4, 0] = [50, 50, 20, 20]  # cx, cy, w, h
+    raw[0, 4:, 0] = [0.6, 0.3, 0.001]
+    raw[0, :4, 1] = [10, 10, 4, 4]
+    raw[0, 4:, 1] = [0.0, 0.0, 0.2]
+    frames, shapes = [(1.0, (0, 0))], [(100, 100)]
+    single = postprocess(raw, frames, shapes, conf=0.1, iou=0.7, max_det=10)[0]
+    multi = postprocess(raw, frames, shapes, conf=0.1, iou=0.7, max_det=10, multi_label=True)[0]
+    assert sorted(single.classes.tolist()) == [0, 2]
+    order = np.argsort(multi.classes)
+    assert multi.classes[order].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(multi.scores[order], [0.6, 0.3, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(multi.boxes[0], [40, 40, 60, 60])

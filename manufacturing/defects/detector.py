@@ -63,16 +63,25 @@ def to_input(images: list[np.ndarray], size: int) -> tuple[np.ndarray, list[tupl
     return np.ascontiguousarray(np.stack(batch), dtype=np.float32) / 255.0, frames
 
 
-def postprocess(raw: np.ndarray, frames, image_shapes, *, conf: float, iou: float, max_det: int) -> list[Detections]:
-    """(batch, 4 + classes, anchors) head output -> per-image Detections in image pixels (class-wise NMS)."""
+def postprocess(raw: np.ndarray, frames, image_shapes, *, conf: float, iou: float, max_det: int,
+                multi_label: bool = False) -> list[Detections]:
+    """(batch, 4 + classes, anchors) head output -> per-image Detections in image pixels (class-wise NMS).
+
+    `multi_label`: an anchor proposes every class scoring above `conf`, not only its best one, as
+    ultralytics' validator does; it raises recall where classes are confused (mAP evaluation).
+    """
     results = []
     for pred, (scale, (pad_x, pad_y)), (h, w) in zip(torch.from_numpy(np.asarray(raw, np.float32)), frames,
                                                     image_shapes, strict=True):
         pred = pred.t()  # (anchors, 4 + classes)
+        if multi_label:
+            anchor, classes = (pred[:, 4:] > conf).nonzero(as_tuple=True)
+            pred, scores = pred[anchor], pred[anchor, 4 + classes]
+        else:
+            scores, classes = pred[:, 4:].max(dim=1)
+            keep = scores > conf
+            pred, scores, classes = pred[keep], scores[keep], classes[keep]
         class_scores = pred[:, 4:]
-        scores, classes = class_scores.max(dim=1)
-        keep = scores > conf
-        pred, scores, classes, class_scores = pred[keep], scores[keep], classes[keep], class_scores[keep]
         cx, cy, bw, bh = pred[:, :4].unbind(1)
         boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
         kept = torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]
@@ -156,12 +165,12 @@ class YoloDetector:
         return self.session.run(None, {model_input.name: batch})[0]
 
     def detect(self, images: list[np.ndarray], *, conf: float = 0.25, iou: float = 0.7,
-               max_det: int = 300, batch_size: int = 16) -> list[Detections]:
+               max_det: int = 300, batch_size: int = 16, multi_label: bool = False) -> list[Detections]:
         """BGR uint8 images (any size; each is letterboxed to imgsz) -> one Detections per image."""
         results: list[Detections] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch, frames = to_input(chunk, self.imgsz)
             results += postprocess(self.raw(batch), frames, [im.shape[:2] for im in chunk],
-                                   conf=conf, iou=iou, max_det=max_det)
+                                   conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
         return results

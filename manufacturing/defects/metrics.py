@@ -1,8 +1,8 @@
 """Detection metrics on VOC ground truth: mAP50, mAP50-95, per-class AP, precision and recall.
 
 Matching follows ultralytics' validator (greedy by score, one ground truth per prediction, ten IoU
-thresholds 0.50:0.95) and the AP integration is ultralytics' own `ap_per_class`, so figures are
-comparable with `yolo val` and with published YOLO numbers.
+thresholds 0.50:0.95, multi-label boxes up to 300 per image) and the AP integration is ultralytics'
+own `ap_per_class`, so figures are comparable with `yolo val` and with published YOLO numbers.
 """
 
 from __future__ import annotations
@@ -17,22 +17,25 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
 
 def match_predictions(pred: Detections, gt_boxes: np.ndarray, gt_classes: np.ndarray) -> np.ndarray:
-    """(n_pred, 10) bool: prediction i is a true positive at IoU threshold t."""
+    """(n_pred, 10) bool: prediction i is a true positive at IoU threshold t.
+
+    Greedy in descending score order (COCO, and ultralytics' validator): each prediction claims the
+    unclaimed same-class ground truth it overlaps most, if that overlap reaches the threshold.
+    """
     correct = np.zeros((len(pred), len(IOU_THRESHOLDS)), bool)
     if len(pred) == 0 or len(gt_boxes) == 0:
         return correct
     iou = torchvision.ops.box_iou(torch.from_numpy(gt_boxes).float(), torch.from_numpy(pred.boxes).float()).numpy()
     iou = iou * (gt_classes[:, None] == pred.classes[None, :])  # (n_gt, n_pred)
-    for t, threshold in enumerate(IOU_THRESHOLDS):
-        gt_idx, pred_idx = np.nonzero(iou >= threshold)
-        if not len(gt_idx):
+    claimed = np.zeros((len(gt_boxes), len(IOU_THRESHOLDS)), bool)
+    columns = np.arange(len(IOU_THRESHOLDS))
+    for j in np.argsort(-pred.scores, kind="stable"):
+        if iou[:, j].max() < IOU_THRESHOLDS[0]:
             continue
-        pairs = np.stack([gt_idx, pred_idx, iou[gt_idx, pred_idx]], axis=1)
-        pairs = pairs[np.argsort(-pairs[:, 2], kind="stable")]
-        pairs = pairs[np.unique(pairs[:, 1], return_index=True)[1]]  # one ground truth per prediction
-        pairs = pairs[np.argsort(-pairs[:, 2], kind="stable")]
-        pairs = pairs[np.unique(pairs[:, 0], return_index=True)[1]]  # one prediction per ground truth
-        correct[pairs[:, 1].astype(int), t] = True
+        available = np.where(claimed, 0.0, iou[:, j, None])  # (n_gt, thresholds)
+        best = available.argmax(0)
+        correct[j] = available[best, columns] >= IOU_THRESHOLDS
+        claimed[best, columns] |= correct[j]
     return correct
 
 

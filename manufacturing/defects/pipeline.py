@@ -30,7 +30,7 @@ class InspectionConfig:
 
 
 EVAL_CONF = 0.001  # mAP integrates the whole precision-recall curve: keep low-score boxes
-EVAL_MAX_DET = 100  # per image; NEU-DET has at most 9 defects per image
+EVAL_MAX_DET = 300  # per image, as ultralytics' validator (with multi-label boxes)
 
 
 class DefectInspector:
@@ -51,7 +51,7 @@ class DefectInspector:
         self.config = config or InspectionConfig()
 
     def detect(self, images: list[np.ndarray], *, conf: float | None = None, max_det: int | None = None,
-               use_second_stage: bool = True) -> list[Detections]:
+               use_second_stage: bool = True, multi_label: bool = False) -> list[Detections]:
         cfg = self.config
         conf = cfg.conf if conf is None else conf
         max_det = max_det or cfg.max_det
@@ -59,7 +59,7 @@ class DefectInspector:
         small = [i for i, im in enumerate(images) if max(im.shape[:2]) <= limit]
         results: list[Detections | None] = [None] * len(images)
         for i, dets in zip(small, self.detector.detect([images[i] for i in small], conf=conf, iou=cfg.iou,
-                                                       max_det=max_det), strict=True):
+                                                       max_det=max_det, multi_label=multi_label), strict=True):
             results[i] = dets
         for i in set(range(len(images))) - set(small):
             results[i] = detect_tiled(self.detector, images[i], cfg.tiles, conf=conf, iou=cfg.iou, max_det=max_det)
@@ -136,7 +136,7 @@ def evaluate_records(inspector: DefectInspector, records: list[VOCImage], *, pro
                                   f"({inspector.detector.names})")
         images.append(load_image(record.image_path, expected_size=(record.width, record.height)))
         ground_truth.append((record.boxes, np.array([index[label] for label in record.labels], np.int64)))
-    yolo = inspector.detect(images, conf=EVAL_CONF, max_det=EVAL_MAX_DET, use_second_stage=False)
+    yolo = inspector.detect(images, conf=EVAL_CONF, max_det=EVAL_MAX_DET, use_second_stage=False, multi_label=True)
     names = inspector.detector.names
     result = {"yolo": detection_metrics(yolo, ground_truth, names)}
     if inspector.second_stage is not None:
