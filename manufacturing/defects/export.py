@@ -60,16 +60,14 @@ def quantize_detector_int8(onnx_path: str | Path, out_path: str | Path, calibrat
     model = onnx.load(str(prepared))
     # Everything after the last convolutions: DFL softmax, anchor decoding, sigmoid, concat.
     last_conv = max(i for i, node in enumerate(model.graph.node) if node.op_type == "Conv")
-    keep_float = [node.name for node in model.graph.node[last_conv + 1:] if node.op_type != "Conv"]
-    head_decoding = [node.name for node in model.graph.node if node.op_type in ("Softmax", "Sigmoid", "Concat")
-                     and any(token in node.name.lower() for token in ("dfl", "detect", "head", "model.23"))]
+    keep_float = [node.name for node in model.graph.node[last_conv + 1:]]
     reader = _ImageReader(calibration_images, imgsz, model.graph.input[0].name)
     metadata = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=sorted(set(keep_float + head_decoding)))
+                        nodes_to_exclude=keep_float)
     prepared.unlink(missing_ok=True)
     quantized = onnx.load(str(out_path))
     for key, value in metadata.items():
