@@ -18,6 +18,9 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     from finance.demo import run_finance_demo
 
     run_finance_demo(out_dir, quick=quick, console=console)
+    from manufacturing.defects.demo import run_defects_demo
+
+    run_defects_demo(out_dir, quick=quick, console=console)
     from manufacturing.maintenance.demo import run_maintenance_demo
 
     run_maintenance_demo(out_dir, quick=quick, console=console)

@@ -73,6 +73,7 @@ def edge_sources(plant: Plant, data_root: Path | None, *, ticks: int | None) -> 
 def demo_models(out_dir: Path, *, quick: bool, console: Console) -> tuple[Path, Path]:
     """A small RUL model and AI4I failure model trained on generated data (seconds), saved in out_dir."""
     import torch
+
     from manufacturing.maintenance.ai4i import AI4IFailureModel, LightGBMParams, generate_ai4i, split_rows
     from manufacturing.maintenance.quick import train_quick_rul_model
 
