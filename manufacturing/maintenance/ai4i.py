@@ -238,7 +238,7 @@ class AI4IFailureModel:
         c, y = torch.from_numpy(codes.copy())[:, None], torch.from_numpy(labels.copy())
         v_num, v_codes = features(val_frame)
         vx = torch.from_numpy((v_num - self.mean_) / self.std_).float()
-        vc, vy = torch.from_numpy(v_codes)[:, None], torch.from_numpy(val_frame[LABELS].to_numpy(np.float32))
+        vc, vy = torch.from_numpy(v_codes.copy())[:, None], torch.from_numpy(val_frame[LABELS].to_numpy(np.float32))
         batch_size = 256
 
         def batches(epoch: int):
