@@ -129,17 +129,17 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     subsets = list(dict.fromkeys(r["subset"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     width = 0.35
     for offset, kind in ((-width / 2, "lstm"), (width / 2, "moe")):
         values = [next((r["val_rmse"] for r in rows if r["subset"] == s and r["model"] == kind), 0) for s in subsets]
         ax.bar([i + offset for i in range(len(subsets))], values, width, label=f"{kind} (validation)")
     for name, values in ANCHORS.items():
         ax.plot(range(len(subsets)), [values[SUBSET_ORDER.index(s)] for s in subsets], marker="o", linestyle=":",
-                label=f"{name} (official test)")
+                label=f"{name} (official test)", zorder=3)
     ax.set_xticks(range(len(subsets)), subsets)
     ax.set_ylabel("RMSE (cycles)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no bar hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -166,7 +166,7 @@ def main() -> None:
     if args.quick:
         args.epochs, args.windows_per_epoch, args.cuts = 3, 1024, 2
     torch.set_num_threads(args.threads)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=200)  # the side-by-side table is wide; logs are files
     console.print(f"machine: {machine()}")
     results = {"machine": machine(), "command": " ".join(sys.argv), "quick": args.quick, "rul": [], "ai4i": None}
     if not args.no_rul:
