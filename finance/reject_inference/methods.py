@@ -247,8 +247,9 @@ class SelfTraining(RejectInferenceClassifier):
     unlabelled pool. Confidence is read on the prior-balanced probability (the PD re-weighted as if
     goods and bads were equally common), so one `threshold` serves a 3% and a 20% default rate
     alike: a reject is labelled bad when its balanced PD >= threshold and good when <= 1 - threshold.
-    At most `max_share_per_round` of the initial pool is added per round per class, most confident
-    first. It stops when no row passes the threshold, the pool is empty, or after `max_rounds`.
+    At most `max_share_per_round` x (number of labelled rows) are added per round per class, most
+    confident first, so that pseudo-labels never swamp the real outcomes however large the pool.
+    It stops when no row passes the threshold, the pool is empty, or after `max_rounds`.
 
     Learned: `rounds_` (list of dicts: round, added_bad, added_good, remaining), `stopped_because_`,
     `pseudo_index_` / `pseudo_label_` (positions within the unlabelled rows, and their labels).
@@ -257,7 +258,7 @@ class SelfTraining(RejectInferenceClassifier):
     name = "self-training"
 
     def __init__(self, *, estimator: Any, threshold: float = 0.9, max_rounds: int = 5,
-                 max_share_per_round: float = 0.1) -> None:
+                 max_share_per_round: float = 0.05) -> None:
         super().__init__(estimator=estimator)
         self.threshold = threshold  # 9:1 balanced odds: confident, yet reached by a fair share of rejects
         self.max_rounds = max_rounds  # each round refits the model: the main cost
@@ -271,7 +272,7 @@ class SelfTraining(RejectInferenceClassifier):
         y_lab = labels[labelled].astype("int64")
         X_unl = take(X, np.flatnonzero(~labelled))
         pool = np.arange(len(X_unl))
-        per_round = max(1, int(self.max_share_per_round * len(pool)))
+        per_round = max(1, int(self.max_share_per_round * len(y_lab)))
         pseudo_index, pseudo_label = np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64")
         self.rounds_, self.stopped_because_ = [], "max_rounds"
         model = clone_estimator(self.estimator).fit(X_lab, y_lab)

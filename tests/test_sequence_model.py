@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from core.onnx_export import max_abs_difference
+from core.trainer import TrainerConfig
+from finance.interim_data import read_taiwan
+from finance.sequence import TAIWAN_LAYOUT, SequenceClassifier, SequenceEnsemble, SequenceTrainingConfig
+
+
+def quick_training() -> SequenceTrainingConfig:
+    return SequenceTrainingConfig(batch_size=128, trainer=TrainerConfig(
+        learning_rate=2e-3, grad_accumulation=1, max_epochs=3, patience=3, monitor="val_auc", mode="max",
+        progress=False))
+
+
+@pytest.fixture(scope="module")
+def taiwan(data_root):
+    X, y = read_taiwan(data_root / "taiwan_credit_default")
+    return X.iloc[:2400].reset_index(drop=True), y.iloc[:2400].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def fitted(taiwan):
+    X, y = taiwan
+    return SequenceClassifier(training=quick_training(), seed=0).fit(X.iloc[:1800], y[:1800])
+
+
+def test_sequence_model_learns_on_a_small_real_sample(fitted, taiwan):
+    X, y = taiwan
+    proba = fitted.predict_proba(X.iloc[1800:])
+    assert proba.shape == (600, 2)
+    assert roc_auc_score(y[1800:], proba[:, 1]) > 0.65
+    assert fitted.best_epoch_ >= 1 and "val_auc" in fitted.history_[0]
+
+
+def test_save_and_load_give_identical_scores(fitted, taiwan, tmp_path):
+    X, _ = taiwan
+    fitted.save(tmp_path / "model")
+    loaded = SequenceClassifier.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.predict_proba(X.iloc[1800:]), fitted.predict_proba(X.iloc[1800:]))
+
+
+def test_onnx_export_matches_eager_on_real_windows(fitted, taiwan, tmp_path):
+    X, _ = taiwan
+    windows = X.iloc[1800:2300].copy()
+    # Include shorter histories so the padding path is exported and checked too.
+    for row, kept in ((0, 2), (1, 4), (2, 1)):
+        drop = 6 - kept
+        for group in (TAIWAN_LAYOUT.status, TAIWAN_LAYOUT.bill, TAIWAN_LAYOUT.payment):
+            windows.iloc[row, [windows.columns.get_loc(c) for c in group[:drop]]] = np.nan
+    path = fitted.export_onnx(tmp_path / "sequence.onnx", windows, version="test")
+    inputs = fitted.onnx_inputs(windows)
+    assert inputs["padding"][:3].any(dim=1).all()
+    loads = []  # the parity windows must reach experts across the pool, in every layer
+    hooks = [block.moe.register_forward_hook(lambda _m, _i, out: loads.append(out.expert_load))
+             for block in fitted.model_.blocks]
+    with torch.no_grad():
+        fitted.model_(*inputs.values())
+    for hook in hooks:
+        hook.remove()
+    assert all((load > 0).sum() >= len(load) // 2 for load in loads), [load.tolist() for load in loads]
+    diff = max_abs_difference(fitted.model_, path, inputs)
+    assert diff < 1e-4, f"onnxruntime differs from eager by {diff}"
+
+
+def test_sequence_ensemble_blends_and_round_trips(taiwan, tmp_path):
+    X, y = taiwan
+    sequence = SequenceClassifier(training=quick_training())
+    model = SequenceEnsemble(sequence=sequence, seed=0).fit(X.iloc[:1800], y[:1800])
+    assert 0.0 <= model.weight_ <= 1.0
+    members = model.validation_auc_
+    assert members["blend"] >= max(members["sequence"], members["lightgbm"]) - 1e-12
+    proba = model.predict_proba(X.iloc[1800:])
+    assert roc_auc_score(y[1800:], proba[:, 1]) > 0.65
+    model.save(tmp_path / "ens")
+    again = SequenceEnsemble.load(tmp_path / "ens")
+    np.testing.assert_allclose(again.predict_proba(X.iloc[1800:]), proba, atol=1e-9)
