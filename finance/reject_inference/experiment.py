@@ -88,3 +88,35 @@ def run_experiment(dataset: str, data_root: str | Path, *, estimator: str = "lig
     return {"dataset": dataset, "estimator": estimator, "acceptance_rate": acceptance_rate,
             "seeds": seeds or [0], "unlabelled_extra": 0 if extra is None else len(extra),
             "rows": rows, "per_seed": [[asdict(r) for r in seed_rows] for seed_rows in per_seed]}
+
+
+def results_table(result: dict[str, Any]) -> Any:
+    """A rich Table of one experiment: each method's full-population AUC, kickout and gap closed."""
+    from rich.table import Table
+
+    seeds = result["seeds"]
+    title = (f"Reject inference on {result['dataset']} ({result['estimator']}, accept {result['acceptance_rate']:.0%}, "
+             f"{len(seeds)} seed(s), {result['unlabelled_extra']} extra unlabelled)")
+    table = Table(title=title)
+    for column in ("method", "AUC (all applicants)", "+/-", "kickout", "gap closed", "train rows", "s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in result["rows"]:
+        table.add_row(row["method"], f"{row['auc']:.4f}", f"{row['auc_std']:.4f}", f"{row['kickout']:+.3f}",
+                      f"{row['gap_closed']:+.0%}", f"{row['train_rows']:,}", f"{row['seconds']:.1f}")
+    return table
+
+
+def best_method(result: dict[str, Any]) -> dict[str, Any]:
+    """The method (not the baseline or the upper bound) that closes most of the gap."""
+    candidates = [r for r in result["rows"] if r["method"] not in ("accepted-only", "upper-bound")]
+    return max(candidates, key=lambda r: r["gap_closed"])
+
+
+def summary_json(result: dict[str, Any]) -> dict[str, Any]:
+    """The flat metrics of one experiment, for a `--json` last line."""
+    best = best_method(result)
+    return {"dataset": result["dataset"], "estimator": result["estimator"], "seeds": result["seeds"],
+            **{f"{r['method']}_auc": r["auc"] for r in result["rows"]},
+            **{f"{r['method']}_gap_closed": r["gap_closed"] for r in result["rows"]},
+            **{f"{r['method']}_kickout": r["kickout"] for r in result["rows"]},
+            "best_method": best["method"], "best_gap_closed": best["gap_closed"]}
