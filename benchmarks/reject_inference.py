@@ -37,8 +37,9 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
     results, started = {}, time.perf_counter()
     for dataset in datasets:
         with console.status(f"{dataset}") as status:
-            results[dataset] = run_experiment(dataset, data, estimator=estimator, seeds=seeds, use_unlabelled=unlabelled,
-                                              progress=lambda step, d=dataset: status.update(f"{d}: {step} done"))
+            results[dataset] = run_experiment(
+                dataset, data, estimator=estimator, seeds=seeds, use_unlabelled=unlabelled,
+                progress=lambda step, d=dataset: status.update(f"{d}: {step} done"))
         console.print(results_table(results[dataset]))
         best = best_method(results[dataset])
         console.print(f"{dataset}: best method {best['method']} closes {best['gap_closed']:.0%} of the gap "
