@@ -49,7 +49,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
     from sklearn.model_selection import train_test_split
 
     torch.set_num_threads(threads)
-    console = Console(stderr=as_json)
+    console = Console(stderr=as_json, width=120)  # tables stay whole in logs
     X, y = read_taiwan(data / "taiwan_credit_default")
     y = y.to_numpy()
     runs = []

@@ -32,7 +32,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
          unlabelled: bool = typer.Option(True, help="GMSC: add cs-test to the unlabelled pool"),
          out: Path = typer.Option(Path("runs/benchmarks/reject_inference.json"), help="results file"),
          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
-    console = Console(stderr=as_json)
+    console = Console(stderr=as_json, width=120)  # tables stay whole in logs
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, LightGBM 1 thread"
     results, started = {}, time.perf_counter()
     for dataset in datasets:

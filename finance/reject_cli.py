@@ -29,7 +29,7 @@ def reject_inference(
 
     from finance.reject_inference.experiment import results_table, run_experiment, summary_json
 
-    console = Console(stderr=as_json)
+    console = Console(stderr=as_json, width=120)  # tables stay whole in logs
     root = data or (Path(os.environ["MOEWORKS_DATA"]) if os.environ.get("MOEWORKS_DATA") else None)
     try:
         if root is None:
