@@ -77,3 +77,16 @@ def test_sequence_ensemble_blends_and_round_trips(taiwan, tmp_path):
     model.save(tmp_path / "ens")
     again = SequenceEnsemble.load(tmp_path / "ens")
     np.testing.assert_allclose(again.predict_proba(X.iloc[1800:]), proba, atol=1e-9)
+
+
+def test_attributions_name_raw_fields_and_explain_the_log_odds(fitted, taiwan):
+    X, _ = taiwan
+    rows = X.iloc[1800:1900].reset_index(drop=True)
+    pushes, columns = fitted.attributions(rows)
+    assert pushes.shape == (100, len(columns)) and len(columns) == 6 * 3 + 2 + 3
+    assert {"PAY_0", "BILL_AMT1", "PAY_AMT6", "LIMIT_BAL", "EDUCATION"} <= set(columns)
+    assert np.isfinite(pushes).all() and np.abs(pushes).max() > 0
+    # The latest repayment status matters: clients 2+ months late there get a positive push.
+    late = rows["PAY_0"].to_numpy() >= 2
+    if late.any():
+        assert pushes[late, columns.index("PAY_0")].mean() > 0

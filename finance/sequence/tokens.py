@@ -136,9 +136,11 @@ class SequenceTokenizer:
     static_mean_: list[float] = field(default_factory=list)
     static_std_: list[float] = field(default_factory=list)
     levels_: list[list[float]] = field(default_factory=list)
+    status_mode_: int = STATUS_PAD  # the commonest status code: the reference month for attributions
+    static_mode_: list[int] = field(default_factory=list)  # the commonest code of each static categorical
 
     def fit(self, frame: pd.DataFrame) -> SequenceTokenizer:
-        features, _, padding = raw_month_features(frame, self.layout)
+        features, codes, padding = raw_month_features(frame, self.layout)
         real = features[~padding]  # (real months, F)
         self.token_mean_ = real.mean(axis=0).tolist()
         self.token_std_ = np.maximum(real.std(axis=0), 1e-6).tolist()
@@ -147,6 +149,9 @@ class SequenceTokenizer:
         self.static_std_ = np.maximum(np.nanstd(static, axis=0), 1e-6).tolist() if static.size else []
         self.levels_ = [sorted(pd.to_numeric(frame[c], errors="coerce").dropna().unique().tolist())
                         for c in self.layout.static_categorical]
+        self.status_mode_ = int(np.bincount(codes[~padding]).argmax()) if (~padding).any() else STATUS_PAD
+        categorical = self._categorical_codes(frame)
+        self.static_mode_ = [int(np.bincount(c).argmax()) for c in categorical.T]
         return self
 
     def _static_numeric_raw(self, frame: pd.DataFrame) -> np.ndarray:
@@ -168,6 +173,11 @@ class SequenceTokenizer:
         tokens[padding] = 0.0
         static = self._static_numeric_raw(frame)
         static = np.nan_to_num((static - np.array(self.static_mean_)) / np.array(self.static_std_))
+        categorical = self._categorical_codes(frame)
+        return SequenceBatch(tokens.astype("float32"), codes, padding, static.astype("float32"), categorical)
+
+    def _categorical_codes(self, frame: pd.DataFrame) -> np.ndarray:
+        """(n, n_static_categorical) codes: 1 + the level's rank among the fitted levels, 0 if unseen."""
         categorical = np.zeros((len(frame), len(self.levels_)), dtype="int64")
         for i, (column, levels) in enumerate(zip(self.layout.static_categorical, self.levels_, strict=True)):
             values = pd.to_numeric(frame[column], errors="coerce").to_numpy("float64")
@@ -175,7 +185,7 @@ class SequenceTokenizer:
             found = (position < len(levels)) & (np.asarray(levels + [np.nan])[np.minimum(position, len(levels))]
                                                 == values)
             categorical[:, i] = np.where(found, position + 1, 0)
-        return SequenceBatch(tokens.astype("float32"), codes, padding, static.astype("float32"), categorical)
+        return categorical
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
