@@ -83,3 +83,28 @@ def test_tokenizer_round_trips_through_a_dict(frame):
     again = SequenceTokenizer.from_dict(tokenizer.to_dict())
     for a, b in zip(tokenizer.transform(frame), again.transform(frame), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_layout_with_day_counts_channels_and_string_levels():
+    from finance.sequence.tokens import MonthlyLayout
+
+    rng = np.random.default_rng(0)
+    n, months = 50, 4
+    cols = lambda f: tuple(f"{f}_m{m}" for m in range(months, 0, -1))  # noqa: E731 - oldest first
+    layout = MonthlyLayout(status=cols("dpd"), bill=cols("balance"), payment=cols("paid"), limit="limit",
+                           static_numeric=("age",), static_categorical=("segment",),
+                           channels=(cols("spend"), cols("atm")), status_in_days=True)
+    frame = pd.DataFrame({c: rng.integers(0, 90, n) for c in cols("dpd")}
+                         | {c: rng.random(n) * 1000 for f in ("balance", "paid", "spend", "atm") for c in cols(f)}
+                         | {"limit": 5000.0, "age": rng.integers(20, 70, n),
+                            "segment": rng.choice(["salaried", "student", "retired"], n)})
+    frame.loc[0, "dpd_m1"] = 31  # 31 days past due: 2 months late
+    tokenizer = SequenceTokenizer(layout=layout).fit(frame.iloc[1:])
+    batch = tokenizer.transform(frame)
+    assert batch.tokens.shape == (n, months, 6 + 2) and layout.num_token_features == 8
+    assert batch.status[0, -1] == 2 + 3  # code = months late + 3
+    assert set(batch.static_categorical[:, 0]) <= {1, 2, 3}
+    unseen = tokenizer.transform(frame.assign(segment="pensioner"))
+    assert (unseen.static_categorical == 0).all()
+    again = SequenceTokenizer.from_dict(tokenizer.to_dict())
+    np.testing.assert_array_equal(again.transform(frame).tokens, batch.tokens)

@@ -77,6 +77,7 @@ class SequenceClassifier:
     def _config(self, tokenizer: SequenceTokenizer) -> SequenceTransformerConfig:
         base = self.model or SequenceTransformerConfig()
         return dataclasses.replace(base, num_months=self.layout.months,
+                                   num_token_features=self.layout.num_token_features,
                                    num_static_numeric=len(self.layout.static_numeric),
                                    static_cardinalities=tokenizer.cardinalities)
 
@@ -163,6 +164,11 @@ class SequenceClassifier:
             push(lambda a, m=month, r=real: a[1].__setitem__((r, m), self.tokenizer_.status_mode_))
             push(lambda a, m=month: a[0].__setitem__((slice(None), m, bill_features), 0.0))
             push(lambda a, m=month: a[0].__setitem__((slice(None), m, payment_features), 0.0))
+        for c, channel in enumerate(layout.channels):
+            for month in range(layout.months):
+                columns.append(channel[month])
+                push(lambda a, m=month, f=len(bill_features + payment_features) + c:
+                     a[0].__setitem__((slice(None), m, f), 0.0))
         for i, column in enumerate(layout.static_numeric):
             columns.append(column)
             push(lambda a, i=i: a[3].__setitem__((slice(None), i), 0.0))

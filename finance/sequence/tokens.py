@@ -32,19 +32,27 @@ class MonthlyLayout:
     limit: str  # credit line, the denominator of utilisation
     static_numeric: tuple[str, ...] = ()
     static_categorical: tuple[str, ...] = ()
+    # Further monthly amounts or counts (one tuple of columns per field, oldest first), signed-log scaled.
+    channels: tuple[tuple[str, ...], ...] = ()
+    status_in_days: bool = False  # status given as days past due: becomes months late (ceil(days / 30))
 
     def __post_init__(self) -> None:
         assert len(self.status) == len(self.bill) == len(self.payment) >= 1, \
             "status, bill and payment need one column per month, the same months"
+        assert all(len(c) == len(self.status) for c in self.channels), "each channel needs one column per month"
 
     @property
     def months(self) -> int:
         return len(self.status)
 
     @property
+    def num_token_features(self) -> int:
+        return len(TOKEN_FEATURES) + len(self.channels)
+
+    @property
     def columns(self) -> list[str]:
-        return list(dict.fromkeys([*self.status, *self.bill, *self.payment, self.limit,
-                                   *self.static_numeric, *self.static_categorical]))
+        return list(dict.fromkeys([*self.status, *self.bill, *self.payment, *(c for ch in self.channels for c in ch),
+                                   self.limit, *self.static_numeric, *self.static_categorical]))
 
 
 # Taiwan: index 1 (PAY_0, BILL_AMT1, PAY_AMT1) is September, the newest; index 6 April, the oldest.
@@ -80,14 +88,22 @@ def _signed_log(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
+def _level_keys(values: pd.Series) -> np.ndarray:
+    """Categorical values as strings; numbers in one spelling (2, 2.0 and "2" are the same level)."""
+    number = pd.to_numeric(values, errors="coerce")
+    return np.where(number.notna(), number.astype("float64").astype(str), values.astype(str))
+
+
 def raw_month_features(frame: pd.DataFrame, layout: MonthlyLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unscaled token features (n, months, F), status codes (n, months), padding (n, months). Vectorised."""
     missing = [c for c in layout.columns if c not in frame.columns]
     if missing:
         raise SequenceDataError(f"missing column(s) {missing}")
     values = {}
-    for name in ("status", "bill", "payment"):
-        columns = list(getattr(layout, name))
+    groups = {"status": layout.status, "bill": layout.bill, "payment": layout.payment,
+              **{f"channel{i}": c for i, c in enumerate(layout.channels)}}
+    for name, columns in groups.items():
+        columns = list(columns)
         block = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy("float64")
         bad = np.isnan(block) & frame[columns].notna().to_numpy()
         if bad.any():
@@ -96,6 +112,8 @@ def raw_month_features(frame: pd.DataFrame, layout: MonthlyLayout) -> tuple[np.n
                                     "is not a number")
         values[name] = block
     status, bill, payment = values["status"], values["bill"], values["payment"]
+    if layout.status_in_days:
+        status = np.ceil(status / 30.0)
     padding = np.isnan(status) & np.isnan(bill) & np.isnan(payment)  # (n, months)
     limit = pd.to_numeric(frame[layout.limit], errors="coerce").to_numpy("float64")
     if (np.isnan(limit) | (limit <= 0)).any():
@@ -115,6 +133,7 @@ def raw_month_features(frame: pd.DataFrame, layout: MonthlyLayout) -> tuple[np.n
         np.clip(ratio, 0.0, 2.0),  # paying more than twice the bill carries no extra information
         np.clip(change, -2.0, 2.0),
         ratio_known.astype("float64"),
+        *(_signed_log(np.nan_to_num(values[f"channel{i}"])) for i in range(len(layout.channels))),
     ], axis=-1)
     features[padding] = 0.0
     codes = np.clip(np.nan_to_num(status, nan=STATUS_MIN), STATUS_MIN, STATUS_MAX) - STATUS_MIN + 1
@@ -135,7 +154,7 @@ class SequenceTokenizer:
     token_std_: list[float] = field(default_factory=list)
     static_mean_: list[float] = field(default_factory=list)
     static_std_: list[float] = field(default_factory=list)
-    levels_: list[list[float]] = field(default_factory=list)
+    levels_: list[list[str]] = field(default_factory=list)
     status_mode_: int = STATUS_PAD  # the commonest status code: the reference month for attributions
     static_mode_: list[int] = field(default_factory=list)  # the commonest code of each static categorical
 
@@ -147,8 +166,7 @@ class SequenceTokenizer:
         static = self._static_numeric_raw(frame)
         self.static_mean_ = np.nanmean(static, axis=0).tolist() if static.size else []
         self.static_std_ = np.maximum(np.nanstd(static, axis=0), 1e-6).tolist() if static.size else []
-        self.levels_ = [sorted(pd.to_numeric(frame[c], errors="coerce").dropna().unique().tolist())
-                        for c in self.layout.static_categorical]
+        self.levels_ = [sorted(set(_level_keys(frame[c]).tolist()) - {"nan"}) for c in self.layout.static_categorical]
         self.status_mode_ = int(np.bincount(codes[~padding]).argmax()) if (~padding).any() else STATUS_PAD
         categorical = self._categorical_codes(frame)
         self.static_mode_ = [int(np.bincount(c).argmax()) for c in categorical.T]
@@ -180,11 +198,7 @@ class SequenceTokenizer:
         """(n, n_static_categorical) codes: 1 + the level's rank among the fitted levels, 0 if unseen."""
         categorical = np.zeros((len(frame), len(self.levels_)), dtype="int64")
         for i, (column, levels) in enumerate(zip(self.layout.static_categorical, self.levels_, strict=True)):
-            values = pd.to_numeric(frame[column], errors="coerce").to_numpy("float64")
-            position = np.searchsorted(levels, values)
-            found = (position < len(levels)) & (np.asarray(levels + [np.nan])[np.minimum(position, len(levels))]
-                                                == values)
-            categorical[:, i] = np.where(found, position + 1, 0)
+            categorical[:, i] = pd.Categorical(_level_keys(frame[column]), categories=levels).codes + 1  # -1 -> 0
         return categorical
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,5 +208,6 @@ class SequenceTokenizer:
     def from_dict(cls, values: dict[str, Any]) -> SequenceTokenizer:
         values = dict(values)
         layout = values.pop("layout")
+        layout["channels"] = tuple(tuple(c) for c in layout.get("channels", ()))
         return cls(layout=MonthlyLayout(**{k: tuple(v) if isinstance(v, list) else v for k, v in layout.items()}),
                    **values)
