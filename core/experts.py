@@ -36,13 +36,16 @@ class Experts(nn.Module):
     def forward_sorted(self, x_sorted: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
         """Run each active expert once over its contiguous slice.
 
-        x_sorted: (assignments, H), rows grouped by expert. bounds: (expert, start, end) for each
-        expert with work. Returns (assignments, H); rows outside every slice stay zero.
+        x_sorted: (assignments, H), rows grouped by expert; bounds: (expert, start, end) for each
+        expert with work, covering every row in order. Returns (assignments, H).
         """
         act = ACTIVATIONS[self.activation]
-        out = x_sorted.new_zeros(x_sorted.shape)
+        if torch.is_grad_enabled():  # autograd cannot follow out=, so concatenate the slices
+            return torch.cat([act(x_sorted[start:end] @ self.w_in[expert]) @ self.w_out[expert]
+                              for expert, start, end in bounds])
+        out = x_sorted.new_empty(x_sorted.shape)  # inference: each expert writes its rows in place
         for expert, start, end in bounds:
-            out[start:end] = act(x_sorted[start:end] @ self.w_in[expert]) @ self.w_out[expert]
+            torch.mm(act(x_sorted[start:end] @ self.w_in[expert]), self.w_out[expert], out=out[start:end])
         return out
 
     def forward_dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:

@@ -94,24 +94,30 @@ class MoELayer(nn.Module):
                          capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, top_k = expert_index.shape
         # Slot-major order (all first choices, then all second ones) is the drop priority; a
-        # stable sort by expert keeps that order inside each expert's slice.
+        # stable sort by expert keeps that order inside each expert's run.
         flat_expert = expert_index.t().reshape(-1)  # (k*T,)
-        order = torch.sort(flat_expert, stable=True).indices  # (k*T,)
-        token_of = order % num_tokens  # (k*T,) source token of each sorted assignment
+        sorted_expert, order = torch.sort(flat_expert, stable=True)  # (k*T,)
+        counts = torch.bincount(flat_expert, minlength=self.config.num_experts)  # (E,)
+        dropped = torch.zeros((), dtype=torch.int64)
+        if capacity is not None:
+            first_of_expert = torch.cumsum(counts, 0) - counts  # (E,)
+            rank = torch.arange(order.numel()) - first_of_expert[sorted_expert]  # place in its queue
+            served = rank < capacity
+            dropped = (~served).sum()
+            order = order[served]
+            counts = counts.clamp(max=capacity)
+        token_of = order % num_tokens  # (assignments,) source token of each served assignment
         slot_of = order // num_tokens
-        counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()
-        bounds, start, dropped = [], 0, 0
-        for expert, count in enumerate(counts):
+        bounds, start = [], 0
+        for expert, count in enumerate(counts.tolist()):
             if count:
-                served = count if capacity is None else min(count, capacity)
-                bounds.append((expert, start, start + served))
-                dropped += count - served
-            start += count
-        x_sorted = tokens.index_select(0, token_of)  # (k*T, H)
-        y_sorted = self.experts.forward_sorted(x_sorted, bounds)  # (k*T, H), dropped rows zero
-        w_sorted = weight[token_of, slot_of].to(y_sorted.dtype).unsqueeze(-1)  # (k*T, 1)
+                bounds.append((expert, start, start + count))
+                start += count
+        x_sorted = tokens.index_select(0, token_of)  # (assignments, H)
+        y_sorted = self.experts.forward_sorted(x_sorted, bounds)  # (assignments, H)
+        w_sorted = weight[token_of, slot_of].to(y_sorted.dtype).unsqueeze(-1)  # (assignments, 1)
         out = tokens.new_zeros(tokens.shape).index_add_(0, token_of, y_sorted * w_sorted)
-        return out, torch.tensor(dropped, dtype=torch.int64)
+        return out, dropped
 
     def _dispatch_static(self, tokens: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor,
                          capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,164 @@
 """`moeworks finance ...`: credit scoring commands."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Credit scoring: train, evaluate, score batches.", no_args_is_help=True)
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _records(dataset: str, data: Path, *, require_target: bool = True):
+    from finance.data import load_records
+
+    return load_records(dataset, data, require_target=require_target)
+
+
+@app.command()
+def generate(out: Path = typer.Option(..., help="folder for the generated Parquet tables"),
+             rows: int = typer.Option(100_000, help="applicants"),
+             seed: int = typer.Option(0),
+             default_rate: float = typer.Option(0.08)) -> None:
+    """Generate a through-the-door population (GENERATED data) as Parquet tables."""
+    import time
+
+    from finance.generate import GeneratorConfig
+    from finance.generate import generate as run
+
+    started = time.perf_counter()
+    run(out, GeneratorConfig(n_applicants=rows, seed=seed, default_rate=default_rate))
+    typer.echo(f"generated {rows:,} applicants (GENERATED data, not real) into {out} "
+               f"in {time.perf_counter() - started:.1f} s")
+
+
+@app.command()
+def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
+          data: Path = typer.Option(None, help="file or folder in the dataset's original format "
+                                               "(generated: omitted = generate --rows applicants)"),
+          model: str = typer.Option("lightgbm", help="scorecard, lightgbm, moe, ensemble (or a registered model)"),
+          out: Path = typer.Option(..., help="folder to save the model with its feature pipeline"),
+          seed: int = typer.Option(0),
+          rows: int = typer.Option(50_000, help="applicants to generate when --dataset generated has no --data"),
+          approval_rate: float = typer.Option(0.8, help="share approved; sets the PD cut-off"),
+          json_out: bool = typer.Option(False, "--json", help="print the validation metrics as JSON last")) -> None:
+    """Train a model (80/20 seeded split for early stopping and the cut-off) and save it."""
+    from finance.errors import CreditDataError
+
+    try:
+        if data is None:
+            if dataset != "generated":
+                raise CreditDataError("--data is required for real datasets", field="data")
+            from finance.generate import GeneratorConfig
+            from finance.generate import generate as run
+
+            data = run(out / "generated-data", GeneratorConfig(n_applicants=rows, seed=seed))
+            typer.echo(f"generated {rows:,} applicants (GENERATED data, not real) into {data}")
+        import torch
+
+        torch.set_num_threads(1)
+        from finance.scorer import ScoringPolicy, train_scorer
+
+        records = _records(dataset, data)
+        scorer = train_scorer(records, model, seed=seed, policy=ScoringPolicy(approval_rate=approval_rate),
+                              progress=True)
+        scorer.save(out)
+    except (CreditDataError, FileNotFoundError) as error:
+        _fail(error)
+    metrics = scorer.validation_metrics_
+    typer.echo(f"saved {model} for {dataset} to {out} (version {scorer.version_}); validation AUC "
+               f"{metrics['auc']:.4f}, KS {metrics['ks']:.3f}, recall at {approval_rate:.0%} approval "
+               f"{metrics['recall_at_approval']:.3f}")
+    if json_out:
+        typer.echo(json.dumps({"model": model, "dataset": dataset, "out": str(out), **metrics}))
+
+
+@app.command()
+def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
+             data: Path = typer.Option(..., help="labelled file or folder in the dataset's original format"),
+             report: Path = typer.Option(None, help="write an HTML report here"),
+             speed: bool = typer.Option(True, help="measure single-application latency and batch rows/s"),
+             json_out: bool = typer.Option(False, "--json", help="print the metrics as one JSON object last")) -> None:
+    """Score a labelled file with a saved model and print AUC, KS, Gini, recall, Brier, PSI, latency."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from finance.errors import CreditDataError
+
+    try:
+        from finance.evaluation import evaluate_scorer
+        from finance.scorer import load_model
+
+        scorer = load_model(model)
+        records = _records(scorer.dataset, data)
+        result = evaluate_scorer(scorer, records, speed=speed)
+        if report is not None:
+            from finance.report import write_report
+
+            write_report(report, scorer, records, result)
+    except (CreditDataError, FileNotFoundError) as error:
+        _fail(error)
+    metrics = result["metrics"]
+    table = Table(title=f"{scorer.model_name} on {data} ({scorer.dataset}"
+                        f"{', GENERATED data' if scorer.dataset == 'generated' else ''})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if report is not None:
+        typer.echo(f"report: {report}")
+    if json_out:
+        typer.echo(json.dumps({"model": str(model), "data": str(data), **metrics}))
+
+
+@app.command()
+def score(model: Path = typer.Option(..., help="a saved model folder"),
+          input: Path = typer.Option(..., help="CSV, CSV.gz or Parquet file, or a folder of them"),
+          output: Path = typer.Option(..., help="folder for scored/, quarantine/ and _SUMMARY.json"),
+          scheduler: str = typer.Option(None, help="Dask scheduler address, or 'local' for a 2-worker LocalCluster"),
+          chunk_rows: int = typer.Option(100_000, help="rows per chunk"),
+          reasons: str = typer.Option("declined", help="reason codes for: declined, all or none"),
+          max_chunks: int = typer.Option(None, help="stop after this many chunks (resume later)"),
+          json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON object last")) -> None:
+    """Batch-score records in chunks; bad rows go to quarantine; resumes an interrupted job."""
+    from finance.batch import run_batch
+    from finance.errors import CreditDataError
+
+    try:
+        summary = run_batch(model, input, output, chunk_rows=chunk_rows, scheduler=scheduler, reasons=reasons,
+                            max_chunks=max_chunks)
+    except (CreditDataError, FileNotFoundError) as error:
+        _fail(error)
+    typer.echo(f"read {summary.read:,} = scored {summary.scored:,} + quarantined {summary.quarantined:,} "
+               f"({'reconciled' if summary.reconciled else 'NOT reconciled'}); {summary.chunks_scored_now} of "
+               f"{summary.chunks} chunks scored now in {summary.seconds:.1f} s ({summary.rows_per_s:,.0f} rows/s); "
+               f"output in {output}")
+    if json_out:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps({**asdict(summary), "reconciled": summary.reconciled}))
+
+
+@app.command()
+def export(model: Path = typer.Option(..., help="a saved lightgbm or moe model folder"),
+           out: Path = typer.Option(..., help="the .onnx file to write")) -> None:
+    """Export the model at the feature-matrix level to ONNX (input `features` (batch, F) float32)."""
+    from finance.errors import CreditDataError
+    from finance.scorer import load_model
+
+    try:
+        scorer = load_model(model)
+        if not hasattr(scorer.model_, "export_onnx"):
+            raise CreditDataError(f"model {scorer.model_name!r} has no ONNX export (lightgbm and moe do)",
+                                  field="model")
+        scorer.model_.export_onnx(out)
+    except (CreditDataError, FileNotFoundError) as error:
+        _fail(error)
+    typer.echo(f"wrote {out} ({len(scorer.pipeline_.feature_names_)} features in, probability of default out)")

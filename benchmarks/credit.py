@@ -1,0 +1,155 @@
+"""Credit scoring benchmark: the four models side by side on Taiwan and Give Me Some Credit, and
+scoring speed (single application, batch, and the batch job over a million generated applicants,
+in-process and on a 2-worker Dask LocalCluster).
+
+Protocol: a fixed seeded 80/20 split of what is in the data folder, stratified on the label (the
+test 20% is never seen in training); inside the 80%, a further seeded 80/20 split gives the
+validation part for early stopping, the ensemble's blend and the PD cut-off.
+
+    nice -n 10 python benchmarks/credit.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from finance.data import load_records
+from finance.evaluation import credit_metrics, scoring_speed
+from finance.models import FitData
+from finance.models.ensemble import EnsembleModel
+from finance.scorer import CreditScorer, split_records
+
+ANCHORS = {  # published figures (FIELD-NOTES.md, the datasets' PROVENANCE.md)
+    "taiwan": "tuned GBDT ~0.78 AUC (best 0.783); logistic regression 0.72-0.76",
+    "gmsc": "Kaggle winner ~0.870 private AUC; LightGBM ~0.861-0.865; WoE scorecard ~0.85-0.86",
+}
+PATHS = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
+
+
+def machine() -> str:
+    return (f"{platform.node()}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+            f"Python {platform.python_version()}, torch {torch.__version__}, load average "
+            f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at start (shared machine)")
+
+
+def quality(dataset: str, data_root: Path, seed: int, console: Console) -> dict:
+    records = load_records(dataset, data_root / PATHS[dataset])
+    fit_part, test = split_records(records, valid_share=0.2, seed=seed)
+    train, valid = split_records(fit_part, valid_share=0.2, seed=seed)
+    scorers: dict[str, CreditScorer] = {}
+    for name in ("scorecard", "lightgbm", "moe"):
+        console.print(f"[{dataset}] training {name} on {len(train):,} rows ...")
+        scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed).fit(train, valid)
+    members = [scorers[n].model_ for n in ("lightgbm", "moe", "scorecard")]
+    started = time.perf_counter()
+    base = scorers["lightgbm"]
+    ensemble = EnsembleModel.from_fitted(members, FitData(base.pipeline_.transform(valid.frame), valid.target),
+                                         feature_names=base.pipeline_.feature_names_, dataset=dataset)
+    scorers["ensemble"] = CreditScorer(dataset=dataset, model_name="ensemble", seed=seed).fit(
+        train, valid, fitted_model=ensemble)
+    scorers["ensemble"].train_seconds_ = sum(scorers[n].train_seconds_ for n in ("lightgbm", "moe", "scorecard")) + (
+        time.perf_counter() - started)
+    rows = {}
+    for name, scorer in scorers.items():
+        metrics = credit_metrics(test.target, scorer.predict_pd(test.frame), approval_rate=0.8)
+        speed = scoring_speed(scorer, test.frame, single_runs=200, batch_rows=20_000)
+        rows[name] = {**metrics, **speed, "train_seconds": scorer.train_seconds_,
+                      "features": len(scorer.pipeline_.feature_names_), "summary": scorer.model_.summary()}
+    card = rows["scorecard"]
+    for row in rows.values():
+        row["auc_lift_over_scorecard"] = row["auc"] / card["auc"] - 1
+        row["recall_lift_over_scorecard"] = row["recall_at_approval"] / card["recall_at_approval"] - 1
+    return {"rows_train": len(train), "rows_valid": len(valid), "rows_test": len(test), "anchor": ANCHORS[dataset],
+            "models": rows}
+
+
+def million(rows: int, seed: int, workdir: Path, console: Console) -> dict:
+    from finance.batch import run_batch
+    from finance.generate import GeneratorConfig, generate
+
+    started = time.perf_counter()
+    population = generate(workdir / "population", GeneratorConfig(n_applicants=rows, seed=seed + 100))
+    generate_seconds = time.perf_counter() - started
+    train_records = load_records("generated", generate(workdir / "train", GeneratorConfig(n_applicants=50_000,
+                                                                                          seed=seed)))
+    train, valid = split_records(train_records, valid_share=0.2, seed=seed)
+    console.print(f"[generated] training lightgbm on {len(train):,} rows for the batch job ...")
+    model_dir = CreditScorer(dataset="generated", model_name="lightgbm", seed=seed).fit(train, valid).save(
+        workdir / "model")
+    results = {"rows": rows, "generate_seconds": generate_seconds}
+    for label, scheduler in (("in_process", None), ("dask_local_2_workers", "local")):
+        out = workdir / f"out_{label}"
+        console.print(f"[generated] batch job over {rows:,} applicants, {label} ...")
+        summary = run_batch(model_dir, population, out, chunk_rows=250_000, scheduler=scheduler,
+                            reasons="declined", progress=False)
+        results[label] = {"seconds": summary.seconds, "rows_per_s": summary.rows_per_s, "read": summary.read,
+                          "scored": summary.scored, "quarantined": summary.quarantined,
+                          "reconciled": summary.reconciled}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--datasets", default="taiwan,gmsc")
+    parser.add_argument("--million-rows", type=int, default=1_000_000, help="batch-job rows (0 to skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/credit.json"))
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    console = Console()
+    results = {"machine": machine(), "seed": args.seed, "datasets": {}}
+    for dataset in filter(None, args.datasets.split(",")):
+        results["datasets"][dataset] = quality(dataset, args.data, args.seed, console)
+    if args.million_rows:
+        workdir = Path(tempfile.mkdtemp(prefix="credit-bench-"))
+        try:
+            results["batch_job"] = million(args.million_rows, args.seed, workdir, console)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=float))
+
+    console.print(results["machine"])
+    for dataset, block in results["datasets"].items():
+        table = Table(title=f"{dataset}: test split of {block['rows_test']:,} rows (anchors: {block['anchor']})")
+        for column in ("model", "AUC", "KS", "Gini", "recall@80%", "Brier", "AUC vs card", "recall vs card",
+                       "p50 ms", "p99 ms", "batch rows/s", "train s"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for name, m in block["models"].items():
+            table.add_row(name, f"{m['auc']:.4f}", f"{m['ks']:.3f}", f"{m['gini']:.3f}",
+                          f"{m['recall_at_approval']:.3f}", f"{m['brier']:.4f}",
+                          f"{m['auc_lift_over_scorecard']:+.1%}", f"{m['recall_lift_over_scorecard']:+.1%}",
+                          f"{m['latency_p50_ms']:.1f}", f"{m['latency_p99_ms']:.1f}", f"{m['batch_rows_per_s']:,.0f}",
+                          f"{m['train_seconds']:.0f}")
+        console.print(table)
+    if "batch_job" in results:
+        job = results["batch_job"]
+        table = Table(title=f"batch job over {job['rows']:,} GENERATED applicants (lightgbm, reasons for declines)")
+        for column in ("run", "seconds", "rows/s", "read", "scored", "quarantined", "reconciled"):
+            table.add_column(column)
+        for label in ("in_process", "dask_local_2_workers"):
+            r = job[label]
+            table.add_row(label, f"{r['seconds']:.1f}", f"{r['rows_per_s']:,.0f}", f"{r['read']:,}",
+                          f"{r['scored']:,}", f"{r['quarantined']:,}", str(r["reconciled"]))
+        console.print(table)
+    console.print(f"results: {args.out}")
+    if args.json:
+        print(json.dumps(results, default=float))
+
+
+if __name__ == "__main__":
+    main()

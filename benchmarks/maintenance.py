@@ -1,0 +1,188 @@
+"""Predictive maintenance benchmark: LSTM vs MoE RUL on C-MAPSS FD001-FD004, LightGBM vs MoE on AI4I.
+
+RUL: each subset's training engines are split by unit (80/20); both models train on the same
+80% (early stopping on the windows of the other 20%), and are scored on the held-back engines
+cut at random cycles (several cuts each), at the last cycle, as the official test set is scored.
+The official test files are held out; score them with `moeworks maintenance evaluate`.
+AI4I: stratified 80/20 split of the rows here; PR-AUC and recall at a fixed alert rate.
+
+    nice -n 10 python benchmarks/maintenance.py --json
+    python benchmarks/maintenance.py --quick        # generated data, a minute, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i, read_ai4i, split_rows  # noqa: E402
+from manufacturing.maintenance.cmapss import SUBSET_REGIMES, find_file, read_cmapss  # noqa: E402
+from manufacturing.maintenance.features import FeatureConfig  # noqa: E402
+from manufacturing.maintenance.generator import generate_cmapss  # noqa: E402
+from manufacturing.maintenance.models import default_net_config  # noqa: E402
+from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate  # noqa: E402
+from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig  # noqa: E402
+
+# Published RMSE on the official test sets (not the validation split here): for context only.
+ANCHORS = {"deep LSTM (Zheng 2017)": [16.14, 24.49, 16.18, 28.17], "CNN (Li 2018)": [12.61, 22.36, 12.64, 23.31],
+           "FFVE": [12.31, 12.55, 12.43, 14.08]}
+SUBSET_ORDER = ["FD001", "FD002", "FD003", "FD004"]
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch thread(s), load average {load:.1f} at start (shared machine)")
+
+
+def run_rul(args, console: Console) -> list[dict]:
+    rows = []
+    for subset in args.subsets:
+        if args.quick:
+            frame = generate_cmapss(30, num_regimes=SUBSET_REGIMES[subset], seed=1, max_life=220)
+        else:
+            frame = read_cmapss(find_file(args.data / "cmapss" if (args.data / "cmapss").is_dir() else args.data,
+                                          "train", subset))
+        for kind in args.models:
+            started = time.perf_counter()
+            estimator = RULEstimator(
+                net=default_net_config(kind), features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
+                train=RULTrainConfig(max_epochs=args.epochs, patience=args.patience,
+                                     windows_per_epoch=args.windows_per_epoch or None, seed=args.seed,
+                                     progress=False))
+            _, metrics = train_and_validate(estimator, frame,
+                                            ProtocolConfig(cuts_per_unit=args.cuts, seed=args.seed))
+            row = {"subset": subset, "model": kind, **metrics, "wall_seconds": time.perf_counter() - started}
+            console.print(f"{subset} {kind}: val RMSE {row['val_rmse']:.2f}, score {row['val_score']:.0f}, "
+                          f"{row['train_seconds']:.0f} s training ({row['epochs_run']} epochs, best "
+                          f"{row['best_epoch']})")
+            rows.append(row)
+    return rows
+
+
+def run_ai4i(args, console: Console) -> dict:
+    frame = generate_ai4i(4000, seed=args.seed) if args.quick else read_ai4i(args.data / "ai4i2020"
+                                                                              if (args.data / "ai4i2020").is_dir()
+                                                                              else args.data)
+    train, val = split_rows(frame, seed=args.seed)
+    started = time.perf_counter()
+    model = AI4IFailureModel(seed=args.seed, progress=False, max_epochs=10 if args.quick else 60)
+    model.fit(train, val_frame=val)
+    result = model.evaluate(val, alert_rate=args.alert_rate)
+    result["fit_seconds"] = time.perf_counter() - started
+    result["moe_seconds"] = model.moe_seconds_
+    console.print(f"AI4I: LightGBM PR-AUC {result['lightgbm']['failure_pr_auc']:.3f}, "
+                  f"MoE {result['moe']['failure_pr_auc']:.3f}")
+    return result
+
+
+def rul_table(rows: list[dict]) -> Table:
+    table = Table(title="C-MAPSS RUL, validation engines cut at random cycles (last cycle; RUL capped at 125)")
+    for column in ("subset", "LSTM RMSE", "MoE RMSE", "MoE/LSTM", "LSTM score", "MoE score", "LSTM s", "MoE s",
+                   "MoE/LSTM time", *[f"{k} (test)" for k in ANCHORS]):
+        table.add_column(column, justify="right")
+    by_key = {(r["subset"], r["model"]): r for r in rows}
+    for subset in dict.fromkeys(r["subset"] for r in rows):
+        lstm, moe = by_key.get((subset, "lstm")), by_key.get((subset, "moe"))
+
+        def cell(r, key, fmt="{:.2f}"):
+            return fmt.format(r[key]) if r else "-"
+
+        ratio = f"{moe['val_rmse'] / lstm['val_rmse']:.2f}" if lstm and moe else "-"
+        time_ratio = f"{moe['train_seconds'] / lstm['train_seconds']:.2f}" if lstm and moe else "-"
+        index = SUBSET_ORDER.index(subset)
+        table.add_row(subset, cell(lstm, "val_rmse"), cell(moe, "val_rmse"), ratio, cell(lstm, "val_score", "{:.0f}"),
+                      cell(moe, "val_score", "{:.0f}"), cell(lstm, "train_seconds", "{:.0f}"),
+                      cell(moe, "train_seconds", "{:.0f}"), time_ratio,
+                      *[f"{values[index]:.2f}" for values in ANCHORS.values()])
+    return table
+
+
+def ai4i_table(result: dict) -> Table:
+    table = Table(title=f"AI4I 2020 failure, {result['rows']} validation rows ({result['failures']} failures), "
+                        f"alert rate {result['alert_rate']:.0%}")
+    for column in ("metric", "LightGBM", "MoE", "MoE/LightGBM"):
+        table.add_column(column, justify="right")
+    for key, value in result["lightgbm"].items():
+        other = result["moe"][key]
+        if value is None or key.endswith("positives"):
+            continue
+        table.add_row(key, f"{value:.3f}", f"{other:.3f}", f"{other / value:.2f}" if value else "-")
+    return table
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subsets = list(dict.fromkeys(r["subset"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.35
+    for offset, kind in ((-width / 2, "lstm"), (width / 2, "moe")):
+        values = [next((r["val_rmse"] for r in rows if r["subset"] == s and r["model"] == kind), 0) for s in subsets]
+        ax.bar([i + offset for i in range(len(subsets))], values, width, label=f"{kind} (validation)")
+    for name, values in ANCHORS.items():
+        ax.plot(range(len(subsets)), [values[SUBSET_ORDER.index(s)] for s in subsets], marker="o", linestyle=":",
+                label=f"{name} (official test)")
+    ax.set_xticks(range(len(subsets)), subsets)
+    ax.set_ylabel("RMSE (cycles)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("MOEWORKS_DATA", "../shared/data")))
+    parser.add_argument("--subsets", type=lambda s: s.split(","), default=SUBSET_ORDER)
+    parser.add_argument("--models", type=lambda s: s.split(","), default=["lstm", "moe"])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--windows-per-epoch", type=int, default=8192)
+    parser.add_argument("--cuts", type=int, default=5, help="random cuts per validation engine")
+    parser.add_argument("--alert-rate", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ai4i", action="store_true")
+    parser.add_argument("--no-rul", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="generated data, few epochs: a smoke test")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/maintenance.json"))
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.windows_per_epoch, args.cuts = 3, 1024, 2
+    torch.set_num_threads(args.threads)
+    console = Console(stderr=args.json)
+    console.print(f"machine: {machine()}")
+    results = {"machine": machine(), "command": " ".join(sys.argv), "quick": args.quick, "rul": [], "ai4i": None}
+    if not args.no_rul:
+        results["rul"] = run_rul(args, console)
+        console.print(rul_table(results["rul"]))
+    if not args.no_ai4i:
+        results["ai4i"] = run_ai4i(args, console)
+        console.print(ai4i_table(results["ai4i"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=float))
+    if results["rul"]:
+        plot(results["rul"], args.out.with_suffix(".png"))
+    console.print(f"results: {args.out}")
+    if args.json:
+        print(json.dumps(results, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""An ensemble of registered models: their log-odds blended by a logistic regression.
+
+The blend weights are fitted on the validation split (three or so numbers, so little room to
+overfit it); each member is trained as it would be alone. Contributions are the members'
+contributions weighted the same way, so reason codes still add up in log-odds. A subclass with
+other `members` (e.g. a sequence model) needs no other change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from finance.models.base import CreditModel, FitData, build_model, model_class, register_model
+
+
+@dataclass
+class EnsembleConfig:
+    members: list[str] = field(default_factory=lambda: ["lightgbm", "moe", "scorecard"])  # trees, experts, WoE
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+@register_model("ensemble")
+class EnsembleModel(CreditModel):
+    config_class = EnsembleConfig
+
+    @property
+    def needs_records(self) -> bool:  # type: ignore[override]
+        return any(model_class(m).needs_records for m in self.config.members)
+
+    def fit(self, train: FitData, valid: FitData) -> EnsembleModel:
+        members = [build_model(name, feature_names=self.feature_names, dataset=self.dataset, seed=self.seed,
+                               progress=self.progress).fit(train, valid) for name in self.config.members]
+        fitted = self.from_fitted(members, valid, feature_names=self.feature_names, dataset=self.dataset)
+        self.members_, self.blend_ = fitted.members_, fitted.blend_
+        return self
+
+    @classmethod
+    def from_fitted(cls, members: list[CreditModel], valid: FitData, *, feature_names: list[str],
+                    dataset: str) -> EnsembleModel:
+        """Blend models that are already fitted (on the same split), e.g. in a benchmark."""
+        model = cls(feature_names=feature_names, dataset=dataset, config=EnsembleConfig([m.name for m in members]))
+        model.members_ = list(members)
+        model.blend_ = LogisticRegression(C=100.0, max_iter=1000).fit(model._member_logits(valid), valid.y,
+                                                                     sample_weight=valid.sample_weight)
+        return model
+
+    def _member_logits(self, data: FitData) -> np.ndarray:
+        return np.column_stack([_logit(m.predict_proba(data)[:, 1]) for m in self.members_])  # (n, members)
+
+    def predict_proba(self, data: FitData) -> np.ndarray:
+        return self.blend_.predict_proba(self._member_logits(data))
+
+    def contributions(self, data: FitData) -> np.ndarray:
+        weights = self.blend_.coef_[0]
+        return sum(w * m.contributions(data) for w, m in zip(weights, self.members_, strict=True))
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, member in enumerate(self.members_):
+            member.save(directory / f"member{i}_{member.name}")
+        (directory / "ensemble.json").write_text(json.dumps({
+            "config": asdict(self.config), "coef": self.blend_.coef_[0].tolist(),
+            "intercept": float(self.blend_.intercept_[0])}))
+
+    @classmethod
+    def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> EnsembleModel:
+        meta = json.loads((directory / "ensemble.json").read_text())
+        model = cls(feature_names=feature_names, dataset=dataset, config=EnsembleConfig(**meta["config"]))
+        model.members_ = [model_class(name).load(directory / f"member{i}_{name}", feature_names=feature_names,
+                                                 dataset=dataset) for i, name in enumerate(model.config.members)]
+        blend = LogisticRegression()
+        blend.classes_ = np.array([0, 1])
+        blend.coef_ = np.asarray([meta["coef"]])
+        blend.intercept_ = np.asarray([meta["intercept"]])
+        model.blend_ = blend
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {"members": self.config.members, "weights": [round(float(w), 3) for w in self.blend_.coef_[0]]}

@@ -1,0 +1,213 @@
+"""A trained credit model as a bank runs it: feature pipeline + model + points scale + cut-off.
+
+`CreditScorer.score(records)` takes raw records (a DataFrame in the dataset's original columns) and
+returns id, probability of default, points, decision and reason codes in plain words. It is what
+`moeworks finance score` runs chunk by chunk and what a serving process loads with
+`finance.load_model(directory)`.
+
+Saved layout (one folder): scorer.json (dataset, model name, version, cut-off, scale, reference
+distribution for PSI, metrics), pipeline.json (fitted feature pipeline), model/ (the model's files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from finance.data import Records, dataset_spec
+from finance.errors import CreditDataError
+from finance.features import FeaturePipeline
+from finance.models import CreditModel, FitData, build_model, model_class
+from finance.scaling import PointsScale
+
+
+@dataclass
+class ScoringPolicy:
+    approval_rate: float = 0.80  # share of applicants approved; the PD cut-off is set on validation to match
+    reason_count: int = 3  # reasons per applicant, as adverse-action notices usually give
+    scale: PointsScale = field(default_factory=PointsScale)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, dict):
+            self.scale = PointsScale(**self.scale)
+        assert 0 < self.approval_rate < 1, "approval_rate must be in (0, 1)"
+
+
+class CreditScorer:
+    """Learned: pipeline_, model_, cutoff_pd_, reference_edges_/reference_shares_ (validation PD
+    deciles, the PSI reference), validation_metrics_, version_."""
+
+    def __init__(self, *, dataset: str, model_name: str, policy: ScoringPolicy | None = None, seed: int = 0,
+                 progress: bool = False, model_config: Any = None) -> None:
+        self.dataset = dataset
+        self.model_name = model_name
+        self.policy = policy or ScoringPolicy()
+        self.seed = seed
+        self.progress = progress
+        self.model_config = model_config
+
+    # ------------------------------------------------------------------------------ training
+    def fit(self, train: Records, valid: Records, *, sample_weight: np.ndarray | None = None,
+            fitted_model: CreditModel | None = None) -> CreditScorer:
+        """Fit features and model on `train`; `valid` drives early stopping, the cut-off and the PSI reference.
+
+        fitted_model: a model already fitted on the same split's features (e.g. an ensemble blended
+        from fitted members); it is used as it is.
+        """
+        from finance.evaluation import credit_metrics
+
+        self.pipeline_ = FeaturePipeline(dataset=self.dataset).fit(train.frame)
+        fit_train = FitData(self.pipeline_.transform(train.frame), train.target, train.frame, sample_weight)
+        fit_valid = FitData(self.pipeline_.transform(valid.frame), valid.target, valid.frame)
+        started = time.perf_counter()
+        if fitted_model is None:
+            self.model_ = build_model(self.model_name, feature_names=self.pipeline_.feature_names_,
+                                      dataset=self.dataset, seed=self.seed, progress=self.progress,
+                                      config=self.model_config)
+            self.model_.fit(fit_train, fit_valid)
+        else:
+            self.model_ = fitted_model
+        self.train_seconds_ = time.perf_counter() - started
+        pd_valid = self.model_.predict_proba(fit_valid)[:, 1]
+        self.cutoff_pd_ = float(np.quantile(pd_valid, self.policy.approval_rate))
+        self.reference_edges_ = np.unique(np.quantile(pd_valid, np.linspace(0, 1, 11)[1:-1]))
+        self.reference_shares_ = np.bincount(np.searchsorted(self.reference_edges_, pd_valid, side="right"),
+                                             minlength=len(self.reference_edges_) + 1) / len(pd_valid)
+        self.validation_metrics_ = credit_metrics(valid.target, pd_valid, approval_rate=self.policy.approval_rate)
+        self.training_rows_ = len(train)
+        self.version_ = f"{self.dataset}-{self.model_name}-{time.strftime('%Y%m%d%H%M%S')}-" + hashlib.sha256(
+            pd_valid.tobytes()).hexdigest()[:8]
+        return self
+
+    # ------------------------------------------------------------------------------ scoring
+    def _fit_data(self, records: pd.DataFrame) -> FitData:
+        return FitData(self.pipeline_.transform(records), None, records if self.model_.needs_records else None)
+
+    def predict_pd(self, records: pd.DataFrame) -> np.ndarray:
+        """(n,) probability of default for raw records (validated ones: see finance.data)."""
+        return self.model_.predict_proba(self._fit_data(records))[:, 1]
+
+    def score(self, records: pd.DataFrame, *, reasons: str = "all") -> pd.DataFrame:
+        """Raw records -> id, pd, points, decision, reason_1..k (words), reason_codes, model_version.
+
+        reasons: "all" (every applicant), "declined" (only where the decision is decline) or "none".
+        """
+        assert reasons in ("all", "declined", "none"), f"reasons must be all, declined or none, got {reasons!r}"
+        data = self._fit_data(records)
+        pd_ = self.model_.predict_proba(data)[:, 1]
+        decision = np.where(pd_ <= self.cutoff_pd_, "approve", "decline")
+        out = pd.DataFrame({"id": records[dataset_spec(self.dataset).id_column].to_numpy(),
+                            "pd": pd_, "points": self.policy.scale.points(pd_), "decision": decision})
+        k = self.policy.reason_count
+        texts = np.full((len(pd_), k), "", dtype=object)
+        codes = np.full(len(pd_), "", dtype=object)
+        rows = np.arange(len(pd_)) if reasons == "all" else (
+            np.flatnonzero(decision == "decline") if reasons == "declined" else np.arange(0))
+        if len(rows):
+            sub = FitData(data.X[rows], None, records.iloc[rows] if data.records is not None else None)
+            texts[rows], codes[rows] = self.reason_codes(sub)
+        for j in range(k):
+            out[f"reason_{j + 1}"] = texts[:, j]
+        out["reason_codes"] = codes
+        out["model_version"] = self.version_
+        return out
+
+    def reason_codes(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
+        """Top factors that raised each applicant's risk (lowered the score), in words.
+
+        Returns texts (n, k) and codes (n,) "feature|feature|feature". Only factors that pushed the
+        risk up are named; an applicant with fewer gets empty slots.
+        """
+        k = self.policy.reason_count
+        contrib = self.model_.contributions(data)  # (n, F) log-odds pushes, > 0 raises risk
+        top = np.argsort(-contrib, axis=1)[:, :k]  # (n, k)
+        push = np.take_along_axis(contrib, top, axis=1)
+        values = np.take_along_axis(data.X, top, axis=1)
+        definitions = np.array([s.definition for s in self.pipeline_.catalogue_], dtype=object)
+        names = np.array(self.pipeline_.feature_names_, dtype=object)
+        medians = self.pipeline_.medians_
+        texts = np.full(top.shape, "", dtype=object)
+        codes = np.full(len(top), "", dtype=object)
+        for j in range(k):  # k columns; each line below is one pass over the applicants
+            keep = push[:, j] > 1e-6
+            value_text = np.array(["missing" if v != v else f"{v:.4g}" for v in values[keep, j].tolist()], dtype=object)
+            typical = np.array([f"{v:.4g}" for v in medians[top[keep, j]].tolist()], dtype=object)
+            texts[keep, j] = definitions[top[keep, j]] + ": " + value_text + " (typical " + typical + ")"
+            codes[keep] = np.where(codes[keep] == "", names[top[keep, j]], codes[keep] + "|" + names[top[keep, j]])
+        return texts, codes
+
+    # ------------------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "pipeline.json").write_text(json.dumps(self.pipeline_.to_dict()))
+        self.model_.save(directory / "model")
+        meta = {
+            "dataset": self.dataset, "model": self.model_name, "version": self.version_, "seed": self.seed,
+            "policy": {"approval_rate": self.policy.approval_rate, "reason_count": self.policy.reason_count,
+                       "scale": asdict(self.policy.scale)},
+            "cutoff_pd": self.cutoff_pd_, "reference_edges": self.reference_edges_.tolist(),
+            "reference_shares": self.reference_shares_.tolist(), "validation_metrics": self.validation_metrics_,
+            "training_rows": self.training_rows_, "train_seconds": getattr(self, "train_seconds_", None),
+            "model_summary": self.model_.summary(), "features": len(self.pipeline_.feature_names_),
+        }
+        (directory / "scorer.json").write_text(json.dumps(meta, indent=1, default=float))
+        self.pipeline_.catalogue().to_csv(directory / "feature_catalogue.csv", index=False)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CreditScorer:
+        directory = Path(directory)
+        if not (directory / "scorer.json").is_file():
+            raise CreditDataError(f"{directory} is not a saved credit model (no scorer.json)", field="model")
+        meta = json.loads((directory / "scorer.json").read_text())
+        policy = meta["policy"]
+        scorer = cls(dataset=meta["dataset"], model_name=meta["model"], seed=meta["seed"],
+                     policy=ScoringPolicy(approval_rate=policy["approval_rate"], reason_count=policy["reason_count"],
+                                          scale=PointsScale(**policy["scale"])))
+        scorer.pipeline_ = FeaturePipeline.from_dict(json.loads((directory / "pipeline.json").read_text()))
+        scorer.model_ = model_class(meta["model"]).load(
+            directory / "model", feature_names=scorer.pipeline_.feature_names_, dataset=meta["dataset"])
+        scorer.version_ = meta["version"]
+        scorer.cutoff_pd_ = meta["cutoff_pd"]
+        scorer.reference_edges_ = np.asarray(meta["reference_edges"])
+        scorer.reference_shares_ = np.asarray(meta["reference_shares"])
+        scorer.validation_metrics_ = meta["validation_metrics"]
+        scorer.training_rows_ = meta["training_rows"]
+        scorer.train_seconds_ = meta.get("train_seconds")
+        return scorer
+
+    @property
+    def model(self) -> CreditModel:
+        return self.model_
+
+
+def load_model(directory: str | Path) -> CreditScorer:
+    """Load a saved credit model; `.score(records_dataframe)` scores raw records."""
+    return CreditScorer.load(directory)
+
+
+def split_records(records: Records, *, valid_share: float = 0.2, seed: int = 0) -> tuple[Records, Records]:
+    """A seeded split stratified on the label."""
+    from sklearn.model_selection import train_test_split
+
+    train_idx, valid_idx = train_test_split(np.arange(len(records)), test_size=valid_share, random_state=seed,
+                                            stratify=records.target)
+    take = lambda idx: Records(records.dataset, records.frame.iloc[idx].reset_index(drop=True),  # noqa: E731
+                               records.target[idx])
+    return take(np.sort(train_idx)), take(np.sort(valid_idx))
+
+
+def train_scorer(records: Records, model_name: str, *, seed: int = 0, valid_share: float = 0.2,
+                 policy: ScoringPolicy | None = None, progress: bool = False, model_config: Any = None) -> CreditScorer:
+    """Split `records` (seeded, stratified), fit features and model, return the fitted scorer."""
+    train, valid = split_records(records, valid_share=valid_share, seed=seed)
+    return CreditScorer(dataset=records.dataset, model_name=model_name, policy=policy, seed=seed, progress=progress,
+                        model_config=model_config).fit(train, valid)

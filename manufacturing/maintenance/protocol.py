@@ -1,0 +1,56 @@
+"""The validation protocol on training engines, shared by the CLI and the benchmark.
+
+Split the run-to-failure engines by unit, train on one part (early stopping on the other's
+windows), cut each held-back engine at random cycles as the official test set is, and score
+RMSE and the NASA score on the last cycle of each cut engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manufacturing.maintenance.errors import MaintenanceDataError
+from manufacturing.maintenance.metrics import rul_metrics
+from manufacturing.maintenance.rul import RULEstimator
+from manufacturing.maintenance.split import split_units, truncate_units
+
+
+@dataclass
+class ProtocolConfig:
+    val_fraction: float = 0.2  # 20 of FD001's 100 engines; 52 of FD002's 260
+    cuts_per_unit: int = 5  # random cuts per held-back engine: one draw of 20 engines is noisy
+    seed: int = 0
+
+
+def score_test(estimator: RULEstimator, test: pd.DataFrame, true_rul: np.ndarray, *,
+               source: str = "test") -> tuple[dict[str, Any], pd.DataFrame]:
+    """Predict each test unit's RUL at its last cycle and score it against `true_rul` (unit order)."""
+    predicted = estimator.predict(test, source=source)
+    if len(predicted) != len(true_rul):
+        raise MaintenanceDataError(f"{len(predicted)} test units but {len(true_rul)} RUL values", source=source,
+                                   field="rul")
+    predicted["true_rul"] = true_rul
+    return rul_metrics(predicted["rul"].to_numpy(), true_rul, cap=estimator.net.rul_cap), predicted
+
+
+def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame,
+                       protocol: ProtocolConfig | None = None) -> tuple[RULEstimator, dict[str, Any]]:
+    """Fit on a unit split of `frame` and return (fitted estimator, validation metrics)."""
+    protocol = protocol or ProtocolConfig()
+    train_units, val_units = split_units(frame["unit"].to_numpy(), val_fraction=protocol.val_fraction,
+                                         seed=protocol.seed)
+    train = frame[frame["unit"].isin(train_units)]
+    val = frame[frame["unit"].isin(val_units)]
+    estimator.fit(train, val_frame=val)
+    cut, true_rul = truncate_units(val, seed=protocol.seed, cuts_per_unit=protocol.cuts_per_unit)
+    metrics, _ = score_test(estimator, cut, true_rul, source="validation engines")
+    metrics = {"val_" + k: v for k, v in metrics.items()}
+    metrics.update(val_units=len(val_units), train_units=len(train_units),
+                   cuts_per_unit=protocol.cuts_per_unit, train_seconds=estimator.train_result_.seconds,
+                   best_epoch=estimator.train_result_.best_epoch, epochs_run=estimator.train_result_.epochs_run,
+                   parameters=estimator.metadata_["parameters"])
+    return estimator, metrics

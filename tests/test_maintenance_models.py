@@ -1,0 +1,109 @@
+"""RUL models: streaming equals batch, save/load, ONNX parity on real windows, learning on generated data."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from manufacturing.maintenance.cmapss import find_file, read_cmapss
+from manufacturing.maintenance.errors import MaintenanceDataError
+from manufacturing.maintenance.export import export_rul_onnx, rul_parity
+from manufacturing.maintenance.features import FeatureConfig
+from manufacturing.maintenance.generator import generate_cmapss
+from manufacturing.maintenance.models import RULNetConfig
+from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig
+from manufacturing.maintenance.split import truncate_units
+from manufacturing.maintenance.streaming import StreamingRULPredictor
+from manufacturing.maintenance.windows import build_windows
+
+TINY_TRAIN = RULTrainConfig(max_epochs=1, windows_per_epoch=512, progress=False)
+
+
+def tiny_estimator(kind: str, num_regimes: int = 1) -> RULEstimator:
+    net = RULNetConfig(kind=kind, hidden_size=16, num_layers=1,
+                       moe=replace(RULNetConfig().moe, hidden_size=16, intermediate_size=32))
+    return RULEstimator(net=net, features=FeatureConfig(num_regimes=num_regimes), train=TINY_TRAIN)
+
+
+@pytest.fixture(scope="module", params=["lstm", "moe"])
+def fitted(request):
+    frame = generate_cmapss(12, num_regimes=6, seed=4, max_life=180)
+    return tiny_estimator(request.param, num_regimes=6).fit(frame)
+
+
+def test_streaming_equals_batch_prediction_on_the_same_window(fitted):
+    # Three engines cut early, one shorter than the 30-cycle window; cycles arrive interleaved.
+    test, _ = truncate_units(generate_cmapss(3, num_regimes=6, seed=9, max_life=160), seed=1, min_cycles=20)
+    test.loc[test["unit"] == test["unit"].min(), "keep"] = True
+    short_unit = test["unit"].min()
+    test = test[(test["unit"] != short_unit) | (test["cycle"] <= 17)].reset_index(drop=True)
+    stream = StreamingRULPredictor(fitted)
+    streamed = {}
+    for record in test.sort_values(["cycle", "unit"]).to_dict("records"):
+        streamed[(record["unit"], record["cycle"])] = stream.update(f"{record['unit']}", record)
+    # Batch: the window ending at every cycle, padded like a test engine that stops there.
+    windows = build_windows(fitted.normalizer_.transform(test), test["unit"].to_numpy(), window=30,
+                            full_only=False)
+    batch = fitted.predict_windows(windows.gather())
+    keys = list(zip(windows.unit, test["cycle"].to_numpy()[windows.cycle_row], strict=True))
+    np.testing.assert_allclose([streamed[k] for k in keys], batch, atol=1e-4)
+    # And the public batch API on the file as it stands after the last cycle.
+    last = fitted.predict(test)
+    for unit, rul in zip(last["unit"], last["rul"], strict=True):
+        assert stream.last_estimate(str(unit)) == pytest.approx(rul, abs=1e-4)
+    np.testing.assert_array_equal(stream.state(str(short_unit))[:13], np.repeat(stream.state(str(short_unit))[:1],
+                                                                                 13, axis=0))
+
+
+def test_streaming_rejects_bad_cycles_by_field(fitted):
+    stream = StreamingRULPredictor(fitted, min_cycles=2)
+    record = generate_cmapss(1, num_regimes=6, seed=2).iloc[0].to_dict()
+    assert stream.update("a", record) is None  # under min_cycles
+    assert isinstance(stream.update("a", {**record, "cycle": 2}), float)
+    with pytest.raises(MaintenanceDataError, match=r"unit a, row cycle 3, field 's_4': missing"):
+        stream.update("a", {k: v for k, v in record.items() if k != "s_4"} | {"cycle": 3})
+    with pytest.raises(MaintenanceDataError, match=r"field 's_9': value 'hot' is not a finite number"):
+        stream.update("a", {**record, "s_9": "hot", "cycle": 3})
+    with pytest.raises(MaintenanceDataError, match="field 'cycle'.*reset"):
+        stream.update("a", {**record, "cycle": 2})
+    stream.reset("a")
+    assert stream.units == [] and stream.update("a", record) is None
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    fitted.save(tmp_path / "model", metrics={"val_rmse": 1.0})
+    loaded = RULEstimator.load(tmp_path / "model")
+    test = generate_cmapss(4, num_regimes=6, seed=5)
+    np.testing.assert_array_equal(loaded.predict(test)["rul"], fitted.predict(test)["rul"])
+    assert StreamingRULPredictor.from_dir(tmp_path / "model").required_fields[:3] == ["setting_1", "setting_2",
+                                                                                      "setting_3"]
+    with pytest.raises(MaintenanceDataError, match="not a RUL model folder"):
+        RULEstimator.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "moe"])
+def test_onnx_parity_on_real_windows(data_root, kind, tmp_path):
+    frame = read_cmapss(find_file(data_root / "cmapss", "train", "FD001"))
+    estimator = tiny_estimator(kind).fit(frame[frame["unit"] <= 20])
+    test = frame[frame["unit"] > 90]
+    windows = build_windows(estimator.normalizer_.transform(test), test["unit"].to_numpy(), window=30)
+    sample = windows.gather(np.arange(0, len(windows), 4))
+    path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")
+    assert rul_parity(estimator, path, sample) < 1e-3  # cycles, on RULs of 0-125
+    assert estimator.predict_windows(sample).std() > 0  # not a constant model
+
+
+def test_lstm_learns_rul_on_generated_engines():
+    torch.manual_seed(0)
+    frame = generate_cmapss(30, seed=11, max_life=220)
+    train, val = frame[frame["unit"] <= 24], frame[frame["unit"] > 24]
+    estimator = tiny_estimator("lstm")
+    estimator.train = RULTrainConfig(max_epochs=6, windows_per_epoch=2048, learning_rate=5e-3, progress=False)
+    estimator.fit(train, val_frame=val)
+    cut, true_rul = truncate_units(val, seed=0, cuts_per_unit=4)
+    predicted = estimator.predict(cut)["rul"].to_numpy()
+    capped = np.minimum(true_rul, 125)
+    model_rmse = np.sqrt(np.mean((predicted - capped) ** 2))
+    constant_rmse = np.sqrt(np.mean((capped.mean() - capped) ** 2))
+    assert model_rmse < 0.7 * constant_rmse, (model_rmse, constant_rmse)
