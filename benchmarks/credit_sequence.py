@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finance.interim_data import read_taiwan
+from finance.data import load_taiwan
 from finance.sequence import SequenceEnsemble
 
 app = typer.Typer(add_completion=False)
@@ -50,8 +50,8 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
 
     torch.set_num_threads(threads)
     console = Console(stderr=as_json, width=120)  # tables stay whole in logs
-    X, y = read_taiwan(data / "taiwan_credit_default")
-    y = y.to_numpy()
+    records = load_taiwan(data / "taiwan_credit_default")
+    X, y = records.frame, records.target
     runs = []
     for seed in seeds:
         train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)

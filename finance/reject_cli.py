@@ -9,14 +9,16 @@ from pathlib import Path
 
 import typer
 
-from finance.interim_data import CreditDataError
+from finance.errors import CreditDataError
 from finance.reject_inference.methods import METHODS
 
 
 def reject_inference(
     dataset: str = typer.Option("taiwan", help="taiwan or gmsc"),
     data: Path = typer.Option(None, help="real-data root holding the dataset's folder (default: $MOEWORKS_DATA)"),
-    estimator: str = typer.Option("lightgbm", help="the credit model each method wraps: lightgbm or logistic"),
+    estimator: str = typer.Option("lightgbm", help="the model each method wraps: lightgbm or logistic on the raw "
+                                                   "fields, or credit:NAME (a registered credit model, e.g. "
+                                                   "credit:scorecard, with its feature pipeline)"),
     method: list[str] = typer.Option(None, help=f"methods to run (repeatable; default all: {', '.join(METHODS)})"),
     seeds: list[int] = typer.Option([0], "--seed", help="protocol seeds (repeatable); results are averaged"),
     acceptance_rate: float = typer.Option(0.6, help="share of applicants the replayed policy accepts"),

@@ -3,8 +3,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from finance.interim_data import read_taiwan
-from finance.reject_inference.experiment import make_estimator
+from finance.data import load_taiwan
+from finance.reject_inference.experiment import fields, make_estimator
 from finance.reject_inference.methods import (
     METHODS,
     AcceptedOnly,
@@ -18,8 +18,9 @@ from finance.reject_inference.protocol import ProtocolConfig, replay_policy
 
 @pytest.fixture(scope="module")
 def sample(data_root):
-    X, y = read_taiwan(data_root / "taiwan_credit_default")
-    return replay_policy(X.iloc[:4000].reset_index(drop=True), y.iloc[:4000].to_numpy(), ProtocolConfig(seed=0))
+    records = load_taiwan(data_root / "taiwan_credit_default")
+    X = fields(records)
+    return replay_policy(X.iloc[:4000].reset_index(drop=True), records.target[:4000], ProtocolConfig(seed=0))
 
 
 def small_lightgbm():

@@ -1,15 +1,16 @@
 import numpy as np
 import pytest
 
-from finance.interim_data import read_gmsc, read_taiwan
+from finance.data import load_gmsc, load_taiwan
+from finance.reject_inference.experiment import fields
 from finance.reject_inference.methods import UNLABELLED, positive_proba
 from finance.reject_inference.protocol import ProtocolConfig, kickout, replay_policy
 
 
 @pytest.fixture(scope="module")
 def taiwan(data_root):
-    X, y = read_taiwan(data_root / "taiwan_credit_default")
-    return X.iloc[:3000].reset_index(drop=True), y.iloc[:3000].to_numpy()
+    records = load_taiwan(data_root / "taiwan_credit_default")
+    return fields(records).iloc[:3000].reset_index(drop=True), records.target[:3000]
 
 
 def test_protocol_hides_exactly_the_rejected_labels(taiwan):
@@ -32,20 +33,15 @@ def test_protocol_hides_exactly_the_rejected_labels(taiwan):
 
 def test_extra_unlabelled_applicants_join_the_pool(data_root):
     folder = data_root / "give_me_some_credit"
-    X, y = read_gmsc(folder / "cs-training.csv.gz")
-    extra, none = read_gmsc(folder / "cs-test.csv.gz", unlabelled_ok=True)
-    assert none is None and len(extra) == 101_503
-    sample = replay_policy(X.iloc[:4000], y.iloc[:4000], ProtocolConfig(seed=0), extra.iloc[:500])
+    records = load_gmsc(folder / "cs-training.csv.gz")
+    X, y = fields(records), records.target
+    extra = fields(load_gmsc(folder / "cs-test.csv.gz", require_target=False))
+    assert len(extra) == 101_503
+    sample = replay_policy(X.iloc[:4000], y[:4000], ProtocolConfig(seed=0), extra.iloc[:500])
     X_bank, y_bank = sample.bank_view()
     assert len(X_bank) == len(sample.y_apply) + 500
     assert (y_bank[-500:] == UNLABELLED).all()
     assert (y_bank[: len(sample.y_apply)] == UNLABELLED).sum() == (~sample.accepted).sum()
-
-
-def test_gmsc_sentinels_become_missing(data_root):
-    X, _ = read_gmsc(data_root / "give_me_some_credit")
-    late = X["NumberOfTimes90DaysLate"]
-    assert late.max() < 96 and late.isna().sum() > 0
 
 
 def test_kickout_matches_a_hand_count():

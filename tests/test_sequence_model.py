@@ -5,7 +5,7 @@ from sklearn.metrics import roc_auc_score
 
 from core.onnx_export import max_abs_difference
 from core.trainer import TrainerConfig
-from finance.interim_data import read_taiwan
+from finance.data import load_taiwan
 from finance.sequence import TAIWAN_LAYOUT, SequenceClassifier, SequenceEnsemble, SequenceTrainingConfig
 
 
@@ -17,8 +17,8 @@ def quick_training() -> SequenceTrainingConfig:
 
 @pytest.fixture(scope="module")
 def taiwan(data_root):
-    X, y = read_taiwan(data_root / "taiwan_credit_default")
-    return X.iloc[:2400].reset_index(drop=True), y.iloc[:2400].to_numpy()
+    records = load_taiwan(data_root / "taiwan_credit_default")
+    return records.frame.iloc[:2400].reset_index(drop=True), records.target[:2400]
 
 
 @pytest.fixture(scope="module")

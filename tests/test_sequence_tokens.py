@@ -3,15 +3,14 @@ import pandas as pd
 import pytest
 import torch
 
-from finance.interim_data import read_taiwan
+from finance.data import load_taiwan
 from finance.sequence.model import SequenceTransformer, SequenceTransformerConfig
 from finance.sequence.tokens import STATUS_PAD, TAIWAN_LAYOUT, SequenceDataError, SequenceTokenizer
 
 
 @pytest.fixture(scope="module")
 def frame(data_root):
-    X, _ = read_taiwan(data_root / "taiwan_credit_default")
-    return X.iloc[:400].reset_index(drop=True)
+    return load_taiwan(data_root / "taiwan_credit_default").frame.iloc[:400].reset_index(drop=True)
 
 
 def shorten(frame: pd.DataFrame, row: int, months_kept: int) -> pd.DataFrame:

@@ -62,11 +62,19 @@ class CreditModelEstimator:
         return np.stack([1.0 - p, p], axis=1)
 
 
-def train_with_reject_inference(labelled: Any, unlabelled: Any, *, model_name: str, method: str, seed: int = 0,
+def train_with_reject_inference(labelled: Any, unlabelled: Any, *, model_name: str, method: str | None, seed: int = 0,
                                 policy: Any = None) -> tuple[Any, Any]:
     """Train a credit scorer on accepted loans (`labelled` Records) plus unlabelled applicants
     (`unlabelled` Records: the rejects, or any applicants without outcome) with a reject-inference
     method. Returns (the fitted CreditScorer, the fitted method, for its learned attributes)."""
+    from finance.errors import CreditDataError
+    from finance.reject_inference.methods import METHODS
+
+    if method not in METHODS:
+        raise CreditDataError(f"unknown reject-inference method {method!r}; choose from {list(METHODS)}",
+                              field="reject_inference")
+    if unlabelled is None or not len(unlabelled.frame):
+        raise CreditDataError("reject inference needs applicants without outcome (--unlabelled)", field="unlabelled")
     estimator = CreditModelEstimator(dataset=labelled.dataset, model_name=model_name, seed=seed, policy=policy)
     frame = pd.concat([labelled.frame, unlabelled.frame], ignore_index=True)
     y = np.r_[np.asarray(labelled.target, dtype="int64"), np.full(len(unlabelled.frame), UNLABELLED)]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from finance.interim_data import read_gmsc, read_taiwan
+from finance.data import Records, dataset_spec, load_records
 from finance.reject_inference.methods import METHODS, make_method
 from finance.reject_inference.protocol import MethodResult, ProtocolConfig, replay_policy, run_protocol
 
@@ -23,18 +23,31 @@ def load_dataset(name: str, data_root: str | Path,
     """(features, labels, extra unlabelled applicants or None) for a dataset under `data_root`."""
     root = Path(data_root)
     if name == "taiwan":
-        X, y = read_taiwan(root / "taiwan_credit_default")
-        return X, y.to_numpy(), None
+        records = load_records("taiwan", root / "taiwan_credit_default")
+        return fields(records), records.target, None
     if name == "gmsc":
         folder = root / "give_me_some_credit"
-        X, y = read_gmsc(folder / "cs-training.csv.gz")
-        extra = read_gmsc(folder / "cs-test.csv.gz", unlabelled_ok=True)[0] if use_unlabelled else None
-        return X, y.to_numpy(), extra
+        records = load_records("gmsc", folder / "cs-training.csv.gz")
+        extra = None
+        if use_unlabelled:
+            extra = fields(load_records("gmsc", folder / "cs-test.csv.gz", require_target=False))
+        return fields(records), records.target, extra
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 
-def make_estimator(kind: str, seed: int = 0, threads: int = 1) -> Any:
-    """The credit model the methods wrap: LightGBM (the practitioners' pick) or a logistic regression."""
+def fields(records: Records) -> pd.DataFrame:
+    """The applicants' raw fields: the records without their id (a row number, not information)."""
+    return records.frame.drop(columns=[dataset_spec(records.dataset).id_column])
+
+
+def make_estimator(kind: str, seed: int = 0, threads: int = 1, dataset: str | None = None) -> Any:
+    """The credit model the methods wrap: LightGBM on the raw fields (the practitioners' pick), a
+    logistic regression, or `credit:NAME`, any registered credit model with its feature pipeline."""
+    if kind.startswith("credit:"):
+        from finance.reject_inference.credit_estimator import CreditModelEstimator
+
+        assert dataset is not None, "a credit model needs its dataset"
+        return CreditModelEstimator(dataset=dataset, model_name=kind.partition(":")[2], seed=seed)
     if kind == "lightgbm":
         from lightgbm import LGBMClassifier
 
@@ -51,7 +64,7 @@ def make_estimator(kind: str, seed: int = 0, threads: int = 1) -> Any:
         return make_pipeline(SimpleImputer(strategy="median", add_indicator=True),
                              QuantileTransformer(n_quantiles=200, output_distribution="normal", random_state=seed),
                              LogisticRegression(C=1.0, max_iter=2000))
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {kind!r}")
+    raise ValueError(f"estimator must be one of {ESTIMATORS} or credit:MODEL, got {kind!r}")
 
 
 def run_experiment(dataset: str, data_root: str | Path, *, estimator: str = "lightgbm",
@@ -71,7 +84,7 @@ def run_experiment(dataset: str, data_root: str | Path, *, estimator: str = "lig
     for seed in seeds or [0]:
         config = ProtocolConfig(acceptance_rate=acceptance_rate, seed=seed)
         sample = replay_policy(X, y, config, extra)
-        base = make_estimator(estimator, seed)
+        base = make_estimator(estimator, seed, dataset=dataset)
         chosen = {name: make_method(name, estimator=base) for name in names}
         per_seed.append(run_protocol(sample, chosen, base, acceptance_rate,
                                      progress=(lambda m, s=seed: progress(f"seed {s}: {m}")) if progress else None))

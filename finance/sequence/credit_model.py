@@ -10,11 +10,13 @@ occlusion attributions per raw field are placed on the pipeline feature that hol
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from finance.errors import CreditDataError
 from finance.models.base import CreditModel, FitData, register_model
@@ -22,6 +24,27 @@ from finance.models.ensemble import EnsembleConfig, EnsembleModel
 from finance.sequence.estimator import SequenceClassifier, SequenceTrainingConfig
 from finance.sequence.model import SequenceTransformerConfig
 from finance.sequence.tokens import TAIWAN_LAYOUT, MonthlyLayout
+
+
+def _generated_layout() -> MonthlyLayout:
+    """The generated population's records: `{field}_m1..m6`, m1 the latest month."""
+    from finance.data import GENERATED
+    from finance.generate import MONTHLY_FIELDS, MONTHS
+
+    def oldest_first(name: str) -> tuple[str, ...]:
+        return tuple(f"{name}_m{m}" for m in range(MONTHS, 0, -1))
+
+    token_fields = ("days_past_due", "statement_balance", "payment_amount", "credit_limit")
+    monthly = {f"{f}_m{m}" for f in MONTHLY_FIELDS for m in range(1, MONTHS + 1)}
+    static = [s for s in GENERATED.fields if s.name not in monthly]
+    return MonthlyLayout(
+        status=oldest_first("days_past_due"), status_in_days=True, bill=oldest_first("statement_balance"),
+        payment=oldest_first("payment_amount"), limit="credit_limit_m1",
+        channels=tuple(oldest_first(f) for f in MONTHLY_FIELDS if f not in token_fields),
+        static_numeric=tuple(s.name for s in static if s.kind != "category"),
+        static_categorical=tuple(s.name for s in static if s.kind == "category"),
+        static_log=("monthly_income", "requested_amount", "existing_debt", "geo_distance_km", "form_fill_seconds"))
+
 
 LAYOUTS: dict[str, MonthlyLayout] = {"taiwan": TAIWAN_LAYOUT}
 _MONTHS = ("sep", "aug", "jul", "jun", "may", "apr")  # Taiwan index 1..6, newest first
@@ -40,18 +63,35 @@ class SequenceModelConfig:
 
 
 def layout_for(dataset: str) -> MonthlyLayout:
+    if dataset == "generated":
+        return _generated_layout()
     if dataset not in LAYOUTS:
-        raise CreditDataError(f"the sequence model needs monthly histories; available for {sorted(LAYOUTS)}, "
+        raise CreditDataError(f"the sequence model needs monthly histories (taiwan, generated), "
                               f"not {dataset!r}", field="dataset")
     return LAYOUTS[dataset]
 
 
-def feature_index(feature_names: list[str], column: str) -> int | None:
-    """The pipeline feature that carries a raw field: exact name, else the first with its prefix."""
+def feature_index(feature_names: list[str], column: str, level: str | None = None) -> int | None:
+    """The pipeline feature that carries a raw field: its one-hot `name=level` for a categorical, the
+    field itself, a generated month's aggregate (`x_m1` -> `x_last`, older months -> `x_mean6`), else
+    the first feature with the field's prefix."""
     name = TAIWAN_FIELD_FEATURES.get(column, column)
-    if name in feature_names:
-        return feature_names.index(name)
+    month = re.fullmatch(r"(.+)_m(\d+)", name)
+    candidates = [f"{name}={level}"] if level is not None else []
+    if month:
+        candidates.append(f"{month[1]}_last" if month[2] == "1" else f"{month[1]}_mean6")
+    candidates.append(name)
+    for candidate in candidates:
+        if candidate in feature_names:
+            return feature_names.index(candidate)
     return next((i for i, f in enumerate(feature_names) if f.startswith(name)), None)
+
+
+def level_strings(values: Any) -> np.ndarray:
+    """Category values as the pipeline spells them in one-hot names: 2.0 -> "2", "retired" stays."""
+    number = pd.to_numeric(values, errors="coerce")
+    whole = number.notna() & (number == number.round())
+    return np.where(whole, number.fillna(0).astype("int64").astype(str), values.astype(str))
 
 
 @register_model("sequence")
@@ -76,10 +116,14 @@ class SequenceModel(CreditModel):
     def contributions(self, data: FitData) -> np.ndarray:
         pushes, columns = self.classifier_.attributions(data.records)
         out = np.zeros((len(pushes), len(self.feature_names)))
+        categorical = set(self.classifier_.layout.static_categorical)
         for j, column in enumerate(columns):
-            index = feature_index(self.feature_names, column)
-            if index is not None:
-                out[:, index] += pushes[:, j]
+            levels = level_strings(data.records[column]) if column in categorical else np.full(len(out), None)
+            for level in pd.unique(levels):
+                index = feature_index(self.feature_names, column, level)
+                if index is not None:
+                    rows = levels == level
+                    out[rows, index] += pushes[rows, j]
         return out
 
     def save(self, directory: Path) -> None:

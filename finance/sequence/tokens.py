@@ -35,6 +35,7 @@ class MonthlyLayout:
     # Further monthly amounts or counts (one tuple of columns per field, oldest first), signed-log scaled.
     channels: tuple[tuple[str, ...], ...] = ()
     status_in_days: bool = False  # status given as days past due: becomes months late (ceil(days / 30))
+    static_log: tuple[str, ...] = ()  # skewed static amounts (income, debt) read on a log scale, like the limit
 
     def __post_init__(self) -> None:
         assert len(self.status) == len(self.bill) == len(self.payment) >= 1, \
@@ -176,7 +177,7 @@ class SequenceTokenizer:
         columns = list(self.layout.static_numeric)
         raw = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy("float64", copy=True)
         # Money amounts are log-scaled: limits span three orders of magnitude.
-        money = [i for i, c in enumerate(columns) if c == self.layout.limit]
+        money = [i for i, c in enumerate(columns) if c == self.layout.limit or c in self.layout.static_log]
         raw[:, money] = np.log1p(np.maximum(raw[:, money], 0.0))
         return raw
 
