@@ -6,7 +6,7 @@ from sklearn.metrics import roc_auc_score
 from core.onnx_export import max_abs_difference
 from core.trainer import TrainerConfig
 from finance.data import load_taiwan
-from finance.sequence import TAIWAN_LAYOUT, SequenceClassifier, SequenceEnsemble, SequenceTrainingConfig
+from finance.sequence import TAIWAN_LAYOUT, SequenceClassifier, SequenceTrainingConfig
 
 
 def quick_training() -> SequenceTrainingConfig:
@@ -63,20 +63,6 @@ def test_onnx_export_matches_eager_on_real_windows(fitted, taiwan, tmp_path):
     assert all((load > 0).sum() >= len(load) // 2 for load in loads), [load.tolist() for load in loads]
     diff = max_abs_difference(fitted.model_, path, inputs)
     assert diff < 1e-4, f"onnxruntime differs from eager by {diff}"
-
-
-def test_sequence_ensemble_blends_and_round_trips(taiwan, tmp_path):
-    X, y = taiwan
-    sequence = SequenceClassifier(training=quick_training())
-    model = SequenceEnsemble(sequence=sequence, seed=0).fit(X.iloc[:1800], y[:1800])
-    assert 0.0 <= model.weight_ <= 1.0
-    members = model.validation_auc_
-    assert members["blend"] >= max(members["sequence"], members["lightgbm"]) - 1e-12
-    proba = model.predict_proba(X.iloc[1800:])
-    assert roc_auc_score(y[1800:], proba[:, 1]) > 0.65
-    model.save(tmp_path / "ens")
-    again = SequenceEnsemble.load(tmp_path / "ens")
-    np.testing.assert_allclose(again.predict_proba(X.iloc[1800:]), proba, atol=1e-9)
 
 
 def test_attributions_name_raw_fields_and_explain_the_log_odds(fitted, taiwan):
