@@ -40,6 +40,11 @@ def test_sequence_scorer_scores_with_reason_codes_and_round_trips(records, tmp_p
     scorer.save(tmp_path / "seq")
     again = CreditScorer.load(tmp_path / "seq")
     np.testing.assert_array_equal(again.predict_pd(test.frame), scorer.predict_pd(test.frame))
+    from core.onnx_export import max_abs_difference
+
+    path = again.model_.export_onnx(tmp_path / "seq.onnx")  # what `moeworks finance export` calls
+    classifier = again.model_.classifier_
+    assert max_abs_difference(classifier.model_, path, classifier.onnx_inputs(test.frame)) < 1e-4
 
 
 def test_any_credit_model_trains_with_reject_inference(records):

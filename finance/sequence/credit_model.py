@@ -136,6 +136,11 @@ class SequenceModel(CreditModel):
         model.config = SequenceModelConfig(model=model.classifier_.model_.config)
         return model
 
+    def export_onnx(self, path: Path) -> Path:
+        """ONNX of the network over the token tensors (finance.sequence.estimator.INPUT_NAMES); the
+        tokenizer's fitted state is in the file's metadata."""
+        return self.classifier_.export_onnx(path)
+
     def summary(self) -> dict[str, Any]:
         moe = self.classifier_.config_.moe
         return {"best_epoch": self.classifier_.best_epoch_, "layers": self.classifier_.config_.num_layers,

@@ -200,13 +200,20 @@ class SequenceClassifier:
         self.fingerprint_, self.history_ = metadata["data_fingerprint"], []
         return self
 
-    def export_onnx(self, path: str | Path, example: pd.DataFrame, *, version: str = "dev") -> Path:
+    def export_onnx(self, path: str | Path, example: pd.DataFrame | None = None, *, version: str = "dev") -> Path:
         """ONNX with the five token tensors as inputs (`INPUT_NAMES`) and logits, aux_loss as outputs.
 
         The tokenizer (pandas) stays outside the graph; its fitted state is written into the model's
         metadata so a partner can reproduce it.
         """
-        inputs = to_tensors(self.tokenizer_.transform(example.iloc[:4]))
+        if example is not None:
+            inputs = to_tensors(self.tokenizer_.transform(example.iloc[:4]))
+        else:  # only the shapes matter for tracing: four blank clients
+            cfg = self.config_
+            inputs = (torch.zeros(4, cfg.num_months, cfg.num_token_features),
+                      torch.zeros(4, cfg.num_months, dtype=torch.int64),
+                      torch.zeros(4, cfg.num_months, dtype=torch.bool), torch.zeros(4, cfg.num_static_numeric),
+                      torch.zeros(4, len(cfg.static_cardinalities), dtype=torch.int64))
         static_model = SequenceTransformer(self.config_, static=True)
         static_model.load_state_dict(self.model_.state_dict())
         return export_onnx(static_model.eval(), inputs, path, input_names=INPUT_NAMES,
