@@ -87,14 +87,13 @@ def replay_policy(X: pd.DataFrame, y: Any, config: ProtocolConfig,
         warnings.simplefilter("ignore", UserWarning)
         policy.fit(history_X, history_y)
         risk = positive_proba(policy, apply_X)
-    n_accept = int(round(config.acceptance_rate * len(apply_y)))
-    accepted = np.zeros(len(apply_y), dtype=bool)
-    accepted[np.argsort(risk, kind="stable")[:n_accept]] = True
+    accepted = accept_lowest_risk(risk, config.acceptance_rate)
     return RejectInferenceSample(apply_X.reset_index(drop=True), apply_y, accepted,
                                  holdout_X.reset_index(drop=True), holdout_y, X_unlabelled_extra, policy)
 
 
 def accept_lowest_risk(pd_: np.ndarray, rate: float) -> np.ndarray:
+    """(n,) bool: the `rate` share of applicants with the lowest PD (ties in row order)."""
     accepted = np.zeros(len(pd_), dtype=bool)
     accepted[np.argsort(pd_, kind="stable")[: int(round(rate * len(pd_)))]] = True
     return accepted
