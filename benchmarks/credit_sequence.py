@@ -41,18 +41,19 @@ def machine() -> str:
 
 
 def one_split(records, seed: int, console: Console) -> dict[str, dict[str, float]]:
+    dataset = records.dataset
     fit_part, test = split_records(records, valid_share=0.2, seed=seed)
     train, valid = split_records(fit_part, valid_share=0.2, seed=seed)
     scorers = {}
     for name in ("lightgbm", "sequence"):
         with console.status(f"seed {seed}: training {name} on {len(train):,} rows"):
-            scorers[name] = CreditScorer(dataset="taiwan", model_name=name, seed=seed).fit(train, valid)
+            scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed).fit(train, valid)
     base = scorers["lightgbm"]
     started = time.perf_counter()
     valid_data = FitData(base.pipeline_.transform(valid.frame), valid.target, valid.frame)
     blend = SequenceEnsembleModel.from_fitted([base.model_, scorers["sequence"].model_], valid_data,
-                                              feature_names=base.pipeline_.feature_names_, dataset="taiwan")
-    scorers["sequence-ensemble"] = CreditScorer(dataset="taiwan", model_name="sequence-ensemble", seed=seed).fit(
+                                              feature_names=base.pipeline_.feature_names_, dataset=dataset)
+    scorers["sequence-ensemble"] = CreditScorer(dataset=dataset, model_name="sequence-ensemble", seed=seed).fit(
         train, valid, fitted_model=blend)
     members_seconds = scorers["lightgbm"].train_seconds_ + scorers["sequence"].train_seconds_
     scorers["sequence-ensemble"].train_seconds_ = members_seconds + time.perf_counter() - started
@@ -67,15 +68,27 @@ def one_split(records, seed: int, console: Console) -> dict[str, dict[str, float
 
 @app.command()
 def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shared/data")), help="real-data root"),
+         dataset: str = typer.Option("taiwan", help="taiwan (real) or generated (GENERATED population)"),
+         rows: int = typer.Option(30_000, help="generated applicants when --dataset generated"),
          seeds: list[int] = typer.Option([0], help="one split and training per seed"),
-         out: Path = typer.Option(Path("runs/benchmarks/credit_sequence.json"), help="results file"),
+         out: Path = typer.Option(None, help="results file (default runs/benchmarks/credit_sequence_DATASET.json)"),
          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
     torch.set_num_threads(1)
     console = Console(stderr=as_json, width=120)  # tables stay whole in logs
-    records = load_taiwan(data / "taiwan_credit_default")
+    if dataset == "generated":
+        import tempfile
+
+        from finance.data import load_generated
+        from finance.generate import GeneratorConfig, generate
+
+        records = load_generated(generate(Path(tempfile.mkdtemp()) / "generated", GeneratorConfig(n_applicants=rows)))
+        console.print(f"{rows:,} GENERATED applicants (not real data)")
+    else:
+        records = load_taiwan(data / "taiwan_credit_default")
     started = time.perf_counter()
+    out = out or Path(f"runs/benchmarks/credit_sequence_{dataset}.json")
     runs = [{"seed": seed, "models": one_split(records, seed, console)} for seed in seeds]
-    summary = {"dataset": "taiwan", "rows": len(records), "seeds": seeds, "machine": machine(), "models": {}}
+    summary = {"dataset": dataset, "rows": len(records), "seeds": seeds, "machine": machine(), "models": {}}
     for name in MODELS:
         pick = lambda key, n=name: np.array([r["models"][n][key] for r in runs])  # noqa: E731
         summary["models"][name] = {
@@ -89,7 +102,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
     summary["runs"], summary["seconds"] = runs, time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=float))
-    table = Table(title=f"Taiwan, test AUC over {len(seeds)} split(s) - {summary['machine']}")
+    table = Table(title=f"{dataset}, test AUC over {len(seeds)} split(s) - {summary['machine']}")
     for column in ("model", "AUC", "+/-", "KS", "recall@80%", "AUC / LightGBM", "p99 ms", "rows/s", "train s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, m in summary["models"].items():
@@ -99,7 +112,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
     console.print(table)
     console.print(f"results written to {out}")
     if as_json:
-        print(json.dumps({"dataset": "taiwan", "seeds": seeds,
+        print(json.dumps({"dataset": dataset, "seeds": seeds,
                           **{f"{n}_auc": m["auc"] for n, m in summary["models"].items()},
                           **{f"{n}_ks": m["ks"] for n, m in summary["models"].items()}}))
 
