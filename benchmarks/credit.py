@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    console = Console()
+    console = Console(width=200)  # the tables are wide; a pipe would otherwise cut them to 80 columns
     results = {"machine": machine(), "seed": args.seed, "datasets": {}}
     for dataset in filter(None, args.datasets.split(",")):
         results["datasets"][dataset] = quality(dataset, args.data, args.seed, console)

@@ -166,7 +166,7 @@ def main() -> None:
     if args.quick:
         args.epochs, args.windows_per_epoch, args.cuts = 3, 1024, 2
     torch.set_num_threads(args.threads)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=200)  # the side-by-side table is wide; logs are files
     console.print(f"machine: {machine()}")
     results = {"machine": machine(), "command": " ".join(sys.argv), "quick": args.quick, "rul": [], "ai4i": None}
     if not args.no_rul:

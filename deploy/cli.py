@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from deploy.edge.cli import app as edge_app
 from finance.cli import app as finance_app
 from manufacturing.cli import defects_app, maintenance_app
 from twin.cli import app as twin_app
@@ -17,6 +18,7 @@ app.add_typer(finance_app, name="finance")
 app.add_typer(defects_app, name="defects")
 app.add_typer(maintenance_app, name="maintenance")
 app.add_typer(twin_app, name="twin")
+app.add_typer(edge_app, name="edge")
 
 
 def data_root() -> Path | None:

@@ -18,8 +18,17 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     from finance.demo import run_finance_demo
 
     run_finance_demo(out_dir, quick=quick, console=console)
+    from manufacturing.defects.demo import run_defects_demo
+
+    run_defects_demo(out_dir, quick=quick, console=console)
     from manufacturing.maintenance.demo import run_maintenance_demo
 
     run_maintenance_demo(out_dir, quick=quick, console=console)
+    from twin.demo import run_twin_demo
+
+    console.rule("digital twin (generated machines over an in-process MQTT broker)")
+    models = out_dir / "maintenance"  # the health models the maintenance demo just trained
+    run_twin_demo(out_dir / "twin", duration_s=6 if quick else 20, rate_hz=20, console=console,
+                  rul_model=models / "rul_model", ai4i_model=models / "ai4i_model")
     console.rule()
     console.print(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")

@@ -429,10 +429,11 @@ class FeaturePipeline:
         """(n, n_features) float32; column j is feature_names_[j]."""
         builder = self._build(frame)
         assert list(builder.columns) == self.feature_names_, "feature set changed since fit"
-        out = np.empty((len(frame), len(self.feature_names_)), dtype=np.float32)
+        # Column-major: each feature is written contiguously (LightGBM and numpy read either order).
+        out = np.empty((len(self.feature_names_), len(frame)), dtype=np.float32)
         for j, values in enumerate(builder.columns.values()):
-            out[:, j] = values
-        return out
+            out[j] = values
+        return out.T
 
     def fit_transform(self, frame: pd.DataFrame, y: Any = None) -> np.ndarray:
         return self.fit(frame).transform(frame)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from finance.data import Records, dataset_spec
+from finance.data import Records, check_columns, dataset_spec
 from finance.errors import CreditDataError
 from finance.features import FeaturePipeline
 from finance.models import CreditModel, FitData, build_model, model_class
@@ -100,6 +100,7 @@ class CreditScorer:
         reasons: "all" (every applicant), "declined" (only where the decision is decline) or "none".
         """
         assert reasons in ("all", "declined", "none"), f"reasons must be all, declined or none, got {reasons!r}"
+        check_columns(records, dataset_spec(self.dataset), "records", require_target=False)
         data = self._fit_data(records)
         pd_ = self.model_.predict_proba(data)[:, 1]
         decision = np.where(pd_ <= self.cutoff_pd_, "approve", "decline")

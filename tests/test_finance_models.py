@@ -97,3 +97,18 @@ def test_registry_takes_new_models_without_editing_ours():
         FitData(np.zeros((2, 1), np.float32))) == pytest.approx([0.75, 0.75])
     with pytest.raises(CreditDataError, match="unknown model"):
         build_model("no-such-model", feature_names=["a"], dataset="taiwan")
+
+
+def test_lightgbm_path_attributions_add_up_to_the_raw_score_and_follow_shap():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 6)).astype(np.float32)
+    y = (rng.random(3000) < 1 / (1 + np.exp(-(2 * X[:, 0] - X[:, 1])))).astype(int)
+    model = build_model("lightgbm", feature_names=list("abcdef"), dataset="taiwan")
+    model.fit(FitData(X[:2000], y[:2000]), FitData(X[2000:], y[2000:]))
+    path = model.contributions(FitData(X[:200]))
+    raw = model.booster_.predict(X[:200], raw_score=True, num_iteration=model.best_iteration_)
+    np.testing.assert_allclose(path.sum(1) + model.paths_[2].sum(), raw, atol=1e-9)
+    model.config.attribution = "shap"
+    shap = model.contributions(FitData(X[:200]))
+    assert (np.abs(path).mean(0).argmax(), np.abs(shap).mean(0).argmax()) == (0, 0)  # the strongest feature
+    assert np.corrcoef(path[:, 0], shap[:, 0])[0, 1] > 0.9

@@ -235,7 +235,7 @@ class AI4IFailureModel:
                                   num_outputs=len(OUTPUTS), moe=self.moe)
         model = TabularMoE(config)
         x = torch.from_numpy((numeric - self.mean_) / self.std_).float()
-        c, y = torch.from_numpy(codes)[:, None], torch.from_numpy(labels)
+        c, y = torch.from_numpy(codes.copy())[:, None], torch.from_numpy(labels.copy())
         v_num, v_codes = features(val_frame)
         vx = torch.from_numpy((v_num - self.mean_) / self.std_).float()
         vc, vy = torch.from_numpy(v_codes)[:, None], torch.from_numpy(val_frame[LABELS].to_numpy(np.float32))
@@ -272,7 +272,7 @@ class AI4IFailureModel:
     def moe_inputs(self, rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         """The MoE net's inputs: standardised numeric (rows, 8) float32 and type code (rows, 1) int64."""
         numeric, codes = features(rows)
-        return torch.from_numpy((numeric - self.mean_) / self.std_).float(), torch.from_numpy(codes)[:, None]
+        return torch.from_numpy((numeric - self.mean_) / self.std_).float(), torch.from_numpy(codes.copy())[:, None]
 
     def predict_proba(self, rows: pd.DataFrame | Mapping[str, Any] | Sequence[Mapping[str, Any]], *,
                       backend: str | None = None) -> pd.DataFrame:

@@ -1,0 +1,217 @@
+"""Digital twin ingestion through Mosquitto on loopback: sustained messages/s, loss, latency, capacity.
+
+Publisher processes simulate many AI4I-type devices (NBIRTH/DBIRTH, then DDATA at QoS 1 with
+seq numbers) at a target total rate; the twin (this process) ingests into state, alarms, health
+and SQLite history. For each target rate: the rate of messages committed to history during the
+measured window, end-to-end latency (edge timestamp -> history row committed) p50/p99, and loss
+(messages the broker acknowledged to the publishers minus rows in history, after draining).
+Capacity: memory the twin's live state takes per device.
+
+    python benchmarks/twin.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+# run as a script, this file's folder comes first on sys.path and `twin` would import this file
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+
+def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, list[str]], rate: float,
+                 seconds: float, seed: int, out: mp.Queue) -> None:
+    """One publisher process: births for its nodes and devices, then DDATA at `rate` msg/s for `seconds`."""
+    import paho.mqtt.client as mqtt
+
+    acked = [0]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{seed}")
+    client.max_inflight_messages_set(2000)
+    client.max_queued_messages_set(0)
+    client.on_publish = lambda c, u, mid, rc, p: acked.__setitem__(0, acked[0] + 1)
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    rng = np.random.default_rng(seed)
+    for node in nodes:
+        birth = {"timestamp": int(time.time() * 1000), "seq": 0, "bdSeq": 0}
+        client.publish(f"spBv1.0/{group}/NBIRTH/{node}", json.dumps(birth), qos=1)
+        for device in devices[node]:
+            client.publish(f"spBv1.0/{group}/DBIRTH/{node}/{device}", json.dumps({"timestamp": birth["timestamp"],
+                                                                                  "seq": 0}), qos=1)
+    targets = [(f"spBv1.0/{group}/DDATA/{node}/{d}", d) for node in nodes for d in devices[node]]
+    seqs = {d: 0 for _, d in targets}
+    births = sum(1 + len(devices[n]) for n in nodes)
+    deadline = time.monotonic() + 60
+    while acked[0] < births and time.monotonic() < deadline:
+        time.sleep(0.01)
+    published, i = 0, 0
+    start, cpu0 = time.monotonic(), time.process_time()
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(rate * elapsed) - published
+        for _ in range(max(0, due)):
+            topic, device = targets[i % len(targets)]
+            i += 1
+            wear = float(seqs[device] % 200)
+            payload = {"timestamp": int(time.time() * 1000), "seq": seqs[device], "metrics": [
+                {"name": "product_type", "value": "L"},
+                {"name": "air_temperature", "value": round(300 + rng.normal(0, 2), 1)},
+                {"name": "process_temperature", "value": round(310 + rng.normal(0, 1), 1)},
+                {"name": "rotational_speed", "value": round(1500 + rng.normal(0, 50))},
+                {"name": "torque", "value": round(40 + rng.normal(0, 5), 1)},
+                {"name": "tool_wear", "value": wear}]}
+            seqs[device] += 1
+            client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1)
+            published += 1
+        time.sleep(0.002)
+    deadline = time.monotonic() + 60
+    while acked[0] < births + published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cpu = time.process_time() - cpu0
+    client.loop_stop()
+    client.disconnect()
+    out.put({"published": published, "acked": acked[0] - births, "cpu_s": cpu})
+
+
+def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
+             db: str | None, workdir: Path) -> dict:
+    from twin.plant import Plant
+    from twin.service import TwinConfig, TwinService
+    from twin.services import Mosquitto
+
+    plant = Plant.generated(machines=machines, nodes=nodes)
+    node_devices = plant.nodes
+    node_ids = sorted(node_devices)
+    with Mosquitto(workdir=workdir / f"mq-{int(rate)}", persistence=False) as broker:
+        service = TwinService(config=TwinConfig(broker_port=broker.port, db=db or str(workdir / f"twin-{int(rate)}.db"),
+                                                client_id=f"bench-twin-{int(rate)}"), plant=plant).start()
+        service.wait_connected()
+        out: mp.Queue = mp.get_context("spawn").Queue()
+        procs = [mp.get_context("spawn").Process(
+            daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
+                                       {n: node_devices[n] for n in node_ids[k::publishers]}, rate / publishers,
+                                       warmup + seconds, k, out)) for k in range(publishers)]
+        for p in procs:
+            p.start()
+        time.sleep(warmup)
+        service.latency_ms.clear()
+        committed0, t0, cpu0, broker0 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
+        time.sleep(seconds)
+        committed1, t1, cpu1, broker1 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
+        window_latency = np.fromiter(service.latency_ms, float)
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        acked = sum(r["acked"] for r in results)
+        deadline = time.monotonic() + 60
+        while service.committed < acked and time.monotonic() < deadline:  # drain what is still queued
+            time.sleep(0.05)
+        service.store.flush()
+        stored = service.store.count("history")
+        counters = dict(service.state.counters)
+        service.stop()
+    ingested = max(1, committed1 - committed0)
+    cpu_per_msg = {"twin_us": (cpu1 - cpu0) / ingested * 1e6, "broker_us": (broker1 - broker0) / ingested * 1e6,
+                   "publishers_us": sum(r["cpu_s"] for r in results) / max(1, acked) * 1e6}
+    total = sum(cpu_per_msg.values()) / 1e6
+    # not a measurement: what this CPU cost per message would allow on 2 idle cores (the twin's Python is
+    # one core at most: one GIL)
+    projected = min(1e6 / cpu_per_msg["twin_us"], 2.0 / total)
+    return {"target_rate": rate, "sustained_rate": (committed1 - committed0) / (t1 - t0),
+            "cpu_per_msg": cpu_per_msg, "projected_rate_2_idle_cores": projected,
+            "latency_p50_ms": float(np.percentile(window_latency, 50)) if window_latency.size else None,
+            "latency_p99_ms": float(np.percentile(window_latency, 99)) if window_latency.size else None,
+            "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": stored,
+            "lost": acked - stored, "duplicates": counters.get("duplicate", 0),
+            "dead_letters": counters.get("dead_letter", 0), "devices": machines}
+
+
+def _cpu(broker) -> float:
+    """CPU seconds (user + system) the Mosquitto process has used."""
+    fields = Path(f"/proc/{broker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def state_bytes_per_device(devices: int) -> float:
+    """Memory of the plant model and live state per device, after one data message each (tracemalloc)."""
+    from twin.health import default_health_models
+    from twin.plant import Plant
+    from twin.state import TwinState
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    plant = Plant.generated(machines=devices, nodes=max(1, devices // 20))
+    state = TwinState(plant=plant, health_models=default_health_models())
+    payload = json.dumps({"timestamp": 1, "seq": 0, "metrics": [
+        {"name": "product_type", "value": "L"}, {"name": "air_temperature", "value": 300.1},
+        {"name": "process_temperature", "value": 310.2}, {"name": "rotational_speed", "value": 1500.0},
+        {"name": "torque", "value": 40.0}, {"name": "tool_wear", "value": 10.0}]}).encode()
+    for machine in plant.machines.values():
+        state.apply(f"spBv1.0/{plant.group}/DDATA/{machine.node}/{machine.id}", payload, 0)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return used / devices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="2000,5000,8000", help="target total msg/s, one run each")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured window per rate")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    parser.add_argument("--db", default=None, help="postgresql:// URL (default: SQLite in a temp dir)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    args = parser.parse_args()
+    console = Console()
+    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+               "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="moeworks-bench-twin-") as tmp:
+        for rate in [float(r) for r in args.rates.split(",")]:
+            console.log(f"target {rate:,.0f} msg/s over {args.machines} devices for {args.seconds:g} s ...")
+            runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup, machines=args.machines,
+                                 nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp)))
+    per_device = {n: state_bytes_per_device(n) for n in (1_000, 20_000)}
+    capacity = {"state_bytes_per_device": per_device[20_000],
+                "devices_per_gib_of_state": int(2**30 / per_device[20_000])}
+    base = runs[0]["sustained_rate"]
+    table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {machine['cpus']} CPUs "
+                        f"(load {machine['load_avg_at_start'][0]:.1f} at start)")
+    for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "acked", "stored", "lost",
+                "twin CPU us/msg", "all CPU us/msg"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        table.add_row(f"{r['target_rate']:,.0f}", f"{r['sustained_rate']:,.0f}", f"{r['sustained_rate'] / base:.2f}x",
+                      f"{r['latency_p50_ms']:.1f}", f"{r['latency_p99_ms']:.1f}", f"{r['acked_by_broker']:,}",
+                      f"{r['stored']:,}", str(r["lost"]), f"{r['cpu_per_msg']['twin_us']:.0f}",
+                      f"{sum(r['cpu_per_msg'].values()):.0f}")
+    console.print(table)
+    console.print(f"live state: {capacity['state_bytes_per_device']:,.0f} bytes/device -> "
+                  f"{capacity['devices_per_gib_of_state']:,} devices per GiB")
+    result = {"benchmark": "twin_ingestion", "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+              "runs": runs, "capacity": capacity,
+              "target": {"rate": 5000, "p99_ms": 250, "lost": 0}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The edge agent: one edge node publishing one machine (device) to the twin over MQTT.
+
+Session (Sparkplug B rules): every connect takes a new bdSeq, registers NDEATH(bdSeq) as the MQTT
+will, then publishes NBIRTH(bdSeq) and DBIRTH before any data. Data (DDATA, QoS 1) goes through
+the on-disk spool: written with its seq, published in order with a window of unacknowledged
+messages, deleted on PUBACK. A lost connection drops the session; the agent reconnects with
+exponential backoff and jitter, births again with bdSeq + 1 and resends the spool from its head.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+
+from deploy.edge.spool import Spool
+from twin.payload import REBIRTH, Metric, Payload, PayloadError, Topic, decode
+
+
+class Estimator(Protocol):
+    def update(self, values: dict[str, Any]) -> float | None:
+        """An estimate (e.g. RUL) after one more tick of `values`, or None while warming up."""
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    group: str = "plant1"
+    node: str = "edge-1"
+    device: str = "machine-1"
+    rate_hz: float = 1.0                  # ticks per second of the replay or simulation
+    spool: Path = Path("runs/edge/edge-1.spool")
+    keepalive_s: int = 5                  # the broker sends our death certificate within 1.5x this after a crash
+    window: int = 500                     # published but unacknowledged messages: enough to fill loopback RTTs
+    backoff_min_s: float = 0.1            # first reconnect delay...
+    backoff_max_s: float = 5.0            # ...doubling to this: a broker back from a restart is found within 5 s
+    node_metrics_s: float = 5.0           # NDATA with spool depth and counters this often
+    spool_max_rows: int = 1_000_000       # production pauses (never drops) when the outbox holds this many
+    max_messages: int | None = None       # stop producing after this many ticks (None: the source's end)
+    duration_s: float | None = None       # stop after this long (None: until the source ends and the spool drains)
+    drain_timeout_s: float = 30.0         # at the end, wait at most this long for the spool to empty
+
+
+class _Session:
+    """One MQTT connection with its bdSeq; dropped as a whole when the connection is lost."""
+
+    def __init__(self, cfg: EdgeConfig, bd_seq: int):
+        self.cfg, self.bd_seq = cfg, bd_seq
+        self.connected = threading.Event()
+        self.lost = False
+        self.rebirth = False
+        self.acked: deque[int] = deque()  # mids; appended by paho's thread, drained by the agent's
+        self.inflight: dict[int, int] = {}  # mid -> spool id (agent thread only)
+        self.sent_upto = 0
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{cfg.group}-{cfg.node}",
+                             clean_session=True)
+        death = Payload(int(time.time() * 1000), bd_seq=bd_seq)
+        client.will_set(str(Topic(cfg.group, "NDEATH", cfg.node)), death.to_json(), qos=1)
+        client.max_inflight_messages_set(cfg.window)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = lambda c, u, mid, rc, p: self.acked.append(mid)
+        client.on_message = self._on_command
+        self.client = client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.lost = True
+            return
+        client.subscribe(str(Topic(self.cfg.group, "NCMD", self.cfg.node)), qos=1)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.lost = True
+
+    def _on_command(self, client, userdata, message) -> None:
+        try:
+            payload = decode("NCMD", message.payload)
+        except PayloadError:
+            return
+        if any(m.name == REBIRTH and m.value is True for m in payload.metrics):
+            self.rebirth = True
+
+    def open(self, timeout: float) -> None:
+        self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+        if not self.connected.wait(timeout) or self.lost:
+            self.close()
+            raise ConnectionError("broker did not accept the connection")
+
+    def close(self, *, clean: bool = False) -> None:
+        if clean and not self.lost:  # a clean stop publishes its own death certificate (the will would not fire)
+            info = self.client.publish(str(Topic(self.cfg.group, "NDEATH", self.cfg.node)),
+                                       Payload(int(time.time() * 1000), bd_seq=self.bd_seq).to_json(), qos=1)
+            info.wait_for_publish(timeout=2.0)
+            self.client.disconnect()
+        self.client.loop_stop()
+        if not clean:
+            self.client.disconnect()
+        self.lost = True
+
+
+class EdgeAgent:
+    def __init__(self, *, config: EdgeConfig, source, estimator: Estimator | None = None):
+        self.config = config
+        self.source = source
+        self.estimator = estimator
+        self.stats = {"produced": 0, "acknowledged": 0, "sessions": 0, "reconnect_failures": 0, "rebirths": 0}
+
+    def _births(self, session: _Session, spool: Spool) -> None:
+        cfg = self.config
+        now = int(time.time() * 1000)
+        node_seq = spool.next_counter("node_seq")
+        nbirth = Payload(now, node_seq, session.bd_seq, [
+            Metric("bdSeq", session.bd_seq, "Int64"), Metric(REBIRTH, False, "Boolean"),
+            Metric("spool_depth", spool.depth(), "Int64"), Metric("source", self.source.description, "String")])
+        session.client.publish(str(Topic(cfg.group, "NBIRTH", cfg.node)), nbirth.to_json(), qos=1)
+        metrics = [Metric(m.name, None, m.type, m.unit) for m in self.source.metrics]
+        if self.estimator is not None:
+            metrics.append(Metric("rul_edge", None, "Double", "cycle"))
+        first = spool.first_pending_seq(cfg.device)
+        next_seq = first if first is not None else spool.counter(f"seq:{cfg.device}") + 1
+        dbirth = Payload(now, next_seq, None, metrics)
+        session.client.publish(str(Topic(cfg.group, "DBIRTH", cfg.node, cfg.device)), dbirth.to_json(), qos=1)
+
+    def _pump(self, session: _Session, spool: Spool) -> None:
+        if session.rebirth:
+            session.rebirth = False
+            self.stats["rebirths"] += 1
+            self._births(session, spool)
+        done = []
+        while session.acked:
+            spool_id = session.inflight.pop(session.acked.popleft(), None)
+            if spool_id is not None:
+                done.append(spool_id)
+        spool.acknowledge(done)
+        self.stats["acknowledged"] += len(done)
+        room = self.config.window - len(session.inflight)
+        if room <= 0:
+            return
+        for spool_id, topic, payload in spool.pending(after_id=session.sent_upto, limit=room):
+            info = session.client.publish(topic, payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                session.lost = True
+                return
+            session.inflight[info.mid] = spool_id
+            session.sent_upto = spool_id
+
+    def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Publish until the source ends (and the spool is drained), `max_messages`, `duration_s` or `stop`."""
+        cfg = self.config
+        stop = stop or threading.Event()
+        spool = Spool(cfg.spool)
+        topic = str(Topic(cfg.group, "DDATA", cfg.node, cfg.device))
+        ticks = iter(self.source)
+        exhausted = False
+        start = time.monotonic()
+        next_tick = next_connect = next_node_metrics = start
+        backoff = cfg.backoff_min_s
+        session: _Session | None = None
+        drain_deadline = None
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if cfg.duration_s is not None and now - start >= cfg.duration_s:
+                    break
+                if (session is None or session.lost) and now >= next_connect:
+                    if session is not None:
+                        session.close()
+                        session = None
+                    candidate = _Session(cfg, spool.next_counter("bdSeq"))
+                    try:
+                        candidate.open(timeout=5.0)
+                        self._births(candidate, spool)
+                        session, backoff = candidate, cfg.backoff_min_s
+                        self.stats["sessions"] += 1
+                    except (OSError, ConnectionError):
+                        self.stats["reconnect_failures"] += 1
+                        next_connect = now + backoff * random.uniform(1.0, 1.5)  # jitter: agents don't stampede
+                        backoff = min(cfg.backoff_max_s, backoff * 2)
+                limit = cfg.max_messages
+                produced_all = exhausted or (limit is not None and self.stats["produced"] >= limit)
+                while not produced_all and now >= next_tick and spool.depth() < cfg.spool_max_rows:
+                    try:
+                        values = next(ticks)
+                    except StopIteration:
+                        exhausted = produced_all = True
+                        break
+                    self._produce(spool, topic, values)
+                    next_tick += 1.0 / cfg.rate_hz
+                    next_tick = max(next_tick, now - 1.0)  # after a stall, catch up at most one second's worth
+                    produced_all = limit is not None and self.stats["produced"] >= limit
+                if session is not None and not session.lost:
+                    self._pump(session, spool)
+                    if now >= next_node_metrics:
+                        next_node_metrics = now + cfg.node_metrics_s
+                        self._node_metrics(session, spool)
+                if produced_all:
+                    drain_deadline = drain_deadline or now + cfg.drain_timeout_s
+                    if spool.depth() == 0 or now >= drain_deadline:
+                        break
+                time.sleep(max(0.0, min(next_tick - time.monotonic(), 0.005)) if not produced_all else 0.005)
+        finally:
+            if session is not None:
+                if not session.lost:
+                    self._pump(session, spool)
+                session.close(clean=True)
+            self.stats["spool_depth"] = spool.depth()
+            spool.close()
+        return self.stats
+
+    def _produce(self, spool: Spool, topic: str, values: dict[str, Any]) -> None:
+        if self.estimator is not None:
+            estimate = self.estimator.update(values)
+            if estimate is not None:
+                values = dict(values, rul_edge=float(estimate))
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value) for name, value in values.items()]
+        spool.append(self.config.device, topic, lambda seq: Payload(now, seq, None, metrics).to_json())
+        self.stats["produced"] += 1
+
+    def _node_metrics(self, session: _Session, spool: Spool) -> None:
+        payload = Payload(int(time.time() * 1000), spool.next_counter("node_seq"), None, [
+            Metric("spool_depth", spool.depth(), "Int64"), Metric("produced", self.stats["produced"], "Int64"),
+            Metric("sessions", self.stats["sessions"], "Int64")])
+        session.client.publish(str(Topic(self.config.group, "NDATA", self.config.node)), payload.to_json(), qos=0)
+
+
+def default_spool(node: str, root: Path = Path("runs/edge")) -> Path:
+    return root / f"{node}.spool"

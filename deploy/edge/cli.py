@@ -1,0 +1,77 @@
+"""`moeworks edge run`: one edge node publishing one machine to the twin."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Edge devices: publish machine telemetry over MQTT (Sparkplug-B-style).",
+                  no_args_is_help=True)
+
+
+@app.command()
+def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of real data) | sim-engine | sim-mill"),
+        data: Path | None = typer.Option(None, envvar="MOEWORKS_DATA", help="data folder (like ../shared/data)"),
+        unit: int = typer.Option(1, help="C-MAPSS engine (unit number) to replay"),
+        subset: str = typer.Option("FD001", help="C-MAPSS subset"),
+        start_row: int = typer.Option(0, help="AI4I row to start the replay at"),
+        seed: int = typer.Option(0, help="seed of a simulated machine"),
+        rate: float = typer.Option(1.0, help="ticks (cycles or processes) per second"),
+        host: str = typer.Option("127.0.0.1"), port: int = typer.Option(1883),
+        group: str = typer.Option("plant1", help="Sparkplug group id"),
+        node: str = typer.Option("edge-mill-1", help="edge node id"),
+        device: str = typer.Option("mill-1", help="device (machine) id, as in the twin's plant file"),
+        spool: Path | None = typer.Option(None, help="store-and-forward file (default runs/edge/<node>.spool)"),
+        onnx: Path | None = typer.Option(None, help="ONNX RUL model to run on the device (publishes rul_edge)"),
+        max_messages: int | None = typer.Option(None, help="stop after this many ticks"),
+        duration: float | None = typer.Option(None, help="stop after this many seconds"),
+        as_json: bool = typer.Option(False, "--json", help="print counters as JSON on the last line")) -> None:
+    """Publish until the source ends, --max-messages, --duration or Ctrl-C; the spool keeps what is unsent."""
+    from deploy.edge.agent import EdgeAgent, EdgeConfig, default_spool
+    from deploy.edge.sources import SourceError, make_source
+
+    try:
+        src = make_source(source, data=data, unit=unit, subset=subset, start_row=start_row, seed=seed)
+        estimator = None
+        if onnx:  # torch and onnxruntime load only when a model is asked for: small devices start fast
+            from deploy.edge.inference import OnnxRULEstimator
+
+            estimator = OnnxRULEstimator(onnx)
+    except (SourceError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if rate <= 0:
+        typer.echo("error: --rate must be positive", err=True)
+        raise typer.Exit(2)
+    config = EdgeConfig(host=host, port=port, group=group, node=node, device=device, rate_hz=rate,
+                        spool=spool or default_spool(node), max_messages=max_messages, duration_s=duration)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    typer.echo(f"edge {node}/{device}: {src.description} -> {host}:{port} at {rate:g} Hz", err=True)
+    try:
+        stats = EdgeAgent(config=config, source=src, estimator=estimator).run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+        return
+    typer.echo(json.dumps(stats) if as_json else ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+@app.command()
+def quantize(model: Path = typer.Option(..., help="ONNX RUL model (e.g. from `moeworks maintenance export`)"),
+             out: Path = typer.Option(..., help="INT8 model to write")) -> None:
+    """Make an INT8 copy of an ONNX model for small devices (dynamic quantisation; metadata kept)."""
+    from deploy.edge.quantize import quantize_for_edge
+
+    if not model.is_file():
+        typer.echo(f"error: {model}: no such ONNX file", err=True)
+        raise typer.Exit(2)
+    path = quantize_for_edge(model, out)
+    typer.echo(f"{path} ({path.stat().st_size:,} bytes, from {model.stat().st_size:,})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,138 @@
+"""The end-to-end jobs behind `moeworks defects ...`: train, evaluate, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from manufacturing.defects.dataset import load_image, write_yolo_dataset
+from manufacturing.defects.detector import YoloDetector
+from manufacturing.defects.errors import DefectDataError
+from manufacturing.defects.moe_stage import CropMoEClassifier, CropMoEConfig, CropTrainingConfig
+from manufacturing.defects.train import DetectorConfig, train_detector
+from manufacturing.defects.voc import VOCImage, class_names, read_voc_folder, seeded_split, write_split
+
+DETECTOR_FILE, MOE_FILE, SPLIT_FILE = "detector.pt", "moe_stage.pt", "split.json"
+
+
+@dataclass
+class TrainJob:
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    val_fraction: float = 0.2  # NEU-DET papers use 8:2, 7:3 or 9:1 random splits; 8:2 is the most common
+    split_seed: int = 0
+    train_moe: bool = True
+    moe_training: CropTrainingConfig = field(default_factory=CropTrainingConfig)
+
+
+def records_by_split(records: list[VOCImage], split_file: str | Path, split: str = "val") -> list[VOCImage]:
+    """The records named in a recorded split's `split` list (names missing from the folder are skipped)."""
+    try:
+        wanted = set(json.loads(Path(split_file).read_text())[split])
+    except (OSError, ValueError, KeyError) as error:
+        raise DefectDataError(f"{split_file}: unreadable split file or no field {split!r} ({error})") from None
+    chosen = [r for r in records if r.name in wanted]
+    if not chosen:
+        raise DefectDataError(f"{split_file}: none of its {split!r} images are in this folder")
+    return chosen
+
+
+def fit_moe_stage(detector: YoloDetector, records: list[VOCImage], training: CropTrainingConfig) -> CropMoEClassifier:
+    from manufacturing.defects.crop_data import crop_training_set
+
+    config = CropMoEConfig(num_classes=len(detector.names))
+    crops, geometry, labels = crop_training_set(records, detector, detector.names, config, seed=training.seed,
+                                                progress=training.progress)
+    return CropMoEClassifier(config=config, training=training).fit(crops, geometry, labels)
+
+
+def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbose: bool = True) -> dict:
+    """Split a VOC folder, train YOLO (and the MoE stage), and save both next to the recorded split."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_voc_folder(voc_dir)
+    names = class_names(records)
+    train, val = seeded_split(records, val_fraction=job.val_fraction, seed=job.split_seed)
+    write_split(out_dir / SPLIT_FILE, train, val, seed=job.split_seed, val_fraction=job.val_fraction,
+                source=str(voc_dir))
+    data_yaml = write_yolo_dataset({"train": train, "val": val}, out_dir / "dataset", names)
+    summary = train_detector(data_yaml, job.detector, out_dir, verbose=verbose)
+    detector_path = out_dir / DETECTOR_FILE
+    detector_path.write_bytes(Path(summary.weights).read_bytes())
+    result = {"detector": str(detector_path), "classes": names, "train_images": len(train), "val_images": len(val),
+              "epochs": summary.epochs, "imgsz": summary.imgsz, "train_seconds": round(summary.seconds, 1),
+              "train_images_per_second": round(summary.images_per_second, 2),
+              "ultralytics_val": summary.metrics}
+    if job.train_moe:
+        started = time.perf_counter()
+        stage = fit_moe_stage(YoloDetector.load(detector_path), train, job.moe_training)
+        stage.save(out_dir / MOE_FILE, names=names)
+        result.update(moe_stage=str(out_dir / MOE_FILE), moe_train_seconds=round(time.perf_counter() - started, 1),
+                      moe_best_epoch=stage.best_epoch_, moe_val_accuracy=stage.best_metrics_["val_accuracy"])
+    (out_dir / "train_result.json").write_text(json.dumps(
+        {**result, "job": dataclasses.asdict(job)}, indent=1, default=str))
+    return result
+
+
+def sample_images(records: list[VOCImage], count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` decoded images chosen with a seed (for INT8 calibration and parity checks)."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(records), size=min(count, len(records)), replace=False)
+    return [load_image(records[i].image_path, expected_size=(records[i].width, records[i].height))
+            for i in sorted(chosen)]
+
+
+def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: str | Path, *,
+               moe_path: str | Path | None = None, int8: bool = True, calibration_images: int = 64,
+               parity_images: int = 16) -> dict:
+    """ONNX (and INT8 ONNX) of the detector, ONNX of the MoE stage, parity checked on real images."""
+    import torch
+
+    from core.onnx_export import export_onnx, file_sha256, max_abs_difference
+    from manufacturing.defects.export import detector_parity, export_detector_onnx, quantize_detector_int8
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    detector = YoloDetector.load(detector_path)
+    records = read_voc_folder(calibration_dir)
+    parity_set = sample_images(records, parity_images, seed=1)
+    onnx_path = export_detector_onnx(detector, out_dir / "detector.onnx")
+    parity = detector_parity(detector, YoloDetector.load(onnx_path), parity_set)
+    result = {"detector_onnx": str(onnx_path), "parity": {**dataclasses.asdict(parity), "passed": parity.passed},
+              "sha256": {"detector.onnx": file_sha256(onnx_path)}}
+    if int8:
+        int8_path = quantize_detector_int8(onnx_path, out_dir / "detector.int8.onnx",
+                                           sample_images(records, calibration_images, seed=0), detector.imgsz)
+        int8_parity = detector_parity(detector, YoloDetector.load(int8_path), parity_set)
+        result.update(detector_int8_onnx=str(int8_path), int8_difference=dataclasses.asdict(int8_parity))
+        result["sha256"]["detector.int8.onnx"] = file_sha256(int8_path)
+    if moe_path is not None:
+        from manufacturing.defects.moe_stage import CropMoENet, crops_and_geometry
+
+        stage, _ = CropMoEClassifier.load(moe_path)
+        static = CropMoENet(stage.config, static=True)
+        static.load_state_dict(stage.model_.state_dict())
+        rng = np.random.default_rng(0)
+        crops, geometry = [], []
+        for image in parity_set:
+            h, w = image.shape[:2]
+            x1, y1 = rng.uniform(0, 0.5, 4) * w, rng.uniform(0, 0.5, 4) * h
+            boxes = np.stack([x1, y1, x1 + rng.uniform(0.2, 0.5, 4) * w, y1 + rng.uniform(0.2, 0.5, 4) * h], 1)
+            c, g = crops_and_geometry(image, boxes, stage.config)
+            crops.append(c)
+            geometry.append(g)
+        inputs = {"crops": torch.from_numpy(np.concatenate(crops)),
+                  "geometry": torch.from_numpy(np.concatenate(geometry))}
+        moe_onnx = export_onnx(static, tuple(inputs.values()), out_dir / "moe_stage.onnx",
+                               input_names=list(inputs), output_names=["logits", "aux_loss"],
+                               metadata={"names": json.dumps(detector.names), "kind": "moeworks.defects.crop_moe",
+                                         "config": dataclasses.asdict(stage.config)})
+        result.update(moe_onnx=str(moe_onnx), moe_max_abs_logit_difference=max_abs_difference(
+            stage.model_, moe_onnx, inputs))
+        result["sha256"]["moe_stage.onnx"] = file_sha256(moe_onnx)
+    (out_dir / "export.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,115 @@
+"""The live dashboard in headless Chromium: a screenshot the test inspects, and the rendered DOM."""
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deploy.edge.agent import EdgeAgent, EdgeConfig
+from deploy.edge.sources import SimulatedEngine, SimulatedMill
+from twin.api import create_app
+from twin.demo import HttpServer
+from twin.service import TwinConfig, TwinService
+from twin.services import Mosquitto
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol: open a page, let it run, screenshot it."""
+
+    def __init__(self):
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+                 "--remote-debugging-port=0"]
+        self.proc = subprocess.Popen([CHROMIUM, *flags, "about:blank"], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        for line in self.proc.stderr:
+            found = re.search(r"DevTools listening on ws://127.0.0.1:(\d+)/", line)
+            if found or time.monotonic() > deadline:
+                break
+        assert found, "chromium did not start its DevTools endpoint"
+        port = found.group(1)
+        pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        from websockets.sync.client import connect
+
+        self.ws = connect([p for p in pages if p["type"] == "page"][0]["webSocketDebuggerUrl"], max_size=2**26)
+        self.next_id = 0
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:  # events arrive in between; skip them
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def close(self):
+        self.ws.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def near(image: np.ndarray, rgb: tuple[int, int, int], tol: int = 12) -> int:
+    return int((np.abs(image[..., :3].astype(int) - rgb).max(axis=-1) <= tol).sum())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path):
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.skip("mosquitto is not installed")
+    with Mosquitto(workdir=tmp_path / "mosquitto") as broker:
+        service = TwinService(config=TwinConfig(broker_port=broker.port, db=str(tmp_path / "twin.db"),
+                                                client_id="twin-dashboard")).start()
+        http = HttpServer(create_app(service, stream_max_s=5)).start()
+        stop = threading.Event()
+        agents = [EdgeAgent(config=EdgeConfig(port=broker.port, node=node, device=device, rate_hz=100,
+                                              spool=tmp_path / f"{node}.spool"), source=source)
+                  for node, device, source in (("edge-mill-1", "mill-1", SimulatedMill(seed=2)),
+                                               ("edge-cell-1", "engine-1", SimulatedEngine(seed=2, life_cycles=5000)))]
+        threads = [threading.Thread(target=a.run, args=(stop,)) for a in agents]
+        try:
+            service.wait_connected()
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 20
+            while service.state.devices["mill-1"].messages < 150 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            browser = Browser()
+            try:
+                browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1,
+                             mobile=False)
+                browser.call("Page.navigate", url=http.url)
+                time.sleep(4)  # page loads, fetches, opens its event stream, draws the trend
+                shot = tmp_path / "dashboard.png"
+                shot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+                html = browser.call("Runtime.evaluate", expression="document.documentElement.outerHTML")
+                dom = html["result"]["value"]
+                feed = browser.call("Runtime.evaluate", expression="document.getElementById('k-feed').textContent")
+            finally:
+                browser.close()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=20)
+            http.stop()
+            service.stop()
+    assert feed["result"]["value"] == "live", "the page follows the server-sent event stream"
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (900, 1400)
+    assert near(image, (0x22, 0xC5, 0x5E)) > 300, "green ONLINE pills and borders of live assets"
+    assert near(image, (0x38, 0xBD, 0xF8)) > 200, "the health trend line (and the selected card's outline)"
+    assert near(image, (0xF5, 0x9E, 0x0B)) > 100, "the sensor trend line"
+    # the rendered page: assets by line, live state and health from the twin
+    for text in ("Engine test cells", "Milling line", "mill-1", "engine-1", "ONLINE", "failure risk"):
+        assert text in dom, text
+    assert "Digital twin" in dom or "digital twin" in dom

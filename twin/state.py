@@ -1,0 +1,277 @@
+"""Each asset's live state, driven by Sparkplug messages: no I/O here, so every rule is testable.
+
+Rules (twin/SCHEMA.md has the full table):
+- A node is online from an NBIRTH until the NDEATH with the same or a later bdSeq. A birth whose
+  bdSeq was already declared dead, or is older than the live session's, is late: ignored, counted.
+- A device is online from its DBIRTH (inside a live node session) until DDEATH or its node's death.
+- DDATA seq above the last one: in order (a jump is counted as a gap). The same seq again: a
+  duplicate, dropped. A lower seq never seen: out of order, kept in history but it does not
+  overwrite the latest values. Data from a device without a birth in this session is kept and a
+  rebirth is requested (the twin may have restarted).
+- Unknown metrics and values of the wrong type are dropped from the message and dead-lettered;
+  the rest of the message is kept.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twin.health import Health, HealthModel
+from twin.payload import Payload, PayloadError, Topic, decode, parse_topic, value_fits
+from twin.plant import Machine, Plant
+
+RECENT_SEQS = 2048  # per device: duplicates are caught in memory this far back, older ones by the store
+
+
+@dataclass
+class DeviceState:
+    machine: Machine
+    online: bool = False
+    born: bool = False               # has a DBIRTH in the node's live session
+    ever_online: bool = False
+    stale: bool = False
+    last_seq: int = -1
+    recent: set[int] = field(default_factory=set)
+    recent_order: deque[int] = field(default_factory=deque)
+    values: dict[str, Any] = field(default_factory=dict)
+    data_ts: int | None = None        # edge timestamp (ms) of the latest in-order data
+    received_ms: int | None = None    # twin clock (ms) at the latest data: staleness runs on this
+    health: Health | None = None
+    messages: int = 0
+
+    def remember(self, seq: int) -> None:
+        self.recent.add(seq)
+        self.recent_order.append(seq)
+        if len(self.recent_order) > RECENT_SEQS:
+            self.recent.discard(self.recent_order.popleft())
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.machine
+        return {"id": m.id, "node": m.node, "line": m.line, "kind": m.kind, "online": self.online,
+                "stale": self.stale, "last_seq": self.last_seq, "data_ts": self.data_ts, "messages": self.messages,
+                "values": self.values, "health": self.health.to_dict() if self.health else None,
+                "attributes": m.attributes}
+
+
+@dataclass
+class NodeState:
+    id: str
+    online: bool = False
+    bd_seq: int | None = None                  # the live (or last) session
+    dead: deque[int] = field(default_factory=lambda: deque(maxlen=32))  # recent bdSeqs declared dead
+    last_seq: int = -1
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ingested:
+    """A data message accepted into history."""
+    device: str
+    seq: int
+    timestamp: int
+    received_ms: int
+    values: dict[str, Any]
+    in_order: bool
+    health: Health | None
+
+
+@dataclass
+class Outcome:
+    ingested: Ingested | None = None
+    dead_letters: list[str] = field(default_factory=list)   # reasons; the raw message goes with each
+    changed: list[str] = field(default_factory=list)        # device ids whose state changed (alarms re-checked)
+    rebirth: str | None = None                              # node to ask for a rebirth
+
+
+class TwinState:
+    """The plant's live state. `apply` takes one MQTT message; `tick` ages data into staleness.
+
+    `seen(device, seq)` answers for seqs older than the in-memory window (the history store).
+    """
+
+    def __init__(self, *, plant: Plant, health_models: dict[str, HealthModel],
+                 seen: Callable[[str, int], bool] | None = None,
+                 last_seqs: dict[str, int] | None = None, rebirth_every_ms: int = 5_000):
+        self.plant = plant
+        self.health_models = health_models
+        self.seen = seen or (lambda device, seq: False)
+        self.rebirth_every_ms = rebirth_every_ms
+        self.counters: Counter[str] = Counter()
+        self.devices = {mid: DeviceState(m) for mid, m in plant.machines.items()}
+        self.nodes = {nid: NodeState(nid) for nid in plant.nodes}
+        self._rebirth_asked: dict[str, int] = {}
+        for device, seq in (last_seqs or {}).items():
+            if device in self.devices:
+                self.devices[device].last_seq = seq
+
+    # ------------------------------------------------------------------ messages
+    def apply(self, topic: str, raw: bytes, now_ms: int) -> Outcome:
+        self.counters["received"] += 1
+        out = Outcome()
+        try:
+            parsed = parse_topic(topic)
+            if parsed.kind in ("NCMD", "DCMD"):
+                self.counters["commands_seen"] += 1  # our own rebirth requests echo back
+                return out
+            if parsed.group != self.plant.group:
+                raise PayloadError(f"unknown group {parsed.group!r}")
+            if parsed.node not in self.nodes:
+                raise PayloadError(f"unknown edge node {parsed.node!r}")
+            if parsed.device is not None:
+                machine = self.plant.machines.get(parsed.device)
+                if machine is None:
+                    raise PayloadError(f"unknown device {parsed.device!r}")
+                if machine.node != parsed.node:
+                    raise PayloadError(f"device {parsed.device!r} belongs to node {machine.node!r}")
+            payload = decode(parsed.kind, raw)
+        except PayloadError as exc:
+            self.counters["dead_letter"] += 1
+            self.counters[_reason_key(exc.reason)] += 1
+            out.dead_letters.append(exc.reason)
+            return out
+        handler = getattr(self, "_" + parsed.kind.lower())
+        handler(parsed, payload, now_ms, out)
+        return out
+
+    def _nbirth(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
+        node = self.nodes[topic.node]
+        bd = payload.bd_seq
+        if bd in node.dead or (node.bd_seq is not None and bd < node.bd_seq):
+            self.counters["late_birth"] += 1  # it would resurrect a node that died after it
+            return
+        node.online, node.bd_seq, node.last_seq = True, bd, payload.seq
+        node.metrics.update({m.name: m.value for m in payload.metrics if m.value is not None})
+        self.counters["nbirth"] += 1
+        for device_id in self.plant.nodes[topic.node]:
+            self.devices[device_id].born = False  # a new session: each device must be born again
+
+    def _ndeath(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
+        node = self.nodes[topic.node]
+        bd = payload.bd_seq
+        if node.bd_seq is not None and bd < node.bd_seq:
+            self.counters["stale_death"] += 1  # the death of a session already replaced
+            return
+        node.dead.append(bd)
+        self.counters["ndeath"] += 1
+        if bd != node.bd_seq and node.bd_seq is not None:
+            self.counters["death_before_birth"] += 1  # its birth is still in flight; it will be refused
+        node.online = False
+        for device_id in self.plant.nodes[topic.node]:
+            device = self.devices[device_id]
+            if device.online or device.born:
+                device.online = device.born = False
+                out.changed.append(device_id)
+
+    def _dbirth(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
+        node, device = self.nodes[topic.node], self.devices[topic.device]
+        if not node.online:
+            self.counters["late_birth"] += 1
+            return
+        machine = device.machine
+        for metric in payload.metrics:
+            sensor = machine.sensors.get(metric.name)
+            if sensor is None:
+                self._metric_fault(out, "unknown_metric", f"birth declares unknown metric {metric.name!r}")
+            elif metric.type is not None and metric.type != sensor.type:
+                self._metric_fault(out, "wrong_type",
+                                   f"birth declares {metric.name!r} as {metric.type}, the plant says {sensor.type}")
+            elif metric.value is not None and value_fits(sensor.type, metric.value):
+                device.values[metric.name] = metric.value
+        if device.last_seq >= 0 and payload.seq > device.last_seq + 1:
+            self.counters["gap"] += 1  # the edge will never send the seqs in between
+        device.online = device.born = device.ever_online = True
+        device.stale = False
+        device.received_ms = now_ms
+        self.counters["dbirth"] += 1
+        out.changed.append(device.machine.id)
+
+    def _ddeath(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
+        device = self.devices[topic.device]
+        device.online = device.born = False
+        self.counters["ddeath"] += 1
+        out.changed.append(device.machine.id)
+
+    def _ndata(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
+        node = self.nodes[topic.node]
+        if payload.seq <= node.last_seq:
+            self.counters["node_duplicate"] += 1
+            return
+        node.last_seq = payload.seq
+        node.metrics.update({m.name: m.value for m in payload.metrics})
+        self.counters["ndata"] += 1
+
+    def _ddata(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
+        device = self.devices[topic.device]
+        seq = payload.seq
+        if seq in device.recent or seq == device.last_seq or (seq < device.last_seq and self.seen(topic.device, seq)):
+            self.counters["duplicate"] += 1
+            return
+        in_order = seq > device.last_seq
+        if not in_order:
+            self.counters["out_of_order"] += 1
+        elif device.last_seq >= 0 and seq > device.last_seq + 1:
+            self.counters["gap"] += 1
+        if not device.born:
+            self.counters["data_before_birth"] += 1
+            if now_ms - self._rebirth_asked.get(topic.node, -10**15) >= self.rebirth_every_ms:
+                self._rebirth_asked[topic.node] = now_ms
+                out.rebirth = topic.node
+        values: dict[str, Any] = {}
+        sensors = device.machine.sensors
+        for metric in payload.metrics:
+            sensor = sensors.get(metric.name)
+            if sensor is None:
+                self._metric_fault(out, "unknown_metric", f"unknown metric {metric.name!r}")
+            elif not value_fits(sensor.type, metric.value):
+                self._metric_fault(out, "wrong_type", f"metric {metric.name!r} must be {sensor.type}, "
+                                                      f"got {type(metric.value).__name__} {metric.value!r}")
+            else:
+                values[metric.name] = metric.value
+        device.remember(seq)
+        device.messages += 1
+        self.counters["ingested"] += 1
+        if in_order:
+            device.last_seq = seq
+            device.values.update(values)
+            device.data_ts = payload.timestamp
+            device.received_ms = now_ms
+            model = self.health_models.get(device.machine.kind)
+            if model is not None:
+                health = model.update(device.machine, device.values)
+                if health is not None:
+                    device.health = health
+            if device.stale:
+                device.stale = False
+            out.changed.append(device.machine.id)
+        out.ingested = Ingested(device.machine.id, seq, payload.timestamp, now_ms, values, in_order,
+                                device.health if in_order else None)
+
+    def _metric_fault(self, out: Outcome, counter: str, reason: str) -> None:
+        self.counters[counter] += 1
+        self.counters["dead_letter"] += 1
+        out.dead_letters.append(reason)
+
+    # ------------------------------------------------------------------ time
+    def tick(self, now_ms: int) -> list[str]:
+        """Mark devices stale whose data stopped; returns the ids that changed."""
+        changed = []
+        for device in self.devices.values():
+            if device.online and not device.stale and device.received_ms is not None \
+                    and now_ms - device.received_ms > device.machine.stale_after_s * 1000:
+                device.stale = True
+                self.counters["stale"] += 1
+                changed.append(device.machine.id)
+        return changed
+
+
+def _reason_key(reason: str) -> str:
+    for key, start in (("malformed", "malformed JSON"), ("unknown_device", "unknown device"),
+                       ("unknown_node", "unknown edge node"), ("unknown_group", "unknown group"),
+                       ("bad_topic", "topic outside"), ("bad_topic", "unknown message type"),
+                       ("bad_topic", "topic needs")):
+        if start in reason:
+            return key
+    return "invalid_payload"
