@@ -47,6 +47,9 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
           seed: int = typer.Option(0),
           rows: int = typer.Option(50_000, help="applicants to generate when --dataset generated has no --data"),
           approval_rate: float = typer.Option(0.8, help="share approved; sets the PD cut-off"),
+          reject_inference: str = typer.Option(None, help="train with this reject-inference method (see "
+                                                          "`finance reject-inference`); needs --unlabelled"),
+          unlabelled: Path = typer.Option(None, help="applicants without outcome (rejects; GMSC: cs-test)"),
           json_out: bool = typer.Option(False, "--json", help="print the validation metrics as JSON last")) -> None:
     """Train a model (80/20 seeded split for early stopping and the cut-off) and save it."""
     from finance.errors import CreditDataError
@@ -66,8 +69,15 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
         from finance.scorer import ScoringPolicy, train_scorer
 
         records = _records(dataset, data)
-        scorer = train_scorer(records, model, seed=seed, policy=ScoringPolicy(approval_rate=approval_rate),
-                              progress=True)
+        if reject_inference or unlabelled:
+            from finance.reject_inference.credit_estimator import train_with_reject_inference
+
+            scorer = train_with_reject_inference(records, None if unlabelled is None else _records(
+                dataset, unlabelled, require_target=False), model_name=model, method=reject_inference, seed=seed,
+                policy=ScoringPolicy(approval_rate=approval_rate))[0]
+        else:
+            scorer = train_scorer(records, model, seed=seed, policy=ScoringPolicy(approval_rate=approval_rate),
+                                  progress=True)
         scorer.save(out)
     except (CreditDataError, FileNotFoundError) as error:
         _fail(error)
@@ -162,3 +172,8 @@ def export(model: Path = typer.Option(..., help="a saved lightgbm or moe model f
     except (CreditDataError, FileNotFoundError) as error:
         _fail(error)
     typer.echo(f"wrote {out} ({len(scorer.pipeline_.feature_names_)} features in, probability of default out)")
+
+
+from finance.reject_cli import register as _register_reject_inference  # noqa: E402 - after the group exists
+
+_register_reject_inference(app)

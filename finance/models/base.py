@@ -19,6 +19,8 @@ _BUILTIN = {
     "lightgbm": "finance.models.gbdt:LightGBMModel",
     "moe": "finance.models.moe:MoEModel",
     "ensemble": "finance.models.ensemble:EnsembleModel",
+    "sequence": "finance.sequence.credit_model:SequenceModel",
+    "sequence-ensemble": "finance.sequence.credit_model:SequenceEnsembleModel",
 }
 _REGISTERED: dict[str, type[CreditModel]] = {}
 

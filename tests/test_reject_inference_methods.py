@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from finance.data import load_taiwan
+from finance.reject_inference.experiment import fields, make_estimator
+from finance.reject_inference.methods import (
+    METHODS,
+    AcceptedOnly,
+    FuzzyAugmentation,
+    SelfTraining,
+    balanced_probability,
+    make_method,
+)
+from finance.reject_inference.protocol import ProtocolConfig, replay_policy
+
+
+@pytest.fixture(scope="module")
+def sample(data_root):
+    records = load_taiwan(data_root / "taiwan_credit_default")
+    X = fields(records)
+    return replay_policy(X.iloc[:4000].reset_index(drop=True), records.target[:4000], ProtocolConfig(seed=0))
+
+
+def small_lightgbm():
+    from lightgbm import LGBMClassifier
+
+    return LGBMClassifier(n_estimators=60, learning_rate=0.1, num_leaves=7, min_child_samples=30,
+                          n_jobs=1, verbose=-1, random_state=0)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_runs_on_a_small_real_sample(sample, name):
+    X_bank, y_bank = sample.bank_view()
+    method = make_method(name, estimator=small_lightgbm()).fit(X_bank, y_bank)
+    proba = method.predict_proba(sample.X_holdout)
+    assert proba.shape == (len(sample.y_holdout), 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    assert roc_auc_score(sample.y_holdout, proba[:, 1]) > 0.6
+    n_lab, n_unl = method.n_labelled_, method.n_unlabelled_
+    assert (n_lab, n_unl) == (sample.accepted.sum(), (~sample.accepted).sum())
+    expected_rows = {"accepted-only": n_lab, "reweighting": n_lab, "hard-cutoff": n_lab + n_unl,
+                     "parcelling": n_lab + n_unl, "fuzzy": n_lab + 2 * n_unl}
+    if name in expected_rows:
+        assert method.n_train_rows_ == expected_rows[name]
+    else:
+        assert n_lab <= method.n_train_rows_ <= n_lab + n_unl
+
+
+def test_methods_wrap_an_sklearn_pipeline_with_weights(sample):
+    X_bank, y_bank = sample.bank_view()
+    for name in ("fuzzy", "reweighting"):
+        method = make_method(name, estimator=make_estimator("logistic")).fit(X_bank, y_bank)
+        assert roc_auc_score(sample.y_holdout, method.predict_proba(sample.X_holdout)[:, 1]) > 0.55
+
+
+def test_fuzzy_augmentation_leaves_a_logistic_regression_unchanged(sample):
+    X_bank, y_bank = sample.bank_view()
+    Z = (X_bank - X_bank.mean()) / X_bank.std()  # fixed scaling, so only the fit itself could move
+    model = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10)
+    plain = AcceptedOnly(estimator=model).fit(Z, y_bank)
+    fuzzy = FuzzyAugmentation(estimator=model).fit(Z, y_bank)
+    np.testing.assert_allclose(fuzzy.estimator_.coef_, plain.estimator_.coef_, atol=2e-3)
+
+
+def test_self_training_stops_at_its_threshold(sample):
+    X_bank, y_bank = sample.bank_view()
+    never = SelfTraining(estimator=small_lightgbm(), threshold=0.999999).fit(X_bank, y_bank)
+    assert never.rounds_ == [] and never.stopped_because_ == "no reject passes the threshold"
+    assert len(never.pseudo_index_) == 0
+
+    method = SelfTraining(estimator=small_lightgbm(), threshold=0.9, max_rounds=50,
+                          max_share_per_round=0.05).fit(X_bank, y_bank)
+    assert method.stopped_because_ in ("no reject passes the threshold", "pool empty")
+    cap = int(0.05 * method.n_labelled_)
+    assert all(r["added_bad"] <= cap and r["added_good"] <= cap for r in method.rounds_)
+    assert len(method.pseudo_index_) == sum(r["added_bad"] + r["added_good"] for r in method.rounds_) > 0
+    # The model it stopped with finds no remaining reject beyond the threshold.
+    unlabelled = X_bank[y_bank == -1].reset_index(drop=True)
+    remaining = np.setdiff1d(np.arange(len(unlabelled)), method.pseudo_index_)
+    prior = y_bank[y_bank != -1].mean()
+    p = balanced_probability(method.predict_proba(unlabelled.iloc[remaining])[:, 1], prior)
+    assert ((p < 0.9) & (p > 0.1)).all()
+
+
+def test_unknown_labels_are_rejected_with_the_row():
+    with pytest.raises(ValueError, match="row 2"):
+        AcceptedOnly(estimator=LogisticRegression()).fit(np.zeros((3, 1)), [0, 1, 2])
