@@ -79,6 +79,7 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0) -> FastAPI:
     def history(device_id: str, start_ms: int = 0, end_ms: int = 2**62, limit: int = Query(1000, ge=1, le=100_000),
                 latest: bool = Query(False, description="the newest `limit` rows instead of the oldest")) -> list[dict]:
         asset_or_404(device_id)
+        service.store.flush()  # read your writes: rows still queued for the batch writer are committed first
         return service.store.history(device_id, start_ms=start_ms, end_ms=end_ms, limit=limit, latest=latest)
 
     @app.get("/api/alarms", summary="Open alarms (state=open) or alarm history (state=all)")
