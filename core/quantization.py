@@ -404,9 +404,11 @@ def _calibration_reader(arrays: dict[str, np.ndarray], batch_rows: int):
 
 
 def quantize_onnx(source: str | Path, target: str | Path, *, mode: Literal["dynamic", "static"] = "dynamic",
-                  calibration: dict[str, np.ndarray] | None = None, batch_rows: int = 64) -> Path:
+                  calibration: dict[str, np.ndarray] | None = None, batch_rows: int = 64,
+                  op_types: list[str] | None = None) -> Path:
     """INT8 copy of an ONNX model through onnxruntime: dynamic (weights int8, activations per
-    batch at run time) or static QDQ (activation ranges from `calibration`, named input arrays)."""
+    batch at run time) or static QDQ (activation ranges from `calibration`, named input arrays).
+    `op_types` defaults to QUANTIZED_ONNX_OPS; recurrent models add "LSTM"."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -415,17 +417,18 @@ def quantize_onnx(source: str | Path, target: str | Path, *, mode: Literal["dyna
     # The exporter's value_info can disagree with ORT's own shape inference: let ORT infer afresh.
     del proto.graph.value_info[:]
     routers = [n.name for n in proto.graph.node if any("router" in name for name in n.input)]  # stay fp32
+    op_types = op_types or QUANTIZED_ONNX_OPS
     cleaned = target.with_suffix(".prep.onnx")
     onnx.save(proto, str(cleaned))
     try:
         if mode == "dynamic":
             quantize_dynamic(str(cleaned), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=QUANTIZED_ONNX_OPS, nodes_to_exclude=routers)
+                             op_types_to_quantize=op_types, nodes_to_exclude=routers)
         else:
             assert calibration, "static quantization needs calibration arrays"
             quantize_static(str(cleaned), str(target), _calibration_reader(calibration, batch_rows),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=QUANTIZED_ONNX_OPS,
+                            weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=op_types,
                             nodes_to_exclude=routers)
     finally:
         cleaned.unlink(missing_ok=True)
