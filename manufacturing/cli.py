@@ -15,25 +15,19 @@ _register_maintenance(maintenance_app)
 # ---- defects -------------------------------------------------------------------------------------
 # Heavy imports (torch, ultralytics) stay inside the commands so that `moeworks --help` is instant.
 
-import functools  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from core.cli_errors import exit_on  # noqa: E402
 
-def _defect_errors(command):
-    """Bad input (DefectDataError) becomes one line on stderr and exit code 2, never a traceback."""
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from manufacturing.defects.errors import DefectDataError
+def _defect_error():
+    from manufacturing.defects.errors import DefectDataError
 
-        try:
-            return command(*args, **kwargs)
-        except DefectDataError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
+    return DefectDataError
 
-    return wrapper
+
+_defect_errors = exit_on(_defect_error)
 
 
 @defects_app.command("train")

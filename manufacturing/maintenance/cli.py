@@ -6,30 +6,24 @@ line naming the file, row and field and exits with code 2.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
 
 import typer
 
+from core.cli_errors import exit_on
+
 SUBSET_HELP = "FD001, FD002, FD003 or FD004 (FD002/FD004: six operating regimes)"
 
 
-def _friendly(command):
-    """Turn MaintenanceDataError into one line on stderr and exit code 2."""
+def _maintenance_error():
+    from manufacturing.maintenance.errors import MaintenanceDataError
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from manufacturing.maintenance.errors import MaintenanceDataError
+    return MaintenanceDataError
 
-        try:
-            return command(*args, **kwargs)
-        except MaintenanceDataError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
 
-    return wrapper
+_friendly = exit_on(_maintenance_error)
 
 
 def _data_folder(data: Path | None, name: str) -> Path:
