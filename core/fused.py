@@ -66,10 +66,16 @@ class GroupedExperts(Experts):
         grouped.load_state_dict(experts.state_dict())
         return grouped
 
-    def forward_sorted(self, x_sorted: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
-        """x_sorted (assignments, H) grouped by expert; bounds (expert, start, end). Returns (assignments, H)."""
+    def forward_grouped(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
+                        bounds: list[tuple[int, int, int]]) -> torch.Tensor:
+        """As Experts.forward_grouped, with all groups in one padded batched GEMM. Returns (T, H)."""
         if len(bounds) < self.min_active_experts:
-            return super().forward_sorted(x_sorted, bounds)
+            return super().forward_grouped(tokens, token_of, weight_of, bounds)
+        rows = self._padded_rows(tokens.index_select(0, token_of), bounds)  # (assignments, H)
+        return torch.zeros_like(tokens).index_add_(0, token_of, rows * weight_of.to(rows.dtype))
+
+    def _padded_rows(self, x_sorted: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
+        """x_sorted (assignments, H) grouped by expert -> each row through its expert, (assignments, H)."""
         rows, hidden = x_sorted.shape
         experts = torch.tensor([b[0] for b in bounds])  # (A,)
         starts = torch.tensor([b[1] for b in bounds])  # (A,)

@@ -33,7 +33,7 @@ class MoELayer(nn.Module):
     """Top-k routed experts (+ optional shared experts) over (batch, tokens, H) or (tokens, H).
 
     Dispatch sorts the tokens' (token, slot) assignments by expert and runs each active expert
-    once over its contiguous slice, then scatters the weighted results back. No per-token loop and
+    once over its group (gather, FFN, weight, scatter-add). No per-token loop and
     no dense compute of idle experts.
 
     Capacity policy (when the config sets one): assignments are served in priority order, all
@@ -113,10 +113,8 @@ class MoELayer(nn.Module):
             if count:
                 bounds.append((expert, start, start + count))
                 start += count
-        x_sorted = tokens.index_select(0, token_of)  # (assignments, H)
-        y_sorted = self.experts.forward_sorted(x_sorted, bounds)  # (assignments, H)
-        w_sorted = weight[token_of, slot_of].to(y_sorted.dtype).unsqueeze(-1)  # (assignments, 1)
-        out = tokens.new_zeros(tokens.shape).index_add_(0, token_of, y_sorted * w_sorted)
+        w_sorted = weight[token_of, slot_of].unsqueeze(-1)  # (assignments, 1)
+        out = self.experts.forward_grouped(tokens, token_of, w_sorted, bounds)  # (T, H)
         return out, dropped
 
     def _dispatch_static(self, tokens: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor,

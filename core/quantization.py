@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.blocks import MoETransformerBlock
-from core.experts import ACTIVATIONS, Experts
+from core.experts import ACTIVATIONS, Experts, grouped_scatter
 from core.moe import MoELayer
 
 QMAX = 127  # symmetric int8: [-127, 127]; -128 is left out so that the scale is symmetric
@@ -128,7 +128,7 @@ def scaled_expert_mlp(x: torch.Tensor, up_weight: torch.Tensor, down_weight: tor
 class LinearExperts(nn.Module):
     """`Experts` rebuilt as one nn.Linear pair per expert, with AWQ input scales as buffers.
 
-    Same interface as Experts (forward_sorted, forward_dense), so MoELayer runs it unchanged, and
+    Same interface as Experts (forward_grouped, forward_dense), so MoELayer runs it unchanged, and
     torchao's quantize_ (which owns nn.Linear weights) can quantize every expert.
     Buffers: inv_in_scale (E, H) multiplies each expert's input; inv_mid_scale (E, I) its
     activation, before the down projection.
@@ -169,11 +169,9 @@ class LinearExperts(nn.Module):
         return self.mlp(x, self.up[expert].weight, self.down[expert].weight, self.inv_in_scale[expert],
                         self.inv_mid_scale[expert], self.activation)
 
-    def forward_sorted(self, x_sorted: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
-        out = x_sorted.new_zeros(x_sorted.shape)
-        for expert, start, end in bounds:
-            out[start:end] = self.expert_mlp(expert, x_sorted[start:end])
-        return out
+    def forward_grouped(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
+                        bounds: list[tuple[int, int, int]]) -> torch.Tensor:
+        return grouped_scatter(tokens, token_of, weight_of, bounds, self.expert_mlp)
 
     def forward_dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
         out = x.new_zeros(x.shape)
