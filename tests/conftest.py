@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,3 +15,14 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root}")
     return root
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real Mosquitto on a free loopback port (.ci/run installs Debian's mosquitto)."""
+    from twin.services import Mosquitto
+
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
+    with Mosquitto(workdir=tmp_path / "mosquitto") as b:
+        yield b

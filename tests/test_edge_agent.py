@@ -1,7 +1,6 @@
 """Edge agent -> real Mosquitto -> twin: exactly-once history, broker restart, killed agent, spool."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,17 +14,8 @@ from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
 from deploy.edge.spool import Spool
 from twin.service import TwinConfig, TwinService
-from twin.services import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def broker(tmp_path):
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-    with Mosquitto(workdir=tmp_path / "mosquitto") as b:
-        yield b
 
 
 @pytest.fixture

@@ -2,26 +2,14 @@
 and a twin restart: the broker queues for it, and redelivered messages are not stored twice."""
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from twin.service import TwinConfig, TwinService
-from twin.services import Mosquitto
 
 NODE, DEVICE = "edge-mill-1", "mill-1"
 TOPIC = f"spBv1.0/plant1/DDATA/{NODE}/{DEVICE}"
-
-
-@pytest.fixture
-def broker(tmp_path):
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-    with Mosquitto(workdir=tmp_path / "mosquitto") as b:
-        yield b
 
 
 def publisher(port):
