@@ -6,10 +6,15 @@ with); `transform(frame)` returns a float32 matrix (n, n_features) in the fitted
 maths is vectorised numpy over whole columns; there is no per-row Python. Missing values stay NaN
 (LightGBM and the scorecard's binning treat missing as its own case; the MoE network imputes).
 
-Monthly sequences are (n, 6) matrices whose column 0 is the most recent month. Each goes through
-the same `_series_features`: the last value, means, extremes and volatility over 3 and 6 months,
-trends, and how often it was positive, each with a plain-words definition.
+Monthly sequences are (6, n) matrices, month-major, whose row 0 is the most recent month. Each goes
+through the same `_series_features`: the last value, means, extremes and volatility over 3 and 6
+months, trends, and how often it was positive, each with a plain-words definition.
 The label is never read: `transform` takes records without it.
+
+Row independence: every step is elementwise over applicants, and sums over months run in month
+order (numpy's own order for a six-element sum), so a record's features do not depend on what
+else is in the batch: one application scored alone gets exactly the features it gets in a batch
+of a million. `transform` relies on that to work through big batches in row blocks.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-_TIME = np.arange(6, dtype=np.float64)[::-1]  # column 0 (latest) is t=5: slopes > 0 mean rising lately
+_TIME = np.arange(6, dtype=np.float64)[::-1]  # row 0 (latest) is t=5: slopes > 0 mean rising lately
 
 
 _STATS = (  # suffix, definition template; computed for every monthly series at once
@@ -78,66 +83,74 @@ _STATS = (  # suffix, definition template; computed for every monthly series at 
 )
 
 
-def _window_stats(m: np.ndarray) -> dict[str, np.ndarray]:
-    """NaN-aware statistics over the last axis of m (..., w); NaN where a window has no value.
+def _window_stats(m: np.ndarray, complete: np.ndarray) -> dict[str, np.ndarray]:
+    """NaN-aware statistics over the months (axis 0) of m (w, series, n); NaN where a window has no value.
 
-    Written with masks rather than np.nan* so that one call covers every series of a dataset: a
-    single application then costs a few dozen numpy calls, not a few thousand.
+    complete: (n,) True where the applicant has every month of every series. Written with masks
+    rather than np.nan* so that one call covers every series of a dataset (a single application
+    costs a few dozen numpy calls, not a few thousand). Month-major, every step is elementwise over
+    contiguous rows of applicants and every sum over months runs in month order, so an applicant's
+    result does not depend on the rest of the batch (a BLAS matrix product's rounding does).
+
+    The trend of a complete applicant is sum(dt * m) / sum(dt^2), exact for whole-number series;
+    with gaps it is centred on the months present. Both are the formulas this pipeline has always
+    used (chosen per batch before, per applicant now).
     """
     ok = ~np.isnan(m)
-    t = _TIME[-m.shape[-1]:]
-    if ok.all():  # the usual case: plain reductions, half the passes over memory
-        dt = t - t.mean()
-        return {"mean": m.mean(-1), "std": m.std(-1), "slope": m @ dt / (dt @ dt), "max": m.max(-1),
-                "min": m.min(-1)}
-    count = ok.sum(-1)
-    filled = np.where(ok, m, 0.0)
+    t = _TIME[-len(m):]
+    t_col = t[:, None, None]  # (w, 1, 1)
+    count = ok.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean = filled.sum(-1) / count
-        var = np.where(ok, (m - mean[..., None]) ** 2, 0.0).sum(-1) / count
-        t_mean = np.where(ok, t, 0.0).sum(-1) / count
-        dt = np.where(ok, t - t_mean[..., None], 0.0)
-        slope = (dt * np.where(ok, m - mean[..., None], 0.0)).sum(-1) / (dt * dt).sum(-1)
+        mean = np.where(ok, m, 0.0).sum(0) / count
+        centred = np.where(ok, m - mean, 0.0)
+        var = (centred * centred).sum(0) / count
+        t_mean = np.where(ok, t_col, 0.0).sum(0) / count
+        dt = np.where(ok, t_col - t_mean, 0.0)
+        slope = (dt * centred).sum(0) / (dt * dt).sum(0)
+    if complete.any():
+        t_centred = t_col - t.mean()
+        slope = np.where(complete, (t_centred * m).sum(0) / (t_centred * t_centred).sum(), slope)
     empty = count == 0
-    top = np.where(ok, m, -np.inf).max(-1)
-    low = np.where(ok, m, np.inf).min(-1)
+    top = np.where(ok, m, -np.inf).max(0)
+    low = np.where(ok, m, np.inf).min(0)
     return {"mean": mean, "std": np.sqrt(var), "slope": np.where(np.isfinite(slope), slope, np.nan),
             "max": np.where(empty, np.nan, top), "min": np.where(empty, np.nan, low)}
 
 
 def _series_features(b: _Builder, series: dict[str, tuple[np.ndarray, str, str]]) -> None:
-    """15 features for each monthly series (prefix -> (matrix (n, 6) latest first, source, label))."""
+    """15 features for each monthly series (prefix -> (matrix (6, n) latest first, source, label))."""
     names = list(series)
-    m = np.stack([series[k][0] for k in names], axis=1)  # (n, series, 6)
-    w3, w6 = _window_stats(m[..., :3]), _window_stats(m)
+    m = np.stack([series[k][0] for k in names], axis=1)  # (6, series, n)
     ok = ~np.isnan(m)
+    complete = ok.all(axis=(0, 1))  # (n,)
+    w3, w6 = _window_stats(m[:3], complete), _window_stats(m, complete)
+    weights = _EWM[:, None, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        ewm = np.where(ok, m, 0.0) @ _EWM / (ok @ _EWM)
-    values = {"last": m[..., 0], "mean3": w3["mean"], "mean6": w6["mean"], "max3": w3["max"], "max6": w6["max"],
+        ewm = (np.where(ok, m, 0.0) * weights).sum(0) / (ok * weights).sum(0)
+    values = {"last": m[0], "mean3": w3["mean"], "mean6": w6["mean"], "max3": w3["max"], "max6": w6["max"],
               "min3": w3["min"], "min6": w6["min"], "std3": w3["std"], "std6": w6["std"],
-              "slope3": w3["slope"], "slope6": w6["slope"], "change": m[..., 0] - w6["mean"],
-              "ratio3_6": _div(w3["mean"], w6["mean"]), "ewm": ewm, "npos6": (m > 0).sum(-1)}
+              "slope3": w3["slope"], "slope6": w6["slope"], "change": m[0] - w6["mean"],
+              "ratio3_6": _div(w3["mean"], w6["mean"]), "ewm": ewm, "npos6": (m > 0).sum(0)}  # each (series, n)
     for i, prefix in enumerate(names):
         _, source, label = series[prefix]
         for suffix, template in _STATS:
-            b.add(f"{prefix}_{suffix}", values[suffix][:, i], source, template.format(label))
+            b.add(f"{prefix}_{suffix}", values[suffix][i], source, template.format(label))
 
 
 _EWM = 0.5 ** (np.arange(6) / 2.0)  # half-life of two months
 
 
 def _months_since(mask: np.ndarray) -> np.ndarray:
-    """Months since the latest True in mask (n, 6) (0 = this month); 6 when never."""
-    any_ = mask.any(1)
-    return np.where(any_, mask.argmax(1), mask.shape[1]).astype(np.float64)
+    """Months since the latest True in mask (6, n) (0 = this month); 6 when never."""
+    return np.where(mask.any(0), mask.argmax(0), len(mask)).astype(np.float64)
 
 
 def _longest_run(mask: np.ndarray) -> np.ndarray:
-    """Longest run of consecutive True months per row of mask (n, w)."""
-    run = np.zeros(len(mask))
-    best = np.zeros(len(mask))
-    for j in range(mask.shape[1]):  # over 6 months, not over rows
-        run = np.where(mask[:, j], run + 1, 0)
+    """Longest run of consecutive True months per applicant of mask (w, n)."""
+    run = np.zeros(mask.shape[1])
+    best = np.zeros(mask.shape[1])
+    for month in mask:  # over 6 months, not over rows
+        run = np.where(month, run + 1, 0)
         best = np.maximum(best, run)
     return best
 
@@ -171,7 +184,8 @@ def _col(frame: _Columns, name: str) -> np.ndarray:
 
 
 def _matrix(frame: _Columns, names: list[str]) -> np.ndarray:
-    return np.column_stack([_col(frame, c) for c in names])
+    """(len(names), n): one row per named column, month-major for monthly fields."""
+    return np.stack([_col(frame, c) for c in names])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,49 +194,49 @@ def _matrix(frame: _Columns, names: list[str]) -> np.ndarray:
 
 def _taiwan(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     limit = _col(frame, "LIMIT_BAL")
-    status = _matrix(frame, list(TAIWAN_PAY))  # (n, 6) -2..9, latest first
+    status = _matrix(frame, list(TAIWAN_PAY))  # (6, n) -2..9, latest first
     bill = _matrix(frame, [f"BILL_AMT{i}" for i in range(1, 7)])
     paid = _matrix(frame, [f"PAY_AMT{i}" for i in range(1, 7)])
-    prev_bill = np.column_stack([bill[:, 1:], np.full(len(bill), np.nan)])  # the statement each payment settles
+    prev_bill = np.concatenate([bill[1:], np.full((1, len(frame)), np.nan)])  # the statement each payment settles
     delay = np.clip(status, 0, None)
     series = {
         "status": (status, "repayment", "Repayment status (-2 no use, -1 paid duly, 0 revolving, k = k months late)"),
         "delay": (delay, "repayment", "Months of payment delay"),
         "bill": (bill, "bill", "Bill statement amount"),
         "paid": (paid, "payment", "Amount paid"),
-        "util": (_div(bill, limit[:, None]), "bill", "Bill as a share of the credit limit"),
-        "paid_to_limit": (_div(paid, limit[:, None]), "payment", "Payment as a share of the credit limit"),
+        "util": (_div(bill, limit), "bill", "Bill as a share of the credit limit"),
+        "paid_to_limit": (_div(paid, limit), "payment", "Payment as a share of the credit limit"),
         "pay_ratio": (np.clip(_div(paid, prev_bill), 0, 10), "payment", "Payment as a share of the previous bill"),
         "paid_full": (np.where(np.isnan(prev_bill), np.nan, (paid >= prev_bill) | (prev_bill <= 0)), "payment",
                       "Previous bill paid in full (1) or not (0)"),
-        "bill_change": (_div(bill - prev_bill, limit[:, None]), "bill",
+        "bill_change": (_div(bill - prev_bill, limit), "bill",
                         "Change of the bill since the previous month, as a share of the limit"),
-        "spend": (_div(bill - prev_bill + paid, limit[:, None]), "bill",
+        "spend": (_div(bill - prev_bill + paid, limit), "bill",
                   "New spending (bill change plus payment) as a share of the limit"),
-        "unpaid": (_div(prev_bill - paid, limit[:, None]), "payment",
+        "unpaid": (_div(prev_bill - paid, limit), "payment",
                    "Previous bill left unpaid, as a share of the limit"),
     }
     _series_features(b, series)
     months = ("September", "August", "July", "June", "May", "April")
     for j, month in enumerate(months):
-        b.add(f"status_{month[:3].lower()}", status[:, j], "repayment", f"Repayment status in {month}")
-        b.add(f"bill_{month[:3].lower()}", bill[:, j], "bill", f"Bill statement amount in {month}")
-        b.add(f"paid_{month[:3].lower()}", paid[:, j], "payment", f"Amount paid in {month}")
+        b.add(f"status_{month[:3].lower()}", status[j], "repayment", f"Repayment status in {month}")
+        b.add(f"bill_{month[:3].lower()}", bill[j], "bill", f"Bill statement amount in {month}")
+        b.add(f"paid_{month[:3].lower()}", paid[j], "payment", f"Amount paid in {month}")
     for k in (1, 2, 3):
         for w in (1, 3, 6):
-            b.add(f"n_late{k}_{w}m", (status[:, :w] >= k).sum(1), "repayment",
+            b.add(f"n_late{k}_{w}m", (status[:w] >= k).sum(0), "repayment",
                   f"Months {k}+ months late in the last {w} month{'s' if w > 1 else ''}")
     late = status >= 1
     b.add("months_since_late", _months_since(late), "repayment", "Months since the latest late payment (6: none)")
     b.add("longest_late_run", _longest_run(late), "repayment", "Longest run of consecutive late months")
-    b.add("first_late_month", np.where(late.any(1), 5 - late[:, ::-1].argmax(1), -1.0), "repayment",
+    b.add("first_late_month", np.where(late.any(0), 5 - late[::-1].argmax(0), -1.0), "repayment",
           "How many months ago delinquency started (-1: never)")
     for code, words in ((-2, "with no card use"), (-1, "paid duly"), (0, "revolving (minimum paid)")):
-        b.add(f"n_status{code}_6m", (status == code).sum(1), "repayment", f"Months {words} in the last 6")
-    b.add("n_negative_bill", (bill < 0).sum(1), "bill", "Months with a credit balance (negative bill)")
-    b.add("n_util_over80", (series["util"][0] > 0.8).sum(1), "bill", "Months with the bill over 80% of the limit")
-    b.add("n_over_limit", (series["util"][0] > 1.0).sum(1), "bill", "Months with the bill over the limit")
-    b.add("total_paid_to_bill", _div(paid.sum(1), np.clip(bill, 0, None).sum(1)), "payment",
+        b.add(f"n_status{code}_6m", (status == code).sum(0), "repayment", f"Months {words} in the last 6")
+    b.add("n_negative_bill", (bill < 0).sum(0), "bill", "Months with a credit balance (negative bill)")
+    b.add("n_util_over80", (series["util"][0] > 0.8).sum(0), "bill", "Months with the bill over 80% of the limit")
+    b.add("n_over_limit", (series["util"][0] > 1.0).sum(0), "bill", "Months with the bill over the limit")
+    b.add("total_paid_to_bill", _div(paid.sum(0), np.clip(bill, 0, None).sum(0)), "payment",
           "Total paid over total billed in 6 months")
     b.add("limit", limit, "application", "Credit limit (NT$)")
     b.add("log_limit", np.log1p(np.clip(limit, 0, None)), "application", "Credit limit, log scale")
@@ -310,24 +324,24 @@ def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> No
         "utilisation": (_div(monthly["statement_balance"], monthly["credit_limit"]), "Card balance over limit"),
         "payment_ratio": (np.clip(_div(monthly["payment_amount"], monthly["statement_balance"]), 0, 5),
                           "Card payment over statement balance"),
-        "spend_to_income": (_div(monthly["card_spend"], income[:, None]), "Card spending over monthly income"),
+        "spend_to_income": (_div(monthly["card_spend"], income), "Card spending over monthly income"),
         "cash_share": (_div(monthly["cash_advance"], monthly["card_spend"] + monthly["cash_advance"]),
                        "Cash advances as a share of card use"),
-        "salary_to_income": (_div(monthly["salary_inflow"], income[:, None]), "Salary received over stated income"),
+        "salary_to_income": (_div(monthly["salary_inflow"], income), "Salary received over stated income"),
     }
     _series_features(b, {**{name: (m, "transactions", _GEN_LABELS[name]) for name, m in monthly.items()},
                          **{name: (m, "transactions", label) for name, (m, label) in derived.items()}})
     dpd = monthly["days_past_due"]
     for days in (30, 60, 90):
         for w in (1, 3, 6):
-            b.add(f"n_dpd{days}_{w}m", (dpd[:, :w] >= days).sum(1), "transactions",
+            b.add(f"n_dpd{days}_{w}m", (dpd[:w] >= days).sum(0), "transactions",
                   f"Months {days}+ days past due in the last {w} month{'s' if w > 1 else ''}")
     b.add("months_since_dpd", _months_since(dpd > 0), "transactions",
           "Months since the latest past-due month (6: none)")
     b.add("longest_dpd_run", _longest_run(dpd > 0), "transactions", "Longest run of consecutive past-due months")
     b.add("months_since_missed", _months_since(monthly["min_payment_missed"] > 0), "transactions",
           "Months since a minimum payment was last missed (6: none)")
-    b.add("n_salary_missing_6m", (monthly["salary_inflow"] <= 0).sum(1), "transactions",
+    b.add("n_salary_missing_6m", (monthly["salary_inflow"] <= 0).sum(0), "transactions",
           "Months without a salary payment in the last 6")
 
     s = "application"
@@ -391,6 +405,8 @@ def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> No
     b.one_hot("os", frame.raw("os").astype(str), levels["os"], s, "Device operating system")
 
 
+_BLOCK_ROWS = 16_384  # rows built at once by transform: big enough that per-call overhead vanishes
+
 _BUILDERS: dict[str, Callable[[_Columns, dict[str, list[str]], _Builder], None]] = {
     "taiwan": _taiwan, "gmsc": _gmsc, "generated": _generated}
 _CATEGORICALS = {"taiwan": (), "gmsc": (),
@@ -426,14 +442,28 @@ class FeaturePipeline:
         return self
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """(n, n_features) float32; column j is feature_names_[j]."""
+        """(n, n_features) float32; column j is feature_names_[j].
+
+        Big frames are built in blocks of `_BLOCK_ROWS` rows: the temporaries of a block stay small
+        (a (6, 19, n) float64 stack is 230 MB at n = 250,000) and the result is the same, since no
+        feature of a row depends on another row.
+        """
+        # Column-major: each feature is written contiguously (LightGBM predicts faster from it than
+        # from the row-major copy, measured 1.05 s vs 1.57 s for 100,000 x 369).
+        features = len(self.feature_names_)
+        if len(frame) <= _BLOCK_ROWS:  # one block (one application, say): one conversion call
+            return np.array(self._columns(frame), dtype=np.float32).reshape(features, len(frame)).T
+        out = np.empty((features, len(frame)), dtype=np.float32)
+        for start in range(0, len(frame), _BLOCK_ROWS):
+            for j, values in enumerate(self._columns(frame.iloc[start:start + _BLOCK_ROWS])):
+                out[j, start:start + len(values)] = values
+        return out.T
+
+    def _columns(self, frame: pd.DataFrame) -> list[np.ndarray]:
+        """The feature columns of `frame`, (n,) float64 each, in the fitted order."""
         builder = self._build(frame)
         assert list(builder.columns) == self.feature_names_, "feature set changed since fit"
-        # Column-major: each feature is written contiguously (LightGBM and numpy read either order).
-        out = np.empty((len(self.feature_names_), len(frame)), dtype=np.float32)
-        for j, values in enumerate(builder.columns.values()):
-            out[j] = values
-        return out.T
+        return list(builder.columns.values())
 
     def fit_transform(self, frame: pd.DataFrame, y: Any = None) -> np.ndarray:
         return self.fit(frame).transform(frame)
@@ -467,7 +497,7 @@ def monthly_sequences(records: pd.DataFrame, dataset: str) -> tuple[np.ndarray, 
     """
     frame = _Columns(records)
     if dataset == "taiwan":
-        limit = _col(frame, "LIMIT_BAL")[:, None]
+        limit = _col(frame, "LIMIT_BAL")
         channels = {"status": _matrix(frame, list(TAIWAN_PAY)),
                     "bill_to_limit": _div(_matrix(frame, [f"BILL_AMT{i}" for i in range(1, 7)]), limit),
                     "paid_to_limit": _div(_matrix(frame, [f"PAY_AMT{i}" for i in range(1, 7)]), limit)}
@@ -475,5 +505,5 @@ def monthly_sequences(records: pd.DataFrame, dataset: str) -> tuple[np.ndarray, 
         channels = {f: _matrix(frame, [f"{f}_m{m}" for m in range(1, gen.MONTHS + 1)]) for f in gen.MONTHLY_FIELDS}
     else:
         raise ValueError(f"dataset {dataset!r} has no monthly sequences")
-    values = np.stack([m[:, ::-1] for m in channels.values()], axis=-1).astype(np.float32)  # (n, 6, c)
+    values = np.stack([m[::-1].T for m in channels.values()], axis=-1).astype(np.float32)  # (n, 6, c)
     return values, list(channels)

@@ -87,56 +87,68 @@ class CreditScorer:
         return self
 
     # ------------------------------------------------------------------------------ scoring
-    def _fit_data(self, records: pd.DataFrame) -> FitData:
+    def features(self, records: pd.DataFrame) -> FitData:
+        """What the model scores: the feature matrix (n, F) of raw records (and the records, for
+        models that read them)."""
         return FitData(self.pipeline_.transform(records), None, records if self.model_.needs_records else None)
 
     def predict_pd(self, records: pd.DataFrame) -> np.ndarray:
         """(n,) probability of default for raw records (validated ones: see finance.data)."""
-        return self.model_.predict_proba(self._fit_data(records))[:, 1]
+        return self.model_.predict_proba(self.features(records))[:, 1]
 
     def score(self, records: pd.DataFrame, *, reasons: str = "all") -> pd.DataFrame:
         """Raw records -> id, pd, points, decision, reason_1..k (words), reason_codes, model_version.
 
         reasons: "all" (every applicant), "declined" (only where the decision is decline) or "none".
+        One record scored alone gets exactly what it gets in a batch (tests/test_finance_fast_path.py):
+        features, the scorecard, LightGBM and the reason codes are computed row by row.
         """
         assert reasons in ("all", "declined", "none"), f"reasons must be all, declined or none, got {reasons!r}"
-        check_columns(records, dataset_spec(self.dataset), "records", require_target=False)
-        data = self._fit_data(records)
+        spec = dataset_spec(self.dataset)
+        check_columns(records, spec, "records", require_target=False)
+        data = self.features(records)
         pd_ = self.model_.predict_proba(data)[:, 1]
         decision = np.where(pd_ <= self.cutoff_pd_, "approve", "decline")
-        out = pd.DataFrame({"id": records[dataset_spec(self.dataset).id_column].to_numpy(),
-                            "pd": pd_, "points": self.policy.scale.points(pd_), "decision": decision})
         k = self.policy.reason_count
         texts = np.full((len(pd_), k), "", dtype=object)
         codes = np.full(len(pd_), "", dtype=object)
         rows = np.arange(len(pd_)) if reasons == "all" else (
             np.flatnonzero(decision == "decline") if reasons == "declined" else np.arange(0))
-        if len(rows):
+        if len(rows) and len(rows) == len(pd_):
+            texts, codes = self.reason_codes(data)
+        elif len(rows):
             sub = FitData(data.X[rows], None, records.iloc[rows] if data.records is not None else None)
             texts[rows], codes[rows] = self.reason_codes(sub)
-        for j in range(k):
-            out[f"reason_{j + 1}"] = texts[:, j]
-        out["reason_codes"] = codes
-        out["model_version"] = self.version_
-        return out
+        # One constructor call: adding columns one by one cost more than the scoring of one record.
+        return pd.DataFrame({"id": records[spec.id_column].to_numpy(), "pd": pd_,
+                             "points": self.policy.scale.points(pd_), "decision": decision,
+                             **{f"reason_{j + 1}": texts[:, j] for j in range(k)}, "reason_codes": codes,
+                             "model_version": np.full(len(pd_), self.version_, dtype=object)})
 
     def reason_codes(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
         """Top factors that raised each applicant's risk (lowered the score), in words.
 
         Returns texts (n, k) and codes (n,) "feature|feature|feature". Only factors that pushed the
-        risk up are named; an applicant with fewer gets empty slots.
+        risk up are named; an applicant with fewer gets empty slots. Equal pushes rank in feature
+        order (of a tie at the k-th place, one is kept).
         """
         k = self.policy.reason_count
         contrib = self.model_.contributions(data)  # (n, F) log-odds pushes, > 0 raises risk
-        top = np.argsort(-contrib, axis=1)[:, :k]  # (n, k)
+        if contrib.shape[1] > k:  # the k largest of each row, then those k in order: no full sort of F
+            top = np.argpartition(-contrib, k - 1, axis=1)[:, :k]  # (n, k)
+            top = np.sort(top, axis=1)  # feature order first, so that the stable sort below breaks ties by it
+        else:
+            top = np.broadcast_to(np.arange(contrib.shape[1]), (len(contrib), contrib.shape[1]))
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(contrib, top, axis=1), axis=1, kind="stable"),
+                                 axis=1)
         push = np.take_along_axis(contrib, top, axis=1)
         values = np.take_along_axis(data.X, top, axis=1)
         definitions = np.array([s.definition for s in self.pipeline_.catalogue_], dtype=object)
         names = np.array(self.pipeline_.feature_names_, dtype=object)
         medians = self.pipeline_.medians_
-        texts = np.full(top.shape, "", dtype=object)
-        codes = np.full(len(top), "", dtype=object)
-        for j in range(k):  # k columns; each line below is one pass over the applicants
+        texts = np.full((len(contrib), k), "", dtype=object)
+        codes = np.full(len(contrib), "", dtype=object)
+        for j in range(top.shape[1]):  # k columns; each line below is one pass over the applicants
             keep = push[:, j] > 1e-6
             value_text = np.array(["missing" if v != v else f"{v:.4g}" for v in values[keep, j].tolist()], dtype=object)
             typical = np.array([f"{v:.4g}" for v in medians[top[keep, j]].tolist()], dtype=object)

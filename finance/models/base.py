@@ -134,5 +134,18 @@ class CreditModel(ABC):
         return self.predict_proba(data)[:, 1]
 
 
+def logistic_proba(X: np.ndarray, logistic: Any) -> np.ndarray:
+    """(n, 2) probabilities of a fitted binary LogisticRegression on X (n, d), row by row.
+
+    sklearn's own predict_proba goes through a BLAS product whose rounding can depend on the
+    number of rows; a sum along each row does not, so one application alone gets exactly the
+    probability it gets in a batch. Agrees with sklearn to ~1e-16.
+    """
+    from scipy.special import expit
+
+    pd_ = expit((X * logistic.coef_[0]).sum(axis=1) + logistic.intercept_[0])
+    return np.column_stack([1 - pd_, pd_])
+
+
 def as_fit_data(data: FitData | np.ndarray) -> FitData:
     return data if isinstance(data, FitData) else FitData(np.asarray(data, dtype=np.float32))

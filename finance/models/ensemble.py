@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from finance.models.base import CreditModel, FitData, build_model, model_class, register_model
+from finance.models.base import CreditModel, FitData, build_model, logistic_proba, model_class, register_model
 
 
 @dataclass
@@ -58,7 +58,7 @@ class EnsembleModel(CreditModel):
         return np.column_stack([_logit(m.predict_proba(data)[:, 1]) for m in self.members_])  # (n, members)
 
     def predict_proba(self, data: FitData) -> np.ndarray:
-        return self.blend_.predict_proba(self._member_logits(data))
+        return logistic_proba(self._member_logits(data), self.blend_)
 
     def contributions(self, data: FitData) -> np.ndarray:
         weights = self.blend_.coef_[0]

@@ -19,7 +19,7 @@ import pandas as pd
 from optbinning import BinningProcess
 from sklearn.linear_model import LogisticRegression
 
-from finance.models.base import CreditModel, FitData, register_model
+from finance.models.base import CreditModel, FitData, logistic_proba, register_model
 from finance.scaling import PointsScale
 
 
@@ -63,6 +63,7 @@ class ScorecardModel(CreditModel):
         self.binning_ = BinningProcess(names, max_n_bins=c.max_n_bins, min_bin_size=c.min_bin_size,
                                        binning_fit_params={n: {"monotonic_trend": "auto_asc_desc"} for n in names})
         self.binning_.fit(frame, train.y, sample_weight=train.sample_weight)
+        self.woe_tables_: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}  # filled as features are used
         summary = self.binning_.summary()
         information_value = dict(zip(summary["name"], summary["iv"].astype(float), strict=True))
         woe = self.binning_.transform(frame.iloc[rows], metric="woe")
@@ -95,13 +96,34 @@ class ScorecardModel(CreditModel):
         table = self.binning_.get_binned_variable(name).binning_table.build()
         return [float(w) for w in table["WoE"].iloc[:-1] if np.isfinite(float(w))]  # drop the Totals row
 
+    def _woe_table(self, name: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """One feature's binning as a lookup table: (split points, WoE per bin, WoE of a missing value).
+
+        The table is read off optbinning's own transform, one probe value per bin, so a lookup
+        gives exactly its WoE values; optbinning's per-call bookkeeping (~40 us per feature per
+        call) was most of a single application's time.
+        """
+        binned = self.binning_.get_binned_variable(name)
+        assert binned.dtype == "numerical" and not binned.special_codes, f"{name}: only numerical bins, no specials"
+        splits = np.asarray(binned.splits, dtype=np.float64)
+        probes = np.concatenate([[-np.inf], splits, [np.nan]])  # bin 0, bins 1..len(splits), missing
+        woe = binned.transform(probes, metric="woe")
+        return splits, woe[:-1], float(woe[-1])
+
     def _woe(self, X: np.ndarray) -> np.ndarray:
-        """(n, selected features) WoE values of the scorecard's features."""
-        return np.column_stack([self.binning_.get_binned_variable(name).transform(
-            X[:, j].astype(np.float64), metric="woe") for name, j in zip(self.selected_, self.columns_, strict=True)])
+        """(n, selected features) WoE values of the scorecard's features (optbinning's bins: a value
+        equal to a split point falls in the bin above it)."""
+        out = np.empty((len(X), len(self.selected_)))
+        for j, (name, column) in enumerate(zip(self.selected_, self.columns_, strict=True)):
+            if name not in self.woe_tables_:
+                self.woe_tables_[name] = self._woe_table(name)
+            splits, woe, missing = self.woe_tables_[name]
+            x = X[:, column].astype(np.float64)
+            out[:, j] = np.where(np.isnan(x), missing, woe[np.searchsorted(splits, x, side="right")])
+        return out
 
     def predict_proba(self, data: FitData) -> np.ndarray:
-        return self.logistic_.predict_proba(self._woe(data.X))
+        return logistic_proba(self._woe(data.X), self.logistic_)
 
     def contributions(self, data: FitData) -> np.ndarray:
         per_feature = self._woe(data.X) * self.logistic_.coef_[0] - self.best_contribution_  # (n, selected) >= 0
@@ -136,6 +158,7 @@ class ScorecardModel(CreditModel):
         state = joblib.load(directory / "scorecard.joblib")
         model.binning_, model.logistic_ = state["binning"], state["logistic"]
         model.selected_, model.columns_, model.best_contribution_ = state["selected"], state["columns"], state["best"]
+        model.woe_tables_ = {name: model._woe_table(name) for name in model.selected_}
         return model
 
     def summary(self) -> dict[str, Any]:
