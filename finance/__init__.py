@@ -8,7 +8,8 @@ Public API (see the modules for details):
     finance.models     CreditModel, FitData, register_model, build_model, available_models
     finance.scorer     CreditScorer (pipeline + model + points + cut-off + reason codes),
                        train_scorer, split_records, load_model
-    finance.evaluation credit_metrics, evaluate_scorer, scoring_speed, population_stability
+    finance.evaluation credit_metrics, evaluate_scorer, scoring_speed, population_stability,
+                       characteristic_reference / characteristic_stability (CSI per feature)
     finance.batch      run_batch (chunks, quarantine, resume, Dask), read_scored, read_quarantine
     finance.report     write_report (HTML with embedded plots)
 """

@@ -88,7 +88,7 @@ def score_chunk(scorer: CreditScorer, chunk: ChunkSpec, frame: pd.DataFrame, out
     ids = frame[spec.id_column]
     why = np.where(ids.isna().to_numpy() & (why == ""), f"{spec.id_column}: missing", why)
     bad = why != ""
-    good = coerce(frame.loc[~bad], fields).reset_index(drop=True)
+    good = coerce(frame.loc[~bad] if bad.any() else frame, fields).reset_index(drop=True)
     good[spec.id_column] = typed_ids(good[spec.id_column])
     scored = scorer.score(good, reasons=reasons) if len(good) else pd.DataFrame()
     _write_atomic(scored, output / "scored" / f"part-{chunk.id}.parquet")
@@ -104,13 +104,13 @@ def score_chunk(scorer: CreditScorer, chunk: ChunkSpec, frame: pd.DataFrame, out
     return counts
 
 
-def _score_chunk_task(model_dir: str, chunk: ChunkSpec, output: str, reasons: str) -> dict[str, int]:
-    """A Dask task: read its chunk by position and score it with the saved model."""
+def _score_chunk_task(scorer: CreditScorer, chunk: ChunkSpec, output: str, reasons: str) -> dict[str, int]:
+    """A Dask task: read its chunk by position and score it with the scorer (scattered to every
+    worker once, not loaded from disk by every task)."""
     import sys
 
     if "torch" in sys.modules:  # one core per worker (torch is imported only when the model needs it)
         sys.modules["torch"].set_num_threads(1)
-    scorer = load_model(model_dir)
     frame = read_rows(Path(chunk.file), dataset_spec(scorer.dataset), chunk.start, chunk.stop)
     return score_chunk(scorer, chunk, frame, Path(output), reasons=reasons)
 
@@ -157,7 +157,7 @@ def run_batch(model_dir: str | Path, input_path: str | Path, output: str | Path,
                     score_chunk(scorer, chunk, frame, output, reasons=reasons)
                     bar.update(chunk.stop - chunk.start)
     else:
-        _run_dask(scheduler, str(model_dir), todo, str(output), reasons, bar)
+        _run_dask(scheduler, scorer, todo, str(output), reasons, bar)
     bar.close()
     seconds = time.perf_counter() - started
     finished = _finished(output)
@@ -170,14 +170,16 @@ def run_batch(model_dir: str | Path, input_path: str | Path, output: str | Path,
     return summary
 
 
-def _run_dask(scheduler: str, model_dir: str, todo: list[ChunkSpec], output: str, reasons: str, bar: Any) -> None:
+def _run_dask(scheduler: str, scorer: CreditScorer, todo: list[ChunkSpec], output: str, reasons: str,
+              bar: Any) -> None:
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
         if scheduler == "local" else None
     client = Client(cluster if cluster is not None else scheduler)
     try:
-        futures = [client.submit(_score_chunk_task, model_dir, chunk, output, reasons, key=f"score-{chunk.id}",
+        shared = client.scatter(scorer, broadcast=True)  # every worker holds the model once
+        futures = [client.submit(_score_chunk_task, shared, chunk, output, reasons, key=f"score-{chunk.id}",
                                  pure=False) for chunk in todo]
         for future in as_completed(futures):
             counts = future.result()

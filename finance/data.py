@@ -14,9 +14,12 @@ import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from finance import generate as gen
@@ -272,32 +275,42 @@ def load_generated(path: str | Path, *, require_target: bool = True) -> Records:
 
 
 def assemble_generated_part(folder: Path, part: str) -> pd.DataFrame:
-    """Join part `part` of the four generated tables into records (one row per applicant)."""
+    """Join part `part` of the four generated tables into records (one row per applicant).
+
+    Read with pyarrow straight into numpy (only the applications and the device fingerprints go
+    through pandas), and made one frame in one constructor call: the join of a 250,000-applicant
+    part was a fifth of the batch job's time when every table went through pandas first.
+    """
     apps = pq.read_table(folder / "applications" / part).to_pandas()
     ids = apps["applicant_id"].to_numpy()
     n = len(ids)
-    txn = pq.read_table(folder / "transactions" / part).to_pandas()
-    row = np.searchsorted(ids, txn["applicant_id"].to_numpy())
+    txn = pq.read_table(folder / "transactions" / part, columns=["applicant_id", "month", *gen.MONTHLY_FIELDS])
+    txn_ids = txn["applicant_id"].to_numpy()
+    row = np.searchsorted(ids, txn_ids)
     month = txn["month"].to_numpy() - 1
-    ok = (row < n) & (ids[np.minimum(row, n - 1)] == txn["applicant_id"].to_numpy()) & (month >= 0) & (
-        month < gen.MONTHS)
-    monthly = {}
+    ok = (row < n) & (ids[np.minimum(row, n - 1)] == txn_ids) & (month >= 0) & (month < gen.MONTHS)
+    row, month = row[ok], month[ok]
+    columns: dict[str, Any] = {name: apps[name] for name in apps.columns}
     for name in gen.MONTHLY_FIELDS:
-        matrix = np.full((n, gen.MONTHS), np.nan)
-        matrix[row[ok], month[ok]] = txn[name].to_numpy(dtype=np.float64)[ok]
-        for m in range(gen.MONTHS):
-            monthly[f"{name}_m{m + 1}"] = matrix[:, m]
-    edges = pq.read_table(folder / "social_edges" / part).to_pandas()
+        matrix = np.full((gen.MONTHS, n), np.nan)  # month-major: each month's column is contiguous
+        matrix[month, row] = txn[name].to_numpy(zero_copy_only=False).astype(np.float64, copy=False)[ok]
+        columns.update((f"{name}_m{m + 1}", matrix[m]) for m in range(gen.MONTHS))
+    edges = pq.read_table(folder / "social_edges" / part, columns=["applicant_id", "relation", "contact_delinquent"])
     erow = np.searchsorted(ids, edges["applicant_id"].to_numpy()).clip(0, n - 1)
-    social = {}
-    delinquent = edges["contact_delinquent"].to_numpy(dtype=bool)
+    delinquent = pc.fill_null(edges["contact_delinquent"], False).to_numpy(zero_copy_only=False)
     for rel in gen.RELATIONS:
-        is_rel = edges["relation"].to_numpy() == rel
-        social[f"n_{rel}"] = np.bincount(erow[is_rel], minlength=n).astype(np.float64)
-        social[f"n_delinquent_{rel}"] = np.bincount(erow[is_rel & delinquent], minlength=n).astype(np.float64)
-    devices = pq.read_table(folder / "devices" / part).to_pandas().drop_duplicates("applicant_id")
-    devices = devices.set_index("applicant_id").reindex(ids).reset_index(drop=True)
+        is_rel = pc.fill_null(pc.equal(edges["relation"], rel), False).to_numpy(zero_copy_only=False)
+        columns[f"n_{rel}"] = np.bincount(erow[is_rel], minlength=n).astype(np.float64)
+        columns[f"n_delinquent_{rel}"] = np.bincount(erow[is_rel & delinquent], minlength=n).astype(np.float64)
+    devices = pq.read_table(folder / "devices" / part)
+    device_ids, first = np.unique(devices["applicant_id"].to_numpy(), return_index=True)  # the first per applicant
+    at = np.searchsorted(device_ids, ids).clip(0, max(len(device_ids) - 1, 0))
+    found = (at < len(device_ids)) & (device_ids[at] == ids) if len(device_ids) else np.zeros(n, dtype=bool)
+    taken = devices.drop_columns(["applicant_id", "device_id"]).take(
+        pa.array(first[at] if len(device_ids) else np.zeros(n, dtype=np.int64), mask=~found)).to_pandas()
+    if not found.all():  # an applicant without a fingerprint: NaN, as a reindex gives (integers become float)
+        taken = taken.astype({c: "float64" for c, t in taken.dtypes.items() if pd.api.types.is_integer_dtype(t)})
     for flag in ("is_emulator", "is_rooted", "ip_geo_mismatch", "ip_is_proxy"):
-        devices[flag] = devices[flag].astype("float64")
-    return pd.concat([apps.reset_index(drop=True), pd.DataFrame(monthly), pd.DataFrame(social),
-                      devices.drop(columns=["device_id"])], axis=1)
+        taken[flag] = taken[flag].astype("float64")
+    columns.update((name, taken[name]) for name in taken.columns)
+    return pd.DataFrame(columns, copy=False)  # no consolidation into one block: that copy cost more than the join

@@ -63,7 +63,8 @@ def run_finance_demo(out_dir: Path, *, quick: bool = False, console: Console | N
     lift = best.validation_metrics_["auc"] / scorers["scorecard"].validation_metrics_["auc"] - 1
     held_out = evaluation["metrics"]
     console.print(f"best model: {best_name} (AUC {best.validation_metrics_['auc']:.4f}, {lift:+.1%} over the "
-                  f"scorecard); hold-out AUC {held_out['auc']:.4f}, PSI {held_out['psi']:.3f}")
+                  f"scorecard); hold-out AUC {held_out['auc']:.4f}, PSI {held_out['psi']:.3f}, largest CSI "
+                  f"{held_out['csi_max']:.3f} ({held_out['csi_max_feature']})")
     console.print(f"models: {', '.join(str(p) for p in model_dirs.values())}\nscored batch: {out_dir / 'batch_output'}"
                   f"\nreport: {report}\nfinance demo took {time.perf_counter() - started:.0f} s")
     return {"best_auc": float(best.validation_metrics_["auc"]),

@@ -1,9 +1,10 @@
 """Credit model evaluation: discrimination, the decision at an approval rate, calibration,
-population stability and speed."""
+population stability (PSI of the score, CSI of each feature) and speed."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,32 @@ def population_stability(expected_shares: np.ndarray, actual_shares: np.ndarray)
     e = np.maximum(np.asarray(expected_shares, dtype=float), 1e-4)
     a = np.maximum(np.asarray(actual_shares, dtype=float), 1e-4)
     return float(np.sum((a - e) * np.log(a / e)))
+
+
+def characteristic_reference(X: np.ndarray, *, bins: int = 10) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The CSI reference of each feature of X (n, F): its quantile edges (up to bins - 1, fewer for
+    discrete features) and the shares of its bins, with a last bin for missing values."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing feature has no quantiles
+        quantiles = np.nanquantile(X.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1], axis=0)  # (bins-1, F)
+    edges = [np.unique(q[np.isfinite(q)]) for q in quantiles.T]
+    return edges, characteristic_shares(X, edges)
+
+
+def characteristic_shares(X: np.ndarray, edges: list[np.ndarray]) -> list[np.ndarray]:
+    """Per feature, the shares of X (n, F) in the bins cut by `edges`, the last share being missing values."""
+    out = []
+    for j, cut in enumerate(edges):
+        x = X[:, j].astype(np.float64)
+        bin_ = np.where(np.isnan(x), len(cut) + 1, np.searchsorted(cut, x, side="right"))
+        out.append(np.bincount(bin_, minlength=len(cut) + 2) / max(len(x), 1))
+    return out
+
+
+def characteristic_stability(reference: list[np.ndarray], actual: list[np.ndarray]) -> np.ndarray:
+    """(F,) characteristic stability index: the PSI of each feature's distribution over its reference
+    bins (the same reading: < 0.1 stable, 0.1-0.25 shifting, > 0.25 shifted)."""
+    return np.array([population_stability(e, a) for e, a in zip(reference, actual, strict=True)])
 
 
 def credit_metrics(y: np.ndarray, pd_: np.ndarray, *, approval_rate: float = 0.8) -> dict[str, float]:
@@ -81,13 +108,31 @@ def scoring_speed(scorer: Any, frame: pd.DataFrame, *, single_runs: int = 200, b
 
 
 def evaluate_scorer(scorer: Any, records: Any, *, speed: bool = True) -> dict[str, Any]:
-    """Every metric of a saved scorer on labelled records, plus PSI against its validation split."""
-    pd_ = scorer.predict_pd(records.frame)
+    """Every metric of a saved scorer on labelled records, plus PSI (of the PD) and CSI (of each
+    feature) against its validation split.
+
+    Returns metrics (dict), pd (n,), psi_shares (PD decile shares here) and csi: a table of feature,
+    source, definition and CSI, most shifted first (None for a model saved without the reference).
+    """
+    data = scorer.features(records.frame)
+    pd_ = scorer.model_.predict_proba(data)[:, 1]
     metrics = credit_metrics(records.target, pd_, approval_rate=scorer.policy.approval_rate)
     shares = np.bincount(np.searchsorted(scorer.reference_edges_, pd_, side="right"),
                          minlength=len(scorer.reference_edges_) + 1) / len(pd_)
     metrics["psi"] = population_stability(scorer.reference_shares_, shares)
+    csi = None
+    if getattr(scorer, "reference_feature_edges_", None) is not None:
+        values = characteristic_stability(scorer.reference_feature_shares_,
+                                          characteristic_shares(data.X, scorer.reference_feature_edges_))
+        catalogue = scorer.pipeline_.catalogue_
+        csi = pd.DataFrame({"feature": scorer.pipeline_.feature_names_, "source": [c.source for c in catalogue],
+                            "definition": [c.definition for c in catalogue], "csi": values})
+        csi = csi.sort_values("csi", ascending=False, kind="stable").reset_index(drop=True)
+        metrics["csi_max"] = float(values.max())
+        metrics["csi_max_feature"] = str(csi["feature"].iloc[0])
+        metrics["features_csi_over_0.25"] = int((values > 0.25).sum())
+        metrics["features_csi_0.1_to_0.25"] = int(((values > 0.1) & (values <= 0.25)).sum())
     metrics["approval_rate_at_cutoff"] = float(np.mean(pd_ <= scorer.cutoff_pd_))
     if speed:
         metrics.update(scoring_speed(scorer, records.frame))
-    return {"metrics": metrics, "pd": pd_, "psi_shares": shares}
+    return {"metrics": metrics, "pd": pd_, "psi_shares": shares, "csi": csi}

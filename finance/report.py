@@ -81,6 +81,33 @@ def _plots(y: np.ndarray, pd_: np.ndarray, points: np.ndarray, reference: np.nda
     return out
 
 
+def _csi_plot(csi: pd.DataFrame, top: int = 15) -> str:
+    """Horizontal bars of the `top` most shifted features, with the 0.1 and 0.25 reading lines."""
+    import matplotlib.pyplot as plt
+
+    shown = csi.head(top).iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(shown) + 1.2))
+    ax.barh(shown["feature"], shown["csi"], color=np.where(shown["csi"] > 0.25, "#c0392b",
+                                                           np.where(shown["csi"] > 0.1, "#e67e22", "#2e86c1")))
+    for level in (0.1, 0.25):
+        ax.axvline(level, color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="CSI (validation -> this population)", title="Characteristic stability, most shifted features")
+    ax.tick_params(axis="y", labelsize=8)
+    return _png(fig)
+
+
+def _csi_section(csi: pd.DataFrame | None) -> list[str]:
+    """CSI of every feature against the validation split: a plot and the 20 most shifted."""
+    if csi is None:
+        return ["<h2>Characteristic stability (CSI)</h2><p>Not available: the model was saved without the "
+                "per-feature reference (retrain to get it).</p>"]
+    shifted, shifting = int((csi["csi"] > 0.25).sum()), int(((csi["csi"] > 0.1) & (csi["csi"] <= 0.25)).sum())
+    return ["<h2>Characteristic stability (CSI)</h2>",
+            f"<p>Each feature's distribution over its validation deciles (missing values a bin of their own), "
+            f"compared with this population: {shifted} of {len(csi)} features shifted (CSI &gt; 0.25), "
+            f"{shifting} shifting (0.1-0.25).</p>", "<div>" + _csi_plot(csi) + "</div>", _table(csi.head(20))]
+
+
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
@@ -122,6 +149,7 @@ def write_report(path: str | Path, scorer: Any, records: Any, evaluation: dict[s
         _table(pd.DataFrame([{"metric": k, "value": v} for k, v in metrics.items()])),
         "<h2>Plots</h2>", "<div>" + "".join(plots) + "</div>",
         "<h2>Calibration by decile</h2>", _table(calibration_table(y, pd_)),
+        *_csi_section(evaluation.get("csi")),
         "<h2>Strongest features (mean absolute contribution on a sample)</h2>", _table(importance),
         "<h2>Reason codes of declined applicants (sample)</h2>", _table(declined),
     ]

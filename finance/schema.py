@@ -28,17 +28,22 @@ class FieldSpec:
 
 
 def coerce(frame: pd.DataFrame, fields: list[FieldSpec]) -> pd.DataFrame:
-    """Numeric fields to float64 (unparseable -> NaN), categories to str; other columns untouched."""
-    out = frame.copy()
+    """Numeric fields to float64 (unparseable -> NaN), categories to str; other columns untouched.
+
+    Columns already of the target type (a Parquet file's, a generated part's) are left as they are,
+    and the frame is not copied (copy-on-write keeps `frame` itself unchanged).
+    """
+    converted = {}
     for spec in fields:
-        if spec.name not in out:
+        if spec.name not in frame:
             continue
+        col = frame[spec.name]
         if spec.kind == "category":
-            col = out[spec.name]
-            out[spec.name] = col.where(col.isna(), col.astype(str))
-        else:
-            out[spec.name] = pd.to_numeric(out[spec.name], errors="coerce").astype("float64")
-    return out
+            if not (isinstance(col.dtype, pd.StringDtype) and col.dtype.na_value is np.nan):
+                converted[spec.name] = col.where(col.isna(), col.astype(str))
+        elif col.dtype != np.float64:
+            converted[spec.name] = pd.to_numeric(col, errors="coerce").astype("float64")
+    return frame.assign(**converted) if converted else frame.copy(deep=False)
 
 
 def check_records(frame: pd.DataFrame, fields: list[FieldSpec]) -> pd.Series:

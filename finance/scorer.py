@@ -6,7 +6,8 @@ returns id, probability of default, points, decision and reason codes in plain w
 `finance.load_model(directory)`.
 
 Saved layout (one folder): scorer.json (dataset, model name, version, cut-off, scale, reference
-distribution for PSI, metrics), pipeline.json (fitted feature pipeline), model/ (the model's files).
+distribution for PSI, metrics), reference_features.json (per-feature reference for CSI),
+pipeline.json (fitted feature pipeline), model/ (the model's files).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class ScoringPolicy:
 
 class CreditScorer:
     """Learned: pipeline_, model_, cutoff_pd_, reference_edges_/reference_shares_ (validation PD
-    deciles, the PSI reference), validation_metrics_, version_."""
+    deciles, the PSI reference), reference_feature_edges_/reference_feature_shares_ (each feature's
+    validation deciles and missing share, the CSI reference), validation_metrics_, version_."""
 
     def __init__(self, *, dataset: str, model_name: str, policy: ScoringPolicy | None = None, seed: int = 0,
                  progress: bool = False, model_config: Any = None) -> None:
@@ -61,7 +63,7 @@ class CreditScorer:
         fitted_model: a model already fitted on the same split's features (e.g. an ensemble blended
         from fitted members); it is used as it is.
         """
-        from finance.evaluation import credit_metrics
+        from finance.evaluation import characteristic_reference, credit_metrics
 
         self.pipeline_ = FeaturePipeline(dataset=self.dataset).fit(train.frame)
         fit_train = FitData(self.pipeline_.transform(train.frame), train.target, train.frame, sample_weight)
@@ -80,6 +82,7 @@ class CreditScorer:
         self.reference_edges_ = np.unique(np.quantile(pd_valid, np.linspace(0, 1, 11)[1:-1]))
         self.reference_shares_ = np.bincount(np.searchsorted(self.reference_edges_, pd_valid, side="right"),
                                              minlength=len(self.reference_edges_) + 1) / len(pd_valid)
+        self.reference_feature_edges_, self.reference_feature_shares_ = characteristic_reference(fit_valid.X)
         self.validation_metrics_ = credit_metrics(valid.target, pd_valid, approval_rate=self.policy.approval_rate)
         self.training_rows_ = len(train)
         self.version_ = f"{self.dataset}-{self.model_name}-{time.strftime('%Y%m%d%H%M%S')}-" + hashlib.sha256(
@@ -172,6 +175,9 @@ class CreditScorer:
             "model_summary": self.model_.summary(), "features": len(self.pipeline_.feature_names_),
         }
         (directory / "scorer.json").write_text(json.dumps(meta, indent=1, default=float))
+        (directory / "reference_features.json").write_text(json.dumps({  # the CSI reference, one entry per feature
+            "edges": [e.tolist() for e in self.reference_feature_edges_],
+            "shares": [s.tolist() for s in self.reference_feature_shares_]}))
         self.pipeline_.catalogue().to_csv(directory / "feature_catalogue.csv", index=False)
         return directory
 
@@ -195,6 +201,12 @@ class CreditScorer:
         scorer.validation_metrics_ = meta["validation_metrics"]
         scorer.training_rows_ = meta["training_rows"]
         scorer.train_seconds_ = meta.get("train_seconds")
+        reference = directory / "reference_features.json"
+        scorer.reference_feature_edges_ = scorer.reference_feature_shares_ = None  # saved before CSI: none
+        if reference.is_file():
+            state = json.loads(reference.read_text())
+            scorer.reference_feature_edges_ = [np.asarray(e, dtype=np.float64) for e in state["edges"]]
+            scorer.reference_feature_shares_ = [np.asarray(s, dtype=np.float64) for s in state["shares"]]
         return scorer
 
     @property

@@ -80,7 +80,7 @@ def test_cli_train_evaluate_score_and_clear_errors(setup, tmp_path):
     assert {"auc", "ks", "gini", "recall_at_approval", "brier", "psi", "latency_p99_ms", "batch_rows_per_s"} <= set(
         metrics)
     html = (tmp_path / "r.html").read_text()
-    assert html.count("data:image/png;base64") == 5 and "GENERATED" in html
+    assert html.count("data:image/png;base64") == 6 and "GENERATED" in html and "Characteristic stability" in html
     result = runner.invoke(app, ["finance", "score", "--model", str(model_dir), "--input", str(root / "batch.csv"),
                                  "--output", str(tmp_path / "s"), "--json"])
     assert result.exit_code == 0, result.output

@@ -102,16 +102,24 @@ class LightGBMModel(CreditModel):
         leaves = self.booster_.predict(data.X, num_iteration=self.best_iteration_, pred_leaf=True,
                                        num_threads=self.config.threads)  # (n, trees)
         leaves = leaves.reshape(len(data), -1)
+        # The paths as one ragged list over (tree, leaf): a row's entries are gathered tree by tree,
+        # depth by depth (the order bincount then sums them in), without the padding to the deepest leaf.
+        present = feature >= 0  # (trees, leaves, depth)
+        length = present.sum(-1).ravel()  # (trees * leaves,)
+        first = np.concatenate([[0], np.cumsum(length)[:-1]])
+        flat_feature, flat_delta = feature[present], delta[present]
         n_features = len(self.feature_names)
-        trees = np.arange(feature.shape[0])[None, :]
+        tree_base = (np.arange(feature.shape[0]) * feature.shape[1])[None, :]
         out = np.zeros((len(data), n_features))
-        for start in range(0, len(data), 2048):  # blocks keep the (rows, trees, depth) gather small
-            block = leaves[start:start + 2048]
-            f = feature[trees, block]  # (b, trees, depth)
-            keep = f >= 0
-            rows = np.broadcast_to(np.arange(len(block))[:, None, None], f.shape)[keep]
-            out[start:start + len(block)] = np.bincount(rows * n_features + f[keep], weights=delta[trees, block][keep],
-                                                        minlength=len(block) * n_features).reshape(len(block), -1)
+        for start in range(0, len(data), 4096):  # blocks keep the gathered entries small
+            leaf = (tree_base + leaves[start:start + 4096]).ravel()  # (b * trees,) ids of the leaves reached
+            count = length[leaf]
+            skip = np.repeat(first[leaf] - (np.cumsum(count) - count), count)
+            entry = skip + np.arange(len(skip))  # positions in the ragged list, row by row
+            rows = np.repeat(np.arange(len(leaf) // feature.shape[0]), count.reshape(-1, feature.shape[0]).sum(1))
+            block = len(leaf) // feature.shape[0]
+            out[start:start + block] = np.bincount(rows * n_features + flat_feature[entry], weights=flat_delta[entry],
+                                                   minlength=block * n_features).reshape(block, -1)
         return out
 
     def save(self, directory: Path) -> None:
