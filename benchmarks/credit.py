@@ -7,6 +7,15 @@ test 20% is never seen in training); inside the 80%, a further seeded 80/20 spli
 validation part for early stopping, the ensemble's blend and the PD cut-off.
 
     nice -n 10 python benchmarks/credit.py --json
+
+The timed part can run on its own, under the shared bench lock, from models trained before:
+
+    nice -n 19 python benchmarks/credit.py --skip-speed --models-dir /tmp/credit-models --json
+    flock /tmp/moeworks-bench.lock python benchmarks/credit.py --speed-only --models-dir /tmp/credit-models --json
+
+The first trains, reports quality and saves the scorers, the test splits, the generated population
+and the batch job's model; the second loads them and measures speed only. It uses public APIs only,
+so PYTHONPATH can point it at another checkout of the code for a side-by-side run.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -43,7 +53,8 @@ def machine() -> str:
             f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at start (shared machine)")
 
 
-def quality(dataset: str, data_root: Path, seed: int, console: Console) -> dict:
+def quality(dataset: str, data_root: Path, seed: int, console: Console, *, speed: bool = True,
+            save_to: Path | None = None) -> dict:
     records = load_records(dataset, data_root / PATHS[dataset])
     fit_part, test = split_records(records, valid_share=0.2, seed=seed)
     train, valid = split_records(fit_part, valid_share=0.2, seed=seed)
@@ -63,9 +74,13 @@ def quality(dataset: str, data_root: Path, seed: int, console: Console) -> dict:
     rows = {}
     for name, scorer in scorers.items():
         metrics = credit_metrics(test.target, scorer.predict_pd(test.frame), approval_rate=0.8)
-        speed = scoring_speed(scorer, test.frame, single_runs=200, batch_rows=20_000)
-        rows[name] = {**metrics, **speed, "train_seconds": scorer.train_seconds_,
+        timing = scoring_speed(scorer, test.frame, single_runs=200, batch_rows=20_000) if speed else {}
+        rows[name] = {**metrics, **timing, "train_seconds": scorer.train_seconds_,
                       "features": len(scorer.pipeline_.feature_names_), "summary": scorer.model_.summary()}
+        if save_to is not None:
+            scorer.save(save_to / dataset / name)
+    if save_to is not None:
+        test.frame.to_parquet(save_to / dataset / "test.parquet")
     card = rows["scorecard"]
     for row in rows.values():
         row["auc_lift_over_scorecard"] = row["auc"] / card["auc"] - 1
@@ -74,8 +89,8 @@ def quality(dataset: str, data_root: Path, seed: int, console: Console) -> dict:
             "models": rows}
 
 
-def million(rows: int, seed: int, workdir: Path, console: Console) -> dict:
-    from finance.batch import run_batch
+def prepare_million(rows: int, seed: int, workdir: Path, console: Console) -> tuple[Path, Path, float]:
+    """The generated population to score and the LightGBM it is scored with (trained on other applicants)."""
     from finance.generate import GeneratorConfig, generate
 
     started = time.perf_counter()
@@ -87,16 +102,48 @@ def million(rows: int, seed: int, workdir: Path, console: Console) -> dict:
     console.print(f"[generated] training lightgbm on {len(train):,} rows for the batch job ...")
     model_dir = CreditScorer(dataset="generated", model_name="lightgbm", seed=seed).fit(train, valid).save(
         workdir / "model")
-    results = {"rows": rows, "generate_seconds": generate_seconds}
+    return population, model_dir, generate_seconds
+
+
+def million(population: Path, model_dir: Path, workdir: Path, console: Console, *,
+            max_chunks: int | None = None) -> dict:
+    from finance.batch import run_batch
+
+    results = {}
     for label, scheduler in (("in_process", None), ("dask_local_2_workers", "local")):
         out = workdir / f"out_{label}"
-        console.print(f"[generated] batch job over {rows:,} applicants, {label} ...")
+        console.print(f"[generated] batch job over {population}, {label} ...")
         summary = run_batch(model_dir, population, out, chunk_rows=250_000, scheduler=scheduler,
-                            reasons="declined", progress=False)
+                            reasons="declined", progress=False, max_chunks=max_chunks)
         results[label] = {"seconds": summary.seconds, "rows_per_s": summary.rows_per_s, "read": summary.read,
                           "scored": summary.scored, "quarantined": summary.quarantined,
-                          "reconciled": summary.reconciled}
+                          "reconciled": summary.reconciled, "chunks_scored": summary.chunks_scored_now}
+        shutil.rmtree(out, ignore_errors=True)
+    results["rows"] = results["in_process"]["read"]
     return results
+
+
+def speed_only(models_dir: Path, datasets: list[str], console: Console, *, max_chunks: int | None) -> dict:
+    """Latency and throughput of the saved scorers, and the batch job over the saved population."""
+    from finance.scorer import load_model
+
+    out: dict = {"datasets": {}}
+    for dataset in datasets:
+        frame = pd.read_parquet(models_dir / dataset / "test.parquet")
+        rows = {}
+        for name in ("scorecard", "lightgbm", "moe", "ensemble"):
+            console.print(f"[{dataset}] timing {name} ...")
+            scorer = load_model(models_dir / dataset / name)
+            rows[name] = scoring_speed(scorer, frame, single_runs=200, batch_rows=20_000)
+        out["datasets"][dataset] = {"models": rows, "rows_test": len(frame)}
+    batch = models_dir / "batch"
+    if (batch / "population").is_dir():
+        workdir = Path(tempfile.mkdtemp(prefix="credit-bench-"))
+        try:
+            out["batch_job"] = million(batch / "population", batch / "model", workdir, console, max_chunks=max_chunks)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return out
 
 
 def main() -> None:
@@ -106,35 +153,71 @@ def main() -> None:
     parser.add_argument("--datasets", default="taiwan,gmsc")
     parser.add_argument("--million-rows", type=int, default=1_000_000, help="batch-job rows (0 to skip)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/credit.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default benchmarks/results/credit.json; credit_speed.json when "
+                             "--speed-only)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="save the trained scorers, test splits and batch-job inputs here (or, with "
+                             "--speed-only, load them from here)")
+    parser.add_argument("--skip-speed", action="store_true", help="quality only: no latency, throughput or batch job")
+    parser.add_argument("--speed-only", action="store_true", help="time the scorers saved in --models-dir; no training")
+    parser.add_argument("--max-chunks", type=int, default=None,
+                        help="score only this many 250,000-row chunks of the batch job (a shorter timed run)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     console = Console(width=200)  # the tables are wide; a pipe would otherwise cut them to 80 columns
+    datasets = list(filter(None, args.datasets.split(",")))
+    out_path = args.out or Path("benchmarks/results/credit_speed.json" if args.speed_only else
+                                "benchmarks/results/credit.json")
     results = {"machine": machine(), "seed": args.seed, "datasets": {}}
-    for dataset in filter(None, args.datasets.split(",")):
-        results["datasets"][dataset] = quality(dataset, args.data, args.seed, console)
-    if args.million_rows:
-        workdir = Path(tempfile.mkdtemp(prefix="credit-bench-"))
-        try:
-            results["batch_job"] = million(args.million_rows, args.seed, workdir, console)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float))
+    if args.speed_only:
+        if args.models_dir is None:
+            parser.error("--speed-only needs --models-dir (saved by a run with --models-dir)")
+        results.update(speed_only(args.models_dir, datasets, console, max_chunks=args.max_chunks))
+    else:
+        for dataset in datasets:
+            results["datasets"][dataset] = quality(dataset, args.data, args.seed, console, speed=not args.skip_speed,
+                                                   save_to=args.models_dir)
+        if args.million_rows:
+            keep = args.models_dir is not None
+            workdir = args.models_dir / "batch" if keep else Path(tempfile.mkdtemp(prefix="credit-bench-"))
+            try:
+                population, model_dir, generate_seconds = prepare_million(args.million_rows, args.seed, workdir,
+                                                                          console)
+                if not args.skip_speed:
+                    results["batch_job"] = {**million(population, model_dir, workdir, console,
+                                                      max_chunks=args.max_chunks), "generate_seconds": generate_seconds}
+            finally:
+                if not keep:
+                    shutil.rmtree(workdir, ignore_errors=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1, default=float))
 
     console.print(results["machine"])
+    quality_columns = ("AUC", "KS", "Gini", "recall@80%", "Brier", "AUC vs card", "recall vs card")
+    speed_columns = ("p50 ms", "p99 ms", "batch rows/s")
     for dataset, block in results["datasets"].items():
-        table = Table(title=f"{dataset}: test split of {block['rows_test']:,} rows (anchors: {block['anchor']})")
-        for column in ("model", "AUC", "KS", "Gini", "recall@80%", "Brier", "AUC vs card", "recall vs card",
-                       "p50 ms", "p99 ms", "batch rows/s", "train s"):
+        models = block["models"]
+        timed = "latency_p99_ms" in next(iter(models.values()))
+        has_quality = "auc" in next(iter(models.values()))
+        table = Table(title=f"{dataset}: test split of {block['rows_test']:,} rows"
+                            + (f" (anchors: {block['anchor']})" if "anchor" in block else ""))
+        columns = ("model", *(quality_columns if has_quality else ()), *(speed_columns if timed else ()),
+                   *(("train s",) if has_quality else ()))
+        for column in columns:
             table.add_column(column, justify="left" if column == "model" else "right")
-        for name, m in block["models"].items():
-            table.add_row(name, f"{m['auc']:.4f}", f"{m['ks']:.3f}", f"{m['gini']:.3f}",
-                          f"{m['recall_at_approval']:.3f}", f"{m['brier']:.4f}",
-                          f"{m['auc_lift_over_scorecard']:+.1%}", f"{m['recall_lift_over_scorecard']:+.1%}",
-                          f"{m['latency_p50_ms']:.1f}", f"{m['latency_p99_ms']:.1f}", f"{m['batch_rows_per_s']:,.0f}",
-                          f"{m['train_seconds']:.0f}")
+        for name, m in models.items():
+            cells = [name]
+            if has_quality:
+                cells += [f"{m['auc']:.4f}", f"{m['ks']:.3f}", f"{m['gini']:.3f}", f"{m['recall_at_approval']:.3f}",
+                          f"{m['brier']:.4f}", f"{m['auc_lift_over_scorecard']:+.1%}",
+                          f"{m['recall_lift_over_scorecard']:+.1%}"]
+            if timed:
+                cells += [f"{m['latency_p50_ms']:.1f}", f"{m['latency_p99_ms']:.1f}", f"{m['batch_rows_per_s']:,.0f}"]
+            if has_quality:
+                cells.append(f"{m['train_seconds']:.0f}")
+            table.add_row(*cells)
         console.print(table)
     if "batch_job" in results:
         job = results["batch_job"]
@@ -146,7 +229,7 @@ def main() -> None:
             table.add_row(label, f"{r['seconds']:.1f}", f"{r['rows_per_s']:,.0f}", f"{r['read']:,}",
                           f"{r['scored']:,}", f"{r['quarantined']:,}", str(r["reconciled"]))
         console.print(table)
-    console.print(f"results: {args.out}")
+    console.print(f"results: {out_path}")
     if args.json:
         print(json.dumps(results, default=float))
 

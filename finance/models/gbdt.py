@@ -112,14 +112,15 @@ class LightGBMModel(CreditModel):
         tree_base = (np.arange(feature.shape[0]) * feature.shape[1])[None, :]
         out = np.zeros((len(data), n_features))
         for start in range(0, len(data), 4096):  # blocks keep the gathered entries small
-            leaf = (tree_base + leaves[start:start + 4096]).ravel()  # (b * trees,) ids of the leaves reached
+            leaf = tree_base + leaves[start:start + 4096]  # (b, trees) ids of the leaves reached
             count = length[leaf]
-            skip = np.repeat(first[leaf] - (np.cumsum(count) - count), count)
+            flat_count = count.ravel()
+            skip = np.repeat(first[leaf.ravel()] - (np.cumsum(flat_count) - flat_count), flat_count)
             entry = skip + np.arange(len(skip))  # positions in the ragged list, row by row
-            rows = np.repeat(np.arange(len(leaf) // feature.shape[0]), count.reshape(-1, feature.shape[0]).sum(1))
-            block = len(leaf) // feature.shape[0]
-            out[start:start + block] = np.bincount(rows * n_features + flat_feature[entry], weights=flat_delta[entry],
-                                                   minlength=block * n_features).reshape(block, -1)
+            rows = np.repeat(np.arange(len(leaf)), count.sum(1))
+            out[start:start + len(leaf)] = np.bincount(rows * n_features + flat_feature[entry],
+                                                       weights=flat_delta[entry],
+                                                       minlength=len(leaf) * n_features).reshape(len(leaf), -1)
         return out
 
     def save(self, directory: Path) -> None:

@@ -63,7 +63,7 @@ class ScorecardModel(CreditModel):
         self.binning_ = BinningProcess(names, max_n_bins=c.max_n_bins, min_bin_size=c.min_bin_size,
                                        binning_fit_params={n: {"monotonic_trend": "auto_asc_desc"} for n in names})
         self.binning_.fit(frame, train.y, sample_weight=train.sample_weight)
-        self.woe_tables_: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}  # filled as features are used
+        self.woe_tables_ = {name: self._woe_table(name) for name in names}
         summary = self.binning_.summary()
         information_value = dict(zip(summary["name"], summary["iv"].astype(float), strict=True))
         woe = self.binning_.transform(frame.iloc[rows], metric="woe")
@@ -115,8 +115,6 @@ class ScorecardModel(CreditModel):
         equal to a split point falls in the bin above it)."""
         out = np.empty((len(X), len(self.selected_)))
         for j, (name, column) in enumerate(zip(self.selected_, self.columns_, strict=True)):
-            if name not in self.woe_tables_:
-                self.woe_tables_[name] = self._woe_table(name)
             splits, woe, missing = self.woe_tables_[name]
             x = X[:, column].astype(np.float64)
             out[:, j] = np.where(np.isnan(x), missing, woe[np.searchsorted(splits, x, side="right")])
