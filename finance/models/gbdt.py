@@ -53,6 +53,7 @@ class LightGBMModel(CreditModel):
                                   callbacks=[lgb.early_stopping(self.config.early_stopping_rounds, verbose=False)])
         self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.current_iteration())
         self.paths_ = self._path_tables()
+        self.ragged_ = self._ragged_paths()
         return self
 
     def _path_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +90,17 @@ class LightGBMModel(CreditModel):
                     feature[t, leaf, d], delta[t, leaf, d] = f, change
         return feature, delta, roots
 
+    def _ragged_paths(self) -> tuple[np.ndarray, ...]:
+        """The path tables as one ragged list over (tree, leaf), so that a row's entries are gathered
+        tree by tree, depth by depth (the order bincount then sums them in) without the padding to
+        the deepest leaf. Returns length and first entry per (tree, leaf) (trees * leaves,), the
+        entries' feature and delta, and each tree's first (tree, leaf) id (1, trees)."""
+        feature, delta, _ = self.paths_
+        present = feature >= 0  # (trees, leaves, depth)
+        length = present.sum(-1).ravel()
+        first = np.concatenate([[0], np.cumsum(length)[:-1]])
+        return length, first, feature[present], delta[present], (np.arange(feature.shape[0]) * feature.shape[1])[None]
+
     def predict_proba(self, data: FitData) -> np.ndarray:
         pd_ = self.booster_.predict(data.X, num_iteration=self.best_iteration_, num_threads=self.config.threads)
         return np.column_stack([1 - pd_, pd_])
@@ -98,18 +110,11 @@ class LightGBMModel(CreditModel):
             contrib = self.booster_.predict(data.X, num_iteration=self.best_iteration_, pred_contrib=True,
                                             num_threads=self.config.threads)
             return contrib[:, :-1]  # last column is the expected value
-        feature, delta, _ = self.paths_
         leaves = self.booster_.predict(data.X, num_iteration=self.best_iteration_, pred_leaf=True,
                                        num_threads=self.config.threads)  # (n, trees)
         leaves = leaves.reshape(len(data), -1)
-        # The paths as one ragged list over (tree, leaf): a row's entries are gathered tree by tree,
-        # depth by depth (the order bincount then sums them in), without the padding to the deepest leaf.
-        present = feature >= 0  # (trees, leaves, depth)
-        length = present.sum(-1).ravel()  # (trees * leaves,)
-        first = np.concatenate([[0], np.cumsum(length)[:-1]])
-        flat_feature, flat_delta = feature[present], delta[present]
+        length, first, flat_feature, flat_delta, tree_base = self.ragged_
         n_features = len(self.feature_names)
-        tree_base = (np.arange(feature.shape[0]) * feature.shape[1])[None, :]
         out = np.zeros((len(data), n_features))
         for start in range(0, len(data), 4096):  # blocks keep the gathered entries small
             leaf = tree_base + leaves[start:start + 4096]  # (b, trees) ids of the leaves reached
@@ -136,6 +141,7 @@ class LightGBMModel(CreditModel):
         model.booster_ = lgb.Booster(model_file=str(directory / "lightgbm.txt"))
         model.best_iteration_ = meta["best_iteration"]
         model.paths_ = model._path_tables()
+        model.ragged_ = model._ragged_paths()
         return model
 
     def summary(self) -> dict[str, Any]:
