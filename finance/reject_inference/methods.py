@@ -13,6 +13,8 @@ Methods (Kozodoi et al. 2019; Siddiqi, Credit Risk Scorecards, ch. 6):
 - Parcelling: rejects split into score bands; in each band a random share, the accepted bad rate
   of the band times a factor, is labelled bad.
 - FuzzyAugmentation: each reject enters twice, as bad with weight p and as good with weight 1 - p.
+- BaggedFuzzyAugmentation: fuzzy augmentation with p averaged over models fitted on bootstrap
+  resamples of the accepted loans (a lower-variance labeller where it must extrapolate).
 - Reweighting: accepted loans weighted by the inverse probability of being accepted (banded).
 - SelfTraining: iterated pseudo-labels for the rejects the current model is confident about.
 """
@@ -195,14 +197,54 @@ class FuzzyAugmentation(RejectInferenceClassifier):
         super().__init__(estimator=estimator)
         self.reject_weight = reject_weight  # how much one reject counts relative to one accepted loan
 
+    def _labeller_pd(self, X_lab: Any, y_lab: np.ndarray, X_unl: Any) -> np.ndarray:
+        return self._accepted_only_scores(X_lab, y_lab, X_unl)[1]
+
     def _augment(self, X_lab, y_lab, X_unl):
-        _, pd_unl = self._accepted_only_scores(X_lab, y_lab, X_unl)
+        pd_unl = self._labeller_pd(X_lab, y_lab, X_unl)
         n = len(pd_unl)
         X_train = stack([X_lab, X_unl, X_unl])
         y_train = np.concatenate([y_lab, np.ones(n, dtype="int64"), np.zeros(n, dtype="int64")])
         weight = np.concatenate([np.ones(len(y_lab)), self.reject_weight * pd_unl,
                                  self.reject_weight * (1.0 - pd_unl)])
         return X_train, y_train, weight
+
+
+class BaggedFuzzyAugmentation(FuzzyAugmentation):
+    """Fuzzy augmentation whose p is the mean PD of `n_labellers` models, each fitted on a bootstrap
+    resample of the accepted loans (Breiman's bagging, applied to the labeller only).
+
+    The rejects lie where the accepted-only model has seen few or no loans; there a single tree
+    model's PD rests on a handful of leaves fitted to a few defaults, and its errors are copied into
+    every reject's soft label. Averaging resampled labellers lowers that variance before the final
+    model, still one model of the wrapped kind, is trained on the augmented sample.
+    Learned: `labeller_pd_` (the rejects' averaged PD), `labeller_spread_` (mean std across labellers).
+    """
+
+    name = "fuzzy-bagged"
+
+    def __init__(self, *, estimator: Any, reject_weight: float = 1.0, n_labellers: int = 10, seed: int = 0) -> None:
+        super().__init__(estimator=estimator, reject_weight=reject_weight)
+        self.n_labellers = n_labellers  # 10 resamples: the spread of the average is ~1/3 of one model's
+        self.seed = seed
+
+    def _labeller_pd(self, X_lab: Any, y_lab: np.ndarray, X_unl: Any) -> np.ndarray:
+        assert self.n_labellers >= 1, f"n_labellers must be >= 1, got {self.n_labellers}"
+        if not len(X_unl):
+            return np.zeros(0)
+        rng = np.random.default_rng(self.seed)
+        pds = []
+        for i in range(self.n_labellers):
+            rows = rng.choice(len(y_lab), len(y_lab), replace=True)
+            while len(np.unique(y_lab[rows])) < 2:  # a resample needs both outcomes to fit
+                rows = rng.choice(len(y_lab), len(y_lab), replace=True)
+            labeller = clone_estimator(self.estimator)
+            if "random_state" in getattr(labeller, "get_params", dict)():
+                labeller.set_params(random_state=self.seed * 1000 + i)  # its own row/column subsamples too
+            pds.append(positive_proba(labeller.fit(take(X_lab, rows), y_lab[rows]), X_unl))
+        pds = np.stack(pds)  # (n_labellers, n_unlabelled)
+        self.labeller_pd_, self.labeller_spread_ = pds.mean(axis=0), float(pds.std(axis=0).mean())
+        return self.labeller_pd_
 
 
 class Reweighting(RejectInferenceClassifier):
@@ -303,7 +345,8 @@ class SelfTraining(RejectInferenceClassifier):
 
 
 METHODS: dict[str, Callable[..., RejectInferenceClassifier]] = {
-    cls.name: cls for cls in (AcceptedOnly, HardCutoff, Parcelling, FuzzyAugmentation, Reweighting, SelfTraining)
+    cls.name: cls for cls in (AcceptedOnly, HardCutoff, Parcelling, FuzzyAugmentation, BaggedFuzzyAugmentation,
+                              Reweighting, SelfTraining)
 }
 
 
