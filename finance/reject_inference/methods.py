@@ -269,7 +269,7 @@ class IteratedFuzzyAugmentation(FuzzyAugmentation):
 
     def __init__(self, *, estimator: Any, reject_weight: float = 1.0, n_rounds: int = 3) -> None:
         super().__init__(estimator=estimator, reject_weight=reject_weight)
-        self.n_rounds = n_rounds  # development seeds (10, 11): gains levelled off after the third
+        self.n_rounds = n_rounds  # development seeds 10, 11: +4-8 points by round 3; flat at round 4 (seed 10)
 
     def fit(self, X: Any, y: Any) -> IteratedFuzzyAugmentation:
         assert self.n_rounds >= 1, f"n_rounds must be >= 1, got {self.n_rounds}"
