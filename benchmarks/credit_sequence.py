@@ -9,6 +9,10 @@ validation split. Test AUC, KS, recall at 80% approval, and scoring speed (one a
 end, with reason codes; batch rows/s).
 
     python benchmarks/credit_sequence.py --data ../shared/data [--seeds 0 --seeds 1] [--json]
+
+Training and timing can run apart: with `--models DIR` the fitted scorers are saved under DIR, and a
+second run with the same DIR loads them and only evaluates and times, so that run alone can hold the
+shared benchmark lock (`flock /tmp/moeworks-bench.lock python benchmarks/credit_sequence.py ...`).
 """
 
 from __future__ import annotations
@@ -40,10 +44,24 @@ def machine() -> str:
             f"CPU only, load average {os.getloadavg()[0]:.1f} at start (shared machine)")
 
 
-def one_split(records, seed: int, console: Console) -> dict[str, dict[str, float]]:
+def use_attribution(scorer: CreditScorer, attribution: str | None) -> None:
+    """Set the reason-code attribution of the scorer's sequence model(s), e.g. on loaded scorers."""
+    if attribution is None:
+        return
+    for model in [scorer.model_, *getattr(scorer.model_, "members_", [])]:
+        if hasattr(model, "classifier_"):
+            model.classifier_.attribution = attribution
+
+
+def one_split(records, seed: int, console: Console, models: Path | None = None,
+              attribution: str | None = None) -> dict[str, dict[str, float]]:
     dataset = records.dataset
     fit_part, test = split_records(records, valid_share=0.2, seed=seed)
     train, valid = split_records(fit_part, valid_share=0.2, seed=seed)
+    saved = None if models is None else models / f"{dataset}-seed{seed}"
+    if saved is not None and all((saved / name / "scorer.json").is_file() for name in MODELS):
+        console.print(f"seed {seed}: scorers loaded from {saved}")
+        return evaluate({name: CreditScorer.load(saved / name) for name in MODELS}, test, seed, console, attribution)
     scorers = {}
     for name in ("lightgbm", "sequence"):
         with console.status(f"seed {seed}: training {name} on {len(train):,} rows"):
@@ -57,8 +75,17 @@ def one_split(records, seed: int, console: Console) -> dict[str, dict[str, float
         train, valid, fitted_model=blend)
     members_seconds = scorers["lightgbm"].train_seconds_ + scorers["sequence"].train_seconds_
     scorers["sequence-ensemble"].train_seconds_ = members_seconds + time.perf_counter() - started
+    if saved is not None:
+        for name, scorer in scorers.items():
+            scorer.save(saved / name)
+    return evaluate(scorers, test, seed, console, attribution)
+
+
+def evaluate(scorers: dict[str, CreditScorer], test, seed: int, console: Console,
+             attribution: str | None = None) -> dict[str, dict[str, float]]:
     rows = {}
     for name, scorer in scorers.items():
+        use_attribution(scorer, attribution)
         metrics = credit_metrics(test.target, scorer.predict_pd(test.frame), approval_rate=0.8)
         speed = scoring_speed(scorer, test.frame, single_runs=100, batch_rows=4000)
         rows[name] = {**metrics, **speed, "train_seconds": scorer.train_seconds_, "summary": scorer.model_.summary()}
@@ -71,6 +98,9 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
          dataset: str = typer.Option("taiwan", help="taiwan (real) or generated (GENERATED population)"),
          rows: int = typer.Option(30_000, help="generated applicants when --dataset generated"),
          seeds: list[int] = typer.Option([0], help="one split and training per seed"),
+         models: Path = typer.Option(None, help="save the fitted scorers here; load them if already there"),
+         attribution: str = typer.Option(None, help="sequence reason codes: occlusion or integrated-gradients "
+                                                     "(default: the model's own, occlusion)"),
          out: Path = typer.Option(None, help="results file (default runs/benchmarks/credit_sequence_DATASET.json)"),
          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
     torch.set_num_threads(1)
@@ -87,8 +117,9 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
         records = load_taiwan(data / "taiwan_credit_default")
     started = time.perf_counter()
     out = out or Path(f"runs/benchmarks/credit_sequence_{dataset}.json")
-    runs = [{"seed": seed, "models": one_split(records, seed, console)} for seed in seeds]
-    summary = {"dataset": dataset, "rows": len(records), "seeds": seeds, "machine": machine(), "models": {}}
+    runs = [{"seed": seed, "models": one_split(records, seed, console, models, attribution)} for seed in seeds]
+    summary = {"dataset": dataset, "rows": len(records), "seeds": seeds, "machine": machine(),
+               "attribution": attribution or "occlusion", "models": {}}
     for name in MODELS:
         pick = lambda key, n=name: np.array([r["models"][n][key] for r in runs])  # noqa: E731
         summary["models"][name] = {

@@ -5,7 +5,7 @@ Each method wraps the same LightGBM; the table gives its AUC on the whole throug
 the kickout against accepted-only, and the share of the accepted-only -> upper-bound AUC gap it
 closes (target: the best method >= 30% on both datasets).
 
-    python benchmarks/reject_inference.py --data ../shared/data [--seeds 0 1 2] [--json]
+    python benchmarks/reject_inference.py --data ../shared/data [--seed 0 --seed 1] [--method fuzzy] [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
          datasets: list[str] = typer.Option(["taiwan", "gmsc"], "--dataset", help="datasets (repeatable)"),
          seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="protocol seeds (repeatable)"),
          estimator: str = typer.Option("lightgbm", help="lightgbm or logistic"),
+         methods: list[str] = typer.Option(None, "--method", help="methods (repeatable; default all)"),
          unlabelled: bool = typer.Option(True, help="GMSC: add cs-test to the unlabelled pool"),
          out: Path = typer.Option(Path("runs/benchmarks/reject_inference.json"), help="results file"),
          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
@@ -38,7 +39,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
     for dataset in datasets:
         with console.status(f"{dataset}") as status:
             results[dataset] = run_experiment(
-                dataset, data, estimator=estimator, seeds=seeds, use_unlabelled=unlabelled,
+                dataset, data, estimator=estimator, methods=methods or None, seeds=seeds, use_unlabelled=unlabelled,
                 progress=lambda step, d=dataset: status.update(f"{d}: {step} done"))
         console.print(results_table(results[dataset]))
         best = best_method(results[dataset])

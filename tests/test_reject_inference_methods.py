@@ -8,10 +8,13 @@ from finance.reject_inference.experiment import fields, make_estimator
 from finance.reject_inference.methods import (
     METHODS,
     AcceptedOnly,
+    BaggedFuzzyAugmentation,
     FuzzyAugmentation,
+    IteratedFuzzyAugmentation,
     SelfTraining,
     balanced_probability,
     make_method,
+    positive_proba,
 )
 from finance.reject_inference.protocol import ProtocolConfig, replay_policy
 
@@ -41,7 +44,8 @@ def test_each_method_runs_on_a_small_real_sample(sample, name):
     n_lab, n_unl = method.n_labelled_, method.n_unlabelled_
     assert (n_lab, n_unl) == (sample.accepted.sum(), (~sample.accepted).sum())
     expected_rows = {"accepted-only": n_lab, "reweighting": n_lab, "hard-cutoff": n_lab + n_unl,
-                     "parcelling": n_lab + n_unl, "fuzzy": n_lab + 2 * n_unl}
+                     "parcelling": n_lab + n_unl, "fuzzy": n_lab + 2 * n_unl, "fuzzy-bagged": n_lab + 2 * n_unl,
+                     "fuzzy-em": n_lab + 2 * n_unl}
     if name in expected_rows:
         assert method.n_train_rows_ == expected_rows[name]
     else:
@@ -87,3 +91,30 @@ def test_self_training_stops_at_its_threshold(sample):
 def test_unknown_labels_are_rejected_with_the_row():
     with pytest.raises(ValueError, match="row 2"):
         AcceptedOnly(estimator=LogisticRegression()).fit(np.zeros((3, 1)), [0, 1, 2])
+
+
+def test_bagged_fuzzy_averages_resampled_labellers(sample):
+    X_bank, y_bank = sample.bank_view()
+    n_unl = int((y_bank == -1).sum())
+    one = BaggedFuzzyAugmentation(estimator=small_lightgbm(), n_labellers=3, seed=1).fit(X_bank, y_bank)
+    again = BaggedFuzzyAugmentation(estimator=small_lightgbm(), n_labellers=3, seed=1).fit(X_bank, y_bank)
+    other = BaggedFuzzyAugmentation(estimator=small_lightgbm(), n_labellers=3, seed=2).fit(X_bank, y_bank)
+    assert one.labeller_pd_.shape == (n_unl,) and ((one.labeller_pd_ > 0) & (one.labeller_pd_ < 1)).all()
+    np.testing.assert_array_equal(one.labeller_pd_, again.labeller_pd_)  # seeded resamples
+    assert not np.array_equal(one.labeller_pd_, other.labeller_pd_) and one.labeller_spread_ > 0
+    # The rejects' soft labels are the averaged PD: bad rows weighted p, good rows 1 - p.
+    single = FuzzyAugmentation(estimator=small_lightgbm()).fit(X_bank, y_bank)
+    base = positive_proba(single.base_estimator_, X_bank[y_bank == -1])
+    assert np.corrcoef(base, one.labeller_pd_)[0, 1] > 0.6
+
+
+def test_iterated_fuzzy_starts_as_fuzzy_and_relabels_each_round(sample):
+    X_bank, y_bank = sample.bank_view()
+    fuzzy = FuzzyAugmentation(estimator=small_lightgbm()).fit(X_bank, y_bank)
+    one = IteratedFuzzyAugmentation(estimator=small_lightgbm(), n_rounds=1).fit(X_bank, y_bank)
+    np.testing.assert_allclose(one.predict_proba(sample.X_holdout), fuzzy.predict_proba(sample.X_holdout))
+    assert one.rounds_ == []
+    three = IteratedFuzzyAugmentation(estimator=small_lightgbm(), n_rounds=3).fit(X_bank, y_bank)
+    assert [r["round"] for r in three.rounds_] == [1, 2]
+    assert all(r["mean_change"] > 0 for r in three.rounds_)  # the soft labels moved
+    assert not np.allclose(three.predict_proba(sample.X_holdout), fuzzy.predict_proba(sample.X_holdout))

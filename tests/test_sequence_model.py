@@ -76,3 +76,47 @@ def test_attributions_name_raw_fields_and_explain_the_log_odds(fitted, taiwan):
     late = rows["PAY_0"].to_numpy() >= 2
     if late.any():
         assert pushes[late, columns.index("PAY_0")].mean() > 0
+
+
+def test_batched_occlusion_is_the_drop_from_setting_one_field_to_its_reference(fitted, taiwan):
+    from finance.sequence.estimator import to_tensors
+    from finance.sequence.tokens import SequenceBatch
+
+    X, _ = taiwan
+    rows = X.iloc[1900:1960].reset_index(drop=True)
+    rows.loc[0, ["PAY_6", "BILL_AMT6", "PAY_AMT6"]] = np.nan  # a padded month must push 0
+    pushes, columns = fitted.attributions(rows, "occlusion")
+    batch = fitted.tokenizer_.transform(rows)
+    base = fitted._logits(fitted.model_, to_tensors(batch)).numpy()
+    for column, edit in (("PAY_0", lambda a: a[1].__setitem__((slice(None), 5), fitted.tokenizer_.status_mode_)),
+                         ("BILL_AMT3", lambda a: a[0].__setitem__((slice(None), 3, [0, 2, 4]), 0.0)),
+                         ("AGE", lambda a: a[3].__setitem__((slice(None), 1), 0.0))):
+        arrays = [a.copy() for a in batch]
+        edit(arrays)
+        expected = base - fitted._logits(fitted.model_, to_tensors(SequenceBatch(*arrays))).numpy()
+        np.testing.assert_allclose(pushes[:, columns.index(column)], expected, atol=1e-5)
+    assert pushes[0, columns.index("PAY_6")] == 0 and pushes[0, columns.index("BILL_AMT6")] == 0
+
+
+def test_integrated_gradients_add_up_to_the_logit_above_the_reference(fitted, taiwan):
+    import torch
+
+    from finance.sequence.estimator import to_tensors
+
+    X, _ = taiwan
+    rows = X.iloc[1900:2000].reset_index(drop=True)
+    pushes, columns = fitted.attributions(rows, "integrated-gradients", steps=64)
+    assert pushes.shape == (100, len(columns)) and np.isfinite(pushes).all()
+    inputs = to_tensors(fitted.tokenizer_.transform(rows))
+    tokens, status, padding, numeric, categorical = inputs
+    reference = (torch.zeros_like(tokens), torch.where(padding, status, fitted.tokenizer_.status_mode_), padding,
+                 torch.zeros_like(numeric), torch.tensor(fitted.tokenizer_.static_mode_).expand(len(rows), -1))
+    gap = fitted._logits(fitted.model_, inputs).numpy() - fitted._logits(fitted.model_, reference).numpy()
+    # Completeness holds up to the jumps where top-k routing switches experts along the path.
+    assert np.corrcoef(pushes.sum(axis=1), gap)[0, 1] > 0.95
+    assert np.median(np.abs(pushes.sum(axis=1) - gap)) < 0.2 * np.abs(gap).mean() + 1e-3
+    occlusion, _ = fitted.attributions(rows, "occlusion")
+    agree = (np.argmax(pushes, axis=1) == np.argmax(occlusion, axis=1)).mean()
+    assert agree > 0.4, f"integrated gradients and occlusion agree on the top field for only {agree:.0%}"
+    with pytest.raises(ValueError, match="attribution method"):
+        fitted.attributions(rows, "shapley")

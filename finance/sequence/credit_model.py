@@ -3,8 +3,9 @@
 `sequence` is the SequenceClassifier behind the CreditModel interface (it reads the raw records);
 `sequence-ensemble` is the credit ensemble with LightGBM (on the 200+ pipeline features) and the
 sequence model as members, blended on the validation split. Reason codes: the sequence model's
-occlusion attributions per raw field are placed on the pipeline feature that holds that field
-(e.g. PAY_0 -> status_sep), so the scorer's reason codes read the same as for the other models.
+attributions per raw field (occlusion by default, or integrated gradients) are placed on the
+pipeline feature that holds that field (e.g. PAY_0 -> status_sep), so the scorer's reason codes
+read the same as for the other models.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ TAIWAN_FIELD_FEATURES = {
 class SequenceModelConfig:
     model: SequenceTransformerConfig = field(default_factory=SequenceTransformerConfig)
     training: SequenceTrainingConfig = field(default_factory=SequenceTrainingConfig)
+    attribution: str = "occlusion"  # reason codes: exact, one batched pass; or "integrated-gradients"
+    attribution_steps: int = 8  # integrated-gradient midpoints, when chosen
 
 
 def layout_for(dataset: str) -> MonthlyLayout:
@@ -89,9 +92,11 @@ def feature_index(feature_names: list[str], column: str, level: str | None = Non
 
 def level_strings(values: Any) -> np.ndarray:
     """Category values as the pipeline spells them in one-hot names: 2.0 -> "2", "retired" stays."""
-    number = pd.to_numeric(values, errors="coerce")
-    whole = number.notna() & (number == number.round())
-    return np.where(whole, number.fillna(0).astype("int64").astype(str), values.astype(str))
+    numeric = pd.api.types.is_numeric_dtype(values)
+    number = values.to_numpy("float64") if numeric else pd.to_numeric(values, errors="coerce").to_numpy("float64")
+    whole = ~np.isnan(number) & (number == np.round(number))
+    text = number.astype(str) if numeric else values.astype(str).to_numpy()
+    return np.where(whole, np.where(whole, number, 0).astype("int64").astype(str), text)
 
 
 @register_model("sequence")
@@ -105,7 +110,8 @@ class SequenceModel(CreditModel):
         assert train.records is not None and valid.records is not None, "the sequence model reads raw records"
         self.classifier_ = SequenceClassifier(layout=layout_for(self.dataset), model=self.config.model,
                                               training=dataclasses.replace(self.config.training),
-                                              seed=self.seed)
+                                              seed=self.seed, attribution=self.config.attribution,
+                                              attribution_steps=self.config.attribution_steps)
         self.classifier_.fit(train.records, train.y, sample_weight=train.sample_weight,
                              validation=(valid.records, valid.y))
         return self
@@ -133,7 +139,9 @@ class SequenceModel(CreditModel):
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> SequenceModel:
         model = cls(feature_names=feature_names, dataset=dataset)
         model.classifier_ = SequenceClassifier.load(directory)
-        model.config = SequenceModelConfig(model=model.classifier_.model_.config)
+        model.config = SequenceModelConfig(model=model.classifier_.model_.config,
+                                           attribution=model.classifier_.attribution,
+                                           attribution_steps=model.classifier_.attribution_steps)
         return model
 
     def export_onnx(self, path: Path) -> Path:
@@ -145,7 +153,8 @@ class SequenceModel(CreditModel):
         moe = self.classifier_.config_.moe
         return {"best_epoch": self.classifier_.best_epoch_, "layers": self.classifier_.config_.num_layers,
                 "experts": moe.num_experts, "top_k": moe.top_k,
-                "validation_auc": self.classifier_.validation_metrics_.get("val_auc")}
+                "validation_auc": self.classifier_.validation_metrics_.get("val_auc"),
+                "attribution": self.classifier_.attribution}
 
 
 @dataclass

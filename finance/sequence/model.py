@@ -71,12 +71,28 @@ class SequenceTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, status: torch.Tensor, padding: torch.Tensor,
                 static_numeric: torch.Tensor, static_categorical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, _ = tokens.shape
-        months = self.month_input(torch.cat([tokens, self.status_embedding(status)], dim=-1))  # (b, T, H)
-        months = months + self.position.weight[:t].unsqueeze(0)
+        return self.forward_embedded(tokens, self.status_embedding(status), padding, static_numeric,
+                                     self.embed_static(static_categorical))
+
+    def embed_static(self, static_categorical: torch.Tensor) -> torch.Tensor:
+        """(batch, C) codes -> (batch, C, static_embedding_dim)."""
         embedded = [emb(static_categorical[:, i]) for i, emb in enumerate(self.static_embeddings)]
-        static_parts = [static_numeric, *embedded]
-        cls = self.cls_input(torch.cat(static_parts, dim=-1)).unsqueeze(1)  # (b, 1, H)
+        if not embedded:
+            return static_categorical.new_zeros((len(static_categorical), 0, self.config.static_embedding_dim),
+                                                dtype=self.position.weight.dtype)
+        return torch.stack(embedded, dim=1)
+
+    def forward_embedded(self, tokens: torch.Tensor, status_vectors: torch.Tensor, padding: torch.Tensor,
+                         static_numeric: torch.Tensor,
+                         static_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward with the categorical inputs already embedded: status_vectors (batch, T, status dim),
+        static_vectors (batch, C, static dim). Every input is continuous here, so gradient attributions
+        can follow a path from a reference client to the applicant (SequenceClassifier.attributions)."""
+        t = tokens.shape[1]
+        months = self.month_input(torch.cat([tokens, status_vectors], dim=-1))  # (b, T, H)
+        months = months + self.position.weight[:t].unsqueeze(0)
+        static_parts = torch.cat([static_numeric, static_vectors.flatten(1)], dim=-1)
+        cls = self.cls_input(static_parts).unsqueeze(1)  # (b, 1, H)
         x = torch.cat([cls, months], dim=1)  # (b, 1 + T, H)
         mask = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)  # (b, 1 + T), CLS never padding
         aux = x.new_zeros(())

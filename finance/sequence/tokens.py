@@ -91,8 +91,27 @@ def _signed_log(x: np.ndarray) -> np.ndarray:
 
 def _level_keys(values: pd.Series) -> np.ndarray:
     """Categorical values as strings; numbers in one spelling (2, 2.0 and "2" are the same level)."""
+    if pd.api.types.is_numeric_dtype(values):  # the common case, without the per-value text pass
+        return values.to_numpy("float64").astype(str)
     number = pd.to_numeric(values, errors="coerce")
     return np.where(number.notna(), number.astype("float64").astype(str), values.astype(str))
+
+
+def numeric_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """frame[columns] as float64 (n, len(columns)); a value that is not a number raises, naming it.
+
+    Numeric columns are read as they are (the common case, and a single applicant's latency);
+    only text columns go through pd.to_numeric.
+    """
+    sub = frame[columns]
+    if all(pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) for t in sub.dtypes):
+        return sub.to_numpy("float64")
+    block = sub.apply(pd.to_numeric, errors="coerce").to_numpy("float64")
+    bad = np.isnan(block) & sub.notna().to_numpy()
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise SequenceDataError(f"column {columns[col]!r}, row {row}: {sub.iloc[row, col]!r} is not a number")
+    return block
 
 
 def raw_month_features(frame: pd.DataFrame, layout: MonthlyLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,18 +119,14 @@ def raw_month_features(frame: pd.DataFrame, layout: MonthlyLayout) -> tuple[np.n
     missing = [c for c in layout.columns if c not in frame.columns]
     if missing:
         raise SequenceDataError(f"missing column(s) {missing}")
-    values = {}
     groups = {"status": layout.status, "bill": layout.bill, "payment": layout.payment,
               **{f"channel{i}": c for i, c in enumerate(layout.channels)}}
+    monthly = [c for columns in groups.values() for c in columns]
+    block = numeric_block(frame, monthly)  # (n, all monthly columns): one selection, not one per group
+    values, start = {}, 0
     for name, columns in groups.items():
-        columns = list(columns)
-        block = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy("float64")
-        bad = np.isnan(block) & frame[columns].notna().to_numpy()
-        if bad.any():
-            row, col = np.argwhere(bad)[0]
-            raise SequenceDataError(f"column {columns[col]!r}, row {row}: {frame[columns[col]].iloc[row]!r} "
-                                    "is not a number")
-        values[name] = block
+        values[name] = block[:, start:start + len(columns)]
+        start += len(columns)
     status, bill, payment = values["status"], values["bill"], values["payment"]
     if layout.status_in_days:
         status = np.ceil(status / 30.0)
@@ -175,7 +190,11 @@ class SequenceTokenizer:
 
     def _static_numeric_raw(self, frame: pd.DataFrame) -> np.ndarray:
         columns = list(self.layout.static_numeric)
-        raw = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy("float64", copy=True)
+        sub = frame[columns]
+        if all(pd.api.types.is_numeric_dtype(t) for t in sub.dtypes):
+            raw = sub.to_numpy("float64", copy=True)
+        else:  # text that is not a number becomes missing (imputed as the mean), as the pipeline does
+            raw = sub.apply(pd.to_numeric, errors="coerce").to_numpy("float64", copy=True)
         # Money amounts are log-scaled: limits span three orders of magnitude.
         money = [i for i, c in enumerate(columns) if c == self.layout.limit or c in self.layout.static_log]
         raw[:, money] = np.log1p(np.maximum(raw[:, money], 0.0))
@@ -199,7 +218,7 @@ class SequenceTokenizer:
         """(n, n_static_categorical) codes: 1 + the level's rank among the fitted levels, 0 if unseen."""
         categorical = np.zeros((len(frame), len(self.levels_)), dtype="int64")
         for i, (column, levels) in enumerate(zip(self.layout.static_categorical, self.levels_, strict=True)):
-            categorical[:, i] = pd.Categorical(_level_keys(frame[column]), categories=levels).codes + 1  # -1 -> 0
+            categorical[:, i] = pd.Index(levels).get_indexer(_level_keys(frame[column])) + 1  # unseen: -1 -> 0
         return categorical
 
     def to_dict(self) -> dict[str, Any]:
