@@ -57,10 +57,11 @@ def run_rul(args, console: Console) -> list[dict]:
         for kind in args.models:
             started = time.perf_counter()
             estimator = RULEstimator(
-                net=default_net_config(kind), features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
+                net=default_net_config(kind, **args.net.get(kind, {})),
+                features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
                 train=RULTrainConfig(max_epochs=args.epochs, patience=args.patience,
                                      windows_per_epoch=args.windows_per_epoch or None, seed=args.seed,
-                                     progress=False))
+                                     batch_size=args.batch_size, learning_rate=args.lr, progress=False))
             _, metrics = train_and_validate(estimator, frame,
                                             ProtocolConfig(cuts_per_unit=args.cuts, seed=args.seed))
             row = {"subset": subset, "model": kind, **metrics, "wall_seconds": time.perf_counter() - started}
@@ -153,6 +154,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--windows-per-epoch", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--net", type=json.loads, default={},
+                        help='net config overrides per kind, e.g. \'{"moe": {"patch": 5}}\' (for tuning runs)')
     parser.add_argument("--cuts", type=int, default=5, help="random cuts per validation engine")
     parser.add_argument("--alert-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
