@@ -11,7 +11,7 @@ from manufacturing.maintenance.errors import MaintenanceDataError
 from manufacturing.maintenance.export import export_rul_onnx, rul_parity
 from manufacturing.maintenance.features import FeatureConfig
 from manufacturing.maintenance.generator import generate_cmapss
-from manufacturing.maintenance.models import RULNetConfig
+from manufacturing.maintenance.models import RULNetConfig, build_rul_net
 from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig
 from manufacturing.maintenance.split import truncate_units
 from manufacturing.maintenance.streaming import StreamingRULPredictor
@@ -92,6 +92,19 @@ def test_onnx_parity_on_real_windows(data_root, kind, tmp_path):
     path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")
     assert rul_parity(estimator, path, sample) < 1e-3  # cycles, on RULs of 0-125
     assert estimator.predict_windows(sample).std() > 0  # not a constant model
+
+
+def test_moe_routes_each_token_of_the_window_to_top_k_experts():
+    config = replace(tiny_estimator("moe").net, num_features=20)
+    net = build_rul_net(config).eval()
+    load = []
+    net.blocks[0].moe.register_forward_hook(lambda module, args, out: load.append(out.expert_load))
+    rul, aux = net(torch.randn(7, 30, 20))
+    assert rul.shape == (7,) and aux.ndim == 0 and bool(((rul >= 0) & (rul <= 125)).all())
+    # 30 cycles in patches of 3: 10 tokens per engine, each sent to top_k experts.
+    assert int(load[0].sum()) == 7 * 10 * config.moe.top_k
+    with pytest.raises(AssertionError, match="multiple of patch"):
+        replace(config, patch=4)
 
 
 def test_lstm_learns_rul_on_generated_engines():

@@ -33,7 +33,7 @@ class RULNetConfig:
     encoder: Literal["lstm", "conv"] = "lstm"
     num_heads: int = 4  # attention heads (moe kind): 16 dimensions each at hidden_size 64
     dropout: float = 0.1  # light: the training sets hold 100-260 engines
-    # Eight small experts, two per cycle: enough for the six operating regimes to take their own
+    # Eight small experts, two per token: enough for the six operating regimes to take their own
     # experts on FD002/FD004 while training stays affordable on a 2-core CPU. The balancing losses
     # are scaled down from the LM defaults (0.01 / 0.001): the task loss here is an MSE on RUL/cap
     # of about 0.01, which the default weights would match and drown.
@@ -48,6 +48,7 @@ class RULNetConfig:
         assert self.num_features >= 1 and self.window >= 1 and self.rul_cap > 0
         assert self.kind == "lstm" or self.moe.hidden_size == self.hidden_size, \
             "moe.hidden_size must equal hidden_size"
+        assert self.encoder in ("lstm", "conv"), f"encoder must be 'lstm' or 'conv', got {self.encoder!r}"
         assert self.kind == "lstm" or self.window % self.patch == 0, \
             f"window {self.window} must be a multiple of patch {self.patch}"
 
@@ -83,15 +84,17 @@ class LSTMRegressor(nn.Module):
 
 
 class MoERULNet(nn.Module):
-    """Convolutional patches of the window -> Transformer blocks with MoE feed-forwards -> RUL.
+    """Conv front-end -> stacked LSTM -> a Transformer block with an MoE feed-forward -> RUL.
 
-    A 1-D convolution (kernel 5) reads the local trend of each cycle's sensors (a CNN front-end,
-    as in Li et al. 2018); a strided convolution then folds every `patch` cycles into one token
-    (30 cycles -> 10 tokens), which cuts the attention and expert work threefold on this CPU. Each
-    token goes through `moe_blocks` pre-norm encoder blocks from `core` (self-attention over the
-    window, then an MoE layer whose router sends each token to two of eight experts: experts can
-    take regimes (FD002/FD004 tokens carry the regime one-hot), fault modes and wear stages). The
-    last token (the newest cycles) and the mean over the window feed the MLP head.
+    A 1-D convolution (kernel 5) reads the local trend of each cycle's sensors (the CNN front-end
+    of the CNN+LSTM hybrids); the LSTM (as in the lstm kind) carries the wear history along the
+    window; a strided convolution folds every `patch` states into one token (30 cycles -> 10
+    tokens, a third of the attention and expert work on this CPU). Each token then goes through
+    `moe_blocks` pre-norm encoder blocks from `core`: self-attention over the window, then an MoE
+    layer whose router sends each token to two of eight experts, so experts can take regimes
+    (FD002/FD004 tokens carry the regime one-hot), fault modes and wear stages. The last token
+    (the newest cycles) and the mean over the window feed the MLP head. With `encoder="conv"`
+    the LSTM is left out (a pure Transformer; it overfitted in tuning, see RULNetConfig).
     forward(x (batch, window, features)) -> (rul (batch,), aux scalar: the MoE balancing losses).
     """
 
