@@ -80,6 +80,12 @@ def test_save_load_round_trip(fitted, tmp_path):
                                                                                       "setting_3"]
     with pytest.raises(MaintenanceDataError, match="not a RUL model folder"):
         RULEstimator.load(tmp_path)
+    # A folder saved by an older layout (a config field this version does not know) is refused by name.
+    payload = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    payload["metadata"]["config"]["moe_layers"] = 2
+    torch.save(payload, tmp_path / "model" / "model.pt")
+    with pytest.raises(MaintenanceDataError, match="another model layout.*moe_layers.*retrain"):
+        RULEstimator.load(tmp_path / "model")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "moe"])
