@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +34,7 @@ from manufacturing.maintenance.features import FeatureConfig  # noqa: E402
 from manufacturing.maintenance.generator import generate_cmapss  # noqa: E402
 from manufacturing.maintenance.models import default_net_config  # noqa: E402
 from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate  # noqa: E402
-from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig  # noqa: E402
+from manufacturing.maintenance.rul import RULEstimator, default_train_config  # noqa: E402
 
 # Published RMSE on the official test sets (not the validation split here): for context only.
 ANCHORS = {"deep LSTM (Zheng 2017)": [16.14, 24.49, 16.18, 28.17], "CNN (Li 2018)": [12.61, 22.36, 12.64, 23.31],
@@ -46,28 +48,47 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch thread(s), load average {load:.1f} at start (shared machine)")
 
 
+def load_subset(args, subset: str):
+    if args.quick:
+        return generate_cmapss(30, num_regimes=SUBSET_REGIMES[subset], seed=1, max_life=220)
+    return read_cmapss(find_file(args.data / "cmapss" if (args.data / "cmapss").is_dir() else args.data,
+                                 "train", subset))
+
+
+def recipe_overrides(args) -> dict:
+    """The training-recipe options given on the command line (the rest stay the kind's defaults)."""
+    overrides = {"batch_size": args.batch_size, "learning_rate": args.lr}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if args.windows_per_epoch is not None:
+        overrides["windows_per_epoch"] = args.windows_per_epoch or None  # 0: every window
+    return overrides
+
+
+def run_one(args, subset: str, kind: str) -> dict:
+    """Train and validate one (subset, model) pair; runs in a worker process with --jobs > 1."""
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    estimator = RULEstimator(
+        net=default_net_config(kind, **args.net.get(kind, {})),
+        features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
+        train=default_train_config(kind, max_epochs=args.epochs, patience=args.patience, seed=args.seed,
+                                   progress=False, **recipe_overrides(args)))
+    _, metrics = train_and_validate(estimator, load_subset(args, subset),
+                                    ProtocolConfig(cuts_per_unit=args.cuts, seed=args.seed))
+    return {"subset": subset, "model": kind, **metrics, "wall_seconds": time.perf_counter() - started}
+
+
 def run_rul(args, console: Console) -> list[dict]:
-    rows = []
-    for subset in args.subsets:
-        if args.quick:
-            frame = generate_cmapss(30, num_regimes=SUBSET_REGIMES[subset], seed=1, max_life=220)
-        else:
-            frame = read_cmapss(find_file(args.data / "cmapss" if (args.data / "cmapss").is_dir() else args.data,
-                                          "train", subset))
-        for kind in args.models:
-            started = time.perf_counter()
-            estimator = RULEstimator(
-                net=default_net_config(kind), features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
-                train=RULTrainConfig(max_epochs=args.epochs, patience=args.patience,
-                                     windows_per_epoch=args.windows_per_epoch or None, seed=args.seed,
-                                     progress=False))
-            _, metrics = train_and_validate(estimator, frame,
-                                            ProtocolConfig(cuts_per_unit=args.cuts, seed=args.seed))
-            row = {"subset": subset, "model": kind, **metrics, "wall_seconds": time.perf_counter() - started}
-            console.print(f"{subset} {kind}: val RMSE {row['val_rmse']:.2f}, score {row['val_score']:.0f}, "
-                          f"{row['train_seconds']:.0f} s training ({row['epochs_run']} epochs, best "
-                          f"{row['best_epoch']})")
-            rows.append(row)
+    tasks = [(subset, kind) for subset in args.subsets for kind in args.models]
+    if args.jobs > 1:  # the pairs are independent; one process each keeps one torch thread per core
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(run_one, [args] * len(tasks), *zip(*tasks, strict=True)))
+    else:
+        rows = [run_one(args, subset, kind) for subset, kind in tasks]
+    for row in rows:
+        console.print(f"{row['subset']} {row['model']}: val RMSE {row['val_rmse']:.2f}, score {row['val_score']:.0f}, "
+                      f"{row['train_seconds']:.0f} s training ({row['epochs_run']} epochs, best "
+                      f"{row['best_epoch']})")
     return rows
 
 
@@ -152,7 +173,13 @@ def main() -> None:
     parser.add_argument("--models", type=lambda s: s.split(","), default=["lstm", "moe"])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=8)
-    parser.add_argument("--windows-per-epoch", type=int, default=8192)
+    parser.add_argument("--windows-per-epoch", type=int, default=None,
+                        help="windows drawn per epoch (0: all; default: the model kind's recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the model kind's recipe")
+    parser.add_argument("--lr", type=float, default=None, help="default: the model kind's recipe")
+    parser.add_argument("--jobs", type=int, default=1, help="(subset, model) runs trained in parallel processes")
+    parser.add_argument("--net", type=json.loads, default={},
+                        help='net config overrides per kind, e.g. \'{"moe": {"patch": 5}}\' (for tuning runs)')
     parser.add_argument("--cuts", type=int, default=5, help="random cuts per validation engine")
     parser.add_argument("--alert-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)

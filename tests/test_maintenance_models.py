@@ -11,7 +11,7 @@ from manufacturing.maintenance.errors import MaintenanceDataError
 from manufacturing.maintenance.export import export_rul_onnx, rul_parity
 from manufacturing.maintenance.features import FeatureConfig
 from manufacturing.maintenance.generator import generate_cmapss
-from manufacturing.maintenance.models import RULNetConfig
+from manufacturing.maintenance.models import RULNetConfig, build_rul_net
 from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig
 from manufacturing.maintenance.split import truncate_units
 from manufacturing.maintenance.streaming import StreamingRULPredictor
@@ -80,6 +80,12 @@ def test_save_load_round_trip(fitted, tmp_path):
                                                                                       "setting_3"]
     with pytest.raises(MaintenanceDataError, match="not a RUL model folder"):
         RULEstimator.load(tmp_path)
+    # A folder saved by an older layout (a config field this version does not know) is refused by name.
+    payload = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    payload["metadata"]["config"]["moe_layers"] = 2
+    torch.save(payload, tmp_path / "model" / "model.pt")
+    with pytest.raises(MaintenanceDataError, match="another model layout.*moe_layers.*retrain"):
+        RULEstimator.load(tmp_path / "model")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "moe"])
@@ -92,6 +98,19 @@ def test_onnx_parity_on_real_windows(data_root, kind, tmp_path):
     path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")
     assert rul_parity(estimator, path, sample) < 1e-3  # cycles, on RULs of 0-125
     assert estimator.predict_windows(sample).std() > 0  # not a constant model
+
+
+def test_moe_routes_each_token_of_the_window_to_top_k_experts():
+    config = replace(tiny_estimator("moe").net, num_features=20)
+    net = build_rul_net(config).eval()
+    load = []
+    net.blocks[0].moe.register_forward_hook(lambda module, args, out: load.append(out.expert_load))
+    rul, aux = net(torch.randn(7, 30, 20))
+    assert rul.shape == (7,) and aux.ndim == 0 and bool(((rul >= 0) & (rul <= 125)).all())
+    # 30 cycles in patches of 3: 10 tokens per engine, each sent to top_k experts.
+    assert int(load[0].sum()) == 7 * 10 * config.moe.top_k
+    with pytest.raises(AssertionError, match="multiple of patch"):
+        replace(config, patch=4)
 
 
 def test_lstm_learns_rul_on_generated_engines():

@@ -72,7 +72,8 @@ def register(app: typer.Typer) -> None:
               out: Path = typer.Option(Path("runs/maintenance/model"), help="model folder to write"),
               generated: bool = typer.Option(False, help="train on generated run-to-failure data instead"),
               epochs: int = typer.Option(40, help="most epochs (early stopping on validation engines)"),
-              windows_per_epoch: int = typer.Option(8192, help="random windows per epoch (0: all)"),
+              windows_per_epoch: int | None = typer.Option(None, help="random windows per epoch (0: all; "
+                                                                      "default: the model kind's recipe)"),
               val_fraction: float = typer.Option(0.2, help="share of engines held back for validation"),
               cuts: int = typer.Option(5, help="random cuts per validation engine"),
               seed: int = typer.Option(0),
@@ -84,7 +85,7 @@ def register(app: typer.Typer) -> None:
         from manufacturing.maintenance.generator import generate_cmapss
         from manufacturing.maintenance.models import default_net_config
         from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate
-        from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig
+        from manufacturing.maintenance.rul import RULEstimator, default_train_config
 
         _threads()
         if subset not in SUBSETS:
@@ -100,8 +101,9 @@ def register(app: typer.Typer) -> None:
             frame = read_cmapss(find_file(_data_folder(data, "cmapss"), "train", subset))
         estimator = RULEstimator(
             net=default_net_config(model), features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
-            train=RULTrainConfig(max_epochs=epochs, windows_per_epoch=windows_per_epoch or None, seed=seed,
-                                 progress=not as_json))
+            train=default_train_config(model, max_epochs=epochs, seed=seed, progress=not as_json,
+                                       **({} if windows_per_epoch is None
+                                          else {"windows_per_epoch": windows_per_epoch or None})))
         estimator, metrics = train_and_validate(
             estimator, frame, ProtocolConfig(val_fraction=val_fraction, cuts_per_unit=cuts, seed=seed))
         metrics = {"subset": subset, "model": model, "generated": generated, **metrics}
