@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 NAMESPACE = "spBv1.0"
 MESSAGE_TYPES = ("NBIRTH", "NDEATH", "DBIRTH", "DDEATH", "NDATA", "DDATA", "NCMD", "DCMD")
 DATATYPES = ("Double", "Float", "Int64", "Boolean", "String")
@@ -123,9 +125,12 @@ def _int(obj: dict, key: str, required: bool) -> int | None:
 def decode(kind: str, raw: bytes) -> Payload:
     """Parse and check a payload for a message type; raises PayloadError with the reason."""
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        obj = orjson.loads(raw)  # ~4x the stdlib's speed: this runs once per message
+    except orjson.JSONDecodeError:
+        try:  # the stdlib also reads NaN and Infinity, which the metric checks then refuse one by one
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PayloadError(f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     if not isinstance(obj, dict):
         raise PayloadError("payload must be a JSON object")
     timestamp = _int(obj, "timestamp", required=kind not in ("NDEATH", "DDEATH"))
