@@ -133,9 +133,16 @@ def decode(kind: str, raw: bytes) -> Payload:
             raise PayloadError(f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     if not isinstance(obj, dict):
         raise PayloadError("payload must be a JSON object")
-    timestamp = _int(obj, "timestamp", required=kind not in ("NDEATH", "DDEATH"))
-    seq = _int(obj, "seq", required=kind in ("NBIRTH", "DBIRTH", "NDATA", "DDATA"))
-    bd_seq = _int(obj, "bdSeq", required=kind in ("NBIRTH", "NDEATH"))
+    # the common case, a well-formed integer, without a call; _int explains everything else
+    timestamp = obj.get("timestamp")
+    if type(timestamp) is not int or timestamp < 0:
+        timestamp = _int(obj, "timestamp", required=kind not in ("NDEATH", "DDEATH"))
+    seq = obj.get("seq")
+    if type(seq) is not int or seq < 0:
+        seq = _int(obj, "seq", required=kind in ("NBIRTH", "DBIRTH", "NDATA", "DDATA"))
+    bd_seq = obj.get("bdSeq")
+    if type(bd_seq) is not int or bd_seq < 0:
+        bd_seq = _int(obj, "bdSeq", required=kind in ("NBIRTH", "NDEATH"))
     raw_metrics = obj.get("metrics", [])
     if not isinstance(raw_metrics, list):
         raise PayloadError("field 'metrics' must be a list")
