@@ -4,7 +4,8 @@ Publisher processes simulate many AI4I-type devices (NBIRTH/DBIRTH, then DDATA a
 seq numbers) at a target total rate; the twin (this process) ingests into state, alarms, health
 and SQLite history. For each target rate: the rate of messages committed to history during the
 measured window, end-to-end latency (edge timestamp -> history row committed) p50/p99, and loss
-(messages the broker acknowledged to the publishers minus rows in history, after draining).
+(messages the broker acknowledged to the publishers minus rows in history, after draining); also
+publish -> state updated p50/p99.
 Capacity: memory the twin's live state takes per device.
 
     python benchmarks/twin.py --json
@@ -49,7 +50,7 @@ def _readings(rng: np.random.Generator, n: int) -> list[list]:
 
 
 def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, list[str]], rate: float,
-                 seconds: float, seed: int, out: mp.Queue) -> None:
+                 seconds: float, seed: int, out: mp.Queue, ready: mp.Queue, go) -> None:
     """One publisher process: births for its nodes and devices, then DDATA at `rate` msg/s for `seconds`.
 
     Each DDATA is a real Sparkplug-style message (its device's next seq, the edge clock in ms, six AI4I
@@ -76,6 +77,8 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     deadline = time.monotonic() + 60
     while acked[0] < len(births) and time.monotonic() < deadline:
         time.sleep(0.01)
+    ready.put(seed)
+    go.wait(120)  # all publishers start together, so the measured window sees the whole offered rate
     published, per_round, noise = 0, len(targets), None
     start, cpu0 = time.monotonic(), time.process_time()
     while (elapsed := time.monotonic() - start) < seconds:
@@ -114,19 +117,25 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
         service = TwinService(config=TwinConfig(broker_port=broker.port, db=db or str(workdir / f"twin-{int(rate)}.db"),
                                                 client_id=f"bench-twin-{int(rate)}"), plant=plant).start()
         service.wait_connected()
-        out: mp.Queue = mp.get_context("spawn").Queue()
-        procs = [mp.get_context("spawn").Process(
+        ctx = mp.get_context("spawn")
+        out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(
             daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
                                        {n: node_devices[n] for n in node_ids[k::publishers]}, rate / publishers,
-                                       warmup + seconds, k, out)) for k in range(publishers)]
+                                       warmup + seconds, k, out, ready, go)) for k in range(publishers)]
         for p in procs:
             p.start()
+        for _ in procs:
+            ready.get(timeout=120)  # connected, births acknowledged
+        go.set()
         time.sleep(warmup)
         service.latency_ms.clear()
+        service.state_latency_ms.clear()
         committed0, t0, cpu0, broker0 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
         time.sleep(seconds)
         committed1, t1, cpu1, broker1 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
         window_latency = np.fromiter(service.latency_ms, float)
+        state_latency = np.fromiter(service.state_latency_ms, float)
         results = [out.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(timeout=30)
@@ -149,6 +158,8 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
             "cpu_per_msg": cpu_per_msg, "projected_rate_2_idle_cores": projected,
             "latency_p50_ms": float(np.percentile(window_latency, 50)) if window_latency.size else None,
             "latency_p99_ms": float(np.percentile(window_latency, 99)) if window_latency.size else None,
+            "state_latency_p50_ms": float(np.percentile(state_latency, 50)) if state_latency.size else None,
+            "state_latency_p99_ms": float(np.percentile(state_latency, 99)) if state_latency.size else None,
             "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": stored,
             "lost": acked - stored, "duplicates": counters.get("duplicate", 0),
             "dead_letters": counters.get("dead_letter", 0), "devices": machines}
@@ -208,12 +219,13 @@ def main() -> None:
     base = runs[0]["sustained_rate"]
     table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {machine['cpus']} CPUs "
                         f"(load {machine['load_avg_at_start'][0]:.1f} at start)")
-    for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "acked", "stored", "lost",
-                "twin CPU us/msg", "all CPU us/msg"):
+    for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "state p99 ms", "acked", "stored",
+                "lost", "twin CPU us/msg", "all CPU us/msg"):
         table.add_column(col, justify="right")
     for r in runs:
         table.add_row(f"{r['target_rate']:,.0f}", f"{r['sustained_rate']:,.0f}", f"{r['sustained_rate'] / base:.2f}x",
-                      f"{r['latency_p50_ms']:.1f}", f"{r['latency_p99_ms']:.1f}", f"{r['acked_by_broker']:,}",
+                      f"{r['latency_p50_ms']:.1f}", f"{r['latency_p99_ms']:.1f}", f"{r['state_latency_p99_ms']:.1f}",
+                      f"{r['acked_by_broker']:,}",
                       f"{r['stored']:,}", str(r["lost"]), f"{r['cpu_per_msg']['twin_us']:.0f}",
                       f"{sum(r['cpu_per_msg'].values()):.0f}")
     console.print(table)

@@ -10,6 +10,7 @@ dashboard read snapshots under the same lock.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import deque
@@ -46,6 +47,9 @@ class TwinConfig:
     rul_model: str | None = None           # folder from `moeworks maintenance train`: RUL of engines
     ai4i_model: str | None = None          # folder from `moeworks maintenance ai4i-train`: mill failure risk
     latency_window: int = 200_000          # latencies kept for p50/p99 (a few seconds at full rate)
+    freeze_gc: bool = True                 # after start-up, move what exists (modules, plant, state) out of the
+                                           # cyclic GC's reach: its full collections hold the GIL and, scanning
+                                           # all that, stalled ingestion for 70-300 ms (benchmarks/RESULTS.md)
 
 
 class TwinService:
@@ -95,6 +99,9 @@ class TwinService:
         ticker = threading.Thread(target=self._tick_loop, name="twin-ticker", daemon=True)
         ticker.start()
         self._threads.append(ticker)
+        if cfg.freeze_gc:
+            gc.collect()  # nothing collectable is frozen with the rest
+            gc.freeze()   # refcounting still frees these objects; only the cycle scans skip them
         return self
 
     def _warm_health(self) -> None:
