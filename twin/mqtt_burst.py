@@ -146,8 +146,8 @@ class BurstClient:
 
     # ------------------------------------------------------------------ sending
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        """Queue-free publish; returns the packet id (0 for QoS 0). A QoS 1 message published while
-        disconnected is kept and sent on the next connect."""
+        """Publish now, in one write; returns the packet id (0 for QoS 0). A QoS 1 message published
+        while disconnected is kept and sent on the next connect."""
         return self.publish_many([(topic, payload)], qos=qos, retain=retain)[0]
 
     def publish_many(self, messages: list[tuple[str, bytes]], *, qos: int = 1, retain: bool = False) -> list[int]:
@@ -196,13 +196,14 @@ class BurstClient:
             self._send_locked(data)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
+        """One more subscription, now and on every later connect."""
         assert qos in (0, 1), f"QoS {qos} is not supported"
-        """One more subscription now (not renewed on reconnect: pass `subscriptions` for that)."""
         with self._send_lock:
+            self.subscriptions = (*self.subscriptions, (topic, qos))
             self._send_locked(self._subscribe_packet(topic, qos))
 
     def _subscribe_packet(self, topic: str, qos: int) -> bytes:
-        # its packet id is not kept in flight: a lost SUBSCRIBE is sent again with the next connect
+        # its packet id is not kept in flight: every connect sends the subscriptions again
         body = self._allocate_mid().to_bytes(2, "big") + _string(topic) + bytes((qos,))
         return b"\x82" + encode_length(len(body)) + body
 
