@@ -86,3 +86,27 @@ def test_dead_letters_endpoint(service):
     client = TestClient(create_app(service))
     [dead] = client.get("/api/dead-letters").json()
     assert dead["reason"].startswith("malformed JSON") and client.get("/api/stats").json()["counters"]["malformed"] == 1
+
+
+def test_a_burst_with_a_failing_health_model_dead_letters_that_message_only(tmp_path):
+    class Broken:
+        def update(self, machine, values):
+            if values.get("torque", 0) > 50:
+                raise ZeroDivisionError("model bug")
+            return None
+
+    s = TwinService(config=TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db")),
+                    health_models={"mill": Broken()}).start()
+    try:
+        send(s, "NBIRTH", {"timestamp": 1, "seq": 0, "bdSeq": 0})
+        send(s, "DBIRTH", {"timestamp": 1, "seq": 0})
+        topic = f"spBv1.0/plant1/DDATA/{NODE}/{DEVICE}"
+        s.ingest_many([(topic, json.dumps({"timestamp": 2 + seq, "seq": seq, "metrics": [
+            {"name": "torque", "value": torque}]}).encode()) for seq, torque in enumerate([40.0, 60.0, 45.0])])
+        s.store.flush()
+        assert s.store.seqs(DEVICE) == [0, 2]
+        [dead] = s.store.dead_letters()
+        assert dead["reason"] == "internal error: ZeroDivisionError: model bug"
+        assert s.stats()["counters"]["internal_error"] == 1
+    finally:
+        s.stop()

@@ -107,6 +107,25 @@ def test_unknown_metrics_and_wrong_types_are_dropped_but_the_rest_is_kept(state)
     assert len(out.dead_letters) == 2 and "torque" in out.dead_letters[0]
 
 
+def test_nan_written_by_python_json_is_read_and_refused_per_metric(state):
+    born(state)
+    raw = data(0, torque=float("nan"), product_type="L")  # json.dumps writes a bare NaN, which RFC JSON lacks
+    assert b"NaN" in raw
+    out = state.apply("spBv1.0/g/DDATA/n1/m1", raw, 0)
+    assert out.ingested.values == {"product_type": "L"}
+    assert state.counters["wrong_type"] == 1 and state.counters["malformed"] == 0
+
+
+def test_a_burst_of_topics_is_checked_once_each_and_bad_ones_are_never_cached(state):
+    born(state)
+    for seq in range(3):
+        assert state.apply("spBv1.0/g/DDATA/n1/m1", data(seq, torque=1.0), 0).ingested is not None
+        assert state.apply("spBv1.0/g/DDATA/n1/m9", data(seq, torque=1.0), 0).dead_letters  # unknown device
+        assert state.apply("spBv1.0/g/DDATA/n9/m1", data(seq, torque=1.0), 0).dead_letters  # unknown node
+    assert state.counters["ingested"] == 3 and state.counters["unknown_device"] == 3
+    assert state.counters["unknown_node"] == 3
+
+
 def test_data_without_a_birth_is_kept_and_a_rebirth_is_asked_once(state):
     first = state.apply("spBv1.0/g/DDATA/n1/m1", data(0, torque=1.0), 0)
     second = state.apply("spBv1.0/g/DDATA/n1/m1", data(1, torque=1.0), 100)

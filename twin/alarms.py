@@ -46,6 +46,11 @@ class Alarm:
         return asdict(self) | {"state": self.state}
 
 
+def _active(mine: dict[tuple[str, str], Alarm], kind: str, metric: str) -> bool:
+    alarm = mine.get((kind, metric))
+    return alarm is not None and alarm.cleared_ms is None
+
+
 class AlarmManager:
     """Evaluates a device's conditions after each change; returns the alarms whose rows changed."""
 
@@ -73,20 +78,19 @@ class AlarmManager:
         if limited is None:
             limited = self._limited[machine.id] = [(n, s) for n, s in machine.sensors.items()
                                                    if s.max is not None or s.min is not None]
+        values = device.values
         for name, sensor in limited:
-            value = device.values.get(name)
+            value = values.get(name)
             if type(value) is not float and type(value) is not int:
                 continue
-            for kind, limit, beyond, back in (("limit_high", sensor.max, value > (sensor.max or 0),
-                                               value > (sensor.max or 0) - sensor.deadband),
-                                              ("limit_low", sensor.min, value < (sensor.min or 0),
-                                               value < (sensor.min or 0) + sensor.deadband)):
-                if limit is None:
-                    continue
-                still = (kind, name) in mine and mine[(kind, name)].cleared_ms is None
-                if beyond or (still and back):  # the deadband holds an active alarm until clearly back
-                    side = "above max" if kind == "limit_high" else "below min"
-                    active[(kind, name)] = (f"{name} = {value:g} {sensor.unit} {side} {limit:g}", float(value))
+            high, low = sensor.max, sensor.min
+            # beyond the limit raises; an active alarm holds until the value is back past the deadband
+            if high is not None and (value > high or (value > high - sensor.deadband
+                                                      and _active(mine, "limit_high", name))):
+                active[("limit_high", name)] = (f"{name} = {value:g} {sensor.unit} above max {high:g}", float(value))
+            if low is not None and (value < low or (value < low + sensor.deadband
+                                                    and _active(mine, "limit_low", name))):
+                active[("limit_low", name)] = (f"{name} = {value:g} {sensor.unit} below min {low:g}", float(value))
         health = device.health
         if health is not None and health.rul is not None and health.rul < machine.rul_alarm_cycles:
             active[("rul_low", "rul")] = (f"RUL {health.rul:.0f} cycles < {machine.rul_alarm_cycles:g}", health.rul)

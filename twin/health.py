@@ -76,22 +76,20 @@ class AI4IRuleHealth:
     random_failure = 0.001  # RNF rate documented with the data
 
     def update(self, machine: Machine, values: dict[str, Any]) -> Health | None:
-        try:
-            row = [values[k] for k in AI4I_COLUMNS]
-        except KeyError:
+        get = values.get  # runs on every message of every mill: plain locals, no generators
+        kind, air, process = get("product_type"), get("air_temperature"), get("process_temperature")
+        speed, torque, wear = get("rotational_speed"), get("torque"), get("tool_wear")
+        if kind is None or air is None or process is None or speed is None or torque is None or wear is None:
             return None
-        if any(v is None for v in row):
-            return None
-        kind, air, process, speed, torque, wear = row
-        flags = ai4i_rule_flags(kind, *(float(v) for v in (air, process, speed, torque, wear)))
-        probs = {mode: float(flags[mode]) for mode in ("HDF", "PWF", "OSF")}
-        probs["TWF"] = min(max((float(wear) - 200.0) / 40.0, 0.0), 1.0) if flags["TWF"] else 0.0
-        probs["RNF"] = self.random_failure
+        wear = float(wear)
+        flags = ai4i_rule_flags(kind, float(air), float(process), float(speed), float(torque), wear)
+        probs = {"HDF": float(flags["HDF"]), "PWF": float(flags["PWF"]), "OSF": float(flags["OSF"]),
+                 "TWF": min(max((wear - 200.0) / 40.0, 0.0), 1.0) if flags["TWF"] else 0.0,
+                 "RNF": self.random_failure}
         survive = 1.0
         for p in probs.values():
             survive *= 1.0 - p
-        failure = 1.0 - survive
-        return Health(failure_prob=failure, mode_probs=probs, source="ai4i-rules")
+        return Health(failure_prob=1.0 - survive, mode_probs=probs, source="ai4i-rules")
 
 
 class EdgeRULHealth:

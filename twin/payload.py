@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 NAMESPACE = "spBv1.0"
 MESSAGE_TYPES = ("NBIRTH", "NDEATH", "DBIRTH", "DDEATH", "NDATA", "DDATA", "NCMD", "DCMD")
 DATATYPES = ("Double", "Float", "Int64", "Boolean", "String")
@@ -123,14 +125,24 @@ def _int(obj: dict, key: str, required: bool) -> int | None:
 def decode(kind: str, raw: bytes) -> Payload:
     """Parse and check a payload for a message type; raises PayloadError with the reason."""
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        obj = orjson.loads(raw)  # ~4x the stdlib's speed: this runs once per message
+    except orjson.JSONDecodeError:
+        try:  # the stdlib also reads NaN and Infinity, which the metric checks then refuse one by one
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PayloadError(f"malformed JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     if not isinstance(obj, dict):
         raise PayloadError("payload must be a JSON object")
-    timestamp = _int(obj, "timestamp", required=kind not in ("NDEATH", "DDEATH"))
-    seq = _int(obj, "seq", required=kind in ("NBIRTH", "DBIRTH", "NDATA", "DDATA"))
-    bd_seq = _int(obj, "bdSeq", required=kind in ("NBIRTH", "NDEATH"))
+    # the common case, a well-formed integer, without a call; _int explains everything else
+    timestamp = obj.get("timestamp")
+    if type(timestamp) is not int or timestamp < 0:
+        timestamp = _int(obj, "timestamp", required=kind not in ("NDEATH", "DDEATH"))
+    seq = obj.get("seq")
+    if type(seq) is not int or seq < 0:
+        seq = _int(obj, "seq", required=kind in ("NBIRTH", "DBIRTH", "NDATA", "DDATA"))
+    bd_seq = obj.get("bdSeq")
+    if type(bd_seq) is not int or bd_seq < 0:
+        bd_seq = _int(obj, "bdSeq", required=kind in ("NBIRTH", "NDEATH"))
     raw_metrics = obj.get("metrics", [])
     if not isinstance(raw_metrics, list):
         raise PayloadError("field 'metrics' must be a list")

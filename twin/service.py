@@ -1,13 +1,16 @@
 """The twin service: subscribes to the plant's Sparkplug namespace and keeps state, health,
 alarms, history and work orders up to date as messages arrive.
 
-Threads: paho's network thread ingests (state + alarms under one lock, so each message is applied
-atomically); the history writer commits in batches; a ticker ages data into staleness; the MES
-exporter posts work orders. The REST API and dashboard read snapshots under the same lock.
+Threads: the MQTT client's network thread (twin.mqtt_burst) ingests each burst of received
+messages (state + alarms under one lock, taken once per burst, so each message is applied
+atomically) and acknowledges them to the broker once applied; the history writer commits in
+batches; a ticker ages data into staleness; the MES exporter posts work orders. The REST API and
+dashboard read snapshots under the same lock.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import deque
@@ -16,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from twin.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
 from twin.health import HealthModel
 from twin.mes import MESConfig, WorkOrderExporter
+from twin.mqtt_burst import BurstClient, BurstClientConfig
 from twin.payload import NAMESPACE, REBIRTH, Metric, Payload, Topic
 from twin.plant import DEFAULT_PLANT, Plant
 from twin.simulate import EnginePlan, FailureModel, MillPlan, SimulationError, simulate_engine, simulate_mill
@@ -44,6 +47,9 @@ class TwinConfig:
     rul_model: str | None = None           # folder from `moeworks maintenance train`: RUL of engines
     ai4i_model: str | None = None          # folder from `moeworks maintenance ai4i-train`: mill failure risk
     latency_window: int = 200_000          # latencies kept for p50/p99 (a few seconds at full rate)
+    freeze_gc: bool = True                 # after start-up, move what exists (modules, plant, state) out of the
+                                           # cyclic GC's reach: its full collections hold the GIL and, scanning
+                                           # all that, stalled ingestion for 70-300 ms (benchmarks/RESULTS.md)
 
 
 class TwinService:
@@ -67,7 +73,7 @@ class TwinService:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.client: mqtt.Client | None = None
+        self.client: BurstClient | None = None
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> TwinService:
@@ -81,20 +87,21 @@ class TwinService:
         self._warm_health()
         self.mes = WorkOrderExporter(config=MESConfig(cfg.mes_url, Path(cfg.work_orders_csv)
                                                       if cfg.work_orders_csv else None), store=self.store).start()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, clean_session=False)
         state_topic = f"{NAMESPACE}/STATE/{cfg.client_id}"
-        client.will_set(state_topic, b'{"online":false}', qos=1, retain=True)
-        client.reconnect_delay_set(0.1, 5.0)
-        client.max_inflight_messages_set(100)
-        client.on_connect = self._on_connect
-        client.on_disconnect = lambda *a: self.connected.clear()
-        client.on_message = self._on_message
-        self.client = client
-        client.connect_async(cfg.broker_host, cfg.broker_port, keepalive=cfg.keepalive_s)
-        client.loop_start()
+        self.client = BurstClient(
+            config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=cfg.client_id,
+                                     clean_session=False, keepalive_s=cfg.keepalive_s,
+                                     will=(state_topic, b'{"online":false}', 1, True),
+                                     backoff_min_s=0.1, backoff_max_s=5.0),
+            subscriptions=((f"{NAMESPACE}/{self.plant.group}/#", 1),),
+            on_messages=self._on_messages, on_connect=self._on_connect,
+            on_disconnect=lambda client: self.connected.clear()).start()
         ticker = threading.Thread(target=self._tick_loop, name="twin-ticker", daemon=True)
         ticker.start()
         self._threads.append(ticker)
+        if cfg.freeze_gc:
+            gc.collect()  # nothing collectable is frozen with the rest
+            gc.freeze()   # refcounting still frees these objects; only the cycle scans skip them
         return self
 
     def _warm_health(self) -> None:
@@ -118,8 +125,7 @@ class TwinService:
         self._stop.set()
         if self.client is not None:
             self.client.publish(f"{NAMESPACE}/STATE/{self.config.client_id}", b'{"online":false}', qos=1, retain=True)
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.client.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         self.mes.stop()
@@ -132,34 +138,58 @@ class TwinService:
         self.stop()
 
     # ------------------------------------------------------------------ MQTT
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            return
-        client.subscribe(f"{NAMESPACE}/{self.plant.group}/#", qos=1)
+    def _on_connect(self, client: BurstClient, session_present: bool) -> None:
         client.publish(f"{NAMESPACE}/STATE/{self.config.client_id}", b'{"online":true}', qos=1, retain=True)
         self.connected.set()
 
-    def _on_message(self, client, userdata, message) -> None:
-        self.ingest(message.topic, message.payload)
+    def _on_messages(self, messages: list[tuple[str, bytes]]) -> None:
+        self.ingest_many(messages)
 
     def ingest(self, topic: str, raw: bytes) -> None:
         """Apply one message: state, alarms, history, dead letters. Never raises on bad input."""
+        self.ingest_many([(topic, raw)])
+
+    def ingest_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """Apply a burst of messages in arrival order, each as `ingest` would, under one lock and with
+        one hand-over of their history rows to the writer. Never raises on bad input."""
         now_ms = int(time.time() * 1000)
+        rebirths: list[str] = []
+        rows: list[Ingested] = []
+        dead: list[tuple[str, bytes, str, int]] = []
         with self._lock:
-            outcome = self.state.apply(topic, raw, now_ms)
-            for reason in outcome.dead_letters:
-                self.store.put_dead_letter(topic, bytes(raw), reason, now_ms)
-            item = outcome.ingested
-            if item is not None:
-                self.store.put_history(item)
-                self.state_latency_ms.append(now_ms - item.timestamp)
-            for device in outcome.changed:
-                self._alarm_changes(self.alarms.evaluate(self.state.devices[device], now_ms), now_ms)
-            if outcome.changed:
+            state, alarms, devices = self.state, self.alarms, self.state.devices
+            changed_any = False
+            for topic, raw in messages:
+                try:
+                    outcome = state.apply(topic, raw, now_ms)
+                except Exception as exc:  # noqa: BLE001 - a bug must cost one message (dead-lettered), not the twin
+                    state.counters["dead_letter"] += 1
+                    state.counters["internal_error"] += 1
+                    dead.append((topic, bytes(raw), f"internal error: {type(exc).__name__}: {exc}", now_ms))
+                    continue
+                for reason in outcome.dead_letters:
+                    dead.append((topic, bytes(raw), reason, now_ms))
+                item = outcome.ingested
+                if item is not None:
+                    rows.append(item)
+                    self.state_latency_ms.append(now_ms - item.timestamp)
+                for device in outcome.changed:
+                    changes = alarms.evaluate(devices[device], now_ms)
+                    if changes:
+                        self._alarm_changes(changes, now_ms)
+                    changed_any = True
+                if outcome.rebirth:
+                    rebirths.append(outcome.rebirth)
+            if dead:
+                self.store.put_dead_letters(dead)
+            if rows:
+                self.store.put_history_many(rows)
+            if changed_any:
                 self.version += 1
-        if outcome.rebirth and self.client is not None:
-            payload = Payload(now_ms, metrics=[Metric(REBIRTH, True, "Boolean")])
-            self.client.publish(str(Topic(self.plant.group, "NCMD", outcome.rebirth)), payload.to_json(), qos=1)
+        if rebirths and self.client is not None:
+            payload = Payload(now_ms, metrics=[Metric(REBIRTH, True, "Boolean")]).to_json()
+            self.client.publish_many([(str(Topic(self.plant.group, "NCMD", node)), payload) for node in rebirths],
+                                     qos=1)
 
     def _alarm_changes(self, changed: list[Alarm], now_ms: int) -> None:
         for alarm in changed:

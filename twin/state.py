@@ -103,6 +103,11 @@ class TwinState:
         self.devices = {mid: DeviceState(m) for mid, m in plant.machines.items()}
         self.nodes = {nid: NodeState(nid) for nid in plant.nodes}
         self._rebirth_asked: dict[str, int] = {}
+        # topics already checked against the plant: at most 8 message types x (nodes + devices) entries,
+        # since only topics that pass every check are kept. Saves the split and the checks per message.
+        self._topics: dict[str, Topic] = {}
+        self._handlers = {"NBIRTH": self._nbirth, "NDEATH": self._ndeath, "DBIRTH": self._dbirth,
+                          "DDEATH": self._ddeath, "NDATA": self._ndata, "DDATA": self._ddata}
         for device, seq in (last_seqs or {}).items():
             if device in self.devices:
                 self.devices[device].last_seq = seq
@@ -112,29 +117,38 @@ class TwinState:
         self.counters["received"] += 1
         out = Outcome()
         try:
-            parsed = parse_topic(topic)
-            if parsed.kind in ("NCMD", "DCMD"):
-                self.counters["commands_seen"] += 1  # our own rebirth requests echo back
-                return out
-            if parsed.group != self.plant.group:
-                raise PayloadError(f"unknown group {parsed.group!r}")
-            if parsed.node not in self.nodes:
-                raise PayloadError(f"unknown edge node {parsed.node!r}")
-            if parsed.device is not None:
-                machine = self.plant.machines.get(parsed.device)
-                if machine is None:
-                    raise PayloadError(f"unknown device {parsed.device!r}")
-                if machine.node != parsed.node:
-                    raise PayloadError(f"device {parsed.device!r} belongs to node {machine.node!r}")
+            parsed = self._topics.get(topic)
+            if parsed is None:
+                parsed = self._check_topic(topic)
+                if parsed is None:
+                    return out
             payload = decode(parsed.kind, raw)
         except PayloadError as exc:
             self.counters["dead_letter"] += 1
             self.counters[_reason_key(exc.reason)] += 1
             out.dead_letters.append(exc.reason)
             return out
-        handler = getattr(self, "_" + parsed.kind.lower())
-        handler(parsed, payload, now_ms, out)
+        self._handlers[parsed.kind](parsed, payload, now_ms, out)
         return out
+
+    def _check_topic(self, topic: str) -> Topic | None:
+        """The parsed topic if it is the plant's, None for commands; raises PayloadError otherwise."""
+        parsed = parse_topic(topic)
+        if parsed.kind in ("NCMD", "DCMD"):
+            self.counters["commands_seen"] += 1  # our own rebirth requests echo back
+            return None
+        if parsed.group != self.plant.group:
+            raise PayloadError(f"unknown group {parsed.group!r}")
+        if parsed.node not in self.nodes:
+            raise PayloadError(f"unknown edge node {parsed.node!r}")
+        if parsed.device is not None:
+            machine = self.plant.machines.get(parsed.device)
+            if machine is None:
+                raise PayloadError(f"unknown device {parsed.device!r}")
+            if machine.node != parsed.node:
+                raise PayloadError(f"device {parsed.device!r} belongs to node {machine.node!r}")
+        self._topics[topic] = parsed
+        return parsed
 
     def _nbirth(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         node = self.nodes[topic.node]
