@@ -63,11 +63,19 @@ CONFIGS = {
     "int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
     "fp32-batched-fused": ["--fuse"],  # isolates what fusion does without INT8
     # The same model exported to ONNX and run by onnxruntime (quantize_dynamic INT8; --fuse turns on
-    # ORT's extended graph fusions: GELU, bias, LayerNorm, MatMul+Add).
+    # ORT's extended graph fusions: GELU, bias, LayerNorm, MatMul+Add). "ort-" configs export the
+    # MoE layers' static path (every expert over every token); "ort-sparse-" configs export the
+    # sparse top-k dispatch of core.sparse_export (gather, expert MLP, scatter per expert).
     "ort-int8-batched": ["--quantize", "int8_dynamic"],
     "ort-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
+    "ort-sparse-fp32-batched-fused": ["--fuse"],  # isolates what INT8 does on the sparse graph
+    "ort-sparse-int8-batched": ["--quantize", "int8_dynamic"],
+    "ort-sparse-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
 }
-ONNX_CONFIGS = {"ort-int8-batched", "ort-int8-batched-fused"}
+# The ONNX dispatch each ONNX configuration serves.
+ONNX_CONFIGS = {"ort-int8-batched": "static", "ort-int8-batched-fused": "static",
+                "ort-sparse-fp32-batched-fused": "sparse", "ort-sparse-int8-batched": "sparse",
+                "ort-sparse-int8-batched-fused": "sparse"}
 DEFAULT_CONFIGS = "eager-fp32-1,fp32-batched,int8-batched,int8-batched-fused,fp32-batched-fused"
 
 
@@ -163,25 +171,31 @@ def build_credit(out: Path, data: Path, model_dir: Path | None, seed: int = 0) -
     accuracy = {"metric": "AUC (scorer's validation split)", "fp32": float(base), "int8": float(quant),
                 "relative_change": float((quant - base) / base),
                 "relative_output_error": float(np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32))}
-    return model_dir, {"accuracy": accuracy}
+    metric = (lambda scores: float(roc_auc_score(valid.target, scores)))
+    return model_dir, {"accuracy": accuracy, "held_out": {"features": x_valid.numpy()}, "metric": metric}
 
 
-def export_for_serving(path: Path) -> Path:
-    """The served model as ONNX beside it (static MoE path), carrying the same version."""
+def export_for_serving(path: Path, dispatch: str = "static") -> Path:
+    """The served model as ONNX beside it, MoE layers exported with `dispatch` (static or sparse),
+    carrying the same version."""
     import onnx
 
     from core.onnx_export import export_onnx
     from deploy.serving.adapters import CreditAdapter, load_adapter
 
     adapter = load_adapter(path)
-    target = path.with_suffix(".onnx") if path.is_file() else path.parent / f"{path.name}.onnx"
+    stem = path.stem if path.is_file() else path.name
+    target = path.parent / f"{stem}{'.sparse' if dispatch == 'sparse' else ''}.onnx"
     if isinstance(adapter, CreditAdapter):
-        adapter.scorer.model_.export_onnx(target)
+        example = torch.zeros(4, adapter.fields[0].row_shape[0])
+        export_onnx(adapter.scorer.model_.probability_module(), (example,), target, input_names=["features"],
+                    output_names=["probability"], moe_dispatch=dispatch)
         extra = {"nan_means_missing": "features"}
     else:
         example = adapter.example(4, seed=0)
         export_onnx(adapter.model, tuple(torch.from_numpy(example[f.name]) for f in adapter.fields), target,
-                    input_names=[f.name for f in adapter.fields], output_names=["logits", "aux"])
+                    input_names=[f.name for f in adapter.fields], output_names=["logits", "aux"],
+                    moe_dispatch=dispatch)
         extra = {}
         if any(f.high for f in adapter.fields):
             extra["config"] = json.dumps({"categorical_cardinalities": list(adapter.fields[-1].high)})
@@ -211,6 +225,23 @@ def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
     if spec["metric"] is not None:
         base, quant = spec["metric"](fp32), spec["metric"](int8)
         result.update({"fp32": base, "int8": quant, "relative_change": (quant - base) / base})
+    return result
+
+
+def onnx_accuracy_gate(onnx_path: Path, spec: dict) -> dict:
+    """FP32 vs onnxruntime dynamic INT8 (the server's ONNX recipe) of one exported file on held-out rows."""
+    from deploy.serving.adapters import AdapterOptions, OnnxAdapter
+
+    rows = {name: np.asarray(value) for name, value in spec["held_out"].items()}
+    work = Path(tempfile.mkdtemp(prefix="moeworks-onnx-gate-"))
+    fp32, int8 = OnnxAdapter(onnx_path), OnnxAdapter(onnx_path, AdapterOptions(quantize="int8_dynamic"), work_dir=work)
+    first = fp32.outputs[0]
+    base, quant = fp32.predict(rows)[first].reshape(len(next(iter(rows.values()))), -1)[:, 0], \
+        int8.predict(rows)[first].reshape(len(next(iter(rows.values()))), -1)[:, 0]
+    result = {"output": first, "relative_output_error": float(np.linalg.norm(quant - base) / np.linalg.norm(base))}
+    if spec.get("metric") is not None:
+        b, q = spec["metric"](base), spec["metric"](quant)
+        result.update({"fp32": b, "int8": q, "relative_change": (q - b) / b})
     return result
 
 
@@ -417,15 +448,18 @@ def main() -> None:
                 entry["accuracy"]["metric"] = spec["metric_name"]
         bodies = request_bodies(path)
         names = list(filter(None, args.configs.split(",")))
-        onnx_path = None
-        if ONNX_CONFIGS & set(names):
-            with console.status(f"{key}: exporting to ONNX"):
-                onnx_path = export_for_serving(path)
+        onnx_paths: dict[str, Path] = {}
+        for dispatch in sorted({ONNX_CONFIGS[n] for n in names if n in ONNX_CONFIGS}):
+            with console.status(f"{key}: exporting to ONNX ({dispatch} MoE dispatch)"):
+                onnx_paths[dispatch] = export_for_serving(path, dispatch)
+            if spec is not None and "held_out" in spec:
+                with console.status(f"{key}: onnxruntime INT8 accuracy ({dispatch})"):
+                    entry.setdefault("onnx_accuracy", {})[dispatch] = onnx_accuracy_gate(onnx_paths[dispatch], spec)
         servers: list[Server] = []
         try:
             for name in names:  # one at a time: concurrent start-ups (compiling) would starve each other
                 with console.status(f"{key}: starting {name}"):
-                    served = onnx_path if name in ONNX_CONFIGS else path
+                    served = onnx_paths[ONNX_CONFIGS[name]] if name in ONNX_CONFIGS else path
                     servers.append(Server(name, served, calibration, CONFIGS[name], threads=args.threads))
                     servers[-1].wait_ready()
             with console.status(f"{key}: {args.clients} clients, {len(servers)} configs x {args.rounds} rounds"):
@@ -454,6 +488,8 @@ def main() -> None:
         console.print(table)
         if "accuracy" in entry:
             console.print(f"{key} INT8 accuracy: {json.dumps(entry['accuracy'])}")
+        for dispatch, gate in entry.get("onnx_accuracy", {}).items():
+            console.print(f"{key} onnxruntime INT8 accuracy ({dispatch} export): {json.dumps(gate)}")
 
     results["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
