@@ -171,8 +171,8 @@ def build_credit(out: Path, data: Path, model_dir: Path | None, seed: int = 0) -
     accuracy = {"metric": "AUC (scorer's validation split)", "fp32": float(base), "int8": float(quant),
                 "relative_change": float((quant - base) / base),
                 "relative_output_error": float(np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32))}
-    metric = (lambda scores: float(roc_auc_score(valid.target, scores)))
-    return model_dir, {"accuracy": accuracy, "held_out": {"features": x_valid.numpy()}, "metric": metric}
+    return model_dir, {"accuracy": accuracy, "held_out": {"features": x_valid.numpy()},
+                       "metric": lambda scores: float(roc_auc_score(valid.target, scores))}
 
 
 def export_for_serving(path: Path, dispatch: str = "static") -> Path:
