@@ -68,12 +68,16 @@ CONFIGS = {
     # sparse top-k dispatch of core.sparse_export (gather, expert MLP, scatter per expert).
     "ort-int8-batched": ["--quantize", "int8_dynamic"],
     "ort-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
+    "ort-fp32-batched-fused": ["--fuse"],  # isolates what INT8 does on the static graph (RUL: its export)
+    # The defect detector's INT8 is the static QDQ file of `moeworks defects export` (an export folder).
+    "ort-int8-static-batched": ["--quantize", "int8_static"],
     "ort-sparse-fp32-batched-fused": ["--fuse"],  # isolates what INT8 does on the sparse graph
     "ort-sparse-int8-batched": ["--quantize", "int8_dynamic"],
     "ort-sparse-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
 }
 # The ONNX dispatch each ONNX configuration serves.
 ONNX_CONFIGS = {"ort-int8-batched": "static", "ort-int8-batched-fused": "static",
+                "ort-fp32-batched-fused": "static", "ort-int8-static-batched": "static",
                 "ort-sparse-fp32-batched-fused": "sparse", "ort-sparse-int8-batched": "sparse",
                 "ort-sparse-int8-batched-fused": "sparse"}
 DEFAULT_CONFIGS = "eager-fp32-1,fp32-batched,int8-batched,int8-batched-fused,fp32-batched-fused"
@@ -175,14 +179,67 @@ def build_credit(out: Path, data: Path, model_dir: Path | None, seed: int = 0) -
                        "metric": lambda scores: float(roc_auc_score(valid.target, scores))}
 
 
-def export_for_serving(path: Path, dispatch: str = "static") -> Path:
+def build_rul(out: Path, model_dir: Path | None = None, seed: int = 0) -> tuple[Path, dict]:
+    """The RUL LSTM of manufacturing/maintenance (a `maintenance train` folder), trained here on
+    generated engines unless `model_dir` is given; its gate is the RMSE on generated held-out engines."""
+    from manufacturing.maintenance.generator import generate_cmapss
+    from manufacturing.maintenance.quick import train_quick_rul_model
+    from manufacturing.maintenance.rul import RULEstimator
+    from manufacturing.maintenance.windows import build_windows
+
+    if model_dir is None:
+        model_dir = out / "rul_lstm"
+        train_quick_rul_model(model_dir, kind="lstm", num_units=60, max_epochs=8, seed=seed)
+    estimator = RULEstimator.load(model_dir)
+    test = generate_cmapss(40, num_regimes=estimator.features.num_regimes, seed=seed + 11)
+    windows = build_windows(estimator.normalizer_.transform(test), test["unit"].to_numpy(), window=estimator.net.window)
+    cycles_left = (test.groupby("unit")["cycle"].transform("max") - test["cycle"]).to_numpy()[windows.cycle_row]
+    truth = np.minimum(cycles_left, estimator.net.rul_cap)
+    held = windows.gather(np.arange(0, len(windows), 7))
+    truth = truth[np.arange(0, len(windows), 7)]
+
+    def rmse(predicted):
+        return float(np.sqrt(np.mean((np.asarray(predicted) - truth) ** 2)))
+
+    accuracy = {"metric": "RMSE (cycles, generated held-out engines)", "fp32": rmse(estimator.predict_windows(held)),
+                "note": "INT8 runs through the ONNX export: see onnx_accuracy"}
+    return model_dir, {"accuracy": accuracy, "held_out": {"window": held.numpy()}, "metric": rmse}
+
+
+def build_defects(out: Path, run_dir: Path | None = None, seed: int = 0) -> tuple[Path, dict]:
+    """The YOLO defect detector of manufacturing/defects (a `defects train` run folder, YOLO alone),
+    trained here briefly on generated surfaces at 160 px unless `run_dir` is given."""
+    from manufacturing.defects.synthetic import SyntheticConfig, write_synthetic_voc
+    from manufacturing.defects.train import DetectorConfig
+    from manufacturing.defects.workflow import TrainJob, train_job
+
+    voc = write_synthetic_voc(out / "defects_voc", SyntheticConfig(images=48, size=160, seed=seed))
+    if run_dir is None:
+        run_dir = out / "defects_run"
+        train_job(voc, run_dir, TrainJob(detector=DetectorConfig(imgsz=160, epochs=3, batch=8, workers=0),
+                                         train_moe=False), verbose=False)
+    return run_dir, {"voc": voc}
+
+
+def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = None) -> Path:
     """The served model as ONNX beside it, MoE layers exported with `dispatch` (static or sparse),
-    carrying the same version."""
+    carrying the same version. RUL and defects models go through their verticals' exports
+    (`voc`: the images that calibrate the detector's static INT8)."""
     import onnx
 
     from core.onnx_export import export_onnx
     from deploy.serving.adapters import CreditAdapter, load_adapter
 
+    if (path / "model.json").is_file():  # a RUL folder: the vertical's own export (its LSTM has no MoE)
+        from manufacturing.maintenance.export import export_model_folder
+
+        (exported,) = export_model_folder(path, path.parent / f"{path.name}_export")
+        return Path(exported)
+    if (path / "detector.pt").is_file():  # a defects run: the vertical's export, FP32 and static INT8
+        from manufacturing.defects.workflow import export_job
+
+        export_job(path / "detector.pt", path.parent / f"{path.name}_export", voc, int8=True)
+        return path.parent / f"{path.name}_export"
     adapter = load_adapter(path)
     stem = path.stem if path.is_file() else path.name
     target = path.parent / f"{stem}{'.sparse' if dispatch == 'sparse' else ''}.onnx"
@@ -247,16 +304,20 @@ def onnx_accuracy_gate(onnx_path: Path, spec: dict) -> dict:
 
 def request_bodies(path: Path, count: int = 256, seed: int = 0) -> list[bytes]:
     """`count` distinct one-row JSON requests that fit the model's inputs."""
-    from deploy.serving.adapters import OnnxAdapter, example_rows
+    from deploy.serving.adapters import load_adapter
+    from deploy.serving.defects import encode_image
 
-    if path.is_dir():  # a credit scorer: real feature rows, missing values as JSON null
+    if (path / "scorer.json").is_file():  # a credit scorer: real feature rows, missing values as JSON null
         with np.load(path.with_suffix(".calibration.npz")) as data:
             features = data["features"]
         return [json.dumps({"instances": [{"features": [None if v != v else float(v) for v in features[i % len(
             features)]]}]}).encode() for i in range(count)]
-    fields = OnnxAdapter(path).fields if path.suffix == ".onnx" else load_model(path).fields
-    rows = example_rows(fields, count, seed=seed)
-    return [json.dumps({"instances": [{k: v[i].tolist() for k, v in rows.items()}]}).encode() for i in range(count)]
+    rows = load_adapter(path).example(count, seed=seed)
+
+    def value(array: np.ndarray):
+        return encode_image(array) if array.dtype == np.uint8 and array.ndim == 3 else array.tolist()
+
+    return [json.dumps({"instances": [{k: value(v[i]) for k, v in rows.items()}]}).encode() for i in range(count)]
 
 
 # --- the load generator ------------------------------------------------------------------------
@@ -397,7 +458,11 @@ def machine_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tabular,sequence", help="comma list: tabular, sequence")
+    parser.add_argument("--models", default="tabular,sequence",
+                        help="comma list: tabular, sequence, rul (maintenance LSTM), defects (YOLO detector)")
+    parser.add_argument("--rul-model", type=Path, default=None, help="a `maintenance train` folder to serve as rul")
+    parser.add_argument("--defects-model", type=Path, default=None,
+                        help="a `defects train` run folder to serve as defects (trained briefly here otherwise)")
     parser.add_argument("--credit-data", type=Path, default=None,
                         help="Taiwan credit data folder: adds the credit MoE scorer (finance) to the run")
     parser.add_argument("--credit-model", type=Path, default=None,
@@ -421,7 +486,9 @@ def main() -> None:
 
     console = Console(stderr=args.json, width=170)  # the table is wide; logs are not terminals
     work = Path(tempfile.mkdtemp(prefix="moeworks-serving-"))
-    builders = {"tabular": build_tabular, "sequence": build_sequence}
+    builders = {"tabular": build_tabular, "sequence": build_sequence,
+                "rul": lambda out: build_rul(out, args.rul_model),
+                "defects": lambda out: build_defects(out, args.defects_model)}
     models: list[tuple[str, Path, Path, dict | None]] = []
     for key in filter(None, args.models.split(",")):
         with console.status(f"building {key} model"):
@@ -442,7 +509,7 @@ def main() -> None:
         entry: dict = {"configs": {}}
         if spec is not None and "accuracy" in spec:
             entry["accuracy"] = spec["accuracy"]
-        elif spec is not None:
+        elif spec is not None and "metric_name" in spec:
             with console.status(f"{key}: INT8 accuracy"):
                 entry["accuracy"] = accuracy_gate(path, calibration, spec)
                 entry["accuracy"]["metric"] = spec["metric_name"]
@@ -451,7 +518,13 @@ def main() -> None:
         onnx_paths: dict[str, Path] = {}
         for dispatch in sorted({ONNX_CONFIGS[n] for n in names if n in ONNX_CONFIGS}):
             with console.status(f"{key}: exporting to ONNX ({dispatch} MoE dispatch)"):
-                onnx_paths[dispatch] = export_for_serving(path, dispatch)
+                onnx_paths[dispatch] = export_for_serving(path, dispatch, (spec or {}).get("voc"))
+            export_record = onnx_paths[dispatch] / "export.json"
+            if export_record.is_file():  # the detector's export: parity of FP32 and INT8 ONNX against PyTorch
+                record = json.loads(export_record.read_text())
+                entry.setdefault("onnx_accuracy", {})[dispatch] = {
+                    "metric": "max |PyTorch - onnxruntime| on generated images", "fp32": record["parity"],
+                    "int8_static": record.get("int8_difference")}
             if spec is not None and "held_out" in spec:
                 with console.status(f"{key}: onnxruntime INT8 accuracy ({dispatch})"):
                     entry.setdefault("onnx_accuracy", {})[dispatch] = onnx_accuracy_gate(onnx_paths[dispatch], spec)

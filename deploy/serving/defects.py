@@ -114,12 +114,15 @@ class DefectsAdapter(ModelAdapter):
         return {"image": images}, len(instances)
 
     def example(self, rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
-        """Generated grey surfaces at the detector's input size (warm-up)."""
+        """Generated steel-like surfaces with planted defects, 200 px as NEU-DET (warm-up, load tests)."""
+        import cv2
+
+        from manufacturing.defects.synthetic import planted_image
+
         rng = np.random.default_rng(seed)
-        size = self.inspector.detector.imgsz
         images = np.empty(rows, dtype=object)
         for i in range(rows):
-            images[i] = rng.integers(90, 160, size=(size, size, 3), dtype=np.uint8)
+            images[i] = cv2.cvtColor(planted_image(rng, 200, 3)[0], cv2.COLOR_GRAY2BGR)
         return {"image": images}
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
