@@ -47,3 +47,18 @@ def test_only_dropless_layers_are_rewritten_and_the_original_is_untouched():
     x = torch.randn(6, 8)
     with torch.no_grad():
         torch.testing.assert_close(copy[0](x).output, dropless(x).output, atol=1e-6, rtol=1e-5)
+
+
+def test_int8_of_the_sparse_export_keeps_the_router_fp32(tmp_path):
+    import onnx
+
+    from core.quantization import quantize_onnx
+
+    torch.manual_seed(0)
+    model = _Encoder(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=32)).eval()
+    path = export_onnx(model, (torch.randn(2, 5, 16),), tmp_path / "sparse.onnx", input_names=["x"],
+                       output_names=["y"], moe_dispatch="sparse")
+    quantized = onnx.load(str(quantize_onnx(path, tmp_path / "sparse.int8.onnx")))
+    integer_inputs = {name for node in quantized.graph.node if node.op_type == "MatMulInteger" for name in node.input}
+    assert any("up" in name for name in integer_inputs), "the experts' weights are INT8"
+    assert not any("router" in name for name in integer_inputs), "a flipped top-k choice costs more than INT8 saves"
