@@ -14,6 +14,13 @@ interleaved slices so that drifts in the machine's other load fall on every conf
   and, with --configs, the model exported to ONNX and served by onnxruntime:
   6. ort-int8-batched        onnxruntime quantize_dynamic INT8 + batching, basic graph optimisations
   7. ort-int8-batched-fused  the same with ORT's extended fusions (GELU, bias, LayerNorm, MatMul+Add)
+  8. ort-fp32-batched-fused  the ONNX export in FP32 with the fusions (isolates INT8)
+  9. ort-sparse-*            the same three over the sparse-dispatch export (core.sparse_export):
+                             only the chosen experts run, and INT8 reaches the expert weights
+ 10. ort-int8-static-batched the detector's static INT8 file from `defects export`
+--models rul / defects add the RUL LSTM (manufacturing/maintenance) and the YOLO defect detector
+(manufacturing/defects), served through their verticals' exports; --rul-model / --defects-model
+serve folders trained beforehand (so no training runs while the bench lock is held).
 
 Reported per configuration: QPS, p50/p99 latency, the server's CPU use (cores busy), its CPU time
 per request (robust to other load on a shared machine) and the whole machine's CPU; ratios against
