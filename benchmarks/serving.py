@@ -14,6 +14,13 @@ interleaved slices so that drifts in the machine's other load fall on every conf
   and, with --configs, the model exported to ONNX and served by onnxruntime:
   6. ort-int8-batched        onnxruntime quantize_dynamic INT8 + batching, basic graph optimisations
   7. ort-int8-batched-fused  the same with ORT's extended fusions (GELU, bias, LayerNorm, MatMul+Add)
+  8. ort-fp32-batched-fused  the ONNX export in FP32 with the fusions (isolates INT8)
+  9. ort-sparse-*            the same three over the sparse-dispatch export (core.sparse_export):
+                             only the chosen experts run, and INT8 reaches the expert weights
+ 10. ort-int8-static-batched the detector's static INT8 file from `defects export`
+--models rul / defects add the RUL LSTM (manufacturing/maintenance) and the YOLO defect detector
+(manufacturing/defects), served through their verticals' exports; --rul-model / --defects-model
+serve folders trained beforehand (so no training runs while the bench lock is held).
 
 Reported per configuration: QPS, p50/p99 latency, the server's CPU use (cores busy), its CPU time
 per request (robust to other load on a shared machine) and the whole machine's CPU; ratios against
@@ -63,11 +70,23 @@ CONFIGS = {
     "int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
     "fp32-batched-fused": ["--fuse"],  # isolates what fusion does without INT8
     # The same model exported to ONNX and run by onnxruntime (quantize_dynamic INT8; --fuse turns on
-    # ORT's extended graph fusions: GELU, bias, LayerNorm, MatMul+Add).
+    # ORT's extended graph fusions: GELU, bias, LayerNorm, MatMul+Add). "ort-" configs export the
+    # MoE layers' static path (every expert over every token); "ort-sparse-" configs export the
+    # sparse top-k dispatch of core.sparse_export (gather, expert MLP, scatter per expert).
     "ort-int8-batched": ["--quantize", "int8_dynamic"],
     "ort-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
+    "ort-fp32-batched-fused": ["--fuse"],  # isolates what INT8 does on the static graph (RUL: its export)
+    # The defect detector's INT8 is the static QDQ file of `moeworks defects export` (an export folder).
+    "ort-int8-static-batched": ["--quantize", "int8_static"],
+    "ort-sparse-fp32-batched-fused": ["--fuse"],  # isolates what INT8 does on the sparse graph
+    "ort-sparse-int8-batched": ["--quantize", "int8_dynamic"],
+    "ort-sparse-int8-batched-fused": ["--quantize", "int8_dynamic", "--fuse"],
 }
-ONNX_CONFIGS = {"ort-int8-batched", "ort-int8-batched-fused"}
+# The ONNX dispatch each ONNX configuration serves.
+ONNX_CONFIGS = {"ort-int8-batched": "static", "ort-int8-batched-fused": "static",
+                "ort-fp32-batched-fused": "static", "ort-int8-static-batched": "static",
+                "ort-sparse-fp32-batched-fused": "sparse", "ort-sparse-int8-batched": "sparse",
+                "ort-sparse-int8-batched-fused": "sparse"}
 DEFAULT_CONFIGS = "eager-fp32-1,fp32-batched,int8-batched,int8-batched-fused,fp32-batched-fused"
 
 
@@ -163,25 +182,84 @@ def build_credit(out: Path, data: Path, model_dir: Path | None, seed: int = 0) -
     accuracy = {"metric": "AUC (scorer's validation split)", "fp32": float(base), "int8": float(quant),
                 "relative_change": float((quant - base) / base),
                 "relative_output_error": float(np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32))}
-    return model_dir, {"accuracy": accuracy}
+    return model_dir, {"accuracy": accuracy, "held_out": {"features": x_valid.numpy()},
+                       "metric": lambda scores: float(roc_auc_score(valid.target, scores))}
 
 
-def export_for_serving(path: Path) -> Path:
-    """The served model as ONNX beside it (static MoE path), carrying the same version."""
+def build_rul(out: Path, model_dir: Path | None = None, seed: int = 0) -> tuple[Path, dict]:
+    """The RUL LSTM of manufacturing/maintenance (a `maintenance train` folder), trained here on
+    generated engines unless `model_dir` is given; its gate is the RMSE on generated held-out engines."""
+    from manufacturing.maintenance.generator import generate_cmapss
+    from manufacturing.maintenance.quick import train_quick_rul_model
+    from manufacturing.maintenance.rul import RULEstimator
+    from manufacturing.maintenance.windows import build_windows
+
+    if model_dir is None:
+        model_dir = out / "rul_lstm"
+        train_quick_rul_model(model_dir, kind="lstm", num_units=60, max_epochs=8, seed=seed)
+    estimator = RULEstimator.load(model_dir)
+    test = generate_cmapss(40, num_regimes=estimator.features.num_regimes, seed=seed + 11)
+    windows = build_windows(estimator.normalizer_.transform(test), test["unit"].to_numpy(), window=estimator.net.window)
+    cycles_left = (test.groupby("unit")["cycle"].transform("max") - test["cycle"]).to_numpy()[windows.cycle_row]
+    truth = np.minimum(cycles_left, estimator.net.rul_cap)
+    held = windows.gather(np.arange(0, len(windows), 7))
+    truth = truth[np.arange(0, len(windows), 7)]
+
+    def rmse(predicted):
+        return float(np.sqrt(np.mean((np.asarray(predicted) - truth) ** 2)))
+
+    accuracy = {"metric": "RMSE (cycles, generated held-out engines)", "fp32": rmse(estimator.predict_windows(held)),
+                "note": "INT8 runs through the ONNX export: see onnx_accuracy"}
+    return model_dir, {"accuracy": accuracy, "held_out": {"window": held.numpy()}, "metric": rmse}
+
+
+def build_defects(out: Path, run_dir: Path | None = None, seed: int = 0) -> tuple[Path, dict]:
+    """The YOLO defect detector of manufacturing/defects (a `defects train` run folder, YOLO alone),
+    trained here briefly on generated surfaces at 160 px unless `run_dir` is given."""
+    from manufacturing.defects.synthetic import SyntheticConfig, write_synthetic_voc
+    from manufacturing.defects.train import DetectorConfig
+    from manufacturing.defects.workflow import TrainJob, train_job
+
+    voc = write_synthetic_voc(out / "defects_voc", SyntheticConfig(images=48, size=160, seed=seed))
+    if run_dir is None:
+        run_dir = out / "defects_run"
+        train_job(voc, run_dir, TrainJob(detector=DetectorConfig(imgsz=160, epochs=3, batch=8, workers=0),
+                                         train_moe=False), verbose=False)
+    return run_dir, {"voc": voc}
+
+
+def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = None) -> Path:
+    """The served model as ONNX beside it, MoE layers exported with `dispatch` (static or sparse),
+    carrying the same version. RUL and defects models go through their verticals' exports
+    (`voc`: the images that calibrate the detector's static INT8)."""
     import onnx
 
     from core.onnx_export import export_onnx
     from deploy.serving.adapters import CreditAdapter, load_adapter
 
+    if (path / "model.json").is_file():  # a RUL folder: the vertical's own export (its LSTM has no MoE)
+        from manufacturing.maintenance.export import export_model_folder
+
+        (exported,) = export_model_folder(path, path.parent / f"{path.name}_export")
+        return Path(exported)
+    if (path / "detector.pt").is_file():  # a defects run: the vertical's export, FP32 and static INT8
+        from manufacturing.defects.workflow import export_job
+
+        export_job(path / "detector.pt", path.parent / f"{path.name}_export", voc, int8=True)
+        return path.parent / f"{path.name}_export"
     adapter = load_adapter(path)
-    target = path.with_suffix(".onnx") if path.is_file() else path.parent / f"{path.name}.onnx"
+    stem = path.stem if path.is_file() else path.name
+    target = path.parent / f"{stem}{'.sparse' if dispatch == 'sparse' else ''}.onnx"
     if isinstance(adapter, CreditAdapter):
-        adapter.scorer.model_.export_onnx(target)
+        example = torch.zeros(4, adapter.fields[0].row_shape[0])
+        export_onnx(adapter.scorer.model_.probability_module(), (example,), target, input_names=["features"],
+                    output_names=["probability"], moe_dispatch=dispatch)
         extra = {"nan_means_missing": "features"}
     else:
         example = adapter.example(4, seed=0)
         export_onnx(adapter.model, tuple(torch.from_numpy(example[f.name]) for f in adapter.fields), target,
-                    input_names=[f.name for f in adapter.fields], output_names=["logits", "aux"])
+                    input_names=[f.name for f in adapter.fields], output_names=["logits", "aux"],
+                    moe_dispatch=dispatch)
         extra = {}
         if any(f.high for f in adapter.fields):
             extra["config"] = json.dumps({"categorical_cardinalities": list(adapter.fields[-1].high)})
@@ -214,18 +292,39 @@ def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
     return result
 
 
+def onnx_accuracy_gate(onnx_path: Path, spec: dict) -> dict:
+    """FP32 vs onnxruntime dynamic INT8 (the server's ONNX recipe) of one exported file on held-out rows."""
+    from deploy.serving.adapters import AdapterOptions, OnnxAdapter
+
+    rows = {name: np.asarray(value) for name, value in spec["held_out"].items()}
+    work = Path(tempfile.mkdtemp(prefix="moeworks-onnx-gate-"))
+    fp32, int8 = OnnxAdapter(onnx_path), OnnxAdapter(onnx_path, AdapterOptions(quantize="int8_dynamic"), work_dir=work)
+    first = fp32.outputs[0]
+    base, quant = fp32.predict(rows)[first].reshape(len(next(iter(rows.values()))), -1)[:, 0], \
+        int8.predict(rows)[first].reshape(len(next(iter(rows.values()))), -1)[:, 0]
+    result = {"output": first, "relative_output_error": float(np.linalg.norm(quant - base) / np.linalg.norm(base))}
+    if spec.get("metric") is not None:
+        b, q = spec["metric"](base), spec["metric"](quant)
+        result.update({"fp32": b, "int8": q, "relative_change": (q - b) / b})
+    return result
+
+
 def request_bodies(path: Path, count: int = 256, seed: int = 0) -> list[bytes]:
     """`count` distinct one-row JSON requests that fit the model's inputs."""
-    from deploy.serving.adapters import OnnxAdapter, example_rows
+    from deploy.serving.adapters import load_adapter
+    from deploy.serving.defects import encode_image
 
-    if path.is_dir():  # a credit scorer: real feature rows, missing values as JSON null
+    if (path / "scorer.json").is_file():  # a credit scorer: real feature rows, missing values as JSON null
         with np.load(path.with_suffix(".calibration.npz")) as data:
             features = data["features"]
         return [json.dumps({"instances": [{"features": [None if v != v else float(v) for v in features[i % len(
             features)]]}]}).encode() for i in range(count)]
-    fields = OnnxAdapter(path).fields if path.suffix == ".onnx" else load_model(path).fields
-    rows = example_rows(fields, count, seed=seed)
-    return [json.dumps({"instances": [{k: v[i].tolist() for k, v in rows.items()}]}).encode() for i in range(count)]
+    rows = load_adapter(path).example(count, seed=seed)
+
+    def value(array: np.ndarray):
+        return encode_image(array) if array.dtype == np.uint8 and array.ndim == 3 else array.tolist()
+
+    return [json.dumps({"instances": [{k: value(v[i]) for k, v in rows.items()}]}).encode() for i in range(count)]
 
 
 # --- the load generator ------------------------------------------------------------------------
@@ -366,7 +465,11 @@ def machine_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tabular,sequence", help="comma list: tabular, sequence")
+    parser.add_argument("--models", default="tabular,sequence",
+                        help="comma list: tabular, sequence, rul (maintenance LSTM), defects (YOLO detector)")
+    parser.add_argument("--rul-model", type=Path, default=None, help="a `maintenance train` folder to serve as rul")
+    parser.add_argument("--defects-model", type=Path, default=None,
+                        help="a `defects train` run folder to serve as defects (trained briefly here otherwise)")
     parser.add_argument("--credit-data", type=Path, default=None,
                         help="Taiwan credit data folder: adds the credit MoE scorer (finance) to the run")
     parser.add_argument("--credit-model", type=Path, default=None,
@@ -390,7 +493,9 @@ def main() -> None:
 
     console = Console(stderr=args.json, width=170)  # the table is wide; logs are not terminals
     work = Path(tempfile.mkdtemp(prefix="moeworks-serving-"))
-    builders = {"tabular": build_tabular, "sequence": build_sequence}
+    builders = {"tabular": build_tabular, "sequence": build_sequence,
+                "rul": lambda out: build_rul(out, args.rul_model),
+                "defects": lambda out: build_defects(out, args.defects_model)}
     models: list[tuple[str, Path, Path, dict | None]] = []
     for key in filter(None, args.models.split(",")):
         with console.status(f"building {key} model"):
@@ -411,21 +516,30 @@ def main() -> None:
         entry: dict = {"configs": {}}
         if spec is not None and "accuracy" in spec:
             entry["accuracy"] = spec["accuracy"]
-        elif spec is not None:
+        elif spec is not None and "metric_name" in spec:
             with console.status(f"{key}: INT8 accuracy"):
                 entry["accuracy"] = accuracy_gate(path, calibration, spec)
                 entry["accuracy"]["metric"] = spec["metric_name"]
         bodies = request_bodies(path)
         names = list(filter(None, args.configs.split(",")))
-        onnx_path = None
-        if ONNX_CONFIGS & set(names):
-            with console.status(f"{key}: exporting to ONNX"):
-                onnx_path = export_for_serving(path)
+        onnx_paths: dict[str, Path] = {}
+        for dispatch in sorted({ONNX_CONFIGS[n] for n in names if n in ONNX_CONFIGS}):
+            with console.status(f"{key}: exporting to ONNX ({dispatch} MoE dispatch)"):
+                onnx_paths[dispatch] = export_for_serving(path, dispatch, (spec or {}).get("voc"))
+            export_record = onnx_paths[dispatch] / "export.json"
+            if export_record.is_file():  # the detector's export: parity of FP32 and INT8 ONNX against PyTorch
+                record = json.loads(export_record.read_text())
+                entry.setdefault("onnx_accuracy", {})[dispatch] = {
+                    "metric": "max |PyTorch - onnxruntime| on generated images", "fp32": record["parity"],
+                    "int8_static": record.get("int8_difference")}
+            if spec is not None and "held_out" in spec:
+                with console.status(f"{key}: onnxruntime INT8 accuracy ({dispatch})"):
+                    entry.setdefault("onnx_accuracy", {})[dispatch] = onnx_accuracy_gate(onnx_paths[dispatch], spec)
         servers: list[Server] = []
         try:
             for name in names:  # one at a time: concurrent start-ups (compiling) would starve each other
                 with console.status(f"{key}: starting {name}"):
-                    served = onnx_path if name in ONNX_CONFIGS else path
+                    served = onnx_paths[ONNX_CONFIGS[name]] if name in ONNX_CONFIGS else path
                     servers.append(Server(name, served, calibration, CONFIGS[name], threads=args.threads))
                     servers[-1].wait_ready()
             with console.status(f"{key}: {args.clients} clients, {len(servers)} configs x {args.rounds} rounds"):
@@ -454,6 +568,8 @@ def main() -> None:
         console.print(table)
         if "accuracy" in entry:
             console.print(f"{key} INT8 accuracy: {json.dumps(entry['accuracy'])}")
+        for dispatch, gate in entry.get("onnx_accuracy", {}).items():
+            console.print(f"{key} onnxruntime INT8 accuracy ({dispatch} export): {json.dumps(gate)}")
 
     results["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,8 +39,13 @@ def inference_session(path: str | Path, *, threads: int | None = None):
 
 def export_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path, *,
                 input_names: Sequence[str], output_names: Sequence[str], dynamic_batch: bool = True,
-                metadata: dict[str, Any] | None = None) -> Path:
+                metadata: dict[str, Any] | None = None, moe_dispatch: Literal["static", "sparse"] = "static") -> Path:
     """Export `model` (in eval mode; MoE layers switch to their static path) to an ONNX file.
+
+    `moe_dispatch="sparse"` exports dropless MoE layers with a per-expert gather/scatter instead
+    (core.sparse_export): the graph holds NonZero and data-dependent shapes, and runs only the
+    chosen experts (measured 7-9x faster than the static graph at 128-2048 tokens, 16 experts top-2:
+    benchmarks/onnx_moe.py).
 
     The batch axis (dim 0 of every input) is dynamic when `dynamic_batch`. `metadata` is written
     into the model's metadata_props as strings (JSON for non-strings), and the file is checked with
@@ -51,6 +56,12 @@ def export_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
+    if moe_dispatch == "sparse":
+        from core.sparse_export import sparse_for_export
+
+        model = sparse_for_export(model)
+    else:
+        assert moe_dispatch == "static", f"moe_dispatch must be 'static' or 'sparse', got {moe_dispatch!r}"
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 20)

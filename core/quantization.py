@@ -415,6 +415,9 @@ def quantize_onnx(source: str | Path, target: str | Path, *, mode: Literal["dyna
     # The exporter's value_info can disagree with ORT's own shape inference: let ORT infer afresh.
     del proto.graph.value_info[:]
     routers = [n.name for n in proto.graph.node if any("router" in name for name in n.input)]  # stay fp32
+    # onnxruntime's quantizer first rewrites a Gemm as a MatMul named "<gemm>_MatMul" (onnx_model.
+    # replace_gemm_with_matmul), then matches the exclusions: name both, or a Gemm router is quantized.
+    routers += [f"{name}_MatMul" for name in routers]
     op_types = op_types or QUANTIZED_ONNX_OPS
     cleaned = target.with_suffix(".prep.onnx")
     onnx.save(proto, str(cleaned))

@@ -58,6 +58,8 @@ class AdapterOptions:
     calibration: Path | None = None  # .npz of named input arrays for AWQ / static quantization
     calibration_rows: int = 512  # generated rows when no calibration file is given
     threads: int = 1  # intra-op threads of the runtime: one core per worker process
+    camera: Path | None = None  # defects: calibration file (mm per pixel, min size mm); None: the 0.1 mm/px default
+    conf: float = 0.25  # defects: score threshold of reported boxes (the inspector's default)
 
 
 class ModelAdapter(ABC):
@@ -110,8 +112,12 @@ class ModelAdapter(ABC):
             value = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError):
             raise InvalidRequest(loc, "expected numbers (nested lists of numbers)") from None
+        if spec.pad_first_axis and value.ndim == len(spec.row_shape) and value.shape[1:] == spec.row_shape[1:] \
+                and 1 <= value.shape[0] < spec.row_shape[0]:
+            value = np.concatenate([np.repeat(value[:1], spec.row_shape[0] - value.shape[0], axis=0), value])
         if value.shape != spec.row_shape:
-            raise InvalidRequest(loc, f"expected shape {list(spec.row_shape)}, got {list(value.shape)}")
+            steps = f"1 to {spec.row_shape[0]} steps of " if spec.pad_first_axis else ""
+            raise InvalidRequest(loc, f"expected shape {steps}{list(spec.row_shape)}, got {list(value.shape)}")
         if np.isinf(value).any() or (not spec.allow_nan and np.isnan(value).any()):
             raise InvalidRequest(loc, "NaN or infinite value" if not spec.allow_nan else "infinite value")
         if spec.dtype.kind in "iu":
@@ -123,6 +129,11 @@ class ModelAdapter(ABC):
                     j = int(bad[0])
                     raise InvalidRequest(loc + [j], f"code {int(value.flat[j])} outside [0, {spec.high[j]})")
         return value.astype(spec.dtype)
+
+    def warm_up_sizes(self, max_rows: int) -> list[int]:
+        """Batch sizes to run before taking traffic: torch.compile keeps separate graphs for 1 row
+        (and for expert slices of 1), then one dynamic graph from 2 up."""
+        return sorted({1, 2, 3, 7, 16, max_rows})
 
     def example(self, rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
         """Generated inputs that fit the fields (warm-up; calibration when no file is given)."""
@@ -199,7 +210,7 @@ class OnnxAdapter(ModelAdapter):
     """An ONNX file run by onnxruntime; optionally quantized to INT8 at load (dynamic or QDQ static)."""
 
     def __init__(self, path: str | Path, options: AdapterOptions | None = None, *,
-                 work_dir: Path | None = None) -> None:
+                 work_dir: Path | None = None, quantize_ops: list[str] | None = None) -> None:
         import onnx
         import onnxruntime as ort
 
@@ -230,7 +241,7 @@ class OnnxAdapter(ModelAdapter):
             run_path = work_dir / f"{path.stem}.{options.quantize}.onnx"
             mode = "dynamic" if options.quantize == "int8_dynamic" else "static"
             calibration = _load_calibration(options, self) if mode == "static" else None
-            quantize_onnx(path, run_path, mode=mode, calibration=calibration)
+            quantize_onnx(path, run_path, mode=mode, calibration=calibration, op_types=quantize_ops)
             variant = options.quantize
         elif options.quantize != "none":
             raise ValueError(f"quantize={options.quantize!r} is not an ONNX scheme (int8_dynamic, int8_static)")
@@ -316,21 +327,70 @@ class CreditAdapter(ModelAdapter):
                 "decision": np.where(pd_ <= self.scorer.cutoff_pd_, "approve", "decline")}
 
 
+def _is_core_checkpoint(path: Path) -> bool:
+    """A file core.trainer.save_checkpoint wrote (weights-only loadable, with metadata), not a pickle."""
+    try:
+        return "metadata" in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an ultralytics checkpoint is a full pickle: not loadable weights-only
+        return False
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - onnx raises DecodeError and others for a broken file
+        raise ValueError(f"{path}: not a readable ONNX model ({error})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
 def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> ModelAdapter:
-    """An adapter by what `path` is: a credit scorer folder, an .onnx file, or a core checkpoint."""
+    """An adapter by what `path` is.
+
+    Folders: a credit scorer (scorer.json), a RUL model (`moeworks maintenance train`: model.pt +
+    model.json), a defects run or export folder (detector.pt / detector.onnx). Files: an .onnx
+    (the RUL or detector export by its metadata, any other ONNX by its inputs), a YOLO checkpoint
+    (.pt that is not a core checkpoint), or a core checkpoint.
+    """
+    from deploy.serving.defects import DefectsAdapter, is_defects_folder
+    from deploy.serving.maintenance import RULAdapter, is_rul_folder
+
     path = Path(path)
-    if path.is_dir() and (path / "scorer.json").is_file():
-        return CreditAdapter(path, options)
+    if path.is_dir():
+        if (path / "scorer.json").is_file():
+            return CreditAdapter(path, options)
+        if is_rul_folder(path):
+            return RULAdapter(path, options)
+        if is_defects_folder(path):
+            return DefectsAdapter(path, options)
+        raise ValueError(f"{path}: not a model folder (credit scorer, RUL model or defects run/export)")
     if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path} (a checkpoint, an .onnx file or a credit model folder)")
-    return OnnxAdapter(path, options) if path.suffix == ".onnx" else TorchAdapter(path, options)
+        raise FileNotFoundError(f"model not found: {path} (a checkpoint, an .onnx file or a model folder)")
+    if path.suffix == ".onnx":
+        metadata = _onnx_metadata(path)
+        if "normalizer" in metadata and "net" in metadata:
+            return RULAdapter(path, options)
+        if "names" in metadata and "imgsz" in metadata:
+            return DefectsAdapter(path, options)
+        return OnnxAdapter(path, options)
+    if path.name == "model.pt" and is_rul_folder(path.parent):
+        return RULAdapter(path.parent, options)
+    if _is_core_checkpoint(path):
+        return TorchAdapter(path, options)
+    return DefectsAdapter(path, options)  # an ultralytics checkpoint, or an error naming the file
 
 
 def row_to_json(outputs: dict[str, np.ndarray], row: int) -> dict[str, Any]:
-    """One row of outputs as JSON values: a one-element vector becomes a number."""
+    """One row of outputs as JSON values: a one-element vector becomes a number; rows of object
+    arrays (a list of defects) are JSON values already and pass as they are."""
     answer = {}
     for name, value in outputs.items():
-        item = value[row].tolist()
+        item = value[row]
+        if value.dtype == object:
+            answer[name] = item
+            continue
+        item = item.tolist()
         if isinstance(item, list) and len(item) == 1:
             item = item[0]
         if isinstance(item, float) and not math.isfinite(item):

@@ -37,9 +37,8 @@ class ServerState:
 
 
 def _warm_up(adapter: ModelAdapter, max_rows: int) -> None:
-    """Run the sizes compiled models specialise on before taking traffic: torch.compile keeps
-    separate graphs for 1 row (and for expert slices of 1), then one dynamic graph from 2 up."""
-    for rows in sorted({1, 2, 3, 7, 16, max_rows}):
+    """Run the batch sizes the adapter names (those compiled models specialise on) before traffic."""
+    for rows in adapter.warm_up_sizes(max_rows):
         adapter.run_batch([adapter.example(rows, seed=rows)])
 
 

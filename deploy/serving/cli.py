@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 
 
-def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ONNX file (.onnx) or a credit "
-                                                   "model folder (moeworks finance train --model moe)"),
+def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ONNX file (.onnx), a credit model "
+                                                   "folder (finance train --model moe), a RUL model folder "
+                                                   "(maintenance train) or its .onnx, a defects run or export "
+                                                   "folder, YOLO weights (.pt) or the detector's .onnx"),
           host: str = typer.Option("127.0.0.1", help="address to bind"),
           port: int = typer.Option(8080, help="port to bind"),
           workers: int = typer.Option(1, help="gunicorn worker processes (one model copy each)"),
@@ -17,6 +19,8 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ON
                                                     "int8_dynamic | int8_static (onnx)"),
           fuse: bool = typer.Option(False, help="torch.compile the dense parts (torch runtime)"),
           calibration: Path = typer.Option(None, help=".npz of named inputs for AWQ/static calibration"),
+          camera: Path = typer.Option(None, help="defects: JSON/YAML with mm_per_pixel(_x/_y) and min_size_mm"),
+          conf: float = typer.Option(0.25, help="defects: score threshold of reported boxes"),
           batching: bool = typer.Option(True, help="dynamic batching; --no-batching runs one request per forward"),
           max_batch: int = typer.Option(128, help="ceiling of the adaptive batch size (rows)"),
           max_wait_ms: float = typer.Option(4.0, help="longest a request waits for company"),
@@ -25,10 +29,18 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ON
     """Serve a model over HTTP: POST /v1/predict, /healthz, /readyz, /metrics."""
     from core.batcher import BatcherConfig
     from deploy.serving.adapters import AdapterOptions
+    from deploy.serving.defects import is_defects_folder
+    from deploy.serving.maintenance import is_rul_folder
     from deploy.serving.server import ServeConfig, run_gunicorn
 
-    if not (model.is_file() or (model / "scorer.json").is_file()):
-        typer.echo(f"error: model: no model file or credit model folder at {model}", err=True)
+    if not (model.is_file() or (model / "scorer.json").is_file() or is_rul_folder(model) or is_defects_folder(model)):
+        typer.echo(f"error: model: no model file, credit, RUL or defects model folder at {model}", err=True)
+        raise typer.Exit(2)
+    if not 0 <= conf <= 1:
+        typer.echo(f"error: --conf: a score threshold in [0, 1], got {conf}", err=True)
+        raise typer.Exit(2)
+    if camera is not None and not camera.is_file():
+        typer.echo(f"error: --camera: no calibration file at {camera}", err=True)
         raise typer.Exit(2)
     if quantize not in ("none", "int8_dynamic", "int8_weight_only", "int8_static"):
         typer.echo(f"error: --quantize: unknown scheme {quantize!r}", err=True)
@@ -43,4 +55,4 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ON
         raise typer.Exit(2) from None
     run_gunicorn(ServeConfig(model=model, host=host, port=port, workers=workers, batcher=batcher,
                              adapter=AdapterOptions(quantize=quantize, fuse=fuse, calibration=calibration,
-                                                    threads=threads)))
+                                                    threads=threads, camera=camera, conf=conf)))

@@ -30,6 +30,9 @@ class InputField:
     row_shape: tuple[int, ...]
     high: tuple[int, ...] | None = None  # integer codes: column j must lie in [0, high[j])
     allow_nan: bool = False  # True where NaN means "missing" and the model imputes it (credit features)
+    # True where fewer steps than row_shape[0] are accepted and padded in front with copies of the
+    # first step (RUL windows: an engine younger than the window, "no change before the record began").
+    pad_first_axis: bool = False
 
 
 @dataclass

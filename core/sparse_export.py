@@ -1,0 +1,108 @@
+"""A sparse top-k MoE dispatch that ONNX export keeps sparse: gather, run, scatter per expert.
+
+Under export `MoELayer` takes its static path: every expert runs densely over every token and a
+dense combine matrix mixes them (no data-dependent shapes). For 16 experts and top-2 that is 8x
+the expert FLOPs of the model, which is why an exported MoE Transformer loses to PyTorch once
+requests are batched. This module gives the exporter a dispatch it can keep sparse with plain
+ONNX ops: per expert, `NonZero` over the tokens routed to it, `Gather` of those rows, the
+expert's two `MatMul`s, and a `ScatterND(reduction="add")` of the weighted result. Each expert's
+weights are their own initializers (one `nn.Linear` per expert), so onnxruntime's dynamic INT8
+quantization reaches the expert MLPs, which the stacked-weight `Einsum`s of the static path hide
+from it.
+
+onnxruntime's contrib `com.microsoft.MoE` / `QMoE` operators (1.31, CPU) were measured as the
+alternative and lost from 128 tokens up: on the 16-expert, 128-wide layer of benchmarks/serving.py,
+1.59 ms (MoE) / 1.56 ms (QMoE int8) per forward of 128 tokens against 0.39 ms for this graph in FP32
+and 0.34 ms in INT8, one thread (benchmarks/onnx_moe.py; RESULTS.md, Serving).
+They also fix the routing to softmax top-k, where this graph exports whatever the router does.
+
+Only dropless layers are rewritten: a capacity limit drops assignments in a priority order that
+the static path already exports exactly. `sparse_for_export` leaves such layers as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from core.experts import ACTIVATIONS, Experts
+from core.moe import MoELayer, MoEOutput
+from core.router import load_balancing_loss, router_z_loss
+
+
+class SparseDispatchMoE(nn.Module):
+    """The maths of a dropless `MoELayer`, dispatched per expert with data-dependent row sets.
+
+    Built from an MoELayer with `from_layer` (shares its router and shared experts; the stacked
+    expert weights are copied into one `up` and one `down` Linear per expert). forward(x (batch,
+    tokens, H) or (tokens, H)) -> MoEOutput, as MoELayer (no capacity, so `dropped` is 0).
+    """
+
+    def __init__(self, *, config, router: nn.Module, up: list[nn.Linear], down: list[nn.Linear],
+                 shared_experts: nn.ModuleList) -> None:
+        super().__init__()
+        assert config.dropless, "SparseDispatchMoE serves dropless layers only (capacity exports statically)"
+        assert len(up) == len(down) == config.num_experts, "one up and one down Linear per expert"
+        self.config = config
+        self.router = router  # the attribute name keeps "router" in ONNX names: quantize_onnx leaves it FP32
+        self.up = nn.ModuleList(up)
+        self.down = nn.ModuleList(down)
+        self.shared_experts = shared_experts
+
+    @classmethod
+    def from_layer(cls, layer: MoELayer) -> SparseDispatchMoE:
+        experts = layer.experts
+        assert type(experts) is Experts, f"sparse export needs core Experts weights, got {type(experts).__name__}"
+        num_experts, hidden, inner = experts.w_in.shape
+        up, down = [], []
+        for e in range(num_experts):
+            up_e = nn.Linear(hidden, inner, bias=False)
+            up_e.weight.data = experts.w_in[e].detach().t().contiguous()  # (I, H)
+            down_e = nn.Linear(inner, hidden, bias=False)
+            down_e.weight.data = experts.w_out[e].detach().t().contiguous()  # (H, I)
+            up.append(up_e)
+            down.append(down_e)
+        return cls(config=layer.config, router=layer.router, up=up, down=down, shared_experts=layer.shared_experts)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        cfg = self.config
+        tokens = x.reshape(-1, cfg.hidden_size)  # (T, H)
+        routing = self.router(tokens)
+        activation = ACTIVATIONS[cfg.activation]
+        out = torch.zeros_like(tokens)
+        for e in range(cfg.num_experts):
+            chosen = routing.expert_index == e  # (T, k): a token picks an expert at most once
+            weight = (routing.weight * chosen).sum(dim=-1)  # (T,) its combine weight, 0 where not chosen
+            rows = chosen.any(dim=-1).nonzero().squeeze(-1)  # (n_e,) tokens routed to expert e
+            y = self.down[e](activation(self.up[e](tokens.index_select(0, rows))))  # (n_e, H)
+            out = out.index_add(0, rows, y * weight.index_select(0, rows).unsqueeze(-1))
+        for shared in self.shared_experts:
+            out = out + shared(tokens)
+        expert_load = torch.nn.functional.one_hot(routing.expert_index, cfg.num_experts).sum(dim=(0, 1))  # (E,)
+        balance = load_balancing_loss(routing.probs, routing.expert_index, cfg.num_experts)
+        z_loss = router_z_loss(routing.logits)
+        aux = cfg.aux_loss_weight * balance + cfg.z_loss_weight * z_loss
+        return MoEOutput(out.reshape(x.shape), aux, balance, z_loss, expert_load, torch.zeros((), dtype=torch.int64))
+
+
+def sparse_for_export(model: nn.Module) -> nn.Module:
+    """A copy of `model` (eval mode) whose dropless MoELayers dispatch sparsely under export.
+
+    The original is untouched. Returns the copy; with no dropless MoELayer in it, a plain copy.
+    """
+    model = copy.deepcopy(model).eval()
+    if isinstance(model, MoELayer) and model.config.dropless and type(model.experts) is Experts:
+        return SparseDispatchMoE.from_layer(model)
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, MoELayer) and module.config.dropless and type(module.experts) is Experts]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = SparseDispatchMoE.from_layer(parent.get_submodule(child))
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+            parent[int(child)] = replacement
+        else:
+            setattr(parent, child, replacement)
+    return model

@@ -1,0 +1,86 @@
+"""Serving the RUL models of manufacturing/maintenance: a `maintenance train` folder or its ONNX export.
+
+A request carries one engine's recent cycles in raw units, the C-MAPSS columns the model reads:
+`cycles` (up to `window` rows of [setting_1, setting_2, setting_3, <the model's sensors>], oldest
+first; /v1/model lists the columns). The adapter normalises them with the model's own fitted
+normaliser (per operating regime, as in training), pads a short history in front with copies of
+its first cycle (as the training windows do), and answers `rul` in cycles. The network runs in
+PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deploy.serving.adapters import AdapterOptions, ModelAdapter, OnnxAdapter, file_version
+from deploy.serving.models import InputField
+
+SETTINGS = ["setting_1", "setting_2", "setting_3"]
+
+
+def is_rul_folder(path: Path) -> bool:
+    """A `moeworks maintenance train` output: model.pt beside a model.json that names the net."""
+    try:
+        return (path / "model.pt").is_file() and "net" in json.loads((path / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class RULAdapter(ModelAdapter):
+    """RUL from raw cycles. Input `cycles` (<= window, 3 + sensors) float32; output `rul` (cycles)."""
+
+    def __init__(self, source: str | Path, options: AdapterOptions | None = None) -> None:
+        from manufacturing.maintenance.export import RUL_INPUT, RUL_OUTPUT
+        from manufacturing.maintenance.features import ConditionNormalizer
+
+        self.options = options = options or AdapterOptions()
+        source = Path(source)
+        torch.set_num_threads(options.threads)
+        if source.is_dir():
+            from manufacturing.maintenance.rul import CHECKPOINT, RULEstimator
+
+            if options.quantize != "none" or options.fuse:
+                raise ValueError(f"{source}: INT8 and fusion of a RUL model run through its ONNX export "
+                                 "(`moeworks maintenance export`); serve the .onnx file with --quantize")
+            estimator = RULEstimator.load(source)
+            self.normalizer, window, kind = estimator.normalizer_, estimator.net_.window, estimator.net_.kind
+            self._run = lambda windows: estimator.predict_windows(torch.from_numpy(windows))
+            self.version, self.runtime = file_version(source / CHECKPOINT), "torch+fp32"
+        else:
+            from core.quantization import QUANTIZED_ONNX_OPS
+
+            # LSTM weights are most of an LSTM RUL model: INT8 covers them too (as the edge export does).
+            inner = OnnxAdapter(source, options, quantize_ops=[*QUANTIZED_ONNX_OPS, "LSTM"])
+            metadata = inner.session.get_modelmeta().custom_metadata_map
+            self.normalizer = ConditionNormalizer.from_state(json.loads(metadata["normalizer"]))
+            net = json.loads(metadata["net"])
+            window, kind = int(net["window"]), net["kind"]
+            self._run = lambda windows: inner.predict({RUL_INPUT: windows})[RUL_OUTPUT]
+            self.version, self.runtime = inner.version, inner.runtime
+        self.output = RUL_OUTPUT
+        self.name = f"rul-{kind}"
+        self.columns = [*SETTINGS, *self.normalizer.sensors_]
+        self.fields = [InputField("cycles", np.dtype(np.float32), (window, len(self.columns)), pad_first_axis=True)]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "columns": self.columns}
+
+    def example(self, rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+        """Cycles at the normaliser's own regime centres and sensor means, plus noise (warm-up)."""
+        rng = np.random.default_rng(seed)
+        window = self.fields[0].row_shape[0]
+        regime = rng.integers(0, len(self.normalizer.centers_), size=(rows, window))
+        settings = self.normalizer.centers_[regime] * self.normalizer.setting_scale_  # (rows, window, 3)
+        sensors = self.normalizer.mean_[regime] + rng.standard_normal((rows, window, len(self.normalizer.sensors_)))
+        return {"cycles": np.concatenate([settings, sensors], axis=-1).astype(np.float32)}
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cycles = inputs["cycles"]  # (batch, window, 3 + sensors)
+        batch, window, columns = cycles.shape
+        flat = cycles.reshape(-1, columns)
+        windows = self.normalizer.transform_arrays(flat[:, :3], flat[:, 3:]).reshape(batch, window, -1)
+        return {self.output: np.asarray(self._run(np.ascontiguousarray(windows, dtype=np.float32)))}
