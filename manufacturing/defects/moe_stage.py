@@ -211,8 +211,11 @@ class CropMoEClassifier:
             return cls._load_onnx(Path(path), threads=threads)
         try:
             model, metadata = load_checkpoint(path, lambda c: CropMoENet(CropMoEConfig(**c)))
-        except Exception as error:  # torch raises several types for a file that is not a checkpoint
-            raise DefectDataError(f"{path}: not a readable MoE-stage checkpoint ({error})") from None
+        except FileNotFoundError:
+            raise DefectDataError(f"{path}: no such model file") from None
+        except Exception as error:  # torch raises several types (and paragraphs of advice) for a non-checkpoint
+            raise DefectDataError(f"{path}: not a moeworks MoE-stage checkpoint (.pt) or its ONNX export "
+                                  f"(torch.load: {type(error).__name__})") from None
         if metadata.get("kind") != "moeworks.defects.crop_moe":
             raise DefectDataError(f"{path}: field 'kind' is not moeworks.defects.crop_moe")
         stage = cls(config=model.config, training=CropTrainingConfig(**metadata["training"]))
@@ -225,14 +228,14 @@ class CropMoEClassifier:
         import json
 
         from core.onnx_export import inference_session
-        from manufacturing.defects.errors import DefectDataError
+        from manufacturing.defects.errors import DefectDataError, one_line
 
         if not path.is_file():
             raise DefectDataError(f"{path}: no such model file")
         try:
             session = inference_session(path, threads=threads)
         except Exception as error:  # onnxruntime raises its own types for unreadable models
-            raise DefectDataError(f"{path}: not a readable ONNX model ({error})") from None
+            raise DefectDataError(f"{path}: not a readable ONNX model ({one_line(error)})") from None
         meta = session.get_modelmeta().custom_metadata_map
         if meta.get("kind") != "moeworks.defects.crop_moe" or not {"names", "config", "training"} <= set(meta):
             raise DefectDataError(f"{path}: ONNX metadata field 'kind' is not moeworks.defects.crop_moe, or "
