@@ -93,7 +93,8 @@ def end_to_end_ms(inspector: DefectInspector, images, gt_boxes, repeats: int) ->
     warm = slice(2, None) if repeats > 4 else slice(None)  # first calls warm caches
     yolo, moe, moe_gt, boxes, gt_counts = (x[warm] for x in (yolo, moe, moe_gt, boxes, gt_counts))
     yolo_ms, both_ms = statistics.median(yolo), statistics.median([a + b for a, b in zip(yolo, moe, strict=True)])
-    return {"yolo_ms": yolo_ms, "yolo_moe_ms": both_ms, "moe_ms": statistics.median(moe),
+    # The stage's own cost as a mean: most images of a weak detector send it no box, so its median is ~0.
+    return {"yolo_ms": yolo_ms, "yolo_moe_ms": both_ms, "moe_ms_mean": statistics.mean(moe),
             "moe_cost_ratio": both_ms / yolo_ms, "boxes_per_image": statistics.mean(boxes),
             "moe_ms_per_box": sum(moe) / sum(boxes) if sum(boxes) else None,
             "moe_on_ground_truth_ms": statistics.median(moe_gt),
@@ -276,11 +277,11 @@ def main() -> None:
     console.print(per_class)
     cost = Table(title=f"per image, end to end (letterbox, network, NMS at conf {InspectionConfig.conf}; MoE: "
                        f"crops, one batched call, blend, NMS), median ms, {args.threads} thread(s)")
-    for column in ("runtime", "YOLO", "YOLO + MoE", "MoE", "cost", "boxes / image", "MoE on GT boxes",
+    for column in ("runtime", "YOLO", "YOLO + MoE", "MoE (mean)", "cost", "boxes / image", "MoE on GT boxes",
                    "GT boxes / image", "cost at GT"):
         cost.add_column(column, justify="left" if column == "runtime" else "right")
     for runtime, e in end_to_end.items():
-        cost.add_row(runtime, f"{e['yolo_ms']:.1f}", f"{e['yolo_moe_ms']:.1f}", f"{e['moe_ms']:.1f}",
+        cost.add_row(runtime, f"{e['yolo_ms']:.1f}", f"{e['yolo_moe_ms']:.1f}", f"{e['moe_ms_mean']:.1f}",
                      f"{e['moe_cost_ratio']:.2f}x", f"{e['boxes_per_image']:.1f}", f"{e['moe_on_ground_truth_ms']:.1f}",
                      f"{e['ground_truth_boxes_per_image']:.1f}", f"{e['yolo_moe_on_ground_truth_ratio']:.2f}x")
     console.print(cost)

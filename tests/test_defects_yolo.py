@@ -48,6 +48,11 @@ def _model_loads_and_predicts(run):
     assert json.loads((root / "run" / "split.json").read_text())["seed"] == 0
     detector = YoloDetector.load(summary["detector"])
     assert detector.names == sorted(SYNTHETIC_CLASSES) and detector.imgsz == 64
+    # results.csv is read back into the checkpoint by our trainer, without polars.
+    import torch
+
+    history = torch.load(summary["detector"], weights_only=False)["train_results"]
+    assert history["epoch"] == [1] and len(history["metrics/mAP50(B)"]) == 1
     image = load_image(voc / "IMAGES" / "generated_0000.png")
     (dets,) = detector.detect([image], conf=0.0001, max_det=50)
     assert 0 < len(dets) <= 50 and dets.class_scores.shape == (len(dets), 4)
