@@ -2,16 +2,24 @@
 
 Trains YOLO from its model YAML (no pretrained weights) on a seeded 8:2 split, trains the MoE crop
 stage on the training split, then on the validation split measures mAP50 / mAP50-95 for each
-variant and per-image latency for each runtime. Writes a JSON results file and prints a table.
+variant, and, in one timed section under the shared bench lock: per-image latency of the network
+alone; per-image latency end to end for YOLO alone and YOLO + MoE stage (the stage batched over
+each image's crops) in PyTorch, ONNX and ONNX INT8; and network throughput at batch 1 and 8.
+Writes a JSON results file and prints tables.
 
     python benchmarks/defects.py --imgsz 192 --hours 0.7 --json          # what fits a shared CPU
     python benchmarks/defects.py --imgsz 640 --epochs 200 --device 0     # the published protocol
     python benchmarks/defects.py --weights runs/bench-defects/detector.pt  # re-measure a trained model
+
+Run it under `nice -n 19`: training and evaluation stay at low priority, and the timed section
+alone takes the lock (`--lock`) and returns to normal priority while it holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -22,13 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from manufacturing.defects.detector import YoloDetector, to_input  # noqa: E402
+from manufacturing.defects.dataset import load_image  # noqa: E402
+from manufacturing.defects.detector import Detections, YoloDetector, to_input  # noqa: E402
 from manufacturing.defects.moe_stage import CropMoEClassifier, CropTrainingConfig  # noqa: E402
-from manufacturing.defects.pipeline import DefectInspector, evaluate_records  # noqa: E402
+from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, evaluate_records  # noqa: E402
 from manufacturing.defects.train import DetectorConfig  # noqa: E402
 from manufacturing.defects.voc import read_voc_folder, seeded_split  # noqa: E402
 from manufacturing.defects.workflow import (  # noqa: E402
@@ -36,7 +46,6 @@ from manufacturing.defects.workflow import (  # noqa: E402
     TrainJob,
     export_job,
     fit_moe_stage,
-    sample_images,
     train_job,
 )
 
@@ -45,7 +54,7 @@ TARGET_MAP50 = 0.75
 
 
 def latency_ms(detector: YoloDetector, images, repeats: int) -> float:
-    """Median wall time of one image through preprocessing and the network (batch 1)."""
+    """Median wall time of one image through the network alone (batch 1, preprocessing excluded)."""
     times = []
     for i in range(repeats):
         batch, _ = to_input([images[i % len(images)]], detector.imgsz)
@@ -53,6 +62,89 @@ def latency_ms(detector: YoloDetector, images, repeats: int) -> float:
         detector.raw(batch)
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times[2:] if len(times) > 4 else times)  # first calls warm caches
+
+
+def end_to_end_ms(inspector: DefectInspector, images, gt_boxes, repeats: int) -> dict:
+    """Per-image cost of YOLO alone and of YOLO + MoE stage, measured on the same calls.
+
+    Each repeat times, for one image: the detector (letterbox, network, NMS at the reporting
+    threshold), then the MoE stage on its boxes (crops, one batched call over the image's crops,
+    blend, NMS), as `DefectInspector.detect` runs them; then, separately, the MoE stage on the
+    image's ground-truth boxes: the crop count a detector at the target would send it.
+    """
+    stage, cfg = inspector.second_stage, inspector.config
+    yolo, moe, moe_gt, boxes, gt_counts = [], [], [], [], []
+    for i in range(repeats):
+        image, gt = images[i % len(images)], gt_boxes[i % len(images)]
+        started = time.perf_counter()
+        (dets,) = inspector.detect([image], use_second_stage=False)
+        detected = time.perf_counter()
+        rescored = stage.rescore(image, dets, iou=cfg.iou)
+        rescored.select(rescored.scores >= cfg.conf)
+        rescored_at = time.perf_counter()
+        unsure = np.full((len(gt), len(inspector.detector.names)), 0.5, np.float32)
+        stage.rescore(image, Detections(gt, unsure.max(1), np.zeros(len(gt), np.int64), unsure), iou=cfg.iou)
+        gt_done = time.perf_counter()
+        yolo.append((detected - started) * 1000)
+        moe.append((rescored_at - detected) * 1000)
+        moe_gt.append((gt_done - rescored_at) * 1000)
+        boxes.append(len(dets))
+        gt_counts.append(len(gt))
+    warm = slice(2, None) if repeats > 4 else slice(None)  # first calls warm caches
+    yolo, moe, moe_gt, boxes, gt_counts = (x[warm] for x in (yolo, moe, moe_gt, boxes, gt_counts))
+    yolo_ms, both_ms = statistics.median(yolo), statistics.median([a + b for a, b in zip(yolo, moe, strict=True)])
+    # The stage's own cost as a mean: most images of a weak detector send it no box, so its median is ~0.
+    return {"yolo_ms": yolo_ms, "yolo_moe_ms": both_ms, "moe_ms_mean": statistics.mean(moe),
+            "moe_cost_ratio": both_ms / yolo_ms, "boxes_per_image": statistics.mean(boxes),
+            "moe_ms_per_box": sum(moe) / sum(boxes) if sum(boxes) else None,
+            "moe_on_ground_truth_ms": statistics.median(moe_gt),
+            "ground_truth_boxes_per_image": statistics.mean(gt_counts),
+            "yolo_moe_on_ground_truth_ratio": (yolo_ms + statistics.median(moe_gt)) / yolo_ms}
+
+
+def throughput(detector: YoloDetector, images, batch_size: int, rounds: int) -> float:
+    """Images per second through the network at `batch_size` (preprocessed batches; median of rounds)."""
+    batches = [to_input(images[s:s + batch_size], detector.imgsz)[0]
+               for s in range(0, len(images) - batch_size + 1, batch_size)]
+    detector.raw(batches[0])  # warm-up: the first call of a shape allocates
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for batch in batches:
+            detector.raw(batch)
+        rates.append(len(batches) * batch_size / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def _set_priority(nice: int) -> None:
+    # Linux keeps a nice value per thread: set every thread's (torch and onnxruntime pools included).
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
+@contextlib.contextmanager
+def timed_section(lock_path: str):
+    """Hold the shared bench lock (empty path: none) at normal priority; yields what to record."""
+    record = {"lock": lock_path or None, "nice_before": os.getpriority(os.PRIO_PROCESS, 0)}
+    with contextlib.ExitStack() as stack:
+        if lock_path:
+            handle = stack.enter_context(open(lock_path, "a"))
+            waited = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+            record["lock_wait_seconds"] = round(time.perf_counter() - waited, 1)
+        if record["nice_before"] > 0:
+            try:
+                _set_priority(0)
+                stack.callback(_set_priority, record["nice_before"])
+            except PermissionError:  # not root: measure at the inherited priority, and say so
+                pass
+        record["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+        record["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+        started = time.perf_counter()
+        yield record
+        record["seconds"] = round(time.perf_counter() - started, 1)
 
 
 def main() -> None:
@@ -64,17 +156,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--hours", type=float, default=0.0, help="training wall-clock budget (0: none)")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="YOLO dataloader processes (2 on the shared CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moe-epochs", type=int, default=CropTrainingConfig.epochs)
     parser.add_argument("--weights", type=Path, help="an already trained detector: skip YOLO training")
-    parser.add_argument("--latency-repeats", type=int, default=30)
+    parser.add_argument("--moe-weights", type=Path, help="an already trained MoE stage (.pt) for --weights")
+    parser.add_argument("--latency-repeats", type=int, default=60)
+    parser.add_argument("--throughput-batch", type=int, default=8, help="compared with batch 1")
+    parser.add_argument("--throughput-rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1,
                         help="per runtime; on a shared, loaded CPU more threads spin and slow down")
+    parser.add_argument("--lock", default="/tmp/moeworks-bench.lock",
+                        help="flock held (at normal priority) while timing; '' for none")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=150)  # wide tables also when written to a log
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -83,7 +181,8 @@ def main() -> None:
     moe_training = CropTrainingConfig(seed=args.seed, epochs=args.moe_epochs)
     if args.weights is None:
         job = TrainJob(detector=DetectorConfig(imgsz=args.imgsz, epochs=args.epochs, time=args.hours or None,
-                                               batch=args.batch, device=args.device, seed=args.seed),
+                                               batch=args.batch, workers=args.workers, device=args.device,
+                                               seed=args.seed),
                        split_seed=args.seed, moe_training=moe_training)
         trained = train_job(args.data, out, job)
         detector_path, moe_path = Path(trained["detector"]), Path(trained["moe_stage"])
@@ -100,10 +199,14 @@ def main() -> None:
                 trained = {"epochs": summary["epochs"], "train_seconds": round(summary["seconds"], 1),
                            "train_images_per_second": round(summary["images_per_second"], 2)}
                 break
-        started = time.perf_counter()
-        stage = fit_moe_stage(YoloDetector.load(detector_path), train, moe_training)
-        moe_path = stage.save(out / MOE_FILE, names=YoloDetector.load(detector_path).names)
-        trained["moe_train_seconds"] = round(time.perf_counter() - started, 1)
+        if args.moe_weights is not None:
+            moe_path = args.moe_weights
+        else:
+            started = time.perf_counter()
+            stage = fit_moe_stage(YoloDetector.load(detector_path), train, moe_training)
+            moe_path = stage.save(out / MOE_FILE, names=YoloDetector.load(detector_path).names)
+            trained["moe_train_seconds"] = round(time.perf_counter() - started, 1)
+            trained["moe_epochs"] = args.moe_epochs
 
     detector = YoloDetector.load(detector_path)
     stage, _ = CropMoEClassifier.load(moe_path)
@@ -111,25 +214,43 @@ def main() -> None:
     exported = export_job(detector_path, out / "export", args.data, moe_path=moe_path)
     for variant, path in (("onnx", exported["detector_onnx"]), ("onnx-int8", exported["detector_int8_onnx"])):
         metrics[variant] = evaluate_records(DefectInspector(detector=YoloDetector.load(path)), val)["yolo"]
-    images = sample_images(val, 16, seed=2)
-    latency = {"pytorch": latency_ms(detector, images, args.latency_repeats)}
-    for variant, path in (("onnx", exported["detector_onnx"]), ("onnx-int8", exported["detector_int8_onnx"])):
-        latency[variant] = latency_ms(YoloDetector.load(path, threads=args.threads), images, args.latency_repeats)
+
+    # Timed section: every model loaded first, so the lock is held for timing alone.
+    chosen = sorted(np.random.default_rng(2).choice(len(val), size=min(16, len(val)), replace=False))
+    images = [load_image(val[i].image_path) for i in chosen]
+    gt_boxes = [val[i].boxes for i in chosen]
+    detectors = {"pytorch": detector,
+                 "onnx": YoloDetector.load(exported["detector_onnx"], threads=args.threads),
+                 "onnx-int8": YoloDetector.load(exported["detector_int8_onnx"], threads=args.threads)}
+    onnx_stage, _ = CropMoEClassifier.load(exported["moe_onnx"], threads=args.threads)
+    stages = {"pytorch": stage, "onnx": onnx_stage, "onnx-int8": onnx_stage}
+    with timed_section(args.lock) as timing:
+        latency = {k: latency_ms(d, images, args.latency_repeats) for k, d in detectors.items()}
+        end_to_end = {k: end_to_end_ms(DefectInspector(detector=d, second_stage=stages[k]), images, gt_boxes,
+                                       args.latency_repeats) for k, d in detectors.items()}
+        rates = {k: {str(b): throughput(d, images, b, args.throughput_rounds) for b in (1, args.throughput_batch)}
+                 for k, d in detectors.items()}
 
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": args.device,
-               "load_average_1m": os.getloadavg()[0]}
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "onnxruntime_threads": args.threads, "device": args.device, "load_average_1m": os.getloadavg()[0]}
+    gain = metrics["yolo+moe"]["mAP50"] - metrics["yolo"]["mAP50"]
     results = {
         "data": str(args.data), "train_images": len(train), "val_images": len(val), "split_seed": args.seed,
+        "detector": str(detector_path), "moe_stage": str(moe_path),
         "epochs": trained.get("epochs"), "imgsz": detector.imgsz, "train_seconds": trained.get("train_seconds"),
         "train_images_per_second": trained.get("train_images_per_second"),
-        "moe_train_seconds": trained.get("moe_train_seconds"),
+        "moe_train_seconds": trained.get("moe_train_seconds"), "moe_epochs": trained.get("moe_epochs"),
         "mAP50": {k: m["mAP50"] for k, m in metrics.items()},
         "mAP50-95": {k: m["mAP50-95"] for k, m in metrics.items()},
         "per_class_AP50": {k: {c: v["AP50"] for c, v in m["per_class"].items()} for k, m in metrics.items()},
         "precision": {k: m["precision"] for k, m in metrics.items()},
         "recall": {k: m["recall"] for k, m in metrics.items()},
-        "latency_ms_per_image": latency, "parity": exported["parity"],
+        "moe_stage_mAP50_gain": gain,
+        "latency_ms_per_image": latency, "end_to_end_ms_per_image": end_to_end,
+        "throughput_images_per_second": rates, "timing": timing,
+        "parity": exported["parity"], "int8_difference": exported.get("int8_difference"),
+        "moe_parity": exported.get("moe_parity"),
         "moe_onnx_max_abs_logit_difference": exported.get("moe_max_abs_logit_difference"),
         "target_mAP50": TARGET_MAP50, "published_mAP50": PUBLISHED, "machine": machine,
     }
@@ -138,7 +259,7 @@ def main() -> None:
     base = metrics["yolo"]["mAP50"]
     table = Table(title=f"NEU-DET val ({len(val)} images), YOLO11n from scratch, {results['epochs']} epochs at "
                         f"{detector.imgsz} px; {machine['cpu_count']} CPUs ({machine['processor']})")
-    for column in ("variant", "mAP50", "vs YOLO", "mAP50-95", "precision", "recall", "ms / image", "vs PyTorch"):
+    for column in ("variant", "mAP50", "vs YOLO", "mAP50-95", "precision", "recall", "network ms", "vs PyTorch"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for variant, m in metrics.items():
         runtime = {"yolo": "pytorch", "onnx": "onnx", "onnx-int8": "onnx-int8"}.get(variant)
@@ -154,10 +275,29 @@ def main() -> None:
     for name in detector.names:
         per_class.add_row(name, *[f"{metrics[v]['per_class'][name]['AP50']:.3f}" for v in metrics])
     console.print(per_class)
+    cost = Table(title=f"per image, end to end (letterbox, network, NMS at conf {InspectionConfig.conf}; MoE: "
+                       f"crops, one batched call, blend, NMS), median ms, {args.threads} thread(s)")
+    for column in ("runtime", "YOLO", "YOLO + MoE", "MoE (mean)", "cost", "boxes / image", "MoE on GT boxes",
+                   "GT boxes / image", "cost at GT"):
+        cost.add_column(column, justify="left" if column == "runtime" else "right")
+    for runtime, e in end_to_end.items():
+        cost.add_row(runtime, f"{e['yolo_ms']:.1f}", f"{e['yolo_moe_ms']:.1f}", f"{e['moe_ms_mean']:.1f}",
+                     f"{e['moe_cost_ratio']:.2f}x", f"{e['boxes_per_image']:.1f}", f"{e['moe_on_ground_truth_ms']:.1f}",
+                     f"{e['ground_truth_boxes_per_image']:.1f}", f"{e['yolo_moe_on_ground_truth_ratio']:.2f}x")
+    console.print(cost)
+    batch = str(args.throughput_batch)
+    rate_table = Table(title="network throughput, images/s (preprocessed batches)")
+    for column in ("runtime", "batch 1", f"batch {batch}", "ratio"):
+        rate_table.add_column(column, justify="left" if column == "runtime" else "right")
+    for runtime, r in rates.items():
+        rate_table.add_row(runtime, f"{r['1']:.1f}", f"{r[batch]:.1f}", f"{r[batch] / r['1']:.2f}x")
+    console.print(rate_table)
     console.print(f"training: {results['train_seconds']} s, {results['train_images_per_second']} images/s; "
-                  f"MoE stage {results['moe_train_seconds']} s. Target mAP50 {TARGET_MAP50}: gap "
-                  f"{TARGET_MAP50 - base:+.3f}. Published (COCO-pretrained, 640 px): {PUBLISHED}")
-    console.print(f"parity PyTorch vs ONNX: {exported['parity']}; results in {out / 'results.json'}")
+                  f"MoE stage {results['moe_train_seconds']} s. MoE stage: {gain:+.3f} mAP50 for "
+                  f"{end_to_end['onnx']['moe_cost_ratio']:.2f}x the ONNX per-image time. Target mAP50 "
+                  f"{TARGET_MAP50}: gap {TARGET_MAP50 - base:+.3f}. Published (COCO-pretrained, 640 px): {PUBLISHED}")
+    console.print(f"timing: {timing}; parity PyTorch vs ONNX: {exported['parity']}; "
+                  f"MoE stage: {exported.get('moe_parity')}; results in {out / 'results.json'}")
     if args.json:
         print(json.dumps(results))
 

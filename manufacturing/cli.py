@@ -39,6 +39,7 @@ def defects_train(
     epochs: int = typer.Option(100, help="YOLO epochs (from scratch: 100-300)"),
     hours: float = typer.Option(0.0, help="wall-clock budget in hours (0: none); epochs are re-planned to fit"),
     batch: int = typer.Option(16),
+    workers: int = typer.Option(2, help="dataloader processes (augmentation); 8-12 keep a GPU fed"),
     device: str = typer.Option("cpu", help="'cpu' or a CUDA index such as '0'"),
     val_fraction: float = typer.Option(0.2, help="share of images held out, stratified, seeded"),
     seed: int = typer.Option(0, help="split and training seed"),
@@ -49,7 +50,7 @@ def defects_train(
     from manufacturing.defects.workflow import TrainJob, train_job
 
     job = TrainJob(detector=DetectorConfig(imgsz=imgsz, epochs=epochs, time=hours or None, batch=batch,
-                                           device=device, seed=seed),
+                                           workers=workers, device=device, seed=seed),
                    val_fraction=val_fraction, split_seed=seed, train_moe=moe)
     result = train_job(data, out, job)
     typer.echo(json.dumps(result))

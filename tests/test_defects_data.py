@@ -122,3 +122,30 @@ def test_empty_folder_is_a_clear_error_and_the_cli_exits_2_with_one_line(tmp_pat
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "empty folder" in result.output
     assert "Traceback" not in result.output
+
+
+def test_empty_image_file_is_a_clear_error_not_an_opencv_assertion(tmp_path):
+    (tmp_path / "blank.jpg").write_bytes(b"")
+    with pytest.raises(DefectDataError, match=r"blank\.jpg: empty image file \(0 bytes\)"):
+        load_image(tmp_path / "blank.jpg")
+
+
+def test_a_file_that_is_no_model_is_one_clear_line_naming_it_through_the_cli(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8 not a checkpoint")
+    result = CliRunner().invoke(app, ["defects", "predict", "--source", str(tmp_path / "in"), "--out",
+                                      str(tmp_path / "out"), "--model", str(tmp_path / "photo.jpg")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (f"error: {tmp_path / 'photo.jpg'}: not a YOLO checkpoint (.pt) "
+                                                      "or moeworks ONNX export (.onnx)")
+
+
+@pytest.mark.parametrize("name", ["stage.pt", "stage.onnx", "photo.jpg"])
+def test_a_file_that_is_no_moe_stage_is_a_one_line_error_naming_it(tmp_path, name):
+    from manufacturing.defects.moe_stage import CropMoEClassifier
+
+    (tmp_path / name).write_bytes(b"\x00\x01 garbage")
+    with pytest.raises(DefectDataError, match=name.replace(".", r"\.")) as caught:
+        CropMoEClassifier.load(tmp_path / name)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300

@@ -84,17 +84,30 @@ def test_rescoring_uses_the_stage_and_is_measurable(fitted):
     assert rescored["mAP50"] > 0.5, rescored
 
 
-def test_save_load_and_onnx_parity(fitted, tmp_path):
-    from core.onnx_export import export_onnx, max_abs_difference
+def test_save_load_and_onnx_parity_at_any_batch(fitted, tmp_path):
+    import onnx
+
+    from manufacturing.defects.export import export_moe_stage_onnx, moe_stage_parity
 
     path = fitted.save(tmp_path / "moe.pt", names=list(SYNTHETIC_CLASSES))
     loaded, names = CropMoEClassifier.load(path)
     crops, geometry, _ = _generated_crops(6, seed=2)
     np.testing.assert_allclose(loaded.predict_proba(crops, geometry), fitted.predict_proba(crops, geometry), atol=1e-6)
     assert names == list(SYNTHETIC_CLASSES)
-    static = CropMoENet(SMALL, static=True)
-    static.load_state_dict(loaded.model_.state_dict())
-    inputs = {"crops": torch.from_numpy(crops), "geometry": torch.from_numpy(geometry)}
-    onnx_path = export_onnx(static.eval(), tuple(inputs.values()), tmp_path / "moe.onnx",
-                            input_names=list(inputs), output_names=["logits", "aux_loss"])
-    assert max_abs_difference(loaded.model_, onnx_path, inputs) < 1e-4
+    # Exported from 5 crops; run at 1, 3 and all of the 18 crops: the batch axis is free.
+    onnx_path = export_moe_stage_onnx(loaded, tmp_path / "moe.onnx", crops[:5], geometry[:5], names=names)
+    proto = onnx.load(str(onnx_path))
+    assert [i.name for i in proto.graph.input] == ["crops", "geometry"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
+    assert {p.key for p in proto.metadata_props} >= {"name", "version", "names", "config", "training"}
+    onnx_stage, onnx_names = CropMoEClassifier.load(onnx_path)
+    assert onnx_names == names and onnx_stage.training.blend == loaded.training.blend
+    parity = moe_stage_parity(loaded, onnx_stage, crops, geometry, batch_sizes=(1, 3, len(crops)))
+    assert parity["passed"] and parity["max_probability_difference"] < 1e-4 and parity["crops"] == len(crops)
+    image, boxes, _ = planted_image(np.random.default_rng(9), 96, 3)
+    image = np.repeat(image[:, :, None], 3, axis=2)
+    scores = np.full((len(boxes), len(SYNTHETIC_CLASSES)), 0.5, np.float32)
+    dets = Detections(boxes, scores.max(1), np.zeros(len(boxes), np.int64), scores)
+    eager, ort = loaded.rescore(image, dets), onnx_stage.rescore(image, dets)
+    np.testing.assert_array_equal(eager.classes, ort.classes)
+    np.testing.assert_allclose(eager.scores, ort.scores, atol=1e-4)

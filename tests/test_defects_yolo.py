@@ -39,6 +39,7 @@ def test_train_then_evaluate_predict_and_export(tmp_path, request):
     except pytest.skip.Exception:
         parity_images = sorted((run[1] / "IMAGES").glob("*.png"))
     _export_onnx_parity_on_real_images_and_int8(run, tmp_path / "export", parity_images)
+    _bad_images_are_one_line_errors_naming_the_file(run, tmp_path / "bad")
 
 
 def _model_loads_and_predicts(run):
@@ -47,6 +48,11 @@ def _model_loads_and_predicts(run):
     assert json.loads((root / "run" / "split.json").read_text())["seed"] == 0
     detector = YoloDetector.load(summary["detector"])
     assert detector.names == sorted(SYNTHETIC_CLASSES) and detector.imgsz == 64
+    # results.csv is read back into the checkpoint by our trainer, without polars.
+    import torch
+
+    history = torch.load(summary["detector"], weights_only=False)["train_results"]
+    assert history["epoch"] == [1] and len(history["metrics/mAP50(B)"]) == 1
     image = load_image(voc / "IMAGES" / "generated_0000.png")
     (dets,) = detector.detect([image], conf=0.0001, max_det=50)
     assert 0 < len(dets) <= 50 and dets.class_scores.shape == (len(dets), 4)
@@ -93,6 +99,8 @@ def _export_onnx_parity_on_real_images_and_int8(run, tmp_path, parity_images):
     exported = json.loads((tmp_path / "export.json").read_text())
     assert "parity on 12 images" in result.output
     assert exported["parity"]["passed"] and exported["moe_max_abs_logit_difference"] < 1e-4
+    assert exported["batch"] == "dynamic" and exported["parity"]["batch_sizes"] == [1, 8]
+    assert exported["moe_parity"]["passed"] and exported["moe_parity"]["batch_sizes"] == [1, 8]
     torch_detector = YoloDetector.load(summary["detector"])
     onnx_detector = YoloDetector.load(exported["detector_onnx"])
     assert onnx_detector.names == torch_detector.names and onnx_detector.imgsz == 64
@@ -104,6 +112,40 @@ def _export_onnx_parity_on_real_images_and_int8(run, tmp_path, parity_images):
     for a, b in zip(torch_boxes, onnx_boxes, strict=True):
         assert len(a) == len(b)
         np.testing.assert_allclose(a.boxes, b.boxes, atol=0.05)
+    # One call at batch 3 gives each image what it gets alone: the batch axis is free, FP32 and INT8.
+    batch = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     int8 = YoloDetector.load(exported["detector_int8_onnx"])
-    assert int8.raw(np.zeros((1, 3, 64, 64), np.float32)).shape == torch_detector.raw(
-        np.zeros((1, 3, 64, 64), np.float32)).shape
+    for model in (onnx_detector, int8):
+        assert model.session.get_inputs()[0].shape[0] == "batch"
+        together = model.raw(batch)
+        assert together.shape == torch_detector.raw(batch).shape
+        np.testing.assert_allclose(together, np.concatenate([model.raw(batch[i:i + 1]) for i in range(3)]),
+                                   atol=1e-4)
+    # The MoE stage's ONNX file runs where its checkpoint does.
+    result = CliRunner().invoke(app, ["defects", "evaluate", "--data", str(voc), "--model", exported["detector_onnx"],
+                                      "--moe", exported["moe_onnx"], "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["yolo+moe"]["mAP50"] >= 0
+
+
+def _bad_images_are_one_line_errors_naming_the_file(run, tmp_path):
+    import shutil
+
+    root, voc, summary = run
+    folder = tmp_path / "voc"
+    shutil.copytree(voc, folder)
+    cv2.imwrite(str(folder / "IMAGES" / "generated_0003.png"), np.zeros((40, 60, 3), np.uint8))
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "frame_7.png").write_bytes(b"\x89PNG\r\n truncated")
+    (tmp_path / "empty").mkdir()
+    cases = {("evaluate", "--data", str(folder)): "generated_0003.png: field <size> says 96x96 but the image is 60x40",
+             ("predict", "--source", str(tmp_path / "frames"), "--out", str(tmp_path / "out")):
+                 "frame_7.png: corrupt or unsupported image file",
+             ("predict", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "out")):
+                 "empty: empty folder: no images"}
+    for (command, *args), message in cases.items():
+        result = CliRunner().invoke(app, ["defects", command, *args, "--model", summary["detector"]])
+        # Exit 2 through the command's clean exit, not an escaped exception. (Under CliRunner, ultralytics'
+        # logger may print a "Logging error" about an earlier invocation's closed stream: not ours.)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert message in result.output.strip().splitlines()[-1], result.output

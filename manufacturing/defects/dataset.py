@@ -23,7 +23,13 @@ def load_image(path: str | Path, *, expected_size: tuple[int, int] | None = None
     path = Path(path)
     if not path.is_file():
         raise DefectDataError(f"{path}: no such image file")
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    data = np.fromfile(path, np.uint8)
+    if data.size == 0:  # OpenCV asserts (a traceback) on an empty buffer rather than returning None
+        raise DefectDataError(f"{path}: empty image file (0 bytes)")
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
     if image is None:
         raise DefectDataError(f"{path}: corrupt or unsupported image file (could not decode)")
     if expected_size is not None and (image.shape[1], image.shape[0]) != tuple(expected_size):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torchvision
 
-from manufacturing.defects.errors import DefectDataError
+from manufacturing.defects.errors import DefectDataError, one_line
 
 PAD_VALUE = 114  # ultralytics' letterbox grey, so the detector sees what it was trained on
 
@@ -131,7 +131,7 @@ class YoloDetector:
             try:
                 session = inference_session(path, threads=threads)
             except Exception as error:  # onnxruntime raises its own types for unreadable models
-                raise DefectDataError(f"{path}: not a readable ONNX model ({error})") from None
+                raise DefectDataError(f"{path}: not a readable ONNX model ({one_line(error)})") from None
             meta = session.get_modelmeta().custom_metadata_map
             if "names" not in meta or "imgsz" not in meta:
                 raise DefectDataError(f"{path}: ONNX metadata lacks field 'names' or 'imgsz' (not a moeworks export)")
@@ -145,7 +145,9 @@ class YoloDetector:
         try:
             yolo = YOLO(str(path), task="detect")
         except Exception as error:  # ultralytics raises many types for a file that is not a checkpoint
-            raise DefectDataError(f"{path}: not a readable YOLO checkpoint ({error})") from None
+            raise DefectDataError(f"{path}: not a readable YOLO checkpoint ({one_line(error)})") from None
+        if not isinstance(yolo.model, torch.nn.Module):  # e.g. an image path: ultralytics keeps it as a string
+            raise DefectDataError(f"{path}: not a YOLO checkpoint (.pt) or moeworks ONNX export (.onnx)")
         model = yolo.model.float().fuse().eval() if hasattr(yolo.model, "fuse") else yolo.model.float().eval()
         trained = (getattr(yolo, "ckpt", None) or {}).get("train_args", {}) or {}
         size = imgsz or int(trained.get("imgsz", 640))

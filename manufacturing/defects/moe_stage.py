@@ -123,7 +123,10 @@ def _batches(crops, geometry, labels, batch_size: int, seed: int):
 
 
 class CropMoEClassifier:
-    """Fitted second stage (scikit-learn style). Learned: `model_`, `history_`, `best_epoch_`."""
+    """Fitted second stage (scikit-learn style). Learned: `model_`, `history_`, `best_epoch_`.
+
+    `load` also reads the stage's ONNX export; it then runs in onnxruntime (`session_`, no `model_`).
+    """
 
     def __init__(self, *, config: CropMoEConfig, training: CropTrainingConfig | None = None) -> None:
         self.config = config
@@ -168,10 +171,14 @@ class CropMoEClassifier:
     def predict_proba(self, crops: np.ndarray, geometry: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         """(n, num_classes + 1) class probabilities, background last."""
         out = []
+        session = getattr(self, "session_", None)
         with torch.inference_mode():
             for start in range(0, len(crops), batch_size):
-                logits, _ = self.model_(torch.from_numpy(crops[start:start + batch_size]),
-                                        torch.from_numpy(geometry[start:start + batch_size]))
+                chunk = (crops[start:start + batch_size], geometry[start:start + batch_size])
+                if session is not None:
+                    logits = torch.from_numpy(session.run(["logits"], {"crops": chunk[0], "geometry": chunk[1]})[0])
+                else:
+                    logits, _ = self.model_(*(torch.from_numpy(a) for a in chunk))
                 out.append(logits.softmax(-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config.num_classes + 1), np.float32)
 
@@ -194,16 +201,47 @@ class CropMoEClassifier:
                                       "kind": "moeworks.defects.crop_moe"})
 
     @classmethod
-    def load(cls, path) -> tuple[CropMoEClassifier, list[str]]:
+    def load(cls, path, *, threads: int | None = None) -> tuple[CropMoEClassifier, list[str]]:
+        """A saved stage (.pt checkpoint, or its .onnx export run by onnxruntime) and its class names."""
+        from pathlib import Path
+
         from manufacturing.defects.errors import DefectDataError
 
+        if Path(path).suffix == ".onnx":
+            return cls._load_onnx(Path(path), threads=threads)
         try:
             model, metadata = load_checkpoint(path, lambda c: CropMoENet(CropMoEConfig(**c)))
-        except Exception as error:  # torch raises several types for a file that is not a checkpoint
-            raise DefectDataError(f"{path}: not a readable MoE-stage checkpoint ({error})") from None
+        except FileNotFoundError:
+            raise DefectDataError(f"{path}: no such model file") from None
+        except Exception as error:  # torch raises several types (and paragraphs of advice) for a non-checkpoint
+            raise DefectDataError(f"{path}: not a moeworks MoE-stage checkpoint (.pt) or its ONNX export "
+                                  f"(torch.load: {type(error).__name__})") from None
         if metadata.get("kind") != "moeworks.defects.crop_moe":
             raise DefectDataError(f"{path}: field 'kind' is not moeworks.defects.crop_moe")
         stage = cls(config=model.config, training=CropTrainingConfig(**metadata["training"]))
         stage.model_ = model
         stage.best_metrics_ = metadata["metrics"]
         return stage, metadata["names"]
+
+    @classmethod
+    def _load_onnx(cls, path, *, threads: int | None) -> tuple[CropMoEClassifier, list[str]]:
+        import json
+
+        from core.onnx_export import inference_session
+        from manufacturing.defects.errors import DefectDataError, one_line
+
+        if not path.is_file():
+            raise DefectDataError(f"{path}: no such model file")
+        try:
+            session = inference_session(path, threads=threads)
+        except Exception as error:  # onnxruntime raises its own types for unreadable models
+            raise DefectDataError(f"{path}: not a readable ONNX model ({one_line(error)})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("kind") != "moeworks.defects.crop_moe" or not {"names", "config", "training"} <= set(meta):
+            raise DefectDataError(f"{path}: ONNX metadata field 'kind' is not moeworks.defects.crop_moe, or "
+                                  f"'names', 'config' or 'training' is missing (not a moeworks MoE-stage export)")
+        stage = cls(config=CropMoEConfig(**json.loads(meta["config"])),
+                    training=CropTrainingConfig(**json.loads(meta["training"])))
+        stage.session_ = session
+        stage.best_metrics_ = {}
+        return stage, json.loads(meta["names"])

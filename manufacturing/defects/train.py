@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import importlib.util
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -63,6 +66,34 @@ class TrainSummary:
     metrics: dict[str, float]  # ultralytics' validation metrics of the best weights
 
 
+def _csv_number(text: str) -> float | int | str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _detection_trainer():
+    """ultralytics' detection trainer, reading its results.csv with the standard library.
+
+    ultralytics reads it with polars on every checkpoint save; polars' 54 MB runtime is most of what
+    a bare GPU or edge machine must be sent to train there (and its plots, the only other use, are
+    skipped when polars is absent).
+    """
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class Trainer(DetectionTrainer):
+        def read_results_csv(self) -> dict[str, list]:
+            try:
+                rows = list(csv.DictReader(io.StringIO(Path(self.csv).read_text())))
+            except OSError:
+                return {}
+            return {key.strip(): [_csv_number(row[key].strip()) for row in rows] for key in rows[0]} if rows else {}
+
+    return Trainer
+
+
 def train_detector(data_yaml: str | Path, config: DetectorConfig, run_dir: str | Path, *,
                    verbose: bool = True) -> TrainSummary:
     """Train `config.model` on the dataset of `data_yaml`; outputs go to `run_dir/yolo`."""
@@ -71,9 +102,11 @@ def train_detector(data_yaml: str | Path, config: DetectorConfig, run_dir: str |
     from ultralytics import YOLO
 
     model = YOLO(config.model, task="detect")
+    plots = verbose and importlib.util.find_spec("polars") is not None  # ultralytics draws them with polars
     started = time.perf_counter()
     model.train(data=str(data_yaml), project=str(run_dir), name="yolo", exist_ok=True, pretrained=False,
-                amp=False, plots=verbose, verbose=verbose, deterministic=True, **config.train_arguments())
+                amp=False, plots=plots, verbose=verbose, deterministic=True, trainer=_detection_trainer(),
+                **config.train_arguments())
     seconds = time.perf_counter() - started
     trainer = model.trainer
     weights = Path(trainer.best if Path(trainer.best).exists() else trainer.last)

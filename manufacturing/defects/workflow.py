@@ -88,51 +88,63 @@ def sample_images(records: list[VOCImage], count: int, seed: int = 0) -> list[np
 
 def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: str | Path, *,
                moe_path: str | Path | None = None, int8: bool = True, calibration_images: int = 64,
-               parity_images: int = 16) -> dict:
-    """ONNX (and INT8 ONNX) of the detector, ONNX of the MoE stage, parity checked on real images."""
+               parity_images: int = 16, dynamic_batch: bool = True) -> dict:
+    """ONNX (and INT8 ONNX) of the detector, ONNX of the MoE stage, parity checked on real images.
+
+    Both files take any batch size (`dynamic_batch=False` keeps the detector at batch 1, as earlier
+    versions wrote it); parity is checked with onnxruntime at batch 1 and at PARITY_BATCH.
+    """
     import torch
 
-    from core.onnx_export import export_onnx, file_sha256, max_abs_difference
-    from manufacturing.defects.export import detector_parity, export_detector_onnx, quantize_detector_int8
+    from core.onnx_export import file_sha256, max_abs_difference
+    from manufacturing.defects.export import (
+        PARITY_BATCH,
+        detector_parity,
+        export_detector_onnx,
+        export_moe_stage_onnx,
+        moe_stage_parity,
+        quantize_detector_int8,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     detector = YoloDetector.load(detector_path)
     records = read_voc_folder(calibration_dir)
     parity_set = sample_images(records, parity_images, seed=1)
-    onnx_path = export_detector_onnx(detector, out_dir / "detector.onnx")
-    parity = detector_parity(detector, YoloDetector.load(onnx_path), parity_set)
-    result = {"detector_onnx": str(onnx_path), "parity": {**dataclasses.asdict(parity), "passed": parity.passed},
+    batch_sizes = (1, PARITY_BATCH) if dynamic_batch else (1,)
+    provenance = {"data": Path(calibration_dir).resolve().name, "source_checkpoint": Path(detector_path).name}
+    onnx_path = export_detector_onnx(detector, out_dir / "detector.onnx", dynamic_batch=dynamic_batch,
+                                     metadata=provenance)
+    parity = detector_parity(detector, YoloDetector.load(onnx_path), parity_set, batch_sizes=batch_sizes)
+    result = {"detector_onnx": str(onnx_path), "batch": "dynamic" if dynamic_batch else 1,
+              "parity": {**dataclasses.asdict(parity), "passed": parity.passed},
               "sha256": {"detector.onnx": file_sha256(onnx_path)}}
     if int8:
         int8_path = quantize_detector_int8(onnx_path, out_dir / "detector.int8.onnx",
                                            sample_images(records, calibration_images, seed=0), detector.imgsz)
-        int8_parity = detector_parity(detector, YoloDetector.load(int8_path), parity_set)
+        int8_parity = detector_parity(detector, YoloDetector.load(int8_path), parity_set, batch_sizes=batch_sizes)
         result.update(detector_int8_onnx=str(int8_path), int8_difference=dataclasses.asdict(int8_parity))
         result["sha256"]["detector.int8.onnx"] = file_sha256(int8_path)
     if moe_path is not None:
-        from manufacturing.defects.moe_stage import CropMoENet, crops_and_geometry
+        from manufacturing.defects.moe_stage import crops_and_geometry
 
         stage, _ = CropMoEClassifier.load(moe_path)
-        static = CropMoENet(stage.config, static=True)
-        static.load_state_dict(stage.model_.state_dict())
         rng = np.random.default_rng(0)
         crops, geometry = [], []
-        for image in parity_set:
+        for image in parity_set:  # four boxes of random place and size on each real image
             h, w = image.shape[:2]
             x1, y1 = rng.uniform(0, 0.5, 4) * w, rng.uniform(0, 0.5, 4) * h
             boxes = np.stack([x1, y1, x1 + rng.uniform(0.2, 0.5, 4) * w, y1 + rng.uniform(0.2, 0.5, 4) * h], 1)
             c, g = crops_and_geometry(image, boxes, stage.config)
             crops.append(c)
             geometry.append(g)
-        inputs = {"crops": torch.from_numpy(np.concatenate(crops)),
-                  "geometry": torch.from_numpy(np.concatenate(geometry))}
-        moe_onnx = export_onnx(static, tuple(inputs.values()), out_dir / "moe_stage.onnx",
-                               input_names=list(inputs), output_names=["logits", "aux_loss"],
-                               metadata={"names": json.dumps(detector.names), "kind": "moeworks.defects.crop_moe",
-                                         "config": dataclasses.asdict(stage.config)})
-        result.update(moe_onnx=str(moe_onnx), moe_max_abs_logit_difference=max_abs_difference(
-            stage.model_, moe_onnx, inputs))
+        crops, geometry = np.concatenate(crops), np.concatenate(geometry)
+        moe_onnx = export_moe_stage_onnx(stage, out_dir / "moe_stage.onnx", crops, geometry, names=detector.names,
+                                         metadata=provenance)
+        inputs = {"crops": torch.from_numpy(crops), "geometry": torch.from_numpy(geometry)}
+        result.update(moe_onnx=str(moe_onnx),
+                      moe_max_abs_logit_difference=max_abs_difference(stage.model_, moe_onnx, inputs),
+                      moe_parity=moe_stage_parity(stage, CropMoEClassifier.load(moe_onnx)[0], crops, geometry))
         result["sha256"]["moe_stage.onnx"] = file_sha256(moe_onnx)
     (out_dir / "export.json").write_text(json.dumps(result, indent=1))
     return result
