@@ -31,6 +31,18 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
+def request_instances(payload: Any, *, max_rows: int) -> list:
+    """The `instances` list of a JSON body {"instances": [...]}, checked for shape and size."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest(["body"], "expected a JSON object with an `instances` list")
+    instances = payload.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise InvalidRequest(["body", "instances"], "expected a non-empty list of objects")
+    if len(instances) > max_rows:
+        raise InvalidRequest(["body", "instances"], f"{len(instances)} instances; at most {max_rows} per request")
+    return instances
+
+
 def example_rows(fields: list[InputField], rows: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """`rows` generated rows for `fields`: standard normal floats, uniform valid integer codes."""
     rng = np.random.default_rng(seed)
@@ -80,13 +92,7 @@ class ModelAdapter(ABC):
 
     def parse(self, payload: Any, *, max_rows: int = 256) -> tuple[dict[str, np.ndarray], int]:
         """JSON body {"instances": [{field: value, ...}, ...]} -> (named arrays, rows)."""
-        if not isinstance(payload, dict):
-            raise InvalidRequest(["body"], "expected a JSON object with an `instances` list")
-        instances = payload.get("instances")
-        if not isinstance(instances, list) or not instances:
-            raise InvalidRequest(["body", "instances"], "expected a non-empty list of objects")
-        if len(instances) > max_rows:
-            raise InvalidRequest(["body", "instances"], f"{len(instances)} instances; at most {max_rows} per request")
+        instances = request_instances(payload, max_rows=max_rows)
         known = {f.name for f in self.fields}
         columns: dict[str, list[np.ndarray]] = {f.name: [] for f in self.fields}
         for row, instance in enumerate(instances):

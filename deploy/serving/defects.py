@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.serving.adapters import AdapterOptions, InvalidRequest, ModelAdapter, file_version
+from deploy.serving.adapters import AdapterOptions, InvalidRequest, ModelAdapter, file_version, request_instances
 from deploy.serving.models import InputField
 
 DETECTOR_PT, DETECTOR_ONNX, DETECTOR_INT8, MOE_STAGE = "detector.pt", "detector.onnx", "detector.int8.onnx", \
@@ -95,13 +95,7 @@ class DefectsAdapter(ModelAdapter):
                 "calibration": cal.to_dict()}
 
     def parse(self, payload: Any, *, max_rows: int = 256) -> tuple[dict[str, np.ndarray], int]:
-        if not isinstance(payload, dict):
-            raise InvalidRequest(["body"], "expected a JSON object with an `instances` list")
-        instances = payload.get("instances")
-        if not isinstance(instances, list) or not instances:
-            raise InvalidRequest(["body", "instances"], "expected a non-empty list of objects")
-        if len(instances) > max_rows:
-            raise InvalidRequest(["body", "instances"], f"{len(instances)} instances; at most {max_rows} per request")
+        instances = request_instances(payload, max_rows=max_rows)
         images = np.empty(len(instances), dtype=object)
         for row, instance in enumerate(instances):
             if not isinstance(instance, dict):
