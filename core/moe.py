@@ -29,6 +29,14 @@ def is_exporting() -> bool:
     )
 
 
+def routing_losses(routing, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A routing's losses and load: (aux (weighted sum), balance, z_loss, expert_load (E,))."""
+    expert_load = F.one_hot(routing.expert_index, cfg.num_experts).sum(dim=(0, 1))  # (E,)
+    balance = load_balancing_loss(routing.probs, routing.expert_index, cfg.num_experts)
+    z_loss = router_z_loss(routing.logits)
+    return cfg.aux_loss_weight * balance + cfg.z_loss_weight * z_loss, balance, z_loss, expert_load
+
+
 class MoELayer(nn.Module):
     """Top-k routed experts (+ optional shared experts) over (batch, tokens, H) or (tokens, H).
 
@@ -82,10 +90,7 @@ class MoELayer(nn.Module):
         for shared in self.shared_experts:
             out = out + shared(tokens)
 
-        expert_load = F.one_hot(routing.expert_index, cfg.num_experts).sum(dim=(0, 1))  # (E,)
-        balance = load_balancing_loss(routing.probs, routing.expert_index, cfg.num_experts)
-        z_loss = router_z_loss(routing.logits)
-        aux = cfg.aux_loss_weight * balance + cfg.z_loss_weight * z_loss
+        aux, balance, z_loss, expert_load = routing_losses(routing, cfg)
         if self.training and cfg.bias_balancing:
             self.router.update_selection_bias(expert_load)
         return MoEOutput(out.reshape(x.shape), aux, balance, z_loss, expert_load, dropped)

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from core.experts import ACTIVATIONS, Experts
-from core.moe import MoELayer, MoEOutput
-from core.router import load_balancing_loss, router_z_loss
+from core.moe import MoELayer, MoEOutput, routing_losses
 
 
 class SparseDispatchMoE(nn.Module):
@@ -80,10 +79,7 @@ class SparseDispatchMoE(nn.Module):
             out = out.index_add(0, rows, y * weight.index_select(0, rows).unsqueeze(-1))
         for shared in self.shared_experts:
             out = out + shared(tokens)
-        expert_load = torch.nn.functional.one_hot(routing.expert_index, cfg.num_experts).sum(dim=(0, 1))  # (E,)
-        balance = load_balancing_loss(routing.probs, routing.expert_index, cfg.num_experts)
-        z_loss = router_z_loss(routing.logits)
-        aux = cfg.aux_loss_weight * balance + cfg.z_loss_weight * z_loss
+        aux, balance, z_loss, expert_load = routing_losses(routing, cfg)
         return MoEOutput(out.reshape(x.shape), aux, balance, z_loss, expert_load, torch.zeros((), dtype=torch.int64))
 
 
@@ -93,16 +89,15 @@ def sparse_for_export(model: nn.Module) -> nn.Module:
     The original is untouched. Returns the copy; with no dropless MoELayer in it, a plain copy.
     """
     model = copy.deepcopy(model).eval()
-    if isinstance(model, MoELayer) and model.config.dropless and type(model.experts) is Experts:
+    if _rewritable(model):
         return SparseDispatchMoE.from_layer(model)
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, MoELayer) and module.config.dropless and type(module.experts) is Experts]
-    for name in targets:
+    for name in [name for name, module in model.named_modules() if _rewritable(module)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = SparseDispatchMoE.from_layer(parent.get_submodule(child))
-        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            parent[int(child)] = replacement
-        else:
-            setattr(parent, child, replacement)
+        # setattr also replaces an item of a ModuleList or Sequential: their children are named "0", "1", ...
+        setattr(parent, child, SparseDispatchMoE.from_layer(parent.get_submodule(child)))
     return model
+
+
+def _rewritable(module: nn.Module) -> bool:
+    return isinstance(module, MoELayer) and module.config.dropless and type(module.experts) is Experts
