@@ -72,7 +72,7 @@ def test_history_is_idempotent_batched_and_queryable(store):
 
 
 def test_dead_letters_alarms_and_work_orders_persist(store):
-    store.put_dead_letter("spBv1.0/g/DDATA/n/m", b"\xff{bad", "malformed JSON", DAY)
+    store.put_dead_letters([("spBv1.0/g/DDATA/n/m", b"\xff{bad", "malformed JSON", DAY)])
     alarm = Alarm("a1", "m1", "limit_high", "torque", "medium", "torque high", 75.0, DAY)
     store.put_alarm(alarm)
     alarm.cleared_ms = DAY + 1

@@ -197,9 +197,6 @@ class HistoryStore:
     def put_history_many(self, items: list[Ingested]) -> None:
         self._queue.put(("history", items))
 
-    def put_dead_letter(self, topic: str, payload: bytes, reason: str, received_ms: int) -> None:
-        self._queue.put(("dead_letters", [(received_ms, topic, payload, reason)]))
-
     def put_dead_letters(self, letters: list[tuple[str, bytes, str, int]]) -> None:
         """(topic, payload, reason, received_ms) each."""
         self._queue.put(("dead_letters", [(ms, topic, payload, reason) for topic, payload, reason, ms in letters]))
