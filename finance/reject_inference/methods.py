@@ -334,7 +334,7 @@ class UpliftedFuzzyAugmentation(FuzzyAugmentation):
             return p
         template = self.estimator if self.acceptance_estimator is None else self.acceptance_estimator
         model = self.acceptance_model_ = fit_acceptance_model(template, X_lab, X_unl)
-        typical = float(np.median(positive_proba(model, X_lab)))
+        typical = max(float(np.median(positive_proba(model, X_lab))), 1e-12)
         self.outside_ = np.clip(1.0 - positive_proba(model, X_unl) / typical, 0.0, 1.0)
         odds = p / np.maximum(1.0 - p, 1e-12) * self.bad_odds_factor ** self.outside_
         self.labeller_pd_, self.uplifted_pd_ = p, odds / (1.0 + odds)
