@@ -6,6 +6,7 @@ the kickout against accepted-only, and the share of the accepted-only -> upper-b
 closes (target: the best method >= 30% on both datasets).
 
     python benchmarks/reject_inference.py --data ../shared/data [--seed 0 --seed 1] [--method fuzzy] [--json]
+        [--param fuzzy-uplift.bad_odds_factor=1.5]   (a method's parameter other than its default)
 """
 
 from __future__ import annotations
@@ -24,6 +25,22 @@ from finance.reject_inference.experiment import best_method, results_table, run_
 app = typer.Typer(add_completion=False)
 
 
+def parse_params(items: list[str]) -> dict[str, dict[str, float]]:
+    """["fuzzy-uplift.bad_odds_factor=1.5", ...] -> {"fuzzy-uplift": {"bad_odds_factor": 1.5}}."""
+    params: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        method, _, name = key.partition(".")
+        try:
+            number = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: expected METHOD.NAME=NUMBER", param_hint="--param") from None
+        if not (method and name):
+            raise typer.BadParameter(f"{item!r}: expected METHOD.NAME=NUMBER", param_hint="--param")
+        params.setdefault(method, {})[name] = int(number) if number.is_integer() and "." not in value else number
+    return params
+
+
 @app.command()
 def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shared/data")), help="real-data root"),
          datasets: list[str] = typer.Option(["taiwan", "gmsc"], "--dataset", help="datasets (repeatable)"),
@@ -31,15 +48,18 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
          estimator: str = typer.Option("lightgbm", help="lightgbm or logistic"),
          methods: list[str] = typer.Option(None, "--method", help="methods (repeatable; default all)"),
          unlabelled: bool = typer.Option(True, help="GMSC: add cs-test to the unlabelled pool"),
+         params: list[str] = typer.Option(None, "--param", help="METHOD.NAME=NUMBER (repeatable)"),
          out: Path = typer.Option(Path("runs/benchmarks/reject_inference.json"), help="results file"),
          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
     console = Console(stderr=as_json, width=120)  # tables stay whole in logs
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, LightGBM 1 thread"
+    method_params = parse_params(params or [])
     results, started = {}, time.perf_counter()
     for dataset in datasets:
         with console.status(f"{dataset}") as status:
             results[dataset] = run_experiment(
                 dataset, data, estimator=estimator, methods=methods or None, seeds=seeds, use_unlabelled=unlabelled,
+                method_params=method_params,
                 progress=lambda step, d=dataset: status.update(f"{d}: {step} done"))
         console.print(results_table(results[dataset]))
         best = best_method(results[dataset])

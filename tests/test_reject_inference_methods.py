@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -12,6 +13,7 @@ from finance.reject_inference.methods import (
     FuzzyAugmentation,
     IteratedFuzzyAugmentation,
     SelfTraining,
+    UpliftedFuzzyAugmentation,
     balanced_probability,
     make_method,
     positive_proba,
@@ -45,7 +47,7 @@ def test_each_method_runs_on_a_small_real_sample(sample, name):
     assert (n_lab, n_unl) == (sample.accepted.sum(), (~sample.accepted).sum())
     expected_rows = {"accepted-only": n_lab, "reweighting": n_lab, "hard-cutoff": n_lab + n_unl,
                      "parcelling": n_lab + n_unl, "fuzzy": n_lab + 2 * n_unl, "fuzzy-bagged": n_lab + 2 * n_unl,
-                     "fuzzy-em": n_lab + 2 * n_unl}
+                     "fuzzy-em": n_lab + 2 * n_unl, "fuzzy-uplift": n_lab + 2 * n_unl}
     if name in expected_rows:
         assert method.n_train_rows_ == expected_rows[name]
     else:
@@ -118,3 +120,27 @@ def test_iterated_fuzzy_starts_as_fuzzy_and_relabels_each_round(sample):
     assert [r["round"] for r in three.rounds_] == [1, 2]
     assert all(r["mean_change"] > 0 for r in three.rounds_)  # the soft labels moved
     assert not np.allclose(three.predict_proba(sample.X_holdout), fuzzy.predict_proba(sample.X_holdout))
+
+
+def test_uplifted_fuzzy_raises_the_bad_odds_outside_the_accepted_region(sample):
+    # The pool: the rejects plus the through-the-door holdout (unlabelled, as GMSC's cs-test is).
+    X_bank, y_bank = sample.bank_view()
+    X = pd.concat([X_bank, sample.X_holdout], ignore_index=True)
+    y = np.r_[y_bank, np.full(len(sample.X_holdout), -1)]
+    method = UpliftedFuzzyAugmentation(estimator=small_lightgbm(), bad_odds_factor=2.0).fit(X, y)
+    p, q, r = method.labeller_pd_, method.uplifted_pd_, method.outside_
+    assert p.shape == q.shape == r.shape == ((y == -1).sum(),) and ((r >= 0) & (r <= 1)).all()
+    np.testing.assert_allclose(q / (1 - q), p / (1 - p) * 2.0 ** r, rtol=1e-9)
+    # The acceptance model tells the policy's rejects from the applicants it would have accepted.
+    policy_pd = positive_proba(sample.policy, sample.X_holdout)
+    n_rejects = int((~sample.accepted).sum())
+    in_holdout = r[n_rejects:]  # the unlabelled rows in order: the rejects, then the holdout
+    would_accept = policy_pd <= np.sort(positive_proba(sample.policy, sample.X_apply))[sample.accepted.sum() - 1]
+    assert in_holdout[~would_accept].mean() > in_holdout[would_accept].mean() + 0.3
+    assert r[:n_rejects].mean() > 0.5  # the applications' rejects lie outside
+    # Factor 1 is plain fuzzy augmentation; a factor > 1 raises the final model's PD for the rejects.
+    plain = FuzzyAugmentation(estimator=small_lightgbm()).fit(X, y)
+    one = UpliftedFuzzyAugmentation(estimator=small_lightgbm(), bad_odds_factor=1.0).fit(X, y)
+    np.testing.assert_allclose(one.predict_proba(sample.X_holdout), plain.predict_proba(sample.X_holdout))
+    rejects = X_bank[y_bank == -1]
+    assert method.predict_proba(rejects)[:, 1].mean() > 1.2 * plain.predict_proba(rejects)[:, 1].mean()

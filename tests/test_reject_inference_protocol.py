@@ -55,3 +55,16 @@ def test_kickout_matches_a_hand_count():
     assert kickout(y, base, base, 0.6) == 0.0
     oracle = kickout(y, base, y.astype(float), 0.6)  # kicks out both accepted bads and only goods come in
     assert oracle == pytest.approx(1.0)
+
+
+def test_experiment_passes_method_parameters(data_root):
+    from finance.reject_inference.experiment import run_experiment
+
+    # fuzzy-uplift with factor 1 is plain fuzzy augmentation; with its default (2) it is not.
+    result = run_experiment("taiwan", data_root, estimator="logistic", methods=["fuzzy", "fuzzy-uplift"],
+                            method_params={"fuzzy-uplift": {"bad_odds_factor": 1.0}}, max_rows=3000)
+    auc = {row["method"]: row["auc"] for row in result["rows"]}
+    assert auc["fuzzy-uplift"] == pytest.approx(auc["fuzzy"], abs=1e-12)
+    assert result["method_params"] == {"fuzzy-uplift": {"bad_odds_factor": 1.0}}
+    default = run_experiment("taiwan", data_root, estimator="logistic", methods=["fuzzy-uplift"], max_rows=3000)
+    assert default["rows"][1]["method"] == "fuzzy-uplift" and default["rows"][1]["auc"] != auc["fuzzy"]

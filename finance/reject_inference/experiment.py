@@ -70,8 +70,11 @@ def make_estimator(kind: str, seed: int = 0, threads: int = 1, dataset: str | No
 def run_experiment(dataset: str, data_root: str | Path, *, estimator: str = "lightgbm",
                    methods: list[str] | None = None, seeds: list[int] | None = None,
                    acceptance_rate: float = 0.6, use_unlabelled: bool = True,
+                   method_params: dict[str, dict[str, Any]] | None = None,
                    max_rows: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the protocol for each seed and average. Returns {"dataset", "rows": [...], "per_seed": [...]}."""
+    """Run the protocol for each seed and average. `method_params` maps a method to keyword arguments
+    other than its defaults (e.g. {"fuzzy-uplift": {"bad_odds_factor": 1.5}}).
+    Returns {"dataset", "rows": [...], "per_seed": [...]}."""
     X, y, extra = load_dataset(dataset, data_root, use_unlabelled)
     if max_rows is not None and len(y) > max_rows:
         keep = np.random.default_rng(0).choice(len(y), max_rows, replace=False)
@@ -85,7 +88,7 @@ def run_experiment(dataset: str, data_root: str | Path, *, estimator: str = "lig
         config = ProtocolConfig(acceptance_rate=acceptance_rate, seed=seed)
         sample = replay_policy(X, y, config, extra)
         base = make_estimator(estimator, seed, dataset=dataset)
-        chosen = {name: make_method(name, estimator=base) for name in names}
+        chosen = {name: make_method(name, estimator=base, **(method_params or {}).get(name, {})) for name in names}
         per_seed.append(run_protocol(sample, chosen, base, acceptance_rate,
                                      progress=(lambda m, s=seed: progress(f"seed {s}: {m}")) if progress else None))
     rows = []
@@ -100,6 +103,7 @@ def run_experiment(dataset: str, data_root: str | Path, *, estimator: str = "lig
         rows.append(row)
     return {"dataset": dataset, "estimator": estimator, "acceptance_rate": acceptance_rate,
             "seeds": seeds or [0], "unlabelled_extra": 0 if extra is None else len(extra),
+            "method_params": method_params or {},
             "rows": rows, "per_seed": [[asdict(r) for r in seed_rows] for seed_rows in per_seed]}
 
 
