@@ -49,7 +49,7 @@ class Experts(nn.Module):
 
         tokens: (T, H); expert_index, weight: (T, k). Returns (T, H). Two `bmm` calls over the
         T*k assignments and no sort, bincount or per-expert loop, at the price of copying T*k
-        weight matrices: it pays only for a handful of tokens (MoELayer's `gather_below`).
+        weight matrices: it pays only for a handful of tokens (core.moe.GATHER_BELOW).
         """
         num_tokens, top_k = expert_index.shape
         flat = expert_index.reshape(-1)  # (T*k,) token-major: token t's slots are rows t*k .. t*k+k-1

@@ -42,8 +42,8 @@ class FeatureSpec:
 
 class _Builder:
     """Collects feature columns, and with `catalogue` their catalogue lines, while a dataset's
-    features are built. `transform` builds no catalogue: 200+ FeatureSpec objects and definitions
-    cost a fifth of one application's features (measured)."""
+    features are built. `transform` builds no catalogue: its 200+ FeatureSpec objects and
+    definitions were ~40% of one Taiwan application's transform (1.17 -> 0.67 ms CPU without)."""
 
     def __init__(self, n: int, *, catalogue: bool) -> None:
         self.n = n

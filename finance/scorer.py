@@ -145,7 +145,7 @@ class CreditScorer:
         `data` when already computed.
         """
         k = self.policy.reason_count
-        # (n, F) log-odds pushes, > 0 raises risk
+        # (n, F): each feature's push on the log-odds of default, > 0 raises risk
         contrib = self.model_.contributions(data) if contributions is None else contributions
         if contrib.shape[1] > k:  # the k largest of each row, then those k in order: no full sort of F
             top = np.argpartition(-contrib, k - 1, axis=1)[:, :k]  # (n, k)

@@ -171,7 +171,8 @@ class MoEModel(CreditModel):
             logits, _ = self.module_.net(path)
             (grad,) = torch.autograd.grad(logits.sum(), path)
             out.append((z * grad.reshape(len(alphas), *z.shape)[:steps].mean(0)).numpy())
-            logits_out.append(logits.detach().reshape(len(alphas), len(z))[-1].numpy())
+            if with_logits:
+                logits_out.append(logits.detach().reshape(len(alphas), len(z))[-1].numpy())
         logits = np.concatenate(logits_out).astype(np.float64) if with_logits else None
         return logits, np.concatenate(out).astype(np.float64)
 
