@@ -37,6 +37,16 @@ def routing_losses(routing, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return cfg.aux_loss_weight * balance + cfg.z_loss_weight * z_loss, balance, z_loss, expert_load
 
 
+# An eval-mode pass whose gathered expert weights (assignments x H x I elements) stay below this
+# gathers each token's experts (Experts.forward_gathered) instead of sorting the assignments: with
+# a handful of tokens the sorted dispatch is all per-expert bookkeeping. Measured CPU time, one
+# layer, gathered / sorted (forward | forward and input gradient): 16 experts H=64 I=128 top-2
+# (the tabular credit network), 1 token 0.49 | 0.55, 9 tokens 0.33 | 0.22, 32 tokens 0.63 | 0.41,
+# 64 tokens (2^20) 2.3 | 1.3; H=128 I=256, 8 tokens (2^19) 1.05 | 0.79; H=512 I=2048, 1 token
+# (2^21) 2.7 | 1.9.
+GATHER_BELOW = 1 << 19
+
+
 class MoELayer(nn.Module):
     """Top-k routed experts (+ optional shared experts) over (batch, tokens, H) or (tokens, H).
 
@@ -49,6 +59,11 @@ class MoELayer(nn.Module):
     an expert past its capacity drops the rest. A dropped assignment contributes nothing and the
     token's other weights are not renormalised, so with every choice dropped a token passes through
     the residual alone. `dropped` counts them.
+
+    In eval mode, for a handful of tokens (see GATHER_BELOW) and where no assignment can be
+    dropped, each token's k experts run on their gathered weights instead (the same maths, no
+    sort; equal to the sorted dispatch up to float rounding, forward and backward). Training
+    always takes the sorted dispatch.
 
     Under export (`is_exporting()`), or with `static=True`, the same maths runs with static shapes
     (every expert densely, a dense combine matrix, capacity from a cumulative sum) so that ONNX and
@@ -85,6 +100,9 @@ class MoELayer(nn.Module):
         capacity = cfg.capacity(tokens.shape[0])
         if self.static or is_exporting():
             out, dropped = self._dispatch_static(tokens, routing.expert_index, routing.weight, capacity)
+        elif self._gathers(tokens.shape[0], capacity):
+            out = self.experts.forward_gathered(tokens, routing.expert_index, routing.weight)
+            dropped = torch.zeros((), dtype=torch.int64)
         else:
             out, dropped = self._dispatch_sorted(tokens, routing.expert_index, routing.weight, capacity)
         for shared in self.shared_experts:
@@ -94,6 +112,14 @@ class MoELayer(nn.Module):
         if self.training and cfg.bias_balancing:
             self.router.update_selection_bias(expert_load)
         return MoEOutput(out.reshape(x.shape), aux, balance, z_loss, expert_load, dropped)
+
+    def _gathers(self, num_tokens: int, capacity: int | None) -> bool:
+        """Whether this pass takes the gathered small-batch path (see the class docstring)."""
+        cfg = self.config
+        return (not self.training and isinstance(self.experts, Experts)
+                and num_tokens * cfg.top_k * cfg.hidden_size * cfg.intermediate_size < GATHER_BELOW
+                and (capacity is None or capacity >= num_tokens)  # an expert gets <= 1 slot per token
+                and not torch.compiler.is_compiling())  # compiled graphs keep one path (core.fused)
 
     def _dispatch_sorted(self, tokens: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor,
                          capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:

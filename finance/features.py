@@ -41,18 +41,21 @@ class FeatureSpec:
 
 
 class _Builder:
-    """Collects feature columns and their catalogue lines while a dataset's features are built."""
+    """Collects feature columns, and with `catalogue` their catalogue lines, while a dataset's
+    features are built. `transform` builds no catalogue: its 200+ FeatureSpec objects and
+    definitions were ~40% of one Taiwan application's transform (1.17 -> 0.67 ms CPU without)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, catalogue: bool) -> None:
         self.n = n
         self.columns: dict[str, np.ndarray] = {}
-        self.specs: list[FeatureSpec] = []
+        self.specs: list[FeatureSpec] | None = [] if catalogue else None
 
     def add(self, name: str, values: Any, source: str, definition: str) -> None:
-        assert name not in self.columns, f"duplicate feature {name}"
         values = np.asarray(values, dtype=np.float64)
+        if self.specs is not None:  # without, a duplicate shows as a changed feature set in transform
+            assert name not in self.columns, f"duplicate feature {name}"
+            self.specs.append(FeatureSpec(name, source, definition))
         self.columns[name] = np.broadcast_to(values, (self.n,)) if values.ndim == 0 else values
-        self.specs.append(FeatureSpec(name, source, definition))
 
     def one_hot(self, name: str, values: np.ndarray, levels: list[str], source: str, label: str) -> None:
         for level in levels:
@@ -131,10 +134,11 @@ def _series_features(b: _Builder, series: dict[str, tuple[np.ndarray, str, str]]
               "min3": w3["min"], "min6": w6["min"], "std3": w3["std"], "std6": w6["std"],
               "slope3": w3["slope"], "slope6": w6["slope"], "change": m[0] - w6["mean"],
               "ratio3_6": _div(w3["mean"], w6["mean"]), "ewm": ewm, "npos6": (m > 0).sum(0)}  # each (series, n)
+    define = b.specs is not None  # the definitions are only read into the catalogue
     for i, prefix in enumerate(names):
         _, source, label = series[prefix]
         for suffix, template in _STATS:
-            b.add(f"{prefix}_{suffix}", values[suffix][i], source, template.format(label))
+            b.add(f"{prefix}_{suffix}", values[suffix][i], source, template.format(label) if define else "")
 
 
 _EWM = 0.5 ** (np.arange(6) / 2.0)  # half-life of two months
@@ -425,14 +429,14 @@ class FeaturePipeline:
     def __init__(self, *, dataset: str) -> None:
         self.dataset = dataset
 
-    def _build(self, frame: pd.DataFrame) -> _Builder:
-        builder = _Builder(len(frame))
+    def _build(self, frame: pd.DataFrame, *, catalogue: bool = False) -> _Builder:
+        builder = _Builder(len(frame), catalogue=catalogue)
         _BUILDERS[dataset_spec(self.dataset).name](_Columns(frame), self.levels_, builder)
         return builder
 
     def fit(self, frame: pd.DataFrame, y: Any = None) -> FeaturePipeline:
         self.levels_ = {c: sorted(map(str, pd.unique(frame[c].dropna()))) for c in _CATEGORICALS[self.dataset]}
-        builder = self._build(frame)
+        builder = self._build(frame, catalogue=True)
         self.feature_names_ = list(builder.columns)
         self.catalogue_ = builder.specs
         with warnings.catch_warnings():

@@ -16,7 +16,9 @@ from finance.evaluation import (
 )
 from finance.features import _TIME, _window_stats
 from finance.generate import GeneratorConfig, generate
+from finance.models import FitData
 from finance.models.base import logistic_proba
+from finance.models.ensemble import EnsembleModel
 from finance.models.moe import MoEModelConfig
 from finance.scorer import CreditScorer, load_model, split_records
 
@@ -163,3 +165,25 @@ def test_evaluation_reports_csi_per_feature_and_keeps_it_through_save(taiwan, tm
     assert result["metrics"]["features_csi_over_0.25"] == (csi > 0.25).sum()
     reloaded = evaluate_scorer(load_model(scorer.save(tmp_path / "m")), shifted, speed=False)
     pd.testing.assert_frame_equal(reloaded["csi"], result["csi"], check_exact=True)
+
+
+def test_one_pass_of_the_moe_and_the_ensemble_equals_predict_and_contributions(taiwan):
+    """`score` with reasons takes both from one pass (the MoE's forward rides on its integrated
+    gradients); alone (the small-batch expert path) or in a batch, it is what the two calls give."""
+    records, scorers = taiwan
+    moe = scorers["moe"]
+    valid = records.frame.iloc[5000:6000]
+    ensemble = EnsembleModel.from_fitted([scorers[n].model_ for n in ("lightgbm", "moe", "scorecard")],
+                                         FitData(moe.pipeline_.transform(valid), records.target[5000:6000]),
+                                         feature_names=moe.pipeline_.feature_names_, dataset="taiwan")
+    data = moe.features(records.frame.iloc[:300])
+    for model in (moe.model_, ensemble):
+        proba, contributions = model.predict_with_contributions(data)
+        np.testing.assert_allclose(proba, model.predict_proba(data), rtol=1e-5)
+        np.testing.assert_allclose(contributions, model.contributions(data), rtol=1e-4, atol=1e-6)
+        for i in (0, 1, 150):
+            one = FitData(data.X[i:i + 1])
+            alone_proba, alone_contributions = model.predict_with_contributions(one)
+            np.testing.assert_allclose(alone_proba, proba[i:i + 1], rtol=1e-5)
+            np.testing.assert_allclose(alone_contributions, contributions[i:i + 1], rtol=1e-4, atol=1e-6)
+    assert np.abs(contributions).max() > 1e-3  # attributions are not all zero

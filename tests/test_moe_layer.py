@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from core import DenseFFN, MoEConfig, MoELayer
+from core.moe import GATHER_BELOW
 
 
 def _copy_expert_into_dense(layer: MoELayer, expert: int) -> DenseFFN:
@@ -189,3 +190,62 @@ def test_bf16_input_routes_in_fp32_and_returns_bf16():
     layer = MoELayer(MoEConfig(num_experts=16, top_k=2, hidden_size=8, intermediate_size=8)).to(torch.bfloat16)
     out = layer(torch.randn(10, 8, dtype=torch.bfloat16))
     assert out.output.dtype == torch.bfloat16 and out.aux_loss.dtype == torch.float32
+
+
+def _per_token_reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The MoE maths one token and one slot at a time: sum_k weight_k * expert_k(x)."""
+    routing = layer.router(x)
+    rows = []
+    for t in range(x.shape[0]):
+        rows.append(sum(routing.weight[t, j] * layer.experts.expert_mlp(int(routing.expert_index[t, j]), x[t:t + 1])[0]
+                        for j in range(routing.expert_index.shape[1])))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("num_experts,top_k,tokens,scoring,shared", [
+    (16, 2, 1, "softmax", 0), (16, 2, 9, "softmax", 0), (16, 4, 5, "sigmoid", 1), (64, 2, 12, "softmax", 0),
+    (128, 3, 3, "sigmoid", 0)])
+def test_small_batch_gathered_path_equals_sorted_dispatch_forward_and_backward(num_experts, top_k, tokens, scoring,
+                                                                               shared):
+    torch.manual_seed(num_experts + top_k + tokens)
+    layer = MoELayer(MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=16, intermediate_size=32,
+                               router_scoring=scoring, num_shared_experts=shared))
+    x = torch.randn(tokens, 16)
+    assert layer.eval()._gathers(tokens, None) and not layer.train()._gathers(tokens, None)
+
+    def run(training: bool):
+        layer.train(training)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        (out.output * torch.linspace(-1, 1, 16)).sum().backward()  # a non-uniform upstream gradient
+        return out, xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    sorted_out, sorted_dx, sorted_grads = run(training=True)  # training always sorts
+    gathered_out, gathered_dx, gathered_grads = run(training=False)
+    torch.testing.assert_close(gathered_out.output, sorted_out.output, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        reference = _per_token_reference(layer, x) + sum((s(x) for s in layer.shared_experts), torch.zeros(()))
+    torch.testing.assert_close(gathered_out.output, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gathered_dx, sorted_dx, rtol=1e-5, atol=1e-6)
+    for name, grad in sorted_grads.items():
+        torch.testing.assert_close(gathered_grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name} differs")
+    for field in ("aux_loss", "load_balancing_loss", "z_loss", "expert_load", "dropped"):
+        torch.testing.assert_close(getattr(gathered_out, field), getattr(sorted_out, field), msg=field)
+
+
+def test_gathered_path_only_below_its_size_and_where_nothing_can_drop():
+    layer = MoELayer(MoEConfig(num_experts=16, top_k=2, hidden_size=64, intermediate_size=128)).eval()
+    below = GATHER_BELOW // (2 * 64 * 128)  # tokens whose gathered weights reach the limit
+    assert layer._gathers(below - 1, None) and not layer._gathers(below, None)
+    assert layer._gathers(8, 8) and not layer._gathers(8, 7)  # capacity 7 < 8 tokens: an expert could drop one
+    big = MoELayer(MoEConfig(num_experts=64, top_k=2, hidden_size=512, intermediate_size=2048)).eval()
+    assert not big._gathers(1, None)  # copying 2 x 1M-element matrices costs more than sorting
+    capped = MoELayer(MoEConfig(num_experts=16, top_k=2, hidden_size=8, intermediate_size=8, expert_capacity=2))
+    x = torch.randn(1, 8).repeat(6, 1)  # six alike tokens pick the same two experts: 4 of each 6 drop
+    capped.eval()
+    eval_out = capped(x)
+    capped.train()
+    train_out = capped(x)
+    assert eval_out.dropped.item() == train_out.dropped.item() == 8
+    torch.testing.assert_close(eval_out.output, train_out.output)  # the sorted path, drops and all, both times

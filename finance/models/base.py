@@ -94,6 +94,8 @@ class CreditModel(ABC):
     predict_proba(data) -> (n, 2): column 1 is the probability of default.
     contributions(data) -> (n, n_features): each feature's push on the log-odds of default
         relative to a low-risk reference (> 0 raises risk); reason codes rank these.
+    predict_with_contributions(data) -> both of the above; a model that gets both from one pass
+        (the MoE network's integrated gradients) overrides it.
     save(directory) / load(directory, ...) round-trip to identical scores.
     """
 
@@ -125,6 +127,10 @@ class CreditModel(ABC):
     @classmethod
     @abstractmethod
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> CreditModel: ...
+
+    def predict_with_contributions(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
+        """(predict_proba(data) (n, 2), contributions(data) (n, n_features)) together."""
+        return self.predict_proba(data), self.contributions(data)
 
     def summary(self) -> dict[str, Any]:
         """A few facts about the fitted model for the report (trees, selected features, ...)."""

@@ -61,8 +61,16 @@ class EnsembleModel(CreditModel):
         return logistic_proba(self._member_logits(data), self.blend_)
 
     def contributions(self, data: FitData) -> np.ndarray:
-        weights = self.blend_.coef_[0]
-        return sum(w * m.contributions(data) for w, m in zip(weights, self.members_, strict=True))
+        return self._blend_contributions([m.contributions(data) for m in self.members_])
+
+    def predict_with_contributions(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
+        """Each member's own fused pass (the MoE network runs once, not once per question)."""
+        parts = [m.predict_with_contributions(data) for m in self.members_]
+        proba = logistic_proba(np.column_stack([_logit(p[:, 1]) for p, _ in parts]), self.blend_)
+        return proba, self._blend_contributions([c for _, c in parts])
+
+    def _blend_contributions(self, contributions: list[np.ndarray]) -> np.ndarray:
+        return sum(w * c for w, c in zip(self.blend_.coef_[0], contributions, strict=True))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,12 @@ class StandardisedMoE(nn.Module):
         return logits[:, 0]
 
 
+def _proba(logits: np.ndarray) -> np.ndarray:
+    """(n, 2) probabilities of no default and default from (n,) float64 logits."""
+    pd_ = 1.0 / (1.0 + np.exp(-logits))
+    return np.column_stack([1 - pd_, pd_])
+
+
 class _Probability(nn.Module):
     """The exported graph: features (batch, F) -> probability of default (batch, 1)."""
 
@@ -132,28 +138,43 @@ class MoEModel(CreditModel):
         self.module_.eval()
         return self
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def logits(self, X: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         return torch.cat([self.module_(x[i:i + 65536]) for i in range(0, len(x), 65536)]).numpy().astype(np.float64)
 
     def predict_proba(self, data: FitData) -> np.ndarray:
-        pd_ = 1.0 / (1.0 + np.exp(-self.logits(data.X)))
-        return np.column_stack([1 - pd_, pd_])
+        return _proba(self.logits(data.X))
 
     def contributions(self, data: FitData) -> np.ndarray:
         """Integrated gradients of the logit in standardised space, from the average applicant (0)."""
+        return self._integrated_gradients(data.X, with_logits=False)[1]
+
+    def predict_with_contributions(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
+        """Both from one pass: the applicant itself rides along as one more point of the path."""
+        logits, contributions = self._integrated_gradients(data.X, with_logits=True)
+        return _proba(logits), contributions
+
+    def _integrated_gradients(self, X: np.ndarray, *, with_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """(logits (n,) or None, contributions (n, F)): `attribution_steps` midpoint-rule steps from
+        0 to each standardised applicant z, and with `with_logits` a last point at z whose logit is
+        the prediction (its gradient is not used; rows do not interact, so the steps are unchanged)."""
         steps = self.config.attribution_steps
         alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
-        out = []
-        for start in range(0, len(data), 4096):
+        if with_logits:
+            alphas = torch.cat([alphas, torch.ones(1)])
+        logits_out, out = [], []
+        for start in range(0, len(X), 4096):
             with torch.no_grad():
-                z = self.module_.standardise(torch.from_numpy(np.ascontiguousarray(data.X[start:start + 4096])))
-            path = (alphas[:, None, None] * z[None]).reshape(-1, z.shape[1]).requires_grad_(True)  # (steps*n, F)
+                z = self.module_.standardise(torch.from_numpy(np.ascontiguousarray(X[start:start + 4096])))
+            path = (alphas[:, None, None] * z[None]).reshape(-1, z.shape[1]).requires_grad_(True)  # (points*n, F)
             logits, _ = self.module_.net(path)
             (grad,) = torch.autograd.grad(logits.sum(), path)
-            out.append((z * grad.reshape(steps, *z.shape).mean(0)).numpy())
-        return np.concatenate(out).astype(np.float64)
+            out.append((z * grad.reshape(len(alphas), *z.shape)[:steps].mean(0)).numpy())
+            if with_logits:
+                logits_out.append(logits.detach().reshape(len(alphas), len(z))[-1].numpy())
+        logits = np.concatenate(logits_out).astype(np.float64) if with_logits else None
+        return logits, np.concatenate(out).astype(np.float64)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
