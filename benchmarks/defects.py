@@ -40,7 +40,7 @@ from manufacturing.defects.detector import Detections, YoloDetector, to_input  #
 from manufacturing.defects.moe_stage import CropMoEClassifier, CropTrainingConfig  # noqa: E402
 from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, evaluate_records  # noqa: E402
 from manufacturing.defects.train import DetectorConfig  # noqa: E402
-from manufacturing.defects.voc import read_voc_folder, seeded_split  # noqa: E402
+from manufacturing.defects.voc import read_voc_folder, seeded_split, write_split  # noqa: E402
 from manufacturing.defects.workflow import (  # noqa: E402
     MOE_FILE,
     TrainJob,
@@ -211,7 +211,8 @@ def main() -> None:
     detector = YoloDetector.load(detector_path)
     stage, _ = CropMoEClassifier.load(moe_path)
     metrics = evaluate_records(DefectInspector(detector=detector, second_stage=stage), val)
-    exported = export_job(detector_path, out / "export", args.data, moe_path=moe_path)
+    split_file = write_split(out / "split.json", train, val, seed=args.seed, val_fraction=0.2, source=str(args.data))
+    exported = export_job(detector_path, out / "export", args.data, moe_path=moe_path, split_file=split_file)
     for variant, path in (("onnx", exported["detector_onnx"]), ("onnx-int8", exported["detector_int8_onnx"])):
         metrics[variant] = evaluate_records(DefectInspector(detector=YoloDetector.load(path)), val)["yolo"]
 

@@ -83,17 +83,23 @@ class DynamicBatcher:
         clock: monotonic seconds; tests pass a fake one.
         on_batch: called with a BatchReport after each batch (metrics).
         on_expired: called with the number of requests dropped for their deadline.
+        initializer: called once in the worker thread before it takes work (as ThreadPoolExecutor's):
+            per-thread runtime settings, such as torch's intra-op thread count, which OpenMP and
+            MKL keep per OS thread, so a value set in the thread that loaded the model does not
+            reach the worker.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *, config: BatcherConfig | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  on_batch: Callable[[BatchReport], None] | None = None,
-                 on_expired: Callable[[int], None] | None = None) -> None:
+                 on_expired: Callable[[int], None] | None = None,
+                 initializer: Callable[[], None] | None = None) -> None:
         self.run_batch = run_batch
         self.config = config or BatcherConfig()
         self.clock = clock
         self.on_batch = on_batch
         self.on_expired = on_expired
+        self.initializer = initializer
         self._queue: deque[Request] = deque()
         self._queued_rows = 0
         self._busy = False
@@ -231,6 +237,8 @@ class DynamicBatcher:
             self.on_batch(BatchReport(rows, len(batch), queue_seconds, seconds, limit, failed))
 
     def _worker(self) -> None:
+        if self.initializer is not None:
+            self.initializer()
         while True:
             with self._cond:
                 while True:

@@ -150,11 +150,13 @@ def defects_export(
     moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to export as well"),
     out: Path = typer.Option(Path("runs/defects/export"), help="folder for the ONNX files and export.json"),
     int8: bool = typer.Option(True, help="also write a static INT8 ONNX for edge devices"),
+    split: Path = typer.Option(None, help="split file whose train images calibrate INT8 (default: the "
+                                          "split.json beside the model, when there is one)"),
 ) -> None:
     """ONNX export (FP32, INT8) with a PyTorch vs onnxruntime parity check on real images."""
     from manufacturing.defects.workflow import export_job
 
-    result = export_job(model, out, data, moe_path=moe_stage, int8=int8)
+    result = export_job(model, out, data, moe_path=moe_stage, int8=int8, split_file=split)
     parity = result["parity"]
     typer.echo(f"parity on {parity['images']} images: boxes within {parity['max_box_difference_px']:.2g} px "
                f"(tolerance {parity['box_tolerance_px']}), scores within {parity['max_score_difference']:.2g} "

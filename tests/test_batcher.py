@@ -155,3 +155,18 @@ def test_worker_thread_serves_concurrent_clients_with_their_own_results():
             t.join()
     assert results == {i: i * 10 for i in range(64)}
     assert max(seen) > 1, "concurrent requests shared a forward pass"
+
+
+def test_initializer_runs_once_in_the_worker_thread_before_any_batch():
+    events = []
+
+    def run(inputs):
+        events.append(("batch", threading.current_thread().name))
+        return inputs
+
+    def initializer():
+        events.append(("init", threading.current_thread().name))
+
+    with DynamicBatcher(run, config=BatcherConfig(max_wait_s=0.0), initializer=initializer) as batcher:
+        assert [batcher.submit(i).result(timeout=5) for i in range(3)] == [0, 1, 2]
+    assert events == [("init", "dynamic-batcher")] + [("batch", "dynamic-batcher")] * 3

@@ -101,6 +101,8 @@ def _export_onnx_parity_on_real_images_and_int8(run, tmp_path, parity_images):
     assert exported["parity"]["passed"] and exported["moe_max_abs_logit_difference"] < 1e-4
     assert exported["batch"] == "dynamic" and exported["parity"]["batch_sizes"] == [1, 8]
     assert exported["moe_parity"]["passed"] and exported["moe_parity"]["batch_sizes"] == [1, 8]
+    # INT8 is calibrated on the training split recorded beside the checkpoint, never on validation images.
+    assert exported["int8_calibration"] == {"images": 9, "from": f"train split of {root / 'run' / 'split.json'}"}
     torch_detector = YoloDetector.load(summary["detector"])
     onnx_detector = YoloDetector.load(exported["detector_onnx"])
     assert onnx_detector.names == torch_detector.names and onnx_detector.imgsz == 64

@@ -1,11 +1,14 @@
 """The serving app with a real saved model: answers under concurrency, 503 when full, 422 naming fields."""
 
+import ctypes
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -58,6 +61,36 @@ def test_concurrent_requests_get_their_own_answers_and_share_batches(checkpoint)
     assert batches < 48, "some requests shared a forward pass"
     for name in ("moeworks_queue_seconds", "moeworks_request_latency_seconds", "moeworks_requests_rejected"):
         assert name in metrics
+
+
+def _openmp_threads() -> int:
+    """omp_get_max_threads() of the calling OS thread, from the OpenMP runtime torch ships with."""
+    library = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if not library.is_file():
+        pytest.skip("torch is not built with its own libgomp here")
+    return ctypes.CDLL(str(library)).omp_get_max_threads()
+
+
+def test_model_runs_with_the_configured_torch_threads_in_the_batcher_thread(checkpoint):
+    # A fresh thread starts with OpenMP's default team (OMP_NUM_THREADS or every core); configure
+    # something else, so that a setting that never reached the batcher's thread fails the test.
+    seen = []
+    probe = threading.Thread(target=lambda: seen.append(_openmp_threads()))
+    probe.start()
+    probe.join()
+    configured = 2 if seen[0] == 1 else 1
+
+    class Recording(TorchAdapter):
+        def predict(self, inputs):
+            seen.append((threading.current_thread().name, _openmp_threads()))  # before torch runs anything
+            return super().predict(inputs)
+
+    config = BatcherConfig(max_wait_s=0.002, default_timeout_s=10.0)
+    app = create_app(lambda: Recording(checkpoint, AdapterOptions(threads=configured)), batcher_config=config,
+                     warm_up=False)
+    with TestClient(app) as client:
+        assert client.post("/v1/predict", json={"instances": [instance(1)]}).status_code == 200
+    assert seen[1:] == [("dynamic-batcher", configured)]
 
 
 def test_full_queue_answers_503_with_retry_after(checkpoint):

@@ -38,6 +38,7 @@ class ServerState:
 
 def _warm_up(adapter: ModelAdapter, max_rows: int) -> None:
     """Run the batch sizes the adapter names (those compiled models specialise on) before traffic."""
+    adapter.prepare_thread()  # a thread pool's thread, not necessarily the one that loaded the model
     for rows in adapter.warm_up_sizes(max_rows):
         adapter.run_batch([adapter.example(rows, seed=rows)])
 
@@ -60,7 +61,7 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
         gc.collect()
         gc.freeze()
         state.adapter = adapter
-        state.batcher = DynamicBatcher(adapter.run_batch, config=batcher_config,
+        state.batcher = DynamicBatcher(adapter.run_batch, config=batcher_config, initializer=adapter.prepare_thread,
                                        on_batch=metrics.observe_batch, on_expired=metrics.expired).start()
         state.ready = True
         try:

@@ -87,12 +87,15 @@ def sample_images(records: list[VOCImage], count: int, seed: int = 0) -> list[np
 
 
 def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: str | Path, *,
-               moe_path: str | Path | None = None, int8: bool = True, calibration_images: int = 64,
-               parity_images: int = 16, dynamic_batch: bool = True) -> dict:
+               moe_path: str | Path | None = None, int8: bool = True, calibration_images: int = 256,
+               split_file: str | Path | None = None, parity_images: int = 16, dynamic_batch: bool = True) -> dict:
     """ONNX (and INT8 ONNX) of the detector, ONNX of the MoE stage, parity checked on real images.
 
     Both files take any batch size (`dynamic_batch=False` keeps the detector at batch 1, as earlier
-    versions wrote it); parity is checked with onnxruntime at batch 1 and at PARITY_BATCH.
+    versions wrote it); parity is checked with onnxruntime at batch 1 and at PARITY_BATCH. INT8 is
+    calibrated on `calibration_images` images of the `train` list of `split_file` (default: the
+    split.json that `defects train` wrote beside the checkpoint), so that the images the model is
+    evaluated on never set its activation ranges; without a split file, on any images of the folder.
     """
     import torch
 
@@ -120,10 +123,16 @@ def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: 
               "parity": {**dataclasses.asdict(parity), "passed": parity.passed},
               "sha256": {"detector.onnx": file_sha256(onnx_path)}}
     if int8:
+        beside = Path(detector_path).parent / SPLIT_FILE
+        split_file = split_file if split_file is not None else (beside if beside.is_file() else None)
+        calibration_set = records_by_split(records, split_file, "train") if split_file is not None else records
         int8_path = quantize_detector_int8(onnx_path, out_dir / "detector.int8.onnx",
-                                           sample_images(records, calibration_images, seed=0), detector.imgsz)
+                                           sample_images(calibration_set, calibration_images, seed=0), detector.imgsz)
         int8_parity = detector_parity(detector, YoloDetector.load(int8_path), parity_set, batch_sizes=batch_sizes)
-        result.update(detector_int8_onnx=str(int8_path), int8_difference=dataclasses.asdict(int8_parity))
+        result.update(detector_int8_onnx=str(int8_path), int8_difference=dataclasses.asdict(int8_parity),
+                      int8_calibration={"images": min(calibration_images, len(calibration_set)),
+                                        "from": f"train split of {split_file}" if split_file is not None
+                                        else f"any images of {Path(calibration_dir).name}"})
         result["sha256"]["detector.int8.onnx"] = file_sha256(int8_path)
     if moe_path is not None:
         from manufacturing.defects.moe_stage import crops_and_geometry
