@@ -42,7 +42,7 @@ class MoEModelConfig:
     max_epochs: int = 25
     patience: int = 4  # epochs without validation-AUC gain before stopping
     # Score (and keep) the mean of the weights at the end of the last `average_last` epochs: the
-    # validation AUC of single epochs jumps by ~0.005 on GMSC, so the best single epoch is partly luck.
+    # validation AUC of single epochs jumped by up to 0.008 on GMSC, so the best single epoch is partly luck.
     average_last: int = 3
     clip_quantile: float = 0.005  # clip each feature to its [0.5%, 99.5%] training range: heavy tails
     attribution_steps: int = 8  # integrated-gradient steps (midpoint rule) for reason codes
