@@ -4,7 +4,8 @@ in-process and on a 2-worker Dask LocalCluster).
 
 Protocol: a fixed seeded 80/20 split of what is in the data folder, stratified on the label (the
 test 20% is never seen in training); inside the 80%, a further seeded 80/20 split gives the
-validation part for early stopping, the ensemble's blend and the PD cut-off.
+validation part for early stopping, the ensemble's blend (on cross-fitted predictions: each member
+retrained twice, early-stopped on one half of it and predicting the other) and the PD cut-off.
 
     nice -n 10 python benchmarks/credit.py --json
 
@@ -66,6 +67,7 @@ def quality(dataset: str, data_root: Path, seed: int, console: Console, *, speed
     started = time.perf_counter()
     base = scorers["lightgbm"]
     ensemble = EnsembleModel.from_fitted(members, FitData(base.pipeline_.transform(valid.frame), valid.target),
+                                         train=FitData(base.pipeline_.transform(train.frame), train.target),
                                          feature_names=base.pipeline_.feature_names_, dataset=dataset)
     scorers["ensemble"] = CreditScorer(dataset=dataset, model_name="ensemble", seed=seed).fit(
         train, valid, fitted_model=ensemble)

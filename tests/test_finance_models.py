@@ -112,3 +112,28 @@ def test_lightgbm_path_attributions_add_up_to_the_raw_score_and_follow_shap():
     shap = model.contributions(FitData(X[:200]))
     assert (np.abs(path).mean(0).argmax(), np.abs(shap).mean(0).argmax()) == (0, 0)  # the strongest feature
     assert np.corrcoef(path[:, 0], shap[:, 0])[0, 1] > 0.9
+
+
+def test_cross_fitted_blend_rows_come_from_copies_stopped_on_the_other_half(taiwan_sample):
+    from sklearn.model_selection import StratifiedKFold
+
+    from finance.features import FeaturePipeline
+    from finance.models.ensemble import _cross_fitted_logits, _logit
+
+    fit_part, _ = taiwan_sample
+    train, valid = split_records(fit_part, valid_share=0.25, seed=0)
+    pipe = FeaturePipeline(dataset="taiwan").fit(train.frame)
+    fit_train = FitData(pipe.transform(train.frame), train.target)
+    fit_valid = FitData(pipe.transform(valid.frame), valid.target)
+    names = pipe.feature_names_
+    members = [build_model(n, feature_names=names, dataset="taiwan").fit(fit_train, fit_valid)
+               for n in ("lightgbm", "scorecard")]
+    logits = _cross_fitted_logits(members, fit_train, fit_valid)
+    # The scorecard does not look at the validation part: its copies score exactly as it does.
+    np.testing.assert_allclose(logits[:, 1], _logit(members[1].predict_proba(fit_valid)[:, 1]), rtol=1e-12)
+    # LightGBM's rows of one half come from a booster early-stopped on the other half only.
+    stop, blend = next(StratifiedKFold(2, shuffle=True, random_state=0).split(fit_valid.X, fit_valid.y))
+    reference = build_model("lightgbm", feature_names=names, dataset="taiwan").fit(
+        fit_train, FitData(fit_valid.X[stop], fit_valid.y[stop]))
+    np.testing.assert_array_equal(logits[blend, 0], _logit(reference.predict_proba(FitData(fit_valid.X[blend]))[:, 1]))
+    assert not np.allclose(logits[:, 0], _logit(members[0].predict_proba(fit_valid)[:, 1]))

@@ -9,7 +9,9 @@ Attributions for reason codes are integrated gradients from the average applican
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ class MoEModelConfig:
     batch_size: int = 512
     max_epochs: int = 25
     patience: int = 4  # epochs without validation-AUC gain before stopping
+    # Score (and keep) the mean of the weights at the end of the last `average_last` epochs: the
+    # validation AUC of single epochs jumped by up to 0.008 on GMSC, so the best single epoch is partly luck.
+    average_last: int = 3
     clip_quantile: float = 0.005  # clip each feature to its [0.5%, 99.5%] training range: heavy tails
     attribution_steps: int = 8  # integrated-gradient steps (midpoint rule) for reason codes
 
@@ -124,16 +129,27 @@ class MoEModel(CreditModel):
             logits, aux = model(batch[0])
             return F.binary_cross_entropy_with_logits(logits[:, 0], batch[1], weight=batch[2]) + aux
 
+        window: deque[dict[str, torch.Tensor]] = deque(maxlen=c.average_last)  # the last epochs' weights
+        averaged = copy.deepcopy(net)
+        best: dict[str, Any] = {"auc": -np.inf, "state": None}
+
         def evaluate(model: nn.Module) -> dict[str, float]:
-            logits = torch.cat([model(xv[i:i + 8192])[0][:, 0] for i in range(0, len(xv), 8192)])
+            window.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            averaged.load_state_dict({k: torch.stack([w[k] for w in window]).mean(0) for k in window[-1]})
+            averaged.eval()
+            logits = torch.cat([averaged(xv[i:i + 8192])[0][:, 0] for i in range(0, len(xv), 8192)])
             loss = F.binary_cross_entropy_with_logits(logits, torch.as_tensor(yv, dtype=torch.float32)).item()
-            return {"val_loss": loss, "val_auc": float(roc_auc_score(yv, logits.numpy()))}
+            auc = float(roc_auc_score(yv, logits.numpy()))
+            if auc > best["auc"]:
+                best.update(auc=auc, state={k: v.clone() for k, v in averaged.state_dict().items()})
+            return {"val_loss": loss, "val_auc": auc}
 
         trainer = Trainer(TrainerConfig(learning_rate=c.learning_rate, weight_decay=c.weight_decay,
                                         grad_accumulation=1, max_epochs=c.max_epochs, patience=c.patience,
                                         monitor="val_auc", mode="max", seed=self.seed, progress=self.progress))
         self.result_ = trainer.fit(net, batches, steps_per_epoch=-(-len(ys) // c.batch_size), loss_fn=loss_fn,
                                    evaluate_fn=evaluate)
+        net.load_state_dict(best["state"])  # the best averaged weights (the Trainer restored single-epoch ones)
         self.data_fingerprint_ = data_fingerprint(train.X, train.y)
         self.module_.eval()
         return self
