@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 
 from finance.models.base import CreditModel, FitData, build_model, logistic_proba, model_class, register_model
 
@@ -42,8 +43,6 @@ def _rows(data: FitData, rows: np.ndarray) -> FitData:
 def _cross_fitted_logits(members: list[CreditModel], train: FitData, valid: FitData) -> np.ndarray:
     """(n_valid, members) log-odds where each row comes from a copy of the member (same class,
     config and seed) trained on `train` and early-stopped on the other half of `valid`."""
-    from sklearn.model_selection import StratifiedKFold
-
     halves = list(StratifiedKFold(2, shuffle=True, random_state=0).split(valid.X, valid.y))
     out = np.zeros((len(valid), len(members)))
     for j, member in enumerate(members):
