@@ -21,12 +21,14 @@ TINY_TRAIN = RULTrainConfig(max_epochs=1, windows_per_epoch=512, progress=False)
 
 
 def tiny_estimator(kind: str, num_regimes: int = 1) -> RULEstimator:
-    net = RULNetConfig(kind=kind, hidden_size=16, num_layers=1,
+    """kind: lstm, moe, or moe-ensemble (two members over the regime-history features)."""
+    ensemble = kind == "moe-ensemble"
+    net = RULNetConfig(kind="moe" if ensemble else kind, hidden_size=16, num_layers=1, members=2 if ensemble else 1,
                        moe=replace(RULNetConfig().moe, hidden_size=16, intermediate_size=32))
-    return RULEstimator(net=net, features=FeatureConfig(num_regimes=num_regimes), train=TINY_TRAIN)
+    return RULEstimator(net=net, features=FeatureConfig(num_regimes=num_regimes, history=ensemble), train=TINY_TRAIN)
 
 
-@pytest.fixture(scope="module", params=["lstm", "moe"])
+@pytest.fixture(scope="module", params=["lstm", "moe", "moe-ensemble"])
 def fitted(request):
     frame = generate_cmapss(12, num_regimes=6, seed=4, max_life=180)
     return tiny_estimator(request.param, num_regimes=6).fit(frame)
@@ -88,14 +90,14 @@ def test_save_load_round_trip(fitted, tmp_path):
         RULEstimator.load(tmp_path / "model")
 
 
-@pytest.mark.parametrize("kind", ["lstm", "moe"])
+@pytest.mark.parametrize("kind", ["lstm", "moe", "moe-ensemble"])
 def test_onnx_parity_on_real_windows(data_root, kind, tmp_path):
     frame = read_cmapss(find_file(data_root / "cmapss", "train", "FD001"))
     estimator = tiny_estimator(kind).fit(frame[frame["unit"] <= 20])
     test = frame[frame["unit"] > 90]
     windows = build_windows(estimator.normalizer_.transform(test), test["unit"].to_numpy(), window=30)
     sample = windows.gather(np.arange(0, len(windows), 4))
-    path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")
+    path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")  # an ensemble: every member in one graph
     assert rul_parity(estimator, path, sample) < 1e-3  # cycles, on RULs of 0-125
     assert estimator.predict_windows(sample).std() > 0  # not a constant model
 
@@ -111,6 +113,21 @@ def test_moe_routes_each_token_of_the_window_to_top_k_experts():
     assert int(load[0].sum()) == 7 * 10 * config.moe.top_k
     with pytest.raises(AssertionError, match="multiple of patch"):
         replace(config, patch=4)
+
+
+def test_ensemble_is_the_mean_of_its_separately_trained_members(fitted):
+    if fitted.net_.members == 1:
+        pytest.skip("a single net")
+    members = fitted.model_.members
+    # Each member trained from its own seed: different weights, hence different answers.
+    assert not torch.equal(members[0].head[0].weight, members[1].head[0].weight)
+    assert len(fitted.metadata_["best_epoch"]) == 2
+    x = torch.randn(5, 30, fitted.net_.num_features)
+    with torch.no_grad():
+        rul, aux = fitted.model_(x)
+        expected = (members[0](x)[0] + members[1](x)[0]) / 2
+    torch.testing.assert_close(rul, expected)
+    assert aux.ndim == 0
 
 
 def test_lstm_learns_rul_on_generated_engines():

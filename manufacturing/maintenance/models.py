@@ -37,6 +37,9 @@ class RULNetConfig:
     # experts on FD002/FD004 while training stays affordable on a 2-core CPU. The balancing losses
     # are scaled down from the LM defaults (0.01 / 0.001): the task loss here is an MSE on RUL/cap
     # of about 0.01, which the default weights would match and drown.
+    # Independently seeded copies whose RULs are averaged (a seed ensemble): each member trains
+    # on its own with early stopping; inference and the ONNX graph run them all.
+    members: int = 1
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(
         num_experts=8, top_k=2, hidden_size=64, intermediate_size=128, aux_loss_weight=1e-3,
         z_loss_weight=1e-4))
@@ -46,6 +49,7 @@ class RULNetConfig:
             self.moe = MoEConfig.from_dict(self.moe)
         assert self.kind in ("lstm", "moe"), f"kind must be 'lstm' or 'moe', got {self.kind!r}"
         assert self.num_features >= 1 and self.window >= 1 and self.rul_cap > 0
+        assert self.members >= 1, f"members must be >= 1, got {self.members}"
         assert self.kind == "lstm" or self.moe.hidden_size == self.hidden_size, \
             "moe.hidden_size must equal hidden_size"
         assert self.encoder in ("lstm", "conv"), f"encoder must be 'lstm' or 'conv', got {self.encoder!r}"
@@ -131,14 +135,36 @@ class MoERULNet(nn.Module):
         return out, aux
 
 
+class RULEnsemble(nn.Module):
+    """The mean of `members` nets of one config. forward(x) -> (mean RUL (batch,), mean aux)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        assert members, "an ensemble needs at least one member"
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [member(x) for member in self.members]
+        count = len(outputs)
+        return sum(rul for rul, _ in outputs) / count, sum(aux for _, aux in outputs) / count
+
+
 def default_net_config(kind: str, **overrides: Any) -> RULNetConfig:
     """The benchmarked configuration of each kind (overrides replace fields)."""
     return RULNetConfig(kind=kind, **overrides)
 
 
-def build_rul_net(config: RULNetConfig | dict[str, Any]) -> nn.Module:
-    config = config if isinstance(config, RULNetConfig) else RULNetConfig(**config)
+def build_member(config: RULNetConfig) -> nn.Module:
+    """One net of `config` (its `members` aside)."""
     return LSTMRegressor(config) if config.kind == "lstm" else MoERULNet(config)
+
+
+def build_rul_net(config: RULNetConfig | dict[str, Any]) -> nn.Module:
+    """The net of `config`: one member, or a RULEnsemble of `config.members` of them."""
+    config = config if isinstance(config, RULNetConfig) else RULNetConfig(**config)
+    if config.members == 1:
+        return build_member(config)
+    return RULEnsemble([build_member(config) for _ in range(config.members)])
 
 
 class RULOnly(nn.Module):
