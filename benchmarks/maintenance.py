@@ -30,11 +30,10 @@ from rich.table import Table  # noqa: E402
 
 from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i, read_ai4i, split_rows  # noqa: E402
 from manufacturing.maintenance.cmapss import SUBSET_REGIMES, find_file, read_cmapss  # noqa: E402
-from manufacturing.maintenance.features import FeatureConfig  # noqa: E402
 from manufacturing.maintenance.generator import generate_cmapss  # noqa: E402
 from manufacturing.maintenance.models import default_net_config  # noqa: E402
 from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate  # noqa: E402
-from manufacturing.maintenance.rul import RULEstimator, default_train_config  # noqa: E402
+from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config  # noqa: E402
 
 # Published RMSE on the official test sets (not the validation split here): for context only.
 ANCHORS = {"deep LSTM (Zheng 2017)": [16.14, 24.49, 16.18, 28.17], "CNN (Li 2018)": [12.61, 22.36, 12.64, 23.31],
@@ -70,7 +69,7 @@ def run_one(args, subset: str, kind: str) -> dict:
     started = time.perf_counter()
     estimator = RULEstimator(
         net=default_net_config(kind, **args.net.get(kind, {})),
-        features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset], **args.features),
+        features=default_feature_config(kind, SUBSET_REGIMES[subset], **args.features),
         train=default_train_config(kind, max_epochs=args.epochs, patience=args.patience, seed=args.seed,
                                    progress=False, **recipe_overrides(args)))
     _, metrics = train_and_validate(estimator, load_subset(args, subset),

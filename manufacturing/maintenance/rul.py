@@ -52,6 +52,17 @@ def default_train_config(kind: str, **overrides: Any) -> RULTrainConfig:
     return RULTrainConfig(**{**KIND_RECIPES[kind], **overrides})
 
 
+# Each kind's features where they differ from the FeatureConfig defaults. The MoE model reads the
+# regime history (cycles run in each regime so far): on split seed 1 a single MoE went from 18.51
+# to 16.21 validation RMSE on FD002 with it (13.43 to 13.60 on FD004, level within noise).
+KIND_FEATURES: dict[str, dict[str, Any]] = {"lstm": {}, "moe": {"history": True}}
+
+
+def default_feature_config(kind: str, num_regimes: int, **overrides: Any) -> FeatureConfig:
+    """The benchmarked features of a model kind on data with `num_regimes` operating regimes."""
+    return FeatureConfig(num_regimes=num_regimes, **{**KIND_FEATURES[kind], **overrides})
+
+
 @dataclass
 class RULEstimator:
     """fit(run-to-failure frame, val_frame=...) -> self; predict(frame) -> RUL at each unit's last cycle.
