@@ -6,8 +6,9 @@ first; /v1/model lists the columns). The adapter normalises them with the model'
 normaliser (per operating regime, as in training), pads a short history in front with copies of
 its first cycle (as the training windows do), and answers `rul` in cycles. A model trained with
 regime-history features (the MoE recipe) also reads `regime_cycles`: the cycles the engine has
-run in each operating regime (normaliser order), up to and including the last cycle sent. The network runs in
-PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights included).
+run in each operating regime (normaliser order), up to and including the last cycle sent. The
+network runs in PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights
+included).
 """
 
 from __future__ import annotations

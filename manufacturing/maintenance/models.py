@@ -33,13 +33,13 @@ class RULNetConfig:
     encoder: Literal["lstm", "conv"] = "lstm"
     num_heads: int = 4  # attention heads (moe kind): 16 dimensions each at hidden_size 64
     dropout: float = 0.1  # light: the training sets hold 100-260 engines
+    # Independently seeded copies whose RULs are averaged (a seed ensemble): each member trains
+    # on its own with early stopping; inference and the ONNX graph run them all.
+    members: int = 1
     # Eight small experts, two per token: enough for the six operating regimes to take their own
     # experts on FD002/FD004 while training stays affordable on a 2-core CPU. The balancing losses
     # are scaled down from the LM defaults (0.01 / 0.001): the task loss here is an MSE on RUL/cap
     # of about 0.01, which the default weights would match and drown.
-    # Independently seeded copies whose RULs are averaged (a seed ensemble): each member trains
-    # on its own with early stopping; inference and the ONNX graph run them all.
-    members: int = 1
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(
         num_experts=8, top_k=2, hidden_size=64, intermediate_size=128, aux_loss_weight=1e-3,
         z_loss_weight=1e-4))

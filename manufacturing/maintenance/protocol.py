@@ -12,13 +12,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from manufacturing.maintenance.errors import MaintenanceDataError
 from manufacturing.maintenance.metrics import rul_metrics
 from manufacturing.maintenance.rul import RULEstimator
 from manufacturing.maintenance.split import split_units, truncate_units
-from manufacturing.maintenance.windows import build_windows
 
 
 @dataclass
@@ -39,14 +37,6 @@ def score_test(estimator: RULEstimator, test: pd.DataFrame, true_rul: np.ndarray
     return rul_metrics(predicted["rul"].to_numpy(), true_rul, cap=estimator.net.rul_cap), predicted
 
 
-def member_rul(estimator: RULEstimator, member: int, test: pd.DataFrame) -> np.ndarray:
-    """RUL at each test unit's last cycle (unit order) from one member of an ensemble estimator."""
-    windows = estimator.normalizer_.transform(test)
-    last = build_windows(windows, test["unit"].to_numpy(), window=estimator.net_.window, last_only=True)
-    with torch.no_grad():
-        return estimator.model_.members[member](last.gather())[0].numpy()
-
-
 def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame,
                        protocol: ProtocolConfig | None = None) -> tuple[RULEstimator, dict[str, Any]]:
     """Fit on a unit split of `frame` and return (fitted estimator, validation metrics)."""
@@ -61,7 +51,7 @@ def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame,
     metrics = {"val_" + k: v for k, v in metrics.items()}
     if estimator.net_.members > 1:  # what each member scores alone, beside the ensemble
         metrics["val_member_rmse"] = [
-            rul_metrics(member_rul(estimator, k, cut), true_rul, cap=estimator.net.rul_cap)["rmse"]
+            rul_metrics(estimator.predict(cut, member=k)["rul"].to_numpy(), true_rul, cap=estimator.net.rul_cap)["rmse"]
             for k in range(estimator.net_.members)]
     metrics.update(val_units=len(val_units), train_units=len(train_units),
                    cuts_per_unit=protocol.cuts_per_unit,

@@ -148,22 +148,27 @@ class RULEstimator:
 
     # -- inference --------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_windows(self, windows: torch.Tensor) -> np.ndarray:
-        """windows: (batch, window, features) normalised -> (batch,) RUL in cycles."""
-        return torch.cat([self.model_(windows[i:i + 4096])[0]
-                          for i in range(0, max(len(windows), 1), 4096)]).numpy()
+    def predict_windows(self, windows: torch.Tensor, *, member: int | None = None) -> np.ndarray:
+        """windows: (batch, window, features) normalised -> (batch,) RUL in cycles.
 
-    def predict(self, frame: pd.DataFrame, *, source: str = "data") -> pd.DataFrame:
+        member: the index of one ensemble member to run alone (None: the whole model).
+        """
+        assert member is None or isinstance(self.model_, RULEnsemble), "member: only an ensemble has members"
+        model = self.model_ if member is None else self.model_.members[member]
+        return torch.cat([model(windows[i:i + 4096])[0] for i in range(0, max(len(windows), 1), 4096)]).numpy()
+
+    def predict(self, frame: pd.DataFrame, *, source: str = "data", member: int | None = None) -> pd.DataFrame:
         """RUL after the last cycle of each unit in `frame` (C-MAPSS columns; a test file).
 
-        Returns a frame with `unit`, `cycle` (the last one) and `rul` (predicted), sorted by unit.
+        Returns a frame with `unit`, `cycle` (the last one) and `rul` (predicted), sorted by unit;
+        `member` as in `predict_windows`.
         """
         needed = ["unit", "cycle", "setting_1", "setting_2", "setting_3", *self.normalizer_.sensors_]
         frame = validate_frame(frame, source=source, columns=needed)
         if frame.empty:
             raise MaintenanceDataError("no rows to score", source=source)
         windows = self._windows(frame, last_only=True)
-        predicted = self.predict_windows(windows.gather())
+        predicted = self.predict_windows(windows.gather(), member=member)
         return pd.DataFrame({"unit": windows.unit, "cycle": frame["cycle"].to_numpy()[windows.cycle_row],
                              "rul": predicted})
 
