@@ -30,11 +30,10 @@ from rich.table import Table  # noqa: E402
 
 from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i, read_ai4i, split_rows  # noqa: E402
 from manufacturing.maintenance.cmapss import SUBSET_REGIMES, find_file, read_cmapss  # noqa: E402
-from manufacturing.maintenance.features import FeatureConfig  # noqa: E402
 from manufacturing.maintenance.generator import generate_cmapss  # noqa: E402
 from manufacturing.maintenance.models import default_net_config  # noqa: E402
 from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate  # noqa: E402
-from manufacturing.maintenance.rul import RULEstimator, default_train_config  # noqa: E402
+from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config  # noqa: E402
 
 # Published RMSE on the official test sets (not the validation split here): for context only.
 ANCHORS = {"deep LSTM (Zheng 2017)": [16.14, 24.49, 16.18, 28.17], "CNN (Li 2018)": [12.61, 22.36, 12.64, 23.31],
@@ -57,7 +56,7 @@ def load_subset(args, subset: str):
 
 def recipe_overrides(args) -> dict:
     """The training-recipe options given on the command line (the rest stay the kind's defaults)."""
-    overrides = {"batch_size": args.batch_size, "learning_rate": args.lr}
+    overrides = {"batch_size": args.batch_size, "learning_rate": args.lr, "weight_decay": args.weight_decay}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if args.windows_per_epoch is not None:
         overrides["windows_per_epoch"] = args.windows_per_epoch or None  # 0: every window
@@ -70,7 +69,7 @@ def run_one(args, subset: str, kind: str) -> dict:
     started = time.perf_counter()
     estimator = RULEstimator(
         net=default_net_config(kind, **args.net.get(kind, {})),
-        features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
+        features=default_feature_config(kind, SUBSET_REGIMES[subset], **args.features),
         train=default_train_config(kind, max_epochs=args.epochs, patience=args.patience, seed=args.seed,
                                    progress=False, **recipe_overrides(args)))
     _, metrics = train_and_validate(estimator, load_subset(args, subset),
@@ -86,9 +85,11 @@ def run_rul(args, console: Console) -> list[dict]:
     else:
         rows = [run_one(args, subset, kind) for subset, kind in tasks]
     for row in rows:
-        console.print(f"{row['subset']} {row['model']}: val RMSE {row['val_rmse']:.2f}, score {row['val_score']:.0f}, "
-                      f"{row['train_seconds']:.0f} s training ({row['epochs_run']} epochs, best "
-                      f"{row['best_epoch']})")
+        members = (f", members alone {', '.join(f'{v:.2f}' for v in row['val_member_rmse'])}"
+                   if "val_member_rmse" in row else "")
+        console.print(f"{row['subset']} {row['model']}: val RMSE {row['val_rmse']:.2f}{members}, score "
+                      f"{row['val_score']:.0f}, {row['train_seconds']:.0f} s training ({row['epochs_run']} epochs, "
+                      f"best {row['best_epoch']})")
     return rows
 
 
@@ -177,9 +178,12 @@ def main() -> None:
                         help="windows drawn per epoch (0: all; default: the model kind's recipe)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the model kind's recipe")
     parser.add_argument("--lr", type=float, default=None, help="default: the model kind's recipe")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: the model kind's recipe")
     parser.add_argument("--jobs", type=int, default=1, help="(subset, model) runs trained in parallel processes")
     parser.add_argument("--net", type=json.loads, default={},
                         help='net config overrides per kind, e.g. \'{"moe": {"patch": 5}}\' (for tuning runs)')
+    parser.add_argument("--features", type=json.loads, default={},
+                        help='feature config overrides, e.g. \'{"history": true}\' (for tuning runs)')
     parser.add_argument("--cuts", type=int, default=5, help="random cuts per validation engine")
     parser.add_argument("--alert-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)

@@ -26,3 +26,25 @@ def broker(tmp_path):
         pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
     with Mosquitto(workdir=tmp_path / "mosquitto") as b:
         yield b
+
+
+def _tiny_rul_estimator(kind: str, num_regimes: int = 1):
+    """A RUL estimator small enough to fit in seconds. kind: lstm, moe, or moe-ensemble (two
+    members over the regime-history features, the MoE recipe's shape)."""
+    from dataclasses import replace
+
+    from manufacturing.maintenance.features import FeatureConfig
+    from manufacturing.maintenance.models import RULNetConfig
+    from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig
+
+    ensemble = kind == "moe-ensemble"
+    net = RULNetConfig(kind="moe" if ensemble else kind, hidden_size=16, num_layers=1, members=2 if ensemble else 1,
+                       moe=replace(RULNetConfig().moe, hidden_size=16, intermediate_size=32))
+    return RULEstimator(net=net, features=FeatureConfig(num_regimes=num_regimes, history=ensemble),
+                        train=RULTrainConfig(max_epochs=1, windows_per_epoch=512, progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_rul_estimator():
+    """The factory `_tiny_rul_estimator(kind, num_regimes=1)`."""
+    return _tiny_rul_estimator

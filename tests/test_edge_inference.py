@@ -116,3 +116,20 @@ def test_exported_maintenance_model_runs_on_the_edge_in_fp32_and_int8(tmp_path):
     assert np.allclose(got32, expected, atol=1e-2), "the edge normalises and windows like the twin's predictor"
     assert np.max(np.abs(np.array(got8) - np.array(expected))) < 10.0, "INT8 stays within a few cycles"
     assert edge32.rul_rmse is not None and int8.stat().st_size < fp32.stat().st_size
+
+
+def test_exported_model_with_regime_history_counts_cycles_on_the_edge(tmp_path, tiny_rul_estimator):
+    from manufacturing.maintenance.export import export_rul_onnx
+    from manufacturing.maintenance.generator import generate_cmapss
+    from manufacturing.maintenance.streaming import StreamingRULPredictor
+
+    estimator = tiny_rul_estimator("moe-ensemble", num_regimes=6)
+    estimator.fit(generate_cmapss(10, num_regimes=6, seed=4, max_life=160))
+    edge = OnnxRULEstimator(export_rul_onnx(estimator, tmp_path / "rul.onnx"))
+    reference = StreamingRULPredictor(estimator)
+    engine = generate_cmapss(1, num_regimes=6, seed=8, max_life=140).head(45)
+    got, expected = [], []
+    for record in engine.to_dict("records"):  # the twin's metric names: setting1.., s2..
+        got.append(edge.update({k.replace("_", ""): v for k, v in record.items()}))
+        expected.append(reference.update("u", record))
+    assert np.allclose(got, expected, atol=1e-2), "the edge counts each regime's cycles as the twin's predictor"

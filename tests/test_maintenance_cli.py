@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from deploy.cli import app
@@ -18,15 +19,17 @@ def last_json(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def test_generate_train_evaluate_export(tmp_path):
+@pytest.mark.parametrize("kind", ["lstm", "moe"])  # moe: the recipe's seed ensemble over regime history
+def test_generate_train_evaluate_export(tmp_path, kind):
     data, model = tmp_path / "data", tmp_path / "model"
     result = invoke("generate", "--out", data, "--train-units", 12, "--test-units", 6, "--seed", 3)
     assert result.exit_code == 0, result.output
-    result = invoke("train", "--subset", "FD001", "--data", data, "--model", "lstm", "--out", model,
+    result = invoke("train", "--subset", "FD001", "--data", data, "--model", kind, "--out", model,
                     "--epochs", 1, "--windows-per-epoch", 256, "--cuts", 1, "--json")
     assert result.exit_code == 0, result.output
     trained = last_json(result.output)
-    assert trained["val_engines"] > 0 and trained["model"] == "lstm" and trained["val_rmse"] > 0
+    assert trained["val_engines"] > 0 and trained["model"] == kind and trained["val_rmse"] > 0
+    assert trained["members"] == (3 if kind == "moe" else 1)
     result = invoke("evaluate", "--model", model, "--test", data / "test_FD001.txt", "--rul", data / "RUL_FD001.txt",
                     "--predictions", tmp_path / "pred.csv", "--json")
     assert result.exit_code == 0, result.output
@@ -35,7 +38,7 @@ def test_generate_train_evaluate_export(tmp_path):
     assert len((tmp_path / "pred.csv").read_text().splitlines()) == 7
     result = invoke("export", "--model", model, "--out", tmp_path / "onnx", "--test", data / "test_FD001.txt")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "onnx" / "rul_lstm.onnx").is_file()
+    assert (tmp_path / "onnx" / f"rul_{kind}.onnx").is_file()
     assert float(result.output.strip().split("= ")[-1]) < 1e-3
 
 

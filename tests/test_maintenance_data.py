@@ -135,3 +135,21 @@ def test_bad_files_name_the_field_and_row(tmp_path):
     with pytest.raises(MaintenanceDataError, match=r"row 2.*'rul'"):
         read_rul(rul)
     assert len(SENSORS) == 21
+
+
+def test_history_features_count_cycles_per_regime_within_each_unit():
+    frame = generate_cmapss(4, num_regimes=6, seed=3, max_life=150)
+    normalizer = ConditionNormalizer(FeatureConfig(num_regimes=6, history=True)).fit(frame)
+    features = normalizer.transform(frame)
+    assert features.shape[1] == normalizer.num_features == len(normalizer.sensors_) + 6 + 6
+    counts = features[:, -6:] * 100  # cycles spent in each regime so far
+    regimes = normalizer.regimes(frame[["setting_1", "setting_2", "setting_3"]].to_numpy())
+    for _, rows in frame.groupby("unit"):
+        index = rows.index.to_numpy()
+        # The counts restart at each unit, sum to its age and follow its own regime sequence.
+        np.testing.assert_allclose(counts[index].sum(axis=1), np.arange(1, len(index) + 1), atol=1e-3)
+        np.testing.assert_allclose(counts[index], np.cumsum(np.eye(6)[regimes[index]], axis=0), atol=1e-3)
+    single = generate_cmapss(3, num_regimes=1, seed=3, max_life=150)
+    one_regime = ConditionNormalizer(FeatureConfig(num_regimes=1, history=True)).fit(single)
+    np.testing.assert_allclose(one_regime.transform(single)[:, -1] * 100,  # the age
+                               single.groupby("unit").cumcount().to_numpy() + 1, atol=1e-3)

@@ -9,27 +9,18 @@ import torch
 from manufacturing.maintenance.cmapss import find_file, read_cmapss
 from manufacturing.maintenance.errors import MaintenanceDataError
 from manufacturing.maintenance.export import export_rul_onnx, rul_parity
-from manufacturing.maintenance.features import FeatureConfig
 from manufacturing.maintenance.generator import generate_cmapss
-from manufacturing.maintenance.models import RULNetConfig, build_rul_net
+from manufacturing.maintenance.models import build_rul_net
 from manufacturing.maintenance.rul import RULEstimator, RULTrainConfig
 from manufacturing.maintenance.split import truncate_units
 from manufacturing.maintenance.streaming import StreamingRULPredictor
 from manufacturing.maintenance.windows import build_windows
 
-TINY_TRAIN = RULTrainConfig(max_epochs=1, windows_per_epoch=512, progress=False)
 
-
-def tiny_estimator(kind: str, num_regimes: int = 1) -> RULEstimator:
-    net = RULNetConfig(kind=kind, hidden_size=16, num_layers=1,
-                       moe=replace(RULNetConfig().moe, hidden_size=16, intermediate_size=32))
-    return RULEstimator(net=net, features=FeatureConfig(num_regimes=num_regimes), train=TINY_TRAIN)
-
-
-@pytest.fixture(scope="module", params=["lstm", "moe"])
-def fitted(request):
+@pytest.fixture(scope="module", params=["lstm", "moe", "moe-ensemble"])
+def fitted(request, tiny_rul_estimator):
     frame = generate_cmapss(12, num_regimes=6, seed=4, max_life=180)
-    return tiny_estimator(request.param, num_regimes=6).fit(frame)
+    return tiny_rul_estimator(request.param, num_regimes=6).fit(frame)
 
 
 def test_streaming_equals_batch_prediction_on_the_same_window(fitted):
@@ -88,20 +79,20 @@ def test_save_load_round_trip(fitted, tmp_path):
         RULEstimator.load(tmp_path / "model")
 
 
-@pytest.mark.parametrize("kind", ["lstm", "moe"])
-def test_onnx_parity_on_real_windows(data_root, kind, tmp_path):
+@pytest.mark.parametrize("kind", ["lstm", "moe", "moe-ensemble"])
+def test_onnx_parity_on_real_windows(data_root, kind, tmp_path, tiny_rul_estimator):
     frame = read_cmapss(find_file(data_root / "cmapss", "train", "FD001"))
-    estimator = tiny_estimator(kind).fit(frame[frame["unit"] <= 20])
+    estimator = tiny_rul_estimator(kind).fit(frame[frame["unit"] <= 20])
     test = frame[frame["unit"] > 90]
     windows = build_windows(estimator.normalizer_.transform(test), test["unit"].to_numpy(), window=30)
     sample = windows.gather(np.arange(0, len(windows), 4))
-    path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")
+    path = export_rul_onnx(estimator, tmp_path / f"{kind}.onnx")  # an ensemble: every member in one graph
     assert rul_parity(estimator, path, sample) < 1e-3  # cycles, on RULs of 0-125
     assert estimator.predict_windows(sample).std() > 0  # not a constant model
 
 
-def test_moe_routes_each_token_of_the_window_to_top_k_experts():
-    config = replace(tiny_estimator("moe").net, num_features=20)
+def test_moe_routes_each_token_of_the_window_to_top_k_experts(tiny_rul_estimator):
+    config = replace(tiny_rul_estimator("moe").net, num_features=20)
     net = build_rul_net(config).eval()
     load = []
     net.blocks[0].moe.register_forward_hook(lambda module, args, out: load.append(out.expert_load))
@@ -113,11 +104,26 @@ def test_moe_routes_each_token_of_the_window_to_top_k_experts():
         replace(config, patch=4)
 
 
-def test_lstm_learns_rul_on_generated_engines():
+def test_ensemble_is_the_mean_of_its_separately_trained_members(fitted):
+    if fitted.net_.members == 1:
+        pytest.skip("a single net")
+    members = fitted.model_.members
+    # Each member trained from its own seed: different weights, hence different answers.
+    assert not torch.equal(members[0].head[0].weight, members[1].head[0].weight)
+    assert len(fitted.metadata_["best_epoch"]) == 2
+    x = torch.randn(5, 30, fitted.net_.num_features)
+    with torch.no_grad():
+        rul, aux = fitted.model_(x)
+        expected = (members[0](x)[0] + members[1](x)[0]) / 2
+    torch.testing.assert_close(rul, expected)
+    assert aux.ndim == 0
+
+
+def test_lstm_learns_rul_on_generated_engines(tiny_rul_estimator):
     torch.manual_seed(0)
     frame = generate_cmapss(30, seed=11, max_life=220)
     train, val = frame[frame["unit"] <= 24], frame[frame["unit"] > 24]
-    estimator = tiny_estimator("lstm")
+    estimator = tiny_rul_estimator("lstm")
     estimator.train = RULTrainConfig(max_epochs=6, windows_per_epoch=2048, learning_rate=5e-3, progress=False)
     estimator.fit(train, val_frame=val)
     cut, true_rul = truncate_units(val, seed=0, cuts_per_unit=4)

@@ -198,3 +198,25 @@ def test_defect_detector_served_from_run_folder_and_onnx_export(tmp_path):
     assert float(metrics.split("moeworks_batch_rows_count ")[1].split()[0]) < len(answers) + 2  # + warm-up
     assert [m["detail"][0]["loc"][-1] for m in malformed] == ["image", "image", "image", "mm"]
     assert all(m["model_version"] == adapter.version for m in malformed)
+
+
+def test_rul_model_with_regime_history_served_like_the_estimator(tmp_path, tiny_rul_estimator):
+    from manufacturing.maintenance.generator import generate_cmapss
+
+    estimator = tiny_rul_estimator("moe-ensemble", num_regimes=6)
+    estimator.fit(generate_cmapss(10, num_regimes=6, seed=4, max_life=160))
+    estimator.save(tmp_path / "model")
+    test = generate_cmapss(4, num_regimes=6, seed=7)
+    young = test["unit"] == test["unit"].iloc[0]  # younger than the window: padded in front
+    test = test[~young | (test["cycle"] <= 12)].reset_index(drop=True)
+    adapter = load_adapter(tmp_path / "model")
+    assert [f.name for f in adapter.fields] == ["cycles", "regime_cycles"]
+    instances = _rul_instances(estimator, test)
+    counts = estimator.normalizer_.regime_history(test)
+    for instance, (_, rows) in zip(instances, test.groupby("unit", sort=True), strict=True):
+        instance["regime_cycles"] = counts[rows.index[-1]].tolist()  # the engine's totals so far
+    inputs, rows = adapter.parse({"instances": instances})
+    got = adapter.predict(inputs)["rul"]
+    # Raw cycles arrive as float32 (the estimator reads float64): equal to within 1e-2 cycles.
+    np.testing.assert_allclose(got, estimator.predict(test)["rul"].to_numpy(), atol=1e-2)
+    assert adapter.predict(adapter.example(3))["rul"].shape == (3,)

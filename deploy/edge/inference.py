@@ -53,6 +53,7 @@ class OnnxRULEstimator:
         self.rul_rmse = float(rmse) if rmse is not None else None
         self.input_name = self.session.get_inputs()[0].name
         self._rows: deque[np.ndarray] = deque(maxlen=self.window)
+        self._history = np.zeros(len(self.normalizer.centers_) if self.normalizer is not None else 0)
 
     def update(self, values: dict[str, Any]) -> float | None:
         try:
@@ -60,7 +61,11 @@ class OnnxRULEstimator:
         except (KeyError, TypeError, ValueError):
             return None  # a tick without every feature: no estimate rather than a wrong one
         if self.normalizer is not None:
-            row = self.normalizer.transform_arrays(row[None, :3], row[None, 3:])[0]
+            history = None
+            if self.normalizer.config.history:  # the cycles run in each regime so far, this one included
+                self._history[self.normalizer.regimes(row[None, :3])[0]] += 1
+                history = self._history[None]
+            row = self.normalizer.transform_arrays(row[None, :3], row[None, 3:], history)[0]
         if not self._rows:
             self._rows.extend([row] * self.window)
         self._rows.append(row)

@@ -4,8 +4,11 @@ A request carries one engine's recent cycles in raw units, the C-MAPSS columns t
 `cycles` (up to `window` rows of [setting_1, setting_2, setting_3, <the model's sensors>], oldest
 first; /v1/model lists the columns). The adapter normalises them with the model's own fitted
 normaliser (per operating regime, as in training), pads a short history in front with copies of
-its first cycle (as the training windows do), and answers `rul` in cycles. The network runs in
-PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights included).
+its first cycle (as the training windows do), and answers `rul` in cycles. A model trained with
+regime-history features (the MoE recipe) also reads `regime_cycles`: the cycles the engine has
+run in each operating regime (normaliser order), up to and including the last cycle sent. The
+network runs in PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights
+included).
 """
 
 from __future__ import annotations
@@ -20,6 +23,24 @@ from deploy.serving.adapters import AdapterOptions, ModelAdapter, OnnxAdapter, f
 from deploy.serving.models import InputField
 
 SETTINGS = ["setting_1", "setting_2", "setting_3"]
+
+
+# Models with regime-history features also read, per request, the cycles the engine has run in
+# each operating regime up to and including the last cycle sent (its controller's counters).
+HISTORY_FIELD = "regime_cycles"
+
+
+def _window_history(regime: np.ndarray, totals: np.ndarray, regimes: int) -> np.ndarray:
+    """(batch, window) regime per row, (batch, regimes) totals at the last row -> (batch * window,
+    regimes) counts at each row. Rows older than the engine (the padding of a young engine, age
+    below 1) take the first real row's counts, as the training windows pad; counts are floored at 0."""
+    one_hot = np.eye(regimes)[regime]  # (batch, window, regimes)
+    later = np.flip(np.cumsum(np.flip(one_hot, 1), 1), 1) - one_hot  # cycles sent after each row
+    counts = np.maximum(totals[:, None, :] - later, 0)
+    age = counts.sum(-1)  # (batch, window)
+    first = np.argmax(age >= 1, axis=1)  # the first real row (0 when every row is real)
+    rows = np.maximum(np.arange(regime.shape[1])[None, :], first[:, None])
+    return np.take_along_axis(counts, rows[..., None], axis=1).reshape(-1, regimes)
 
 
 def is_rul_folder(path: Path) -> bool:
@@ -65,6 +86,8 @@ class RULAdapter(ModelAdapter):
         self.name = f"rul-{kind}"
         self.columns = [*SETTINGS, *self.normalizer.sensors_]
         self.fields = [InputField("cycles", np.dtype(np.float32), (window, len(self.columns)), pad_first_axis=True)]
+        if self.normalizer.config.history:
+            self.fields.append(InputField(HISTORY_FIELD, np.dtype(np.float32), (len(self.normalizer.centers_),)))
 
     def describe(self) -> dict:
         return {**super().describe(), "columns": self.columns}
@@ -76,11 +99,18 @@ class RULAdapter(ModelAdapter):
         regime = rng.integers(0, len(self.normalizer.centers_), size=(rows, window))
         settings = self.normalizer.centers_[regime] * self.normalizer.setting_scale_  # (rows, window, 3)
         sensors = self.normalizer.mean_[regime] + rng.standard_normal((rows, window, len(self.normalizer.sensors_)))
-        return {"cycles": np.concatenate([settings, sensors], axis=-1).astype(np.float32)}
+        example = {"cycles": np.concatenate([settings, sensors], axis=-1).astype(np.float32)}
+        if self.normalizer.config.history:  # an engine whose life so far is the window itself
+            example[HISTORY_FIELD] = np.eye(len(self.normalizer.centers_))[regime].sum(1).astype(np.float32)
+        return example
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cycles = inputs["cycles"]  # (batch, window, 3 + sensors)
         batch, window, columns = cycles.shape
         flat = cycles.reshape(-1, columns)
-        windows = self.normalizer.transform_arrays(flat[:, :3], flat[:, 3:]).reshape(batch, window, -1)
+        history = None
+        if self.normalizer.config.history:
+            regime = self.normalizer.regimes(flat[:, :3]).reshape(batch, window)
+            history = _window_history(regime, inputs[HISTORY_FIELD], len(self.normalizer.centers_))
+        windows = self.normalizer.transform_arrays(flat[:, :3], flat[:, 3:], history).reshape(batch, window, -1)
         return {self.output: np.asarray(self._run(np.ascontiguousarray(windows, dtype=np.float32)))}

@@ -74,6 +74,8 @@ def register(app: typer.Typer) -> None:
               epochs: int = typer.Option(40, help="most epochs (early stopping on validation engines)"),
               windows_per_epoch: int | None = typer.Option(None, help="random windows per epoch (0: all; "
                                                                       "default: the model kind's recipe)"),
+              members: int | None = typer.Option(None, help="seeded nets averaged (default: the model kind's "
+                                                             "recipe: lstm 1, moe 3)"),
               val_fraction: float = typer.Option(0.2, help="share of engines held back for validation"),
               cuts: int = typer.Option(5, help="random cuts per validation engine"),
               seed: int = typer.Option(0),
@@ -81,11 +83,10 @@ def register(app: typer.Typer) -> None:
         """Train an LSTM or MoE RUL model; validate on held-back engines cut at random cycles."""
         from manufacturing.maintenance.cmapss import SUBSET_REGIMES, SUBSETS, find_file, read_cmapss
         from manufacturing.maintenance.errors import MaintenanceDataError
-        from manufacturing.maintenance.features import FeatureConfig
         from manufacturing.maintenance.generator import generate_cmapss
         from manufacturing.maintenance.models import default_net_config
         from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate
-        from manufacturing.maintenance.rul import RULEstimator, default_train_config
+        from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config
 
         _threads()
         if subset not in SUBSETS:
@@ -100,7 +101,8 @@ def register(app: typer.Typer) -> None:
         else:
             frame = read_cmapss(find_file(_data_folder(data, "cmapss"), "train", subset))
         estimator = RULEstimator(
-            net=default_net_config(model), features=FeatureConfig(num_regimes=SUBSET_REGIMES[subset]),
+            net=default_net_config(model, **({} if members is None else {"members": members})),
+            features=default_feature_config(model, SUBSET_REGIMES[subset]),
             train=default_train_config(model, max_epochs=epochs, seed=seed, progress=not as_json,
                                        **({} if windows_per_epoch is None
                                           else {"windows_per_epoch": windows_per_epoch or None})))

@@ -27,11 +27,18 @@ class FeatureConfig:
     # picks the field's usual 14 in every subset, fan-fault sensors of FD003/FD004 included.
     min_trend: float = 0.42
     regime_features: bool = True  # append a one-hot of the regime when num_regimes > 1
+    # Operating history: the cycles each unit has spent so far in each regime (/ 100), appended
+    # after the sensors (one column, the unit's age, when there is one regime). A 30-cycle window
+    # cannot see how old the engine is; its age and the regimes it ran in are known from the file.
+    history: bool = False
     seed: int = 0  # k-means initialisation
 
     def __post_init__(self) -> None:
         assert self.num_regimes >= 1, "num_regimes must be >= 1"
         assert 0 <= self.min_trend < 1, "min_trend must be in [0, 1)"
+
+
+HISTORY_SCALE = 100.0  # cycles: engines live 128-543 cycles, so the counts stay near 0-5
 
 
 class ConditionNormalizer:
@@ -48,8 +55,9 @@ class ConditionNormalizer:
 
     @property
     def num_features(self) -> int:
-        extra = self.config.num_regimes if self.config.num_regimes > 1 and self.config.regime_features else 0
-        return len(self.sensors_) + extra
+        cfg = self.config
+        extra = cfg.num_regimes if cfg.num_regimes > 1 and cfg.regime_features else 0
+        return len(self.sensors_) + extra + (cfg.num_regimes if cfg.history else 0)
 
     def regimes(self, settings: np.ndarray) -> np.ndarray:
         """settings: (rows, 3) -> (rows,) regime index of the nearest centre."""
@@ -85,16 +93,33 @@ class ConditionNormalizer:
         self.mean_, self.std_ = mean[:, keep], std[:, keep]
         return self
 
-    def transform_arrays(self, settings: np.ndarray, sensors: np.ndarray) -> np.ndarray:
-        """settings (rows, 3), sensors (rows, len(sensors_)) in `sensors_` order -> (rows, features)."""
+    def transform_arrays(self, settings: np.ndarray, sensors: np.ndarray,
+                         history: np.ndarray | None = None) -> np.ndarray:
+        """settings (rows, 3), sensors (rows, len(sensors_)) in `sensors_` order -> (rows, features).
+
+        history: (rows, regimes) cycles spent in each regime up to and including each row's cycle;
+        needed when `config.history` (`regime_history` counts them for a frame).
+        """
+        cfg = self.config
         regime = self.regimes(settings)
-        out = ((np.asarray(sensors, dtype=np.float64) - self.mean_[regime]) / self.std_[regime])
-        if self.config.num_regimes > 1 and self.config.regime_features:
-            out = np.concatenate([out, np.eye(self.config.num_regimes)[regime]], axis=1)
-        return out.astype(np.float32)
+        parts = [(np.asarray(sensors, dtype=np.float64) - self.mean_[regime]) / self.std_[regime]]
+        if cfg.num_regimes > 1 and cfg.regime_features:
+            parts.append(np.eye(cfg.num_regimes)[regime])
+        if cfg.history:
+            assert history is not None and history.shape == (len(regime), cfg.num_regimes), \
+                f"history features need (rows, {cfg.num_regimes}) regime counts"
+            parts.append(np.asarray(history, dtype=np.float64) / HISTORY_SCALE)
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def regime_history(self, frame: pd.DataFrame) -> np.ndarray:
+        """(rows, regimes): cycles each row's unit has spent in each regime so far, this row
+        included (rows sorted by unit, then cycle; the count of rows, so gaps in `cycle` do not matter)."""
+        one_hot = np.eye(self.config.num_regimes)[self.regimes(frame[SETTINGS].to_numpy())]
+        return pd.DataFrame(one_hot).groupby(frame["unit"].to_numpy()).cumsum().to_numpy()
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        return self.transform_arrays(frame[SETTINGS].to_numpy(), frame[self.sensors_].to_numpy())
+        history = self.regime_history(frame) if self.config.history else None
+        return self.transform_arrays(frame[SETTINGS].to_numpy(), frame[self.sensors_].to_numpy(), history)
 
     def state(self) -> dict[str, Any]:
         """Plain-JSON state, to save beside the model."""

@@ -49,8 +49,12 @@ def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame,
     cut, true_rul = truncate_units(val, seed=protocol.seed, cuts_per_unit=protocol.cuts_per_unit)
     metrics, _ = score_test(estimator, cut, true_rul, source="validation engines")
     metrics = {"val_" + k: v for k, v in metrics.items()}
+    if estimator.net_.members > 1:  # what each member scores alone, beside the ensemble
+        metrics["val_member_rmse"] = [
+            rul_metrics(estimator.predict(cut, member=k)["rul"].to_numpy(), true_rul, cap=estimator.net.rul_cap)["rmse"]
+            for k in range(estimator.net_.members)]
     metrics.update(val_units=len(val_units), train_units=len(train_units),
-                   cuts_per_unit=protocol.cuts_per_unit, train_seconds=estimator.train_result_.seconds,
-                   best_epoch=estimator.train_result_.best_epoch, epochs_run=estimator.train_result_.epochs_run,
-                   parameters=estimator.metadata_["parameters"])
+                   cuts_per_unit=protocol.cuts_per_unit,
+                   **{key: estimator.metadata_[key] for key in ("members", "train_seconds", "best_epoch", "epochs_run",
+                                                                "parameters")})
     return estimator, metrics

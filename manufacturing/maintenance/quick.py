@@ -23,7 +23,7 @@ def train_quick_rul_model(out_dir: str | Path | None = None, *, kind: str = "lst
     """
     frame = generate_cmapss(num_units, num_regimes=num_regimes, seed=seed, min_life=128, max_life=240)
     estimator = RULEstimator(
-        net=default_net_config(kind, hidden_size=32, num_layers=1,
+        net=default_net_config(kind, hidden_size=32, num_layers=1, members=1,
                                moe=replace(RULNetConfig().moe, hidden_size=32, intermediate_size=64)),
         features=FeatureConfig(num_regimes=num_regimes),
         train=RULTrainConfig(max_epochs=max_epochs, patience=max_epochs, windows_per_epoch=2048,

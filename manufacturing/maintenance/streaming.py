@@ -29,6 +29,7 @@ class _UnitState:
     rows: deque  # normalised feature rows, at most `window`
     first: np.ndarray  # the unit's first normalised row: pads a history shorter than the window
     seen: int = 0
+    history: np.ndarray | None = None  # (regimes,) cycles spent in each regime, for history features
     last_cycle: float | None = None
     last_rul: float | None = field(default=None)
 
@@ -67,7 +68,9 @@ class StreamingRULPredictor:
         else:
             self._units.pop(str(unit_id), None)
 
-    def _row(self, unit_id: str, cycle: Mapping[str, float], number: int) -> np.ndarray:
+    def _row(self, unit_id: str, cycle: Mapping[str, float], number: int,
+             history: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised row, the unit's regime counts with this cycle) for one incoming cycle."""
         values = []
         for name in self.required_fields:
             if name not in cycle:
@@ -82,7 +85,10 @@ class StreamingRULPredictor:
                                            source=f"unit {unit_id}", row=f"cycle {number}", field=name)
             values.append(value)
         raw = np.asarray(values, dtype=np.float64)[None, :]
-        return self.estimator.normalizer_.transform_arrays(raw[:, :3], raw[:, 3:])[0]
+        normalizer = self.estimator.normalizer_
+        counts = np.zeros(normalizer.config.num_regimes) if history is None else history.copy()
+        counts[normalizer.regimes(raw[:, :3])[0]] += 1
+        return normalizer.transform_arrays(raw[:, :3], raw[:, 3:], counts[None])[0], counts
 
     def update(self, unit_id: str, cycle: Mapping[str, float]) -> float | None:
         """Add one cycle of `unit_id` and return its current RUL estimate (None under min_cycles)."""
@@ -94,10 +100,11 @@ class StreamingRULPredictor:
                 raise MaintenanceDataError(
                     f"cycle {cycle['cycle']} does not follow {state.last_cycle:g}; call reset() for a new life",
                     source=f"unit {unit_id}", row=f"cycle {number}", field="cycle")
-        row = self._row(unit_id, cycle, number)
+        row, history = self._row(unit_id, cycle, number, state.history if state else None)
         if state is None:
             state = self._units[unit_id] = _UnitState(rows=deque(maxlen=self.window), first=row)
         state.rows.append(row)
+        state.history = history
         state.seen += 1
         if "cycle" in cycle:
             state.last_cycle = float(cycle["cycle"])
