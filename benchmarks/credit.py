@@ -46,8 +46,8 @@ from finance.scorer import CreditScorer, split_records
 def serving_speed(scorer, frame: pd.DataFrame) -> dict[str, float]:
     """`scoring_speed` in the state of a serving process: deploy/serving/app.py moves what it has
     loaded out of the collector's reach (gc.freeze) before taking requests, so a full collection
-    does not walk the scorer's objects in the middle of one (measured on the ensemble: p99 about
-    9 -> 7 ms, see RESULTS.md)."""
+    does not walk the scorer's objects in the middle of one (a walk stalls a call for the length of
+    a full collection; see the serving app)."""
     gc.collect()
     gc.freeze()
     try:

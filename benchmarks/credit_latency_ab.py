@@ -26,7 +26,11 @@ MODELS = "scorecard,lightgbm,moe,ensemble"
 
 
 def worker(models_dir: Path, datasets: list[str], models: list[str], calls: int) -> dict[str, dict[str, list[float]]]:
-    """Per dataset/model: CPU and wall seconds of `calls` single-application scores (after 10 warm-up calls)."""
+    """Per dataset/model: CPU and wall seconds of `calls` single-application scores (after 10 warm-up calls).
+
+    The loop is finance.evaluation.scoring_speed's, written out here on purpose: it runs with
+    PYTHONPATH at each checkout, so the measuring code must not come from the checkout being measured.
+    """
     import pandas as pd
     import torch
 

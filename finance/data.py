@@ -119,6 +119,11 @@ class Records:
     def __len__(self) -> int:
         return len(self.frame)
 
+    def take(self, rows: np.ndarray) -> Records:
+        """The records at positions `rows` (an index array or slice), renumbered from 0."""
+        return Records(self.dataset, self.frame.iloc[rows].reset_index(drop=True),
+                       None if self.target is None else self.target[rows])
+
 
 # ----------------------------------------------------------------------------------------------
 # Files

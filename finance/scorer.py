@@ -235,9 +235,7 @@ def split_records(records: Records, *, valid_share: float = 0.2, seed: int = 0) 
 
     train_idx, valid_idx = train_test_split(np.arange(len(records)), test_size=valid_share, random_state=seed,
                                             stratify=records.target)
-    take = lambda idx: Records(records.dataset, records.frame.iloc[idx].reset_index(drop=True),  # noqa: E731
-                               records.target[idx])
-    return take(np.sort(train_idx)), take(np.sort(valid_idx))
+    return records.take(np.sort(train_idx)), records.take(np.sort(valid_idx))
 
 
 def train_scorer(records: Records, model_name: str, *, seed: int = 0, valid_share: float = 0.2,

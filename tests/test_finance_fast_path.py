@@ -28,8 +28,7 @@ SMALL_MOE = MoEModelConfig(num_experts=16, hidden_size=32, intermediate_size=64,
 @pytest.fixture(scope="module")
 def taiwan(data_root):
     records = load_taiwan(data_root / "taiwan_credit_default")
-    rows = np.random.default_rng(3).permutation(len(records))[:4000]
-    sample = Records("taiwan", records.frame.iloc[rows].reset_index(drop=True), records.target[rows])
+    sample = records.take(np.random.default_rng(3).permutation(len(records))[:4000])
     train, valid = split_records(sample, valid_share=0.3, seed=0)
     scorers = {name: CreditScorer(dataset="taiwan", model_name=name, model_config=SMALL_MOE if name == "moe" else None)
                .fit(train, valid) for name in ("scorecard", "lightgbm", "moe")}
@@ -154,7 +153,7 @@ def test_csi_is_zero_on_the_reference_and_flags_the_shifted_features():
 def test_evaluation_reports_csi_per_feature_and_keeps_it_through_save(taiwan, tmp_path):
     records, scorers = taiwan
     scorer = scorers["lightgbm"]
-    test = Records("taiwan", records.frame.iloc[4000:8000].reset_index(drop=True), records.target[4000:8000])
+    test = records.take(slice(4000, 8000))
     stable = evaluate_scorer(scorer, test, speed=False)
     assert len(stable["csi"]) == len(scorer.pipeline_.feature_names_) and stable["metrics"]["csi_max"] < 0.1
     shifted = Records("taiwan", test.frame.assign(LIMIT_BAL=test.frame["LIMIT_BAL"] * 4), test.target)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from finance.data import Records, load_taiwan
+from finance.data import load_taiwan
 from finance.errors import CreditDataError
 from finance.models import CreditModel, FitData, available_models, build_model, register_model
 from finance.models.ensemble import EnsembleConfig
@@ -17,8 +17,7 @@ CONFIGS = {"moe": SMALL_MOE, "ensemble": EnsembleConfig(members=["lightgbm", "sc
 @pytest.fixture(scope="module")
 def taiwan_sample(data_root):
     records = load_taiwan(data_root / "taiwan_credit_default")
-    rows = np.random.default_rng(0).permutation(len(records))[:5000]
-    sample = Records("taiwan", records.frame.iloc[rows].reset_index(drop=True), records.target[rows])
+    sample = records.take(np.random.default_rng(0).permutation(len(records))[:5000])
     fit_part, test_part = split_records(sample, valid_share=0.3, seed=1)
     return fit_part, test_part
 

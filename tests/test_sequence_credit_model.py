@@ -12,8 +12,7 @@ from finance.sequence.estimator import SequenceTrainingConfig
 @pytest.fixture(scope="module")
 def records(data_root):
     records = load_taiwan(data_root / "taiwan_credit_default")
-    take = lambda idx: Records("taiwan", records.frame.iloc[idx].reset_index(drop=True), records.target[idx])  # noqa: E731
-    return take(np.arange(0, 1500)), take(np.arange(1500, 1900)), take(np.arange(1900, 2400))
+    return records.take(np.arange(0, 1500)), records.take(np.arange(1500, 1900)), records.take(np.arange(1900, 2400))
 
 
 def quick() -> SequenceModelConfig:

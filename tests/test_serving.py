@@ -182,13 +182,12 @@ def test_moeworks_serve_runs_under_gunicorn(checkpoint):
 
 
 def test_credit_scorer_served_with_missing_values(data_root, tmp_path):
-    from finance.data import Records, load_taiwan
+    from finance.data import load_taiwan
     from finance.models.moe import MoEModelConfig
     from finance.scorer import CreditScorer, split_records
 
     records = load_taiwan(data_root / "taiwan_credit_default")
-    rows = np.random.default_rng(0).permutation(len(records))[:3000]
-    sample = Records("taiwan", records.frame.iloc[rows].reset_index(drop=True), records.target[rows])
+    sample = records.take(np.random.default_rng(0).permutation(len(records))[:3000])
     train, valid = split_records(sample, valid_share=0.25, seed=0)
     scorer = CreditScorer(dataset="taiwan", model_name="moe", model_config=MoEModelConfig(
         num_experts=16, hidden_size=32, intermediate_size=64, max_epochs=2, patience=1)).fit(train, valid)

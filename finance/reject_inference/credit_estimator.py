@@ -51,8 +51,8 @@ class CreditModelEstimator:
         train_idx, valid_idx = train_test_split(np.arange(len(y)), test_size=self.valid_share, stratify=y,
                                                 random_state=self.seed)
         weight = None if sample_weight is None else np.asarray(sample_weight, dtype="float64")[train_idx]
-        train = Records(self.dataset, frame.iloc[train_idx].reset_index(drop=True), y[train_idx])
-        valid = Records(self.dataset, frame.iloc[valid_idx].reset_index(drop=True), y[valid_idx])
+        records = Records(self.dataset, frame, y)
+        train, valid = records.take(train_idx), records.take(valid_idx)
         self.scorer_ = CreditScorer(dataset=self.dataset, model_name=self.model_name, policy=self.policy,
                                     seed=self.seed).fit(train, valid, sample_weight=weight)
         return self
