@@ -79,7 +79,7 @@ class SparseDispatchMoE(nn.Module):
             out = out.index_add(0, rows, y * weight.index_select(0, rows).unsqueeze(-1))
         for shared in self.shared_experts:
             out = out + shared(tokens)
-        aux, balance, z_loss, expert_load = routing_losses(routing, cfg)
+        aux, balance, z_loss, expert_load = routing_losses(routing, cfg, training=self.training)
         return MoEOutput(out.reshape(x.shape), aux, balance, z_loss, expert_load, torch.zeros((), dtype=torch.int64))
 
 

@@ -230,8 +230,22 @@ def test_small_batch_gathered_path_equals_sorted_dispatch_forward_and_backward(n
     torch.testing.assert_close(gathered_dx, sorted_dx, rtol=1e-5, atol=1e-6)
     for name, grad in sorted_grads.items():
         torch.testing.assert_close(gathered_grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name} differs")
-    for field in ("aux_loss", "load_balancing_loss", "z_loss", "expert_load", "dropped"):
+    for field in ("expert_load", "dropped"):  # the losses are zero in eval mode (next test)
         torch.testing.assert_close(getattr(gathered_out, field), getattr(sorted_out, field), msg=field)
+
+
+def test_losses_only_in_training_and_load_always():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=16, top_k=2, hidden_size=16, intermediate_size=32))
+    x = torch.randn(40, 16)
+    trained, evaluated = layer.train()(x), layer.eval()(x)
+    assert trained.load_balancing_loss > 0.5 and trained.z_loss > 0 and trained.aux_loss > 0
+    for field in ("aux_loss", "load_balancing_loss", "z_loss"):
+        value = getattr(evaluated, field)
+        assert value.dim() == 0 and value.dtype == torch.float32 and value.item() == 0.0, field
+    torch.testing.assert_close(evaluated.expert_load, trained.expert_load)
+    assert int(evaluated.expert_load.sum()) == 40 * 2
+    torch.testing.assert_close(evaluated.output, trained.output)  # no dropout in the layer: same maths
 
 
 def test_gathered_path_only_below_its_size_and_where_nothing_can_drop():
