@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,10 @@ from finance.evaluation import credit_metrics, scoring_speed
 from finance.models import FitData
 from finance.models.ensemble import EnsembleModel
 from finance.scorer import CreditScorer, split_records
+
+# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def serving_speed(scorer, frame: pd.DataFrame) -> dict[str, float]:
@@ -62,12 +65,6 @@ ANCHORS = {  # published figures (FIELD-NOTES.md, the datasets' PROVENANCE.md)
     "gmsc": "Kaggle winner ~0.870 private AUC; LightGBM ~0.861-0.865; WoE scorecard ~0.85-0.86",
 }
 PATHS = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
-
-
-def machine() -> str:
-    return (f"{platform.node()}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-            f"Python {platform.python_version()}, torch {torch.__version__}, load average "
-            f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at start (shared machine)")
 
 
 def quality(dataset: str, data_root: Path, seed: int, console: Console, *, speed: bool = True,
@@ -209,10 +206,7 @@ def main() -> None:
             finally:
                 if not keep:
                     shutil.rmtree(workdir, ignore_errors=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=1, default=float))
-
-    console.print(results["machine"])
+    console.print(describe(results["machine"]))
     quality_columns = ("AUC", "KS", "Gini", "recall@80%", "Brier", "AUC vs card", "recall vs card")
     speed_columns = ("p50 ms", "p99 ms", "batch rows/s")
     for dataset, block in results["datasets"].items():
@@ -248,8 +242,7 @@ def main() -> None:
                           f"{r['scored']:,}", f"{r['quarantined']:,}", str(r["reconciled"]))
         console.print(table)
     console.print(f"results: {out_path}")
-    if args.json:
-        print(json.dumps(results, default=float))
+    write_results(results, out_path, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -70,9 +70,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.models_dir, datasets, models, args.calls)))
         return
+    # Not at the top: the workers run this file with PYTHONPATH at checkouts that may have no benchmarks.common.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import machine, write_results
+
     trees = dict(item.split("=", 1) for item in args.trees.split(","))
     samples: dict[str, dict[str, dict[str, list[float]]]] = {label: {} for label in trees}
     load_start = os.getloadavg()
+    measured_on = {**machine(), "torch_threads": 1}  # the workers' (torch.set_num_threads(1), OMP_NUM_THREADS=1)
     for _ in range(args.rounds):
         for label, tree in trees.items():
             env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve()), "OMP_NUM_THREADS": "1"}
@@ -83,8 +88,8 @@ def main() -> None:
                 for kind, seconds in values.items():
                     samples[label].setdefault(key, {}).setdefault(kind, []).extend(seconds)
     baseline, *others = trees
-    results = {"load_average_start": load_start, "load_average_end": os.getloadavg(), "rounds": args.rounds,
-               "calls_per_round": args.calls, "trees": trees, "models": {}}
+    results = {"machine": measured_on, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+               "rounds": args.rounds, "calls_per_round": args.calls, "trees": trees, "models": {}}
     for key in samples[baseline]:
         row = {}
         for label in trees:
@@ -100,8 +105,7 @@ def main() -> None:
                                      f"{row[f'{label}_wall_p99_ms']:5.2f} ms" for label in trees)
               + "".join(f" | {label}/{baseline} CPU x{row[f'{label}_cpu_p50_ratio']:.2f}" for label in others))
     print(f"load average {load_start[0]:.1f} at start, {results['load_average_end'][0]:.1f} at end")
-    if args.json:
-        print(json.dumps(results))
+    write_results(results, None, as_json=args.json)
 
 
 if __name__ == "__main__":

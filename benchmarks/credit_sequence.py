@@ -17,9 +17,8 @@ shared benchmark lock (`flock /tmp/moeworks-bench.lock python benchmarks/credit_
 
 from __future__ import annotations
 
-import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,13 +34,12 @@ from finance.models import FitData
 from finance.scorer import CreditScorer, split_records
 from finance.sequence.credit_model import SequenceEnsembleModel
 
+# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import describe, machine, write_results  # noqa: E402
+
 app = typer.Typer(add_completion=False)
 MODELS = ("lightgbm", "sequence", "sequence-ensemble")
-
-
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"CPU only, load average {os.getloadavg()[0]:.1f} at start (shared machine)")
 
 
 def use_attribution(scorer: CreditScorer, attribution: str | None) -> None:
@@ -115,10 +113,10 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
         console.print(f"{rows:,} GENERATED applicants (not real data)")
     else:
         records = load_taiwan(data / "taiwan_credit_default")
-    started = time.perf_counter()
+    started, measured_on = time.perf_counter(), {**machine(), "device": "cpu"}
     out = out or Path(f"runs/benchmarks/credit_sequence_{dataset}.json")
     runs = [{"seed": seed, "models": one_split(records, seed, console, models, attribution)} for seed in seeds]
-    summary = {"dataset": dataset, "rows": len(records), "seeds": seeds, "machine": machine(),
+    summary = {"dataset": dataset, "rows": len(records), "seeds": seeds, "machine": measured_on,
                "attribution": attribution or "occlusion", "models": {}}
     for name in MODELS:
         pick = lambda key, n=name: np.array([r["models"][n][key] for r in runs])  # noqa: E731
@@ -131,9 +129,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
     for row in summary["models"].values():
         row["auc_vs_lightgbm"] = row["auc"] / lightgbm_auc
     summary["runs"], summary["seconds"] = runs, time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2, default=float))
-    table = Table(title=f"{dataset}, test AUC over {len(seeds)} split(s) - {summary['machine']}")
+    table = Table(title=f"{dataset}, test AUC over {len(seeds)} split(s) - {describe(summary['machine'])}")
     for column in ("model", "AUC", "+/-", "KS", "recall@80%", "AUC / LightGBM", "p99 ms", "rows/s", "train s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, m in summary["models"].items():
@@ -142,10 +138,10 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
                       f"{m['rows_per_s']:,.0f}", f"{m['train_seconds']:.0f}")
     console.print(table)
     console.print(f"results written to {out}")
-    if as_json:
-        print(json.dumps({"dataset": dataset, "seeds": seeds,
-                          **{f"{n}_auc": m["auc"] for n, m in summary["models"].items()},
-                          **{f"{n}_ks": m["ks"] for n, m in summary["models"].items()}}))
+    write_results(summary, out, as_json=as_json, last_line={
+        "dataset": dataset, "seeds": seeds, "machine": measured_on,
+        **{f"{n}_auc": m["auc"] for n, m in summary["models"].items()},
+        **{f"{n}_ks": m["ks"] for n, m in summary["models"].items()}})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,10 @@ from finance.models import FitData, build_model
 from finance.models.ensemble import _logit
 from finance.models.moe import MoEModelConfig
 from finance.scorer import split_records
+
+# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine, write_results  # noqa: E402
 
 PATHS = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
 DEFAULT_VARIANTS = {"single_best_epoch": {"average_last": 1}, "mean_of_last_3_epochs": {"average_last": 3}}
@@ -93,14 +98,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    measured_on = machine()
     results = {d: run(d, args.data, args.variants, args.seed) for d in filter(None, args.datasets.split(","))}
     for dataset, r in results.items():
         print(f"{dataset}: LightGBM honest validation AUC {r['lightgbm_honest_auc']:.4f}")
         for variant, m in r["moe"].items():
             print(f"  moe {variant:28s} {m['honest_auc']:.4f}   LightGBM + it: own {m['blend_gain_own']:+.4f}, "
                   f"cross-fitted {m['blend_gain_cross_fitted']:+.4f}")
-    if args.json:
-        print(json.dumps(results))
+    write_results({"machine": measured_on, **results}, None, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.common import machine, write_results  # noqa: E402
 from manufacturing.defects.dataset import load_image  # noqa: E402
 from manufacturing.defects.detector import Detections, YoloDetector, to_input  # noqa: E402
 from manufacturing.defects.moe_stage import CropMoEClassifier, CropTrainingConfig  # noqa: E402
@@ -232,9 +232,7 @@ def main() -> None:
         rates = {k: {str(b): throughput(d, images, b, args.throughput_rounds) for b in (1, args.throughput_batch)}
                  for k, d in detectors.items()}
 
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "onnxruntime_threads": args.threads, "device": args.device, "load_average_1m": os.getloadavg()[0]}
+    measured_on = {**machine(), "onnxruntime_threads": args.threads, "device": args.device}
     gain = metrics["yolo+moe"]["mAP50"] - metrics["yolo"]["mAP50"]
     results = {
         "data": str(args.data), "train_images": len(train), "val_images": len(val), "split_seed": args.seed,
@@ -253,13 +251,12 @@ def main() -> None:
         "parity": exported["parity"], "int8_difference": exported.get("int8_difference"),
         "moe_parity": exported.get("moe_parity"),
         "moe_onnx_max_abs_logit_difference": exported.get("moe_max_abs_logit_difference"),
-        "target_mAP50": TARGET_MAP50, "published_mAP50": PUBLISHED, "machine": machine,
+        "target_mAP50": TARGET_MAP50, "published_mAP50": PUBLISHED, "machine": measured_on,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
 
     base = metrics["yolo"]["mAP50"]
     table = Table(title=f"NEU-DET val ({len(val)} images), YOLO11n from scratch, {results['epochs']} epochs at "
-                        f"{detector.imgsz} px; {machine['cpu_count']} CPUs ({machine['processor']})")
+                        f"{detector.imgsz} px; {measured_on['logical_cores']} CPUs ({measured_on['processor']})")
     for column in ("variant", "mAP50", "vs YOLO", "mAP50-95", "precision", "recall", "network ms", "vs PyTorch"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for variant, m in metrics.items():
@@ -299,8 +296,7 @@ def main() -> None:
                   f"{TARGET_MAP50}: gap {TARGET_MAP50 - base:+.3f}. Published (COCO-pretrained, 640 px): {PUBLISHED}")
     console.print(f"timing: {timing}; parity PyTorch vs ONNX: {exported['parity']}; "
                   f"MoE stage: {exported.get('moe_parity')}; results in {out / 'results.json'}")
-    if args.json:
-        print(json.dumps(results))
+    write_results(results, out / "results.json", as_json=args.json)
 
 
 if __name__ == "__main__":

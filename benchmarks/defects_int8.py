@@ -20,7 +20,6 @@ fastest count as equally fast, and the most accurate of them (mean mAP50) wins.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.defects import latency_ms, throughput, timed_section  # noqa: E402
 from manufacturing.defects.dataset import load_image  # noqa: E402
 from manufacturing.defects.detector import YoloDetector  # noqa: E402
@@ -146,6 +146,7 @@ def main() -> None:
     chosen_images = [load_image(val[i].image_path) for i in range(0, len(val), max(1, len(val) // 16))][:16]
     sessions = {"fp32": YoloDetector.load(fp32_path, threads=args.threads),
                 **{n: YoloDetector.load(r["path"], threads=args.threads) for n, r in results.items()}}
+    measured_on = {**machine(), "onnxruntime_threads": args.threads}
     with timed_section(args.lock) as timing:
         speed = interleaved_speed(sessions, chosen_images, args.rounds, args.latency_repeats)
     fp32.update(speed["fp32"])
@@ -173,10 +174,9 @@ def main() -> None:
     console.print(f"chosen: {chosen} ({why})")
     summary = {"weights": str(args.weights), "imgsz": detector.imgsz, "train_images": len(train),
                "val_images": len(val), "split_seed": args.seed, "calibration_seeds": seeds,
-               "fp32": fp32, "variants": results, "chosen": chosen, "rule": why, "timing": timing}
-    (out / "int8_variants.json").write_text(json.dumps(summary, indent=1))
-    if args.json:
-        print(json.dumps(summary))
+               "fp32": fp32, "variants": results, "chosen": chosen, "rule": why, "timing": timing,
+               "machine": measured_on}
+    write_results(summary, out / "int8_variants.json", as_json=args.json)
 
 
 if __name__ == "__main__":

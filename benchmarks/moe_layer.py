@@ -15,9 +15,6 @@ peak memory is the resident-set growth of one forward pass in a fresh subprocess
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine, write_results  # noqa: E402
 from core import MoEConfig, MoELayer  # noqa: E402
 
 VARIANTS = ("moe", "floor", "naive", "dense_all")
@@ -126,9 +124,7 @@ def main() -> None:
     from rich.table import Table
 
     console = Console(stderr=args.json)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
-               "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "device": "cpu", "dtype": "fp32"}
+    measured_on = {**machine(), "device": "cpu", "dtype": "fp32"}
     rows = []
     for hidden in args.hidden:
         intermediate = int(hidden * args.intermediate_ratio)
@@ -166,7 +162,7 @@ def main() -> None:
                         f"dense_all {row['dense_all_ms']:.1f} ms")
 
     table = Table(title=f"MoE layer, {args.experts} experts, top-{args.top_k}, fp32 CPU "
-                        f"({machine['cores']} cores, {machine['torch_threads']} threads)")
+                        f"({measured_on['logical_cores']} cores, {measured_on['torch_threads']} threads)")
     for col in ("hidden", "tokens", "moe ms", "floor ms", "naive ms", "dense_all ms", "moe/floor",
                 "naive/moe", "dense_all/moe", "peak MiB moe/floor/naive/dense_all"):
         table.add_column(col, justify="right")
@@ -176,12 +172,9 @@ def main() -> None:
                       f"{r['naive_ms']:.1f}", f"{r['dense_all_ms']:.1f}", f"{r['moe_vs_floor']:.2f}x",
                       f"{r['naive_vs_moe']:.2f}x", f"{r['dense_all_vs_moe']:.2f}x", mem)
     console.print(table)
-    result = {"benchmark": "moe_layer", "machine": machine, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = {"benchmark": "moe_layer", "machine": measured_on, "rows": rows}
     console.print(f"results written to {args.out}")
-    if args.json:
-        print(json.dumps(result))
+    write_results(result, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":

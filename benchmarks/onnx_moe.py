@@ -18,7 +18,6 @@ Relative error is max |x - torch| / max |torch| of the layer's output.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine, write_results  # noqa: E402
 from core import MoEConfig, MoELayer  # noqa: E402
 from core.onnx_export import export_onnx  # noqa: E402
 from core.quantization import quantize_onnx  # noqa: E402
@@ -121,7 +121,8 @@ def main() -> None:
             return layer(torch.from_numpy(x)).output.numpy()
 
     rng = np.random.default_rng(0)
-    results: dict = {"layer": "16 experts, top-2, 128 -> 256 -> 128, GELU", "threads": 1, "by_tokens": {}}
+    results: dict = {"layer": "16 experts, top-2, 128 -> 256 -> 128, GELU", "threads": 1, "by_tokens": {},
+                     "machine": {**machine(), "onnxruntime_threads": 1}}
     for tokens in map(int, args.tokens.split(",")):
         x = rng.standard_normal((tokens, 128)).astype(np.float32)
         want = eager(x)
@@ -132,10 +133,7 @@ def main() -> None:
         results["by_tokens"][tokens] = row
         print(f"{tokens:5d} tokens | " + " | ".join(f"{k} {v['ms']:.2f} ms ({v['relative_error']:.0e})"
                                                     for k, v in row.items()), file=sys.stderr if args.json else None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    if args.json:
-        print(json.dumps(results))
+    write_results(results, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":

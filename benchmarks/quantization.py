@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -26,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import build_tabular, machine_description  # noqa: E402
+from benchmarks.common import describe, machine, write_results  # noqa: E402
+from benchmarks.serving import build_tabular  # noqa: E402
 from core.fused import fuse_model  # noqa: E402
 from core.onnx_export import export_onnx  # noqa: E402
 from core.quantization import AWQConfig, AWQQuantizer, compile_quantized, quantize_onnx  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
                     "onnxruntime int8": ort.InferenceSession(str(int8_path), options)}
 
     sizes = [int(b) for b in args.batches.split(",")]
-    results: dict = {"machine": machine_description(), "load_average": os.getloadavg(),
+    results: dict = {"machine": machine(), "load_average": os.getloadavg(),
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "ms": {}}
     rng = np.random.default_rng(0)
     for size in sizes:
@@ -99,7 +99,8 @@ def main() -> None:
             results["ms"].setdefault(name, {})[size] = timed(
                 lambda s=session, x=numpy_inputs: s.run(["logits"], x), args.repeats)
 
-    table = Table(title=f"forward ms (median) by batch size; x = speed-up over fp32 eager ({results['machine']})")
+    table = Table(title=f"forward ms (median) by batch size; x = speed-up over fp32 eager "
+                        f"({describe(results['machine'])})")
     table.add_column("path")
     for size in sizes:
         table.add_column(f"b={size}", justify="right")
@@ -107,10 +108,7 @@ def main() -> None:
     for name, by_size in results["ms"].items():
         table.add_row(name, *[f"{by_size[s]:.2f} ({base[s] / by_size[s]:.2f}x)" for s in sizes])
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    if args.json:
-        print(json.dumps(results))
+    write_results(results, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ closes (target: the best method >= 30% on both datasets).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,10 @@ import typer
 from rich.console import Console
 
 from finance.reject_inference.experiment import best_method, results_table, run_experiment, summary_json
+
+# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -52,7 +55,7 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
          out: Path = typer.Option(Path("runs/benchmarks/reject_inference.json"), help="results file"),
          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
     console = Console(stderr=as_json, width=120)  # tables stay whole in logs
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, LightGBM 1 thread"
+    measured_on = {**machine(), "lightgbm_threads": 1}
     method_params = parse_params(params or [])
     results, started = {}, time.perf_counter()
     for dataset in datasets:
@@ -65,12 +68,10 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
         best = best_method(results[dataset])
         console.print(f"{dataset}: best method {best['method']} closes {best['gap_closed']:.0%} of the gap "
                       f"(target >= 30%)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "seconds": time.perf_counter() - started, "results": results},
-                              indent=2))
-    console.print(f"{machine}; {time.perf_counter() - started:.0f} s; results written to {out}")
-    if as_json:
-        print(json.dumps({"machine": machine, **{d: summary_json(r) for d, r in results.items()}}))
+    seconds = time.perf_counter() - started
+    console.print(f"{describe(measured_on)}, LightGBM 1 thread; {seconds:.0f} s; results written to {out}")
+    write_results({"machine": measured_on, "seconds": seconds, "results": results}, out, as_json=as_json,
+                  last_line={"machine": measured_on, **{d: summary_json(r) for d, r in results.items()}})
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe, machine, write_results  # noqa: E402
 from core import MoEConfig  # noqa: E402
 from core.blocks import TabularMoE, TabularMoEConfig  # noqa: E402
 from core.synthetic import segmented_classification  # noqa: E402
@@ -456,13 +456,6 @@ def measure(servers: list[Server], bodies: list[bytes], *, clients: int, seconds
     return results
 
 
-def machine_description() -> str:
-    return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores "
-            f"({os.sched_getaffinity(0).__len__()} usable), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-            f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available()
-            else f"GPU {torch.cuda.get_device_name()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tabular,sequence",
@@ -509,7 +502,7 @@ def main() -> None:
     for path, calibration in zip(args.checkpoint, args.calibration_file, strict=True):
         models.append((path.stem, path, calibration, None))
 
-    results: dict = {"machine": machine_description(), "load_average_at_start": os.getloadavg(),
+    results: dict = {"machine": machine(), "load_average_at_start": os.getloadavg(),
                      "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "models": {}}
     for key, path, calibration, spec in models:
@@ -551,7 +544,8 @@ def main() -> None:
             entry["configs"][result.config] = asdict(result)
         results["models"][key] = entry
 
-        table = Table(title=f"{key}: {args.clients} clients x {args.seconds:.0f} s on loopback ({results['machine']})")
+        table = Table(title=f"{key}: {args.clients} clients x {args.seconds:.0f} s on loopback "
+                            f"({describe(results['machine'])})")
         for column in ("config", "QPS", "x QPS", "p50 ms", "p99 ms", "p99 / base", "server cores",
                        "CPU ms/req", "req/s per core", "x per core", "machine CPU %", "errors", "start s"):
             table.add_column(column, justify="left" if column == "config" else "right")
@@ -572,11 +566,8 @@ def main() -> None:
             console.print(f"{key} onnxruntime INT8 accuracy ({dispatch} export): {json.dumps(gate)}")
 
     results["load_average_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
     console.print(f"results: {args.out}")
-    if args.json:
-        print(json.dumps(results))
+    write_results(results, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
-
+from benchmarks import common  # noqa: E402
 
 DDATA_TEMPLATE = ('{"timestamp":%d,"seq":%d,"metrics":[{"name":"product_type","value":"L"},'
                   '{"name":"air_temperature","value":%.1f},{"name":"process_temperature","value":%.1f},'
@@ -205,8 +204,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = parser.parse_args()
     console = Console()
-    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-               "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
+    measured_on = common.machine()
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-twin-") as tmp:
         for rate in [float(r) for r in args.rates.split(",")]:
@@ -217,8 +215,8 @@ def main() -> None:
     capacity = {"state_bytes_per_device": per_device[20_000],
                 "devices_per_gib_of_state": int(2**30 / per_device[20_000])}
     base = runs[0]["sustained_rate"]
-    table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {machine['cpus']} CPUs "
-                        f"(load {machine['load_avg_at_start'][0]:.1f} at start)")
+    table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {measured_on['logical_cores']} "
+                        f"CPUs (load {measured_on['load_average'][0]:.1f} at start)")
     for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "state p99 ms", "acked", "stored",
                 "lost", "twin CPU us/msg", "all CPU us/msg"):
         table.add_column(col, justify="right")
@@ -231,13 +229,10 @@ def main() -> None:
     console.print(table)
     console.print(f"live state: {capacity['state_bytes_per_device']:,.0f} bytes/device -> "
                   f"{capacity['devices_per_gib_of_state']:,} devices per GiB")
-    result = {"benchmark": "twin_ingestion", "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+    result = {"benchmark": "twin_ingestion", "machine": measured_on, "args": {k: str(v) for k, v in vars(args).items()},
               "runs": runs, "capacity": capacity,
               "target": {"rate": 5000, "p99_ms": 250, "lost": 0}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    if args.json:
-        print(json.dumps(result))
+    common.write_results(result, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":
