@@ -16,8 +16,7 @@ count (median of 200 calls, scoring thread's CPU time).
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,9 @@ from rich.table import Table
 
 from finance.models import FitData
 from finance.scorer import CreditScorer, load_model
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: PYTHONPATH still picks the finance measured
+from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def moe_member(scorer: CreditScorer):
@@ -81,8 +83,7 @@ def main() -> None:
     torch.set_num_threads(1)
     console = Console(stderr=args.json, width=140)
     steps = [int(s) for s in args.steps.split(",")]
-    results: dict = {"load_average_at_start": os.getloadavg(), "rows": args.rows, "reference_steps": args.reference,
-                     "results": []}
+    results: dict = {"machine": machine(), "rows": args.rows, "reference_steps": args.reference, "results": []}
     for dataset in args.datasets.split(","):
         frame = pd.read_parquet(args.models_dir / dataset / "test.parquet").iloc[:args.rows]
         for name in ("moe", "ensemble"):
@@ -104,7 +105,7 @@ def main() -> None:
                     "moe_completeness_gap": completeness_gap(scorer, data, own),
                     "moe_single_call_cpu_ms": single_call_ms(scorer, data, n)})
     table = Table(title=f"Reason codes at n integrated-gradient steps vs {args.reference} steps "
-                        f"({args.rows:,} test applicants per dataset)")
+                        f"({args.rows:,} test applicants per dataset; {describe(results['machine'])})")
     for column in ("dataset", "scorer", "steps", "ordered top 3 same", "set of 3 same", "first same",
                    "MoE completeness gap", "MoE CPU ms / call"):
         table.add_column(column, justify="right")
@@ -113,11 +114,8 @@ def main() -> None:
                       f"{r['first_same']:.1%}", f"{r['moe_completeness_gap']:.3f}",
                       f"{r['moe_single_call_cpu_ms']:.2f}")
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float))
     console.print(f"results: {args.out}")
-    if args.json:
-        print(json.dumps(results, default=float))
+    write_results(results, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":
