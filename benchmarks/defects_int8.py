@@ -126,6 +126,9 @@ def main() -> None:
 
     with console.status("FP32 ONNX: mAP on the validation split"):
         fp32 = evaluate(fp32_path)
+    if min(fp32["mAP50"], fp32["mAP50-95"]) <= 0:  # the gate is relative to FP32: nothing to compare with
+        raise SystemExit(f"error: the FP32 detector scores mAP50 {fp32['mAP50']:.4f}, mAP50-95 "
+                         f"{fp32['mAP50-95']:.4f} on the validation split: train it further before gating INT8")
     seeds = [int(s) for s in args.calibration_seeds.split(",")]
     calibration_sets: dict[tuple[int, int], list] = {}
     results: dict[str, dict] = {}

@@ -66,8 +66,9 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
                 progress=lambda step, d=dataset: status.update(f"{d}: {step} done"))
         console.print(results_table(results[dataset]))
         best = best_method(results[dataset])
-        console.print(f"{dataset}: best method {best['method']} closes {best['gap_closed']:.0%} of the gap "
-                      f"(target >= 30%)")
+        if best is not None:
+            console.print(f"{dataset}: best method {best['method']} closes {best['gap_closed']:.0%} of the gap "
+                          f"(target >= 30%)")
     seconds = time.perf_counter() - started
     console.print(f"{describe(measured_on)}, LightGBM 1 thread; {seconds:.0f} s; results written to {out}")
     write_results({"machine": measured_on, "seconds": seconds, "results": results}, out, as_json=as_json,

@@ -68,3 +68,17 @@ def test_experiment_passes_method_parameters(data_root):
     assert result["method_params"] == {"fuzzy-uplift": {"bad_odds_factor": 1.0}}
     default = run_experiment("taiwan", data_root, estimator="logistic", methods=["fuzzy-uplift"], max_rows=3000)
     assert default["rows"][1]["method"] == "fuzzy-uplift" and default["rows"][1]["auc"] != auc["fuzzy"]
+
+
+def test_summary_names_the_best_method_and_none_when_only_the_bounds_ran():
+    from finance.reject_inference.experiment import summary_json
+
+    def row(method, gap):
+        return {"method": method, "auc": 0.7, "gap_closed": gap, "kickout": 0.0}
+
+    result = {"dataset": "taiwan", "estimator": "lightgbm", "seeds": [0],
+              "rows": [row("accepted-only", 0.0), row("upper-bound", 1.0)]}
+    assert summary_json(result)["best_method"] is None
+    result["rows"] += [row("fuzzy", 0.2), row("self-training", 0.5)]
+    summary = summary_json(result)
+    assert summary["best_method"] == "self-training" and summary["best_gap_closed"] == 0.5

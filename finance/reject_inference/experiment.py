@@ -123,10 +123,11 @@ def results_table(result: dict[str, Any]) -> Any:
     return table
 
 
-def best_method(result: dict[str, Any]) -> dict[str, Any]:
-    """The method (not the baseline or the upper bound) that closes most of the gap."""
+def best_method(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The method (not the baseline or the upper bound) that closes most of the gap; None when only
+    those two were run."""
     candidates = [r for r in result["rows"] if r["method"] not in ("accepted-only", "upper-bound")]
-    return max(candidates, key=lambda r: r["gap_closed"])
+    return max(candidates, key=lambda r: r["gap_closed"]) if candidates else None
 
 
 def summary_json(result: dict[str, Any]) -> dict[str, Any]:
@@ -136,4 +137,4 @@ def summary_json(result: dict[str, Any]) -> dict[str, Any]:
             **{f"{r['method']}_auc": r["auc"] for r in result["rows"]},
             **{f"{r['method']}_gap_closed": r["gap_closed"] for r in result["rows"]},
             **{f"{r['method']}_kickout": r["kickout"] for r in result["rows"]},
-            "best_method": best["method"], "best_gap_closed": best["gap_closed"]}
+            "best_method": best and best["method"], "best_gap_closed": best and best["gap_closed"]}
