@@ -38,6 +38,10 @@ class FeatureSpec:
     name: str
     source: str  # the raw table or group it comes from (application, repayment, transactions, ...)
     definition: str
+    # What the feature says about the applicant (delinquency, utilisation, ...): an applicant gets at
+    # most one reason code per family, so that three reasons are not one late payment said three
+    # ways. Empty (catalogues saved before families): the feature is a family of its own.
+    family: str = ""
 
 
 class _Builder:
@@ -50,11 +54,12 @@ class _Builder:
         self.columns: dict[str, np.ndarray] = {}
         self.specs: list[FeatureSpec] | None = [] if catalogue else None
 
-    def add(self, name: str, values: Any, source: str, definition: str) -> None:
+    def add(self, name: str, values: Any, source: str, definition: str, family: str | None = None) -> None:
+        """family: the reason-code family (default: the source)."""
         values = np.asarray(values, dtype=np.float64)
         if self.specs is not None:  # without, a duplicate shows as a changed feature set in transform
             assert name not in self.columns, f"duplicate feature {name}"
-            self.specs.append(FeatureSpec(name, source, definition))
+            self.specs.append(FeatureSpec(name, source, definition, family or source))
         self.columns[name] = np.broadcast_to(values, (self.n,)) if values.ndim == 0 else values
 
     def one_hot(self, name: str, values: np.ndarray, levels: list[str], source: str, label: str) -> None:
@@ -120,8 +125,9 @@ def _window_stats(m: np.ndarray, complete: np.ndarray) -> dict[str, np.ndarray]:
             "max": np.where(empty, np.nan, top), "min": np.where(empty, np.nan, low)}
 
 
-def _series_features(b: _Builder, series: dict[str, tuple[np.ndarray, str, str]]) -> None:
-    """15 features for each monthly series (prefix -> (matrix (6, n) latest first, source, label))."""
+def _series_features(b: _Builder, series: dict[str, tuple]) -> None:
+    """15 features for each monthly series (prefix -> (matrix (6, n) latest first, source, label[,
+    reason family: default the source]))."""
     names = list(series)
     m = np.stack([series[k][0] for k in names], axis=1)  # (6, series, n)
     ok = ~np.isnan(m)
@@ -136,9 +142,9 @@ def _series_features(b: _Builder, series: dict[str, tuple[np.ndarray, str, str]]
               "ratio3_6": _div(w3["mean"], w6["mean"]), "ewm": ewm, "npos6": (m > 0).sum(0)}  # each (series, n)
     define = b.specs is not None  # the definitions are only read into the catalogue
     for i, prefix in enumerate(names):
-        _, source, label = series[prefix]
+        _, source, label, *family = series[prefix]
         for suffix, template in _STATS:
-            b.add(f"{prefix}_{suffix}", values[suffix][i], source, template.format(label) if define else "")
+            b.add(f"{prefix}_{suffix}", values[suffix][i], source, template.format(label) if define else "", *family)
 
 
 _EWM = 0.5 ** (np.arange(6) / 2.0)  # half-life of two months
@@ -277,33 +283,39 @@ def _gmsc(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     dependents = _col(frame, "NumberOfDependents")
     income_missing = np.isnan(income) | (income == 0)
     s = "bureau"
-    b.add("revolving_util", np.clip(util, 0, 10), s, "Revolving utilisation of unsecured lines (capped at 10)")
-    b.add("util_over_1", util > 1, s, "Revolving balances above the credit limits")
-    b.add("age", np.where(age < 18, np.nan, age), s, "Age in years")
+    b.add("revolving_util", np.clip(util, 0, 10), s, "Revolving utilisation of unsecured lines (capped at 10)",
+          "utilisation")
+    b.add("util_over_1", util > 1, s, "Revolving balances above the credit limits", "utilisation")
+    b.add("age", np.where(age < 18, np.nan, age), s, "Age in years", "applicant")
     for k, words in ((30, "30-59"), (60, "60-89"), (90, "90+")):
-        b.add(f"late_{k}", clean[k], s, f"Times {words} days past due in 2 years")
-    b.add("late_sentinel", sentinel, s, "Past-due counts hold the special codes 96/98")
+        b.add(f"late_{k}", clean[k], s, f"Times {words} days past due in 2 years", "delinquency")
+    b.add("late_sentinel", sentinel, s, "Past-due counts hold the special codes 96/98", "delinquency")
     total_late = clean[30] + clean[60] + clean[90]
-    b.add("late_total", total_late, s, "Times past due in 2 years, all severities")
-    b.add("late_weighted", clean[30] + 2 * clean[60] + 3 * clean[90], s, "Times past due weighted by severity")
-    b.add("ever_late", total_late > 0, s, "Any past-due episode in 2 years")
-    b.add("ever_late_60", (clean[60] + clean[90]) > 0, s, "Any 60+ days past-due episode in 2 years")
-    b.add("monthly_income", np.where(income_missing, np.nan, income), s, "Monthly income")
-    b.add("log_income", np.log1p(np.where(income_missing, np.nan, income)), s, "Monthly income, log scale")
-    b.add("income_missing", income_missing, s, "Monthly income not given")
+    b.add("late_total", total_late, s, "Times past due in 2 years, all severities", "delinquency")
+    b.add("late_weighted", clean[30] + 2 * clean[60] + 3 * clean[90], s, "Times past due weighted by severity",
+          "delinquency")
+    b.add("ever_late", total_late > 0, s, "Any past-due episode in 2 years", "delinquency")
+    b.add("ever_late_60", (clean[60] + clean[90]) > 0, s, "Any 60+ days past-due episode in 2 years",
+          "delinquency")
+    b.add("monthly_income", np.where(income_missing, np.nan, income), s, "Monthly income", "income and debt")
+    b.add("log_income", np.log1p(np.where(income_missing, np.nan, income)), s, "Monthly income, log scale",
+          "income and debt")
+    b.add("income_missing", income_missing, s, "Monthly income not given", "income and debt")
     b.add("debt_ratio", np.where(income_missing, np.nan, np.clip(debt_ratio, 0, 20)), s,
-          "Monthly debt payments over income (only when income is given)")
+          "Monthly debt payments over income (only when income is given)", "income and debt")
     b.add("debt_amount", np.where(income_missing, debt_ratio, debt_ratio * income), s,
-          "Monthly debt payments (the ratio field holds the amount when income is missing)")
-    b.add("open_lines", lines, s, "Open credit lines and loans")
-    b.add("real_estate_lines", real_estate, s, "Real-estate loans or lines")
-    b.add("other_lines", lines - real_estate, s, "Open lines that are not real-estate")
-    b.add("dependents", dependents, s, "Number of dependents")
-    b.add("dependents_missing", np.isnan(dependents), s, "Number of dependents not given")
-    b.add("income_per_person", _div(income, 1 + np.nan_to_num(dependents)), s, "Monthly income per household member")
-    b.add("late_per_line", _div(total_late, lines + 1), s, "Past-due episodes per open line")
-    b.add("util_x_late", np.clip(util, 0, 10) * np.nan_to_num(total_late), s, "Utilisation times past-due episodes")
-    b.add("lines_per_age", _div(lines, age), s, "Open lines per year of age")
+          "Monthly debt payments (the ratio field holds the amount when income is missing)", "income and debt")
+    b.add("open_lines", lines, s, "Open credit lines and loans", "credit lines")
+    b.add("real_estate_lines", real_estate, s, "Real-estate loans or lines", "credit lines")
+    b.add("other_lines", lines - real_estate, s, "Open lines that are not real-estate", "credit lines")
+    b.add("dependents", dependents, s, "Number of dependents", "applicant")
+    b.add("dependents_missing", np.isnan(dependents), s, "Number of dependents not given", "applicant")
+    b.add("income_per_person", _div(income, 1 + np.nan_to_num(dependents)), s, "Monthly income per household member",
+          "income and debt")
+    b.add("late_per_line", _div(total_late, lines + 1), s, "Past-due episodes per open line", "delinquency")
+    b.add("util_x_late", np.clip(util, 0, 10) * np.nan_to_num(total_late), s, "Utilisation times past-due episodes",
+          "delinquency")
+    b.add("lines_per_age", _div(lines, age), s, "Open lines per year of age", "credit lines")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +333,13 @@ _GEN_LABELS = {
 }
 
 
+# Reason families of the monthly transaction series (the rest of "transactions" is card use).
+_GEN_FAMILIES = {**dict.fromkeys(("days_past_due", "min_payment_missed", "returned_debits", "overdraft_days"),
+                                 "delinquency"),
+                 **dict.fromkeys(("payment_amount", "payment_ratio"), "payments"),
+                 **dict.fromkeys(("salary_inflow", "salary_to_income"), "income")}
+
+
 def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     income = _col(frame, "monthly_income")
     monthly = {f: _matrix(frame, [f"{f}_m{m}" for m in range(1, gen.MONTHS + 1)]) for f in gen.MONTHLY_FIELDS}
@@ -333,20 +352,22 @@ def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> No
                        "Cash advances as a share of card use"),
         "salary_to_income": (_div(monthly["salary_inflow"], income), "Salary received over stated income"),
     }
-    _series_features(b, {**{name: (m, "transactions", _GEN_LABELS[name]) for name, m in monthly.items()},
-                         **{name: (m, "transactions", label) for name, (m, label) in derived.items()}})
+    series = {**{name: (m, _GEN_LABELS[name]) for name, m in monthly.items()}, **derived}
+    _series_features(b, {name: (m, "transactions", label, _GEN_FAMILIES.get(name, "card use"))
+                         for name, (m, label) in series.items()})
     dpd = monthly["days_past_due"]
     for days in (30, 60, 90):
         for w in (1, 3, 6):
             b.add(f"n_dpd{days}_{w}m", (dpd[:w] >= days).sum(0), "transactions",
-                  f"Months {days}+ days past due in the last {w} month{'s' if w > 1 else ''}")
+                  f"Months {days}+ days past due in the last {w} month{'s' if w > 1 else ''}", "delinquency")
     b.add("months_since_dpd", _months_since(dpd > 0), "transactions",
-          "Months since the latest past-due month (6: none)")
-    b.add("longest_dpd_run", _longest_run(dpd > 0), "transactions", "Longest run of consecutive past-due months")
+          "Months since the latest past-due month (6: none)", "delinquency")
+    b.add("longest_dpd_run", _longest_run(dpd > 0), "transactions", "Longest run of consecutive past-due months",
+          "delinquency")
     b.add("months_since_missed", _months_since(monthly["min_payment_missed"] > 0), "transactions",
-          "Months since a minimum payment was last missed (6: none)")
+          "Months since a minimum payment was last missed (6: none)", "delinquency")
     b.add("n_salary_missing_6m", (monthly["salary_inflow"] <= 0).sum(0), "transactions",
-          "Months without a salary payment in the last 6")
+          "Months without a salary payment in the last 6", "income")
 
     s = "application"
     for name, label in (("age", "Age in years"), ("monthly_income", "Stated monthly income"),
@@ -423,7 +444,8 @@ class FeaturePipeline:
     Args:
         dataset: "taiwan", "gmsc" or "generated".
     Learned: levels_ (categorical levels seen in training), feature_names_, catalogue_ (FeatureSpec
-    per feature), medians_ (training median per feature, the "typical value" of reason codes).
+    per feature), medians_ (training median per feature, the "typical value" of reason codes),
+    families_ ((F,) int reason family of each feature, from the catalogue).
     """
 
     def __init__(self, *, dataset: str) -> None:
@@ -439,6 +461,7 @@ class FeaturePipeline:
         builder = self._build(frame, catalogue=True)
         self.feature_names_ = list(builder.columns)
         self.catalogue_ = builder.specs
+        self.families_ = _families(self.catalogue_)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             rows = np.random.default_rng(0).permutation(len(frame))[:50_000]  # a median needs no more
@@ -488,8 +511,14 @@ class FeaturePipeline:
         pipe.levels_ = state["levels"]
         pipe.feature_names_ = state["feature_names"]
         pipe.catalogue_ = [FeatureSpec(**s) for s in state["catalogue"]]
+        pipe.families_ = _families(pipe.catalogue_)
         pipe.medians_ = np.asarray(state["medians"], dtype=np.float64)
         return pipe
+
+
+def _families(catalogue: list[FeatureSpec]) -> np.ndarray:
+    """(F,) int: each feature's reason family, numbered by name; a feature without one is its own."""
+    return np.unique([s.family or f"feature:{s.name}" for s in catalogue], return_inverse=True)[1].reshape(-1)
 
 
 def monthly_sequences(records: pd.DataFrame, dataset: str) -> tuple[np.ndarray, list[str]]:

@@ -140,20 +140,13 @@ class CreditScorer:
         """Top factors that raised each applicant's risk (lowered the score), in words.
 
         Returns texts (n, k) and codes (n,) "feature|feature|feature". Only factors that pushed the
-        risk up are named; an applicant with fewer gets empty slots. Equal pushes rank in feature
-        order (of a tie at the k-th place, one is kept). contributions: the model's (n, F) for
-        `data` when already computed.
+        risk up are named, at most one per reason family (`top_reasons`); an applicant with fewer
+        gets empty slots. contributions: the model's (n, F) for `data` when already computed.
         """
         k = self.policy.reason_count
         # (n, F): each feature's push on the log-odds of default, > 0 raises risk
         contrib = self.model_.contributions(data) if contributions is None else contributions
-        if contrib.shape[1] > k:  # the k largest of each row, then those k in order: no full sort of F
-            top = np.argpartition(-contrib, k - 1, axis=1)[:, :k]  # (n, k)
-            top = np.sort(top, axis=1)  # feature order first, so that the stable sort below breaks ties by it
-        else:
-            top = np.broadcast_to(np.arange(contrib.shape[1]), (len(contrib), contrib.shape[1]))
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(contrib, top, axis=1), axis=1, kind="stable"),
-                                 axis=1)
+        top = top_reasons(contrib, self.pipeline_.families_, k)  # (n, <= k)
         push = np.take_along_axis(contrib, top, axis=1)
         values = np.take_along_axis(data.X, top, axis=1)
         definitions = np.array([s.definition for s in self.pipeline_.catalogue_], dtype=object)
@@ -222,6 +215,32 @@ class CreditScorer:
     @property
     def model(self) -> CreditModel:
         return self.model_
+
+
+def top_reasons(contrib: np.ndarray, families: np.ndarray, k: int) -> np.ndarray:
+    """(n, min(k, families)) feature indices: each row's largest pushes, at most one per family.
+
+    contrib: (n, F) pushes; families: (F,) int family of each feature, 0..G-1. A family stands for
+    its largest push (of equal pushes, its first feature), families rank by it, and equal pushes
+    rank in feature order (of a tie at the k-th place, one is kept). The caller names only the
+    pushes above zero.
+    """
+    n, num_features = contrib.shape
+    num_families = int(families.max()) + 1
+    if num_families == num_features:  # every feature its own family: the plain top k
+        candidates = np.broadcast_to(np.arange(num_features), (n, num_features))
+    else:  # (n, G): the strongest feature of each family
+        candidates = np.empty((n, num_families), dtype=np.int64)
+        for g in range(num_families):
+            members = np.flatnonzero(families == g)
+            candidates[:, g] = members[np.argmax(contrib[:, members], axis=1)]
+    pushes = np.take_along_axis(contrib, candidates, axis=1)
+    if candidates.shape[1] > k:  # the k largest, then those k in order: no full sort
+        keep = np.argpartition(-pushes, k - 1, axis=1)[:, :k]
+        candidates = np.take_along_axis(candidates, keep, axis=1)
+    candidates = np.sort(candidates, axis=1)  # feature order first, so that the stable sort below breaks ties by it
+    pushes = np.take_along_axis(contrib, candidates, axis=1)
+    return np.take_along_axis(candidates, np.argsort(-pushes, axis=1, kind="stable"), axis=1)
 
 
 def load_model(directory: str | Path) -> CreditScorer:

@@ -36,6 +36,10 @@ def test_each_model_beats_random_and_round_trips(taiwan_sample, tmp_path, name):
     assert scored["reason_1"].str.len().gt(0).mean() > 0.9  # almost everyone has a factor that raised risk
     worst = scored.sort_values("pd").iloc[-1]
     assert worst["reason_codes"].split("|")[0] in scorer.pipeline_.feature_names_
+    family = {spec.name: spec.family for spec in reloaded.pipeline_.catalogue_}
+    for codes in scored["reason_codes"]:  # three reasons are three kinds of reason, not one said three ways
+        named = codes.split("|") if codes else []
+        assert len({family[f] for f in named}) == len(named), codes
     assert ((scored["pd"] <= scorer.cutoff_pd_) == (scored["decision"] == "approve")).all()
 
 
