@@ -73,7 +73,8 @@ def run_one(args, subset: str, kind: str) -> dict:
         train=default_train_config(kind, max_epochs=args.epochs, patience=args.patience, seed=args.seed,
                                    progress=False, **recipe_overrides(args)))
     _, metrics = train_and_validate(estimator, load_subset(args, subset),
-                                    ProtocolConfig(cuts_per_unit=args.cuts, seed=args.seed))
+                                    ProtocolConfig(cuts_per_unit=args.cuts, seed=args.seed),
+                                    keep_predictions=args.predictions)
     return {"subset": subset, "model": kind, **metrics, "wall_seconds": time.perf_counter() - started}
 
 
@@ -184,6 +185,8 @@ def main() -> None:
                         help='net config overrides per kind, e.g. \'{"moe": {"patch": 5}}\' (for tuning runs)')
     parser.add_argument("--features", type=json.loads, default={},
                         help='feature config overrides, e.g. \'{"history": true}\' (for tuning runs)')
+    parser.add_argument("--predictions", action="store_true",
+                        help="keep each scored cut's prediction in the JSON (for error analysis)")
     parser.add_argument("--cuts", type=int, default=5, help="random cuts per validation engine")
     parser.add_argument("--alert-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ def broker(tmp_path):
 
 def _tiny_rul_estimator(kind: str, num_regimes: int = 1):
     """A RUL estimator small enough to fit in seconds. kind: lstm, moe, or moe-ensemble (two
-    members over the regime-history features, the MoE recipe's shape)."""
+    members over the regime-history and running-mean features, the MoE recipe's shape)."""
     from dataclasses import replace
 
     from manufacturing.maintenance.features import FeatureConfig
@@ -40,7 +40,8 @@ def _tiny_rul_estimator(kind: str, num_regimes: int = 1):
     ensemble = kind == "moe-ensemble"
     net = RULNetConfig(kind="moe" if ensemble else kind, hidden_size=16, num_layers=1, members=2 if ensemble else 1,
                        moe=replace(RULNetConfig().moe, hidden_size=16, intermediate_size=32))
-    return RULEstimator(net=net, features=FeatureConfig(num_regimes=num_regimes, history=ensemble),
+    features = FeatureConfig(num_regimes=num_regimes, history=ensemble, running_mean=ensemble)
+    return RULEstimator(net=net, features=features,
                         train=RULTrainConfig(max_epochs=1, windows_per_epoch=512, progress=False))
 
 

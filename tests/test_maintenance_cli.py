@@ -19,7 +19,7 @@ def last_json(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["lstm", "moe"])  # moe: the recipe's seed ensemble over regime history
+@pytest.mark.parametrize("kind", ["lstm", "moe"])  # moe: the recipe's ensemble over regime history, running means
 def test_generate_train_evaluate_export(tmp_path, kind):
     data, model = tmp_path / "data", tmp_path / "model"
     result = invoke("generate", "--out", data, "--train-units", 12, "--test-units", 6, "--seed", 3)

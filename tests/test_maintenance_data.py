@@ -153,3 +153,23 @@ def test_history_features_count_cycles_per_regime_within_each_unit():
     one_regime = ConditionNormalizer(FeatureConfig(num_regimes=1, history=True)).fit(single)
     np.testing.assert_allclose(one_regime.transform(single)[:, -1] * 100,  # the age
                                single.groupby("unit").cumcount().to_numpy() + 1, atol=1e-3)
+
+
+def test_running_mean_features_average_each_units_normalised_sensors_so_far():
+    frame = generate_cmapss(4, num_regimes=6, seed=3, max_life=150)
+    normalizer = ConditionNormalizer(FeatureConfig(num_regimes=6, history=True, running_mean=True)).fit(frame)
+    features = normalizer.transform(frame)
+    sensors = len(normalizer.sensors_)
+    assert features.shape[1] == normalizer.num_features == sensors + 6 + 6 + sensors
+    current, running = features[:, :sensors], features[:, -sensors:]
+    for _, rows in frame.groupby("unit"):
+        index = rows.index.to_numpy()
+        # Restarts at each unit: the mean of the unit's normalised readings up to and including each cycle.
+        expected = np.cumsum(current[index], axis=0) / np.arange(1, len(index) + 1)[:, None]
+        np.testing.assert_allclose(running[index], expected, atol=1e-4)
+    # The server's route: raw sums and cycle counts per regime give the same normalised sums.
+    unit = frame[frame["unit"] == frame["unit"].iloc[0]]
+    one_hot = np.eye(6)[normalizer.regimes(unit[["setting_1", "setting_2", "setting_3"]].to_numpy())]
+    raw_sums = one_hot.T @ unit[normalizer.sensors_].to_numpy()  # (regimes, sensors)
+    np.testing.assert_allclose(normalizer.normalised_sums(raw_sums, one_hot.sum(0)),
+                               current[unit.index].sum(axis=0), rtol=1e-4, atol=1e-3)

@@ -200,7 +200,7 @@ def test_defect_detector_served_from_run_folder_and_onnx_export(tmp_path):
     assert all(m["model_version"] == adapter.version for m in malformed)
 
 
-def test_rul_model_with_regime_history_served_like_the_estimator(tmp_path, tiny_rul_estimator):
+def test_rul_model_with_regime_history_and_running_means_served_like_the_estimator(tmp_path, tiny_rul_estimator):
     from manufacturing.maintenance.generator import generate_cmapss
 
     estimator = tiny_rul_estimator("moe-ensemble", num_regimes=6)
@@ -210,11 +210,14 @@ def test_rul_model_with_regime_history_served_like_the_estimator(tmp_path, tiny_
     young = test["unit"] == test["unit"].iloc[0]  # younger than the window: padded in front
     test = test[~young | (test["cycle"] <= 12)].reset_index(drop=True)
     adapter = load_adapter(tmp_path / "model")
-    assert [f.name for f in adapter.fields] == ["cycles", "regime_cycles"]
+    assert [f.name for f in adapter.fields] == ["cycles", "regime_cycles", "regime_sensor_sums"]
     instances = _rul_instances(estimator, test)
-    counts = estimator.normalizer_.regime_history(test)
+    normalizer = estimator.normalizer_
     for instance, (_, rows) in zip(instances, test.groupby("unit", sort=True), strict=True):
-        instance["regime_cycles"] = counts[rows.index[-1]].tolist()  # the engine's totals so far
+        # The engine's totals over its whole life so far (longer than the window it sends).
+        one_hot = np.eye(6)[normalizer.regimes(rows[["setting_1", "setting_2", "setting_3"]].to_numpy())]
+        instance["regime_cycles"] = one_hot.sum(0).tolist()
+        instance["regime_sensor_sums"] = (one_hot.T @ rows[normalizer.sensors_].to_numpy()).tolist()
     inputs, rows = adapter.parse({"instances": instances})
     got = adapter.predict(inputs)["rul"]
     # Raw cycles arrive as float32 (the estimator reads float64): equal to within 1e-2 cycles.

@@ -53,7 +53,10 @@ class OnnxRULEstimator:
         self.rul_rmse = float(rmse) if rmse is not None else None
         self.input_name = self.session.get_inputs()[0].name
         self._rows: deque[np.ndarray] = deque(maxlen=self.window)
+        # The engine's life so far, for history and running-mean features: cycles run in each regime
+        # and the normalised sensors summed over every cycle.
         self._history = np.zeros(len(self.normalizer.centers_) if self.normalizer is not None else 0)
+        self._sums = np.zeros(len(self.normalizer.sensors_) if self.normalizer is not None else 0)
 
     def update(self, values: dict[str, Any]) -> float | None:
         try:
@@ -61,11 +64,11 @@ class OnnxRULEstimator:
         except (KeyError, TypeError, ValueError):
             return None  # a tick without every feature: no estimate rather than a wrong one
         if self.normalizer is not None:
-            history = None
-            if self.normalizer.config.history:  # the cycles run in each regime so far, this one included
-                self._history[self.normalizer.regimes(row[None, :3])[0]] += 1
-                history = self._history[None]
-            row = self.normalizer.transform_arrays(row[None, :3], row[None, 3:], history)[0]
+            settings, sensors = row[None, :3], row[None, 3:]
+            self._history[self.normalizer.regimes(settings)[0]] += 1  # this cycle included
+            self._sums += self.normalizer.normalise(settings, sensors)[0]
+            running = self._sums / self._history.sum()
+            row = self.normalizer.transform_arrays(settings, sensors, self._history[None], running[None])[0]
         if not self._rows:
             self._rows.extend([row] * self.window)
         self._rows.append(row)

@@ -6,8 +6,11 @@ first; /v1/model lists the columns). The adapter normalises them with the model'
 normaliser (per operating regime, as in training), pads a short history in front with copies of
 its first cycle (as the training windows do), and answers `rul` in cycles. A model trained with
 regime-history features (the MoE recipe) also reads `regime_cycles`: the cycles the engine has
-run in each operating regime (normaliser order), up to and including the last cycle sent. The
-network runs in PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights
+run in each operating regime (normaliser order), up to and including the last cycle sent; one with
+running-mean features reads it and `regime_sensor_sums`: each of the model's sensors, in raw
+units, summed over the cycles run in each regime (regimes x sensors, same cycles). Both are
+counters an engine controller keeps; the server turns them into the training features exactly.
+The network runs in PyTorch (the folder) or onnxruntime (the export, optionally INT8, LSTM weights
 included).
 """
 
@@ -28,6 +31,7 @@ SETTINGS = ["setting_1", "setting_2", "setting_3"]
 # Models with regime-history features also read, per request, the cycles the engine has run in
 # each operating regime up to and including the last cycle sent (its controller's counters).
 HISTORY_FIELD = "regime_cycles"
+SUMS_FIELD = "regime_sensor_sums"  # models with running-mean features: raw sensor sums per regime
 
 
 def _window_history(regime: np.ndarray, totals: np.ndarray, regimes: int) -> np.ndarray:
@@ -41,6 +45,19 @@ def _window_history(regime: np.ndarray, totals: np.ndarray, regimes: int) -> np.
     first = np.argmax(age >= 1, axis=1)  # the first real row (0 when every row is real)
     rows = np.maximum(np.arange(regime.shape[1])[None, :], first[:, None])
     return np.take_along_axis(counts, rows[..., None], axis=1).reshape(-1, regimes)
+
+
+def _window_running(normalised: np.ndarray, sums: np.ndarray, age: np.ndarray) -> np.ndarray:
+    """(batch, window, sensors) normalised rows, (batch, sensors) their sums over the engine's life
+    up to the last row, (batch,) its age in cycles -> (batch * window, sensors) the running mean at
+    each row. Rows older than the engine (padding) take the first real row's mean, as training pads."""
+    window = normalised.shape[1]
+    later = np.flip(np.cumsum(np.flip(normalised, 1), 1), 1) - normalised  # sums over the rows after each
+    count = age[:, None] - (window - 1 - np.arange(window))[None, :]  # (batch, window) cycles up to each row
+    means = (sums[:, None, :] - later) / np.maximum(count, 1)[..., None]
+    first = np.argmax(count >= 1, axis=1)  # the first real row (0 when every row is real)
+    rows = np.maximum(np.arange(window)[None, :], first[:, None])
+    return np.take_along_axis(means, rows[..., None], axis=1).reshape(-1, normalised.shape[-1])
 
 
 def is_rul_folder(path: Path) -> bool:
@@ -86,8 +103,11 @@ class RULAdapter(ModelAdapter):
         self.name = f"rul-{kind}"
         self.columns = [*SETTINGS, *self.normalizer.sensors_]
         self.fields = [InputField("cycles", np.dtype(np.float32), (window, len(self.columns)), pad_first_axis=True)]
-        if self.normalizer.config.history:
-            self.fields.append(InputField(HISTORY_FIELD, np.dtype(np.float32), (len(self.normalizer.centers_),)))
+        config, regimes = self.normalizer.config, len(self.normalizer.centers_)
+        if config.history or config.running_mean:
+            self.fields.append(InputField(HISTORY_FIELD, np.dtype(np.float32), (regimes,)))
+        if config.running_mean:  # float64: sums of raw readings over hundreds of cycles
+            self.fields.append(InputField(SUMS_FIELD, np.dtype(np.float64), (regimes, len(self.normalizer.sensors_))))
 
     def describe(self) -> dict:
         return {**super().describe(), "columns": self.columns}
@@ -100,17 +120,25 @@ class RULAdapter(ModelAdapter):
         settings = self.normalizer.centers_[regime] * self.normalizer.setting_scale_  # (rows, window, 3)
         sensors = self.normalizer.mean_[regime] + rng.standard_normal((rows, window, len(self.normalizer.sensors_)))
         example = {"cycles": np.concatenate([settings, sensors], axis=-1).astype(np.float32)}
-        if self.normalizer.config.history:  # an engine whose life so far is the window itself
-            example[HISTORY_FIELD] = np.eye(len(self.normalizer.centers_))[regime].sum(1).astype(np.float32)
+        one_hot = np.eye(len(self.normalizer.centers_))[regime]  # an engine whose life so far is the window itself
+        if any(f.name == HISTORY_FIELD for f in self.fields):
+            example[HISTORY_FIELD] = one_hot.sum(1).astype(np.float32)
+        if any(f.name == SUMS_FIELD for f in self.fields):
+            example[SUMS_FIELD] = np.einsum("bwr,bws->brs", one_hot, sensors)
         return example
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cycles = inputs["cycles"]  # (batch, window, 3 + sensors)
         batch, window, columns = cycles.shape
         flat = cycles.reshape(-1, columns)
-        history = None
-        if self.normalizer.config.history:
+        config, history, running = self.normalizer.config, None, None
+        if config.history:
             regime = self.normalizer.regimes(flat[:, :3]).reshape(batch, window)
             history = _window_history(regime, inputs[HISTORY_FIELD], len(self.normalizer.centers_))
-        windows = self.normalizer.transform_arrays(flat[:, :3], flat[:, 3:], history).reshape(batch, window, -1)
+        if config.running_mean:
+            normalised = self.normalizer.normalise(flat[:, :3], flat[:, 3:]).reshape(batch, window, -1)
+            sums = self.normalizer.normalised_sums(inputs[SUMS_FIELD], inputs[HISTORY_FIELD])
+            running = _window_running(normalised, sums, inputs[HISTORY_FIELD].sum(-1))
+        windows = self.normalizer.transform_arrays(flat[:, :3], flat[:, 3:], history, running)
+        windows = windows.reshape(batch, window, -1)
         return {self.output: np.asarray(self._run(np.ascontiguousarray(windows, dtype=np.float32)))}

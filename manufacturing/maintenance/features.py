@@ -31,6 +31,11 @@ class FeatureConfig:
     # after the sensors (one column, the unit's age, when there is one regime). A 30-cycle window
     # cannot see how old the engine is; its age and the regimes it ran in are known from the file.
     history: bool = False
+    # Long-range sensor history: the mean of each normalised sensor over the unit's cycles so far
+    # (since its first cycle), appended last. Engines start at different levels of wear; against
+    # the window's current readings this mean tells how far this engine has drifted from its own
+    # start, which 30 cycles alone cannot.
+    running_mean: bool = False
     seed: int = 0  # k-means initialisation
 
     def __post_init__(self) -> None:
@@ -47,7 +52,8 @@ class ConditionNormalizer:
     fit(frame) -> self, with `setting_scale_` (3,), `centers_` (regimes, 3) in scaled settings,
     `sensors_` (names kept), `mean_` and `std_` (regimes, sensors).
     transform(frame) -> (rows, features) float32: the kept sensors, normalised, then the regime
-    one-hot when there is more than one regime.
+    one-hot when there is more than one regime, then (as configured) the regime history and the
+    running means of the normalised sensors.
     """
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
@@ -57,7 +63,8 @@ class ConditionNormalizer:
     def num_features(self) -> int:
         cfg = self.config
         extra = cfg.num_regimes if cfg.num_regimes > 1 and cfg.regime_features else 0
-        return len(self.sensors_) + extra + (cfg.num_regimes if cfg.history else 0)
+        running = len(self.sensors_) if cfg.running_mean else 0
+        return len(self.sensors_) + extra + (cfg.num_regimes if cfg.history else 0) + running
 
     def regimes(self, settings: np.ndarray) -> np.ndarray:
         """settings: (rows, 3) -> (rows,) regime index of the nearest centre."""
@@ -94,21 +101,27 @@ class ConditionNormalizer:
         return self
 
     def transform_arrays(self, settings: np.ndarray, sensors: np.ndarray,
-                         history: np.ndarray | None = None) -> np.ndarray:
+                         history: np.ndarray | None = None, running: np.ndarray | None = None) -> np.ndarray:
         """settings (rows, 3), sensors (rows, len(sensors_)) in `sensors_` order -> (rows, features).
 
         history: (rows, regimes) cycles spent in each regime up to and including each row's cycle;
         needed when `config.history` (`regime_history` counts them for a frame).
+        running: (rows, len(sensors_)) means of the normalised sensors over each row's unit up to and
+        including the row; needed when `config.running_mean` (`running_means` takes them from a frame).
         """
         cfg = self.config
         regime = self.regimes(settings)
-        parts = [(np.asarray(sensors, dtype=np.float64) - self.mean_[regime]) / self.std_[regime]]
+        parts = [self.normalise(settings, sensors)]
         if cfg.num_regimes > 1 and cfg.regime_features:
             parts.append(np.eye(cfg.num_regimes)[regime])
         if cfg.history:
             assert history is not None and history.shape == (len(regime), cfg.num_regimes), \
                 f"history features need (rows, {cfg.num_regimes}) regime counts"
             parts.append(np.asarray(history, dtype=np.float64) / HISTORY_SCALE)
+        if cfg.running_mean:
+            assert running is not None and running.shape == parts[0].shape, \
+                f"running-mean features need (rows, {parts[0].shape[1]}) running means"
+            parts.append(np.asarray(running, dtype=np.float64))
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def regime_history(self, frame: pd.DataFrame) -> np.ndarray:
@@ -117,9 +130,31 @@ class ConditionNormalizer:
         one_hot = np.eye(self.config.num_regimes)[self.regimes(frame[SETTINGS].to_numpy())]
         return pd.DataFrame(one_hot).groupby(frame["unit"].to_numpy()).cumsum().to_numpy()
 
+    def normalise(self, settings: np.ndarray, sensors: np.ndarray) -> np.ndarray:
+        """settings (rows, 3), sensors (rows, len(sensors_)) -> (rows, len(sensors_)) standardised in their regime."""
+        regime = self.regimes(settings)
+        return (np.asarray(sensors, dtype=np.float64) - self.mean_[regime]) / self.std_[regime]
+
+    def running_means(self, frame: pd.DataFrame) -> np.ndarray:
+        """(rows, len(sensors_)): the mean of the normalised sensors over each row's unit so far, this
+        row included (rows sorted by unit, then cycle, as for `regime_history`)."""
+        normalised = pd.DataFrame(self.normalise(frame[SETTINGS].to_numpy(), frame[self.sensors_].to_numpy()))
+        grouped = normalised.groupby(frame["unit"].to_numpy(), sort=False)
+        return (grouped.cumsum() / (grouped.cumcount().to_numpy()[:, None] + 1)).to_numpy()
+
+    def normalised_sums(self, regime_sums: np.ndarray, regime_counts: np.ndarray) -> np.ndarray:
+        """Sums of the normalised sensors from raw per-regime sums (the normalisation is affine in each regime).
+
+        regime_sums: (..., regimes, len(sensors_)) raw readings summed over the cycles run in each
+        regime; regime_counts: (..., regimes) those cycles -> (..., len(sensors_)).
+        """
+        regime_sums, regime_counts = np.asarray(regime_sums, np.float64), np.asarray(regime_counts, np.float64)
+        return ((regime_sums - regime_counts[..., None] * self.mean_) / self.std_).sum(axis=-2)
+
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         history = self.regime_history(frame) if self.config.history else None
-        return self.transform_arrays(frame[SETTINGS].to_numpy(), frame[self.sensors_].to_numpy(), history)
+        running = self.running_means(frame) if self.config.running_mean else None
+        return self.transform_arrays(frame[SETTINGS].to_numpy(), frame[self.sensors_].to_numpy(), history, running)
 
     def state(self) -> dict[str, Any]:
         """Plain-JSON state, to save beside the model."""

@@ -37,9 +37,13 @@ def score_test(estimator: RULEstimator, test: pd.DataFrame, true_rul: np.ndarray
     return rul_metrics(predicted["rul"].to_numpy(), true_rul, cap=estimator.net.rul_cap), predicted
 
 
-def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame,
-                       protocol: ProtocolConfig | None = None) -> tuple[RULEstimator, dict[str, Any]]:
-    """Fit on a unit split of `frame` and return (fitted estimator, validation metrics)."""
+def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame, protocol: ProtocolConfig | None = None, *,
+                       keep_predictions: bool = False) -> tuple[RULEstimator, dict[str, Any]]:
+    """Fit on a unit split of `frame` and return (fitted estimator, validation metrics).
+
+    keep_predictions: add `val_predictions`, one record per scored cut (`unit`, `cycle` kept,
+    `rul` predicted, `true_rul`), for error analysis.
+    """
     protocol = protocol or ProtocolConfig()
     train_units, val_units = split_units(frame["unit"].to_numpy(), val_fraction=protocol.val_fraction,
                                          seed=protocol.seed)
@@ -47,8 +51,10 @@ def train_and_validate(estimator: RULEstimator, frame: pd.DataFrame,
     val = frame[frame["unit"].isin(val_units)]
     estimator.fit(train, val_frame=val)
     cut, true_rul = truncate_units(val, seed=protocol.seed, cuts_per_unit=protocol.cuts_per_unit)
-    metrics, _ = score_test(estimator, cut, true_rul, source="validation engines")
+    metrics, predicted = score_test(estimator, cut, true_rul, source="validation engines")
     metrics = {"val_" + k: v for k, v in metrics.items()}
+    if keep_predictions:
+        metrics["val_predictions"] = predicted.to_dict(orient="records")
     if estimator.net_.members > 1:  # what each member scores alone, beside the ensemble
         metrics["val_member_rmse"] = [
             rul_metrics(estimator.predict(cut, member=k)["rul"].to_numpy(), true_rul, cap=estimator.net.rul_cap)["rmse"]

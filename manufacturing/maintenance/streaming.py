@@ -30,6 +30,7 @@ class _UnitState:
     first: np.ndarray  # the unit's first normalised row: pads a history shorter than the window
     seen: int = 0
     history: np.ndarray | None = None  # (regimes,) cycles spent in each regime, for history features
+    sums: np.ndarray | None = None  # (sensors,) normalised sensors summed over the unit's cycles, for running means
     last_cycle: float | None = None
     last_rul: float | None = field(default=None)
 
@@ -69,8 +70,9 @@ class StreamingRULPredictor:
             self._units.pop(str(unit_id), None)
 
     def _row(self, unit_id: str, cycle: Mapping[str, float], number: int,
-             history: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(normalised row, the unit's regime counts with this cycle) for one incoming cycle."""
+             state: _UnitState | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(normalised row, the unit's regime counts and normalised sensor sums with this cycle) for one
+        incoming cycle, the `number`-th of the unit."""
         values = []
         for name in self.required_fields:
             if name not in cycle:
@@ -86,9 +88,11 @@ class StreamingRULPredictor:
             values.append(value)
         raw = np.asarray(values, dtype=np.float64)[None, :]
         normalizer = self.estimator.normalizer_
-        counts = np.zeros(normalizer.config.num_regimes) if history is None else history.copy()
+        counts = np.zeros(normalizer.config.num_regimes) if state is None else state.history.copy()
         counts[normalizer.regimes(raw[:, :3])[0]] += 1
-        return normalizer.transform_arrays(raw[:, :3], raw[:, 3:], counts[None])[0], counts
+        sums = normalizer.normalise(raw[:, :3], raw[:, 3:])[0] + (0.0 if state is None else state.sums)
+        row = normalizer.transform_arrays(raw[:, :3], raw[:, 3:], counts[None], (sums / number)[None])[0]
+        return row, counts, sums
 
     def update(self, unit_id: str, cycle: Mapping[str, float]) -> float | None:
         """Add one cycle of `unit_id` and return its current RUL estimate (None under min_cycles)."""
@@ -100,11 +104,11 @@ class StreamingRULPredictor:
                 raise MaintenanceDataError(
                     f"cycle {cycle['cycle']} does not follow {state.last_cycle:g}; call reset() for a new life",
                     source=f"unit {unit_id}", row=f"cycle {number}", field="cycle")
-        row, history = self._row(unit_id, cycle, number, state.history if state else None)
+        row, counts, sums = self._row(unit_id, cycle, number, state)
         if state is None:
             state = self._units[unit_id] = _UnitState(rows=deque(maxlen=self.window), first=row)
         state.rows.append(row)
-        state.history = history
+        state.history, state.sums = counts, sums
         state.seen += 1
         if "cycle" in cycle:
             state.last_cycle = float(cycle["cycle"])
