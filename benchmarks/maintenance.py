@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.common import describe, machine, write_results  # noqa: E402
 from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i, read_ai4i, split_rows  # noqa: E402
 from manufacturing.maintenance.cmapss import SUBSET_REGIMES, find_file, read_cmapss  # noqa: E402
 from manufacturing.maintenance.generator import generate_cmapss  # noqa: E402
@@ -39,12 +39,6 @@ from manufacturing.maintenance.rul import RULEstimator, default_feature_config, 
 ANCHORS = {"deep LSTM (Zheng 2017)": [16.14, 24.49, 16.18, 28.17], "CNN (Li 2018)": [12.61, 22.36, 12.64, 23.31],
            "FFVE": [12.31, 12.55, 12.43, 14.08]}
 SUBSET_ORDER = ["FD001", "FD002", "FD003", "FD004"]
-
-
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s), load average {load:.1f} at start (shared machine)")
 
 
 def load_subset(args, subset: str):
@@ -201,21 +195,19 @@ def main() -> None:
         args.epochs, args.windows_per_epoch, args.cuts = 3, 1024, 2
     torch.set_num_threads(args.threads)
     console = Console(stderr=args.json, width=200)  # the side-by-side table is wide; logs are files
-    console.print(f"machine: {machine()}")
     results = {"machine": machine(), "command": " ".join(sys.argv), "quick": args.quick, "rul": [], "ai4i": None}
+    console.print(f"machine: {describe(results['machine'])}")
     if not args.no_rul:
         results["rul"] = run_rul(args, console)
         console.print(rul_table(results["rul"]))
     if not args.no_ai4i:
         results["ai4i"] = run_ai4i(args, console)
         console.print(ai4i_table(results["ai4i"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=float))
     if results["rul"]:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         plot(results["rul"], args.out.with_suffix(".png"))
     console.print(f"results: {args.out}")
-    if args.json:
-        print(json.dumps(results, default=float))
+    write_results(results, args.out, as_json=args.json)
 
 
 if __name__ == "__main__":

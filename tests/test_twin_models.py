@@ -23,6 +23,14 @@ def rul_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def rul_life_folder(tmp_path_factory):
+    """A model whose features read the whole life (regime history, running means), as the MoE recipe's."""
+    folder = tmp_path_factory.mktemp("rul-life")
+    maintenance.train_quick_rul_model(folder, num_units=16, max_epochs=1, seed=0, life_features=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def ai4i_folder(tmp_path_factory):
     from manufacturing.maintenance.ai4i import AI4IFailureModel, LightGBMParams, generate_ai4i, split_rows
 
@@ -81,12 +89,16 @@ def test_learned_health_models_by_folder(rul_folder, ai4i_folder):
     assert none is None and type(defaults["mill"]).__name__ == "AI4IRuleHealth"
 
 
-def test_a_restarted_twin_rebuilds_the_rul_windows_from_history(rul_folder, tmp_path):
+@pytest.mark.parametrize("model", ["rul_folder", "rul_life_folder"])
+def test_a_restarted_twin_rebuilds_the_rul_windows_from_history(model, request, tmp_path):
     from twin.service import TwinConfig, TwinService
     from twin.services import free_port
 
+    folder = request.getfixturevalue(model)
     ticks = engine_cycles(50)
-    config = TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"), rul_model=str(rul_folder))
+    config = TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"), rul_model=str(folder))
+    # 45 stored cycles, more than the 30 of a window: a whole-life model must get all of them back.
+    assert StreamingRULHealth.from_dir(folder).history_needed == (None if model == "rul_life_folder" else 30)
 
     def feed(service, seqs):
         for seq in seqs:

@@ -36,8 +36,9 @@ class StreamingRULHealth:
         return cls(predictor, rul_sd=metrics.get("val_rmse"))
 
     @property
-    def history_needed(self) -> int:
-        return self.predictor.window
+    def history_needed(self) -> int | None:
+        """Stored cycles `warm` needs: the window, or every one (None) for features that read the whole life."""
+        return None if self.predictor.reads_whole_life else self.predictor.window
 
     def warm(self, machine: Machine, history: list[dict[str, Any]]) -> Health | None:
         """Rebuild an engine's window from its stored cycles (oldest first), e.g. after the twin restarts:

@@ -105,7 +105,8 @@ class TwinService:
         return self
 
     def _warm_health(self) -> None:
-        """Health models with a memory (the RUL windows) get each device's recent in-order history back."""
+        """Health models with a memory (the RUL windows) get each device's in-order history back: the
+        last window's worth, or the whole stored life for features that read it (`history_needed`)."""
         for device in self.state.devices.values():
             model = self.health_models.get(device.machine.kind)
             if device.last_seq < 0 or not hasattr(model, "warm"):

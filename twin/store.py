@@ -299,13 +299,14 @@ class HistoryStore:
     def last_seqs(self) -> dict[str, int]:
         return dict(self.query("SELECT device, MAX(seq) FROM history GROUP BY device"))
 
-    def history(self, device: str, *, start_ms: int = 0, end_ms: int = 2**62, limit: int = 1000,
+    def history(self, device: str, *, start_ms: int = 0, end_ms: int = 2**62, limit: int | None = 1000,
                 latest: bool = False) -> list[dict[str, Any]]:
-        """Rows of one device in [start_ms, end_ms), oldest first (`latest`: the newest `limit` rows)."""
+        """Rows of one device in [start_ms, end_ms), oldest first (`latest`: the newest `limit` rows;
+        limit None: all)."""
         order = "DESC" if latest else "ASC"
         rows = self.query("SELECT seq, ts_ms, received_ms, in_order, rul, failure_prob, failure_mode, vals "
                           f"FROM history WHERE device = ? AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms {order}, "
-                          f"seq {order} LIMIT ?", (device, start_ms, end_ms, limit))
+                          f"seq {order} LIMIT ?", (device, start_ms, end_ms, -1 if limit is None else limit))
         out = [{"seq": r[0], "ts_ms": r[1], "received_ms": r[2], "in_order": bool(r[3]), "rul": r[4],
                 "failure_prob": r[5], "failure_mode": r[6], "values": json.loads(r[7])} for r in rows]
         return out[::-1] if latest else out

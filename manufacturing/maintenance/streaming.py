@@ -59,6 +59,13 @@ class StreamingRULPredictor:
         return cls(RULEstimator.load(folder), min_cycles=min_cycles)
 
     @property
+    def reads_whole_life(self) -> bool:
+        """Whether an estimate depends on every cycle of the unit's life so far, not only the last
+        `window` (regime history, running means): a unit's state is rebuilt from its whole life."""
+        config = self.estimator.normalizer_.config
+        return bool(config.history or config.running_mean)
+
+    @property
     def units(self) -> list[str]:
         return list(self._units)
 
