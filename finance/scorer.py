@@ -127,8 +127,7 @@ class CreditScorer:
         if len(rows) and len(rows) == len(pd_):
             texts, codes = self.reason_codes(data, contributions)
         elif len(rows):
-            sub = FitData(data.X[rows], None, records.iloc[rows] if data.records is not None else None)
-            texts[rows], codes[rows] = self.reason_codes(sub)
+            texts[rows], codes[rows] = self.reason_codes(data.take(rows))
         # One constructor call: adding columns one by one cost more than the scoring of one record.
         # copy=False: every array is this call's own (pandas' copies cost ~60 us of a single call).
         return pd.DataFrame({"id": records[spec.id_column].to_numpy(), "pd": pd_,

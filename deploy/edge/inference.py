@@ -53,10 +53,10 @@ class OnnxRULEstimator:
         self.rul_rmse = float(rmse) if rmse is not None else None
         self.input_name = self.session.get_inputs()[0].name
         self._rows: deque[np.ndarray] = deque(maxlen=self.window)
-        # The engine's life so far, for history and running-mean features: cycles run in each regime
-        # and the normalised sensors summed over every cycle.
-        self._history = np.zeros(len(self.normalizer.centers_) if self.normalizer is not None else 0)
-        self._sums = np.zeros(len(self.normalizer.sensors_) if self.normalizer is not None else 0)
+        # The engine's life so far, for history and running-mean features (ConditionNormalizer.advance):
+        # cycles run in each regime and the normalised sensors summed over every cycle.
+        self._history: np.ndarray | None = None
+        self._sums: np.ndarray | None = None
 
     def update(self, values: dict[str, Any]) -> float | None:
         try:
@@ -64,11 +64,8 @@ class OnnxRULEstimator:
         except (KeyError, TypeError, ValueError):
             return None  # a tick without every feature: no estimate rather than a wrong one
         if self.normalizer is not None:
-            settings, sensors = row[None, :3], row[None, 3:]
-            self._history[self.normalizer.regimes(settings)[0]] += 1  # this cycle included
-            self._sums += self.normalizer.normalise(settings, sensors)[0]
-            running = self._sums / self._history.sum()
-            row = self.normalizer.transform_arrays(settings, sensors, self._history[None], running[None])[0]
+            row, self._history, self._sums = self.normalizer.advance(row[None, :3], row[None, 3:], self._history,
+                                                                     self._sums)
         if not self._rows:
             self._rows.extend([row] * self.window)
         self._rows.append(row)

@@ -84,6 +84,12 @@ class FitData:
     def __len__(self) -> int:
         return len(self.X)
 
+    def take(self, rows: np.ndarray) -> FitData:
+        """The subset at positions `rows` (labels, records and weights alike)."""
+        return FitData(self.X[rows], None if self.y is None else self.y[rows],
+                       None if self.records is None else self.records.iloc[rows],
+                       None if self.sample_weight is None else self.sample_weight[rows])
+
 
 class CreditModel(ABC):
     """A probability-of-default model over the feature matrix (scikit-learn conventions).

@@ -34,12 +34,6 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def _rows(data: FitData, rows: np.ndarray) -> FitData:
-    return FitData(data.X[rows], None if data.y is None else data.y[rows],
-                   None if data.records is None else data.records.iloc[rows],
-                   None if data.sample_weight is None else data.sample_weight[rows])
-
-
 def _cross_fitted_logits(members: list[CreditModel], train: FitData, valid: FitData) -> np.ndarray:
     """(n_valid, members) log-odds where each row comes from a copy of the member (same class,
     config and seed) trained on `train` and early-stopped on the other half of `valid`."""
@@ -49,8 +43,8 @@ def _cross_fitted_logits(members: list[CreditModel], train: FitData, valid: FitD
         for stop_rows, blend_rows in halves:
             refit = build_model(member.name, feature_names=member.feature_names, dataset=member.dataset,
                                seed=member.seed, progress=member.progress, config=member.config)
-            refit.fit(train, _rows(valid, stop_rows))
-            out[blend_rows, j] = _logit(refit.predict_proba(_rows(valid, blend_rows))[:, 1])
+            refit.fit(train, valid.take(stop_rows))
+            out[blend_rows, j] = _logit(refit.predict_proba(valid.take(blend_rows))[:, 1])
     return out
 
 

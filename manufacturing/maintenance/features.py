@@ -142,6 +142,20 @@ class ConditionNormalizer:
         grouped = normalised.groupby(frame["unit"].to_numpy(), sort=False)
         return (grouped.cumsum() / (grouped.cumcount().to_numpy()[:, None] + 1)).to_numpy()
 
+    def advance(self, settings: np.ndarray, sensors: np.ndarray, counts: np.ndarray | None,
+                sums: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One more cycle of a unit, as the streaming predictor and the edge runtime see them.
+
+        settings (1, 3), sensors (1, len(sensors_)); counts (regimes,) cycles run in each regime and
+        sums (len(sensors_),) normalised sensors summed, over the unit's earlier cycles (None: this
+        is its first). Returns (feature row (features,), counts, sums), both with this cycle.
+        """
+        counts = np.zeros(self.config.num_regimes) if counts is None else counts.copy()
+        counts[self.regimes(settings)[0]] += 1
+        sums = self.normalise(settings, sensors)[0] + (0.0 if sums is None else sums)
+        row = self.transform_arrays(settings, sensors, counts[None], (sums / counts.sum())[None])[0]
+        return row, counts, sums
+
     def normalised_sums(self, regime_sums: np.ndarray, regime_counts: np.ndarray) -> np.ndarray:
         """Sums of the normalised sensors from raw per-regime sums (the normalisation is affine in each regime).
 

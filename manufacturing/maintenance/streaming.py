@@ -94,12 +94,8 @@ class StreamingRULPredictor:
                                            source=f"unit {unit_id}", row=f"cycle {number}", field=name)
             values.append(value)
         raw = np.asarray(values, dtype=np.float64)[None, :]
-        normalizer = self.estimator.normalizer_
-        counts = np.zeros(normalizer.config.num_regimes) if state is None else state.history.copy()
-        counts[normalizer.regimes(raw[:, :3])[0]] += 1
-        sums = normalizer.normalise(raw[:, :3], raw[:, 3:])[0] + (0.0 if state is None else state.sums)
-        row = normalizer.transform_arrays(raw[:, :3], raw[:, 3:], counts[None], (sums / number)[None])[0]
-        return row, counts, sums
+        history, sums = (None, None) if state is None else (state.history, state.sums)
+        return self.estimator.normalizer_.advance(raw[:, :3], raw[:, 3:], history, sums)
 
     def update(self, unit_id: str, cycle: Mapping[str, float]) -> float | None:
         """Add one cycle of `unit_id` and return its current RUL estimate (None under min_cycles)."""
