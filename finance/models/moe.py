@@ -24,6 +24,7 @@ from torch import nn
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
+from core.input_gradients import TabularMoEGradient
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
 from finance.models.base import CreditModel, FitData, register_model
 
@@ -46,6 +47,13 @@ class MoEModelConfig:
     average_last: int = 3
     clip_quantile: float = 0.005  # clip each feature to its [0.5%, 99.5%] training range: heavy tails
     attribution_steps: int = 8  # integrated-gradient steps (midpoint rule) for reason codes
+
+
+# Integrated-gradient paths of at most this many points (9 per application at the default 8
+# steps) take the NumPy forward and backward of core.input_gradients instead of torch autograd.
+# Measured CPU time, NumPy / torch, credit network (16 experts, H=64, I=128, 214 or 25 features):
+# 9 points 0.33-0.41x, 90 points 0.28-0.33x, 360 points 0.54-0.57x, 900 points 0.79-1.17x.
+NUMPY_PATH_ROWS = 512
 
 
 class StandardisedMoE(nn.Module):
@@ -152,6 +160,7 @@ class MoEModel(CreditModel):
         net.load_state_dict(best["state"])  # the best averaged weights (the Trainer restored single-epoch ones)
         self.data_fingerprint_ = data_fingerprint(train.X, train.y)
         self.module_.eval()
+        self.gradient_kernel_ = TabularMoEGradient.from_module(net)
         return self
 
     @torch.inference_mode()
@@ -176,21 +185,36 @@ class MoEModel(CreditModel):
         0 to each standardised applicant z, and with `with_logits` a last point at z whose logit is
         the prediction (its gradient is not used; rows do not interact, so the steps are unchanged)."""
         steps = self.config.attribution_steps
-        alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
+        alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps  # midpoint rule
         if with_logits:
-            alphas = torch.cat([alphas, torch.ones(1)])
+            alphas = np.append(alphas, np.float32(1.0))
         logits_out, out = [], []
         for start in range(0, len(X), 4096):
             with torch.no_grad():
-                z = self.module_.standardise(torch.from_numpy(np.ascontiguousarray(X[start:start + 4096])))
-            path = (alphas[:, None, None] * z[None]).reshape(-1, z.shape[1]).requires_grad_(True)  # (points*n, F)
-            logits, _ = self.module_.net(path)
-            (grad,) = torch.autograd.grad(logits.sum(), path)
-            out.append((z * grad.reshape(len(alphas), *z.shape)[:steps].mean(0)).numpy())
-            if with_logits:
-                logits_out.append(logits.detach().reshape(len(alphas), len(z))[-1].numpy())
+                z = self.module_.standardise(torch.from_numpy(np.ascontiguousarray(X[start:start + 4096]))).numpy()
+            logits, grad = self._path_gradients(z, alphas)  # (points, n), (points, n, F)
+            out.append(z * grad[:steps].mean(0))
+            logits_out.append(logits[-1])
         logits = np.concatenate(logits_out).astype(np.float64) if with_logits else None
         return logits, np.concatenate(out).astype(np.float64)
+
+    def _path_gradients(self, z: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (points, n) and their gradients (points, n, F) at alpha * z for each alpha.
+
+        Up to NUMPY_PATH_ROWS points (one application's path, a small request) run through
+        `core.input_gradients` in NumPy, larger blocks through torch autograd: the same maths, to
+        float32 rounding (tests/test_input_gradients.py).
+        """
+        path = (alphas[:, None, None] * z[None]).reshape(-1, z.shape[1])  # (points*n, F)
+        if len(path) <= NUMPY_PATH_ROWS:
+            logits, grad = self.gradient_kernel_.forward_and_gradient(path)
+            logits = logits[:, 0]
+        else:
+            points = torch.from_numpy(path).requires_grad_(True)
+            output, _ = self.module_.net(points)
+            (grad,) = torch.autograd.grad(output[:, 0].sum(), points)
+            logits, grad = output[:, 0].detach().numpy(), grad.numpy()
+        return logits.reshape(len(alphas), len(z)), grad.reshape(len(alphas), *z.shape)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -205,6 +229,7 @@ class MoEModel(CreditModel):
         config = MoEModelConfig(**json.loads((directory / "moe.json").read_text())["config"])
         model = cls(feature_names=feature_names, dataset=dataset, config=config)
         model.module_, meta = load_checkpoint(directory / "moe.pt", lambda c: _build(config, len(feature_names)))
+        model.gradient_kernel_ = TabularMoEGradient.from_module(model.module_.net)
         model.metrics_ = meta["metrics"]
         return model
 
