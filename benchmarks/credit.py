@@ -68,21 +68,23 @@ PATHS = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
 
 
 def quality(dataset: str, data_root: Path, seed: int, console: Console, *, speed: bool = True,
-            save_to: Path | None = None) -> dict:
+            save_to: Path | None = None, exclude_protected: bool = False) -> dict:
     records = load_records(dataset, data_root / PATHS[dataset])
     fit_part, test = split_records(records, valid_share=0.2, seed=seed)
     train, valid = split_records(fit_part, valid_share=0.2, seed=seed)
     scorers: dict[str, CreditScorer] = {}
     for name in ("scorecard", "lightgbm", "moe"):
         console.print(f"[{dataset}] training {name} on {len(train):,} rows ...")
-        scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed).fit(train, valid)
+        scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed,
+                                     exclude_protected=exclude_protected).fit(train, valid)
     members = [scorers[n].model_ for n in ("lightgbm", "moe", "scorecard")]
     started = time.perf_counter()
     base = scorers["lightgbm"]
     ensemble = EnsembleModel.from_fitted(members, FitData(base.pipeline_.transform(valid.frame), valid.target),
                                          train=FitData(base.pipeline_.transform(train.frame), train.target),
                                          feature_names=base.pipeline_.feature_names_, dataset=dataset)
-    scorers["ensemble"] = CreditScorer(dataset=dataset, model_name="ensemble", seed=seed).fit(
+    scorers["ensemble"] = CreditScorer(dataset=dataset, model_name="ensemble", seed=seed,
+                                       exclude_protected=exclude_protected).fit(
         train, valid, fitted_model=ensemble)
     scorers["ensemble"].train_seconds_ = sum(scorers[n].train_seconds_ for n in ("lightgbm", "moe", "scorecard")) + (
         time.perf_counter() - started)
@@ -177,6 +179,8 @@ def main() -> None:
                              "--speed-only, load them from here)")
     parser.add_argument("--skip-speed", action="store_true", help="quality only: no latency, throughput or batch job")
     parser.add_argument("--speed-only", action="store_true", help="time the scorers saved in --models-dir; no training")
+    parser.add_argument("--exclude-protected", action="store_true",
+                        help="train without the features computed from age, sex, marital or family status")
     parser.add_argument("--max-chunks", type=int, default=None,
                         help="score only this many 250,000-row chunks of the batch job (a shorter timed run)")
     args = parser.parse_args()
@@ -185,7 +189,7 @@ def main() -> None:
     datasets = list(filter(None, args.datasets.split(",")))
     out_path = args.out or Path("benchmarks/results/credit_speed.json" if args.speed_only else
                                 "benchmarks/results/credit.json")
-    results = {"machine": machine(), "seed": args.seed, "datasets": {}}
+    results = {"machine": machine(), "seed": args.seed, "exclude_protected": args.exclude_protected, "datasets": {}}
     if args.speed_only:
         if args.models_dir is None:
             parser.error("--speed-only needs --models-dir (saved by a run with --models-dir)")
@@ -193,7 +197,7 @@ def main() -> None:
     else:
         for dataset in datasets:
             results["datasets"][dataset] = quality(dataset, args.data, args.seed, console, speed=not args.skip_speed,
-                                                   save_to=args.models_dir)
+                                                   save_to=args.models_dir, exclude_protected=args.exclude_protected)
         if args.million_rows:
             keep = args.models_dir is not None
             workdir = args.models_dir / "batch" if keep else Path(tempfile.mkdtemp(prefix="credit-bench-"))

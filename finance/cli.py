@@ -50,6 +50,9 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
           reject_inference: str = typer.Option(None, help="train with this reject-inference method (see "
                                                           "`finance reject-inference`); needs --unlabelled"),
           unlabelled: Path = typer.Option(None, help="applicants without outcome (rejects; GMSC: cs-test)"),
+          exclude_protected: bool = typer.Option(False, "--exclude-protected",
+                                                 help="leave out features computed from age, sex, marital or "
+                                                      "family status (the catalogue's `protected` column)"),
           json_out: bool = typer.Option(False, "--json", help="print the validation metrics as JSON last")) -> None:
     """Train a model (80/20 seeded split for early stopping and the cut-off) and save it."""
     from finance.errors import CreditDataError
@@ -74,10 +77,10 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
 
             scorer = train_with_reject_inference(records, None if unlabelled is None else _records(
                 dataset, unlabelled, require_target=False), model_name=model, method=reject_inference, seed=seed,
-                policy=ScoringPolicy(approval_rate=approval_rate))[0]
+                policy=ScoringPolicy(approval_rate=approval_rate), exclude_protected=exclude_protected)[0]
         else:
             scorer = train_scorer(records, model, seed=seed, policy=ScoringPolicy(approval_rate=approval_rate),
-                                  progress=True)
+                                  progress=True, exclude_protected=exclude_protected)
         scorer.save(out)
     except (CreditDataError, FileNotFoundError) as error:
         _fail(error)

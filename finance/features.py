@@ -42,6 +42,10 @@ class FeatureSpec:
     # most one reason code per family, so that three reasons are not one late payment said three
     # ways. Empty (catalogues saved before families): the feature is a family of its own.
     family: str = ""
+    # The protected attribute (age, sex, marital status, family status) the feature is computed
+    # from, empty if none: anti-discrimination rules for credit (ECOA / Regulation B, the EU AI Act's
+    # high-risk credit systems) restrict their use. FeaturePipeline(exclude_protected=True) leaves them out.
+    protected: str = ""
 
 
 class _Builder:
@@ -54,17 +58,20 @@ class _Builder:
         self.columns: dict[str, np.ndarray] = {}
         self.specs: list[FeatureSpec] | None = [] if catalogue else None
 
-    def add(self, name: str, values: Any, source: str, definition: str, family: str | None = None) -> None:
-        """family: the reason-code family (default: the source)."""
+    def add(self, name: str, values: Any, source: str, definition: str, family: str | None = None, *,
+            protected: str = "") -> None:
+        """family: the reason-code family (default: the source); protected: see FeatureSpec."""
         values = np.asarray(values, dtype=np.float64)
         if self.specs is not None:  # without, a duplicate shows as a changed feature set in transform
             assert name not in self.columns, f"duplicate feature {name}"
-            self.specs.append(FeatureSpec(name, source, definition, family or source))
+            self.specs.append(FeatureSpec(name, source, definition, family or source, protected))
         self.columns[name] = np.broadcast_to(values, (self.n,)) if values.ndim == 0 else values
 
-    def one_hot(self, name: str, values: np.ndarray, levels: list[str], source: str, label: str) -> None:
+    def one_hot(self, name: str, values: np.ndarray, levels: list[str], source: str, label: str, *,
+                protected: str = "") -> None:
         for level in levels:
-            self.add(f"{name}={level}", values == level, source, f"{label} is {level.replace('_', ' ')}")
+            self.add(f"{name}={level}", values == level, source, f"{label} is {level.replace('_', ' ')}",
+                     protected=protected)
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -251,9 +258,9 @@ def _taiwan(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     b.add("limit", limit, "application", "Credit limit (NT$)")
     b.add("log_limit", np.log1p(np.clip(limit, 0, None)), "application", "Credit limit, log scale")
     age = _col(frame, "AGE")
-    b.add("age", age, "application", "Age in years")
-    b.add("limit_per_age", _div(limit, age), "application", "Credit limit per year of age")
-    b.add("female", _col(frame, "SEX") == 2, "application", "Client is female")
+    b.add("age", age, "application", "Age in years", protected="age")
+    b.add("limit_per_age", _div(limit, age), "application", "Credit limit per year of age", protected="age")
+    b.add("female", _col(frame, "SEX") == 2, "application", "Client is female", protected="sex")
     education = _col(frame, "EDUCATION")
     education = np.where(np.isin(education, [1, 2, 3]), education, 4)  # 0, 5, 6 are undocumented: "others"
     b.one_hot("education", education.astype(int).astype(str), ["1", "2", "3", "4"], "application",
@@ -261,7 +268,7 @@ def _taiwan(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     marriage = _col(frame, "MARRIAGE")
     marriage = np.where(np.isin(marriage, [1, 2]), marriage, 3)
     b.one_hot("marriage", marriage.astype(int).astype(str), ["1", "2", "3"], "application",
-              "Marital status (1 married, 2 single, 3 other)")
+              "Marital status (1 married, 2 single, 3 other)", protected="marital status")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +293,7 @@ def _gmsc(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     b.add("revolving_util", np.clip(util, 0, 10), s, "Revolving utilisation of unsecured lines (capped at 10)",
           "utilisation")
     b.add("util_over_1", util > 1, s, "Revolving balances above the credit limits", "utilisation")
-    b.add("age", np.where(age < 18, np.nan, age), s, "Age in years", "applicant")
+    b.add("age", np.where(age < 18, np.nan, age), s, "Age in years", "applicant", protected="age")
     for k, words in ((30, "30-59"), (60, "60-89"), (90, "90+")):
         b.add(f"late_{k}", clean[k], s, f"Times {words} days past due in 2 years", "delinquency")
     b.add("late_sentinel", sentinel, s, "Past-due counts hold the special codes 96/98", "delinquency")
@@ -308,14 +315,15 @@ def _gmsc(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
     b.add("open_lines", lines, s, "Open credit lines and loans", "credit lines")
     b.add("real_estate_lines", real_estate, s, "Real-estate loans or lines", "credit lines")
     b.add("other_lines", lines - real_estate, s, "Open lines that are not real-estate", "credit lines")
-    b.add("dependents", dependents, s, "Number of dependents", "applicant")
-    b.add("dependents_missing", np.isnan(dependents), s, "Number of dependents not given", "applicant")
+    b.add("dependents", dependents, s, "Number of dependents", "applicant", protected="family status")
+    b.add("dependents_missing", np.isnan(dependents), s, "Number of dependents not given", "applicant",
+          protected="family status")
     b.add("income_per_person", _div(income, 1 + np.nan_to_num(dependents)), s, "Monthly income per household member",
-          "income and debt")
+          "income and debt", protected="family status")
     b.add("late_per_line", _div(total_late, lines + 1), s, "Past-due episodes per open line", "delinquency")
     b.add("util_x_late", np.clip(util, 0, 10) * np.nan_to_num(total_late), s, "Utilisation times past-due episodes",
           "delinquency")
-    b.add("lines_per_age", _div(lines, age), s, "Open lines per year of age", "credit lines")
+    b.add("lines_per_age", _div(lines, age), s, "Open lines per year of age", "credit lines", protected="age")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +346,9 @@ _GEN_FAMILIES = {**dict.fromkeys(("days_past_due", "min_payment_missed", "return
                                  "delinquency"),
                  **dict.fromkeys(("payment_amount", "payment_ratio"), "payments"),
                  **dict.fromkeys(("salary_inflow", "salary_to_income"), "income")}
+
+
+_GEN_PROTECTED = {"age": "age", "num_dependents": "family status"}  # application fields that are protected
 
 
 def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> None:
@@ -376,7 +387,7 @@ def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> No
                         ("num_credit_lines", "Open credit lines"), ("bureau_score", "Credit bureau score"),
                         ("inquiries_6m", "Credit inquiries in the last 6 months"),
                         ("num_dependents", "Number of dependents"), ("years_at_address", "Years at current address")):
-        b.add(name, _col(frame, name), s, label)
+        b.add(name, _col(frame, name), s, label, protected=_GEN_PROTECTED.get(name, ""))
     requested, debt = _col(frame, "requested_amount"), _col(frame, "existing_debt")
     b.add("log_income", np.log1p(np.clip(income, 0, None)), s, "Stated monthly income, log scale")
     b.add("loan_to_income", _div(requested, income), s, "Amount requested over monthly income")
@@ -384,9 +395,10 @@ def _generated(frame: _Columns, levels: dict[str, list[str]], b: _Builder) -> No
     b.add("instalment_to_income", _div(requested / _col(frame, "term_months"), income), s,
           "Monthly instalment of the request over monthly income")
     b.add("total_debt_to_income", _div(debt + requested, income), s, "Existing plus requested debt over income")
-    b.add("income_per_person", _div(income, 1 + _col(frame, "num_dependents")), s, "Income per household member")
+    b.add("income_per_person", _div(income, 1 + _col(frame, "num_dependents")), s, "Income per household member",
+          protected="family status")
     b.add("employment_share_of_adult_life", _div(_col(frame, "employment_years"), _col(frame, "age") - 17), s,
-          "Years employed over years of adult life")
+          "Years employed over years of adult life", protected="age")
     b.add("inquiries_per_line", _div(_col(frame, "inquiries_6m"), _col(frame, "num_credit_lines") + 1), s,
           "Recent inquiries per open credit line")
     for cat, label in (("employment_type", "Employment type"), ("housing", "Housing"), ("education", "Education"),
@@ -443,13 +455,18 @@ class FeaturePipeline:
 
     Args:
         dataset: "taiwan", "gmsc" or "generated".
+        exclude_protected: leave out every feature computed from a protected attribute (age, sex,
+            marital status, family status: `FeatureSpec.protected`), so that no model sees them and
+            no reason code names them. Off by default, as in the published benchmarks.
     Learned: levels_ (categorical levels seen in training), feature_names_, catalogue_ (FeatureSpec
     per feature), medians_ (training median per feature, the "typical value" of reason codes),
-    families_ ((F,) int reason family of each feature, from the catalogue).
+    families_ ((F,) int reason family of each feature, from the catalogue), excluded_ (names of
+    the protected features left out; empty unless exclude_protected).
     """
 
-    def __init__(self, *, dataset: str) -> None:
+    def __init__(self, *, dataset: str, exclude_protected: bool = False) -> None:
         self.dataset = dataset
+        self.exclude_protected = exclude_protected
 
     def _build(self, frame: pd.DataFrame, *, catalogue: bool = False) -> _Builder:
         builder = _Builder(len(frame), catalogue=catalogue)
@@ -459,13 +476,15 @@ class FeaturePipeline:
     def fit(self, frame: pd.DataFrame, y: Any = None) -> FeaturePipeline:
         self.levels_ = {c: sorted(map(str, pd.unique(frame[c].dropna()))) for c in _CATEGORICALS[self.dataset]}
         builder = self._build(frame, catalogue=True)
-        self.feature_names_ = list(builder.columns)
-        self.catalogue_ = builder.specs
+        self.excluded_ = [s.name for s in builder.specs if s.protected] if self.exclude_protected else []
+        self.catalogue_ = [s for s in builder.specs if s.name not in set(self.excluded_)]
+        self.feature_names_ = [s.name for s in self.catalogue_]
         self.families_ = _families(self.catalogue_)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             rows = np.random.default_rng(0).permutation(len(frame))[:50_000]  # a median needs no more
-            self.medians_ = np.nanmedian(np.column_stack([v[rows] for v in builder.columns.values()]), axis=0)
+            self.medians_ = np.nanmedian(np.column_stack([builder.columns[c][rows] for c in self.feature_names_]),
+                                         axis=0)
         return self
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
@@ -488,26 +507,30 @@ class FeaturePipeline:
 
     def _columns(self, frame: pd.DataFrame) -> list[np.ndarray]:
         """The feature columns of `frame`, (n,) float64 each, in the fitted order."""
-        builder = self._build(frame)
-        assert list(builder.columns) == self.feature_names_, "feature set changed since fit"
-        return list(builder.columns.values())
+        columns = self._build(frame).columns
+        for name in self.excluded_:
+            del columns[name]
+        assert list(columns) == self.feature_names_, "feature set changed since fit"
+        return list(columns.values())
 
     def fit_transform(self, frame: pd.DataFrame, y: Any = None) -> np.ndarray:
         return self.fit(frame).transform(frame)
 
     def catalogue(self) -> pd.DataFrame:
-        """One row per feature: name, source, definition, training median."""
+        """One row per feature: name, source, definition, family, protected attribute, training median."""
         table = pd.DataFrame([asdict(s) for s in self.catalogue_])
         table["training_median"] = self.medians_
         return table
 
     def to_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "levels": self.levels_, "feature_names": self.feature_names_,
-                "catalogue": [asdict(s) for s in self.catalogue_], "medians": [float(v) for v in self.medians_]}
+                "catalogue": [asdict(s) for s in self.catalogue_], "medians": [float(v) for v in self.medians_],
+                "exclude_protected": self.exclude_protected, "excluded": self.excluded_}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> FeaturePipeline:
-        pipe = cls(dataset=state["dataset"])
+        pipe = cls(dataset=state["dataset"], exclude_protected=state.get("exclude_protected", False))
+        pipe.excluded_ = state.get("excluded", [])  # pipelines saved before the option excluded nothing
         pipe.levels_ = state["levels"]
         pipe.feature_names_ = state["feature_names"]
         pipe.catalogue_ = [FeatureSpec(**s) for s in state["catalogue"]]

@@ -47,13 +47,16 @@ class CreditScorer:
     validation deciles and missing share, the CSI reference), validation_metrics_, version_."""
 
     def __init__(self, *, dataset: str, model_name: str, policy: ScoringPolicy | None = None, seed: int = 0,
-                 progress: bool = False, model_config: Any = None) -> None:
+                 progress: bool = False, model_config: Any = None, exclude_protected: bool = False) -> None:
+        """exclude_protected: train without the features computed from protected attributes (see
+        finance.features.FeaturePipeline)."""
         self.dataset = dataset
         self.model_name = model_name
         self.policy = policy or ScoringPolicy()
         self.seed = seed
         self.progress = progress
         self.model_config = model_config
+        self.exclude_protected = exclude_protected
 
     # ------------------------------------------------------------------------------ training
     def fit(self, train: Records, valid: Records, *, sample_weight: np.ndarray | None = None,
@@ -65,7 +68,8 @@ class CreditScorer:
         """
         from finance.evaluation import characteristic_reference, credit_metrics
 
-        self.pipeline_ = FeaturePipeline(dataset=self.dataset).fit(train.frame)
+        self.pipeline_ = FeaturePipeline(dataset=self.dataset, exclude_protected=self.exclude_protected).fit(
+            train.frame)
         fit_train = FitData(self.pipeline_.transform(train.frame), train.target, train.frame, sample_weight)
         fit_valid = FitData(self.pipeline_.transform(valid.frame), valid.target, valid.frame)
         started = time.perf_counter()
@@ -194,6 +198,7 @@ class CreditScorer:
                      policy=ScoringPolicy(approval_rate=policy["approval_rate"], reason_count=policy["reason_count"],
                                           scale=PointsScale(**policy["scale"])))
         scorer.pipeline_ = FeaturePipeline.from_dict(json.loads((directory / "pipeline.json").read_text()))
+        scorer.exclude_protected = scorer.pipeline_.exclude_protected
         scorer.model_ = model_class(meta["model"]).load(
             directory / "model", feature_names=scorer.pipeline_.feature_names_, dataset=meta["dataset"])
         scorer.version_ = meta["version"]
@@ -257,8 +262,9 @@ def split_records(records: Records, *, valid_share: float = 0.2, seed: int = 0) 
 
 
 def train_scorer(records: Records, model_name: str, *, seed: int = 0, valid_share: float = 0.2,
-                 policy: ScoringPolicy | None = None, progress: bool = False, model_config: Any = None) -> CreditScorer:
+                 policy: ScoringPolicy | None = None, progress: bool = False, model_config: Any = None,
+                 exclude_protected: bool = False) -> CreditScorer:
     """Split `records` (seeded, stratified), fit features and model, return the fitted scorer."""
     train, valid = split_records(records, valid_share=valid_share, seed=seed)
     return CreditScorer(dataset=records.dataset, model_name=model_name, policy=policy, seed=seed, progress=progress,
-                        model_config=model_config).fit(train, valid)
+                        model_config=model_config, exclude_protected=exclude_protected).fit(train, valid)

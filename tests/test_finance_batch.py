@@ -69,9 +69,11 @@ def test_cli_train_evaluate_score_and_clear_errors(setup, tmp_path):
     root, model_dir = setup
     runner = CliRunner()
     result = runner.invoke(app, ["finance", "train", "--dataset", "generated", "--model", "scorecard",
-                                 "--rows", "2000", "--out", str(tmp_path / "m"), "--json"])
+                                 "--rows", "2000", "--exclude-protected", "--out", str(tmp_path / "m"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["auc"] > 0.6
+    pipeline = json.loads((tmp_path / "m" / "pipeline.json").read_text())
+    assert {"age", "num_dependents"} <= set(pipeline["excluded"]) and "age" not in pipeline["feature_names"]
     result = runner.invoke(app, ["finance", "evaluate", "--model", str(tmp_path / "m"), "--data",
                                  str(tmp_path / "m" / "generated-data"), "--report", str(tmp_path / "r.html"),
                                  "--json"])

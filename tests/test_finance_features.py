@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from finance.data import Records, load_generated, load_taiwan
+from finance.data import Records, load_generated, load_gmsc, load_taiwan
 from finance.features import FeaturePipeline, monthly_sequences
 from finance.generate import GeneratorConfig, generate
 
@@ -59,3 +59,27 @@ def test_monthly_sequences_are_oldest_first(generated):
     values, channels = monthly_sequences(generated.frame[:10], "generated")
     assert values.shape == (10, 6, 14) and channels[0] == "credit_limit"
     assert values[0, -1, channels.index("days_past_due")] == generated.frame["days_past_due_m1"].iloc[0]
+
+
+PROTECTED = {"taiwan": {"age", "sex", "marital status"}, "gmsc": {"age", "family status"},
+             "generated": {"age", "family status"}}
+
+
+@pytest.mark.parametrize("dataset", ["taiwan", "gmsc", "generated"])
+def test_excluding_protected_attributes_leaves_out_every_feature_built_from_them(dataset, data_root, generated):
+    frame = {"taiwan": lambda: load_taiwan(data_root / "taiwan_credit_default").frame.iloc[:2000],
+             "gmsc": lambda: load_gmsc(data_root / "give_me_some_credit").frame.iloc[:2000],
+             "generated": lambda: generated.frame}[dataset]()
+    full = FeaturePipeline(dataset=dataset).fit(frame)
+    marked = {s.name: s.protected for s in full.catalogue_ if s.protected}
+    assert set(marked.values()) == PROTECTED[dataset] and "age" in marked
+    pipe = FeaturePipeline(dataset=dataset, exclude_protected=True).fit(frame)
+    assert pipe.excluded_ == list(marked) and not set(pipe.feature_names_) & set(marked)
+    assert len(pipe.feature_names_) == len(full.feature_names_) - len(marked)
+    assert (pipe.catalogue()["protected"] == "").all()
+    kept = [full.feature_names_.index(n) for n in pipe.feature_names_]
+    np.testing.assert_array_equal(pipe.transform(frame), full.transform(frame)[:, kept])
+    np.testing.assert_array_equal(pipe.transform(frame.iloc[[3]]), full.transform(frame.iloc[[3]])[:, kept])
+    again = FeaturePipeline.from_dict(pipe.to_dict())
+    assert again.exclude_protected and again.feature_names_ == pipe.feature_names_
+    np.testing.assert_array_equal(again.transform(frame.iloc[:20]), pipe.transform(frame.iloc[:20]))

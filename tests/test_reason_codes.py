@@ -31,3 +31,21 @@ def test_catalogue_families_and_old_catalogues_without_them(tmp_path):
     assert len(set(pipeline.families_)) == len(set(family.values()))
     again = FeaturePipeline.from_dict(pipeline.to_dict())  # saved and loaded: the same families
     np.testing.assert_array_equal(again.families_, pipeline.families_)
+
+
+def test_a_scorer_trained_without_protected_attributes_keeps_them_out_after_a_reload(tmp_path, data_root):
+    from finance.data import load_taiwan
+    from finance.scorer import CreditScorer, load_model, split_records
+
+    records = load_taiwan(data_root / "taiwan_credit_default")
+    records = records.take(np.arange(3000))
+    train, valid = split_records(records, seed=0)
+    scorer = CreditScorer(dataset="taiwan", model_name="lightgbm", exclude_protected=True).fit(train, valid)
+    loaded = load_model(scorer.save(tmp_path / "m"))
+    assert loaded.exclude_protected and loaded.pipeline_.excluded_ == scorer.pipeline_.excluded_
+    assert {"age", "female", "marriage=1"} <= set(loaded.pipeline_.excluded_)
+    assert not {"age", "female", "limit_per_age"} & set(loaded.model_.feature_names)
+    scored = loaded.score(valid.frame.iloc[:300])
+    named = set("|".join(scored["reason_codes"]).split("|")) - {""}
+    assert named and not named & set(loaded.pipeline_.excluded_)
+    np.testing.assert_array_equal(scored["pd"], scorer.score(valid.frame.iloc[:300])["pd"])

@@ -20,20 +20,22 @@ class CreditModelEstimator:
         valid_share: rows of each fit held out for early stopping and the cut-off.
         seed: split and model.
         policy: the scorer's ScoringPolicy (None: its default).
+        exclude_protected: train without the features computed from protected attributes.
     Learned: scorer_ (the fitted CreditScorer, ready to save).
     """
 
     def __init__(self, *, dataset: str, model_name: str = "lightgbm", valid_share: float = 0.2, seed: int = 0,
-                 policy: Any = None) -> None:
+                 policy: Any = None, exclude_protected: bool = False) -> None:
         self.dataset = dataset
         self.model_name = model_name
         self.valid_share = valid_share
         self.seed = seed
         self.policy = policy
+        self.exclude_protected = exclude_protected
 
     def get_params(self, deep: bool = False) -> dict[str, Any]:
         return {"dataset": self.dataset, "model_name": self.model_name, "valid_share": self.valid_share,
-                "seed": self.seed, "policy": self.policy}
+                "seed": self.seed, "policy": self.policy, "exclude_protected": self.exclude_protected}
 
     def set_params(self, **params: Any) -> CreditModelEstimator:
         for key, value in params.items():
@@ -54,7 +56,8 @@ class CreditModelEstimator:
         records = Records(self.dataset, frame, y)
         train, valid = records.take(train_idx), records.take(valid_idx)
         self.scorer_ = CreditScorer(dataset=self.dataset, model_name=self.model_name, policy=self.policy,
-                                    seed=self.seed).fit(train, valid, sample_weight=weight)
+                                    seed=self.seed, exclude_protected=self.exclude_protected).fit(
+            train, valid, sample_weight=weight)
         return self
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
@@ -63,7 +66,7 @@ class CreditModelEstimator:
 
 
 def train_with_reject_inference(labelled: Any, unlabelled: Any, *, model_name: str, method: str | None, seed: int = 0,
-                                policy: Any = None) -> tuple[Any, Any]:
+                                policy: Any = None, exclude_protected: bool = False) -> tuple[Any, Any]:
     """Train a credit scorer on accepted loans (`labelled` Records) plus unlabelled applicants
     (`unlabelled` Records: the rejects, or any applicants without outcome) with a reject-inference
     method. Returns (the fitted CreditScorer, the fitted method, for its learned attributes)."""
@@ -75,7 +78,8 @@ def train_with_reject_inference(labelled: Any, unlabelled: Any, *, model_name: s
                               field="reject_inference")
     if unlabelled is None or not len(unlabelled.frame):
         raise CreditDataError("reject inference needs applicants without outcome (--unlabelled)", field="unlabelled")
-    estimator = CreditModelEstimator(dataset=labelled.dataset, model_name=model_name, seed=seed, policy=policy)
+    estimator = CreditModelEstimator(dataset=labelled.dataset, model_name=model_name, seed=seed, policy=policy,
+                                     exclude_protected=exclude_protected)
     frame = pd.concat([labelled.frame, unlabelled.frame], ignore_index=True)
     y = np.r_[np.asarray(labelled.target, dtype="int64"), np.full(len(unlabelled.frame), UNLABELLED)]
     fitted = make_method(method, estimator=estimator).fit(frame, y)
