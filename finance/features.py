@@ -43,8 +43,8 @@ class FeatureSpec:
     # ways. Empty (catalogues saved before families): the feature is a family of its own.
     family: str = ""
     # The protected attribute (age, sex, marital status, family status) the feature is computed
-    # from, empty if none: anti-discrimination rules for credit (ECOA / Regulation B, the EU AI Act's
-    # high-risk credit systems) restrict their use. FeaturePipeline(exclude_protected=True) leaves them out.
+    # from, empty if none: anti-discrimination rules for credit (ECOA / Regulation B in the US, EU
+    # equal-treatment law) restrict their use. FeaturePipeline(exclude_protected=True) leaves them out.
     protected: str = ""
 
 
