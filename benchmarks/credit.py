@@ -17,6 +17,9 @@ The timed part can run on its own, under the shared bench lock, from models trai
 The first trains, reports quality and saves the scorers, the test splits, the generated population
 and the batch job's model; the second loads them and measures speed only. It uses public APIs only,
 so PYTHONPATH can point it at another checkout of the code for a side-by-side run.
+
+`--seed S` repeats the protocol on another split (and model seeds); `--exclude-protected` trains
+without the features computed from age, sex, marital or family status, for their cost in AUC.
 """
 
 from __future__ import annotations
