@@ -184,14 +184,14 @@ class TabularMoEGradient:
             f"expected (N, {self.input_weight.shape[1]}) inputs, got {x.shape}"
         x = np.ascontiguousarray(x, dtype=np.float32)
         h, input_grad = _activation("gelu", x @ self.input_weight.T + self.input_bias)  # (N, H); nn.GELU
-        saved = []
+        states = []
         for layer in self.layers:
             out, state = layer.forward(h)
-            saved.append((h, state))
+            states.append(state)
             h = h + out
         normed, head_saved = self.head_norm.forward(h)
         logits = normed @ self.head_weight.T + self.head_bias  # (N, outputs)
         grad = self.head_norm.backward(np.broadcast_to(self.head_weight[output], h.shape), head_saved)
-        for layer, (_, state) in zip(reversed(self.layers), reversed(saved), strict=True):
+        for layer, state in zip(reversed(self.layers), reversed(states), strict=True):
             grad = grad + layer.backward(grad, state)
         return logits, (grad * input_grad) @ self.input_weight
