@@ -476,8 +476,9 @@ class FeaturePipeline:
     def fit(self, frame: pd.DataFrame, y: Any = None) -> FeaturePipeline:
         self.levels_ = {c: sorted(map(str, pd.unique(frame[c].dropna()))) for c in _CATEGORICALS[self.dataset]}
         builder = self._build(frame, catalogue=True)
-        self.excluded_ = [s.name for s in builder.specs if s.protected] if self.exclude_protected else []
-        self.catalogue_ = [s for s in builder.specs if s.name not in set(self.excluded_)]
+        leave_out = [self.exclude_protected and bool(s.protected) for s in builder.specs]
+        self.excluded_ = [s.name for s, out in zip(builder.specs, leave_out, strict=True) if out]
+        self.catalogue_ = [s for s, out in zip(builder.specs, leave_out, strict=True) if not out]
         self.feature_names_ = [s.name for s in self.catalogue_]
         self.families_ = _families(self.catalogue_)
         with warnings.catch_warnings():

@@ -51,8 +51,9 @@ class MoEModelConfig:
 
 # Integrated-gradient paths of at most this many points (9 per application at the default 8
 # steps) take the NumPy forward and backward of core.input_gradients instead of torch autograd.
-# Measured CPU time, NumPy / torch, credit network (16 experts, H=64, I=128, 214 or 25 features):
-# 9 points 0.33-0.41x, 90 points 0.28-0.33x, 360 points 0.54-0.57x, 900 points 0.79-1.17x.
+# CPU time, NumPy / torch, on the credit network's shape (benchmarks/input_gradients.py, two runs,
+# 214 and 25 inputs): 9 points 0.39-0.70x, 90 points 0.26-0.37x, 360 points 0.62-0.83x,
+# 900 points 0.85-0.96x, 3,600 points 1.24-1.38x.
 NUMPY_PATH_ROWS = 512
 
 
