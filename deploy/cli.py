@@ -22,6 +22,44 @@ app.add_typer(twin_app, name="twin")
 app.add_typer(edge_app, name="edge")
 app.command("serve")(serve_command)
 
+auth_app = typer.Typer(help="Bearer tokens with roles for `twin serve` and `serve` (--auth-file).",
+                       no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("token")
+def auth_token(role: str = typer.Option(..., help="viewer (reads), operator (acknowledges, what-ifs, scores) "
+                                                  "or admin (MES, ETL, configuration)"),
+               file: Path = typer.Option(..., help="token file (made if missing); only hashes are stored"),
+               name: str = typer.Option("operator", help="who holds the token; recorded with what it does")) -> None:
+    """Make a token, print it once on stdout, and store only its SHA-256 hash in FILE."""
+    from twin.auth import AuthError, create_token
+
+    try:
+        token = create_token(file, role=role, name=name)
+    except AuthError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(token)
+    typer.echo(f"stored the hash of a {role} token for {name!r} in {file}; the token is not kept anywhere", err=True)
+
+
+@auth_app.command("revoke")
+def auth_revoke(token_id: str = typer.Argument(..., help="the 16 hex digits after `mw_`"),
+                file: Path = typer.Option(..., help="token file")) -> None:
+    """Remove a token from FILE; services read the file at start-up, so restart them."""
+    from twin.auth import AuthError, revoke_token
+
+    try:
+        removed = revoke_token(file, token_id)
+    except AuthError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    if not removed:
+        typer.echo(f"error: no token {token_id} in {file}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"revoked {token_id}", err=True)
+
 
 def data_root() -> Path | None:
     """The real-data folder from MOEWORKS_DATA, or None on a fresh machine."""
