@@ -172,11 +172,44 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, config: Any, metrics:
     return path
 
 
+class CheckpointError(ValueError):
+    """A file that is not a weights-only checkpoint of ours; the message is one line naming the file."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """{"state_dict", "metadata"} of a save_checkpoint file, read weights-only: nothing in it can run.
+
+    torch's weights-only unpickler admits tensors and plain containers only; any other global (the
+    way a crafted pickle reaches os.system, or an ultralytics checkpoint its classes) is refused
+    before it is imported or called. Raises FileNotFoundError for a missing file and CheckpointError
+    for anything else that is not a checkpoint of this shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... with paragraphs
+        first = " ".join(str(error).split())[:160] or type(error).__name__
+        raise CheckpointError(f"{path}: refused: not a weights-only checkpoint (a full pickle, which could run code "
+                              f"when loaded, or a damaged file): {type(error).__name__}: {first}") from None
+    if not (isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
+            and isinstance(payload.get("metadata"), dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items())):
+        raise CheckpointError(f"{path}: not a moeworks checkpoint (expected 'state_dict' tensors and 'metadata')")
+    return payload
+
+
 def load_checkpoint(path: str | Path,
                     build_model: Callable[[dict[str, Any]], nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from its saved config with `build_model(config_dict)` and load its weights."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Rebuild a model from its saved config with `build_model(config_dict)` and load its weights.
+
+    The file is read weights-only (read_checkpoint): a pickle that would run code is refused.
+    """
+    payload = read_checkpoint(path)
     metadata = payload["metadata"]
+    if not isinstance(metadata.get("config"), dict):
+        raise CheckpointError(f"{path}: checkpoint metadata has no 'config' object")
     model = build_model(metadata["config"])
     model.load_state_dict(payload["state_dict"])
     model.eval()

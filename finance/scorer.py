@@ -7,7 +7,9 @@ returns id, probability of default, points, decision and reason codes in plain w
 
 Saved layout (one folder): scorer.json (dataset, model name, version, cut-off, scale, reference
 distribution for PSI, metrics), reference_features.json (per-feature reference for CSI),
-pipeline.json (fitted feature pipeline), model/ (the model's files).
+pipeline.json (fitted feature pipeline), model/ (the model's files), MANIFEST.json (the SHA-256 of
+each of them, core.model_files: loading refuses a folder whose files changed, went missing or were
+added since the save). Every file is a data format (JSON, CSV, LightGBM text, weights-only torch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.model_files import ModelFilesError, verify_manifest, write_manifest
 from finance.data import Records, check_columns, dataset_spec
 from finance.errors import CreditDataError
 from finance.features import FeaturePipeline
@@ -185,6 +188,9 @@ class CreditScorer:
             "edges": [e.tolist() for e in self.reference_feature_edges_],
             "shares": [s.tolist() for s in self.reference_feature_shares_]}))
         self.pipeline_.catalogue().to_csv(directory / "feature_catalogue.csv", index=False)
+        # Sealed: every file loading reads (top-level files and model/); other folders a user keeps
+        # here (the generated data of `finance train`) are never loaded and stay outside.
+        write_manifest(directory, unsealed=[p.name for p in directory.iterdir() if p.is_dir() and p.name != "model"])
         return directory
 
     @classmethod
@@ -192,6 +198,10 @@ class CreditScorer:
         directory = Path(directory)
         if not (directory / "scorer.json").is_file():
             raise CreditDataError(f"{directory} is not a saved credit model (no scorer.json)", field="model")
+        try:
+            verify_manifest(directory)
+        except ModelFilesError as error:
+            raise CreditDataError(str(error), field="model") from None
         meta = json.loads((directory / "scorer.json").read_text())
         policy = meta["policy"]
         scorer = cls(dataset=meta["dataset"], model_name=meta["model"], seed=meta["seed"],

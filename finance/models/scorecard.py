@@ -4,6 +4,11 @@ Binning is optbinning's (optimal monotonic bins per feature, missing values in a
 then a logistic regression on the WoE values. Hundreds of correlated aggregates are more than a
 scorecard is built from: features are pre-screened by univariate AUC, then kept by information
 value, as a scorecard analyst would.
+
+Saved as data, never as a pickle: scorecard.json holds each selected feature's split points and
+WoE per bin (the lookup tables scoring reads), its binning table (for the points table), and the
+logistic coefficients. JSON floats are written as their shortest round-trip repr, so a reloaded
+scorecard scores bit for bit as the fitted one (tests/test_no_code_on_load.py).
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import pandas as pd
 from optbinning import BinningProcess
 from sklearn.linear_model import LogisticRegression
 
+from finance.errors import CreditDataError
 from finance.models.base import CreditModel, FitData, logistic_proba, register_model
 from finance.scaling import PointsScale
 
@@ -32,6 +37,27 @@ class ScorecardConfig:
     max_n_bins: int = 6
     min_bin_size: float = 0.03  # each bin holds >= 3% of applicants: stable WoE
     regularisation_c: float = 0.5  # mild L2 on the WoE logistic regression
+
+
+SCORECARD_FILE = "scorecard.json"
+SCORECARD_FORMAT = "moeworks-scorecard/2"  # /1 was scorecard.joblib (a pickle) beside a scorecard.json
+MAX_SCORECARD_BYTES = 16 << 20  # 25 features of <= 6 bins are a few kB; 60 candidates a few tens
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} (every saved number is finite)")
+
+
+def _finite_vector(values: Any, field_name: str, length: int | None) -> np.ndarray:
+    """A list of finite numbers (of `length`, when given) as float64; ValueError naming the field."""
+    if not isinstance(values, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"field {field_name!r} must be a list of numbers")
+    array = np.asarray(values, dtype=np.float64)
+    if length is not None and len(array) != length:
+        raise ValueError(f"field {field_name!r} has {len(array)} numbers, expected {length}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"field {field_name!r} holds a non-finite number")
+    return array
 
 
 def univariate_auc(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -90,7 +116,19 @@ class ScorecardModel(CreditModel):
         self.best_contribution_ = np.array([
             min(self.logistic_.coef_[0][j] * w for w in self._bin_woes(name))
             for j, name in enumerate(self.selected_)])
+        self.woe_tables_ = {name: self.woe_tables_[name] for name in self.selected_}
+        self.bin_tables_ = {name: self._bin_table(name) for name in self.selected_}
         return self
+
+    def _bin_table(self, name: str) -> list[dict[str, Any]]:
+        """One feature's binning table (Totals row dropped) as JSON-ready rows; non-finite -> None."""
+        table = self.binning_.get_binned_variable(name).binning_table.build().iloc[:-1]
+
+        def number(value: Any) -> float | None:
+            return float(value) if np.isfinite(float(value)) else None
+
+        return [{"bin": str(row["Bin"]), "count": int(row["Count"]), "event_rate": number(row["Event rate"]),
+                 "woe": number(row["WoE"]), "iv": number(row["IV"])} for _, row in table.iterrows()]
 
     def _bin_woes(self, name: str) -> list[float]:
         table = self.binning_.get_binned_variable(name).binning_table.build()
@@ -134,30 +172,87 @@ class ScorecardModel(CreditModel):
         rows = []
         intercept_share = (scale.offset - scale.factor * self.logistic_.intercept_[0]) / len(self.selected_)
         for j, name in enumerate(self.selected_):
-            table = self.binning_.get_binned_variable(name).binning_table.build().iloc[:-1]
-            for _, row in table.iterrows():
-                woe = float(row["WoE"]) if np.isfinite(float(row["WoE"])) else 0.0
-                rows.append({"feature": name, "bin": str(row["Bin"]), "count": int(row["Count"]),
-                             "event_rate": float(row["Event rate"]), "woe": woe, "iv": float(row["IV"]),
+            for row in self.bin_tables_[name]:
+                woe = 0.0 if row["woe"] is None else row["woe"]
+                rows.append({"feature": name, "bin": row["bin"], "count": row["count"],
+                             "event_rate": np.nan if row["event_rate"] is None else row["event_rate"], "woe": woe,
+                             "iv": np.nan if row["iv"] is None else row["iv"],
                              "points": round(intercept_share - scale.factor * self.logistic_.coef_[0][j] * woe, 1)})
         return pd.DataFrame(rows)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        joblib.dump({"binning": self.binning_, "logistic": self.logistic_, "selected": self.selected_,
-                     "columns": self.columns_, "best": self.best_contribution_}, directory / "scorecard.joblib")
-        (directory / "scorecard.json").write_text(json.dumps({"config": asdict(self.config),
-                                                              "selected": self.selected_}))
+        state = {
+            "format": SCORECARD_FORMAT, "config": asdict(self.config), "selected": self.selected_,
+            "columns": self.columns_, "best_contribution": self.best_contribution_.tolist(),
+            "logistic": {"coef": self.logistic_.coef_[0].tolist(), "intercept": float(self.logistic_.intercept_[0])},
+            "information_value": self.information_value_,
+            "bins": {name: {"splits": splits.tolist(), "woe": woe.tolist(), "missing_woe": missing}
+                     for name, (splits, woe, missing) in self.woe_tables_.items()},
+            "tables": self.bin_tables_,
+        }
+        # allow_nan=False: every number written is finite (a None stands for the non-finite table cells).
+        (directory / SCORECARD_FILE).write_text(json.dumps(state, allow_nan=False))
 
     @classmethod
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> ScorecardModel:
-        meta = json.loads((directory / "scorecard.json").read_text())
-        model = cls(feature_names=feature_names, dataset=dataset, config=ScorecardConfig(**meta["config"]))
-        state = joblib.load(directory / "scorecard.joblib")
-        model.binning_, model.logistic_ = state["binning"], state["logistic"]
-        model.selected_, model.columns_, model.best_contribution_ = state["selected"], state["columns"], state["best"]
-        model.woe_tables_ = {name: model._woe_table(name) for name in model.selected_}
+        path = directory / SCORECARD_FILE
+        if not path.is_file():
+            raise CreditDataError(f"{path}: missing: not a scorecard model folder", field="model")
+        if path.stat().st_size > MAX_SCORECARD_BYTES:
+            raise CreditDataError(f"{path}: over {MAX_SCORECARD_BYTES >> 20} MiB: not a scorecard", field="model")
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+            model = cls(feature_names=feature_names, dataset=dataset, config=ScorecardConfig(**state["config"]))
+            model._restore(state)
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                RecursionError) as error:
+            if isinstance(error, CreditDataError):
+                raise
+            reason = f"field {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
+            raise CreditDataError(f"{path}: not a valid scorecard ({type(error).__name__}: {reason})",
+                                  field="model") from None
         return model
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """The fitted state from scorecard.json, every field checked (a model file is outside input)."""
+        if not isinstance(state, dict) or state.get("format") != SCORECARD_FORMAT:
+            raise ValueError(f"field 'format' is not {SCORECARD_FORMAT!r} (saved by an older version, as a "
+                             "pickle: retrain it)")
+        selected, columns = state["selected"], state["columns"]
+        if not (isinstance(selected, list) and selected and all(isinstance(n, str) for n in selected)
+                and len(set(selected)) == len(selected)):
+            raise ValueError("field 'selected' must be a non-empty list of distinct feature names")
+        if columns != [self.feature_names.index(n) if n in self.feature_names else -1 for n in selected]:
+            raise ValueError("fields 'selected' and 'columns' do not match the model's feature pipeline")
+        k = len(selected)
+        coef = _finite_vector(state["logistic"]["coef"], "logistic.coef", k)
+        intercept = _finite_vector([state["logistic"]["intercept"]], "logistic.intercept", 1)
+        self.best_contribution_ = _finite_vector(state["best_contribution"], "best_contribution", k)
+        bins, tables = state["bins"], state["tables"]
+        if not (isinstance(bins, dict) and isinstance(tables, dict) and set(bins) == set(selected) == set(tables)):
+            raise ValueError("fields 'bins' and 'tables' must hold exactly the selected features")
+        self.woe_tables_ = {}
+        for name in selected:
+            splits = _finite_vector(bins[name]["splits"], f"bins.{name}.splits", None)
+            if (np.diff(splits) <= 0).any():
+                raise ValueError(f"field 'bins.{name}.splits' is not strictly increasing")
+            woe = _finite_vector(bins[name]["woe"], f"bins.{name}.woe", len(splits) + 1)
+            missing = float(_finite_vector([bins[name]["missing_woe"]], f"bins.{name}.missing_woe", 1)[0])
+            self.woe_tables_[name] = (splits, woe, missing)
+            columns_needed = {"bin", "count", "event_rate", "woe", "iv"}
+            if not isinstance(tables[name], list) or not all(
+                    isinstance(r, dict) and columns_needed <= set(r) for r in tables[name]):
+                raise ValueError(f"field 'tables.{name}' must be a list of binning-table rows")
+        self.bin_tables_ = tables
+        self.selected_, self.columns_ = selected, columns
+        self.information_value_ = {n: float(v) for n, v in state.get("information_value", {}).items()}
+        # Only what scoring reads: the coefficients (finance.models.base.logistic_proba).
+        logistic = LogisticRegression(C=self.config.regularisation_c)
+        logistic.classes_ = np.array([0, 1])
+        logistic.coef_, logistic.intercept_ = coef[None, :], intercept
+        logistic.n_features_in_ = k
+        self.logistic_ = logistic
 
     def summary(self) -> dict[str, Any]:
         return {"features_in_scorecard": len(self.selected_)}
