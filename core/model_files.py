@@ -78,7 +78,7 @@ def _read_manifest(folder: Path) -> dict:
         raise ModelFilesError(f"{path}: over {MAX_MANIFEST_BYTES >> 20} MiB: not a moeworks manifest")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nesting too deep
         raise ModelFilesError(f"{path}: not valid JSON ({type(error).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelFilesError(f"{path}: field 'format' is not {FORMAT!r}")

@@ -176,6 +176,17 @@ class CheckpointError(ValueError):
     """A file that is not a weights-only checkpoint of ours; the message is one line naming the file."""
 
 
+def _torch_load_reason(error: BaseException) -> str:
+    """The one informative sentence of torch.load's error (the global it refused, the bad opcode),
+    without its paragraphs of advice to retry with weights_only=False."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please|\n|$)", text, re.S)
+    reason = " ".join((found.group(1) if found else text).split()) or type(error).__name__
+    return f"{type(error).__name__}: {reason[:160]}"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """{"state_dict", "metadata"} of a save_checkpoint file, read weights-only: nothing in it can run.
 
@@ -190,9 +201,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... with paragraphs
-        first = " ".join(str(error).split())[:160] or type(error).__name__
         raise CheckpointError(f"{path}: refused: not a weights-only checkpoint (a full pickle, which could run code "
-                              f"when loaded, or a damaged file): {type(error).__name__}: {first}") from None
+                              f"when loaded, or a damaged file): {_torch_load_reason(error)}") from None
     if not (isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
             and isinstance(payload.get("metadata"), dict)
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items())):

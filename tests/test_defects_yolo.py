@@ -48,10 +48,11 @@ def _model_loads_and_predicts(run):
     assert json.loads((root / "run" / "split.json").read_text())["seed"] == 0
     detector = YoloDetector.load(summary["detector"])
     assert detector.names == sorted(SYNTHETIC_CLASSES) and detector.imgsz == 64
-    # results.csv is read back into the checkpoint by our trainer, without polars.
+    # results.csv is read back into the checkpoint by our trainer, without polars, and kept in our
+    # weights-only detector file's metadata.
     import torch
 
-    history = torch.load(summary["detector"], weights_only=False)["train_results"]
+    history = torch.load(summary["detector"], weights_only=True)["metadata"]["train_results"]
     assert history["epoch"] == [1] and len(history["metrics/mAP50(B)"]) == 1
     image = load_image(voc / "IMAGES" / "generated_0000.png")
     (dets,) = detector.detect([image], conf=0.0001, max_det=50)

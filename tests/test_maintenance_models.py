@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.model_files import write_manifest
 from manufacturing.maintenance.cmapss import find_file, read_cmapss
 from manufacturing.maintenance.errors import MaintenanceDataError
 from manufacturing.maintenance.export import export_rul_onnx, rul_parity
@@ -75,6 +76,9 @@ def test_save_load_round_trip(fitted, tmp_path):
     payload = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     payload["metadata"]["config"]["moe_layers"] = 2
     torch.save(payload, tmp_path / "model" / "model.pt")
+    with pytest.raises(MaintenanceDataError, match="model.pt: changed since the model was saved"):
+        RULEstimator.load(tmp_path / "model")  # the manifest notices first
+    write_manifest(tmp_path / "model")  # re-sealed: as a folder that an older version saved whole
     with pytest.raises(MaintenanceDataError, match="another model layout.*moe_layers.*retrain"):
         RULEstimator.load(tmp_path / "model")
 

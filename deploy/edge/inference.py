@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from core.model_files import ModelFilesError, verify_file
 from core.onnx_export import inference_session
 
 
@@ -30,6 +31,10 @@ class OnnxRULEstimator:
         path = Path(path)
         if not path.exists():
             raise EdgeModelError(f"{path}: ONNX model not found")
+        try:  # an ONNX file runs no Python; the manifest beside it (if any) catches a swapped or damaged copy
+            verify_file(path)
+        except ModelFilesError as error:
+            raise EdgeModelError(str(error)) from None
         self.session = inference_session(path, threads=threads)  # one thread: small devices, no contention
         meta = self.session.get_modelmeta().custom_metadata_map
         self.normalizer = None

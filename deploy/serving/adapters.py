@@ -345,12 +345,34 @@ class CreditAdapter(ModelAdapter):
                 "decision": np.where(pd_ <= self.scorer.cutoff_pd_, "approve", "decline")}
 
 
-def _is_core_checkpoint(path: Path) -> bool:
-    """A file core.trainer.save_checkpoint wrote (weights-only loadable, with metadata), not a pickle."""
+def _checkpoint_kind(path: Path) -> str | None:
+    """metadata["kind"] of a weights-only checkpoint of ours (None when it names none).
+
+    Read weights-only: a .pt that is a full pickle (an ultralytics checkpoint, or a crafted file)
+    is refused with ValueError, never unpickled.
+    """
+    from core.trainer import CheckpointError, read_checkpoint
+
     try:
-        return "metadata" in torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an ultralytics checkpoint is a full pickle: not loadable weights-only
-        return False
+        kind = read_checkpoint(path)["metadata"].get("kind")
+    except CheckpointError as error:
+        raise ValueError(f"{error}; serve a moeworks checkpoint, model folder or .onnx export") from None
+    return kind if isinstance(kind, str) else None
+
+
+def check_model_path(path: str | Path) -> None:
+    """What `moeworks serve` checks before starting workers: a model folder matches its MANIFEST.json,
+    a file matches its folder's manifest (when there is one), and a .pt is a weights-only checkpoint.
+    ValueError with one line otherwise."""
+    from core.model_files import verify_file, verify_manifest
+
+    path = Path(path)
+    if path.is_dir():
+        verify_manifest(path)
+        return
+    verify_file(path)
+    if path.suffix != ".onnx":
+        _checkpoint_kind(path)
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:
@@ -369,7 +391,8 @@ def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> Mod
     Folders: a credit scorer (scorer.json), a RUL model (`moeworks maintenance train`: model.pt +
     model.json), a defects run or export folder (detector.pt / detector.onnx). Files: an .onnx
     (the RUL or detector export by its metadata, any other ONNX by its inputs), a YOLO checkpoint
-    (.pt that is not a core checkpoint), or a core checkpoint.
+    (the weights-only detector.pt of `defects train`), or a core checkpoint. A .pt that is not
+    weights-only (an ultralytics checkpoint, a crafted pickle) is refused, never unpickled.
     """
     from deploy.serving.defects import DefectsAdapter, is_defects_folder
     from deploy.serving.maintenance import RULAdapter, is_rul_folder
@@ -394,9 +417,11 @@ def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> Mod
         return OnnxAdapter(path, options)
     if path.name == "model.pt" and is_rul_folder(path.parent):
         return RULAdapter(path.parent, options)
-    if _is_core_checkpoint(path):
-        return TorchAdapter(path, options)
-    return DefectsAdapter(path, options)  # an ultralytics checkpoint, or an error naming the file
+    from manufacturing.defects.detector import DETECTOR_KIND
+
+    if _checkpoint_kind(path) == DETECTOR_KIND:  # refuses a full pickle: nothing is unpickled
+        return DefectsAdapter(path, options)
+    return TorchAdapter(path, options)
 
 
 def row_to_json(outputs: dict[str, np.ndarray], row: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import typer
 def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ONNX file (.onnx), a credit model "
                                                    "folder (finance train --model moe), a RUL model folder "
                                                    "(maintenance train) or its .onnx, a defects run or export "
-                                                   "folder, YOLO weights (.pt) or the detector's .onnx"),
+                                                   "folder, its detector.pt or the detector's .onnx"),
           host: str = typer.Option("127.0.0.1", help="address to bind"),
           port: int = typer.Option(8080, help="port to bind"),
           workers: int = typer.Option(1, help="gunicorn worker processes (one model copy each)"),
@@ -28,7 +28,7 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ON
           timeout_ms: float = typer.Option(2000.0, help="default per-request deadline")) -> None:
     """Serve a model over HTTP: POST /v1/predict, /healthz, /readyz, /metrics."""
     from core.batcher import BatcherConfig
-    from deploy.serving.adapters import AdapterOptions
+    from deploy.serving.adapters import AdapterOptions, check_model_path
     from deploy.serving.defects import is_defects_folder
     from deploy.serving.maintenance import is_rul_folder
     from deploy.serving.server import ServeConfig, run_gunicorn
@@ -36,6 +36,11 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ON
     if not (model.is_file() or (model / "scorer.json").is_file() or is_rul_folder(model) or is_defects_folder(model)):
         typer.echo(f"error: model: no model file, credit, RUL or defects model folder at {model}", err=True)
         raise typer.Exit(2)
+    try:  # before any worker starts: a changed model folder or a pickled .pt is one line, not a boot failure
+        check_model_path(model)
+    except ValueError as error:
+        typer.echo(f"error: model: {error}", err=True)
+        raise typer.Exit(2) from None
     if not 0 <= conf <= 1:
         typer.echo(f"error: --conf: a score threshold in [0, 1], got {conf}", err=True)
         raise typer.Exit(2)

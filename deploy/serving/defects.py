@@ -4,7 +4,8 @@ A request carries images, each as base64 of an encoded file (PNG, JPEG, BMP: wha
 decodes): {"instances": [{"image": "<base64>"}, ...]}. The answer per image lists its defects as
 the vertical's inspector reports them: class, score, box in pixels and mm, width, height and area
 in mm (the camera's scale from `--camera`, a calibration file; defects under its minimum size are
-left out), plus the image's size. The detector runs in PyTorch (.pt) or onnxruntime (.onnx, or the
+left out), plus the image's size. The detector runs in PyTorch (the weights-only .pt of `defects
+train`; an ultralytics .pt, a full pickle, is refused) or onnxruntime (.onnx, or the
 static INT8 file of `moeworks defects export` with --quantize int8_static on an export folder);
 requests batched together go through the detector as one batch (an ONNX file exported with a
 pinned batch runs its images one by one, as YoloDetector does). A `defects train` folder's MoE
@@ -68,6 +69,10 @@ class DefectsAdapter(ModelAdapter):
         self.options = options = options or AdapterOptions()
         source = Path(source)
         torch.set_num_threads(options.threads)
+        if source.is_dir():
+            from core.model_files import verify_manifest
+
+            verify_manifest(source)  # ModelFilesError (a ValueError): one line naming the file
         detector_path, stage_path = _choose_files(source, options)
         try:
             detector = YoloDetector.load(detector_path, threads=options.threads)

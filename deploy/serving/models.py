@@ -18,7 +18,7 @@ from torch import nn
 
 from core import MoEConfig, MoELayer
 from core.blocks import MoETransformerBlock, TabularMoE, TabularMoEConfig
-from core.trainer import load_checkpoint
+from core.trainer import load_checkpoint, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def checkpoint_kind(metadata: dict[str, Any]) -> str:
 def load_model(path: str | Path) -> LoadedModel:
     """Rebuild a saved model by its kind; raises ValueError naming the kinds known."""
     path = Path(path)
-    metadata = torch.load(path, map_location="cpu", weights_only=True)["metadata"]
+    metadata = read_checkpoint(path)["metadata"]  # weights-only; CheckpointError (a ValueError) otherwise
     kind = checkpoint_kind(metadata)
     if kind not in LOADERS:
         raise ValueError(f"{path}: model kind {kind!r} is not servable; known kinds: {sorted(LOADERS)}")

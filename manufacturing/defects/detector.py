@@ -1,5 +1,12 @@
 """A trained YOLO detector run from PyTorch (.pt) or onnxruntime (.onnx) with one pre/post-processing.
 
+The .pt is ours, not ultralytics': an ultralytics checkpoint is a full pickle (loading one runs
+whatever it names), so `defects train` converts its best.pt, in the process that wrote it, into a
+weights-only checkpoint (core.trainer.save_checkpoint): the state dict plus the model YAML, class
+names and input size as JSON. Loading rebuilds ultralytics' DetectionModel from the YAML, after
+checking that it names only known layers (ultralytics' YAML parser calls what it names and evals
+an `activation` string), and loads the weights. Nothing else is accepted.
+
 Both backends take the same letterboxed (batch, 3, S, S) input and return the head's decoded
 output (batch, 4 + classes, anchors): boxes as (cx, cy, w, h) in input pixels, then per-class
 sigmoid scores. Non-maximum suppression and the mapping back to image pixels are shared, so
@@ -8,9 +15,11 @@ PyTorch, ONNX and INT8 ONNX results differ only by what the backends compute.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,6 +29,13 @@ import torchvision
 from manufacturing.defects.errors import DefectDataError, one_line
 
 PAD_VALUE = 114  # ultralytics' letterbox grey, so the detector sees what it was trained on
+DETECTOR_KIND = "moeworks.defects.yolo"
+# Model-YAML keys ultralytics' detection YAMLs use; anything else is refused rather than guessed at.
+YAML_KEYS = {"nc", "scales", "scale", "backbone", "head", "depth_multiple", "width_multiple", "yaml_file", "ch",
+             "channels", "reg_max", "end2end", "kpt_shape", "activation"}
+# The `activation` values of ultralytics' own YAMLs; the parser evals this string, so only these pass.
+ACTIVATIONS = {"nn.SiLU()", "nn.ReLU()", "nn.LeakyReLU(0.1)", "nn.Hardswish()", "torch.nn.SiLU()"}
+MAX_LAYERS = 200  # yolo11x has 24 layer entries; a few hundred bounds a crafted YAML's build time
 
 
 @dataclass
@@ -105,10 +121,92 @@ class HeadOutput(torch.nn.Module):
         return out[0] if isinstance(out, tuple | list) else out
 
 
+def check_model_yaml(cfg: Any, where: str) -> dict:
+    """A detection model YAML (as a dict) that names only ultralytics' layer classes and torch.nn
+    modules, with plain JSON arguments; a copy of it. DefectDataError naming the first offence.
+
+    ultralytics' parser resolves each layer's module name in its own module namespace (which also
+    holds functions that load full pickles) and calls it with the YAML's arguments, and evals the
+    `activation` string: a checkpoint's YAML is outside input and is checked before it is built.
+    """
+    import ultralytics.nn.modules as layers
+
+    def plain(value: Any, depth: int = 0) -> bool:
+        if depth > 4:
+            return False
+        if isinstance(value, list):
+            return len(value) <= 64 and all(plain(v, depth + 1) for v in value)
+        return value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 64)
+
+    if not isinstance(cfg, dict):
+        raise DefectDataError(f"{where}: field 'config' (the model YAML) is not an object")
+    unknown = sorted(set(cfg) - YAML_KEYS)
+    if unknown:
+        raise DefectDataError(f"{where}: model YAML key {unknown[0]!r} is not one of ultralytics' detection YAML keys")
+    if "activation" in cfg and cfg["activation"] not in ACTIVATIONS:
+        raise DefectDataError(f"{where}: model YAML 'activation' must be one of {sorted(ACTIVATIONS)}")
+    if not (isinstance(cfg.get("nc"), int) and 1 <= cfg["nc"] <= 1000):
+        raise DefectDataError(f"{where}: model YAML 'nc' must be an integer class count in [1, 1000]")
+    for key in ("scales", "scale", "depth_multiple", "width_multiple", "reg_max", "ch", "channels", "yaml_file",
+                "end2end", "kpt_shape"):
+        value = cfg.get(key)
+        if key == "scales" and value is not None:
+            if not (isinstance(value, dict) and len(value) <= 16 and all(
+                    isinstance(k, str) and isinstance(v, list) and plain(v) for k, v in value.items())):
+                raise DefectDataError(f"{where}: model YAML 'scales' must map scale names to lists of numbers")
+        elif not plain(value):
+            raise DefectDataError(f"{where}: model YAML {key!r} must be a number, string or list")
+    entries = []
+    for part in ("backbone", "head"):
+        if not isinstance(cfg.get(part), list):
+            raise DefectDataError(f"{where}: model YAML {part!r} must be a list of layers")
+        entries += cfg[part]
+    if not 1 <= len(entries) <= MAX_LAYERS:
+        raise DefectDataError(f"{where}: model YAML has {len(entries)} layers; 1 to {MAX_LAYERS} allowed")
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 4 and plain(entry[0]) and isinstance(entry[1], int)
+                and 1 <= entry[1] <= 64 and isinstance(entry[2], str) and isinstance(entry[3], list)
+                and plain(entry[3])):
+            raise DefectDataError(f"{where}: model YAML layer {i} is not [from, repeats, module, args]")
+        name = entry[2]
+        if name.startswith("nn."):
+            module = getattr(torch.nn, name[3:], None)
+        else:
+            module = getattr(layers, name, None) if name in layers.__all__ else None
+        if not (isinstance(module, type) and issubclass(module, torch.nn.Module)):
+            raise DefectDataError(f"{where}: model YAML layer {i} names {name[:64]!r}, not an ultralytics or "
+                                  "torch.nn layer class")
+    return copy.deepcopy(cfg)
+
+
+def save_detector(weights: str | Path, path: str | Path, *, metrics: dict | None = None) -> Path:
+    """Convert ultralytics' training checkpoint `weights` (a full pickle this process wrote) into
+    our weights-only detector file at `path`: state dict + model YAML, names, imgsz (+ training
+    history and metrics). Call it only on a file this process created."""
+    from core.trainer import save_checkpoint
+    from manufacturing.defects.offline import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics import YOLO
+
+    yolo = YOLO(str(weights), task="detect")
+    model = yolo.model.float()
+    names = [model.names[i] for i in sorted(model.names)]
+    ckpt = getattr(yolo, "ckpt", None) or {}
+    trained = ckpt.get("train_args", {}) or {}
+    cfg = check_model_yaml(json.loads(json.dumps(model.yaml)), str(weights))
+    if cfg["nc"] != len(names):
+        raise DefectDataError(f"{weights}: model YAML says {cfg['nc']} classes, names has {len(names)}")
+    return save_checkpoint(path, model, config=cfg, metrics=metrics or {},
+                           extra={"kind": DETECTOR_KIND, "names": names, "imgsz": int(trained.get("imgsz", 640)),
+                                  "train_results": ckpt.get("train_results") or {}})
+
+
 class YoloDetector:
     """A trained detector; `names` are its classes, `imgsz` its square input size.
 
-    Load with `YoloDetector.load(path)` for .pt (ultralytics checkpoint) or .onnx files.
+    Load with `YoloDetector.load(path)`: a detector file `defects train` wrote (.pt, weights only)
+    or its ONNX export (.onnx). An ultralytics .pt (a full pickle) is refused, never unpickled.
     """
 
     def __init__(self, *, names: list[str], imgsz: int, module: torch.nn.Module | None = None,
@@ -122,9 +220,15 @@ class YoloDetector:
 
     @classmethod
     def load(cls, path: str | Path, *, imgsz: int | None = None, threads: int | None = None) -> YoloDetector:
+        from core.model_files import ModelFilesError, verify_file
+
         path = Path(path)
         if not path.is_file():
             raise DefectDataError(f"{path}: no such model file")
+        try:
+            verify_file(path)  # against its folder's MANIFEST.json, when it has one
+        except ModelFilesError as error:
+            raise DefectDataError(str(error)) from None
         if path.suffix == ".onnx":
             from core.onnx_export import inference_session
 
@@ -137,22 +241,45 @@ class YoloDetector:
                 raise DefectDataError(f"{path}: ONNX metadata lacks field 'names' or 'imgsz' (not a moeworks export)")
             return cls(names=json.loads(meta["names"]), imgsz=imgsz or int(meta["imgsz"]), session=session,
                        path=path)
+        model, metadata = cls._load_weights(path)
+        return cls(names=metadata["names"], imgsz=imgsz or metadata["imgsz"], module=HeadOutput(model).eval(),
+                   path=path)
+
+    @staticmethod
+    def _load_weights(path: Path) -> tuple[torch.nn.Module, dict]:
+        """The detector file's DetectionModel (fused, eval) and metadata, read weights-only."""
+        from core.trainer import CheckpointError, read_checkpoint
+
+        try:
+            payload = read_checkpoint(path)
+        except CheckpointError:
+            raise DefectDataError(f"{path}: refused: not a weights-only detector file (a full pickle, such as an "
+                                  "ultralytics .pt, could run code and is never unpickled); use the detector.pt "
+                                  "`moeworks defects train` writes or its .onnx export") from None
+        metadata = payload["metadata"]
+        if metadata.get("kind") != DETECTOR_KIND:
+            raise DefectDataError(f"{path}: field 'kind' is not {DETECTOR_KIND} (not a detector `moeworks defects "
+                                  "train` wrote)")
+        names, size = metadata.get("names"), metadata.get("imgsz")
+        if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+            raise DefectDataError(f"{path}: field 'names' must be a non-empty list of class names")
+        if not (isinstance(size, int) and 32 <= size <= 8192 and size % 32 == 0):
+            raise DefectDataError(f"{path}: field 'imgsz' must be a multiple of 32 in [32, 8192]")
+        cfg = check_model_yaml(metadata.get("config"), str(path))
+        if cfg["nc"] != len(names):
+            raise DefectDataError(f"{path}: model YAML says {cfg['nc']} classes, field 'names' has {len(names)}")
         from manufacturing.defects.offline import ultralytics_offline
 
         ultralytics_offline()
-        from ultralytics import YOLO
+        from ultralytics.nn.tasks import DetectionModel
 
         try:
-            yolo = YOLO(str(path), task="detect")
-        except Exception as error:  # ultralytics raises many types for a file that is not a checkpoint
-            raise DefectDataError(f"{path}: not a readable YOLO checkpoint ({one_line(error)})") from None
-        if not isinstance(yolo.model, torch.nn.Module):  # e.g. an image path: ultralytics keeps it as a string
-            raise DefectDataError(f"{path}: not a YOLO checkpoint (.pt) or moeworks ONNX export (.onnx)")
-        model = yolo.model.float().fuse().eval() if hasattr(yolo.model, "fuse") else yolo.model.float().eval()
-        trained = (getattr(yolo, "ckpt", None) or {}).get("train_args", {}) or {}
-        size = imgsz or int(trained.get("imgsz", 640))
-        names = [model.names[i] for i in sorted(model.names)]
-        return cls(names=names, imgsz=size, module=HeadOutput(model).eval(), path=path)
+            model = DetectionModel(cfg, nc=len(names), verbose=False)
+            model.load_state_dict(payload["state_dict"])
+        except Exception as error:  # noqa: BLE001 - a YAML that does not build, or weights of another shape
+            raise DefectDataError(f"{path}: the weights do not fit the model YAML ({one_line(error)})") from None
+        model.names = dict(enumerate(names))
+        return model.float().fuse(verbose=False).eval(), metadata
 
     def raw(self, batch: np.ndarray) -> np.ndarray:
         """(batch, 3, S, S) float32 -> (batch, 4 + classes, anchors) float32."""

@@ -205,23 +205,40 @@ class CropMoEClassifier:
         """A saved stage (.pt checkpoint, or its .onnx export run by onnxruntime) and its class names."""
         from pathlib import Path
 
-        from manufacturing.defects.errors import DefectDataError
+        from core.model_files import ModelFilesError, verify_file
+        from core.trainer import CheckpointError
+        from manufacturing.defects.errors import DefectDataError, one_line
 
-        if Path(path).suffix == ".onnx":
-            return cls._load_onnx(Path(path), threads=threads)
+        path = Path(path)
+        if not path.is_file():
+            raise DefectDataError(f"{path}: no such model file")
+        try:
+            verify_file(path)  # against its folder's MANIFEST.json, when it has one
+        except ModelFilesError as error:
+            raise DefectDataError(str(error)) from None
+        if path.suffix == ".onnx":
+            return cls._load_onnx(path, threads=threads)
         try:
             model, metadata = load_checkpoint(path, lambda c: CropMoENet(CropMoEConfig(**c)))
-        except FileNotFoundError:
-            raise DefectDataError(f"{path}: no such model file") from None
-        except Exception as error:  # torch raises several types (and paragraphs of advice) for a non-checkpoint
+        except CheckpointError as error:  # a full pickle (refused unread) or not a checkpoint of ours
+            raise DefectDataError(f"{error}; expected a moeworks MoE-stage checkpoint (.pt) or its ONNX export") \
+                from None
+        except Exception as error:  # a config or weights of another layout: torch writes paragraphs
             raise DefectDataError(f"{path}: not a moeworks MoE-stage checkpoint (.pt) or its ONNX export "
-                                  f"(torch.load: {type(error).__name__})") from None
+                                  f"({type(error).__name__}: {one_line(error, 120)})") from None
         if metadata.get("kind") != "moeworks.defects.crop_moe":
             raise DefectDataError(f"{path}: field 'kind' is not moeworks.defects.crop_moe")
-        stage = cls(config=model.config, training=CropTrainingConfig(**metadata["training"]))
+        names = metadata.get("names")
+        try:
+            stage = cls(config=model.config, training=CropTrainingConfig(**metadata["training"]))
+        except (KeyError, TypeError) as error:
+            raise DefectDataError(f"{path}: field 'training' missing or not a CropTrainingConfig ({error})") from None
+        if not (isinstance(names, list) and len(names) == model.config.num_classes
+                and all(isinstance(n, str) for n in names)):
+            raise DefectDataError(f"{path}: field 'names' must list the stage's {model.config.num_classes} classes")
         stage.model_ = model
-        stage.best_metrics_ = metadata["metrics"]
-        return stage, metadata["names"]
+        stage.best_metrics_ = metadata.get("metrics", {})
+        return stage, names
 
     @classmethod
     def _load_onnx(cls, path, *, threads: int | None) -> tuple[CropMoEClassifier, list[str]]:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.model_files import write_manifest
 from manufacturing.defects.dataset import load_image, write_yolo_dataset
-from manufacturing.defects.detector import YoloDetector
+from manufacturing.defects.detector import YoloDetector, save_detector
 from manufacturing.defects.errors import DefectDataError
 from manufacturing.defects.moe_stage import CropMoEClassifier, CropMoEConfig, CropTrainingConfig
 from manufacturing.defects.train import DetectorConfig, train_detector
@@ -62,7 +63,9 @@ def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbos
     data_yaml = write_yolo_dataset({"train": train, "val": val}, out_dir / "dataset", names)
     summary = train_detector(data_yaml, job.detector, out_dir, verbose=verbose)
     detector_path = out_dir / DETECTOR_FILE
-    detector_path.write_bytes(Path(summary.weights).read_bytes())
+    # ultralytics' best.pt is a full pickle: converted here, by the process that wrote it, into the
+    # weights-only file every later load reads (manufacturing.defects.detector).
+    save_detector(summary.weights, detector_path, metrics=summary.metrics)
     result = {"detector": str(detector_path), "classes": names, "train_images": len(train), "val_images": len(val),
               "epochs": summary.epochs, "imgsz": summary.imgsz, "train_seconds": round(summary.seconds, 1),
               "train_images_per_second": round(summary.images_per_second, 2),
@@ -75,6 +78,9 @@ def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbos
                       moe_best_epoch=stage.best_epoch_, moe_val_accuracy=stage.best_metrics_["val_accuracy"])
     (out_dir / "train_result.json").write_text(json.dumps(
         {**result, "job": dataclasses.asdict(job)}, indent=1, default=str))
+    # Sealed: the files a load reads; the dataset copy and ultralytics' run folder (its own pickles)
+    # stay outside the manifest and are never loaded.
+    write_manifest(out_dir, unsealed=[p.name for p in out_dir.iterdir() if p.is_dir()])
     return result
 
 
@@ -156,4 +162,5 @@ def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: 
                       moe_parity=moe_stage_parity(stage, CropMoEClassifier.load(moe_onnx)[0], crops, geometry))
         result["sha256"]["moe_stage.onnx"] = file_sha256(moe_onnx)
     (out_dir / "export.json").write_text(json.dumps(result, indent=1))
+    write_manifest(out_dir, unsealed=[p.name for p in out_dir.iterdir() if p.is_dir()])
     return result

@@ -30,6 +30,7 @@ from sklearn.model_selection import train_test_split
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
+from core.model_files import verify_manifest, write_manifest
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
 from manufacturing.maintenance.errors import MaintenanceDataError
 
@@ -327,6 +328,7 @@ class AI4IFailureModel:
                  "mean": self.mean_.tolist(), "std": self.std_.tolist(), "default_backend": self.default_backend_,
                  "seed": self.seed, "lightgbm": asdict(self.lightgbm), "metrics": metrics or {}}
         (folder / "ai4i.json").write_text(json.dumps(state, indent=2, default=float))
+        write_manifest(folder, unsealed=[p.name for p in folder.iterdir() if p.is_dir()])
         return folder
 
     @classmethod
@@ -337,8 +339,12 @@ class AI4IFailureModel:
         if not (folder / "ai4i.json").is_file():
             raise MaintenanceDataError("no ai4i.json here: not an AI4I model folder (make one with "
                                        "`moeworks maintenance ai4i-train`)", source=str(folder))
+        try:
+            verify_manifest(folder)
+            model, metadata = load_checkpoint(folder / "moe.pt", lambda c: TabularMoE(TabularMoEConfig(**c)))
+        except ValueError as error:  # ModelFilesError, CheckpointError: one line naming the file
+            raise MaintenanceDataError(str(error)) from None  # the message names the file
         state = json.loads((folder / "ai4i.json").read_text())
-        model, metadata = load_checkpoint(folder / "moe.pt", lambda c: TabularMoE(TabularMoEConfig(**c)))
         self = cls(seed=state["seed"], progress=False, lightgbm=LightGBMParams(**state["lightgbm"]),
                    moe=model.config.moe)
         self.boosters_ = {name: lgb.Booster(model_file=str(folder / f"lightgbm_{name}.txt")) for name in OUTPUTS}

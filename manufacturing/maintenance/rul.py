@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from core.model_files import verify_manifest, write_manifest
 from core.trainer import Trainer, TrainerConfig, TrainResult, data_fingerprint, load_checkpoint, save_checkpoint
 from manufacturing.maintenance.cmapss import add_rul, validate_frame
 from manufacturing.maintenance.errors import MaintenanceDataError
@@ -184,6 +185,7 @@ class RULEstimator:
                         data_fingerprint=self.metadata_.get("data_fingerprint"), extra=extra)
         summary = {"net": self.net_.to_dict(), "metrics": metrics or {}, **extra, "saved_at": time.time()}
         (folder / "model.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_manifest(folder, unsealed=[p.name for p in folder.iterdir() if p.is_dir()])
         return folder
 
     @classmethod
@@ -193,7 +195,10 @@ class RULEstimator:
             raise MaintenanceDataError(f"no {CHECKPOINT} here: not a RUL model folder (make one with "
                                        "`moeworks maintenance train`)", source=str(folder))
         try:
+            verify_manifest(folder)
             model, metadata = load_checkpoint(path, build_rul_net)
+        except ValueError as error:  # ModelFilesError, CheckpointError: one line naming the file
+            raise MaintenanceDataError(str(error)) from None  # the message names the file
         except (TypeError, RuntimeError) as error:  # unknown config fields or mismatched weights
             raise MaintenanceDataError(f"saved with another model layout than this version builds ({error}); "
                                        "retrain it with `moeworks maintenance train`", source=str(folder)) from error
