@@ -14,7 +14,10 @@ of FP32 for every calibration sample (`--calibration-seeds`: which training imag
 variant that passes for one draw and not another is not within the gate); variants within 5% of the
 fastest count as equally fast, and the most accurate of them (mean mAP50) wins.
 
-    nice -n 19 python benchmarks/defects_int8.py --weights runs/bench-neu/yolo/weights/best.pt --json
+    nice -n 19 python benchmarks/defects_int8.py --weights runs/bench-neu/detector.pt --json
+
+(--weights: the weights-only detector.pt of `moeworks defects train`; ultralytics' own best.pt is a
+full pickle, which YoloDetector.load refuses.)
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def interleaved_speed(sessions: dict[str, YoloDetector], images, rounds: int, re
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = Path(os.environ.get("MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--weights", type=Path, required=True, help="a trained detector checkpoint (.pt)")
+    parser.add_argument("--weights", type=Path, required=True, help="the detector.pt of `defects train`")
     parser.add_argument("--data", type=Path, default=root / "neu_det", help="NEU-DET VOC folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 8:2 split")
     parser.add_argument("--calibration-seeds", default="0,1,2",

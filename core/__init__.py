@@ -1,8 +1,18 @@
-"""moeworks core: the shared Mixture-of-Experts engine."""
+"""moeworks core: the shared Mixture-of-Experts engine.
 
-from core.config import MoEConfig
-from core.experts import DenseFFN, Experts
-from core.moe import MoELayer, MoEOutput
-from core.router import Router, Routing
+The names below are imported on first use (PEP 562), so that `core.model_files` (hashing, no
+torch) can be imported by torch-free paths such as the LightGBM and scorecard credit models.
+"""
 
-__all__ = ["DenseFFN", "Experts", "MoEConfig", "MoELayer", "MoEOutput", "Router", "Routing"]
+import importlib
+
+_EXPORTS = {"MoEConfig": "core.config", "DenseFFN": "core.experts", "Experts": "core.experts",
+            "MoELayer": "core.moe", "MoEOutput": "core.moe", "Router": "core.router", "Routing": "core.router"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'core' has no attribute {name!r}")

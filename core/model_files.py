@@ -27,6 +27,10 @@ class ModelFilesError(ValueError):
     """A model folder that does not match its manifest; the message is one line naming the file."""
 
 
+class CheckpointError(ModelFilesError):
+    """A .pt that is not a weights-only checkpoint of ours (core.trainer.read_checkpoint); one line."""
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from core.model_files import CheckpointError
+
 
 @dataclass
 class TrainerConfig:
@@ -170,10 +172,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, config: Any, metrics:
     metadata = json.loads(json.dumps(metadata, default=float))
     torch.save({"state_dict": model.state_dict(), "metadata": metadata}, path)
     return path
-
-
-class CheckpointError(ValueError):
-    """A file that is not a weights-only checkpoint of ours; the message is one line naming the file."""
 
 
 def _torch_load_reason(error: BaseException) -> str:

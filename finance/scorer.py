@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.model_files import ModelFilesError, verify_manifest, write_manifest
+from core.model_files import CheckpointError, ModelFilesError, verify_manifest, write_manifest
 from finance.data import Records, check_columns, dataset_spec
 from finance.errors import CreditDataError
 from finance.features import FeaturePipeline
@@ -209,8 +209,11 @@ class CreditScorer:
                                           scale=PointsScale(**policy["scale"])))
         scorer.pipeline_ = FeaturePipeline.from_dict(json.loads((directory / "pipeline.json").read_text()))
         scorer.exclude_protected = scorer.pipeline_.exclude_protected
-        scorer.model_ = model_class(meta["model"]).load(
-            directory / "model", feature_names=scorer.pipeline_.feature_names_, dataset=meta["dataset"])
+        try:
+            scorer.model_ = model_class(meta["model"]).load(
+                directory / "model", feature_names=scorer.pipeline_.feature_names_, dataset=meta["dataset"])
+        except CheckpointError as error:  # a .pt that is not weights-only: refused unread
+            raise CreditDataError(str(error), field="model") from None
         scorer.version_ = meta["version"]
         scorer.cutoff_pd_ = meta["cutoff_pd"]
         scorer.reference_edges_ = np.asarray(meta["reference_edges"])
