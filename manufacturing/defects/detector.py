@@ -197,9 +197,18 @@ def save_detector(weights: str | Path, path: str | Path, *, metrics: dict | None
     cfg = check_model_yaml(json.loads(json.dumps(model.yaml)), str(weights))
     if cfg["nc"] != len(names):
         raise DefectDataError(f"{weights}: model YAML says {cfg['nc']} classes, names has {len(names)}")
-    return save_checkpoint(path, model, config=cfg, metrics=metrics or {},
-                           extra={"kind": DETECTOR_KIND, "names": names, "imgsz": int(trained.get("imgsz", 640)),
-                                  "train_results": ckpt.get("train_results") or {}})
+    size = int(trained.get("imgsz", 640))
+    save_checkpoint(path, model, config=cfg, metrics=metrics or {},
+                    extra={"kind": DETECTOR_KIND, "names": names, "imgsz": size,
+                           "train_results": ckpt.get("train_results") or {}})
+    # The rebuilt detector must compute what ultralytics' own model computes, before anything uses it.
+    reference = HeadOutput(copy.deepcopy(model).fuse(verbose=False).eval())
+    rebuilt, _ = YoloDetector._load_weights(Path(path))
+    probe = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        if not torch.allclose(reference(probe), HeadOutput(rebuilt)(probe), rtol=1e-5, atol=1e-4):
+            raise RuntimeError(f"{path}: the rebuilt detector differs from ultralytics' {weights}")
+    return Path(path)
 
 
 class YoloDetector:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.model_files import write_manifest
+from core.model_files import MANIFEST, write_manifest
 from manufacturing.defects.dataset import load_image, write_yolo_dataset
 from manufacturing.defects.detector import YoloDetector, save_detector
 from manufacturing.defects.errors import DefectDataError
@@ -55,6 +55,9 @@ def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbos
     """Split a VOC folder, train YOLO (and the MoE stage), and save both next to the recorded split."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A rerun into the same folder rewrites its files: the old manifest would refuse the new ones
+    # (the detector is loaded again below, before the new manifest is written).
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     records = read_voc_folder(voc_dir)
     names = class_names(records)
     train, val = seeded_split(records, val_fraction=job.val_fraction, seed=job.split_seed)
@@ -117,6 +120,7 @@ def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # rewritten below; the exports are loaded back before it is
     detector = YoloDetector.load(detector_path)
     records = read_voc_folder(calibration_dir)
     parity_set = sample_images(records, parity_images, seed=1)
