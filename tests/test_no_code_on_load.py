@@ -230,7 +230,7 @@ def _detector_file(path, model, **changes):
     config = json.loads(json.dumps(model.yaml))
     extra = {"kind": "moeworks.defects.yolo", "names": ["crack", "scratch"], "imgsz": 64}
     for key, value in changes.items():
-        (config if key in ("activation", "backbone", "nc") else extra)[key] = value
+        (config if key in ("activation", "backbone", "nc", "scales") else extra)[key] = value
     return save_checkpoint(path, model, config=config, extra=extra)
 
 
@@ -261,6 +261,9 @@ def test_detector_loads_only_our_weights_only_file(yolo_model, tmp_path):
     ({"backbone": [[-1, 1, "torch_safe_load", ["ran.pt"]]]}, "names 'torch_safe_load', not an ultralytics"),
     ({"backbone": [[-1, 1, "nn.functional", []]]}, "not an ultralytics or torch.nn layer class"),
     ({"nc": 3}, "3 classes, field 'names' has 2"),
+    # Sizes the builder would allocate before the weights could be compared: bounded.
+    ({"backbone": [[-1, 1, "Conv", [10**9, 3, 2]]]}, "layer 0 is not"),
+    ({"scales": {"n": [0.5, 1000.0, 1024]}}, "'scales' entries must be"),
     ({"kind": "moeworks.defects.crop_moe"}, "field 'kind' is not moeworks.defects.yolo"),
     ({"imgsz": 65}, "field 'imgsz' must be a multiple of 32"),
 ])

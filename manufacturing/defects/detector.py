@@ -35,7 +35,13 @@ YAML_KEYS = {"nc", "scales", "scale", "backbone", "head", "depth_multiple", "wid
              "channels", "reg_max", "end2end", "kpt_shape", "activation"}
 # The `activation` values of ultralytics' own YAMLs; the parser evals this string, so only these pass.
 ACTIVATIONS = {"nn.SiLU()", "nn.ReLU()", "nn.LeakyReLU(0.1)", "nn.Hardswish()", "torch.nn.SiLU()"}
-MAX_LAYERS = 200  # yolo11x has 24 layer entries; a few hundred bounds a crafted YAML's build time
+# Bounds on what a model YAML may ask the builder to allocate (the weights are checked against the
+# built model only after it is built). ultralytics' detection YAMLs: <= 30 layer entries, repeats
+# <= 9, channel arguments <= 1024, scale multipliers <= 1.5, max_channels <= 1024.
+MAX_LAYERS = 64
+MAX_REPEATS = 16
+MAX_NUMBER = 4096  # any number in a layer's arguments or in `scales`
+MAX_MULTIPLIER = 2.0  # depth and width multipliers
 
 
 @dataclass
@@ -136,7 +142,9 @@ def check_model_yaml(cfg: Any, where: str) -> dict:
             return False
         if isinstance(value, list):
             return len(value) <= 64 and all(plain(v, depth + 1) for v in value)
-        return value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 64)
+        if isinstance(value, bool | int | float):
+            return abs(value) <= MAX_NUMBER
+        return value is None or (isinstance(value, str) and len(value) <= 64)
 
     if not isinstance(cfg, dict):
         raise DefectDataError(f"{where}: field 'config' (the model YAML) is not an object")
@@ -154,8 +162,15 @@ def check_model_yaml(cfg: Any, where: str) -> dict:
             if not (isinstance(value, dict) and len(value) <= 16 and all(
                     isinstance(k, str) and isinstance(v, list) and plain(v) for k, v in value.items())):
                 raise DefectDataError(f"{where}: model YAML 'scales' must map scale names to lists of numbers")
+            if not all(len(v) == 3 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+                       and 0 < v[0] <= MAX_MULTIPLIER and 0 < v[1] <= MAX_MULTIPLIER for v in value.values()):
+                raise DefectDataError(f"{where}: model YAML 'scales' entries must be [depth <= {MAX_MULTIPLIER}, "
+                                      f"width <= {MAX_MULTIPLIER}, max_channels]")
         elif not plain(value):
-            raise DefectDataError(f"{where}: model YAML {key!r} must be a number, string or list")
+            raise DefectDataError(f"{where}: model YAML {key!r} must be a number, string or list (within bounds)")
+        elif key in ("depth_multiple", "width_multiple") and value is not None and not (
+                isinstance(value, int | float) and 0 < value <= MAX_MULTIPLIER):
+            raise DefectDataError(f"{where}: model YAML {key!r} must be in (0, {MAX_MULTIPLIER}]")
     entries = []
     for part in ("backbone", "head"):
         if not isinstance(cfg.get(part), list):
@@ -165,7 +180,7 @@ def check_model_yaml(cfg: Any, where: str) -> dict:
         raise DefectDataError(f"{where}: model YAML has {len(entries)} layers; 1 to {MAX_LAYERS} allowed")
     for i, entry in enumerate(entries):
         if not (isinstance(entry, list) and len(entry) == 4 and plain(entry[0]) and isinstance(entry[1], int)
-                and 1 <= entry[1] <= 64 and isinstance(entry[2], str) and isinstance(entry[3], list)
+                and 1 <= entry[1] <= MAX_REPEATS and isinstance(entry[2], str) and isinstance(entry[3], list)
                 and plain(entry[3])):
             raise DefectDataError(f"{where}: model YAML layer {i} is not [from, repeats, module, args]")
         name = entry[2]
