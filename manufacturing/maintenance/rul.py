@@ -1,7 +1,9 @@
 """The RUL estimator: normaliser + window net, trained with the shared trainer, saved to a folder.
 
 A model folder holds `model.pt` (weights, net config, the fitted normaliser and the training
-metrics, written by core.trainer.save_checkpoint) and `model.json` (the same metadata, readable).
+metrics, written by core.trainer.save_checkpoint) and `model.json` (the same metadata, readable),
+sealed by MANIFEST.json (core.model_files): `load` refuses a changed, missing or added file, and
+reads model.pt weights-only.
 """
 
 from __future__ import annotations
