@@ -131,32 +131,47 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
         typer.echo(json.dumps({"model": str(model), "data": str(data), **metrics}))
 
 
-@app.command()
+@app.command(epilog="Exit codes: 0 complete; 3 complete with quarantine (every readable row scored, some rows or "
+                     "files quarantined); 4 incomplete (stopped by --max-chunks: run again to resume); 2 refused or "
+                     "failed because of the input (bad arguments, an output bound to another input, model or "
+                     "settings, nothing scorable); 1 failed otherwise. OUTPUT/_SUMMARY.json is written with the "
+                     "status whenever the job starts.")
 def score(model: Path = typer.Option(..., help="a saved model folder"),
           input: Path = typer.Option(..., help="CSV, CSV.gz or Parquet file, or a folder of them"),
           output: Path = typer.Option(..., help="folder for scored/, quarantine/ and _SUMMARY.json"),
           scheduler: str = typer.Option(None, help="Dask scheduler address, or 'local' for a 2-worker LocalCluster"),
-          chunk_rows: int = typer.Option(100_000, help="rows per chunk"),
+          chunk_rows: int = typer.Option(100_000, help="records per chunk"),
           reasons: str = typer.Option("declined", help="reason codes for: declined, all or none"),
           max_chunks: int = typer.Option(None, help="stop after this many chunks (resume later)"),
+          restart: bool = typer.Option(False, "--restart", help="discard the output's job and score everything "
+                                                                "again (needed after the input, model or settings "
+                                                                "changed)"),
+          duplicates: str = typer.Option("quarantine", help="rows repeating an earlier row's id: quarantine, or "
+                                                            "keep (scored, flagged in duplicate_of)"),
           json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON object last")) -> None:
-    """Batch-score records in chunks; bad rows go to quarantine; resumes an interrupted job."""
-    from finance.batch import run_batch
+    """Batch-score records in chunks; bad rows and unreadable files go to quarantine; resumes an
+    interrupted job only when its inputs, model and settings are unchanged."""
+    from finance.batch import run_batch, summary_json
     from finance.errors import CreditDataError
 
     try:
         summary = run_batch(model, input, output, chunk_rows=chunk_rows, scheduler=scheduler, reasons=reasons,
-                            max_chunks=max_chunks)
+                            max_chunks=max_chunks, restart=restart, duplicates=duplicates)
     except (CreditDataError, FileNotFoundError) as error:
         _fail(error)
-    typer.echo(f"read {summary.read:,} = scored {summary.scored:,} + quarantined {summary.quarantined:,} "
-               f"({'reconciled' if summary.reconciled else 'NOT reconciled'}); {summary.chunks_scored_now} of "
-               f"{summary.chunks} chunks scored now in {summary.seconds:.1f} s ({summary.rows_per_s:,.0f} rows/s); "
-               f"output in {output}")
+    if summary.status == "failed":
+        typer.echo(f"error: {summary.message} (summary: {output / '_SUMMARY.json'})", err=True)
+    else:
+        typer.echo(f"{summary.status}: read {summary.read:,} = scored {summary.scored:,} + quarantined "
+                   f"{summary.quarantined:,} ({'reconciled' if summary.reconciled else 'NOT reconciled'}); "
+                   f"{summary.chunks_scored_now} of {summary.chunks} chunks scored now in {summary.seconds:.1f} s "
+                   f"({summary.rows_per_s:,.0f} rows/s); output in {output}", err=json_out)
+        if summary.message:
+            typer.echo(summary.message, err=True)
     if json_out:
-        from dataclasses import asdict
-
-        typer.echo(json.dumps({**asdict(summary), "reconciled": summary.reconciled}))
+        typer.echo(json.dumps(summary_json(summary), default=str))
+    if summary.exit_code:
+        raise typer.Exit(code=summary.exit_code)
 
 
 @app.command()
