@@ -15,6 +15,15 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _out_folder(path: Path, option: str = "out") -> Path:
+    """A folder to write into: refused (one line) when it is a file."""
+    from finance.errors import CreditDataError
+
+    if path.exists() and not path.is_dir():
+        raise CreditDataError(f"--{option} {path} is a file; give a folder", field=option)
+    return path
+
+
 def _records(dataset: str, data: Path, *, require_target: bool = True):
     from finance.data import load_records
 
@@ -29,11 +38,17 @@ def generate(out: Path = typer.Option(..., help="folder for the generated Parque
     """Generate a through-the-door population (GENERATED data) as Parquet tables."""
     import time
 
+    from finance.errors import CreditDataError
     from finance.generate import GeneratorConfig
     from finance.generate import generate as run
 
     started = time.perf_counter()
-    run(out, GeneratorConfig(n_applicants=rows, seed=seed, default_rate=default_rate))
+    try:
+        if rows < 1:
+            raise CreditDataError(f"--rows must be >= 1, got {rows}", field="rows")
+        run(_out_folder(out), GeneratorConfig(n_applicants=rows, seed=seed, default_rate=default_rate))
+    except CreditDataError as error:
+        _fail(error)
     typer.echo(f"generated {rows:,} applicants (GENERATED data, not real) into {out} "
                f"in {time.perf_counter() - started:.1f} s")
 
@@ -58,6 +73,7 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
     from finance.errors import CreditDataError
 
     try:
+        _out_folder(out)
         if data is None:
             if dataset != "generated":
                 raise CreditDataError("--data is required for real datasets", field="data")
@@ -102,6 +118,7 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
     from rich.console import Console
     from rich.table import Table
 
+    from finance.data import dataset_spec
     from finance.errors import CreditDataError
 
     try:
@@ -110,6 +127,9 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
 
         scorer = load_model(model)
         records = _records(scorer.dataset, data)
+        if len(set(records.target.tolist())) < 2:
+            raise CreditDataError(f"the labels in {data} hold one class only; AUC and KS need defaulters and "
+                                  "non-defaulters", field=dataset_spec(scorer.dataset).target)
         result = evaluate_scorer(scorer, records, speed=speed)
         if report is not None:
             from finance.report import write_report

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,8 +56,12 @@ def read_ai4i(path: str | Path) -> pd.DataFrame:
         raise MaintenanceDataError("file not found", source=str(path))
     try:
         frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as error:
+    except pd.errors.EmptyDataError:
+        raise MaintenanceDataError("empty file: no header and no rows", source=str(path)) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error) as error:
         raise MaintenanceDataError(f"not a readable CSV: {error}", source=str(path)) from None
+    if frame.empty:
+        raise MaintenanceDataError("no data rows (a header only)", source=str(path))
     return validate_ai4i(frame, source=str(path), labels=all(c in frame.columns for c in LABELS))
 
 

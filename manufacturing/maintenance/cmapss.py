@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,12 @@ SUBSET_REGIMES = {"FD001": 1, "FD002": 6, "FD003": 1, "FD004": 6}
 def _open_text(path: Path) -> str:
     if not path.is_file():
         raise MaintenanceDataError("file not found", source=str(path))
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:  # a truncated or corrupt gzip, an unreadable file
+        raise MaintenanceDataError(f"cannot read the file: {error}", source=str(path)) from None
     return raw.decode("utf-8", errors="replace")
 
 
