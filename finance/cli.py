@@ -144,9 +144,17 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    Console(stderr=json_out).print(table)
+    seen = [(share, what) for share, what in ((metrics.get("share_in_training"), "trained on"),
+                                              (metrics.get("share_in_validation"), "validated on")) if share]
+    if seen:
+        shares = " and ".join(f"{share:.1%} of these rows were the rows it was {what}" for share, what in seen)
+        typer.echo(f"warning: {shares}; metrics on them overstate how the model does on new applicants", err=True)
+    elif metrics.get("share_in_training") is None:
+        typer.echo("note: this model folder records no training rows (saved before row fingerprints); "
+                   "cannot tell whether these rows were used in training", err=True)
     if report is not None:
-        typer.echo(f"report: {report}")
+        typer.echo(f"report: {report}", err=json_out)
     if json_out:
         typer.echo(json.dumps({"model": str(model), "data": str(data), **metrics}))
 
