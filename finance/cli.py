@@ -145,12 +145,13 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console(stderr=json_out).print(table)
-    seen = [(share, what) for share, what in ((metrics.get("share_in_training"), "trained on"),
-                                              (metrics.get("share_in_validation"), "validated on")) if share]
-    if seen:
-        shares = " and ".join(f"{share:.1%} of these rows were the rows it was {what}" for share, what in seen)
-        typer.echo(f"warning: {shares}; metrics on them overstate how the model does on new applicants", err=True)
-    elif metrics.get("share_in_training") is None:
+    train_share, valid_share = metrics.get("share_in_training"), metrics.get("share_in_validation")
+    if train_share or valid_share:
+        how = "exact" if metrics["share_exact"] else "estimated from a sample of row hashes"
+        typer.echo(f"warning: {train_share or 0:.1%} of these rows were used to train the model and "
+                   f"{valid_share or 0:.1%} to validate it ({how}); metrics on them overstate how it does on new "
+                   "applicants", err=True)
+    elif train_share is None:
         typer.echo("note: this model folder records no training rows (saved before row fingerprints); "
                    "cannot tell whether these rows were used in training", err=True)
     if report is not None:

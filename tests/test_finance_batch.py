@@ -83,7 +83,7 @@ def test_cli_train_evaluate_score_and_clear_errors(setup, tmp_path):
         metrics)
     # its own training data: 80% trained on, 20% validated on (the seeded split), said on stderr
     assert (metrics["share_in_training"], metrics["share_in_validation"], metrics["share_exact"]) == (0.8, 0.2, True)
-    assert "warning: 80.0% of these rows were the rows it was trained on" in result.stderr
+    assert "warning: 80.0% of these rows were used to train the model and 20.0% to validate it" in result.stderr
     html = (tmp_path / "r.html").read_text()
     assert html.count("data:image/png;base64") == 6 and "GENERATED" in html and "Characteristic stability" in html
     result = runner.invoke(app, ["finance", "score", "--model", str(model_dir), "--input", str(root / "batch.csv"),

@@ -34,6 +34,7 @@ from core.blocks import TabularMoE, TabularMoEConfig
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
 from manufacturing.maintenance.errors import MaintenanceDataError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 NUMERIC_INPUTS = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]",
                   "Tool wear [min]"]
 INPUTS = ["Type", *NUMERIC_INPUTS]
@@ -90,12 +91,14 @@ def validate_ai4i(rows: pd.DataFrame | Mapping[str, Any] | Sequence[Mapping[str,
     out["Type"] = types
     for column in NUMERIC_INPUTS + (LABELS if labels else []):
         values = pd.to_numeric(out[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        # the networks compute in float32: a larger magnitude would become infinity there
+        bad = values.isna() | ~np.isfinite(numbers) | (np.abs(np.nan_to_num(numbers)) > FLOAT32_MAX)
         if column in LABELS:
             bad |= ~values.isin([0, 1])
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            expected = "0 or 1" if column in LABELS else "a finite number"
+            expected = "0 or 1" if column in LABELS else "a finite number within float32's range"
             raise MaintenanceDataError(f"value {out[column].iloc[row]!r} is not {expected}", source=source,
                                        field=column, row=row + 1)
         out[column] = values.astype(float)
