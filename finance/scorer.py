@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.row_fingerprint import RowFingerprint, SplitFingerprint, row_hashes
 from finance.data import Records, check_columns, dataset_spec
 from finance.errors import CreditDataError
 from finance.features import FeaturePipeline
 from finance.models import CreditModel, FitData, build_model, model_class
-from finance.row_fingerprint import RowFingerprint, SplitFingerprint, row_hashes
 from finance.scaling import PointsScale
 
 

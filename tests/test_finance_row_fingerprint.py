@@ -1,8 +1,8 @@
 import numpy as np
 
+from core.row_fingerprint import RowFingerprint, SplitFingerprint
 from finance.data import load_generated
 from finance.generate import GeneratorConfig, generate
-from finance.row_fingerprint import RowFingerprint, SplitFingerprint
 from finance.scorer import CreditScorer
 
 

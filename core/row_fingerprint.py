@@ -1,8 +1,8 @@
 """A compact record of which rows a model was trained and validated on, so that evaluation can say
-what share of the rows it scores the model has already seen.
+what share of the rows it scores the model has already seen (credit models, the AI4I model).
 
-Each row is reduced to a 64-bit hash of its raw fields (the id and the label left out: a copy of an
-applicant under a new id is still a row the model was fitted on). A split keeps at most
+Each row is reduced to a 64-bit hash of its raw input fields (ids and labels left out: a copy of
+an applicant under a new id is still a row the model was fitted on). A split keeps at most
 `MAX_HASHES` hashes (2 MiB): beyond that, only the hashes below a threshold are kept, a
 consistent sample of the hash space, and the share is estimated on the scored rows whose hashes
 fall below the same threshold (an unbiased estimate; exact when nothing was left out).
