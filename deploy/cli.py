@@ -73,6 +73,9 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="folder for everything
     """Run the main job on embedded defaults: generated data, no set-up."""
     from deploy.demo import run_demo
 
+    if out.exists() and not out.is_dir():
+        typer.echo(f"error: --out {out} is a file; give a folder", err=True)
+        raise typer.Exit(2)
     run_demo(out, quick=quick)
 
 

@@ -15,6 +15,15 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _out_folder(path: Path, option: str = "out") -> Path:
+    """A folder to write into: refused (one line) when it is a file."""
+    from finance.errors import CreditDataError
+
+    if path.exists() and not path.is_dir():
+        raise CreditDataError(f"--{option} {path} is a file; give a folder", field=option)
+    return path
+
+
 def _records(dataset: str, data: Path, *, require_target: bool = True):
     from finance.data import load_records
 
@@ -29,11 +38,17 @@ def generate(out: Path = typer.Option(..., help="folder for the generated Parque
     """Generate a through-the-door population (GENERATED data) as Parquet tables."""
     import time
 
+    from finance.errors import CreditDataError
     from finance.generate import GeneratorConfig
     from finance.generate import generate as run
 
     started = time.perf_counter()
-    run(out, GeneratorConfig(n_applicants=rows, seed=seed, default_rate=default_rate))
+    try:
+        if rows < 1:
+            raise CreditDataError(f"--rows must be >= 1, got {rows}", field="rows")
+        run(_out_folder(out), GeneratorConfig(n_applicants=rows, seed=seed, default_rate=default_rate))
+    except CreditDataError as error:
+        _fail(error)
     typer.echo(f"generated {rows:,} applicants (GENERATED data, not real) into {out} "
                f"in {time.perf_counter() - started:.1f} s")
 
@@ -58,6 +73,7 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
     from finance.errors import CreditDataError
 
     try:
+        _out_folder(out)
         if data is None:
             if dataset != "generated":
                 raise CreditDataError("--data is required for real datasets", field="data")
@@ -102,6 +118,7 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
     from rich.console import Console
     from rich.table import Table
 
+    from finance.data import dataset_spec
     from finance.errors import CreditDataError
 
     try:
@@ -110,6 +127,9 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
 
         scorer = load_model(model)
         records = _records(scorer.dataset, data)
+        if len(set(records.target.tolist())) < 2:
+            raise CreditDataError(f"the labels in {data} hold one class only; AUC and KS need defaulters and "
+                                  "non-defaulters", field=dataset_spec(scorer.dataset).target)
         result = evaluate_scorer(scorer, records, speed=speed)
         if report is not None:
             from finance.report import write_report
@@ -124,39 +144,63 @@ def evaluate(model: Path = typer.Option(..., help="a saved model folder"),
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    Console(stderr=json_out).print(table)
+    train_share, valid_share = metrics.get("share_in_training"), metrics.get("share_in_validation")
+    if train_share or valid_share:
+        how = "exact" if metrics["share_exact"] else "estimated from a sample of row hashes"
+        typer.echo(f"warning: {train_share or 0:.1%} of these rows were used to train the model and "
+                   f"{valid_share or 0:.1%} to validate it ({how}); metrics on them overstate how it does on new "
+                   "applicants", err=True)
+    elif train_share is None:
+        typer.echo("note: this model folder records no training rows (saved before row fingerprints); "
+                   "cannot tell whether these rows were used in training", err=True)
     if report is not None:
-        typer.echo(f"report: {report}")
+        typer.echo(f"report: {report}", err=json_out)
     if json_out:
         typer.echo(json.dumps({"model": str(model), "data": str(data), **metrics}))
 
 
-@app.command()
+@app.command(epilog="Exit codes: 0 complete; 3 complete with quarantine (every readable row scored, some rows or "
+                     "files quarantined); 4 incomplete (stopped by --max-chunks: run again to resume); 2 refused or "
+                     "failed because of the input (bad arguments, an output bound to another input, model or "
+                     "settings, nothing scorable); 1 failed otherwise. OUTPUT/_SUMMARY.json is written with the "
+                     "status whenever the job starts.")
 def score(model: Path = typer.Option(..., help="a saved model folder"),
           input: Path = typer.Option(..., help="CSV, CSV.gz or Parquet file, or a folder of them"),
           output: Path = typer.Option(..., help="folder for scored/, quarantine/ and _SUMMARY.json"),
           scheduler: str = typer.Option(None, help="Dask scheduler address, or 'local' for a 2-worker LocalCluster"),
-          chunk_rows: int = typer.Option(100_000, help="rows per chunk"),
+          chunk_rows: int = typer.Option(100_000, help="records per chunk"),
           reasons: str = typer.Option("declined", help="reason codes for: declined, all or none"),
           max_chunks: int = typer.Option(None, help="stop after this many chunks (resume later)"),
+          restart: bool = typer.Option(False, "--restart", help="discard the output's job and score everything "
+                                                                "again (needed after the input, model or settings "
+                                                                "changed)"),
+          duplicates: str = typer.Option("quarantine", help="rows repeating an earlier row's id: quarantine, or "
+                                                            "keep (scored, flagged in duplicate_of)"),
           json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON object last")) -> None:
-    """Batch-score records in chunks; bad rows go to quarantine; resumes an interrupted job."""
-    from finance.batch import run_batch
+    """Batch-score records in chunks; bad rows and unreadable files go to quarantine; resumes an
+    interrupted job only when its inputs, model and settings are unchanged."""
+    from finance.batch import run_batch, summary_json
     from finance.errors import CreditDataError
 
     try:
         summary = run_batch(model, input, output, chunk_rows=chunk_rows, scheduler=scheduler, reasons=reasons,
-                            max_chunks=max_chunks)
+                            max_chunks=max_chunks, restart=restart, duplicates=duplicates)
     except (CreditDataError, FileNotFoundError) as error:
         _fail(error)
-    typer.echo(f"read {summary.read:,} = scored {summary.scored:,} + quarantined {summary.quarantined:,} "
-               f"({'reconciled' if summary.reconciled else 'NOT reconciled'}); {summary.chunks_scored_now} of "
-               f"{summary.chunks} chunks scored now in {summary.seconds:.1f} s ({summary.rows_per_s:,.0f} rows/s); "
-               f"output in {output}")
+    if summary.status == "failed":
+        typer.echo(f"error: {summary.message} (summary: {output / '_SUMMARY.json'})", err=True)
+    else:
+        typer.echo(f"{summary.status}: read {summary.read:,} = scored {summary.scored:,} + quarantined "
+                   f"{summary.quarantined:,} ({'reconciled' if summary.reconciled else 'NOT reconciled'}); "
+                   f"{summary.chunks_scored_now} of {summary.chunks} chunks scored now in {summary.seconds:.1f} s "
+                   f"({summary.rows_per_s:,.0f} rows/s); output in {output}", err=json_out)
+        if summary.message:
+            typer.echo(summary.message, err=True)
     if json_out:
-        from dataclasses import asdict
-
-        typer.echo(json.dumps({**asdict(summary), "reconciled": summary.reconciled}))
+        typer.echo(json.dumps(summary_json(summary), default=str))
+    if summary.exit_code:
+        raise typer.Exit(code=summary.exit_code)
 
 
 @app.command()

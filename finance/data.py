@@ -10,8 +10,8 @@ per relation).
 
 from __future__ import annotations
 
-import gzip
-from collections.abc import Iterator
+import io
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from finance import generate as gen
+from finance.csv_records import read_error_reason
 from finance.errors import CreditDataError
 from finance.schema import FieldSpec, check_records, coerce
 
@@ -140,6 +141,8 @@ def data_files(path: str | Path, spec: DatasetSpec) -> list[Path]:
         raise CreditDataError(f"no such file or folder: {path}", field="data")
     if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise CreditDataError(f"{path} is neither a regular file nor a folder", field="data")
     if is_generated_folder(path):
         return sorted((path / "applications").glob("*.parquet"))
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
@@ -159,52 +162,62 @@ def _normalise_columns(frame: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
 
 
 def read_table(file: Path, spec: DatasetSpec) -> pd.DataFrame:
-    """One whole file as read (strings kept as strings so that checks can name bad values)."""
+    """One whole file as read (strings kept as strings so that checks can name bad values).
+
+    A file that cannot be read (empty, bad gzip, not UTF-8, broken CSV or Parquet) raises
+    CreditDataError with the reason.
+    """
+    try:
+        if file.name.endswith(".parquet"):
+            if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
+                return assemble_generated_part(file.parent.parent, file.name)
+            return _normalise_columns(pq.read_table(file).to_pandas(), spec)
+        return _normalise_columns(pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT,
+                                              index_col=False), spec)
+    except pd.errors.EmptyDataError:
+        raise CreditDataError("empty file: no header and no rows", source=str(file)) from None
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, pd.errors.ParserError, pa.ArrowException,
+            ValueError) as error:
+        raise CreditDataError(f"cannot read the file: {read_error_reason(error)}", source=str(file)) from None
+
+
+def parse_csv_bytes(data: bytes, spec: DatasetSpec) -> pd.DataFrame:
+    """Records from CSV bytes (a header and whole records), read as `read_table` reads a file."""
+    return _normalise_columns(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
+                                          na_values=MISSING_TEXT, index_col=False), spec)
+
+
+def file_columns(file: Path, spec: DatasetSpec, header: bytes | None = None) -> list[str]:
+    """The column names of a data file (after the GMSC unnamed-id rename). CSV: from `header`."""
     if file.name.endswith(".parquet"):
         if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
-            return assemble_generated_part(file.parent.parent, file.name)
-        return _normalise_columns(pq.read_table(file).to_pandas(), spec)
-    return _normalise_columns(pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT), spec)
+            return [spec.id_column, *spec.field_names]  # assembled from the generator's own tables
+        names = pq.ParquetFile(file).schema_arrow.names
+    else:
+        names = list(pd.read_csv(io.BytesIO(header or b""), dtype=str, nrows=0, index_col=False).columns)
+    return list(_normalise_columns(pd.DataFrame(columns=names), spec).columns)
 
 
-def count_rows(file: Path) -> int:
-    """Data rows in a file without parsing it (CSV: newlines minus the header)."""
-    if file.name.endswith(".parquet"):
-        return pq.ParquetFile(file).metadata.num_rows
-    opener = gzip.open if file.name.endswith(".gz") else open
-    lines, last = 0, b"\n"
-    with opener(file, "rb") as handle:
-        while block := handle.read(1 << 22):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n") - 1
+def read_parquet_records(file: Path, spec: DatasetSpec) -> pd.DataFrame:
+    """A whole Parquet file (or a generated part, joined) as records."""
+    if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
+        return assemble_generated_part(file.parent.parent, file.name)
+    return _normalise_columns(pq.read_table(file).to_pandas(), spec)
 
 
-def read_rows(file: Path, spec: DatasetSpec, start: int, stop: int) -> pd.DataFrame:
-    """Data rows [start, stop) of one file (0-based, header excluded), for chunked and Dask reads."""
+def read_ids(file: Path, spec: DatasetSpec, columns: list[str]) -> pd.Series:
+    """The id column of a whole file as text ('' when missing), for finding repeated ids."""
+    position = columns.index(spec.id_column)
     if file.name.endswith(".parquet"):
         if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
-            return assemble_generated_part(file.parent.parent, file.name).iloc[start:stop].reset_index(drop=True)
-        return _normalise_columns(pq.read_table(file).slice(start, stop - start).to_pandas(), spec)
-    frame = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT,
-                        skiprows=range(1, start + 1), nrows=stop - start)
-    return _normalise_columns(frame, spec)
-
-
-def iter_rows(file: Path, spec: DatasetSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Stream a file in chunks of `chunk_rows` data rows (the same chunks `read_rows` gives)."""
-    if file.name.endswith(".parquet"):
-        if file.parent.name == "applications" and is_generated_folder(file.parent.parent):
-            whole = assemble_generated_part(file.parent.parent, file.name)
-            for start in range(0, len(whole), chunk_rows):
-                yield whole.iloc[start:start + chunk_rows].reset_index(drop=True)
-            return
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows):
-            yield _normalise_columns(batch.to_pandas(), spec)
-        return
-    reader = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=MISSING_TEXT, chunksize=chunk_rows)
-    for frame in reader:
-        yield _normalise_columns(frame.reset_index(drop=True), spec)
+            values = pq.read_table(file, columns=["applicant_id"]).column(0).to_pandas()
+        else:
+            values = pq.read_table(file, columns=[pq.ParquetFile(file).schema_arrow.names[position]]).column(
+                0).to_pandas()
+    else:
+        values = pd.read_csv(file, dtype=str, keep_default_na=False, usecols=[position], index_col=False,
+                             encoding="utf-8").iloc[:, 0]
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +269,8 @@ def load_records(dataset: str, path: str | Path, *, require_target: bool = True)
         frames.append(frame)
         targets.append(target)
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if len(frame) == 0:
+        raise CreditDataError("no data rows (a header only)", source=str(path))
     return Records(spec.name, frame, np.concatenate(targets) if require_target else None)
 
 

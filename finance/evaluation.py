@@ -110,6 +110,18 @@ def scoring_speed(scorer: Any, frame: pd.DataFrame, *, single_runs: int = 200, b
             "batch_rows_per_s": len(batch) / seconds}
 
 
+def seen_rows(scorer: Any, frame: pd.DataFrame) -> dict[str, Any]:
+    """Shares of `frame`'s rows that the model was trained on and validated on (None: the model
+    folder has no row fingerprint), and whether the shares are exact or estimated from a sample."""
+    fingerprint = getattr(scorer, "row_fingerprint_", None)
+    if fingerprint is None:
+        return {"share_in_training": None, "share_in_validation": None, "share_exact": None}
+    hashes = scorer.row_hashes(frame)
+    train, train_exact = fingerprint.train.share(hashes)
+    valid, valid_exact = fingerprint.valid.share(hashes)
+    return {"share_in_training": train, "share_in_validation": valid, "share_exact": train_exact and valid_exact}
+
+
 def evaluate_scorer(scorer: Any, records: Any, *, speed: bool = True) -> dict[str, Any]:
     """Every metric of a saved scorer on labelled records, plus PSI (of the PD) and CSI (of each
     feature) against its validation split.
@@ -136,6 +148,7 @@ def evaluate_scorer(scorer: Any, records: Any, *, speed: bool = True) -> dict[st
         metrics["features_csi_over_0.25"] = int((values > 0.25).sum())
         metrics["features_csi_0.1_to_0.25"] = int(((values > 0.1) & (values <= 0.25)).sum())
     metrics["approval_rate_at_cutoff"] = float(np.mean(pd_ <= scorer.cutoff_pd_))
+    metrics.update(seen_rows(scorer, records.frame))
     if speed:
         metrics.update(scoring_speed(scorer, records.frame))
     return {"metrics": metrics, "pd": pd_, "psi_shares": shares, "csi": csi}

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+# Models and ONNX graphs compute in float32: a larger magnitude becomes infinity there, so every
+# numeric field is refused beyond it, whatever its own range (1e309, 'inf' and 'Infinity' parse to
+# infinity in float64 and are refused as not finite).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -24,7 +29,8 @@ class FieldSpec:
     levels: tuple[str, ...] | None = None  # allowed values of a category; None: any
 
     def __post_init__(self) -> None:
-        assert self.kind in ("float", "int", "category"), f"{self.name}: unknown kind {self.kind!r}"
+        if self.kind not in ("float", "int", "category"):
+            raise ValueError(f"{self.name}: unknown kind {self.kind!r}")
 
 
 def coerce(frame: pd.DataFrame, fields: list[FieldSpec]) -> pd.DataFrame:
@@ -74,11 +80,16 @@ def check_records(frame: pd.DataFrame, fields: list[FieldSpec]) -> pd.Series:
         else:
             value = (raw.to_numpy(dtype="float64", na_value=np.nan) if numeric_dtype
                      else pd.to_numeric(raw, errors="coerce").to_numpy(dtype="float64", na_value=np.nan))
+            def shown(raw=raw) -> pd.Series:
+                return "(" + raw.astype(str).str.slice(0, 30).map(repr) + ")"
+
             if not numeric_dtype:
-                not_number = ~missing & np.isnan(value)
-                problems.append((not_number, lambda raw=raw: "not a number ("
-                                 + raw.astype(str).str.slice(0, 30).map(repr) + ")"))
-            finite = ~np.isnan(value)
+                problems.append((~missing & np.isnan(value), lambda shown=shown: "not a number " + shown()))
+            problems.append((np.isinf(value), lambda shown=shown: "not a finite number " + shown()))
+            with np.errstate(invalid="ignore"):
+                huge = np.isfinite(value) & (np.abs(value) > FLOAT32_MAX)
+            problems.append((huge, lambda shown=shown: "outside the float32 range " + shown()))
+            finite = np.isfinite(value) & ~huge
             if spec.kind == "int":
                 problems.append((finite & (np.floor(value) != value), "not a whole number"))
             if spec.min is not None:

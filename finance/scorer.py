@@ -7,9 +7,11 @@ returns id, probability of default, points, decision and reason codes in plain w
 
 Saved layout (one folder): scorer.json (dataset, model name, version, cut-off, scale, reference
 distribution for PSI, metrics), reference_features.json (per-feature reference for CSI),
-pipeline.json (fitted feature pipeline), model/ (the model's files), MANIFEST.json (the SHA-256 of
-each of them, core.model_files: loading refuses a folder whose files changed, went missing or were
-added since the save). Every file is a data format (JSON, CSV, LightGBM text, weights-only torch).
+pipeline.json (fitted feature pipeline), model/ (the model's files), row_fingerprint.npz (hashes of
+the training and validation rows, so that evaluation can say what share of its rows were seen),
+MANIFEST.json (the SHA-256 of each of them, core.model_files: loading refuses a folder whose files
+changed, went missing or were added since the save). Every file is a data format (JSON, CSV, NumPy
+arrays without objects, LightGBM text, weights-only torch).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from core.model_files import CheckpointError, ModelFilesError, verify_manifest, write_manifest
+from core.row_fingerprint import RowFingerprint, SplitFingerprint, row_hashes
 from finance.data import Records, check_columns, dataset_spec
 from finance.errors import CreditDataError
 from finance.features import FeaturePipeline
@@ -92,9 +95,16 @@ class CreditScorer:
         self.reference_feature_edges_, self.reference_feature_shares_ = characteristic_reference(fit_valid.X)
         self.validation_metrics_ = credit_metrics(valid.target, pd_valid, approval_rate=self.policy.approval_rate)
         self.training_rows_ = len(train)
+        self.row_fingerprint_ = RowFingerprint(SplitFingerprint.build(self.row_hashes(train.frame)),
+                                               SplitFingerprint.build(self.row_hashes(valid.frame)))
         self.version_ = f"{self.dataset}-{self.model_name}-{time.strftime('%Y%m%d%H%M%S')}-" + hashlib.sha256(
             pd_valid.tobytes()).hexdigest()[:8]
         return self
+
+    def row_hashes(self, records: pd.DataFrame) -> np.ndarray:
+        """(n,) 64-bit hashes of raw records' fields: what the row fingerprint compares."""
+        spec = dataset_spec(self.dataset)
+        return row_hashes(records, [(f.name, f.kind == "category") for f in spec.fields])
 
     # ------------------------------------------------------------------------------ scoring
     def features(self, records: pd.DataFrame) -> FitData:
@@ -188,6 +198,8 @@ class CreditScorer:
             "edges": [e.tolist() for e in self.reference_feature_edges_],
             "shares": [s.tolist() for s in self.reference_feature_shares_]}))
         self.pipeline_.catalogue().to_csv(directory / "feature_catalogue.csv", index=False)
+        if getattr(self, "row_fingerprint_", None) is not None:  # which rows it was fitted and validated on
+            self.row_fingerprint_.save(directory)
         # Sealed: every file loading reads (top-level files and model/); other folders a user keeps
         # here (the generated data of `finance train`) are never loaded and stay outside.
         write_manifest(directory, unsealed=[p.name for p in directory.iterdir() if p.is_dir() and p.name != "model"])
@@ -221,6 +233,7 @@ class CreditScorer:
         scorer.validation_metrics_ = meta["validation_metrics"]
         scorer.training_rows_ = meta["training_rows"]
         scorer.train_seconds_ = meta.get("train_seconds")
+        scorer.row_fingerprint_ = RowFingerprint.load(directory)  # None for a model saved before fingerprints
         reference = directory / "reference_features.json"
         scorer.reference_feature_edges_ = scorer.reference_feature_shares_ = None  # saved before CSI: none
         if reference.is_file():

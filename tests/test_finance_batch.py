@@ -31,8 +31,8 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_reconcile(setup):
     root, model_dir = setup
     summary = run_batch(model_dir, root / "batch.csv", root / "out", chunk_rows=300, progress=False)
     assert summary.reconciled and (summary.read, summary.scored, summary.quarantined) == (1000, 996, 4)
-    quarantine = read_quarantine(root / "out").sort_values("row")
-    assert quarantine["row"].tolist() == [11, 251, 601, 602]
+    quarantine = read_quarantine(root / "out").sort_values("source_row")
+    assert quarantine["source_row"].tolist() == [11, 251, 601, 602]
     assert quarantine["reason"].tolist() == ["age: not a number ('forty')", "monthly_income: missing",
                                             "bureau_score: above the maximum 850", "os: unknown level 'symbian'"]
     scored = read_scored(root / "out")
@@ -81,12 +81,21 @@ def test_cli_train_evaluate_score_and_clear_errors(setup, tmp_path):
     metrics = json.loads(result.output.strip().splitlines()[-1])
     assert {"auc", "ks", "gini", "recall_at_approval", "brier", "psi", "latency_p99_ms", "batch_rows_per_s"} <= set(
         metrics)
+    # its own training data: 80% trained on, 20% validated on (the seeded split), said on stderr
+    assert (metrics["share_in_training"], metrics["share_in_validation"], metrics["share_exact"]) == (0.8, 0.2, True)
+    assert "warning: 80.0% of these rows were used to train the model and 20.0% to validate it" in result.stderr
     html = (tmp_path / "r.html").read_text()
     assert html.count("data:image/png;base64") == 6 and "GENERATED" in html and "Characteristic stability" in html
     result = runner.invoke(app, ["finance", "score", "--model", str(model_dir), "--input", str(root / "batch.csv"),
                                  "--output", str(tmp_path / "s"), "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # complete, with quarantined rows
     assert json.loads(result.output.strip().splitlines()[-1])["quarantined"] == 4
+    result = runner.invoke(app, ["finance", "evaluate", "--model", str(tmp_path / "m"), "--data",
+                                 str(root / "train"), "--no-speed", "--json"])  # other applicants
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["share_in_training"] == 0.0 and metrics["share_in_validation"] == 0.0
+    assert len(result.stdout.strip().splitlines()) == 1 and "warning" not in result.stderr
     result = runner.invoke(app, ["finance", "evaluate", "--model", str(model_dir), "--data", str(root / "batch.csv")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "default_12m" in result.output  # the unlabelled file lacks the label column: named

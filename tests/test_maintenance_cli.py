@@ -68,7 +68,16 @@ def test_ai4i_train_and_evaluate(tmp_path):
     assert 0 <= trained["lightgbm_failure_pr_auc"] <= 1 and 0 <= trained["moe_failure_pr_auc"] <= 1
     result = invoke("ai4i-evaluate", "--model", tmp_path / "model", "--data", csv, "--alert-rate", 0.05, "--json")
     assert result.exit_code == 0, result.output
-    assert last_json(result.output)["rows"] == 1500
+    evaluated = last_json(result.output)
+    assert evaluated["rows"] == 1500
+    # its own training file: the seeded 80/20 split, recognised by the saved row fingerprint
+    assert abs(evaluated["share_in_training"] - 0.8) < 0.01 and abs(evaluated["share_in_validation"] - 0.2) < 0.01
+    assert "warning: 80" in result.stderr
+    fresh = tmp_path / "fresh.csv"
+    generate_ai4i(500, seed=9).to_csv(fresh, index=False)
+    result = invoke("ai4i-evaluate", "--model", tmp_path / "model", "--data", fresh, "--json")
+    assert result.exit_code == 0, result.output
+    assert last_json(result.output)["share_in_training"] == 0.0 and "warning" not in result.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text(csv.read_text().replace(",L,", ",Q,", 1))
     result = invoke("ai4i-evaluate", "--model", tmp_path / "model", "--data", bad)

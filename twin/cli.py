@@ -13,7 +13,7 @@ import typer
 app = typer.Typer(help="Digital twin of factory assets fed over MQTT.", no_args_is_help=True)
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception | str) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(2)
 
@@ -90,6 +90,8 @@ def etl(db: str = typer.Option("runs/twin/twin.db", help="SQLite file or postgre
         out: Path = typer.Option(Path("runs/twin/daily"), help="folder for <YYYY-MM-DD>.parquet"),
         day: list[str] = typer.Option(None, help="UTC day(s) to (re)build; default: every day in the history")) -> None:
     """Aggregate the history into one Parquet file per UTC day (per device and metric)."""
+    import sqlite3
+
     from twin.etl import run_etl
     from twin.store import HistoryStore, StoreError
 
@@ -98,6 +100,8 @@ def etl(db: str = typer.Option("runs/twin/twin.db", help="SQLite file or postgre
         files = run_etl(store, out, days=day or None)
     except (StoreError, ValueError) as exc:
         _fail(exc)
+    except sqlite3.DatabaseError as exc:  # a folder, or a file that is not an SQLite database
+        _fail(f"--db {db}: not a readable SQLite history ({exc})")
     store.close()
     for path in files:
         typer.echo(str(path))

@@ -40,7 +40,13 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         if onnx:  # torch and onnxruntime load only when a model is asked for: small devices start fast
             from deploy.edge.inference import OnnxRULEstimator
 
-            estimator = OnnxRULEstimator(onnx)
+            if not onnx.is_file():
+                raise SourceError(f"--onnx {onnx}: no such ONNX file")
+            try:
+                estimator = OnnxRULEstimator(onnx)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors share no base class but Exception
+                raise SourceError(f"--onnx {onnx}: not a loadable ONNX RUL model ({str(exc).splitlines()[0][:200]})") \
+                    from None
     except (SourceError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -69,7 +75,13 @@ def quantize(model: Path = typer.Option(..., help="ONNX RUL model (e.g. from `mo
     if not model.is_file():
         typer.echo(f"error: {model}: no such ONNX file", err=True)
         raise typer.Exit(2)
-    path = quantize_for_edge(model, out)
+    from google.protobuf.message import DecodeError
+
+    try:
+        path = quantize_for_edge(model, out)
+    except (ValueError, OSError, DecodeError) as exc:
+        typer.echo(f"error: {model}: not a quantizable ONNX model ({str(exc).splitlines()[0][:200]})", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{path} ({path.stat().st_size:,} bytes, from {model.stat().st_size:,})")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from core.model_files import verify_manifest, write_manifest
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
 from manufacturing.maintenance.errors import MaintenanceDataError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 NUMERIC_INPUTS = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]",
                   "Tool wear [min]"]
 INPUTS = ["Type", *NUMERIC_INPUTS]
@@ -56,8 +58,12 @@ def read_ai4i(path: str | Path) -> pd.DataFrame:
         raise MaintenanceDataError("file not found", source=str(path))
     try:
         frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as error:
+    except pd.errors.EmptyDataError:
+        raise MaintenanceDataError("empty file: no header and no rows", source=str(path)) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error) as error:
         raise MaintenanceDataError(f"not a readable CSV: {error}", source=str(path)) from None
+    if frame.empty:
+        raise MaintenanceDataError("no data rows (a header only)", source=str(path))
     return validate_ai4i(frame, source=str(path), labels=all(c in frame.columns for c in LABELS))
 
 
@@ -86,12 +92,14 @@ def validate_ai4i(rows: pd.DataFrame | Mapping[str, Any] | Sequence[Mapping[str,
     out["Type"] = types
     for column in NUMERIC_INPUTS + (LABELS if labels else []):
         values = pd.to_numeric(out[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        # the networks compute in float32: a larger magnitude would become infinity there
+        bad = values.isna() | ~np.isfinite(numbers) | (np.abs(np.nan_to_num(numbers)) > FLOAT32_MAX)
         if column in LABELS:
             bad |= ~values.isin([0, 1])
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            expected = "0 or 1" if column in LABELS else "a finite number"
+            expected = "0 or 1" if column in LABELS else "a finite number within float32's range"
             raise MaintenanceDataError(f"value {out[column].iloc[row]!r} is not {expected}", source=source,
                                        field=column, row=row + 1)
         out[column] = values.astype(float)

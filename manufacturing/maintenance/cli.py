@@ -181,6 +181,13 @@ def register(app: typer.Typer) -> None:
         model = AI4IFailureModel(seed=seed, progress=not as_json, max_epochs=epochs,
                                  lightgbm=LightGBMParams(n_estimators=trees)).fit(train_rows, val_frame=val_rows)
         metrics = model.evaluate(val_rows, alert_rate=alert_rate)
+        from core.row_fingerprint import RowFingerprint, SplitFingerprint
+
+        # which rows it was fitted and validated on, so that ai4i-evaluate can say when it sees them again;
+        # written before model.save so that the folder's MANIFEST.json seals it with the rest
+        out.mkdir(parents=True, exist_ok=True)
+        RowFingerprint(SplitFingerprint.build(_ai4i_hashes(train_rows)),
+                       SplitFingerprint.build(_ai4i_hashes(val_rows))).save(out)
         model.save(out, metrics=metrics)
         _print_metrics(f"AI4I failure on {len(val_rows)} validation rows (model in {out}; "
                        f"default scorer: {model.default_backend_})", _flat(metrics), as_json)
@@ -195,9 +202,31 @@ def register(app: typer.Typer) -> None:
         from manufacturing.maintenance.ai4i import AI4IFailureModel, read_ai4i
 
         _threads()
+        from core.row_fingerprint import RowFingerprint
+
         loaded = AI4IFailureModel.load(model)
-        metrics = loaded.evaluate(read_ai4i(data), alert_rate=alert_rate)
-        _print_metrics(f"AI4I failure on {data.name}", _flat(metrics), as_json)
+        rows = read_ai4i(data)
+        metrics = _flat(loaded.evaluate(rows, alert_rate=alert_rate))
+        fingerprint = RowFingerprint.load(model)
+        if fingerprint is None:
+            metrics.update(share_in_training=None, share_in_validation=None)
+            typer.echo("note: this model folder records no training rows (saved before row fingerprints)", err=True)
+        else:
+            hashes = _ai4i_hashes(rows)
+            (train, exact), (valid, _) = fingerprint.train.share(hashes), fingerprint.valid.share(hashes)
+            metrics.update(share_in_training=train, share_in_validation=valid, share_exact=exact)
+            if train or valid:
+                typer.echo(f"warning: {train or 0:.1%} of these rows were used to train the model and {valid or 0:.1%} "
+                           "to validate it; metrics on them overstate how it does on new data", err=True)
+        _print_metrics(f"AI4I failure on {data.name}", metrics, as_json)
+
+
+def _ai4i_hashes(rows):
+    """64-bit hashes of AI4I rows' inputs (type and the five process readings; ids and labels left out)."""
+    from core.row_fingerprint import row_hashes
+    from manufacturing.maintenance.ai4i import INPUTS
+
+    return row_hashes(rows, [(name, name == "Type") for name in INPUTS])
 
 
 def _flat(metrics: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from manufacturing.maintenance.errors import MaintenanceDataError
 
 SETTINGS = [f"setting_{i}" for i in range(1, 4)]
 SENSORS = [f"s_{i}" for i in range(1, 22)]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 COLUMNS = ["unit", "cycle", *SETTINGS, *SENSORS]
 SUBSETS = ("FD001", "FD002", "FD003", "FD004")
 # FD002 and FD004 run under six operating conditions (altitude, Mach, throttle); the others under one.
@@ -29,9 +31,12 @@ SUBSET_REGIMES = {"FD001": 1, "FD002": 6, "FD003": 1, "FD004": 6}
 def _open_text(path: Path) -> str:
     if not path.is_file():
         raise MaintenanceDataError("file not found", source=str(path))
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:  # a truncated or corrupt gzip, an unreadable file
+        raise MaintenanceDataError(f"cannot read the file: {error}", source=str(path)) from None
     return raw.decode("utf-8", errors="replace")
 
 
@@ -50,11 +55,13 @@ def validate_frame(frame: pd.DataFrame, *, source: str = "data", columns: list[s
     out = frame[columns].copy()
     for column in columns:
         values = pd.to_numeric(out[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        # the networks compute in float32: a larger magnitude would become infinity there
+        bad = values.isna() | ~np.isfinite(numbers) | (np.abs(np.nan_to_num(numbers)) > FLOAT32_MAX)
         if bad.any():
             position = int(np.flatnonzero(bad.to_numpy())[0])
             shown = frame[column].iloc[position]
-            raise MaintenanceDataError(f"value {shown!r} is not a finite number", source=source,
+            raise MaintenanceDataError(f"value {shown!r} is not a finite number within float32's range", source=source,
                                        field=column, row=position + 1)
         out[column] = values.astype(float)
     for column in ("unit", "cycle"):
