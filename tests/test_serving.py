@@ -111,12 +111,13 @@ def test_full_queue_answers_503_with_retry_after(checkpoint):
 @pytest.mark.parametrize("payload, loc", [
     ({"instances": [{"categorical": [0, 0]}]}, ["body", "instances", 0, "numeric"]),
     ({"instances": [{"numeric": [1, 2], "categorical": [0, 0]}]}, ["body", "instances", 0, "numeric"]),
-    ({"instances": [instance(0), {**instance(1), "numeric": ["a"] * 5}]}, ["body", "instances", 1, "numeric"]),
+    ({"instances": [instance(0), {**instance(1), "numeric": ["a"] * 5}]}, ["body", "instances", 1, "numeric", 0]),
     ({"instances": [{**instance(0), "categorical": [0, 4]}]}, ["body", "instances", 0, "categorical", 1]),
     ({"instances": [{**instance(0), "extra": 1}]}, ["body", "instances", 0, "extra"]),
     ({"instances": []}, ["body", "instances"]),
     ({"instances": [instance(0)], "timeout_ms": -5}, ["body", "timeout_ms"]),
-    ({"rows": []}, ["body", "instances"]),
+    ({"rows": []}, ["body", "rows"]),
+    ({"timeout_ms": 5}, ["body", "instances"]),
 ])
 def test_malformed_request_gets_422_naming_the_field(checkpoint, payload, loc):
     with make_client(checkpoint) as client:
