@@ -368,7 +368,8 @@ def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> Mod
     """An adapter by what `path` is.
 
     Folders: a credit scorer (scorer.json; any `finance train` model, raw application fields), a RUL
-    model (`moeworks maintenance train`: model.pt + model.json), a defects run or export folder (detector.pt / detector.onnx). Files: an .onnx
+    model (`moeworks maintenance train`: model.pt + model.json), a defects run or export folder
+    (detector.pt / detector.onnx). Files: an .onnx
     (the RUL or detector export by its metadata, any other ONNX by its inputs), a YOLO checkpoint
     (.pt that is not a core checkpoint), or a core checkpoint.
     """

@@ -5,7 +5,7 @@ POST /v1/predict  {"instances": [{input: value, ...}, ...], "timeout_ms": option
     413 body over --max-body-mb (refused before it is all read)
     422 {"detail": [{"loc": [...field path...], "msg", "type"}]}: not JSON, nested too deep, a
         number that overflows, a boolean or string for a number, a value outside float32, too many
-        instances, a `timeout_ms` outside (0, max]
+        instances, a `timeout_ms` outside [1, max] ms
     503 + Retry-After: admission control (the work ahead would miss this request's deadline), a
         full queue, or the model still loading
     504 the deadline passed before the request was computed
@@ -251,7 +251,7 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
         document.setdefault("components", {}).setdefault("schemas", {})["PredictRequest"] = {
             "type": "object", "required": ["instances"], "additionalProperties": False, "properties": {
                 "instances": {"type": "array", "items": instance, "minItems": 1, "maxItems": limits.max_instances},
-                "timeout_ms": {"type": "number", "exclusiveMinimum": 0, "maximum": limits.max_timeout_ms}}}
+                "timeout_ms": {"type": "number", "minimum": 1, "maximum": limits.max_timeout_ms}}}
         if store is not None:
             document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         if state.ready:

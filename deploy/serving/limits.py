@@ -88,7 +88,7 @@ def request_timeout_s(payload: dict, limits: RequestLimits) -> float | None:
     value = payload.get("timeout_ms")
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value) or not 0 < value <= limits.max_timeout_ms:
+    if type(value) not in (int, float) or not math.isfinite(value) or not 1 <= value <= limits.max_timeout_ms:
         raise RequestRefused(422, ["body", "timeout_ms"],
-                             f"expected a number of milliseconds in (0, {limits.max_timeout_ms:g}]")
+                             f"expected a number of milliseconds in [1, {limits.max_timeout_ms:g}]")
     return float(value) / 1000
