@@ -19,6 +19,7 @@ instead of queueing and failing late: the requests that are admitted then keep t
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -111,12 +112,12 @@ class ServiceTime:
             return 0.0, mean_y / max(mean_x, 1.0)
         return fixed, slope
 
-    def seconds(self, rows: int, batch_limit: int) -> float:
+    def seconds(self, rows: float, batch_limit: int) -> float:
         """Time to serve `rows` rows in batches of at most `batch_limit` rows."""
         if rows <= 0:
             return 0.0
         fixed, per_row = self.coefficients()
-        return -(-rows // max(1, batch_limit)) * fixed + rows * per_row
+        return math.ceil(rows / max(1, batch_limit)) * fixed + rows * per_row
 
 
 class DeadlineExceeded(Exception):
@@ -208,26 +209,37 @@ class DynamicBatcher:
             if self._queued_rows + rows > self.config.max_queue_rows:
                 raise QueueFull(self.retry_after_s())
             now = self.clock()
-            start = now if received is None else min(received, now)
-            timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
-            deadline = None if timeout is None else start + timeout
-            if deadline is not None and self.config.admission_headroom > 0:
-                expected = self._expected_finish_s(rows, now)
-                budget = deadline - now
-                if expected > budget * self.config.admission_headroom:
-                    raise Overloaded(self.retry_after_s(), expected, budget)
+            deadline = self._admit(rows, timeout_s, received, now)
             request = Request(inputs, rows, now, deadline)
             self._queue.append(request)
             self._queued_rows += rows
             self._cond.notify()
         return request.future
 
+    def check_admission(self, rows: float, *, timeout_s: float | None = None, received: float | None = None) -> None:
+        """Raise Overloaded if a request of about `rows` rows would be refused now (a server asks
+        before parsing a body, from its size, so that a refusal costs almost nothing)."""
+        with self._cond:
+            self._admit(rows, timeout_s, received, self.clock())
+
+    def _admit(self, rows: float, timeout_s: float | None, received: float | None, now: float) -> float | None:
+        """The request's deadline, or Overloaded when the work ahead and its own would miss it."""
+        start = now if received is None else min(received, now)
+        timeout = self.config.default_timeout_s if timeout_s is None else timeout_s
+        deadline = None if timeout is None else start + timeout
+        if deadline is not None and self.config.admission_headroom > 0:
+            expected = self._expected_finish_s(rows, now)
+            budget = deadline - now
+            if expected > budget * self.config.admission_headroom:
+                raise Overloaded(self.retry_after_s(), expected, budget)
+        return deadline
+
     def expected_wait_s(self, rows: int = 0) -> float:
         """Estimated seconds until `rows` more rows, queued now behind the backlog, are computed."""
         with self._cond:
             return self._expected_finish_s(rows, self.clock())
 
-    def _expected_finish_s(self, rows: int, now: float) -> float:
+    def _expected_finish_s(self, rows: float, now: float) -> float:
         if not self.service_time.known:  # nothing measured yet: only the queue bound applies
             return 0.0
         busy_left = 0.0

@@ -142,6 +142,11 @@ class ModelAdapter(ABC):
         """JSON body {"instances": [{field: value, ...}, ...]} -> (named arrays, rows)."""
         instances = request_instances(payload, max_rows=max_rows)
         known = {f.name for f in self.fields}
+        if all(type(i) is dict and i.keys() == known for i in instances):
+            fast = {spec.name: self._column(instances, spec) for spec in self.fields}
+            if all(v is not None for v in fast.values()):
+                return fast, len(instances)
+        # Something is off somewhere: row by row, so that the answer names the first offender.
         columns: dict[str, list[np.ndarray]] = {f.name: [] for f in self.fields}
         for row, instance in enumerate(instances):
             if not isinstance(instance, dict):
@@ -153,6 +158,35 @@ class ModelAdapter(ABC):
             for spec in self.fields:
                 columns[spec.name].append(self._value(instance, spec, row))
         return {name: np.stack(values) for name, values in columns.items()}, len(instances)
+
+    @staticmethod
+    def _column(instances: list[dict], spec: InputField) -> np.ndarray | None:
+        """One field of every row at once, or None when any row breaks a rule (then `_value` row by
+        row finds and names it). The same rules as `_value`, in a few vectorised passes: validating
+        256 rows one by one cost about as much CPU as computing them."""
+        if spec.pad_first_axis or spec.allow_nan:
+            return None  # padding and nulls are per row: the row-by-row path handles them
+        items = [i[spec.name] for i in instances]
+        for _ in range(len(spec.row_shape)):
+            if not all(type(x) is list for x in items):
+                return None
+            items = [y for x in items for y in x]
+        if not set(map(type, items)) <= {int, float}:
+            return None
+        try:
+            value = np.asarray([i[spec.name] for i in instances], dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        if value.shape != (len(instances), *spec.row_shape):
+            return None
+        if spec.dtype.kind == "f" and (np.abs(value) > float(np.finfo(spec.dtype).max)).any():
+            return None
+        if spec.dtype.kind in "iu":
+            if (value != np.round(value)).any():
+                return None
+            if spec.high is not None and ((value < 0) | (value >= np.asarray(spec.high))).any():
+                return None
+        return value.astype(spec.dtype)
 
     @staticmethod
     def _value(instance: dict[str, Any], spec: InputField, row: int) -> np.ndarray:

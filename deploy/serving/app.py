@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import re
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -120,6 +121,34 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _BodySizes:
+    """Bytes per row of the bodies parsed so far (EWMA): a body's size then estimates its rows."""
+
+    def __init__(self) -> None:
+        self.bytes_per_row = 0.0
+
+    def observe(self, size: int, rows: int) -> None:
+        if rows >= 1:
+            ratio = size / rows
+            self.bytes_per_row = ratio if not self.bytes_per_row else 0.9 * self.bytes_per_row + 0.1 * ratio
+
+
+_TIMEOUT = re.compile(rb'"timeout_ms"\s*:\s*([0-9.eE+-]{1,32})')
+
+
+def _declared_timeout_s(body: bytes, limits: RequestLimits) -> float | None:
+    """The `timeout_ms` a body seems to carry, read without parsing it (for the early admission
+    check only; the parsed value decides after). None: not found, the default applies."""
+    found = _TIMEOUT.search(body)
+    if found is None:
+        return None
+    try:
+        value = float(found.group(1))
+    except ValueError:
+        return None
+    return min(value, limits.max_timeout_ms) / 1000 if math.isfinite(value) and value >= 1 else None
+
+
 def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: BatcherConfig | None = None,
                max_request_rows: int | None = None, limits: RequestLimits | None = None,
                auth_file: Path | None = None, warm_up: bool = True) -> FastAPI:
@@ -139,6 +168,7 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
     operator, viewer = role_dependency(store, "operator"), role_dependency(store, "viewer")
     metrics = ServingMetrics()
     state = ServerState()
+    sizes = _BodySizes()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -194,12 +224,23 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
         received = batcher.clock()  # the deadline runs from arrival: reading and parsing count
         try:
             body = await read_body(request, limits.max_body_bytes)
+        except RequestRefused as error:
+            return refused(error)
+        if sizes.bytes_per_row:  # refuse before parsing: under 3x overload, parsing what is then refused
+            try:               # took the CPU the admitted requests needed (measured: benchmarks/serving.py)
+                batcher.check_admission(len(body) / sizes.bytes_per_row, received=received,
+                                        timeout_s=_declared_timeout_s(body, limits))
+            except Overloaded as error:
+                metrics.rejected.labels(reason="overloaded").inc()
+                return answer(503, {"error": str(error)}, {"Retry-After": str(math.ceil(error.retry_after_s))})
+        try:
             if len(body) > limits.offload_bytes:  # parsing 100k instances took seconds: never on the loop
                 inputs, rows, timeout_s = await run_in_threadpool(decode, body, adapter)
             else:
                 inputs, rows, timeout_s = decode(body, adapter)
         except RequestRefused as error:
             return refused(error)
+        sizes.observe(len(body), rows)
         try:
             future = batcher.submit(inputs, rows=rows, timeout_s=timeout_s, received=received)
         except Overloaded as error:

@@ -42,7 +42,7 @@ class RequestLimits:
     max_instances: int = 256  # rows one request may carry
     max_depth: int = 8  # body > instances > instance > field > 2-D array is 5 levels; 8 leaves room
     max_timeout_ms: float = 60_000.0  # a client may ask for a longer deadline than the default, not forever
-    offload_bytes: int = 32 << 10  # bodies larger than this are parsed in a worker thread, off the event loop
+    offload_bytes: int = 8 << 10  # bodies larger than this are parsed in a worker thread, off the event loop
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_body_bytes <= 1 << 30:
