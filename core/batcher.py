@@ -112,12 +112,16 @@ class ServiceTime:
             return 0.0, mean_y / max(mean_x, 1.0)
         return fixed, slope
 
-    def seconds(self, rows: float, batch_limit: int) -> float:
-        """Time to serve `rows` rows in batches of at most `batch_limit` rows."""
+    def seconds(self, rows: float, batch_limit: int, *, max_batches: int | None = None) -> float:
+        """Time to serve `rows` rows in batches of at most `batch_limit` rows (and at most
+        `max_batches` batches: one request is never split)."""
         if rows <= 0:
             return 0.0
         fixed, per_row = self.coefficients()
-        return math.ceil(rows / max(1, batch_limit)) * fixed + rows * per_row
+        batches = math.ceil(rows / max(1, batch_limit))
+        if max_batches is not None:
+            batches = max(1, min(batches, max_batches))
+        return batches * fixed + rows * per_row
 
 
 class DeadlineExceeded(Exception):
@@ -245,7 +249,9 @@ class DynamicBatcher:
         busy_left = 0.0
         if self._busy:
             busy_left = max(0.0, self.service_time.seconds(self._busy_rows, self._limit) - (now - self._busy_since))
-        return busy_left + self.service_time.seconds(self._queued_rows + rows, self._limit)
+        # A request larger than the limit runs alone, so there are at most as many batches as requests.
+        return busy_left + self.service_time.seconds(self._queued_rows + rows, self._limit,
+                                                     max_batches=len(self._queue) + 1)
 
     def observe(self, rows: int, seconds: float) -> None:
         """Feed a measured batch (warm-up, or a batch run outside the worker) to the service-time fit."""

@@ -28,6 +28,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class JSONAnswer(Response):
 class ServerState:
     adapter: ModelAdapter | None = None
     batcher: DynamicBatcher | None = None
+    parser: ThreadPoolExecutor | None = None  # parses large bodies off the event loop
     ready: bool = False
 
 
@@ -185,12 +187,14 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
         for rows, seconds in timings:
             state.batcher.observe(rows, seconds)
         state.batcher.start()
+        state.parser = ThreadPoolExecutor(limits.parse_threads, thread_name_prefix="parse")
         state.ready = True
         try:
             yield
         finally:
             state.ready = False
             state.batcher.stop()
+            state.parser.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="moeworks serving", lifespan=lifespan, default_response_class=JSONAnswer)
     app.state.serving = state
@@ -235,7 +239,8 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
                 return answer(503, {"error": str(error)}, {"Retry-After": str(math.ceil(error.retry_after_s))})
         try:
             if len(body) > limits.offload_bytes:  # parsing 100k instances took seconds: never on the loop
-                inputs, rows, timeout_s = await run_in_threadpool(decode, body, adapter)
+                inputs, rows, timeout_s = await asyncio.get_running_loop().run_in_executor(
+                    state.parser, decode, body, adapter)
             else:
                 inputs, rows, timeout_s = decode(body, adapter)
         except RequestRefused as error:
