@@ -32,8 +32,8 @@ beside the models. Before the load runs, the INT8 accuracy change is measured on
     python benchmarks/serving.py --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
 
 --overload (a separate run): the tabular MoE served with its default 2 s deadline, first at its
-capacity (requests of --overload-rows rows each: the answered rate of 16 closed-loop clients, the
-queue kept full), then offered open-loop Poisson arrivals at 1x, 2x and 3x that capacity, with
+capacity (requests of --overload-rows rows each: the answered rate of as many closed-loop clients
+as fill the 2,048-row queue bound), then offered open-loop Poisson arrivals at 1x, 2x and 3x that capacity, with
 admission control on (the default) and off (`--admission-headroom 0`, the old behaviour), side by
 side. Reported per level: the share of 503s and 504s, the p99 latency of the admitted requests
 against their deadline, a /healthz probe's p99 (10 probes a second on their own connection), and
@@ -588,7 +588,9 @@ def overload(args: argparse.Namespace) -> None:
             server.wait_ready()
             with console.status(f"{name}: capacity"):
                 asyncio.run(_closed_loop(server.port, bodies, 2, 2.0))  # warm the paths
-                capacity = asyncio.run(_closed_loop(server.port, bodies, 16, args.overload_seconds))
+                # As many closed-loop clients as fill the queue bound (2048 rows) without a 503: saturated.
+                capacity = asyncio.run(_closed_loop(server.port, bodies, max(1, 2048 // args.overload_rows),
+                                                    args.overload_seconds))
             levels = []
             for level in (1.0, 2.0, 3.0):
                 with console.status(f"{name}: {level:.0f}x capacity ({capacity * level:.1f} requests/s)"):
