@@ -159,3 +159,28 @@ def test_quantizing_a_credit_folder_is_refused_in_one_line(credit):
     done = subprocess.run([sys.executable, "-m", "deploy.cli", "serve", str(folders["moe"]), "--quantize",
                            "int8_dynamic"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "FP32" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_500_on_a_credit_folder(credit, mode):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation import GenerationMode
+
+    folders, _ = credit
+    app = create_app(lambda: load_adapter(folders["lightgbm"]),
+                     batcher_config=BatcherConfig(max_wait_s=0.002, default_timeout_s=10.0))
+    seen = []
+    with TestClient(app):
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        (operation,) = [r.ok() for r in schema.get_all_operations() if r.ok().path == "/v1/predict"]
+
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+        def call(case):
+            response = case.call()
+            seen.append(response.status_code)
+            assert response.status_code in (200, 413, 422, 503, 504), (case.body, response.text)
+
+        call()
+    assert 200 in seen if mode == "positive" else 422 in seen

@@ -129,7 +129,9 @@ class ModelAdapter(ABC):
         """JSON Schema of one instance (the OpenAPI document shows it; schemathesis generates from it)."""
         properties = {}
         for spec in self.fields:
-            leaf: dict[str, Any] = {"type": "integer", "minimum": 0} if spec.dtype.kind in "iu" else {"type": "number"}
+            limit = float(np.finfo(spec.dtype).max) if spec.dtype.kind == "f" else None
+            leaf: dict[str, Any] = {"type": "integer", "minimum": 0} if spec.dtype.kind in "iu" else \
+                {"type": "number", "minimum": -limit, "maximum": limit}
             if spec.allow_nan:
                 leaf = {"anyOf": [leaf, {"type": "null"}]}
             for size in reversed(spec.row_shape):

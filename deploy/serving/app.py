@@ -39,6 +39,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from core.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, Overloaded, QueueFull
 from deploy.serving.adapters import ModelAdapter, row_to_json
@@ -230,6 +231,9 @@ def create_app(load_adapter: Callable[[], ModelAdapter], *, batcher_config: Batc
             body = await read_body(request, limits.max_body_bytes)
         except RequestRefused as error:
             return refused(error)
+        except ClientDisconnect:  # the client left mid-body: nobody to answer; counted as nginx does (499)
+            metrics.requests.labels(outcome="disconnected").inc()
+            return answer(499, {"error": "client disconnected"})
         if sizes.bytes_per_row:  # refuse before parsing: under 3x overload, parsing what is then refused
             try:               # took the CPU the admitted requests needed (measured: benchmarks/serving.py)
                 batcher.check_admission(len(body) / sizes.bytes_per_row, received=received,

@@ -74,12 +74,14 @@ class CreditAdapter(ModelAdapter):
             {"type": "string", "maxLength": MAX_TEXT}, {"type": "integer"}]}}
         for f in self.spec.fields:
             if f.kind == "category":
-                value: dict[str, Any] = {"type": "string", "maxLength": MAX_TEXT}
+                value: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
+                                         "pattern": r"\S"}  # blank is missing
                 if f.levels is not None:
                     value["enum"] = list(f.levels)
             else:
-                value = {"type": "integer" if f.kind == "int" else "number"}
-                value.update({k: v for k, v in (("minimum", f.min), ("maximum", f.max)) if v is not None})
+                value = {"type": "integer" if f.kind == "int" else "number",
+                         "minimum": f.min if f.min is not None else -FLOAT32_MAX,
+                         "maximum": f.max if f.max is not None else FLOAT32_MAX}
             properties[f.name] = value if f.required else {"anyOf": [value, {"type": "null"}]}
         return {"type": "object", "properties": properties, "additionalProperties": False,
                 "required": [f.name for f in self.spec.fields if f.required]}
