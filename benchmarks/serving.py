@@ -30,6 +30,16 @@ beside the models. Before the load runs, the INT8 accuracy change is measured on
 
     python benchmarks/serving.py --credit-data ../shared/data/taiwan_credit_default --json
     python benchmarks/serving.py --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
+
+--overload (a separate run): the tabular MoE served with its default 2 s deadline, first at its
+capacity (requests of --overload-rows rows each: the answered rate of as many closed-loop clients
+as fill the 2,048-row queue bound), then offered open-loop Poisson arrivals at 1x, 2x and 3x that capacity, with
+admission control on (the default) and off (`--admission-headroom 0`, the old behaviour), side by
+side. Reported per level: the share of 503s and 504s, the p99 latency of the admitted requests
+against their deadline, a /healthz probe's p99 (10 probes a second on their own connection), and
+the load client's own CPU (cores busy: a saturated client would understate the load).
+
+    nice python benchmarks/serving.py --overload --json
 """
 
 from __future__ import annotations
@@ -235,7 +245,8 @@ def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = 
     import onnx
 
     from core.onnx_export import export_onnx
-    from deploy.serving.adapters import CreditAdapter, load_adapter
+    from deploy.serving.adapters import load_adapter
+    from deploy.serving.credit import CreditAdapter
 
     if (path / "model.json").is_file():  # a RUL folder: the vertical's own export (its LSTM has no MoE)
         from manufacturing.maintenance.export import export_model_folder
@@ -251,7 +262,7 @@ def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = 
     stem = path.stem if path.is_file() else path.name
     target = path.parent / f"{stem}{'.sparse' if dispatch == 'sparse' else ''}.onnx"
     if isinstance(adapter, CreditAdapter):
-        example = torch.zeros(4, adapter.fields[0].row_shape[0])
+        example = torch.zeros(4, len(adapter.scorer.pipeline_.feature_names_))
         export_onnx(adapter.scorer.model_.probability_module(), (example,), target, input_names=["features"],
                     output_names=["probability"], moe_dispatch=dispatch)
         extra = {"nan_means_missing": "features"}
@@ -314,11 +325,10 @@ def request_bodies(path: Path, count: int = 256, seed: int = 0) -> list[bytes]:
     from deploy.serving.adapters import load_adapter
     from deploy.serving.defects import encode_image
 
-    if (path / "scorer.json").is_file():  # a credit scorer: real feature rows, missing values as JSON null
-        with np.load(path.with_suffix(".calibration.npz")) as data:
-            features = data["features"]
-        return [json.dumps({"instances": [{"features": [None if v != v else float(v) for v in features[i % len(
-            features)]]}]}).encode() for i in range(count)]
+    if (path / "scorer.json").is_file():  # a credit scorer: raw applications within the field rules
+        rows = load_adapter(path).example(count, seed=seed)
+        return [json.dumps({"instances": [{k: v[i].item() if hasattr(v[i], "item") else v[i]
+                                           for k, v in rows.items()}]}).encode() for i in range(count)]
     rows = load_adapter(path).example(count, seed=seed)
 
     def value(array: np.ndarray):
@@ -456,6 +466,160 @@ def measure(servers: list[Server], bodies: list[bytes], *, clients: int, seconds
     return results
 
 
+# --- overload: admission control at 1x, 2x, 3x capacity ------------------------------------------
+
+async def _request(pool: list, port: int, method: str, path: str, body: bytes = b"") -> tuple[int, float]:
+    """One HTTP/1.1 request on an idle pooled connection (a new one when none is idle)."""
+    reader, writer = pool.pop() if pool else await asyncio.open_connection("127.0.0.1", port)
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n" \
+           f"Content-Length: {len(body)}\r\n\r\n"
+    started = time.perf_counter()
+    writer.write(head.encode() + body)
+    header = await reader.readuntil(b"\r\n\r\n")
+    status = int(header.split(b" ", 2)[1])
+    length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    seconds = time.perf_counter() - started
+    pool.append((reader, writer))
+    return status, seconds
+
+
+async def _closed_loop(port: int, bodies: list[bytes], clients: int, seconds: float) -> float:
+    """Answered requests per second with `clients` closed-loop clients (the capacity)."""
+    answered = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal answered
+        pool: list = []
+        while time.perf_counter() < stop_at:
+            status, _ = await _request(pool, port, "POST", "/v1/predict", bodies[i % len(bodies)])
+            answered += status == 200
+            i += clients
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return answered / (time.perf_counter() - started)
+
+
+async def _open_loop(port: int, bodies: list[bytes], rate: float, seconds: float, seed: int) -> dict:
+    """Poisson arrivals at `rate` per second for `seconds`, each on an idle or new connection, and
+    a /healthz probe every 0.1 s on its own connection. Returns statuses, latencies, probe times."""
+    rng = random.Random(seed)
+    pool: list = []
+    results: list[tuple[int, float]] = []
+    probes: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def one(body: bytes) -> None:
+        try:
+            results.append(await _request(pool, port, "POST", "/v1/predict", body))
+        except (OSError, asyncio.IncompleteReadError):
+            results.append((0, float("nan")))
+
+    async def prober() -> None:
+        probe_pool: list = []
+        while time.perf_counter() < stop_at:
+            try:
+                status, took = await asyncio.wait_for(_request(probe_pool, port, "GET", "/healthz"), 10)
+                probes.append(took if status == 200 else float("inf"))
+            except (TimeoutError, OSError):
+                probes.append(float("inf"))
+                probe_pool.clear()
+            await asyncio.sleep(0.1)
+
+    tasks = [asyncio.create_task(prober())]
+    process = psutil.Process()
+    cpu_before, wall_before = sum(process.cpu_times()[:2]), time.perf_counter()
+    next_at = time.perf_counter()
+    while next_at < stop_at:
+        next_at += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(bodies[rng.randrange(len(bodies))])))
+    await asyncio.gather(*tasks)
+    client_cores = (sum(process.cpu_times()[:2]) - cpu_before) / (time.perf_counter() - wall_before)
+    for _, writer in pool:
+        writer.close()
+    return {"results": results, "probes": probes, "client_cores": client_cores}
+
+
+def _summarise(level: float, rate: float, run: dict, deadline_s: float) -> dict:
+    statuses = np.array([s for s, _ in run["results"]])
+    seconds = np.array([t for _, t in run["results"]])
+    admitted = seconds[(statuses == 200) | (statuses == 504)]  # answered after being queued
+    ok = seconds[statuses == 200]
+    probes = np.array(run["probes"])
+    return {"load": level, "offered_per_s": rate, "requests": int(len(statuses)),
+            "share_503": float(np.mean(statuses == 503)), "share_504": float(np.mean(statuses == 504)),
+            "other_errors": int(np.sum(~np.isin(statuses, (200, 503, 504)))),
+            "answered_per_s": float(len(ok) / max(1e-9, run.get("seconds", 1.0))),
+            "admitted_p50_s": float(np.percentile(admitted, 50)) if len(admitted) else float("nan"),
+            "admitted_p99_s": float(np.percentile(admitted, 99)) if len(admitted) else float("nan"),
+            "deadline_s": deadline_s,
+            "healthz_p99_ms": float(np.percentile(probes, 99) * 1000) if len(probes) else float("nan"),
+            "healthz_max_ms": float(probes.max() * 1000) if len(probes) else float("nan"),
+            "client_cores": run["client_cores"]}
+
+
+def overload(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=args.json, width=170)
+    work = Path(tempfile.mkdtemp(prefix="moeworks-overload-"))
+    with console.status("building the tabular MoE"):
+        path, _ = build_tabular(work)
+    rng = np.random.default_rng(0)
+    numeric, segment, _ = segmented_classification(args.overload_rows * 16, seed=1)
+    bodies = [json.dumps({"instances": [{"numeric": numeric[j].tolist(), "categorical": [int(segment[j])]}
+                                        for j in range(i * args.overload_rows, (i + 1) * args.overload_rows)]}).encode()
+              for i in range(16)]
+    rng.shuffle(bodies)
+    deadline_s = 2.0
+    variants = {"admission": [], "no-admission": ["--admission-headroom", "0"]}
+    results: dict = {"machine": machine(), "load_average_at_start": os.getloadavg(), "rows_per_request":
+                     args.overload_rows, "seconds_per_level": args.overload_seconds, "deadline_s": deadline_s,
+                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "variants": {}}
+    for name, extra in variants.items():
+        server = Server(name, path, path.with_suffix(".calibration.npz"), ["--max-wait-ms", "4", *extra],
+                        threads=args.threads)
+        try:
+            server.wait_ready()
+            with console.status(f"{name}: capacity"):
+                asyncio.run(_closed_loop(server.port, bodies, 2, 2.0))  # warm the paths
+                # As many closed-loop clients as fill the queue bound (2048 rows) without a 503: saturated.
+                capacity = asyncio.run(_closed_loop(server.port, bodies, max(1, 2048 // args.overload_rows),
+                                                    args.overload_seconds))
+            levels = []
+            for level in (1.0, 2.0, 3.0):
+                with console.status(f"{name}: {level:.0f}x capacity ({capacity * level:.1f} requests/s)"):
+                    run = asyncio.run(_open_loop(server.port, bodies, capacity * level, args.overload_seconds,
+                                                 seed=int(level)))
+                    run["seconds"] = args.overload_seconds
+                    levels.append(_summarise(level, capacity * level, run, deadline_s))
+                    time.sleep(deadline_s)  # let the backlog drain between levels
+        finally:
+            server.stop()
+        results["variants"][name] = {"capacity_per_s": capacity, "levels": levels}
+    results["load_average_at_end"] = os.getloadavg()
+    table = Table(title=f"overload: {args.overload_rows}-row requests, {deadline_s:.0f} s deadline, "
+                        f"{args.overload_seconds:.0f} s per level ({describe(results['machine'])})")
+    for column in ("variant", "capacity req/s", "load", "offered req/s", "503 share", "504 share", "answered req/s",
+                   "admitted p50 s", "admitted p99 s", "p99 <= deadline", "/healthz p99 ms", "/healthz max ms",
+                   "client cores"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, entry in results["variants"].items():
+        for r in entry["levels"]:
+            table.add_row(name, f"{entry['capacity_per_s']:.1f}", f"{r['load']:.0f}x", f"{r['offered_per_s']:.1f}",
+                          f"{r['share_503']:.0%}", f"{r['share_504']:.0%}", f"{r['answered_per_s']:.1f}",
+                          f"{r['admitted_p50_s']:.2f}", f"{r['admitted_p99_s']:.2f}",
+                          "yes" if r["admitted_p99_s"] <= deadline_s else "no", f"{r['healthz_p99_ms']:.1f}",
+                          f"{r['healthz_max_ms']:.1f}", f"{r['client_cores']:.2f}")
+    console.print(table)
+    write_results(results, args.out.with_name("serving_overload.json"), as_json=args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tabular,sequence",
@@ -477,9 +641,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the server")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "serving.json")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
+    parser.add_argument("--overload", action="store_true",
+                        help="admission control at 1x, 2x, 3x capacity instead of the configurations")
+    parser.add_argument("--overload-rows", type=int, default=256, help="--overload: rows per request")
+    parser.add_argument("--overload-seconds", type=float, default=15.0, help="--overload: seconds per load level")
     args = parser.parse_args()
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the `finally`s: stop the servers
+    if args.overload:
+        overload(args)
+        return
 
     from rich.console import Console
     from rich.table import Table

@@ -170,3 +170,40 @@ def test_initializer_runs_once_in_the_worker_thread_before_any_batch():
     with DynamicBatcher(run, config=BatcherConfig(max_wait_s=0.0), initializer=initializer) as batcher:
         assert [batcher.submit(i).result(timeout=5) for i in range(3)] == [0, 1, 2]
     assert events == [("init", "dynamic-batcher")] + [("batch", "dynamic-batcher")] * 3
+
+
+def test_service_time_fit_recovers_fixed_and_per_row_cost():
+    from core.batcher import ServiceTime
+
+    fit = ServiceTime()
+    for rows in (1, 8, 32, 128, 4, 64):
+        fit.observe(rows, 0.002 + rows * 0.0005)
+    fixed, per_row = fit.coefficients()
+    assert fixed == pytest.approx(0.002, rel=1e-6) and per_row == pytest.approx(0.0005, rel=1e-6)
+    assert fit.seconds(300, 128) == pytest.approx(3 * 0.002 + 300 * 0.0005)
+
+
+def test_admission_refuses_a_request_the_backlog_would_make_late():
+    from core.batcher import Overloaded
+
+    clock = FakeClock()
+    batcher, _ = make(clock, max_queue_rows=10_000, max_batch_size=8, initial_batch_size=8)
+    for _ in range(5):
+        batcher.observe(8, 0.1)  # measured: 8 rows per 0.1 s
+    for _ in range(10):
+        batcher.submit(0, rows=8, timeout_s=100)  # 80 rows ahead: about 1 s of work
+    assert batcher.expected_wait_s(1) == pytest.approx(81 * 0.1 / 8)  # one batch size seen: cost per row
+    with pytest.raises(Overloaded) as refused:
+        batcher.submit(0, rows=1, timeout_s=0.5)
+    assert refused.value.expected_s > 0.5 and refused.value.retry_after_s >= 1.0
+    batcher.submit(0, rows=1, timeout_s=2.0)  # ~1 s of work fits 0.8 x 2 s: admitted
+    clock.advance(0.3)  # time already spent since arrival counts against the deadline
+    with pytest.raises(Overloaded):
+        batcher.submit(0, rows=1, timeout_s=1.5, received=clock.now - 0.3)
+
+
+def test_without_measurements_only_the_queue_bound_applies():
+    clock = FakeClock()
+    batcher, _ = make(clock)
+    batcher.submit(0, rows=8, timeout_s=0.001)  # nothing measured yet: admitted
+    assert batcher.expected_wait_s(1) == 0.0

@@ -99,6 +99,10 @@ class DefectsAdapter(ModelAdapter):
                 "classes": self.inspector.detector.names, "imgsz": self.inspector.detector.imgsz,
                 "calibration": cal.to_dict()}
 
+    def instance_schema(self) -> dict[str, Any]:
+        return {"type": "object", "properties": {"image": {"type": "string", "contentEncoding": "base64"}},
+                "required": ["image"], "additionalProperties": False}
+
     def parse(self, payload: Any, *, max_rows: int = 256) -> tuple[dict[str, np.ndarray], int]:
         instances = request_instances(payload, max_rows=max_rows)
         images = np.empty(len(instances), dtype=object)

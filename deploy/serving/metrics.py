@@ -28,6 +28,9 @@ class ServingMetrics:
         self.latency = Histogram("moeworks_request_latency_seconds", "request latency, receipt to answer",
                                  buckets=SECONDS, registry=r)
         self.requests = Counter("moeworks_requests", "requests answered, by outcome", ["outcome"], registry=r)
+        # Every answer of every route by HTTP status, 4xx, 5xx and unhandled errors included.
+        self.responses = Counter("moeworks_http_responses", "HTTP answers by route and status", ["route", "status"],
+                                 registry=r)
         self.rejected = Counter("moeworks_requests_rejected", "requests refused, by reason", ["reason"], registry=r)
         self.batch_limit = Gauge("moeworks_batch_limit", "current adaptive batch size limit", registry=r)
 

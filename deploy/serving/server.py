@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.batcher import BatcherConfig
 from deploy.serving.adapters import AdapterOptions, load_adapter
+from deploy.serving.limits import RequestLimits
 
 
 @dataclass
@@ -18,7 +19,8 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless asked: a model server is not exposed by accident
     port: int = 8080
     workers: int = 1  # one process per model copy; the batcher batches within a process
-    max_request_rows: int = 256  # rows one request may carry
+    limits: RequestLimits = field(default_factory=RequestLimits)  # body size, instances, nesting, timeout_ms
+    auth_file: Path | None = None  # `moeworks auth token` file; None: loopback only, no tokens
     startup_timeout_s: int = 600  # quantizing and compiling at start-up take minutes on 2 cores
 
 
@@ -26,12 +28,16 @@ def build_app(config: ServeConfig):
     from deploy.serving.app import create_app
 
     return create_app(lambda: load_adapter(config.model, config.adapter), batcher_config=config.batcher,
-                      max_request_rows=config.max_request_rows)
+                      limits=config.limits, auth_file=config.auth_file)
 
 
 def run_gunicorn(config: ServeConfig) -> None:
     """Blocks: gunicorn master plus `config.workers` uvicorn workers, each loading the model."""
     from gunicorn.app.base import BaseApplication
+
+    from twin.auth import check_bind
+
+    check_bind(config.host, config.auth_file)  # the CLI checked it too; a library caller gets the same rule
 
     class GunicornApp(BaseApplication):
         def load_config(self) -> None:
