@@ -357,3 +357,36 @@ class TwinService:
                 "work_orders_pending": self.mes.pending, "work_orders_delivered": self.mes.delivered,
                 "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat.size else None,
                                "p99": float(np.percentile(lat, 99)) if lat.size else None}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m twin.service CONFIG.json`: the ingestion service alone, without the HTTP API, until
+    SIGTERM or SIGINT. CONFIG holds TwinConfig fields and optionally `plant` (a plant document). The
+    fault-injection tests and `benchmarks/twin.py --kill-cycles` run the twin this way, as its own
+    process, so they can SIGKILL it mid-stream."""
+    import json
+    import signal
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m twin.service CONFIG.json", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        doc = json.loads(Path(args[0]).read_text())
+        plant = Plant.from_dict(doc.pop("plant")) if "plant" in doc else None
+        service = TwinService(config=TwinConfig(**doc), plant=plant).start()
+        service.wait_connected(30)
+    except (OSError, ValueError, TypeError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("ready", flush=True)
+    stop.wait()
+    service.stop()
+
+
+if __name__ == "__main__":
+    main()
