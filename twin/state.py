@@ -248,12 +248,13 @@ class TwinState:
             serial = seq if device.last_seq < 0 else max(0, device.last_seq + seq_delta(seq, device.last_seq))
         if serial in device.recent or (serial <= device.max_serial and self.seen(topic.device, serial)):
             self.counters["duplicate"] += 1
+            if device.wire_seq is not None and seq_delta(seq, device.wire_seq) > 0:
+                device.wire_seq = seq  # a spool resent after a DBIRTH: the anchor follows what was already stored
             return
-        delta = 1 if device.wire_seq is None else seq_delta(seq, device.wire_seq)
-        in_order = delta > 0
+        in_order = device.wire_seq is None or seq_delta(seq, device.wire_seq) > 0
         if not in_order:
             self.counters["out_of_order"] += 1
-        elif delta > 1:
+        elif device.last_seq >= 0 and serial > device.last_seq + 1:
             self.counters["gap"] += 1
         if not device.born or not in_order:  # Sparkplug: a host that lost the thread asks for the births again
             if not device.born:
