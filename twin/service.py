@@ -350,13 +350,16 @@ class TwinService:
             counters = dict(self.state.counters)
             online = sum(d.online for d in self.state.devices.values())
         lat = np.fromiter(self.latency_ms, float) if self.latency_ms else np.zeros(0)
+        state_lat = np.fromiter(self.state_latency_ms, float) if self.state_latency_ms else np.zeros(0)
         return {"counters": counters, "devices": len(self.plant.machines), "online": online,
                 "committed": self.committed, "rows_written": self.store.rows_written, "batches": self.store.batches,
                 "write_errors": self.store.write_errors, "rows_refused": self.store.rows_refused,
                 "health_backlog": self._health_jobs.qsize(), "mqtt_connected": self.connected.is_set(),
                 "work_orders_pending": self.mes.pending, "work_orders_delivered": self.mes.delivered,
                 "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat.size else None,
-                               "p99": float(np.percentile(lat, 99)) if lat.size else None}}
+                               "p99": float(np.percentile(lat, 99)) if lat.size else None},
+                "state_latency_ms": {"p50": float(np.percentile(state_lat, 50)) if state_lat.size else None,
+                                     "p99": float(np.percentile(state_lat, 99)) if state_lat.size else None}}
 
 
 def main(argv: list[str] | None = None) -> None:
