@@ -210,7 +210,8 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
     with Mosquitto(workdir=workdir / f"mq-{tag}", persistence=False) as broker:
         config["broker_port"] = broker.port
         if kill_cycles:
-            twin = TwinProcess({**config, "plant": plant.to_dict()}, workdir).start()
+            twin = TwinProcess({**config, "generated_plant": {"machines": machines, "nodes": nodes}},
+                               workdir).start()
             service = None
         else:
             service = TwinService(config=TwinConfig(**config), plant=plant).start()
@@ -292,7 +293,7 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
             "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": counts["stored"],
             "lost": counts["lost"], "duplicated": counts["duplicated"], "unexpected_rows": counts["unexpected"],
             "attacks_sent": attacks, "dead_letters": dead_letters,
-            "duplicates_dropped": counters.get("duplicate"), "devices": machines}
+            "duplicates_dropped": counters.get("duplicate", 0) if service is not None else None, "devices": machines}
 
 
 def _cpu(broker) -> float:

@@ -364,7 +364,8 @@ class TwinService:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m twin.service CONFIG.json`: the ingestion service alone, without the HTTP API, until
-    SIGTERM or SIGINT. CONFIG holds TwinConfig fields and optionally `plant` (a plant document). The
+    SIGTERM or SIGINT. CONFIG holds TwinConfig fields and optionally `plant` (a plant document) or
+    `generated_plant` (the arguments of Plant.generated). The
     fault-injection tests and `benchmarks/twin.py --kill-cycles` run the twin this way, as its own
     process, so they can SIGKILL it mid-stream."""
     import json
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         doc = json.loads(Path(args[0]).read_text())
         plant = Plant.from_dict(doc.pop("plant")) if "plant" in doc else None
+        if "generated_plant" in doc:  # {"machines": N, "nodes": M}: the benchmark's plant
+            plant = Plant.generated(**doc.pop("generated_plant"))
         service = TwinService(config=TwinConfig(**doc), plant=plant).start()
         service.wait_connected(30)
     except (OSError, ValueError, TypeError, ConnectionError) as exc:
