@@ -175,10 +175,8 @@ class TwinService:
         self.connected.set()
 
     def _on_messages(self, messages: list[tuple[str, bytes]], ack) -> None:
-        try:
-            self.ingest_many(messages)
-        finally:  # the PUBACKs leave once the writer has committed every row and dead letter queued before
-            self.store.put_ack(ack)
+        self.ingest_many(messages)  # if this raised (a bug), no PUBACK: the broker sends them again after a reconnect
+        self.store.put_ack(ack)     # the PUBACKs leave once the writer has committed everything queued before
 
     def ingest(self, topic: str, raw: bytes) -> None:
         """Apply one message: state, alarms, history, dead letters. Never raises on bad input."""
