@@ -67,3 +67,42 @@ def test_the_demo_with_health_models_holds_for_a_minute(tmp_path):
     assert sources == {"rul-model", "ai4i-model"}, "the learned models scored the assets"
     assert summary["history_rows"] == stats["counters"]["ingested"] > 1000
     assert all(agent["spool_depth"] == 0 for agent in summary["agents"].values()), "every message delivered"
+
+
+def test_slow_health_models_never_hold_up_ingestion_and_their_backlog_is_bounded(tmp_path):
+    from twin.service import TwinConfig, TwinService
+    from twin.services import free_port
+
+    release = threading.Event()
+    scored = []
+
+    class SlowModel:  # a learned model stuck in a long call: 'inline' is not set, so it runs off the MQTT path
+        def update(self, machine, values):
+            release.wait(10)
+            scored.append(values["torque"])
+            return None
+
+    service = TwinService(config=TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"), health_queue=5),
+                          health_models={"mill": SlowModel()}).start()
+    try:
+        stamp = int(time.time() * 1000)
+        topic = "spBv1.0/plant1/DDATA/edge-mill-1/mill-1"
+        messages = [(topic, json.dumps({"timestamp": stamp, "seq": s % 256, "serial": s, "metrics": [
+            {"name": "torque", "value": float(s)}]}).encode()) for s in range(50)]
+        service.ingest_many(messages[:1])
+        deadline = time.monotonic() + 5
+        while service.stats()["health_backlog"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the model thread took the first scoring and is stuck in it
+        started = time.monotonic()
+        service.ingest_many(messages[1:])
+        assert time.monotonic() - started < 2.0, "ingestion did not wait for the model"
+        stats = service.stats()
+        assert stats["counters"]["ingested"] == 50 and service.state.devices["mill-1"].values["torque"] == 49.0
+        assert stats["health_backlog"] == 5 and stats["counters"]["health_dropped"] == 50 - 5 - 1
+        release.set()
+        service.wait_health(10)
+        assert scored == [0.0, *[float(s) for s in range(1, 6)]], "the first scoring and the queued five, in order"
+        assert service.stats()["health_backlog"] == 0
+    finally:
+        release.set()
+        service.stop()
