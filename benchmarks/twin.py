@@ -1,4 +1,4 @@
-"""Digital twin ingestion through Mosquitto on loopback: sustained messages/s, loss, latency, capacity.
+"""Digital twin ingestion through Mosquitto (or the built-in broker) on loopback: rate, loss, latency, capacity.
 
 Publisher processes simulate many AI4I-type devices (NBIRTH/DBIRTH, then DDATA at QoS 1 with
 seq numbers) at a target total rate; the twin (this process) ingests into state, alarms, health
@@ -195,10 +195,11 @@ def _reconcile(store, expected: dict[str, int]) -> dict[str, int]:
 
 
 def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
-             db: str | None, workdir: Path, attack: float = 0.0, kill_cycles: int = 0) -> dict:
+             db: str | None, workdir: Path, attack: float = 0.0, kill_cycles: int = 0,
+             broker_kind: str = "mosquitto") -> dict:
     from twin.plant import Plant
     from twin.service import TwinConfig, TwinService
-    from twin.services import Mosquitto
+    from twin.services import EmbeddedBroker, Mosquitto
     from twin.store import HistoryStore
 
     plant = Plant.generated(machines=machines, nodes=nodes)
@@ -207,7 +208,10 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
     tag = f"{int(rate)}-a{attack:g}-k{kill_cycles}"
     db = db or str(workdir / f"twin-{tag}.db")
     config = {"broker_port": 0, "db": db, "client_id": f"bench-twin-{tag}", "work_orders_csv": None}
-    with Mosquitto(workdir=workdir / f"mq-{tag}", persistence=False) as broker:
+    # the built-in broker runs in this process: only with --kill-cycles, where the twin has its own
+    broker_service = (EmbeddedBroker() if broker_kind == "builtin" else
+                      Mosquitto(workdir=workdir / f"mq-{tag}", persistence=False))
+    with broker_service as broker:
         config["broker_port"] = broker.port
         if kill_cycles:
             twin = TwinProcess({**config, "generated_plant": {"machines": machines, "nodes": nodes}},
@@ -273,7 +277,7 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
         sustained = len(in_window) / (wall1 - wall0)
         window_latency = np.zeros(0)
     cpu_per_msg = {"twin_us": (cpu1 - cpu0) / ingested * 1e6 if service is not None else None,
-                   "broker_us": (broker1 - broker0) / ingested * 1e6,
+                   "broker_us": (broker1 - broker0) / ingested * 1e6 if broker0 is not None else None,
                    "publishers_us": sum(r["cpu_s"] for r in results) / max(1, acked) * 1e6}
     projected = None
     if service is not None:
@@ -297,7 +301,9 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
 
 
 def _cpu(broker) -> float:
-    """CPU seconds (user + system) the Mosquitto process has used."""
+    """CPU seconds (user + system) the Mosquitto process has used (None: the built-in broker, in this process)."""
+    if getattr(broker, "process", None) is None:
+        return None
     fields = Path(f"/proc/{broker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -335,6 +341,8 @@ def main() -> None:
     parser.add_argument("--attack", type=float, default=0.0,
                         help="forged messages per legitimate one (0.01: 1%%): malformed, oversized, out of range, "
                              "spoofed seq and bdSeq, in turn")
+    parser.add_argument("--broker", choices=("mosquitto", "builtin"), default="mosquitto",
+                        help="builtin: `moeworks twin broker` (amqtt), only with --kill-cycles")
     parser.add_argument("--kill-cycles", type=int, default=0,
                         help="SIGKILL and restart the twin (its own process) this many times during each window")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
@@ -342,6 +350,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 <= args.attack <= 0.5 or args.kill_cycles < 0 or args.seconds <= 0:
         parser.error("--attack must be in [0, 0.5], --kill-cycles >= 0, --seconds > 0")
+    if args.broker == "builtin" and not args.kill_cycles:
+        parser.error("--broker builtin needs --kill-cycles (the twin then runs in its own process)")
     console = Console()
     measured_on = common.machine()
     runs = []
@@ -350,12 +360,12 @@ def main() -> None:
             console.log(f"target {rate:,.0f} msg/s over {args.machines} devices for {args.seconds:g} s ...")
             runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup, machines=args.machines,
                                  nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp),
-                                 attack=args.attack, kill_cycles=args.kill_cycles))
+                                 attack=args.attack, kill_cycles=args.kill_cycles, broker_kind=args.broker))
     per_device = {n: state_bytes_per_device(n) for n in (1_000, 20_000)}
     capacity = {"state_bytes_per_device": per_device[20_000],
                 "devices_per_gib_of_state": int(2**30 / per_device[20_000])}
     base = runs[0]["sustained_rate"]
-    table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {measured_on['logical_cores']} "
+    table = Table(title=f"twin ingestion via {args.broker}, {args.machines} devices, {measured_on['logical_cores']} "
                         f"CPUs (load {measured_on['load_average'][0]:.1f} at start)")
     for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "state p99 ms", "acked", "stored",
                 "lost", "duplicated", "attacks", "dead letters", "kills", "twin CPU us/msg", "all CPU us/msg"):
