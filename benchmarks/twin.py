@@ -1,4 +1,4 @@
-"""Digital twin ingestion through Mosquitto on loopback: sustained messages/s, loss, latency, capacity.
+"""Digital twin ingestion through Mosquitto (or the built-in broker) on loopback: rate, loss, latency, capacity.
 
 Publisher processes simulate many AI4I-type devices (NBIRTH/DBIRTH, then DDATA at QoS 1 with
 seq numbers) at a target total rate; the twin (this process) ingests into state, alarms, health
@@ -8,7 +8,16 @@ measured window, end-to-end latency (edge timestamp -> history row committed) p5
 publish -> state updated p50/p99.
 Capacity: memory the twin's live state takes per device.
 
+`--attack 0.01` mixes forged messages into the feed, one per 100 legitimate ones, in turn: malformed
+JSON, an oversized payload, an out-of-range timestamp (int64 overflow), a spoofed seq (10^15) and a
+spoofed NBIRTH bdSeq (10^15); each must become a dead letter and cost no legitimate row.
+`--kill-cycles N` runs the twin as its own process (`python -m twin.service`) and SIGKILLs and
+restarts it N times during the measured window; the rates and latencies then come from the history
+rows (received_ms - edge timestamp: publish to state), and lost/duplicated rows are counted against
+exactly what the publishers sent and the broker acknowledged.
+
     python benchmarks/twin.py --json
+    python benchmarks/twin.py --rates 2000 --attack 0.01 --kill-cycles 5
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,13 +44,29 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 from benchmarks import common  # noqa: E402
 
-DDATA_TEMPLATE = ('{"timestamp":%d,"seq":%d,"metrics":[{"name":"product_type","value":"L"},'
+DDATA_TEMPLATE = ('{"timestamp":%d,"seq":%d,"serial":%d,"metrics":[{"name":"product_type","value":"L"},'
                   '{"name":"air_temperature","value":%.1f},{"name":"process_temperature","value":%.1f},'
                   '{"name":"rotational_speed","value":%d},{"name":"torque","value":%.1f},'
                   '{"name":"tool_wear","value":%d.0}]}')
 
 
 NOISE_BLOCK = 8192
+ATTACKS = ("malformed", "oversized", "out_of_range", "spoofed_seq", "spoofed_bdseq")
+
+
+def attack_message(kind: str, group: str, node: str, device: str, stamp: int) -> tuple[str, bytes]:
+    from twin.payload import MAX_PAYLOAD_BYTES
+
+    data = f"spBv1.0/{group}/DDATA/{node}/{device}"
+    if kind == "malformed":
+        return data, b'{"timestamp":%d,"seq":1,"metrics":[{"name":' % stamp
+    if kind == "oversized":
+        return data, b'{"timestamp":%d,"seq":1,"pad":"%s"}' % (stamp, b"x" * MAX_PAYLOAD_BYTES)
+    if kind == "out_of_range":
+        return data, b'{"timestamp":9223372036854775813,"seq":5,"metrics":[]}'
+    if kind == "spoofed_seq":
+        return data, b'{"timestamp":%d,"seq":1000000000000000,"metrics":[]}' % stamp
+    return f"spBv1.0/{group}/NBIRTH/{node}", b'{"timestamp":%d,"seq":0,"bdSeq":1000000000000000}' % stamp
 
 
 def _readings(rng: np.random.Generator, n: int) -> list[list]:
@@ -49,7 +76,7 @@ def _readings(rng: np.random.Generator, n: int) -> list[list]:
 
 
 def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, list[str]], rate: float,
-                 seconds: float, seed: int, out: mp.Queue, ready: mp.Queue, go) -> None:
+                 seconds: float, seed: int, out: mp.Queue, ready: mp.Queue, go, attack: float = 0.0) -> None:
     """One publisher process: births for its nodes and devices, then DDATA at `rate` msg/s for `seconds`.
 
     Each DDATA is a real Sparkplug-style message (its device's next seq, the edge clock in ms, six AI4I
@@ -69,7 +96,8 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
         stamp = int(time.time() * 1000)
         births.append((f"spBv1.0/{group}/NBIRTH/{node}", json.dumps({"timestamp": stamp, "seq": 0,
                                                                    "bdSeq": 0}).encode()))
-        births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", json.dumps({"timestamp": stamp, "seq": 0}).encode())
+        births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", json.dumps({"timestamp": stamp, "seq": 0,
+                                                                       "serial": 0}).encode())
                    for d in devices[node]]
     client.publish_many(births, qos=1)
     targets = [f"spBv1.0/{group}/DDATA/{node}/{d}" for node in nodes for d in devices[node]]
@@ -79,6 +107,8 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     ready.put(seed)
     go.wait(120)  # all publishers start together, so the measured window sees the whole offered rate
     published, per_round, noise = 0, len(targets), None
+    attacks_sent, attack_due = 0, 0.0
+    owners = [(node, d) for node in nodes for d in devices[node]]
     start, cpu0 = time.monotonic(), time.process_time()
     while (elapsed := time.monotonic() - start) < seconds:
         due = int(rate * elapsed) - published
@@ -91,81 +121,189 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
                     noise = _readings(rng, NOISE_BLOCK)
                 seq = k // per_round  # message k goes to device k % per_round: its seq is the round number
                 messages.append((targets[k % per_round], (DDATA_TEMPLATE % (
-                    stamp, seq, noise[0][j], noise[1][j], noise[2][j], noise[3][j], seq % 200)).encode()))
+                    stamp, seq % 256, seq, noise[0][j], noise[1][j], noise[2][j], noise[3][j], seq % 200)).encode()))
+            attack_due += due * attack
+            while attack_due >= 1.0:  # forged messages in between the real ones
+                attack_due -= 1.0
+                node, device = owners[attacks_sent % len(owners)]
+                messages.insert(int(rng.integers(0, len(messages) + 1)), attack_message(
+                    ATTACKS[attacks_sent % len(ATTACKS)], group, node, device, stamp))
+                attacks_sent += 1
             client.publish_many(messages, qos=1)
             published += due
         time.sleep(0.002)
     deadline = time.monotonic() + 60
-    while acked[0] < len(births) + published and time.monotonic() < deadline:
+    while acked[0] < len(births) + published + attacks_sent and time.monotonic() < deadline:
         time.sleep(0.01)
     cpu = time.process_time() - cpu0
     client.stop()
-    out.put({"published": published, "acked": acked[0] - len(births), "cpu_s": cpu})
+    out.put({"published": published, "acked": acked[0] - len(births) - attacks_sent, "cpu_s": cpu,
+             "attacks_sent": attacks_sent, "targets": [t.rsplit("/", 1)[1] for t in targets]})
+
+
+class TwinProcess:
+    """The twin in its own process (`python -m twin.service`), so that it can be SIGKILLed."""
+
+    def __init__(self, config: dict, workdir: Path):
+        self.path = workdir / "twin-process.json"
+        self.path.write_text(json.dumps(config))
+        self.log = workdir / "twin-process.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> TwinProcess:
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "twin.service", str(self.path)], env=env,
+                                     stdout=subprocess.PIPE, stderr=self.log.open("ab"), text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the twin did not start: {self.log.read_text()[-2000:]}")
+        return self
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _expected_rows(results: list[dict]) -> dict[str, int]:
+    """Rows each device must have: publisher message k went to targets[k % len(targets)] with serial
+    k // len(targets), so a device got ceil((published - index) / len(targets)) serials, 0 upwards."""
+    expected: dict[str, int] = {}
+    for r in results:
+        n = len(r["targets"])
+        for i, device in enumerate(r["targets"]):
+            expected[device] = max(0, (r["published"] - i + n - 1) // n)
+    return expected
+
+
+def _reconcile(store, expected: dict[str, int]) -> dict[str, int]:
+    """Lost: sent and acknowledged by the broker, not in the history. Duplicated: rows beyond one per
+    (device, serial). Unexpected: rows the publishers never sent as legitimate data."""
+    lost = unexpected = 0
+    for device, rows in expected.items():
+        stored = set(store.seqs(device))
+        lost += len(set(range(rows)) - stored)
+        unexpected += len(stored - set(range(rows)))
+    total, distinct = store.query("SELECT COUNT(*), COUNT(DISTINCT device || '/' || seq) FROM history")[0]
+    return {"lost": lost, "duplicated": total - distinct, "unexpected": unexpected, "stored": total}
 
 
 def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
-             db: str | None, workdir: Path) -> dict:
+             db: str | None, workdir: Path, attack: float = 0.0, kill_cycles: int = 0,
+             broker_kind: str = "mosquitto") -> dict:
     from twin.plant import Plant
     from twin.service import TwinConfig, TwinService
-    from twin.services import Mosquitto
+    from twin.services import EmbeddedBroker, Mosquitto
+    from twin.store import HistoryStore
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_devices = plant.nodes
     node_ids = sorted(node_devices)
-    with Mosquitto(workdir=workdir / f"mq-{int(rate)}", persistence=False) as broker:
-        service = TwinService(config=TwinConfig(broker_port=broker.port, db=db or str(workdir / f"twin-{int(rate)}.db"),
-                                                client_id=f"bench-twin-{int(rate)}"), plant=plant).start()
-        service.wait_connected()
+    tag = f"{int(rate)}-a{attack:g}-k{kill_cycles}"
+    db = db or str(workdir / f"twin-{tag}.db")
+    config = {"broker_port": 0, "db": db, "client_id": f"bench-twin-{tag}", "work_orders_csv": None}
+    # the built-in broker runs in this process: only with --kill-cycles, where the twin has its own
+    broker_service = (EmbeddedBroker() if broker_kind == "builtin" else
+                      Mosquitto(workdir=workdir / f"mq-{tag}", persistence=False))
+    with broker_service as broker:
+        config["broker_port"] = broker.port
+        if kill_cycles:
+            twin = TwinProcess({**config, "generated_plant": {"machines": machines, "nodes": nodes}},
+                               workdir).start()
+            service = None
+        else:
+            service = TwinService(config=TwinConfig(**config), plant=plant).start()
+            service.wait_connected()
         ctx = mp.get_context("spawn")
         out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         procs = [ctx.Process(
             daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
                                        {n: node_devices[n] for n in node_ids[k::publishers]}, rate / publishers,
-                                       warmup + seconds, k, out, ready, go)) for k in range(publishers)]
+                                       warmup + seconds, k, out, ready, go, attack)) for k in range(publishers)]
         for p in procs:
             p.start()
         for _ in procs:
             ready.get(timeout=120)  # connected, births acknowledged
         go.set()
         time.sleep(warmup)
-        service.latency_ms.clear()
-        service.state_latency_ms.clear()
-        committed0, t0, cpu0, broker0 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
-        time.sleep(seconds)
-        committed1, t1, cpu1, broker1 = service.committed, time.monotonic(), time.process_time(), _cpu(broker)
-        window_latency = np.fromiter(service.latency_ms, float)
-        state_latency = np.fromiter(service.state_latency_ms, float)
+        if service is not None:
+            service.latency_ms.clear()
+            service.state_latency_ms.clear()
+            committed0 = service.committed
+        t0, wall0, cpu0, broker0 = time.monotonic(), time.time(), time.process_time(), _cpu(broker)
+        kill_times = [seconds * (i + 1) / (kill_cycles + 1) for i in range(kill_cycles)]
+        for at in kill_times:  # SIGKILL mid-stream, restart at once: the broker queues meanwhile
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            twin.kill()
+            twin.start()
+        time.sleep(max(0.0, t0 + seconds - time.monotonic()))
+        t1, wall1, cpu1, broker1 = time.monotonic(), time.time(), time.process_time(), _cpu(broker)
+        if service is not None:
+            committed1 = service.committed
+            window_latency = np.fromiter(service.latency_ms, float)
         results = [out.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(timeout=30)
         acked = sum(r["acked"] for r in results)
-        deadline = time.monotonic() + 60
-        while service.committed < acked and time.monotonic() < deadline:  # drain what is still queued
-            time.sleep(0.05)
-        service.store.flush()
-        stored = service.store.count("history")
-        counters = dict(service.state.counters)
-        service.stop()
-    ingested = max(1, committed1 - committed0)
-    cpu_per_msg = {"twin_us": (cpu1 - cpu0) / ingested * 1e6, "broker_us": (broker1 - broker0) / ingested * 1e6,
+        expected = _expected_rows(results)
+        store = HistoryStore(db)
+        deadline = time.monotonic() + 120
+        while store.count("history") < sum(expected.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # drain what is still queued (after a kill: what the broker kept for the twin)
+        if service is not None:
+            service.store.flush()
+            counters = dict(service.state.counters)
+            service.stop()
+        else:
+            twin.stop()
+            counters = {}
+        counts = _reconcile(store, expected)
+        in_window = store.query("SELECT received_ms - ts_ms FROM history WHERE received_ms >= ? AND received_ms < ?",
+                                (int(wall0 * 1000), int(wall1 * 1000)))
+        dead_letters = store.count("dead_letters")
+        store.close()
+    state_latency = np.array([r[0] for r in in_window], float)
+    if service is not None:
+        ingested = max(1, committed1 - committed0)
+        sustained = (committed1 - committed0) / (t1 - t0)
+    else:  # rows the twin processes took in during the window, whichever process it was
+        ingested = max(1, len(in_window))
+        sustained = len(in_window) / (wall1 - wall0)
+        window_latency = np.zeros(0)
+    cpu_per_msg = {"twin_us": (cpu1 - cpu0) / ingested * 1e6 if service is not None else None,
+                   "broker_us": (broker1 - broker0) / ingested * 1e6 if broker0 is not None else None,
                    "publishers_us": sum(r["cpu_s"] for r in results) / max(1, acked) * 1e6}
-    total = sum(cpu_per_msg.values()) / 1e6
-    # not a measurement: what this CPU cost per message would allow on 2 idle cores (the twin's Python is
-    # one core at most: one GIL)
-    projected = min(1e6 / cpu_per_msg["twin_us"], 2.0 / total)
-    return {"target_rate": rate, "sustained_rate": (committed1 - committed0) / (t1 - t0),
+    projected = None
+    if service is not None:
+        total = sum(cpu_per_msg.values()) / 1e6
+        # not a measurement: what this CPU cost per message would allow on 2 idle cores (the twin's Python is
+        # one core at most: one GIL)
+        projected = min(1e6 / cpu_per_msg["twin_us"], 2.0 / total)
+
+    def pct(values: np.ndarray, q: float) -> float | None:
+        return float(np.percentile(values, q)) if values.size else None
+
+    attacks = sum(r["attacks_sent"] for r in results)
+    return {"target_rate": rate, "sustained_rate": sustained, "attack": attack, "kill_cycles": kill_cycles,
             "cpu_per_msg": cpu_per_msg, "projected_rate_2_idle_cores": projected,
-            "latency_p50_ms": float(np.percentile(window_latency, 50)) if window_latency.size else None,
-            "latency_p99_ms": float(np.percentile(window_latency, 99)) if window_latency.size else None,
-            "state_latency_p50_ms": float(np.percentile(state_latency, 50)) if state_latency.size else None,
-            "state_latency_p99_ms": float(np.percentile(state_latency, 99)) if state_latency.size else None,
-            "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": stored,
-            "lost": acked - stored, "duplicates": counters.get("duplicate", 0),
-            "dead_letters": counters.get("dead_letter", 0), "devices": machines}
+            "latency_p50_ms": pct(window_latency, 50), "latency_p99_ms": pct(window_latency, 99),
+            "state_latency_p50_ms": pct(state_latency, 50), "state_latency_p99_ms": pct(state_latency, 99),
+            "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": counts["stored"],
+            "lost": counts["lost"], "duplicated": counts["duplicated"], "unexpected_rows": counts["unexpected"],
+            "attacks_sent": attacks, "dead_letters": dead_letters,
+            "duplicates_dropped": counters.get("duplicate", 0) if service is not None else None, "devices": machines}
 
 
 def _cpu(broker) -> float:
-    """CPU seconds (user + system) the Mosquitto process has used."""
+    """CPU seconds (user + system) the Mosquitto process has used (None: the built-in broker, in this process)."""
+    if getattr(broker, "process", None) is None:
+        return None
     fields = Path(f"/proc/{broker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -200,9 +338,20 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--db", default=None, help="postgresql:// URL (default: SQLite in a temp dir)")
+    parser.add_argument("--attack", type=float, default=0.0,
+                        help="forged messages per legitimate one (0.01: 1%%): malformed, oversized, out of range, "
+                             "spoofed seq and bdSeq, in turn")
+    parser.add_argument("--broker", choices=("mosquitto", "builtin"), default="mosquitto",
+                        help="builtin: `moeworks twin broker` (amqtt), only with --kill-cycles")
+    parser.add_argument("--kill-cycles", type=int, default=0,
+                        help="SIGKILL and restart the twin (its own process) this many times during each window")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = parser.parse_args()
+    if not 0.0 <= args.attack <= 0.5 or args.kill_cycles < 0 or args.seconds <= 0:
+        parser.error("--attack must be in [0, 0.5], --kill-cycles >= 0, --seconds > 0")
+    if args.broker == "builtin" and not args.kill_cycles:
+        parser.error("--broker builtin needs --kill-cycles (the twin then runs in its own process)")
     console = Console()
     measured_on = common.machine()
     runs = []
@@ -210,28 +359,35 @@ def main() -> None:
         for rate in [float(r) for r in args.rates.split(",")]:
             console.log(f"target {rate:,.0f} msg/s over {args.machines} devices for {args.seconds:g} s ...")
             runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup, machines=args.machines,
-                                 nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp)))
+                                 nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp),
+                                 attack=args.attack, kill_cycles=args.kill_cycles, broker_kind=args.broker))
     per_device = {n: state_bytes_per_device(n) for n in (1_000, 20_000)}
     capacity = {"state_bytes_per_device": per_device[20_000],
                 "devices_per_gib_of_state": int(2**30 / per_device[20_000])}
     base = runs[0]["sustained_rate"]
-    table = Table(title=f"twin ingestion via Mosquitto, {args.machines} devices, {measured_on['logical_cores']} "
+    table = Table(title=f"twin ingestion via {args.broker}, {args.machines} devices, {measured_on['logical_cores']} "
                         f"CPUs (load {measured_on['load_average'][0]:.1f} at start)")
     for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "state p99 ms", "acked", "stored",
-                "lost", "twin CPU us/msg", "all CPU us/msg"):
+                "lost", "duplicated", "attacks", "dead letters", "kills", "twin CPU us/msg", "all CPU us/msg"):
         table.add_column(col, justify="right")
+
+    def num(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for r in runs:
+        cpu = r["cpu_per_msg"]
         table.add_row(f"{r['target_rate']:,.0f}", f"{r['sustained_rate']:,.0f}", f"{r['sustained_rate'] / base:.2f}x",
-                      f"{r['latency_p50_ms']:.1f}", f"{r['latency_p99_ms']:.1f}", f"{r['state_latency_p99_ms']:.1f}",
-                      f"{r['acked_by_broker']:,}",
-                      f"{r['stored']:,}", str(r["lost"]), f"{r['cpu_per_msg']['twin_us']:.0f}",
-                      f"{sum(r['cpu_per_msg'].values()):.0f}")
+                      num(r["latency_p50_ms"], ".1f"), num(r["latency_p99_ms"], ".1f"),
+                      num(r["state_latency_p99_ms"], ".1f"), f"{r['acked_by_broker']:,}", f"{r['stored']:,}",
+                      str(r["lost"]), str(r["duplicated"]), str(r["attacks_sent"]), str(r["dead_letters"]),
+                      str(r["kill_cycles"]), num(cpu["twin_us"], ".0f"),
+                      num(None if cpu["twin_us"] is None else sum(cpu.values()), ".0f"))
     console.print(table)
     console.print(f"live state: {capacity['state_bytes_per_device']:,.0f} bytes/device -> "
                   f"{capacity['devices_per_gib_of_state']:,} devices per GiB")
     result = {"benchmark": "twin_ingestion", "machine": measured_on, "args": {k: str(v) for k, v in vars(args).items()},
               "runs": runs, "capacity": capacity,
-              "target": {"rate": 5000, "p99_ms": 250, "lost": 0}}
+              "target": {"rate": 5000, "p99_ms": 250, "lost": 0, "duplicated": 0}}
     common.write_results(result, args.out, as_json=args.json)
 
 

@@ -1,6 +1,7 @@
 """The REST API over a live service (messages enter through the service's ingest path)."""
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,6 +11,7 @@ from twin.service import TwinConfig, TwinService
 from twin.services import free_port
 
 NODE, DEVICE = "edge-mill-1", "mill-1"
+T0 = (int(time.time()) - 3600) * 1000  # edge timestamps: inside the twin's window (an hour ago)
 
 
 def send(service, kind, payload, device=DEVICE):
@@ -21,10 +23,10 @@ def send(service, kind, payload, device=DEVICE):
 def service(tmp_path):
     # no broker listens on this port: the API must work from state and history alone
     s = TwinService(config=TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"))).start()
-    send(s, "NBIRTH", {"timestamp": 1, "seq": 0, "bdSeq": 0})
-    send(s, "DBIRTH", {"timestamp": 1, "seq": 0})
+    send(s, "NBIRTH", {"timestamp": T0, "seq": 0, "bdSeq": 0})
+    send(s, "DBIRTH", {"timestamp": T0, "seq": 0})
     for seq in range(20):
-        send(s, "DDATA", {"timestamp": 1_700_000_000_000 + seq * 1000, "seq": seq, "metrics": [
+        send(s, "DDATA", {"timestamp": T0 + seq * 1000, "seq": seq, "metrics": [
             {"name": "product_type", "value": "L"}, {"name": "air_temperature", "value": 300.0},
             {"name": "process_temperature", "value": 310.0}, {"name": "rotational_speed", "value": 1500.0},
             {"name": "torque", "value": 40.0 + seq}, {"name": "tool_wear", "value": 100.0 + 6 * seq}]})
@@ -40,7 +42,7 @@ def test_assets_state_history_and_openapi(service):
     assert mill["online"] and mill["values"]["torque"] == 59.0 and mill["health"]["source"] == "ai4i-rules"
     assert {s["name"]: s["unit"] for s in mill["sensors"]}["torque"] == "Nm"
     rows = client.get(f"/api/assets/{DEVICE}/history",
-                      params={"start_ms": 1_700_000_005_000, "end_ms": 1_700_000_010_000}).json()
+                      params={"start_ms": T0 + 5_000, "end_ms": T0 + 10_000}).json()
     assert [r["seq"] for r in rows] == [5, 6, 7, 8, 9] and rows[0]["failure_prob"] is not None
     assert client.get("/api/assets/nope").status_code == 404
     spec = client.get("/openapi.json").json()
@@ -90,6 +92,8 @@ def test_dead_letters_endpoint(service):
 
 def test_a_burst_with_a_failing_health_model_dead_letters_that_message_only(tmp_path):
     class Broken:
+        inline = True  # run on the ingestion path (learned models run on the twin's health thread)
+
         def update(self, machine, values):
             if values.get("torque", 0) > 50:
                 raise ZeroDivisionError("model bug")
@@ -98,10 +102,10 @@ def test_a_burst_with_a_failing_health_model_dead_letters_that_message_only(tmp_
     s = TwinService(config=TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db")),
                     health_models={"mill": Broken()}).start()
     try:
-        send(s, "NBIRTH", {"timestamp": 1, "seq": 0, "bdSeq": 0})
-        send(s, "DBIRTH", {"timestamp": 1, "seq": 0})
+        send(s, "NBIRTH", {"timestamp": T0, "seq": 0, "bdSeq": 0})
+        send(s, "DBIRTH", {"timestamp": T0, "seq": 0})
         topic = f"spBv1.0/plant1/DDATA/{NODE}/{DEVICE}"
-        s.ingest_many([(topic, json.dumps({"timestamp": 2 + seq, "seq": seq, "metrics": [
+        s.ingest_many([(topic, json.dumps({"timestamp": T0 + seq, "seq": seq, "metrics": [
             {"name": "torque", "value": torque}]}).encode()) for seq, torque in enumerate([40.0, 60.0, 45.0])])
         s.store.flush()
         assert s.store.seqs(DEVICE) == [0, 2]

@@ -2,6 +2,7 @@
 process, and the AI4I model as the what-if hazard."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -102,9 +103,10 @@ def test_a_restarted_twin_rebuilds_the_rul_windows_from_history(model, request, 
 
     def feed(service, seqs):
         for seq in seqs:
-            raw = json.dumps({"timestamp": 1_700_000_000_000 + seq, "seq": seq,
+            raw = json.dumps({"timestamp": int(time.time() * 1000), "seq": seq % 256, "serial": seq,
                               "metrics": [{"name": k, "value": v} for k, v in ticks[seq].items()]}).encode()
             service.ingest("spBv1.0/plant1/DDATA/edge-cell-1/engine-1", raw)
+        service.wait_health()  # learned models score on the twin's health thread
         return service.state.devices["engine-1"].health.rul
 
     uninterrupted = TwinService(config=TwinConfig(**{**vars(config), "db": str(tmp_path / "other.db")})).start()

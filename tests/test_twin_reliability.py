@@ -24,8 +24,12 @@ def send(client, topic, payload):
     client.publish(topic, raw, qos=1).wait_for_publish(5)
 
 
+def now_ms():
+    return int(time.time() * 1000)
+
+
 def ddata(seq, **values):
-    return {"timestamp": 1_700_000_000_000 + seq, "seq": seq,
+    return {"timestamp": now_ms(), "seq": seq,
             "metrics": [{"name": k, "value": v} for k, v in values.items()]}
 
 
@@ -41,12 +45,12 @@ def test_bad_disordered_and_redelivered_messages(broker, tmp_path):
     twin = TwinService(config=config).start()
     twin.wait_connected()
     client = publisher(broker.port)
-    send(client, f"spBv1.0/plant1/NBIRTH/{NODE}", {"timestamp": 1, "seq": 0, "bdSeq": 0})
-    send(client, f"spBv1.0/plant1/DBIRTH/{NODE}/{DEVICE}", {"timestamp": 1, "seq": 0, "metrics": [
+    send(client, f"spBv1.0/plant1/NBIRTH/{NODE}", {"timestamp": now_ms(), "seq": 0, "bdSeq": 0})
+    send(client, f"spBv1.0/plant1/DBIRTH/{NODE}/{DEVICE}", {"timestamp": now_ms(), "seq": 0, "metrics": [
         {"name": "torque", "type": "Double", "unit": "Nm"}]})
     for seq in range(3):
         send(client, TOPIC, ddata(seq, torque=40.0 + seq))
-    send(client, TOPIC, b'{"timestamp": 1, "seq": 3, "metrics": [')            # malformed JSON
+    send(client, TOPIC, b'{"timestamp": 1, "seq": 3, "metrics": [')           # malformed JSON
     send(client, TOPIC, ddata(3, torque=43.0, vibration=0.2))                 # unknown metric: dropped, rest kept
     send(client, TOPIC, ddata(4, torque="high", tool_wear=12.0))              # wrong type: dropped, rest kept
     send(client, TOPIC, ddata(6, torque=46.0))                                # gap (5 is late)

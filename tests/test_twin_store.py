@@ -138,3 +138,20 @@ def test_work_orders_are_retried_until_the_mes_accepts_and_written_to_csv(tmp_pa
     rows = pd.read_csv(csv)
     assert rows["id"].tolist() == [order.id] and rows["device"].tolist() == ["mill-1"]
     store.close()
+
+
+def test_a_row_the_database_refuses_is_dead_lettered_and_never_blocks_the_others(store):
+    now = 1_765_000_000_000
+    good = [Ingested("mill-1", s, now, now, {"torque": 1.0}, True, None) for s in range(3)]
+    poison = Ingested("mill-1", 2**70, 2**80, now, {"torque": 1.0}, True, None)  # no 64-bit column holds it
+    store.put_history_many([good[0], poison, good[1]])
+    store.put_history_many([good[2]])
+    store.flush(timeout=20)
+    assert store.seqs("mill-1") == [0, 1, 2]
+    assert store.rows_refused == 1
+    (letter,) = store.dead_letters()
+    assert letter["topic"] == "history-writer/history" and "refused by the history writer" in letter["reason"]
+    assert letter["size"] == len(letter["payload"].encode()) and len(letter["sha256"]) == 64
+    store.put_history_many([Ingested("mill-1", 3, now, now, {}, True, None)])
+    store.flush(timeout=20)
+    assert store.seqs("mill-1") == [0, 1, 2, 3], "the writer goes on after it"

@@ -74,6 +74,7 @@ class AI4IRuleHealth:
     failure point in the window); the 0.1% random failure otherwise."""
 
     random_failure = 0.001  # RNF rate documented with the data
+    inline = True           # microseconds a call: the twin runs it on the ingestion path (twin.state)
 
     def update(self, machine: Machine, values: dict[str, Any]) -> Health | None:
         get = values.get  # runs on every message of every mill: plain locals, no generators
@@ -94,6 +95,8 @@ class AI4IRuleHealth:
 
 class EdgeRULHealth:
     """An engine's RUL as estimated on its edge device (metric `rul_edge`, from the local ONNX model)."""
+
+    inline = True
 
     def update(self, machine: Machine, values: dict[str, Any]) -> Health | None:
         rul = values.get("rul_edge")

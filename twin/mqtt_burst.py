@@ -6,7 +6,10 @@ byte on its socket pair and a send for the PUBACK) and a few dozen Python calls 
 the twin's rates that was most of its CPU (benchmarks/RESULTS.md, "Digital twin ingestion"). This
 client reads whatever the socket holds (up to `read_bytes`), parses every complete packet in it,
 gives all its PUBLISHes to one callback, and only then sends their PUBACKs, in order, in one
-write. A message is therefore acknowledged after the callback has applied it, as before.
+write. A message is therefore acknowledged after the callback has applied it, as before. With
+`defer_acks` the callback also gets an `ack()` to call once the burst is durable (the twin calls it
+after the history commit): the PUBACKs leave then, on the connection the burst came in on, or
+never (a reconnect makes the broker send the messages again).
 
 What it does (all the twin needs, for the twin and the load generator): one connection with a
 fixed client id and a persistent or clean session, a will, keepalive pings, subscriptions at QoS
@@ -90,17 +93,20 @@ def connect_packet(cfg: BurstClientConfig) -> bytes:
 
 class BurstClient:
     """`on_messages(messages)` gets a list of (topic, payload) per burst, in arrival order, on the
-    network thread; `on_connect(client, session_present)` runs after every CONNACK (subscribe there,
-    or pass `subscriptions`); `on_disconnect(client)` after a lost connection; `on_acked(mids)` with
-    the packet ids of our QoS 1 publishes the broker acknowledged."""
+    network thread (`on_messages(messages, ack)` with `defer_acks`: call `ack()` once, from any
+    thread, in the order of the bursts, when they may be acknowledged); `on_connect(client,
+    session_present)` runs after every CONNACK (subscribe there, or pass `subscriptions`);
+    `on_disconnect(client)` after a lost connection; `on_acked(mids)` with the packet ids of our
+    QoS 1 publishes the broker acknowledged."""
 
     def __init__(self, *, config: BurstClientConfig,
                  on_messages: Callable[[list[tuple[str, bytes]]], None] | None = None,
                  on_connect: Callable[[BurstClient, bool], None] | None = None,
                  on_disconnect: Callable[[BurstClient], None] | None = None,
                  on_acked: Callable[[list[int]], None] | None = None,
-                 subscriptions: tuple[tuple[str, int], ...] = ()):
+                 subscriptions: tuple[tuple[str, int], ...] = (), defer_acks: bool = False):
         self.config = config
+        self.defer_acks = defer_acks
         self.on_messages, self.on_connect, self.on_disconnect, self.on_acked = (on_messages, on_connect,
                                                                                 on_disconnect, on_acked)
         self.subscriptions = subscriptions
@@ -335,7 +341,11 @@ class BurstClient:
                 raise MQTTProtocolError(f"unexpected packet type {kind}")
             pos = end
         if messages and self.on_messages is not None:
-            self._call(self.on_messages, messages)
+            if self.defer_acks:
+                self._call(self.on_messages, messages, self._acknowledger(acks))
+                acks = []
+            else:
+                self._call(self.on_messages, messages)
         if acks:  # after the callback: acknowledged means applied
             self._send(b"".join([_PUBACK.pack(0x40, 2, mid) for mid in acks]))
         if acked:
@@ -345,6 +355,21 @@ class BurstClient:
             if self.on_acked is not None:
                 self._call(self.on_acked, acked)
         return pos
+
+    def _acknowledger(self, mids: list[int]) -> Callable[[], None]:
+        """Sends these PUBACKs later, if the connection they belong to is still the current one: after a
+        reconnect the broker redelivers the messages with their packet ids, and a stale PUBACK could
+        acknowledge a message we have not stored."""
+        if not mids:
+            return _nothing
+        packet = b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
+        sock = self._sock
+
+        def ack() -> None:
+            with self._send_lock:
+                if sock is not None and self._sock is sock:
+                    self._send_locked(packet)
+        return ack
 
     def _call(self, callback, *args) -> None:
         try:
@@ -360,6 +385,10 @@ class BurstClient:
                 sock.close()
             except OSError:
                 pass
+
+
+def _nothing() -> None:
+    pass
 
 
 def publish_packet_dup(packet: bytes) -> bytes:

@@ -3,14 +3,20 @@ alarms, history and work orders up to date as messages arrive.
 
 Threads: the MQTT client's network thread (twin.mqtt_burst) ingests each burst of received
 messages (state + alarms under one lock, taken once per burst, so each message is applied
-atomically) and acknowledges them to the broker once applied; the history writer commits in
-batches; a ticker ages data into staleness; the MES exporter posts work orders. The REST API and
-dashboard read snapshots under the same lock.
+atomically) and hands their rows to the history writer; the writer commits in batches and only
+then sends the burst's PUBACKs, so what the broker was told is received is on disk (a twin killed
+before that gets the messages again from its persistent session, and the history key drops the
+copies). Learned health models (milliseconds a call) run on their own thread, fed through a bounded
+queue, so they never hold up ingestion or the acknowledgements; a ticker ages data into
+staleness; the MES exporter posts work orders. The REST API and dashboard read snapshots under the
+same lock.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -24,11 +30,13 @@ from twin.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
 from twin.health import HealthModel
 from twin.mes import MESConfig, WorkOrderExporter
 from twin.mqtt_burst import BurstClient, BurstClientConfig
-from twin.payload import NAMESPACE, REBIRTH, Metric, Payload, Topic
+from twin.payload import MAX_PAYLOAD_BYTES, NAMESPACE, REBIRTH, Limits, Metric, Payload, Topic
 from twin.plant import DEFAULT_PLANT, Plant
 from twin.simulate import EnginePlan, FailureModel, MillPlan, SimulationError, simulate_engine, simulate_mill
 from twin.state import Ingested, TwinState
 from twin.store import HistoryStore, WriterConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,27 @@ class TwinConfig:
     freeze_gc: bool = True                 # after start-up, move what exists (modules, plant, state) out of the
                                            # cyclic GC's reach: its full collections hold the GIL and, scanning
                                            # all that, stalled ingestion for 70-300 ms (benchmarks/RESULTS.md)
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES  # larger messages are dead-lettered (an excerpt is kept)
+    max_timestamp_age_s: float = 30 * 86_400.0  # edge timestamps older than this (by the twin's clock)...
+    max_timestamp_ahead_s: float = 300.0        # ...or further ahead are refused: a broken clock, or an attack
+    health_queue: int = 10_000             # learned-model scorings waiting; when full, new ones are dropped, counted
+
+    def __post_init__(self):
+        for name in ("keepalive_s", "batch_rows", "latency_window", "max_payload_bytes", "health_queue"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"TwinConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("tick_s", "flush_interval_s", "max_timestamp_age_s", "max_timestamp_ahead_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value < 10 * 365 * 86_400:
+                raise ValueError(f"TwinConfig.{name} must be a positive number of seconds, got {value!r}")
+        if not 0 < self.broker_port < 65_536:
+            raise ValueError(f"TwinConfig.broker_port must be 1..65535, got {self.broker_port!r}")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_payload_bytes=self.max_payload_bytes, max_age_ms=int(self.max_timestamp_age_s * 1000),
+                      max_ahead_ms=int(self.max_timestamp_ahead_s * 1000))
 
 
 class TwinService:
@@ -70,6 +99,7 @@ class TwinService:
         self.latency_ms: deque[float] = deque(maxlen=config.latency_window)       # publish -> history committed
         self.state_latency_ms: deque[float] = deque(maxlen=config.latency_window)  # publish -> state updated
         self.committed = 0
+        self._health_jobs: queue.Queue = queue.Queue(maxsize=config.health_queue)
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -81,7 +111,7 @@ class TwinService:
         self.store = HistoryStore(cfg.db, writer=WriterConfig(cfg.batch_rows, cfg.flush_interval_s),
                                   on_commit=self._on_commit).start()
         self.state = TwinState(plant=self.plant, health_models=self.health_models, seen=self.store.has,
-                               last_seqs=self.store.last_seqs())
+                               last_seqs=self.store.last_seqs(), limits=cfg.limits, defer_health=True)
         self.alarms = AlarmManager()
         self.alarms.load(self.store.open_alarms())
         self._warm_health()
@@ -94,11 +124,12 @@ class TwinService:
                                      will=(state_topic, b'{"online":false}', 1, True),
                                      backoff_min_s=0.1, backoff_max_s=5.0),
             subscriptions=((f"{NAMESPACE}/{self.plant.group}/#", 1),),
-            on_messages=self._on_messages, on_connect=self._on_connect,
+            on_messages=self._on_messages, defer_acks=True, on_connect=self._on_connect,
             on_disconnect=lambda client: self.connected.clear()).start()
-        ticker = threading.Thread(target=self._tick_loop, name="twin-ticker", daemon=True)
-        ticker.start()
-        self._threads.append(ticker)
+        for target, name in ((self._tick_loop, "twin-ticker"), (self._health_loop, "twin-health")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         if cfg.freeze_gc:
             gc.collect()  # nothing collectable is frozen with the rest
             gc.freeze()   # refcounting still frees these objects; only the cycle scans skip them
@@ -143,8 +174,9 @@ class TwinService:
         client.publish(f"{NAMESPACE}/STATE/{self.config.client_id}", b'{"online":true}', qos=1, retain=True)
         self.connected.set()
 
-    def _on_messages(self, messages: list[tuple[str, bytes]]) -> None:
-        self.ingest_many(messages)
+    def _on_messages(self, messages: list[tuple[str, bytes]], ack) -> None:
+        self.ingest_many(messages)  # if this raised (a bug), no PUBACK: the broker sends them again after a reconnect
+        self.store.put_ack(ack)     # the PUBACKs leave once the writer has committed everything queued before
 
     def ingest(self, topic: str, raw: bytes) -> None:
         """Apply one message: state, alarms, history, dead letters. Never raises on bad input."""
@@ -181,6 +213,11 @@ class TwinService:
                     changed_any = True
                 if outcome.rebirth:
                     rebirths.append(outcome.rebirth)
+                if outcome.health_job is not None:
+                    try:
+                        self._health_jobs.put_nowait(outcome.health_job)
+                    except queue.Full:  # the models fell behind: skip this scoring rather than hold ingestion
+                        state.counters["health_dropped"] += 1
             if dead:
                 self.store.put_dead_letters(dead)
             if rows:
@@ -202,6 +239,42 @@ class TwinService:
         now_ms = committed_s * 1000.0
         self.latency_ms.extend(now_ms - item.timestamp for item in items)
         self.committed += len(items)
+
+    def _health_loop(self) -> None:
+        """Learned health models, off the ingestion path: one job per in-order data message, in order."""
+        jobs = self._health_jobs
+        while not self._stop.is_set():
+            try:
+                device_id, values = jobs.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            try:
+                self._score(device_id, values)
+            except Exception:  # noqa: BLE001 - a model's failure costs that scoring, not the twin
+                log.exception("health model failed on %s", device_id)
+                with self._lock:
+                    self.state.counters["health_error"] += 1
+            finally:
+                jobs.task_done()
+
+    def _score(self, device_id: str, values: dict[str, Any]) -> None:
+        device = self.state.devices[device_id]
+        health = self.health_models[device.machine.kind].update(device.machine, values)
+        if health is None:
+            return
+        now_ms = int(time.time() * 1000)
+        with self._lock:
+            device.health = health
+            changes = self.alarms.evaluate(device, now_ms)
+            if changes:
+                self._alarm_changes(changes, now_ms)
+            self.version += 1
+
+    def wait_health(self, timeout: float = 30.0) -> None:
+        """Block until every health scoring queued so far is done (tests, the demo's summary)."""
+        deadline = time.monotonic() + timeout
+        while self._health_jobs.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.config.tick_s):
@@ -275,9 +348,49 @@ class TwinService:
             counters = dict(self.state.counters)
             online = sum(d.online for d in self.state.devices.values())
         lat = np.fromiter(self.latency_ms, float) if self.latency_ms else np.zeros(0)
+        state_lat = np.fromiter(self.state_latency_ms, float) if self.state_latency_ms else np.zeros(0)
         return {"counters": counters, "devices": len(self.plant.machines), "online": online,
                 "committed": self.committed, "rows_written": self.store.rows_written, "batches": self.store.batches,
-                "write_errors": self.store.write_errors, "mqtt_connected": self.connected.is_set(),
+                "write_errors": self.store.write_errors, "rows_refused": self.store.rows_refused,
+                "health_backlog": self._health_jobs.qsize(), "mqtt_connected": self.connected.is_set(),
                 "work_orders_pending": self.mes.pending, "work_orders_delivered": self.mes.delivered,
                 "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat.size else None,
-                               "p99": float(np.percentile(lat, 99)) if lat.size else None}}
+                               "p99": float(np.percentile(lat, 99)) if lat.size else None},
+                "state_latency_ms": {"p50": float(np.percentile(state_lat, 50)) if state_lat.size else None,
+                                     "p99": float(np.percentile(state_lat, 99)) if state_lat.size else None}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m twin.service CONFIG.json`: the ingestion service alone, without the HTTP API, until
+    SIGTERM or SIGINT. CONFIG holds TwinConfig fields and optionally `plant` (a plant document) or
+    `generated_plant` (the arguments of Plant.generated). The
+    fault-injection tests and `benchmarks/twin.py --kill-cycles` run the twin this way, as its own
+    process, so they can SIGKILL it mid-stream."""
+    import json
+    import signal
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m twin.service CONFIG.json", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        doc = json.loads(Path(args[0]).read_text())
+        plant = Plant.from_dict(doc.pop("plant")) if "plant" in doc else None
+        if "generated_plant" in doc:  # {"machines": N, "nodes": M}: the benchmark's plant
+            plant = Plant.generated(**doc.pop("generated_plant"))
+        service = TwinService(config=TwinConfig(**doc), plant=plant).start()
+        service.wait_connected(30)
+    except (OSError, ValueError, TypeError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("ready", flush=True)
+    stop.wait()
+    service.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,15 @@
 """Local services on loopback for the demo, the benchmark and the tests: Mosquitto (Debian's
 package), an in-process amqtt broker (no set-up at all) and a throwaway PostgreSQL cluster.
 
-All bind 127.0.0.1 on a free port and are stopped by their context manager.
+All bind 127.0.0.1 on a free port and are stopped by their context manager. Both brokers close the
+connection of a client that sends a packet over twin.payload.BROKER_MAX_PACKET_BYTES, and both keep
+a persistent session's QoS 1 messages while its client is away (twin/SCHEMA.md, "Delivery").
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import socket
@@ -15,6 +18,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from twin.payload import BROKER_MAX_PACKET_BYTES
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -58,7 +63,9 @@ class Mosquitto:
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  "user root" if os.geteuid() == 0 else "",  # as root it would switch to `mosquitto` and lose its dir
                  "max_queued_messages 0",          # unbounded queue per client: the twin may lag, never lose
-                 "max_inflight_messages 1000",     # QoS 1 window towards each subscriber
+                 "max_inflight_messages 5000",     # QoS 1 window towards each subscriber: the twin acknowledges
+                                                   # after its history commit, ~50-100 ms later, 5,000 msg/s
+                 f"max_packet_size {BROKER_MAX_PACKET_BYTES}",  # a client sending more is disconnected
                  "persistent_client_expiration 1h"]
         if self.persistence:  # queued QoS 1 messages of persistent sessions survive a broker restart
             lines += ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
@@ -94,8 +101,99 @@ class Mosquitto:
         self.stop()
 
 
+class PacketTooLarge(ConnectionError):
+    pass
+
+
+class _CappedReader:
+    """amqtt reads a packet's body with one read of its whole remaining length: refusing that read
+    drops the connection (as Mosquitto's `max_packet_size` does) before the body is buffered."""
+
+    def __init__(self, reader, limit: int):
+        self._reader, self._limit = reader, limit
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._limit:
+            raise PacketTooLarge(f"packet over the {self._limit:,}-byte limit: connection closed")
+        return await self._reader.read(n)
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+_AMQTT_PATCHED = False
+
+
+def _amqtt_durable_sessions() -> None:
+    """What amqtt 0.12 lacks for "nothing acknowledged is lost" (read in its broker.py and
+    mqtt/protocol/handler.py), fixed here for the processes that run the built-in broker:
+
+    - A QoS 1 message sent to a subscriber is dropped from the session when no PUBACK comes within
+      a fixed 5 s (`Timeout waiting for PUBACK`) or when the connection drops before it: a twin that
+      is busy, or killed, loses those messages for good. Ours waits for the PUBACK as long as the
+      connection lives and keeps the message in the session's in-flight set otherwise, so that the
+      next connect of the same persistent session sends it again (MQTT 3.1.1, 4.4).
+    - Packets of any size are read into memory: ours refuses more than BROKER_MAX_PACKET_BYTES.
+
+    (The third gap, no offline queue for anonymous sessions, is `PersistentSessionAuth` below.)
+    amqtt picks its handler class from a module global; it is replaced once, by a subclass.
+    """
+    global _AMQTT_PATCHED
+    if _AMQTT_PATCHED:
+        return
+    import amqtt.broker
+    from amqtt.mqtt.constants import QOS_1
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+    from amqtt.mqtt.protocol.handler import OUTGOING
+    from amqtt.session import OutgoingApplicationMessage
+
+    class DurableBrokerHandler(BrokerProtocolHandler):
+        def attach(self, session, reader, writer) -> None:
+            super().attach(session, _CappedReader(reader, BROKER_MAX_PACKET_BYTES), writer)
+
+        async def _handle_qos1_message_flow(self, app_message) -> None:
+            if app_message.direction != OUTGOING or app_message.qos != QOS_1 or app_message.puback_packet:
+                return await super()._handle_qos1_message_flow(app_message)
+            inflight = self.session.inflight_out
+            if app_message.packet_id not in inflight and isinstance(app_message, OutgoingApplicationMessage):
+                inflight[app_message.packet_id] = app_message
+            packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+            waiter: asyncio.Future = asyncio.Future()
+            self._puback_waiters[app_message.packet_id] = waiter
+            try:
+                await self._send_packet(packet)
+                app_message.publish_packet = packet
+                app_message.puback_packet = await waiter  # no give-up: a dead peer is the keepalive's to find
+            finally:
+                self._puback_waiters.pop(app_message.packet_id, None)
+            inflight.pop(app_message.packet_id, None)  # acknowledged: only now does it leave the session
+
+    amqtt.broker.BrokerProtocolHandler = DurableBrokerHandler
+    _AMQTT_PATCHED = True
+
+
+@functools.cache
+def _persistent_session_auth():
+    from amqtt.plugins.authentication import AnonymousAuthPlugin
+
+    class PersistentSessionAuth(AnonymousAuthPlugin):
+        """amqtt's anonymous plugin, except that a client asking for a persistent session
+        (clean_session=False) gets one: amqtt keeps no offline queue for a session marked anonymous
+        (broker.py, `_run_broadcast`), so the built-in broker dropped every message published while
+        the twin was down."""
+
+        async def authenticate(self, *, session) -> bool:
+            ok = await super().authenticate(session=session)
+            if ok and session is not None and not session.clean_session:
+                session.is_anonymous = False
+            return ok
+
+    return PersistentSessionAuth
+
+
 class EmbeddedBroker:
-    """amqtt in a thread of this process, bound to 127.0.0.1 (its default would be 0.0.0.0:1883)."""
+    """amqtt in a thread of this process, bound to 127.0.0.1 (its default would be 0.0.0.0:1883), with
+    the fixes of `_amqtt_durable_sessions` and `PersistentSessionAuth`."""
 
     def __init__(self, *, port: int | None = None):
         self.port = port or free_port()
@@ -106,8 +204,9 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         from amqtt.broker import Broker
 
+        _amqtt_durable_sessions()
         config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-                  "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+                  "plugins": {"twin.services.PersistentSessionAuth": {"allow_anonymous": True}}}
         self._thread.start()
 
         async def boot():
@@ -180,3 +279,11 @@ class PostgresCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def __getattr__(name: str):
+    # amqtt loads its plugins by dotted name; the class is built on first use so that importing this
+    # module does not import amqtt
+    if name == "PersistentSessionAuth":
+        return _persistent_session_auth()
+    raise AttributeError(name)

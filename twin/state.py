@@ -1,13 +1,16 @@
 """Each asset's live state, driven by Sparkplug messages: no I/O here, so every rule is testable.
 
-Rules (twin/SCHEMA.md has the full table):
-- A node is online from an NBIRTH until the NDEATH with the same or a later bdSeq. A birth whose
-  bdSeq was already declared dead, or is older than the live session's, is late: ignored, counted.
+Rules (twin/SCHEMA.md has the full table); seq and bdSeq are Sparkplug's 0-255, compared modulo
+256 (`seq_delta`), so no single message can push a counter where the real ones never reach it:
+- A node is online from an NBIRTH until the NDEATH with the same bdSeq (or one up to 127 ahead: a
+  death that overtook its birth). A birth whose bdSeq was already declared dead is late: ignored,
+  counted. Any other birth starts a new session, as in Sparkplug.
 - A device is online from its DBIRTH (inside a live node session) until DDEATH or its node's death.
-- DDATA seq above the last one: in order (a jump is counted as a gap). The same seq again: a
-  duplicate, dropped. A lower seq never seen: out of order, kept in history but it does not
-  overwrite the latest values. Data from a device without a birth in this session is kept and a
-  rebirth is requested (the twin may have restarted).
+- DDATA whose serial (the device's never-wrapping message number) is already stored: a duplicate,
+  dropped. Otherwise its seq, compared with the last in-order one, decides: ahead (1..127) is in
+  order (a jump is a gap); behind is out of order, kept in history without overwriting the latest
+  values, and a rebirth is requested (its DBIRTH re-anchors the seq). Data from a device without a
+  birth in this session is kept and a rebirth is requested (the twin may have restarted).
 - Unknown metrics and values of the wrong type are dropped from the message and dead-lettered;
   the rest of the message is kept.
 """
@@ -20,7 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twin.health import Health, HealthModel
-from twin.payload import Payload, PayloadError, Topic, decode, parse_topic, value_fits
+from twin.payload import (
+    DEFAULT_LIMITS,
+    SEQ_MODULUS,
+    Limits,
+    Payload,
+    PayloadError,
+    Topic,
+    decode,
+    parse_topic,
+    seq_delta,
+    value_fits,
+)
 from twin.plant import Machine, Plant
 
 RECENT_SEQS = 2048  # per device: duplicates are caught in memory this far back, older ones by the store
@@ -33,7 +47,9 @@ class DeviceState:
     born: bool = False               # has a DBIRTH in the node's live session
     ever_online: bool = False
     stale: bool = False
-    last_seq: int = -1
+    last_seq: int = -1               # serial of the latest in-order data (-1: none yet)
+    wire_seq: int | None = None      # its Sparkplug seq (0-255): what the next data is ordered against
+    max_serial: int = -1             # every serial up to this one may be stored: ask `seen` (above it: new)
     recent: set[int] = field(default_factory=set)
     recent_order: deque[int] = field(default_factory=deque)
     values: dict[str, Any] = field(default_factory=dict)
@@ -62,7 +78,7 @@ class NodeState:
     online: bool = False
     bd_seq: int | None = None                  # the live (or last) session
     dead: deque[int] = field(default_factory=lambda: deque(maxlen=32))  # recent bdSeqs declared dead
-    last_seq: int = -1
+    last_seq: int | None = None                # the node's Sparkplug seq (NBIRTH, NDATA)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,19 +100,25 @@ class Outcome:
     dead_letters: list[str] = field(default_factory=list)   # reasons; the raw message goes with each
     changed: list[str] = field(default_factory=list)        # device ids whose state changed (alarms re-checked)
     rebirth: str | None = None                              # node to ask for a rebirth
+    health_job: tuple[str, dict[str, Any]] | None = None    # (device, latest values): score off this thread
 
 
 class TwinState:
     """The plant's live state. `apply` takes one MQTT message; `tick` ages data into staleness.
 
-    `seen(device, seq)` answers for seqs older than the in-memory window (the history store).
+    `seen(device, serial)` answers for serials older than the in-memory window (the history store).
+    `defer_health`: health models without `inline = True` (the learned ones, milliseconds a call) are
+    not run here; the outcome carries a `health_job` for a worker, and `set_health` takes the result.
     """
 
     def __init__(self, *, plant: Plant, health_models: dict[str, HealthModel],
                  seen: Callable[[str, int], bool] | None = None,
-                 last_seqs: dict[str, int] | None = None, rebirth_every_ms: int = 5_000):
+                 last_seqs: dict[str, int] | None = None, rebirth_every_ms: int = 5_000,
+                 limits: Limits = DEFAULT_LIMITS, defer_health: bool = False):
         self.plant = plant
         self.health_models = health_models
+        self.limits = limits
+        self.defer_health = defer_health
         self.seen = seen or (lambda device, seq: False)
         self.rebirth_every_ms = rebirth_every_ms
         self.counters: Counter[str] = Counter()
@@ -110,7 +132,7 @@ class TwinState:
                           "DDEATH": self._ddeath, "NDATA": self._ndata, "DDATA": self._ddata}
         for device, seq in (last_seqs or {}).items():
             if device in self.devices:
-                self.devices[device].last_seq = seq
+                self.devices[device].last_seq = self.devices[device].max_serial = seq
 
     # ------------------------------------------------------------------ messages
     def apply(self, topic: str, raw: bytes, now_ms: int) -> Outcome:
@@ -122,10 +144,10 @@ class TwinState:
                 parsed = self._check_topic(topic)
                 if parsed is None:
                     return out
-            payload = decode(parsed.kind, raw)
+            payload = decode(parsed.kind, raw, now_ms=now_ms, limits=self.limits)
         except PayloadError as exc:
             self.counters["dead_letter"] += 1
-            self.counters[_reason_key(exc.reason)] += 1
+            self.counters[exc.key] += 1
             out.dead_letters.append(exc.reason)
             return out
         self._handlers[parsed.kind](parsed, payload, now_ms, out)
@@ -138,22 +160,22 @@ class TwinState:
             self.counters["commands_seen"] += 1  # our own rebirth requests echo back
             return None
         if parsed.group != self.plant.group:
-            raise PayloadError(f"unknown group {parsed.group!r}")
+            raise PayloadError(f"unknown group {parsed.group[:100]!r}", "unknown_group")
         if parsed.node not in self.nodes:
-            raise PayloadError(f"unknown edge node {parsed.node!r}")
+            raise PayloadError(f"unknown edge node {parsed.node[:100]!r}", "unknown_node")
         if parsed.device is not None:
             machine = self.plant.machines.get(parsed.device)
             if machine is None:
-                raise PayloadError(f"unknown device {parsed.device!r}")
+                raise PayloadError(f"unknown device {parsed.device[:100]!r}", "unknown_device")
             if machine.node != parsed.node:
-                raise PayloadError(f"device {parsed.device!r} belongs to node {machine.node!r}")
+                raise PayloadError(f"device {parsed.device!r} belongs to node {machine.node!r}", "unknown_device")
         self._topics[topic] = parsed
         return parsed
 
     def _nbirth(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         node = self.nodes[topic.node]
         bd = payload.bd_seq
-        if bd in node.dead or (node.bd_seq is not None and bd < node.bd_seq):
+        if bd in node.dead:
             self.counters["late_birth"] += 1  # it would resurrect a node that died after it
             return
         node.online, node.bd_seq, node.last_seq = True, bd, payload.seq
@@ -165,7 +187,7 @@ class TwinState:
     def _ndeath(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         node = self.nodes[topic.node]
         bd = payload.bd_seq
-        if node.bd_seq is not None and bd < node.bd_seq:
+        if node.bd_seq is not None and seq_delta(bd, node.bd_seq) < 0:
             self.counters["stale_death"] += 1  # the death of a session already replaced
             return
         node.dead.append(bd)
@@ -194,8 +216,9 @@ class TwinState:
                                    f"birth declares {metric.name!r} as {metric.type}, the plant says {sensor.type}")
             elif metric.value is not None and value_fits(sensor.type, metric.value):
                 device.values[metric.name] = metric.value
-        if device.last_seq >= 0 and payload.seq > device.last_seq + 1:
-            self.counters["gap"] += 1  # the edge will never send the seqs in between
+        if payload.serial is not None and device.last_seq >= 0 and payload.serial > device.last_seq + 1:
+            self.counters["gap"] += 1  # the edge will never send the serials in between
+        device.wire_seq = (payload.seq - 1) % SEQ_MODULUS  # the birth's seq is the next data's: the new anchor
         device.online = device.born = device.ever_online = True
         device.stale = False
         device.received_ms = now_ms
@@ -210,7 +233,7 @@ class TwinState:
 
     def _ndata(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         node = self.nodes[topic.node]
-        if payload.seq <= node.last_seq:
+        if node.last_seq is not None and seq_delta(payload.seq, node.last_seq) <= 0:
             self.counters["node_duplicate"] += 1
             return
         node.last_seq = payload.seq
@@ -220,16 +243,22 @@ class TwinState:
     def _ddata(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         device = self.devices[topic.device]
         seq = payload.seq
-        if seq in device.recent or seq == device.last_seq or (seq < device.last_seq and self.seen(topic.device, seq)):
+        serial = payload.serial
+        if serial is None:  # a plain Sparkplug publisher: the serial is the seq extended around the last one
+            serial = seq if device.last_seq < 0 else max(0, device.last_seq + seq_delta(seq, device.last_seq))
+        if serial in device.recent or (serial <= device.max_serial and self.seen(topic.device, serial)):
             self.counters["duplicate"] += 1
+            if device.wire_seq is not None and seq_delta(seq, device.wire_seq) > 0:
+                device.wire_seq = seq  # a spool resent after a DBIRTH: the anchor follows what was already stored
             return
-        in_order = seq > device.last_seq
+        in_order = device.wire_seq is None or seq_delta(seq, device.wire_seq) > 0
         if not in_order:
             self.counters["out_of_order"] += 1
-        elif device.last_seq >= 0 and seq > device.last_seq + 1:
+        elif device.last_seq >= 0 and serial > device.last_seq + 1:
             self.counters["gap"] += 1
-        if not device.born:
-            self.counters["data_before_birth"] += 1
+        if not device.born or not in_order:  # Sparkplug: a host that lost the thread asks for the births again
+            if not device.born:
+                self.counters["data_before_birth"] += 1
             if now_ms - self._rebirth_asked.get(topic.node, -10**15) >= self.rebirth_every_ms:
                 self._rebirth_asked[topic.node] = now_ms
                 out.rebirth = topic.node
@@ -240,27 +269,35 @@ class TwinState:
             if sensor is None:
                 self._metric_fault(out, "unknown_metric", f"unknown metric {metric.name!r}")
             elif not value_fits(sensor.type, metric.value):
-                self._metric_fault(out, "wrong_type", f"metric {metric.name!r} must be {sensor.type}, "
-                                                      f"got {type(metric.value).__name__} {metric.value!r}")
+                text = repr(metric.value)
+                self._metric_fault(out, "wrong_type", f"metric {metric.name!r} must be {sensor.type} in range, got "
+                                                      f"{type(metric.value).__name__} "
+                                                      f"{text if len(text) <= 60 else text[:57] + '...'}")
             else:
                 values[metric.name] = metric.value
-        device.remember(seq)
+        device.remember(serial)
+        if serial > device.max_serial:
+            device.max_serial = serial
         device.messages += 1
         self.counters["ingested"] += 1
         if in_order:
-            device.last_seq = seq
+            device.last_seq = serial
+            device.wire_seq = seq
             device.values.update(values)
             device.data_ts = payload.timestamp
             device.received_ms = now_ms
             model = self.health_models.get(device.machine.kind)
             if model is not None:
-                health = model.update(device.machine, device.values)
-                if health is not None:
-                    device.health = health
+                if self.defer_health and not getattr(model, "inline", False):
+                    out.health_job = (device.machine.id, dict(device.values))
+                else:
+                    health = model.update(device.machine, device.values)
+                    if health is not None:
+                        device.health = health
             if device.stale:
                 device.stale = False
             out.changed.append(device.machine.id)
-        out.ingested = Ingested(device.machine.id, seq, payload.timestamp, now_ms, values, in_order,
+        out.ingested = Ingested(device.machine.id, serial, payload.timestamp, now_ms, values, in_order,
                                 device.health if in_order else None)
 
     def _metric_fault(self, out: Outcome, counter: str, reason: str) -> None:
@@ -280,12 +317,3 @@ class TwinState:
                 changed.append(device.machine.id)
         return changed
 
-
-def _reason_key(reason: str) -> str:
-    for key, start in (("malformed", "malformed JSON"), ("unknown_device", "unknown device"),
-                       ("unknown_node", "unknown edge node"), ("unknown_group", "unknown group"),
-                       ("bad_topic", "topic outside"), ("bad_topic", "unknown message type"),
-                       ("bad_topic", "topic needs")):
-        if start in reason:
-            return key
-    return "invalid_payload"

@@ -1,14 +1,21 @@
 """History, alarms, dead letters and work orders in SQLite (a file, the default) or PostgreSQL.
 
 Writes go through one writer thread in batches (one transaction per batch), so the MQTT thread
-never waits on the disk. Every history row has the key (device, seq): a message delivered twice
-is stored once (INSERT ... ON CONFLICT DO NOTHING), which makes ingestion idempotent even across
-restarts of the twin.
+never waits on the disk. Every history row has the key (device, seq), where `seq` holds the
+message's serial (twin/payload.py): a message delivered twice is stored once (INSERT ... ON
+CONFLICT DO NOTHING), which makes ingestion idempotent even across restarts of the twin.
+
+Acknowledgements ride the same queue (`put_ack`): the writer calls them after the commit that made
+everything queued before them durable, so the twin acknowledges a message to the broker only once
+its row (or dead letter) is on disk. A row the database refuses (a value it cannot hold) never
+blocks the others: the batch is retried row by row and the refused row becomes a dead letter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -23,6 +30,11 @@ import orjson
 from twin.alarms import Alarm
 from twin.state import Ingested
 
+log = logging.getLogger(__name__)
+DEAD_LETTER_EXCERPT_BYTES = 4096   # a dead letter keeps the payload's size, SHA-256 and first 4 KiB
+DEAD_LETTER_TOPIC_CHARS = 512      # MQTT allows 64 KiB topics: a dead letter keeps their start
+DEAD_LETTER_REASON_CHARS = 300
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS history (
     device TEXT NOT NULL, seq BIGINT NOT NULL, ts_ms BIGINT NOT NULL, received_ms BIGINT NOT NULL,
@@ -31,7 +43,8 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_device_ts ON history (device, ts_ms);
 CREATE INDEX IF NOT EXISTS history_ts ON history (ts_ms);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id {serial}, received_ms BIGINT NOT NULL, topic TEXT NOT NULL, payload {blob}, reason TEXT NOT NULL);
+    id {serial}, received_ms BIGINT NOT NULL, topic TEXT NOT NULL, payload {blob}, reason TEXT NOT NULL,
+    size BIGINT, sha256 TEXT);
 CREATE TABLE IF NOT EXISTS alarms (
     id TEXT PRIMARY KEY, device TEXT NOT NULL, kind TEXT NOT NULL, metric TEXT NOT NULL, severity TEXT NOT NULL,
     message TEXT NOT NULL, value DOUBLE PRECISION, raised_ms BIGINT NOT NULL, cleared_ms BIGINT, acked_ms BIGINT,
@@ -45,7 +58,8 @@ DIALECT = {"sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BL
            "postgresql": {"serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA"}}
 UPSERT = {
     "history": "INSERT INTO history VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-    "dead_letters": "INSERT INTO dead_letters (received_ms, topic, payload, reason) VALUES (?,?,?,?)",
+    "dead_letters": "INSERT INTO dead_letters (received_ms, topic, payload, reason, size, sha256) "
+                    "VALUES (?,?,?,?,?,?)",
     "alarms": "INSERT INTO alarms VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
               "message=excluded.message, value=excluded.value, cleared_ms=excluded.cleared_ms, "
               "acked_ms=excluded.acked_ms, acked_by=excluded.acked_by",
@@ -59,6 +73,24 @@ ALARM_COLUMNS = ("id", "device", "kind", "metric", "severity", "message", "value
 
 class StoreError(RuntimeError):
     pass
+
+
+def dead_letter_row(topic: str, payload: bytes, reason: str, received_ms: int) -> tuple:
+    """The stored form of a refused message: bounded whatever its size (excerpt, size and hash)."""
+    payload = bytes(payload)
+    return (received_ms, topic[:DEAD_LETTER_TOPIC_CHARS], payload[:DEAD_LETTER_EXCERPT_BYTES],
+            reason[:DEAD_LETTER_REASON_CHARS], len(payload), hashlib.sha256(payload).hexdigest())
+
+
+def _transient(exc: BaseException) -> bool:
+    """A database that is busy, locked or gone (retry the batch), as opposed to a row it refuses."""
+    if isinstance(exc, sqlite3.OperationalError | ConnectionError | TimeoutError):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError)
 
 
 @dataclass(frozen=True)
@@ -119,14 +151,21 @@ class HistoryStore:
         self.rows_written = 0
         self.batches = 0
         self.write_errors = 0
+        self.rows_refused = 0             # rows the database refused, dead-lettered instead
         self.last_write_error: str | None = None
         conn = self._connect()
         try:
             statements = SCHEMA.format(**DIALECT[self.dialect])
             if self.dialect == "sqlite":
                 conn.executescript(statements)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+                for column, kind in (("size", "BIGINT"), ("sha256", "TEXT")):  # databases of earlier versions
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE dead_letters ADD COLUMN {column} {kind}")
             else:
                 conn.execute(statements)
+                conn.execute("ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS size BIGINT")
+                conn.execute("ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS sha256 TEXT")
             conn.commit()
         finally:
             conn.close()
@@ -198,8 +237,12 @@ class HistoryStore:
         self._queue.put(("history", items))
 
     def put_dead_letters(self, letters: list[tuple[str, bytes, str, int]]) -> None:
-        """(topic, payload, reason, received_ms) each."""
-        self._queue.put(("dead_letters", [(ms, topic, payload, reason) for topic, payload, reason, ms in letters]))
+        """(topic, payload, reason, received_ms) each; stored bounded (`dead_letter_row`)."""
+        self._queue.put(("dead_letters", [dead_letter_row(*letter) for letter in letters]))
+
+    def put_ack(self, ack: Callable[[], None]) -> None:
+        """Call `ack()` on the writer thread once everything queued before it is committed."""
+        self._queue.put(("ack", ack))
 
     def put_alarm(self, alarm: Alarm) -> None:
         self._queue.put(("alarms", [tuple(getattr(alarm, c) for c in ALARM_COLUMNS)]))
@@ -238,7 +281,8 @@ class HistoryStore:
         stop = False
         while not stop:
             batch: list[tuple[str, Any]] = [self._queue.get()]
-            rows = len(batch[0][1]) if batch[0][0] not in ("flush", "stop") else self.writer.batch_rows
+            rows = len(batch[0][1]) if batch[0][0] not in ("flush", "stop", "ack") else \
+                (0 if batch[0][0] == "ack" else self.writer.batch_rows)
             deadline = time.monotonic() + self.writer.flush_interval_s
             while rows < self.writer.batch_rows:
                 try:
@@ -247,50 +291,125 @@ class HistoryStore:
                     break
                 if batch[-1][0] in ("flush", "stop"):
                     break
-                rows += len(batch[-1][1])
+                if batch[-1][0] != "ack":
+                    rows += len(batch[-1][1])
             stop = any(kind == "stop" for kind, _ in batch)
             self._write(batch)
         self._wconn.close()
 
     def _write(self, batch: list[tuple[str, Any]]) -> None:
         grouped: dict[str, list] = {}
-        events = []
+        events, acks = [], []
         ingested: list[Ingested] = []
+        refused: list[tuple] = []
         for kind, items in batch:
             if kind in ("flush", "stop"):
                 if items is not None:
                     events.append(items)
                 continue
+            if kind == "ack":
+                acks.append(items)
+                continue
             if kind == "history":
-                ingested.extend(items)
-                items = [_history_row(item) for item in items]
+                rows = []
+                for item in items:
+                    try:
+                        rows.append(_history_row(item))
+                        ingested.append(item)
+                    except Exception as exc:  # noqa: BLE001 - a row that cannot be encoded costs that row only
+                        refused.append(self._refused_row("history", item, exc))
+                items = rows
             grouped.setdefault(kind, []).extend(items)
+        if refused:
+            grouped.setdefault("dead_letters", []).extend(refused)
         attempt = 0
         while grouped:
             try:
-                cur = self._wconn.cursor()
-                for kind, rows in grouped.items():
-                    cur.executemany(self._sql(UPSERT[kind]), rows)
-                self._wconn.commit()
+                self._commit(grouped)
                 break
-            except Exception as exc:  # noqa: BLE001 - a locked or restarting database: retry, never drop the batch
+            except Exception as exc:  # noqa: BLE001 - sorted below: retried, or isolated row by row
                 self.write_errors += 1
-                self.last_write_error = f"{type(exc).__name__}: {exc}"
-                try:
-                    self._wconn.rollback()
-                except Exception:  # noqa: BLE001 - the connection itself is gone: open a new one
+                self.last_write_error = f"{type(exc).__name__}: {exc}"[:500]
+                self._rollback()
+                if not _transient(exc):
                     try:
-                        self._wconn = self._connect()
-                    except StoreError:
-                        pass
+                        grouped, bad = self._isolate(grouped)
+                    except Exception as again:  # noqa: BLE001 - the database went away meanwhile: retry it all
+                        self._rollback()
+                        exc = again
+                    else:
+                        bad_keys = {(r[0], r[1]) for r in bad}
+                        ingested = [i for i in ingested if (i.device, i.seq) not in bad_keys]
+                        break
+                # a locked or restarting database: retry, never drop the batch (the acks wait with it)
                 time.sleep(min(5.0, 0.1 * 2**attempt))
                 attempt += 1
         self.rows_written += sum(len(rows) for rows in grouped.values())
         self.batches += 1
         if self.on_commit is not None and ingested:
             self.on_commit(ingested, time.time())
+        for ack in acks:
+            try:
+                ack()
+            except Exception:  # noqa: BLE001 - a failed acknowledgement is the broker's redelivery, not ours to fix
+                log.exception("acknowledging a committed batch failed")
         for event in events:
             event.set()
+
+    def _commit(self, grouped: dict[str, list]) -> None:
+        cur = self._wconn.cursor()
+        for kind, rows in grouped.items():
+            cur.executemany(self._sql(UPSERT[kind]), rows)
+        self._wconn.commit()
+
+    def _rollback(self) -> None:
+        try:
+            self._wconn.rollback()
+        except Exception:  # noqa: BLE001 - the connection itself is gone: open a new one
+            try:
+                self._wconn = self._connect()
+            except StoreError:
+                pass
+
+    def _isolate(self, grouped: dict[str, list]) -> tuple[dict[str, list], list[tuple]]:
+        """One savepoint per row: rows the database refuses become dead letters, the rest commit together.
+        Returns what was written and the refused history rows. Transient errors propagate (retry all)."""
+        if self.dialect == "sqlite" and not self._wconn.in_transaction:
+            self._wconn.execute("BEGIN")  # else the outermost SAVEPOINT would be the transaction, one per row
+        cur = self._wconn.cursor()
+        written: dict[str, list] = {}
+        bad_history: list[tuple] = []
+        letters: list[tuple] = []
+        for kind, rows in grouped.items():
+            for row in rows:
+                cur.execute("SAVEPOINT one_row")
+                try:
+                    cur.execute(self._sql(UPSERT[kind]), row)
+                except Exception as exc:  # noqa: BLE001 - classified just below
+                    if _transient(exc):
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT one_row")
+                    self.rows_refused += 1
+                    log.warning("history writer: the database refused a %s row (%s): dead-lettered", kind, exc)
+                    if kind == "history":
+                        bad_history.append(row)
+                    if kind != "dead_letters":  # our own dead-letter rows are bounded; one refused is dropped
+                        letters.append(self._refused_row(kind, row, exc))
+                    continue
+                cur.execute("RELEASE SAVEPOINT one_row")
+                written.setdefault(kind, []).append(row)
+        for letter in letters:
+            cur.execute(self._sql(UPSERT["dead_letters"]), letter)
+        written.setdefault("dead_letters", []).extend(letters)
+        self._wconn.commit()
+        return written, bad_history
+
+    def _refused_row(self, kind: str, row: Any, exc: Exception) -> tuple:
+        if isinstance(row, Ingested):
+            self.rows_refused += 1
+        body = repr(row).encode("utf-8", "replace")
+        return dead_letter_row(f"history-writer/{kind}", body, f"refused by the history writer: "
+                               f"{type(exc).__name__}: {exc}", int(time.time() * 1000))
 
     # ------------------------------------------------------------------ reads
     def has(self, device: str, seq: int) -> bool:
@@ -329,11 +448,18 @@ class HistoryStore:
         return [Alarm(*row) for row in rows]
 
     def dead_letters(self, *, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self.query("SELECT id, received_ms, topic, payload, reason FROM dead_letters ORDER BY id DESC LIMIT ?",
-                          (limit,))
-        return [{"id": r[0], "received_ms": r[1], "topic": r[2],
-                 "payload": bytes(r[3]).decode("utf-8", "replace") if r[3] is not None else None, "reason": r[4]}
-                for r in rows]
+        """The newest first; `payload` is the first DEAD_LETTER_EXCERPT_BYTES of the message (`truncated` says
+        whether there was more), `size` its full length and `sha256` its hash."""
+        rows = self.query("SELECT id, received_ms, topic, payload, reason, size, sha256 FROM dead_letters "
+                          "ORDER BY id DESC LIMIT ?", (limit,))
+        out = []
+        for r in rows:
+            excerpt = bytes(r[3]) if r[3] is not None else b""
+            size = r[5] if r[5] is not None else len(excerpt)
+            out.append({"id": r[0], "received_ms": r[1], "topic": r[2],
+                        "payload": excerpt.decode("utf-8", "replace") if r[3] is not None else None,
+                        "reason": r[4], "size": size, "sha256": r[6], "truncated": size > len(excerpt)})
+        return out
 
     def count(self, table: str) -> int:
         assert table in ("history", "dead_letters", "alarms", "work_orders"), table

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import paho.mqtt.client as mqtt
 
 from deploy.edge.spool import Spool
-from twin.payload import REBIRTH, Metric, Payload, PayloadError, Topic, decode
+from twin.payload import REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic, decode
 
 
 class Estimator(Protocol):
@@ -119,7 +119,7 @@ class EdgeAgent:
         cfg = self.config
         now = int(time.time() * 1000)
         node_seq = spool.next_counter("node_seq")
-        nbirth = Payload(now, node_seq, session.bd_seq, [
+        nbirth = Payload(now, node_seq % SEQ_MODULUS, session.bd_seq, [
             Metric("bdSeq", session.bd_seq, "Int64"), Metric(REBIRTH, False, "Boolean"),
             Metric("spool_depth", spool.depth(), "Int64"), Metric("source", self.source.description, "String")])
         session.client.publish(str(Topic(cfg.group, "NBIRTH", cfg.node)), nbirth.to_json(), qos=1)
@@ -128,7 +128,7 @@ class EdgeAgent:
             metrics.append(Metric("rul_edge", None, "Double", "cycle"))
         first = spool.first_pending_seq(cfg.device)
         next_seq = first if first is not None else spool.counter(f"seq:{cfg.device}") + 1
-        dbirth = Payload(now, next_seq, None, metrics)
+        dbirth = Payload(now, next_seq % SEQ_MODULUS, None, metrics, serial=next_seq)
         session.client.publish(str(Topic(cfg.group, "DBIRTH", cfg.node, cfg.device)), dbirth.to_json(), qos=1)
 
     def _pump(self, session: _Session, spool: Spool) -> None:
@@ -176,7 +176,7 @@ class EdgeAgent:
                     if session is not None:
                         session.close()
                         session = None
-                    candidate = _Session(cfg, spool.next_counter("bdSeq"))
+                    candidate = _Session(cfg, spool.next_counter("bdSeq") % SEQ_MODULUS)  # Sparkplug: 0-255
                     try:
                         candidate.open(timeout=5.0)
                         self._births(candidate, spool)
@@ -224,11 +224,13 @@ class EdgeAgent:
                 values = dict(values, rul_edge=float(estimate))
         now = int(time.time() * 1000)
         metrics = [Metric(name, value) for name, value in values.items()]
-        spool.append(self.config.device, topic, lambda seq: Payload(now, seq, None, metrics).to_json())
+        # the spool's counter is the serial (never wraps: the twin's history key); seq is Sparkplug's 0-255
+        spool.append(self.config.device, topic,
+                     lambda serial: Payload(now, serial % SEQ_MODULUS, None, metrics, serial=serial).to_json())
         self.stats["produced"] += 1
 
     def _node_metrics(self, session: _Session, spool: Spool) -> None:
-        payload = Payload(int(time.time() * 1000), spool.next_counter("node_seq"), None, [
+        payload = Payload(int(time.time() * 1000), spool.next_counter("node_seq") % SEQ_MODULUS, None, [
             Metric("spool_depth", spool.depth(), "Int64"), Metric("produced", self.stats["produced"], "Int64"),
             Metric("sessions", self.stats["sessions"], "Int64")])
         session.client.publish(str(Topic(self.config.group, "NDATA", self.config.node)), payload.to_json(), qos=0)
