@@ -363,3 +363,19 @@ def test_tls_reads_and_concurrent_publishes_keep_every_message(secure_broker):
     finally:
         pub.stop()
         sub.stop()
+
+
+@pytest.mark.slow
+def test_the_demo_over_tls_with_a_password_per_client(pki, tmp_path):
+    from rich.console import Console
+
+    from twin.demo import run_twin_demo
+
+    summary = run_twin_demo(tmp_path / "demo", duration_s=3.0, rate_hz=20.0, quick=True,
+                            console=Console(quiet=True),
+                            broker_tls=(pki.server_cert, pki.server_key, pki.ca))
+    users = (tmp_path / "demo" / "mqtt" / "broker_passwd").read_text()
+    assert users.count(":$argon2") == 1 + len(Plant.from_yaml().nodes)
+    assert summary["agents"] and all(a["sessions"] == 1 and a["reconnect_failures"] == 0 and a["acknowledged"] > 0
+                                     for a in summary["agents"].values())
+    assert summary["history_rows"] == sum(a["acknowledged"] for a in summary["agents"].values())

@@ -79,16 +79,31 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
          ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
          train_models: bool = typer.Option(True, help="train small health models on generated data first "
                                                       "(when no model folders are given)"),
-         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+         mqtt_cert: Path | None = typer.Option(None, "--mqtt-cert", help="the broker's certificate (PEM, for "
+                                                                        "127.0.0.1): MQTT over TLS, with passwords"),
+         mqtt_key: Path | None = typer.Option(None, "--mqtt-key", help="private key (PEM) of --mqtt-cert"),
+         mqtt_ca: Path | None = typer.Option(None, "--mqtt-ca", help="CA (PEM) the clients check the broker "
+                                                                     "against")) -> None:
     """Broker, edge agents, twin and dashboard on this machine, no set-up; prints the dashboard's address."""
     import torch
 
     from twin.demo import run_twin_demo
+    from twin.mqtt_tls import MQTTSecurity, MQTTSecurityError
 
+    broker_tls = None
+    if mqtt_cert or mqtt_key or mqtt_ca:
+        if not (mqtt_cert and mqtt_key and mqtt_ca):
+            _fail(ValueError("the demo over TLS needs --mqtt-cert, --mqtt-key and --mqtt-ca together"))
+        try:  # the same checks the clients make, before anything starts
+            MQTTSecurity(cert=mqtt_cert, key=mqtt_key, ca=mqtt_ca).ssl_context()
+        except MQTTSecurityError as exc:
+            _fail(exc)
+        broker_tls = (mqtt_cert, mqtt_key, mqtt_ca)
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
                             rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
-                            train_models=train_models, quick=quick)
+                            train_models=train_models, quick=quick, broker_tls=broker_tls)
     if as_json:
         typer.echo(json.dumps(summary))
 
