@@ -152,7 +152,9 @@ class BurstClient:
             except OSError:
                 pass
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # the plain socket's shutdown: SSLSocket.shutdown would first drop its TLS state under the
+                # reading thread, which could then read ciphertext as MQTT; this way that thread reads EOF
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
         if self._thread is not None:
@@ -202,7 +204,7 @@ class BurstClient:
         except OSError as exc:
             self.last_error = f"send: {exc}"
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # the network thread sees it and reconnects
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the network thread sees EOF and reconnects
             except OSError:
                 pass
 
