@@ -170,49 +170,61 @@ def test_the_twin_with_tls_and_auth_ingests_an_edge_agents_telemetry(secure_brok
     assert secure_twin.state.nodes["edge-mill-1"].bd_seq == 0
 
 
-@needs_mosquitto
-def test_under_the_acl_an_edge_node_cannot_publish_another_nodes_topics_nor_the_twin_telemetry(pki, tmp_path):
-    mosquitto, passwords = _mosquitto(pki, tmp_path)
-    broker_kwargs = {"kind": "mosquitto", "pki": pki, "passwords": passwords}
-    with mosquitto:
-        broker = SecureBroker(port=mosquitto.port, **broker_kwargs)
-        seen: list[tuple[str, bytes]] = []
-        watcher = burst_client(broker, broker.login(TWIN_USER), "acl-watcher", on_messages=seen.extend,
-                               subscriptions=(("spBv1.0/plant1/#", 1),))
-        twin = TwinService(config=TwinConfig(broker_port=broker.port, db=str(tmp_path / "twin.db"), client_id=TWIN_USER,
-                                             mqtt=broker.login(TWIN_USER))).start()
-        try:
-            watcher.wait_connected()
-            twin.wait_connected()
-            time.sleep(0.3)  # the SUBACKs
-            spoof = b'{"timestamp":%d,"seq":0,"metrics":[{"name":"torque","value":99.0}]}' % int(time.time() * 1000)
-            acked: list[int] = []
-            for user, client_id in (("edge-mill-1", "attacker"), (TWIN_USER, "twin-as-publisher")):
-                attacker = burst_client(broker, broker.login(user), client_id, on_acked=acked.extend)
-                attacker.wait_connected()
-                # node edge-mill-1 speaks for edge-mill-2; the twin's user publishes telemetry
-                attacker.publish_many([("spBv1.0/plant1/NBIRTH/edge-mill-2", b'{"timestamp":1,"seq":0,"bdSeq":9}'),
-                                       ("spBv1.0/plant1/DDATA/edge-mill-2/mill-2", spoof)], qos=1)
-                wait_for(lambda: len(acked) >= 2, what="the broker's PUBACKs")  # acknowledged, then dropped
-                attacker.stop()
-                acked.clear()
-            too_big = burst_client(broker, broker.login("edge-mill-1"), "too-big")
-            too_big.wait_connected()
-            too_big.publish("spBv1.0/plant1/DDATA/edge-mill-1/mill-1", b"x" * (17 * 1024))  # over message_size_limit
-            time.sleep(0.5)
-            too_big.stop()
-            # node edge-mill-1 on its own topics gets through, after all of the above
-            stats = edge_agent(broker, broker.login("edge-mill-1"), tmp_path, rows=50).run()
-            assert stats["acknowledged"] == 50
-            wait_for(lambda: twin.committed >= 50, what="edge-mill-1's rows")
-            wait_for(lambda: sum("/DDATA/edge-mill-1/" in t for t, _ in seen) == 50, what="the watcher")
-        finally:
-            twin.stop()
-            watcher.stop()
+@pytest.mark.parametrize("secure_broker", ["mosquitto"], indirect=True)  # the built-in broker has no ACL
+def test_under_the_acl_an_edge_node_cannot_publish_another_nodes_topics_nor_the_twin_telemetry(
+        secure_broker, secure_twin, tmp_path):
+    broker, twin = secure_broker, secure_twin
+    seen: list[tuple[str, bytes]] = []
+    watcher = burst_client(broker, broker.login(TWIN_USER), "acl-watcher", on_messages=seen.extend,
+                           subscriptions=(("spBv1.0/plant1/#", 1),))
+    try:
+        watcher.wait_connected()
+        time.sleep(0.3)  # the SUBACK
+        spoof = b'{"timestamp":%d,"seq":0,"metrics":[{"name":"torque","value":99.0}]}' % int(time.time() * 1000)
+        acked: list[int] = []
+        for user, client_id in (("edge-mill-1", "attacker"), (TWIN_USER, "twin-as-publisher")):
+            attacker = burst_client(broker, broker.login(user), client_id, on_acked=acked.extend)
+            attacker.wait_connected()
+            # node edge-mill-1 speaks for edge-mill-2; the twin's user publishes telemetry
+            attacker.publish_many([("spBv1.0/plant1/NBIRTH/edge-mill-2", b'{"timestamp":1,"seq":0,"bdSeq":9}'),
+                                   ("spBv1.0/plant1/DDATA/edge-mill-2/mill-2", spoof)], qos=1)
+            wait_for(lambda: len(acked) >= 2, what="the broker's PUBACKs")  # acknowledged, and dropped
+            attacker.stop()
+            acked.clear()
+        too_big = burst_client(broker, broker.login("edge-mill-1"), "too-big")
+        too_big.wait_connected()
+        too_big.publish("spBv1.0/plant1/DDATA/edge-mill-1/mill-1", b"x" * (17 * 1024))  # > message_size_limit
+        time.sleep(0.5)
+        too_big.stop()
+        # node edge-mill-1 on its own topics gets through, after all of the above
+        stats = edge_agent(broker, broker.login("edge-mill-1"), tmp_path, rows=50).run()
+        assert stats["acknowledged"] == 50
+        wait_for(lambda: twin.committed >= 50, what="edge-mill-1's rows")
+        wait_for(lambda: sum("/DDATA/edge-mill-1/" in t for t, _ in seen) == 50, what="the watcher")
+    finally:
+        watcher.stop()
     assert not [t for t, _ in seen if "edge-mill-2" in t], "nothing published for edge-mill-2 reached a subscriber"
     assert all(len(p) < 16 * 1024 for _, p in seen), "the oversized message was dropped by the broker"
     assert twin.state.devices["mill-2"].messages == 0 and twin.state.nodes["edge-mill-2"].bd_seq is None
     assert twin.state.counters["dead_letter"] == 0, "nothing refused by the twin: the broker kept it out"
+    # nor read them: Mosquitto grants the subscription and delivers nothing the user may not read
+    overheard: list[tuple[str, bytes]] = []
+    stranger = burst_client(broker, broker.login("edge-mill-1"), "curious", on_messages=overheard.extend,
+                            subscriptions=(("spBv1.0/plant1/#", 1),))
+    neighbour = burst_client(broker, broker.login("edge-mill-2"), "neighbour")
+    try:
+        stranger.wait_connected()
+        neighbour.wait_connected()
+        time.sleep(0.3)  # the SUBACK
+        received = twin.state.counters["received"]
+        neighbour.publish("spBv1.0/plant1/NBIRTH/edge-mill-2", b'{"timestamp":%d,"seq":0,"bdSeq":0}'
+                          % int(time.time() * 1000), qos=1)
+        wait_for(lambda: twin.state.counters["received"] > received, what="the neighbour's birth at the twin")
+        time.sleep(0.3)
+    finally:
+        neighbour.stop()
+        stranger.stop()
+    assert overheard == []
 
 
 @needs_mosquitto
