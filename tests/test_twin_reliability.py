@@ -28,8 +28,13 @@ def now_ms():
     return int(time.time() * 1000)
 
 
+START_MS = now_ms()
+
+
 def ddata(seq, **values):
-    return {"timestamp": now_ms(), "seq": seq,
+    # stamped when sampled, as an edge does: seq 5 sent after seq 6 still carries the earlier time
+    # (history is read in timestamp order; two sends within one ms made the order depend on the clock)
+    return {"timestamp": START_MS + 10 * seq, "seq": seq,
             "metrics": [{"name": k, "value": v} for k, v in values.items()]}
 
 

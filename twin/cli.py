@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from twin import mqtt_options as mqtt
+
 app = typer.Typer(help="Digital twin of factory assets fed over MQTT.", no_args_is_help=True)
 
 
@@ -33,7 +35,10 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           mes_url: str | None = typer.Option(None, help="POST work orders here (retried until accepted)"),
           rul_model: Path | None = typer.Option(None, help="RUL model folder (`moeworks maintenance train`)"),
           ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
-          work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv"))) -> None:
+          work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv")),
+          mqtt_username: mqtt.Username = None, mqtt_password_file: mqtt.PasswordFile = None,
+          mqtt_tls: mqtt.Tls = False, mqtt_ca: mqtt.Ca = None, mqtt_cert: mqtt.Cert = None,
+          mqtt_key: mqtt.Key = None) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
@@ -43,17 +48,20 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
     from twin.service import TwinConfig, TwinService
     from twin.store import StoreError
 
+    security = mqtt.security_or_exit(username=mqtt_username, password_file=mqtt_password_file, ca=mqtt_ca,
+                                     cert=mqtt_cert, key=mqtt_key, tls=mqtt_tls)
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     try:
         model = Plant.from_yaml(plant or DEFAULT_PLANT)
-        config = TwinConfig(broker_host=broker_host, broker_port=broker_port, db=db, mes_url=mes_url,
+        config = TwinConfig(broker_host=broker_host, broker_port=broker_port, db=db, mes_url=mes_url, mqtt=security,
                             work_orders_csv=str(work_orders_csv) if work_orders_csv else None,
                             rul_model=str(rul_model) if rul_model else None,
                             ai4i_model=str(ai4i_model) if ai4i_model else None)
         service = TwinService(config=config, plant=model).start()
     except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)
-    typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}; "
+    typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}"
+               f"{' (TLS)' if security and security.uses_tls else ''}; "
                f"dashboard http://{http_host}:{http_port}/", err=True)
     try:
         uvicorn.run(create_app(service), host=http_host, port=http_port, log_level="warning")
@@ -71,16 +79,31 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
          ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
          train_models: bool = typer.Option(True, help="train small health models on generated data first "
                                                       "(when no model folders are given)"),
-         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+         mqtt_cert: Path | None = typer.Option(None, "--mqtt-cert", help="the broker's certificate (PEM, for "
+                                                                        "127.0.0.1): MQTT over TLS, with passwords"),
+         mqtt_key: Path | None = typer.Option(None, "--mqtt-key", help="private key (PEM) of --mqtt-cert"),
+         mqtt_ca: Path | None = typer.Option(None, "--mqtt-ca", help="CA (PEM) the clients check the broker "
+                                                                     "against")) -> None:
     """Broker, edge agents, twin and dashboard on this machine, no set-up; prints the dashboard's address."""
     import torch
 
     from twin.demo import run_twin_demo
+    from twin.mqtt_tls import MQTTSecurity, MQTTSecurityError
 
+    broker_tls = None
+    if mqtt_cert or mqtt_key or mqtt_ca:
+        if not (mqtt_cert and mqtt_key and mqtt_ca):
+            _fail(ValueError("the demo over TLS needs --mqtt-cert, --mqtt-key and --mqtt-ca together"))
+        try:  # the same checks the clients make, before anything starts
+            MQTTSecurity(cert=mqtt_cert, key=mqtt_key, ca=mqtt_ca).ssl_context()
+        except MQTTSecurityError as exc:
+            _fail(exc)
+        broker_tls = (mqtt_cert, mqtt_key, mqtt_ca)
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
                             rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
-                            train_models=train_models, quick=quick)
+                            train_models=train_models, quick=quick, broker_tls=broker_tls)
     if as_json:
         typer.echo(json.dumps(summary))
 
@@ -109,16 +132,95 @@ def etl(db: str = typer.Option("runs/twin/twin.db", help="SQLite file or postgre
 
 
 @app.command()
-def broker(port: int = typer.Option(1883, help="loopback port")) -> None:
-    """An in-process MQTT broker (amqtt) on 127.0.0.1 for trying the edge and the twin without Mosquitto."""
-    from twin.services import EmbeddedBroker
+def broker(port: int = typer.Option(1883, help="port (8883 is MQTT over TLS's)"),
+           host: str = typer.Option("127.0.0.1", help="address to bind; beyond loopback only with "
+                                                      "--password-file and TLS (--mqtt-cert, --mqtt-key)"),
+           password_file: Path | None = typer.Option(None, help="users allowed in (`moeworks twin broker-passwd`); "
+                                                                "anonymous clients are then refused"),
+           mqtt_cert: Path | None = typer.Option(None, "--mqtt-cert", help="the broker's certificate (PEM): "
+                                                                           "the listener speaks TLS only"),
+           mqtt_key: Path | None = typer.Option(None, "--mqtt-key", help="private key (PEM) of --mqtt-cert"),
+           mqtt_ca: Path | None = typer.Option(None, "--mqtt-ca", help="CA (PEM) of client certificates, "
+                                                                       "which clients may then present")) -> None:
+    """An in-process MQTT broker (amqtt) for trying the edge and the twin without Mosquitto."""
+    from twin.auth import is_loopback
+    from twin.broker_passwd import BrokerPasswdError
+    from twin.services import EmbeddedBroker, ServiceError
 
+    if not is_loopback(host) and (password_file is None or mqtt_cert is None):
+        _fail(ValueError(f"refusing to bind {host}: beyond loopback the broker needs --password-file and TLS "
+                         "(--mqtt-cert, --mqtt-key)"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedBroker(port=port):
-        typer.echo(f"MQTT broker on 127.0.0.1:{port}; Ctrl-C stops it", err=True)
+    try:
+        server = EmbeddedBroker(port=port, host=host, password_file=password_file, certfile=mqtt_cert,
+                                keyfile=mqtt_key, cafile=mqtt_ca)
+    except (ServiceError, BrokerPasswdError) as exc:
+        _fail(exc)
+    with server:
+        typer.echo(f"MQTT broker on {host}:{port} ({'TLS' if mqtt_cert else 'plaintext'}, "
+                   f"{'password file ' + str(password_file) if password_file else 'anonymous clients allowed'}); "
+                   "Ctrl-C stops it", err=True)
         try:
             while not stop.wait(1.0):
                 pass
         except KeyboardInterrupt:
             pass
+
+
+@app.command("broker-passwd")
+def broker_passwd(file: Path = typer.Option(..., help="the built-in broker's password file (made, 0600, if missing)"),
+                  username: str = typer.Option(..., help="user to add or replace (an edge node's: its node id)"),
+                  mqtt_password_file: mqtt.PasswordFile = None) -> None:
+    """Add a user to `twin broker --password-file` (Argon2 hash); the password is read from
+    --mqtt-password-file, $MOEWORKS_MQTT_PASSWORD or asked for, never from the command line."""
+    import getpass
+
+    from twin.broker_passwd import BrokerPasswdError, set_password
+    from twin.mqtt_tls import PASSWORD_ENV, MQTTSecurityError, read_password_file
+
+    try:
+        if mqtt_password_file is not None:
+            password = read_password_file(mqtt_password_file)
+        elif os.environ.get(PASSWORD_ENV):
+            password = os.environ[PASSWORD_ENV]
+        else:
+            password = getpass.getpass(f"password for {username}: ")
+            if password != getpass.getpass("again: "):
+                raise ValueError("the two passwords differ")
+        set_password(file, username, password)
+    except (BrokerPasswdError, MQTTSecurityError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"{username} set in {file}", err=True)
+
+
+@app.command("mosquitto-config")
+def mosquitto_config(out: Path = typer.Option(..., help="folder for mosquitto.conf, passwd, acl and credentials/"),
+                     mqtt_ca: Path = typer.Option(..., "--mqtt-ca", help="CA (PEM) of the client certificates"),
+                     mqtt_cert: Path = typer.Option(..., "--mqtt-cert", help="the broker's certificate (PEM)"),
+                     mqtt_key: Path = typer.Option(..., "--mqtt-key", help="the broker's private key (PEM)"),
+                     plant: Path | None = typer.Option(None, help="plant file: one user per edge node; "
+                                                                  "default: the demo plant"),
+                     twin_user: str = typer.Option("moeworks-twin", help="the twin's username"),
+                     port: int = typer.Option(8883), bind: str = typer.Option("127.0.0.1", help="address to listen "
+                                                                                               "on (0.0.0.0: all)"),
+                     require_certificate: bool = typer.Option(False, help="clients need a certificate from "
+                                                                          "--mqtt-ca as well as a password"),
+                     message_size_limit: int = typer.Option(256 * 1024, help="largest payload in bytes; "
+                                                                             "Mosquitto drops larger ones")) -> None:
+    """Write a Mosquitto config: TLS listener, no anonymous clients, a password per edge node and for
+    the twin (credentials/<user>.password), and an ACL under which each node writes only its own topics."""
+    from twin.mosquitto_config import MosquittoConfigError, MosquittoSecurity, write_mosquitto_security
+    from twin.plant import DEFAULT_PLANT, Plant, PlantConfigError
+
+    try:
+        model = Plant.from_yaml(plant or DEFAULT_PLANT)
+        paths = write_mosquitto_security(MosquittoSecurity(
+            out=out, certfile=mqtt_cert, keyfile=mqtt_key, cafile=mqtt_ca, group=model.group,
+            nodes=tuple(sorted(model.nodes)), twin_user=twin_user, port=port, bind=bind,
+            require_certificate=require_certificate, message_size_limit=message_size_limit))
+    except (PlantConfigError, MosquittoConfigError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"users: {twin_user}, {', '.join(sorted(model.nodes))} (passwords in {paths['credentials']})", err=True)
+    typer.echo(f"run: mosquitto -c {paths['conf'].resolve()}", err=True)
+    typer.echo(str(paths["conf"]))

@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from twin.mqtt_tls import MQTTSecurity
 from twin.plant import Plant
 from twin.service import TwinConfig, TwinService
 from twin.services import EmbeddedBroker, free_port
@@ -91,11 +92,15 @@ def demo_models(out_dir: Path, *, quick: bool, console: Console) -> tuple[Path, 
 
 def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: float = 60.0, rate_hz: float = 10.0,
                   console: Console | None = None, rul_model: Path | None = None, ai4i_model: Path | None = None,
-                  train_models: bool = False, quick: bool = False) -> dict[str, Any]:
+                  train_models: bool = False, quick: bool = False,
+                  broker_tls: tuple[Path, Path, Path] | None = None) -> dict[str, Any]:
     """Run the demo for `duration_s` (0: until Ctrl-C); returns a summary (also written to twin_summary.json).
 
     Health comes from the given model folders, from small models trained first (`train_models`),
     or else from the AI4I rules alone (engines then have no RUL).
+    `broker_tls` (certificate, key, CA): the broker speaks TLS with that certificate (it must name
+    127.0.0.1) and lets in only the twin and the edge nodes, each with a password of its own made
+    for this run; every client checks the broker against the CA.
     """
     from deploy.edge.agent import EdgeAgent, EdgeConfig
     from twin.api import create_app
@@ -113,8 +118,12 @@ def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: f
     sources = edge_sources(plant, data_root, ticks=None)
     generated = [m for m, s in sources.items() if "generated" in s.description]
     started = time.monotonic()
-    with EmbeddedBroker() as broker:
+    logins = _demo_logins(plant, out_dir / "mqtt", ca=broker_tls[2]) if broker_tls else {}
+    tls = {"password_file": out_dir / "mqtt" / "broker_passwd", "certfile": broker_tls[0],
+           "keyfile": broker_tls[1]} if broker_tls else {}
+    with EmbeddedBroker(**tls) as broker:
         service = TwinService(config=TwinConfig(broker_port=broker.port, db=str(out_dir / "twin.db"),
+                                                mqtt=logins.get("moeworks-twin"),
                                                 work_orders_csv=str(out_dir / "work_orders.csv"),
                                                 rul_model=str(rul_model) if rul_model else None,
                                                 ai4i_model=str(ai4i_model) if ai4i_model else None),
@@ -130,7 +139,7 @@ def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: f
             stop = threading.Event()
             agents = [EdgeAgent(config=EdgeConfig(port=broker.port, group=plant.group, node=m.node, device=m.id,
                                                   rate_hz=rate_hz, spool=out_dir / "edge" / f"{m.node}.spool",
-                                                  keepalive_s=5), source=sources[m.id])
+                                                  keepalive_s=5, security=logins.get(m.node)), source=sources[m.id])
                       for m in plant.machines.values()]
             threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
             for thread in threads:
@@ -156,6 +165,23 @@ def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: f
     (out_dir / "twin_summary.json").write_text(json.dumps(summary, indent=2))
     _print(console, summary)
     return summary
+
+
+def _demo_logins(plant: Plant, folder: Path, *, ca: Path) -> dict[str, MQTTSecurity]:
+    """A fresh random password for the twin and for each edge node, hashed into the broker's password
+    file; the passwords themselves stay in memory, for this run's clients."""
+    import secrets
+
+    from twin.broker_passwd import set_password
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broker_passwd").unlink(missing_ok=True)  # last run's users go with their passwords
+    logins = {}
+    for user in ("moeworks-twin", *sorted(plant.nodes)):
+        password = secrets.token_urlsafe(24)
+        set_password(folder / "broker_passwd", user, password)
+        logins[user] = MQTTSecurity(username=user, password=password, ca=ca)
+    return logins
 
 
 def _summary(service: TwinService, agents, elapsed: float, generated: list[str]) -> dict[str, Any]:

@@ -14,8 +14,10 @@ never (a reconnect makes the broker send the messages again).
 What it does (all the twin needs, for the twin and the load generator): one connection with a
 fixed client id and a persistent or clean session, a will, keepalive pings, subscriptions at QoS
 0/1 (renewed on every connect), publishing at QoS 0/1 from any thread (QoS 1 kept until its PUBACK
-and resent with DUP after a reconnect), reconnect with doubling backoff. No QoS 2 (the twin never
-asks for it: a QoS 2 PUBLISH is a protocol error that drops the connection), no TLS, no MQTT 5.
+and resent with DUP after a reconnect), reconnect with doubling backoff, a username and password,
+and TLS (twin.mqtt_tls: the broker's certificate checked against a CA and the host name, an optional
+client certificate). No QoS 2 (the twin never asks for it: a QoS 2 PUBLISH is a protocol error that
+drops the connection), no MQTT 5.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from twin.mqtt_tls import MQTTSecurity
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ class BurstClientConfig:
     backoff_max_s: float = 5.0        # ...to this: a broker back from a restart is found within 5 s
     connect_timeout_s: float = 10.0
     read_bytes: int = 256 * 1024      # one recv: about a thousand telemetry messages, one burst
+    security: MQTTSecurity | None = None  # credentials and TLS; None: anonymous, plaintext
 
 
 def encode_length(n: int) -> bytes:
@@ -87,6 +93,13 @@ def connect_packet(cfg: BurstClientConfig) -> bytes:
         topic, message, qos, retain = cfg.will
         flags |= 0x04 | qos << 3 | retain << 5
         payload += _string(topic) + _string(message)
+    security = cfg.security
+    if security is not None and security.username is not None:  # MQTT 3.1.1, 3.1.2.8-9: user name, then password
+        flags |= 0x80
+        payload += _string(security.username)
+        if security.password is not None:
+            flags |= 0x40
+            payload += _string(security.password)
     body = _string("MQTT") + bytes((4, flags)) + cfg.keepalive_s.to_bytes(2, "big") + payload
     return b"\x10" + encode_length(len(body)) + body
 
@@ -120,6 +133,8 @@ class BurstClient:
         self._last_sent = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # made once: loading the CA and the client key on every reconnect would only cost time
+        self._ssl_context = config.security.ssl_context() if config.security is not None else None
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> BurstClient:
@@ -143,7 +158,9 @@ class BurstClient:
             except OSError:
                 pass
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # the plain socket's shutdown: SSLSocket.shutdown would first drop its TLS state under the
+                # reading thread, which could then read ciphertext as MQTT; this way that thread reads EOF
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
         if self._thread is not None:
@@ -193,7 +210,7 @@ class BurstClient:
         except OSError as exc:
             self.last_error = f"send: {exc}"
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # the network thread sees it and reconnects
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the network thread sees EOF and reconnects
             except OSError:
                 pass
 
@@ -239,6 +256,8 @@ class BurstClient:
         sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if self._ssl_context is not None:  # the handshake checks the chain and that the name is cfg.host
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=cfg.host)
             sock.sendall(connect_packet(cfg))
             head = _recv_exact(sock, 4)
         except OSError:
@@ -279,10 +298,9 @@ class BurstClient:
                 last_ping = now
             if keepalive and now - last_read > 1.5 * keepalive:
                 raise MQTTProtocolError(f"nothing from the broker for {now - last_read:.1f} s")
-            ready, _, _ = select.select([sock], [], [], 0.25 if not keepalive else min(0.25, keepalive / 4))
-            if not ready:
+            data = self._receive(sock, 0.25 if not keepalive else min(0.25, keepalive / 4))
+            if data is None:
                 continue
-            data = sock.recv(self.config.read_bytes)
             if not data:
                 raise ConnectionError("the broker closed the connection")
             last_read = time.monotonic()
@@ -294,6 +312,39 @@ class BurstClient:
                 consumed = self._handle(data)
                 if consumed < len(data):
                     buf = bytearray(data[consumed:])
+
+    def _receive(self, sock: socket.socket, wait_s: float) -> bytes | None:
+        """What the socket holds, up to `read_bytes`: None when nothing came within `wait_s`, b"" when
+        the broker closed the connection."""
+        tls = isinstance(sock, ssl.SSLSocket)
+        if not (tls and sock.pending()):  # decrypted bytes waiting in OpenSSL do not wake select()
+            ready, _, _ = select.select([sock], [], [], wait_s)
+            if not ready:
+                return None
+        if not tls:
+            return sock.recv(self.config.read_bytes)
+        # One OpenSSL connection must not be read and written by two threads at once, and publishers
+        # write from theirs: reads take the writers' lock, without blocking in it. OpenSSL hands over
+        # one TLS record (16 KiB at most) per read, so a burst is several reads.
+        chunks, size = [], 0
+        with self._send_lock:
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
+            try:
+                while size < self.config.read_bytes:
+                    try:
+                        chunk = sock.recv(self.config.read_bytes - size)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        break  # the rest of a record is still on its way
+                    if not chunk:
+                        if not chunks:
+                            return b""
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+            finally:
+                sock.settimeout(timeout)
+        return b"".join(chunks) if chunks else None
 
     def _handle(self, data: bytes | bytearray) -> int:
         """Parse every complete packet in `data`; returns the bytes consumed."""

@@ -30,6 +30,7 @@ from twin.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
 from twin.health import HealthModel
 from twin.mes import MESConfig, WorkOrderExporter
 from twin.mqtt_burst import BurstClient, BurstClientConfig
+from twin.mqtt_tls import MQTTSecurity
 from twin.payload import MAX_PAYLOAD_BYTES, NAMESPACE, REBIRTH, Limits, Metric, Payload, Topic
 from twin.plant import DEFAULT_PLANT, Plant
 from twin.simulate import EnginePlan, FailureModel, MillPlan, SimulationError, simulate_engine, simulate_mill
@@ -44,6 +45,7 @@ class TwinConfig:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     client_id: str = "moeworks-twin"      # fixed, with a persistent session: the broker queues for us while we restart
+    mqtt: MQTTSecurity | None = None       # username/password and TLS towards the broker (twin.mqtt_tls)
     db: str = "runs/twin/twin.db"          # SQLite file, or a postgresql:// URL
     plant: str = str(DEFAULT_PLANT)
     keepalive_s: int = 10                  # the broker notices a dead twin within 1.5x this
@@ -122,7 +124,7 @@ class TwinService:
             config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=cfg.client_id,
                                      clean_session=False, keepalive_s=cfg.keepalive_s,
                                      will=(state_topic, b'{"online":false}', 1, True),
-                                     backoff_min_s=0.1, backoff_max_s=5.0),
+                                     backoff_min_s=0.1, backoff_max_s=5.0, security=cfg.mqtt),
             subscriptions=((f"{NAMESPACE}/{self.plant.group}/#", 1),),
             on_messages=self._on_messages, defer_acks=True, on_connect=self._on_connect,
             on_disconnect=lambda client: self.connected.clear()).start()
@@ -150,8 +152,10 @@ class TwinService:
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         if not self.connected.wait(timeout):
+            last_error = self.client.last_error if self.client is not None else None
             raise ConnectionError(f"twin could not reach the MQTT broker at "
-                                  f"{self.config.broker_host}:{self.config.broker_port} within {timeout} s")
+                                  f"{self.config.broker_host}:{self.config.broker_port} within {timeout} s"
+                                  + (f" ({last_error})" if last_error else ""))
 
     def stop(self) -> None:
         self._stop.set()

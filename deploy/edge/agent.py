@@ -5,10 +5,14 @@ will, then publishes NBIRTH(bdSeq) and DBIRTH before any data. Data (DDATA, QoS 
 the on-disk spool: written with its seq, published in order with a window of unacknowledged
 messages, deleted on PUBACK. A lost connection drops the session; the agent reconnects with
 exponential backoff and jitter, births again with bdSeq + 1 and resends the spool from its head.
+With `security` (twin.mqtt_tls) it connects over TLS, checking the broker's certificate against a
+CA and its host name, and logs in with its node's username and password; a refused login or an
+untrusted certificate is retried like a lost broker, and logged once per distinct reason.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -20,7 +24,10 @@ from typing import Any, Protocol
 import paho.mqtt.client as mqtt
 
 from deploy.edge.spool import Spool
+from twin.mqtt_tls import MQTTSecurity
 from twin.payload import REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic, decode
+
+log = logging.getLogger(__name__)
 
 
 class Estimator(Protocol):
@@ -46,6 +53,7 @@ class EdgeConfig:
     max_messages: int | None = None       # stop producing after this many ticks (None: the source's end)
     duration_s: float | None = None       # stop after this long (None: until the source ends and the spool drains)
     drain_timeout_s: float = 30.0         # at the end, wait at most this long for the spool to empty
+    security: MQTTSecurity | None = None  # username/password and TLS; None: anonymous, plaintext
 
 
 class _Session:
@@ -55,6 +63,7 @@ class _Session:
         self.cfg, self.bd_seq = cfg, bd_seq
         self.connected = threading.Event()
         self.lost = False
+        self.refused: str | None = None   # the broker's reason when it refused the connection
         self.rebirth = False
         self.acked: deque[int] = deque()  # mids; appended by paho's thread, drained by the agent's
         self.inflight: dict[int, int] = {}  # mid -> spool id (agent thread only)
@@ -69,10 +78,13 @@ class _Session:
         client.on_disconnect = self._on_disconnect
         client.on_publish = lambda c, u, mid, rc, p: self.acked.append(mid)
         client.on_message = self._on_command
+        if cfg.security is not None:
+            cfg.security.apply_to_paho(client)
         self.client = client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.refused = str(reason_code)  # e.g. "Bad user name or password", "Not authorized"
             self.lost = True
             return
         client.subscribe(str(Topic(self.cfg.group, "NCMD", self.cfg.node)), qos=1)
@@ -90,11 +102,17 @@ class _Session:
             self.rebirth = True
 
     def open(self, timeout: float) -> None:
-        self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        try:
+            self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        except OSError:  # refused, unreachable, or a TLS handshake that failed (untrusted certificate)
+            self.client.disconnect()  # closes the socket paho may hold
+            self.lost = True
+            raise
         self.client.loop_start()
         if not self.connected.wait(timeout) or self.lost:
             self.close()
-            raise ConnectionError("broker did not accept the connection")
+            raise ConnectionError(f"the broker refused the connection: {self.refused}" if self.refused
+                                  else "broker did not accept the connection")
 
     def close(self, *, clean: bool = False) -> None:
         if clean and not self.lost:  # a clean stop publishes its own death certificate (the will would not fire)
@@ -167,6 +185,7 @@ class EdgeAgent:
         backoff = cfg.backoff_min_s
         session: _Session | None = None
         drain_deadline = None
+        last_failure = None
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -182,8 +201,11 @@ class EdgeAgent:
                         self._births(candidate, spool)
                         session, backoff = candidate, cfg.backoff_min_s
                         self.stats["sessions"] += 1
-                    except (OSError, ConnectionError):
+                    except (OSError, ConnectionError) as exc:  # ssl.SSLError is an OSError
                         self.stats["reconnect_failures"] += 1
+                        if str(exc) != last_failure:  # a wrong password would otherwise fail in silence
+                            last_failure = str(exc)
+                            log.warning("edge %s: cannot connect to %s:%s: %s", cfg.node, cfg.host, cfg.port, exc)
                         next_connect = now + backoff * random.uniform(1.0, 1.5)  # jitter: agents don't stampede
                         backoff = min(cfg.backoff_max_s, backoff * 2)
                 limit = cfg.max_messages

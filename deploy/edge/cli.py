@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from twin import mqtt_options as mqtt
+
 app = typer.Typer(help="Edge devices: publish machine telemetry over MQTT (Sparkplug-B-style).",
                   no_args_is_help=True)
 
@@ -21,7 +23,8 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         start_row: int = typer.Option(0, help="AI4I row to start the replay at"),
         seed: int = typer.Option(0, help="seed of a simulated machine"),
         rate: float = typer.Option(1.0, help="ticks (cycles or processes) per second"),
-        host: str = typer.Option("127.0.0.1"), port: int = typer.Option(1883),
+        host: str = typer.Option("127.0.0.1", "--host", "--broker-host", help="MQTT broker"),
+        port: int = typer.Option(1883, "--port", "--broker-port", help="MQTT broker's port (8883 for TLS)"),
         group: str = typer.Option("plant1", help="Sparkplug group id"),
         node: str = typer.Option("edge-mill-1", help="edge node id"),
         device: str = typer.Option("mill-1", help="device (machine) id, as in the twin's plant file"),
@@ -29,11 +32,16 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         onnx: Path | None = typer.Option(None, help="ONNX RUL model to run on the device (publishes rul_edge)"),
         max_messages: int | None = typer.Option(None, help="stop after this many ticks"),
         duration: float | None = typer.Option(None, help="stop after this many seconds"),
-        as_json: bool = typer.Option(False, "--json", help="print counters as JSON on the last line")) -> None:
+        as_json: bool = typer.Option(False, "--json", help="print counters as JSON on the last line"),
+        mqtt_username: mqtt.Username = None, mqtt_password_file: mqtt.PasswordFile = None,
+        mqtt_tls: mqtt.Tls = False, mqtt_ca: mqtt.Ca = None, mqtt_cert: mqtt.Cert = None,
+        mqtt_key: mqtt.Key = None) -> None:
     """Publish until the source ends, --max-messages, --duration or Ctrl-C; the spool keeps what is unsent."""
     from deploy.edge.agent import EdgeAgent, EdgeConfig, default_spool
     from deploy.edge.sources import SourceError, make_source
 
+    security = mqtt.security_or_exit(username=mqtt_username, password_file=mqtt_password_file, ca=mqtt_ca,
+                                     cert=mqtt_cert, key=mqtt_key, tls=mqtt_tls)
     try:
         src = make_source(source, data=data, unit=unit, subset=subset, start_row=start_row, seed=seed)
         estimator = None
@@ -54,10 +62,12 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         typer.echo("error: --rate must be positive", err=True)
         raise typer.Exit(2)
     config = EdgeConfig(host=host, port=port, group=group, node=node, device=device, rate_hz=rate,
-                        spool=spool or default_spool(node), max_messages=max_messages, duration_s=duration)
+                        spool=spool or default_spool(node), max_messages=max_messages, duration_s=duration,
+                        security=security)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    typer.echo(f"edge {node}/{device}: {src.description} -> {host}:{port} at {rate:g} Hz", err=True)
+    typer.echo(f"edge {node}/{device}: {src.description} -> {host}:{port}"
+               f"{' (TLS)' if security and security.uses_tls else ''} at {rate:g} Hz", err=True)
     try:
         stats = EdgeAgent(config=config, source=src, estimator=estimator).run(stop)
     except KeyboardInterrupt:
