@@ -33,15 +33,24 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           mes_url: str | None = typer.Option(None, help="POST work orders here (retried until accepted)"),
           rul_model: Path | None = typer.Option(None, help="RUL model folder (`moeworks maintenance train`)"),
           ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
-          work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv"))) -> None:
+          work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv")),
+          auth_file: Path | None = typer.Option(None, help="bearer tokens with roles (`moeworks auth token`); "
+                                                           "without it the twin serves loopback only")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
 
     from twin.api import create_app
+    from twin.auth import AuthError, TokenStore, check_bind
     from twin.plant import DEFAULT_PLANT, Plant, PlantConfigError
     from twin.service import TwinConfig, TwinService
     from twin.store import StoreError
+
+    try:  # before anything starts: a refused bind must not leave a twin subscribed to the broker
+        check_bind(http_host, auth_file)
+        tokens = TokenStore.load(auth_file) if auth_file is not None else None
+    except AuthError as exc:
+        _fail(exc)
 
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     try:
@@ -56,7 +65,7 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
     typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}; "
                f"dashboard http://{http_host}:{http_port}/", err=True)
     try:
-        uvicorn.run(create_app(service), host=http_host, port=http_port, log_level="warning")
+        uvicorn.run(create_app(service, tokens=tokens), host=http_host, port=http_port, log_level="warning")
     finally:
         service.stop()
 
@@ -71,16 +80,21 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
          ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
          train_models: bool = typer.Option(True, help="train small health models on generated data first "
                                                       "(when no model folders are given)"),
-         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+         force: bool = typer.Option(False, "--force", help="use a non-empty --out: replaces what an earlier demo "
+                                                           "made there, never anything else")) -> None:
     """Broker, edge agents, twin and dashboard on this machine, no set-up; prints the dashboard's address."""
     import torch
 
-    from twin.demo import run_twin_demo
+    from twin.demo import DemoOutputError, run_twin_demo
 
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
-    summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
-                            rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
-                            train_models=train_models, quick=quick)
+    try:
+        summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
+                                rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
+                                train_models=train_models, quick=quick, force=force)
+    except DemoOutputError as exc:  # raised before anything starts or is deleted
+        _fail(exc)
     if as_json:
         typer.echo(json.dumps(summary))
 
