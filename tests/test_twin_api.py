@@ -172,6 +172,7 @@ def test_out_of_range_query_parameters_are_422_not_500(service, path, params):
 
 @pytest.mark.parametrize("kind, device, plan, reason", [
     ("mill", DEVICE, {"processes_per_hour": 1e308}, "less than or equal to 60"),
+    ("mill", DEVICE, {"processes_per_hour": 7e-170}, "greater than or equal to 0.01"),
     ("mill", DEVICE, {"speed_rpm": 1e308}, "less than or equal"),
     ("mill", DEVICE, {"seed": -1}, "greater than or equal to 0"),
     ("mill", DEVICE, {"seed": 2**70}, "less than or equal"),
@@ -192,7 +193,7 @@ def test_the_largest_allowed_what_ifs_stay_finite(service):
     client = TestClient(create_app(service))
     mill = client.post(f"/api/assets/{DEVICE}/simulate/mill", json={
         "speed_rpm": 100_000, "torque_nm": 10_000, "processes_per_hour": 60, "horizon_hours": 24, "runs": 10,
-        "tool_change_min": 10_000, "seed": 2**63 - 1})
+        "tool_change_min": 10_000, "seed": 2**53 - 1})
     assert mill.status_code == 200 and mill.json()["failure_probability"] == 1.0  # a 10 MW spindle overstrains
     engine_state = service.state.devices["engine-1"]
     from twin.health import Health

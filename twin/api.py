@@ -56,6 +56,17 @@ UNPROCESSABLE = {422: {"description": "The request does not fit the schema, or t
                            {"$ref": "#/components/schemas/HTTPValidationError"},
                            {"$ref": "#/components/schemas/Problem"}]}}}}}
 NOT_FOUND = {404: {"model": Problem, "description": "No such asset or alarm"}}
+# one event of the live feed (before OpenAPI 3.2's itemSchema, `schema` of an event stream describes one event)
+SNAPSHOT_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "type": "object", "required": ["version", "assets", "alarms", "stats"], "properties": {
+            "version": {"type": "integer"},
+            "assets": {"type": "array", "items": {"$ref": "#/components/schemas/AssetOut"}},
+            "alarms": {"type": "array", "items": {"$ref": "#/components/schemas/AlarmOut"}},
+            "stats": {"$ref": "#/components/schemas/StatsOut"}}}}}}
+PROBLEM_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+BAD_BODY = {400: {"model": Problem, "description": "The body is not JSON"}}
 
 
 def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: TokenStore | None = None) -> FastAPI:
@@ -71,8 +82,9 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
     # HTTPBearer only documents the scheme in the OpenAPI schema (/docs gets its Authorize button);
     # role_dependency decides. auto_error=False: its 403 for a missing header would hide our 401.
     documented = [Depends(HTTPBearer(auto_error=False))] if tokens else []
-    refusals = ({401: {"model": Problem, "description": "No valid bearer token"},
-                 403: {"model": Problem, "description": "The token's role may not do this"}} if tokens else {})
+    # refusals are JSON on every route, /metrics' text and the event stream included
+    refusals = ({401: {"description": "No valid bearer token", "content": PROBLEM_JSON},
+                 403: {"description": "The token's role may not do this", "content": PROBLEM_JSON}} if tokens else {})
     api = APIRouter(dependencies=documented, responses=refusals)
 
     def asset_or_404(device_id: str) -> dict:
@@ -133,7 +145,7 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
         return alarm.to_dict()
 
     @api.post("/api/assets/{device_id}/simulate/mill", summary="What-if Monte Carlo for a mill (operator)",
-              response_model=MillResult, responses=NOT_FOUND | UNPROCESSABLE)
+              response_model=MillResult, responses=NOT_FOUND | UNPROCESSABLE | BAD_BODY)
     def simulate_mill(device_id: DeviceId, plan: MillPlanIn, _: Identity = operator) -> dict:
         asset_or_404(device_id)
         try:
@@ -142,7 +154,7 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
             raise HTTPException(422, str(exc)) from None
 
     @api.post("/api/assets/{device_id}/simulate/engine", summary="What-if RUL projection for an engine (operator)",
-              response_model=EngineResult, responses=NOT_FOUND | UNPROCESSABLE)
+              response_model=EngineResult, responses=NOT_FOUND | UNPROCESSABLE | BAD_BODY)
     def simulate_engine(device_id: DeviceId, plan: EnginePlanIn, _: Identity = operator) -> dict:
         asset_or_404(device_id)
         try:
@@ -185,8 +197,8 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
 
     @api.get("/api/events", summary="Server-sent events: a snapshot of assets and open alarms on every change",
              response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                              "description": "`data: <snapshot JSON>` frames"}})
+             responses={200: {"content": {"text/event-stream": {"schema": SNAPSHOT_EVENT}},
+                              "description": "`data: <snapshot JSON>` events"}})
     async def events(request: Request, _: Identity = viewer) -> StreamingResponse:
         # The dashboard reads this with fetch() and an Authorization header (EventSource cannot send one),
         # so the token never travels in a URL, where logs and browser history would keep it.

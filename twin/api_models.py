@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_MS = 2**62          # timestamps (ms since the epoch) the API accepts: far beyond any real date, inside BIGINT
-MAX_SEED = 2**63 - 1    # what NumPy's generators and a signed 64-bit column hold
+MAX_SEED = 2**53 - 1    # the largest integer every JSON reader keeps exact (a float beyond it rounds: 2**63 ~ 9.2e18)
 ID_MAX_LEN = 128        # asset, alarm and device ids (the plant's ids are short words)
 
 
@@ -28,8 +28,9 @@ class MillPlanIn(BaseModel):
     torque_nm: float | None = Field(None, ge=0, le=10_000)
     product_type: Literal["L", "M", "H"] | None = None
     shifts_per_day: int = Field(2, ge=1, le=3)
-    # one process a minute at most; steps x runs is bounded again by twin.simulate.MAX_MILL_WORK
-    processes_per_hour: float = Field(4.0, gt=0, le=60)
+    # one process a minute at most, one per 100 h at least (twin.simulate.MIN_PROCESSES_PER_HOUR); steps x runs
+    # is bounded again by twin.simulate.MAX_MILL_WORK
+    processes_per_hour: float = Field(4.0, ge=0.01, le=60)
     tool_change_min: float | None = Field(None, gt=0, le=10_000)
     horizon_hours: float = Field(336.0, gt=0, le=24 * 365)
     runs: int = Field(500, ge=10, le=20_000)

@@ -28,6 +28,8 @@ RAD_PER_S = 2 * np.pi / 60  # rpm -> rad/s
 # runs took 0.74 s, of 10 runs 0.03 s): steps x (runs + 1,000) <= 20M keeps the worst case near 1.5 s, so one
 # request cannot hold a worker for minutes. The default plan (896 steps x 500 runs) uses 7% of it.
 MAX_MILL_WORK = 20_000_000
+MIN_PROCESSES_PER_HOUR = 0.01  # one process per 100 h; fewer made hours = steps / rate overflow to inf (found by
+                               # schemathesis: 7e-170 processes per hour)
 
 
 class SimulationError(ValueError):
@@ -58,6 +60,8 @@ class MillPlan:
                 raise SimulationError(f"{name} must be a positive finite number")
         if self.hazard not in ("rules", "model"):
             raise SimulationError(f"hazard must be 'rules' or 'model', got {self.hazard!r}")
+        if self.processes_per_hour < MIN_PROCESSES_PER_HOUR:
+            raise SimulationError(f"processes_per_hour must be at least {MIN_PROCESSES_PER_HOUR}")
         steps = self._steps()  # a float until it is known to be small: 1e308 processes must not overflow int()
         if steps * (self.runs + 1_000) > MAX_MILL_WORK:
             raise SimulationError(f"the plan needs {steps:,.0f} process steps x {self.runs:,} runs, more than one "
