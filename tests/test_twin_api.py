@@ -1,6 +1,7 @@
 """The REST API over a live service (messages enter through the service's ingest path)."""
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -247,3 +248,18 @@ def test_a_burst_with_a_failing_health_model_dead_letters_that_message_only(tmp_
         assert s.stats()["counters"]["internal_error"] == 1
     finally:
         s.stop()
+
+
+def test_live_streams_are_capped_and_a_closed_one_frees_its_place(service):
+    client = TestClient(create_app(service, stream_max_s=30, max_streams=1))
+    with client.stream("GET", "/api/events") as first:
+        next(line for line in first.iter_lines() if line.startswith("data: "))
+        refused = client.get("/api/events")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the server notices the disconnect at its next half-second step
+        with client.stream("GET", "/api/events") as again:
+            if again.status_code == 200:
+                break
+        time.sleep(0.2)
+    assert again.status_code == 200

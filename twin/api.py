@@ -69,9 +69,12 @@ PROBLEM_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Pr
 BAD_BODY = {400: {"model": Problem, "description": "The body is not JSON"}}
 
 
-def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: TokenStore | None = None) -> FastAPI:
+def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: TokenStore | None = None,
+               max_streams: int = 64) -> FastAPI:
     """`stream_max_s`: each live-update stream ends after this long; browsers reconnect on their own.
-    `tokens`: require bearer tokens with roles (None: no authentication, for a loopback-only twin)."""
+    `tokens`: require bearer tokens with roles (None: no authentication, for a loopback-only twin).
+    `max_streams`: live streams open at once; more are refused with 503 (a wall of screens needs a few)."""
+    open_streams: set[object] = set()
     app = FastAPI(title="moeworks digital twin", version="1",
                   description="Assets, live state, history, alarms and what-if simulation of a plant fed over "
                               "MQTT (Sparkplug-B-style topics, JSON payloads: see /api/schema)."
@@ -198,19 +201,31 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
     @api.get("/api/events", summary="Server-sent events: a snapshot of assets and open alarms on every change",
              response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {"schema": SNAPSHOT_EVENT}},
-                              "description": "`data: <snapshot JSON>` events"}})
+                              "description": "`data: <snapshot JSON>` events"},
+                        503: {"description": "Too many live streams open; retry later", "content": PROBLEM_JSON}})
     async def events(request: Request, _: Identity = viewer) -> StreamingResponse:
         # The dashboard reads this with fetch() and an Authorization header (EventSource cannot send one),
         # so the token never travels in a URL, where logs and browser history would keep it.
+        if len(open_streams) >= max_streams:  # each stream snapshots the whole twin twice a second
+            raise HTTPException(503, f"{max_streams} live streams are open; retry later",
+                                headers={"Retry-After": "5"})
+
         async def stream():
-            seen, started = -1, time.monotonic()
-            while time.monotonic() - started < stream_max_s and not await request.is_disconnected():
-                if service.version != seen:
-                    seen = service.version
-                    snapshot = {"version": seen, "assets": service.assets(),
-                                "alarms": [a.to_dict() for a in service.open_alarms()], "stats": service.stats()}
-                    yield f"data: {_frame_json(snapshot)}\n\n"
-                await asyncio.sleep(0.5)  # at most two frames a second: plenty for people, cheap for the twin
+            # counted from its first step: a body never iterated (client gone at once) is never counted
+            marker = object()
+            open_streams.add(marker)
+            try:
+                seen, started = -1, time.monotonic()
+                while time.monotonic() - started < stream_max_s and not await request.is_disconnected():
+                    if service.version != seen:
+                        seen = service.version
+                        snapshot = {"version": seen, "assets": service.assets(),
+                                    "alarms": [a.to_dict() for a in service.open_alarms()],
+                                    "stats": service.stats()}
+                        yield f"data: {_frame_json(snapshot)}\n\n"
+                    await asyncio.sleep(0.5)  # at most two frames a second: plenty for people, cheap for the twin
+            finally:
+                open_streams.discard(marker)
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     app.include_router(api)
