@@ -31,7 +31,8 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
 
     console.rule("digital twin (generated machines over an in-process MQTT broker)")
     models = out_dir / "maintenance"  # the health models the maintenance demo just trained
+    # force: a rerun replaces what the twin demo made in its own subfolder last time (only that: twin.demo)
     run_twin_demo(out_dir / "twin", duration_s=6 if quick else 20, rate_hz=20, console=console,
-                  rul_model=models / "rul_model", ai4i_model=models / "ai4i_model")
+                  rul_model=models / "rul_model", ai4i_model=models / "ai4i_model", force=True)
     console.rule()
     console.print(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")

@@ -17,6 +17,7 @@ from PIL import Image
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedEngine, SimulatedMill
 from twin.api import create_app
+from twin.auth import TokenStore, create_token
 from twin.demo import HttpServer
 from twin.service import TwinConfig, TwinService
 from twin.services import Mosquitto
@@ -63,14 +64,21 @@ def near(image: np.ndarray, rgb: tuple[int, int, int], tol: int = 12) -> int:
     return int((np.abs(image[..., :3].astype(int) - rgb).max(axis=-1) <= tol).sum())
 
 
+def evaluate(browser: Browser, expression: str):
+    return browser.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
-def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path):
+@pytest.mark.parametrize("auth", [False, True], ids=["loopback-no-login", "bearer-token"])
+def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path, auth):
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         pytest.skip("mosquitto is not installed")
+    token = create_token(tmp_path / "tokens.json", role="operator", name="olga") if auth else None
+    tokens = TokenStore.load(tmp_path / "tokens.json") if auth else None
     with Mosquitto(workdir=tmp_path / "mosquitto") as broker:
         service = TwinService(config=TwinConfig(broker_port=broker.port, db=str(tmp_path / "twin.db"),
                                                 client_id="twin-dashboard")).start()
-        http = HttpServer(create_app(service, stream_max_s=5)).start()
+        http = HttpServer(create_app(service, stream_max_s=5, tokens=tokens)).start()
         stop = threading.Event()
         agents = [EdgeAgent(config=EdgeConfig(port=broker.port, node=node, device=device, rate_hz=100,
                                               spool=tmp_path / f"{node}.spool"), source=source)
@@ -89,12 +97,25 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path):
                 browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1,
                              mobile=False)
                 browser.call("Page.navigate", url=http.url)
+                if auth:
+                    time.sleep(1.5)
+                    login_shown = evaluate(browser, "getComputedStyle(document.getElementById('login')).display")
+                    assert login_shown == "flex", "without a token the page asks for one"
+                    assert evaluate(browser, "document.getElementById('lines').children.length") == 0, "no data yet"
+                    # sign in as a person would: type the token into the form and submit it
+                    evaluate(browser, f"document.getElementById('login-token').value = {json.dumps(token)}; "
+                                      "document.getElementById('login-form').requestSubmit(); true")
                 time.sleep(4)  # page loads, fetches, opens its event stream, draws the trend
                 shot = tmp_path / "dashboard.png"
                 shot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
-                html = browser.call("Runtime.evaluate", expression="document.documentElement.outerHTML")
-                dom = html["result"]["value"]
-                feed = browser.call("Runtime.evaluate", expression="document.getElementById('k-feed').textContent")
+                dom = evaluate(browser, "document.documentElement.outerHTML")
+                feed = evaluate(browser, "document.getElementById('k-feed').textContent")
+                who = evaluate(browser, "document.getElementById('who').textContent")
+                urls = evaluate(browser, "JSON.stringify([location.href, ...performance.getEntriesByType('resource')"
+                                         ".map(e => e.name)])")
+                if auth:  # the operator acknowledges an alarm from the page; the twin records who did
+                    evaluate(browser, "document.querySelector('#alarms button').click(); true")
+                    time.sleep(1.0)
             finally:
                 browser.close()
         finally:
@@ -102,8 +123,9 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path):
             for t in threads:
                 t.join(timeout=20)
             http.stop()
+            acknowledged = [a for a in service.store.alarms() if a.acked_ms is not None]
             service.stop()
-    assert feed["result"]["value"] == "live", "the page follows the server-sent event stream"
+    assert feed == "live", "the page follows the server-sent event stream"
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[:2] == (900, 1400)
     assert near(image, (0x22, 0xC5, 0x5E)) > 300, "green ONLINE pills and borders of live assets"
@@ -113,3 +135,10 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path):
     for text in ("Engine test cells", "Milling line", "mill-1", "engine-1", "ONLINE", "failure risk"):
         assert text in dom, text
     assert "Digital twin" in dom or "digital twin" in dom
+    if auth:
+        assert "olga (operator)" in who
+        # every URL the page loaded (the feed, still open, is not listed yet): none holds the token
+        assert "/api/whoami" in urls and token not in urls and token.split("_")[-1] not in urls
+        assert [(a.acked_by, a.acked_role) for a in acknowledged] == [("olga", "operator")]
+    else:
+        assert who == "" and not acknowledged

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -52,3 +53,52 @@ def test_edge_run_replays_real_data_into_the_spool_when_no_broker_is_there(tmp_p
     pending = Spool(tmp_path / "e.spool").pending(limit=100)
     cycles = [json.loads(p)["metrics"][0]["value"] for _, _, p in pending]
     assert cycles == list(range(1, 41)), "C-MAPSS unit 3, cycle by cycle"
+
+
+def test_twin_serve_refuses_other_addresses_without_an_auth_file(tmp_path):
+    db = str(tmp_path / "t.db")
+    for host in ("0.0.0.0", "::", "192.0.2.7"):
+        result = CliRunner().invoke(app, ["twin", "serve", "--http-host", host, "--db", db])
+        assert result.exit_code == 2 and "refusing to bind" in result.output and "loopback only" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "t.db").exists(), "refused before the twin started"
+    (tmp_path / "tokens.json").write_text("{not json")
+    result = CliRunner().invoke(app, ["twin", "serve", "--http-host", "0.0.0.0", "--auth-file",
+                                      str(tmp_path / "tokens.json"), "--db", db])
+    assert result.exit_code == 2 and "is not JSON" in result.output and "Traceback" not in result.output
+
+
+def test_demo_out_never_deletes_what_it_did_not_make(tmp_path):
+    from twin.demo import MARKER, DemoOutputError, prepare_out_dir
+
+    mine = tmp_path / "mine"
+    (mine / "models").mkdir(parents=True)
+    (mine / "models" / "precious.pt").write_bytes(b"weights")
+    (mine / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["twin", "demo", "--out", str(mine), "--quick"])
+    assert result.exit_code == 2 and "not empty" in result.output and "--force" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["twin", "demo", "--out", str(mine), "--quick", "--force"])
+    assert result.exit_code == 2 and "holds models, which no demo made there" in result.output
+    assert (mine / "models" / "precious.pt").read_bytes() == b"weights" and (mine / "notes.txt").exists()
+
+    # a folder an earlier demo used: --force replaces that demo's outputs and nothing else
+    earlier = tmp_path / "earlier"
+    prepare_out_dir(earlier)
+    assert json.loads((earlier / MARKER).read_text())["outputs"][-1] == "models"
+    for name in ("edge", "models"):
+        (earlier / name / "sub").mkdir(parents=True)
+    (earlier / "twin.db").write_bytes(b"old history")
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(DemoOutputError, match="not empty"):
+        prepare_out_dir(earlier)
+    with pytest.raises(DemoOutputError, match="copy the model elsewhere"):
+        prepare_out_dir(earlier, force=True, keep=(earlier / "models" / "sub",))
+    assert (earlier / "models" / "sub").is_dir(), "a refusal changes nothing"
+    prepare_out_dir(earlier, force=True, train_models=False)
+    assert sorted(p.name for p in earlier.iterdir()) == [MARKER, "notes.txt"]
+    assert "models" not in json.loads((earlier / MARKER).read_text())["outputs"], "this run trains no models"
+    # a marker that claims more than the demo's own outputs is not believed
+    (earlier / MARKER).write_text(json.dumps({"outputs": ["notes.txt", "twin.db"]}))
+    prepare_out_dir(earlier, force=True)
+    assert (earlier / "notes.txt").read_text() == "mine"

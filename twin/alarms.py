@@ -34,7 +34,8 @@ class Alarm:
     raised_ms: int
     cleared_ms: int | None = None
     acked_ms: int | None = None
-    acked_by: str | None = None
+    acked_by: str | None = None     # the authenticated name of who acknowledged (a token's name)
+    acked_role: str | None = None   # and the role that token held then
 
     @property
     def state(self) -> str:
@@ -123,11 +124,11 @@ class AlarmManager:
     def all_open(self) -> list[Alarm]:
         return [alarm for alarms in self.open.values() for alarm in alarms.values()]
 
-    def acknowledge(self, alarm_id: str, *, user: str, now_ms: int) -> Alarm | None:
+    def acknowledge(self, alarm_id: str, *, user: str, now_ms: int, role: str | None = None) -> Alarm | None:
         alarm = self.by_id.get(alarm_id)
         if alarm is None or alarm.acked_ms is not None:
             return None
-        alarm.acked_ms, alarm.acked_by = now_ms, user
+        alarm.acked_ms, alarm.acked_by, alarm.acked_role = now_ms, user, role
         self._close_if_done(alarm)
         return alarm
 

@@ -1,4 +1,12 @@
-"""The twin's REST API (FastAPI; schema at /openapi.json, docs at /docs) and its live dashboard (/)."""
+"""The twin's REST API (FastAPI; schema at /openapi.json, docs at /docs) and its live dashboard (/).
+
+With a token store (`moeworks twin serve --auth-file`) every route under /api and /metrics needs a
+bearer token: viewer reads (state, history, alarms, the live feed); operator acknowledges alarms and
+runs what-ifs; admin (every right) is what routes that change configuration, the MES or ETL will ask
+for: the API has none yet (ETL runs from `moeworks twin etl`). The dashboard page itself holds no
+data: it asks for a token and sends it with each request. Without a store the twin serves loopback
+only (twin.auth.check_bind) and every caller is the local admin.
+"""
 
 from __future__ import annotations
 
@@ -6,134 +14,179 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.security import HTTPBearer
 
+from twin.api_models import (
+    ID_MAX_LEN,
+    MAX_MS,
+    AlarmOut,
+    AssetDetailOut,
+    AssetOut,
+    DeadLetterOut,
+    EnginePlanIn,
+    EngineResult,
+    HistoryRow,
+    MillPlanIn,
+    MillResult,
+    PlantOut,
+    Problem,
+    StatsOut,
+    WorkOrderOut,
+)
+from twin.api_models import Identity as IdentityOut
+from twin.auth import Identity, TokenStore, role_dependency
 from twin.payload import PAYLOAD_SCHEMA
 from twin.service import TwinService
 from twin.simulate import EnginePlan, MillPlan, SimulationError
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
-
-class MillPlanIn(BaseModel):
-    """What-if for an AI4I-type mill. Omitted set points keep the machine's latest values."""
-    speed_rpm: float | None = Field(None, gt=0)
-    torque_nm: float | None = Field(None, ge=0)
-    product_type: Literal["L", "M", "H"] | None = None
-    shifts_per_day: int = Field(2, ge=1, le=3)
-    processes_per_hour: float = Field(4.0, gt=0)
-    tool_change_min: float | None = Field(None, gt=0)
-    horizon_hours: float = Field(336.0, gt=0, le=24 * 365)
-    runs: int = Field(500, ge=10, le=20_000)
-    seed: int = 0
-    hazard: Literal["rules", "model"] = "rules"
-
-
-class EnginePlanIn(BaseModel):
-    """What-if for an engine: a new duty (cycles per day) and severity (wear per cycle vs. so far)."""
-    cycles_per_day: float = Field(4.0, gt=0)
-    severity: float = Field(1.0, gt=0)
-    rul_sd: float | None = Field(None, gt=0)
-    horizon_days: float = Field(60.0, gt=0)
-    runs: int = Field(2000, ge=10, le=200_000)
-    seed: int = 0
+DeviceId = Annotated[str, PathParam(max_length=ID_MAX_LEN)]
+AlarmId = Annotated[str, PathParam(max_length=ID_MAX_LEN)]
+# a what-if the twin cannot run for this asset (no estimate yet, too large a plan) is a 422 with a one-line detail,
+# next to FastAPI's own 422 for a body that does not fit the schema
+UNPROCESSABLE = {422: {"description": "The request does not fit the schema, or the twin cannot run it",
+                       "content": {"application/json": {"schema": {"anyOf": [
+                           {"$ref": "#/components/schemas/HTTPValidationError"},
+                           {"$ref": "#/components/schemas/Problem"}]}}}}}
+NOT_FOUND = {404: {"model": Problem, "description": "No such asset or alarm"}}
+# one event of the live feed (before OpenAPI 3.2's itemSchema, `schema` of an event stream describes one event)
+SNAPSHOT_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "type": "object", "required": ["version", "assets", "alarms", "stats"], "properties": {
+            "version": {"type": "integer"},
+            "assets": {"type": "array", "items": {"$ref": "#/components/schemas/AssetOut"}},
+            "alarms": {"type": "array", "items": {"$ref": "#/components/schemas/AlarmOut"}},
+            "stats": {"$ref": "#/components/schemas/StatsOut"}}}}}}
+PROBLEM_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+BAD_BODY = {400: {"model": Problem, "description": "The body is not JSON"}}
 
 
-class AckIn(BaseModel):
-    user: str = Field("operator", min_length=1, max_length=64)
-
-
-def create_app(service: TwinService, *, stream_max_s: float = 600.0) -> FastAPI:
-    """`stream_max_s`: each live-update stream ends after this long; browsers reconnect on their own."""
+def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: TokenStore | None = None,
+               max_streams: int = 64) -> FastAPI:
+    """`stream_max_s`: each live-update stream ends after this long; browsers reconnect on their own.
+    `tokens`: require bearer tokens with roles (None: no authentication, for a loopback-only twin).
+    `max_streams`: live streams open at once; more are refused with 503 (a wall of screens needs a few)."""
+    open_streams: set[object] = set()
     app = FastAPI(title="moeworks digital twin", version="1",
                   description="Assets, live state, history, alarms and what-if simulation of a plant fed over "
-                              "MQTT (Sparkplug-B-style topics, JSON payloads: see /api/schema).")
+                              "MQTT (Sparkplug-B-style topics, JSON payloads: see /api/schema)."
+                              + (" Every route needs `Authorization: Bearer <token>` (`moeworks auth token`)."
+                                 if tokens else ""))
+    viewer = Depends(role_dependency(tokens, "viewer"))
+    operator = Depends(role_dependency(tokens, "operator"))
+    # HTTPBearer only documents the scheme in the OpenAPI schema (/docs gets its Authorize button);
+    # role_dependency decides. auto_error=False: its 403 for a missing header would hide our 401.
+    documented = [Depends(HTTPBearer(auto_error=False))] if tokens else []
+    # refusals are JSON on every route, /metrics' text and the event stream included
+    refusals = ({401: {"description": "No valid bearer token", "content": PROBLEM_JSON},
+                 403: {"description": "The token's role may not do this", "content": PROBLEM_JSON}} if tokens else {})
+    api = APIRouter(dependencies=documented, responses=refusals)
 
     def asset_or_404(device_id: str) -> dict:
         asset = service.asset(device_id)
         if asset is None:
-            raise HTTPException(404, f"unknown asset {device_id!r}")
+            raise HTTPException(404, f"unknown asset {device_id[:ID_MAX_LEN]!r}")
         return asset
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
         return DASHBOARD.read_text()
 
-    @app.get("/api/plant", summary="The plant model: site, lines and their machines")
-    def plant() -> dict:
+    @api.get("/api/whoami", summary="Who the presented token belongs to, and its role", response_model=IdentityOut)
+    def whoami(identity: Identity = viewer) -> dict:
+        return {"name": identity.name, "role": identity.role, "authenticated": tokens is not None}
+
+    @api.get("/api/plant", summary="The plant model: site, lines and their machines", response_model=PlantOut)
+    def plant(_: Identity = viewer) -> dict:
         return service.plant.to_dict()
 
-    @app.get("/api/assets", summary="Every asset with its live state and health")
-    def assets() -> list[dict]:
+    @api.get("/api/assets", summary="Every asset with its live state and health", response_model=list[AssetOut])
+    def assets(_: Identity = viewer) -> list[dict]:
         return service.assets()
 
-    @app.get("/api/assets/{device_id}", summary="One asset: state, health, sensors with units and limits")
-    def asset(device_id: str) -> dict:
+    @api.get("/api/assets/{device_id}", summary="One asset: state, health, sensors with units and limits",
+             response_model=AssetDetailOut, responses=NOT_FOUND)
+    def asset(device_id: DeviceId, _: Identity = viewer) -> dict:
         return asset_or_404(device_id)
 
-    @app.get("/api/assets/{device_id}/history", summary="History of an asset over [start_ms, end_ms)")
-    def history(device_id: str, start_ms: int = 0, end_ms: int = 2**62, limit: int = Query(1000, ge=1, le=100_000),
-                latest: bool = Query(False, description="the newest `limit` rows instead of the oldest")) -> list[dict]:
+    @api.get("/api/assets/{device_id}/history", summary="History of an asset over [start_ms, end_ms)",
+             response_model=list[HistoryRow], responses=NOT_FOUND)
+    def history(device_id: DeviceId, start_ms: int = Query(0, ge=0, le=MAX_MS),
+                end_ms: int = Query(MAX_MS, ge=0, le=MAX_MS), limit: int = Query(1000, ge=1, le=100_000),
+                latest: bool = Query(False, description="the newest `limit` rows instead of the oldest"),
+                _: Identity = viewer) -> list[dict]:
         asset_or_404(device_id)
         service.store.flush()  # read your writes: rows still queued for the batch writer are committed first
         return service.store.history(device_id, start_ms=start_ms, end_ms=end_ms, limit=limit, latest=latest)
 
-    @app.get("/api/alarms", summary="Open alarms (state=open) or alarm history (state=all)")
-    def alarms(state: Literal["open", "all"] = "open", device: str | None = None, since_ms: int = 0,
-               limit: int = Query(500, ge=1, le=10_000)) -> list[dict]:
+    @api.get("/api/alarms", summary="Open alarms (state=open) or alarm history (state=all)",
+             response_model=list[AlarmOut])
+    def alarms(state: Literal["open", "all"] = "open", device: str | None = Query(None, max_length=ID_MAX_LEN),
+               since_ms: int = Query(0, ge=0, le=MAX_MS), limit: int = Query(500, ge=1, le=10_000),
+               _: Identity = viewer) -> list[dict]:
         if state == "open":
             rows = [a for a in service.open_alarms() if device in (None, a.device)]
             return [a.to_dict() for a in sorted(rows, key=lambda a: -a.raised_ms)][:limit]
         service.store.flush()
         return [a.to_dict() for a in service.store.alarms(device=device, since_ms=since_ms, limit=limit)]
 
-    @app.post("/api/alarms/{alarm_id}/ack", summary="Acknowledge an alarm")
-    def acknowledge(alarm_id: str, body: AckIn) -> dict:
-        alarm = service.acknowledge(alarm_id, body.user)
+    @api.post("/api/alarms/{alarm_id}/ack", summary="Acknowledge an alarm (operator): records who did, and their role",
+              response_model=AlarmOut, responses=NOT_FOUND)
+    def acknowledge(alarm_id: AlarmId, identity: Identity = operator) -> dict:
+        # who acknowledged is the token's holder, never a name the client writes in
+        alarm = service.acknowledge(alarm_id, identity.name, identity.role)
         if alarm is None:
             raise HTTPException(404, f"no open, unacknowledged alarm {alarm_id!r}")
         return alarm.to_dict()
 
-    @app.post("/api/assets/{device_id}/simulate/mill", summary="What-if Monte Carlo for a mill")
-    def simulate_mill(device_id: str, plan: MillPlanIn) -> dict:
+    @api.post("/api/assets/{device_id}/simulate/mill", summary="What-if Monte Carlo for a mill (operator)",
+              response_model=MillResult, responses=NOT_FOUND | UNPROCESSABLE | BAD_BODY)
+    def simulate_mill(device_id: DeviceId, plan: MillPlanIn, _: Identity = operator) -> dict:
         asset_or_404(device_id)
         try:
             return service.simulate(device_id, MillPlan(**plan.model_dump()))
         except SimulationError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @app.post("/api/assets/{device_id}/simulate/engine", summary="What-if RUL projection for an engine")
-    def simulate_engine(device_id: str, plan: EnginePlanIn) -> dict:
+    @api.post("/api/assets/{device_id}/simulate/engine", summary="What-if RUL projection for an engine (operator)",
+              response_model=EngineResult, responses=NOT_FOUND | UNPROCESSABLE | BAD_BODY)
+    def simulate_engine(device_id: DeviceId, plan: EnginePlanIn, _: Identity = operator) -> dict:
         asset_or_404(device_id)
         try:
             return service.simulate(device_id, EnginePlan(**plan.model_dump()))
         except SimulationError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @app.get("/api/stats", summary="Ingestion counters, latency, writer and MES status")
-    def stats() -> dict:
+    @api.get("/api/stats", summary="Ingestion counters, latency, writer and MES status", response_model=StatsOut)
+    def stats(_: Identity = viewer) -> dict:
         return service.stats()
 
-    @app.get("/api/dead-letters", summary="Messages the twin could not use, with the reason")
-    def dead_letters(limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
+    @api.get("/api/dead-letters", summary="Messages the twin could not use, with the reason",
+             response_model=list[DeadLetterOut])
+    def dead_letters(limit: int = Query(100, ge=1, le=10_000), _: Identity = viewer) -> list[dict]:
         service.store.flush()
         return service.store.dead_letters(limit=limit)
 
-    @app.get("/api/work-orders", summary="Work orders sent (or being sent) to the MES")
-    def work_orders() -> list[dict]:
+    @api.get("/api/work-orders", summary="Work orders sent (or being sent) to the MES",
+             response_model=list[WorkOrderOut])
+    def work_orders(_: Identity = viewer) -> list[dict]:
         service.store.flush()
         return [vars(o) for o in service.store.work_orders()]
 
-    @app.get("/api/schema", summary="JSON schema of the MQTT payloads")
-    def schema() -> dict:
+    @api.get("/api/schema", summary="JSON schema of the MQTT payloads")
+    def schema(_: Identity = viewer) -> dict:
         return PAYLOAD_SCHEMA
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")
-    def metrics() -> str:
+    @api.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")
+    def metrics(_: Identity = viewer) -> str:
         s = service.stats()
         lines = [f'moeworks_twin_messages_total{{outcome="{k}"}} {v}' for k, v in sorted(s["counters"].items())]
         lines += [f"moeworks_twin_devices {s['devices']}", f"moeworks_twin_devices_online {s['online']}",
@@ -145,17 +198,43 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0) -> FastAPI:
                 lines.append(f'moeworks_twin_latency_ms{{quantile="{q}"}} {s["latency_ms"][q]:.3f}')
         return "\n".join(lines) + "\n"
 
-    @app.get("/api/events", summary="Server-sent events: a snapshot of assets and open alarms on every change")
-    async def events(request: Request) -> StreamingResponse:
+    @api.get("/api/events", summary="Server-sent events: a snapshot of assets and open alarms on every change",
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": SNAPSHOT_EVENT}},
+                              "description": "`data: <snapshot JSON>` events"},
+                        503: {"description": "Too many live streams open; retry later", "content": PROBLEM_JSON}})
+    async def events(request: Request, _: Identity = viewer) -> StreamingResponse:
+        # The dashboard reads this with fetch() and an Authorization header (EventSource cannot send one),
+        # so the token never travels in a URL, where logs and browser history would keep it.
+        if len(open_streams) >= max_streams:  # each stream snapshots the whole twin twice a second
+            raise HTTPException(503, f"{max_streams} live streams are open; retry later",
+                                headers={"Retry-After": "5"})
+
         async def stream():
-            seen, started = -1, time.monotonic()
-            while time.monotonic() - started < stream_max_s and not await request.is_disconnected():
-                if service.version != seen:
-                    seen = service.version
-                    snapshot = {"version": seen, "assets": service.assets(),
-                                "alarms": [a.to_dict() for a in service.open_alarms()], "stats": service.stats()}
-                    yield f"data: {json.dumps(snapshot)}\n\n"
-                await asyncio.sleep(0.5)  # at most two frames a second: plenty for people, cheap for the twin
+            # counted from its first step: a body never iterated (client gone at once) is never counted
+            marker = object()
+            open_streams.add(marker)
+            try:
+                seen, started = -1, time.monotonic()
+                while time.monotonic() - started < stream_max_s and not await request.is_disconnected():
+                    if service.version != seen:
+                        seen = service.version
+                        snapshot = {"version": seen, "assets": service.assets(),
+                                    "alarms": [a.to_dict() for a in service.open_alarms()],
+                                    "stats": service.stats()}
+                        yield f"data: {_frame_json(snapshot)}\n\n"
+                    await asyncio.sleep(0.5)  # at most two frames a second: plenty for people, cheap for the twin
+            finally:
+                open_streams.discard(marker)
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    app.include_router(api)
     return app
+
+
+def _frame_json(snapshot: dict) -> str:
+    """JSON the browser's JSON.parse accepts: orjson writes NaN and infinities from a feed as null."""
+    try:
+        return orjson.dumps(snapshot).decode()
+    except TypeError:  # an integer beyond 64 bits: the standard library writes it (as a number)
+        return json.dumps(snapshot, default=str)

@@ -38,16 +38,24 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           work_orders_csv: Path | None = typer.Option(Path("runs/twin/work_orders.csv")),
           mqtt_username: mqtt.Username = None, mqtt_password_file: mqtt.PasswordFile = None,
           mqtt_tls: mqtt.Tls = False, mqtt_ca: mqtt.Ca = None, mqtt_cert: mqtt.Cert = None,
-          mqtt_key: mqtt.Key = None) -> None:
+          mqtt_key: mqtt.Key = None,
+          auth_file: Path | None = typer.Option(None, help="bearer tokens with roles (`moeworks auth token`); "
+                                                           "without it the twin serves loopback only")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
 
     from twin.api import create_app
+    from twin.auth import AuthError, TokenStore, check_bind
     from twin.plant import DEFAULT_PLANT, Plant, PlantConfigError
     from twin.service import TwinConfig, TwinService
     from twin.store import StoreError
 
+    try:  # before anything starts: a refused bind must not leave a twin subscribed to the broker
+        check_bind(http_host, auth_file)
+        tokens = TokenStore.load(auth_file) if auth_file is not None else None
+    except AuthError as exc:
+        _fail(exc)
     security = mqtt.security_or_exit(username=mqtt_username, password_file=mqtt_password_file, ca=mqtt_ca,
                                      cert=mqtt_cert, key=mqtt_key, tls=mqtt_tls)
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
@@ -64,7 +72,7 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                f"{' (TLS)' if security and security.uses_tls else ''}; "
                f"dashboard http://{http_host}:{http_port}/", err=True)
     try:
-        uvicorn.run(create_app(service), host=http_host, port=http_port, log_level="warning")
+        uvicorn.run(create_app(service, tokens=tokens), host=http_host, port=http_port, log_level="warning")
     finally:
         service.stop()
 
@@ -84,11 +92,13 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
                                                                         "127.0.0.1): MQTT over TLS, with passwords"),
          mqtt_key: Path | None = typer.Option(None, "--mqtt-key", help="private key (PEM) of --mqtt-cert"),
          mqtt_ca: Path | None = typer.Option(None, "--mqtt-ca", help="CA (PEM) the clients check the broker "
-                                                                     "against")) -> None:
+                                                                     "against"),
+         force: bool = typer.Option(False, "--force", help="use a non-empty --out: replaces what an earlier demo "
+                                                           "made there, never anything else")) -> None:
     """Broker, edge agents, twin and dashboard on this machine, no set-up; prints the dashboard's address."""
     import torch
 
-    from twin.demo import run_twin_demo
+    from twin.demo import DemoOutputError, run_twin_demo
     from twin.mqtt_tls import MQTTSecurity, MQTTSecurityError
 
     broker_tls = None
@@ -101,9 +111,12 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
             _fail(exc)
         broker_tls = (mqtt_cert, mqtt_key, mqtt_ca)
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
-    summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
-                            rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
-                            train_models=train_models, quick=quick, broker_tls=broker_tls)
+    try:
+        summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
+                                rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
+                                train_models=train_models, quick=quick, force=force, broker_tls=broker_tls)
+    except DemoOutputError as exc:  # raised before anything starts or is deleted
+        _fail(exc)
     if as_json:
         typer.echo(json.dumps(summary))
 

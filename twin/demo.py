@@ -22,6 +22,66 @@ from twin.plant import Plant
 from twin.service import TwinConfig, TwinService
 from twin.services import EmbeddedBroker, free_port
 
+# Everything the demo writes in its --out folder, and the record of what it made there: with --force a later
+# demo replaces these, and only when the record says a demo made them; nothing else is ever deleted.
+DEMO_OUTPUTS = ("twin.db", "twin.db-wal", "twin.db-shm", "work_orders.csv", "twin_summary.json", "edge", "models",
+                "mqtt")  # mqtt/: a TLS demo's broker password file and client logins, made for that run
+MARKER = ".moeworks-twin-demo.json"
+
+
+class DemoOutputError(ValueError):
+    """The --out folder cannot be used as it is; the message says why and what to do, in one line."""
+
+
+def prepare_out_dir(out_dir: Path, *, force: bool = False, train_models: bool = True, tls: bool = False,
+                    keep: tuple[Path | None, ...] = ()) -> None:
+    """Make `out_dir` ready for a demo, or raise DemoOutputError having changed nothing.
+
+    An empty or missing folder is used as it is. A non-empty one needs `force`, and even then only the
+    demo's own outputs (DEMO_OUTPUTS) that an earlier demo recorded in MARKER are removed; a file or
+    folder of those names that a demo did not make, or one holding a `keep` path (a model folder the
+    caller passed in), stops the demo instead.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DemoOutputError(f"--out {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise DemoOutputError(f"--out {out_dir} is not empty: choose an empty or new folder, or pass --force "
+                                  f"to replace an earlier demo's outputs there (nothing else is touched)")
+        made = _recorded(out_dir)
+        present = [name for name in DEMO_OUTPUTS if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+        foreign = [name for name in present if name not in made]
+        if foreign:
+            raise DemoOutputError(f"--out {out_dir} holds {', '.join(foreign)}, which no demo made there: move "
+                                  "it or choose another folder (--force replaces only an earlier demo's outputs)")
+        for name in present:
+            target = (out_dir / name).resolve()
+            for kept in filter(None, keep):
+                if Path(kept).resolve() == target or target in Path(kept).resolve().parents:
+                    raise DemoOutputError(f"{kept} lies in {out_dir / name}, which --force would replace: "
+                                          "copy the model elsewhere first")
+        for name in present:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # recorded before any output exists, so a demo stopped half-way can still be replaced with --force
+    made = [name for name in DEMO_OUTPUTS if (name != "models" or train_models) and (name != "mqtt" or tls)]
+    (out_dir / MARKER).write_text(json.dumps({"made_by": "moeworks twin demo", "outputs": made}))
+
+
+def _recorded(out_dir: Path) -> set[str]:
+    """The outputs an earlier demo recorded it made in `out_dir` (only names in DEMO_OUTPUTS count)."""
+    marker = out_dir / MARKER
+    try:
+        if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > 4096:
+            return set()
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    return {name for name in outputs if name in DEMO_OUTPUTS} if isinstance(outputs, list) else set()
+
 
 class HttpServer:
     """uvicorn in a thread on 127.0.0.1."""
@@ -92,12 +152,13 @@ def demo_models(out_dir: Path, *, quick: bool, console: Console) -> tuple[Path, 
 
 def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: float = 60.0, rate_hz: float = 10.0,
                   console: Console | None = None, rul_model: Path | None = None, ai4i_model: Path | None = None,
-                  train_models: bool = False, quick: bool = False,
+                  train_models: bool = False, quick: bool = False, force: bool = False,
                   broker_tls: tuple[Path, Path, Path] | None = None) -> dict[str, Any]:
     """Run the demo for `duration_s` (0: until Ctrl-C); returns a summary (also written to twin_summary.json).
 
     Health comes from the given model folders, from small models trained first (`train_models`),
-    or else from the AI4I rules alone (engines then have no RUL).
+    or else from the AI4I rules alone (engines then have no RUL). `out_dir` must be empty or new,
+    or `force` given (see prepare_out_dir): DemoOutputError otherwise, before anything runs.
     `broker_tls` (certificate, key, CA): the broker speaks TLS with that certificate (it must name
     127.0.0.1) and lets in only the twin and the edge nodes, each with a password of its own made
     for this run; every client checks the broker against the CA.
@@ -107,12 +168,10 @@ def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: f
 
     console = console or Console()
     out_dir = Path(out_dir)
-    # each demo starts afresh
-    for stale in ("twin.db", "twin.db-wal", "twin.db-shm", "edge", "work_orders.csv", "models"):
-        path = out_dir / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if train_models and rul_model is None and ai4i_model is None:
+    train_models = train_models and rul_model is None and ai4i_model is None
+    prepare_out_dir(out_dir, force=force, train_models=train_models, tls=broker_tls is not None,
+                    keep=(rul_model, ai4i_model))
+    if train_models:
         rul_model, ai4i_model = demo_models(out_dir, quick=quick, console=console)
     plant = Plant.from_yaml()
     sources = edge_sources(plant, data_root, ticks=None)

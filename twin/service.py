@@ -318,10 +318,10 @@ class TwinService:
                            "metrics": dict(self.state.nodes[device.machine.node].metrics)}
             return row
 
-    def acknowledge(self, alarm_id: str, user: str) -> Alarm | None:
+    def acknowledge(self, alarm_id: str, user: str, role: str | None = None) -> Alarm | None:
         now_ms = int(time.time() * 1000)
         with self._lock:
-            alarm = self.alarms.acknowledge(alarm_id, user=user, now_ms=now_ms)
+            alarm = self.alarms.acknowledge(alarm_id, user=user, role=role, now_ms=now_ms)
             if alarm is not None:
                 self.store.put_alarm(alarm)
                 self.version += 1

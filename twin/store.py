@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS alarms (
     id TEXT PRIMARY KEY, device TEXT NOT NULL, kind TEXT NOT NULL, metric TEXT NOT NULL, severity TEXT NOT NULL,
     message TEXT NOT NULL, value DOUBLE PRECISION, raised_ms BIGINT NOT NULL, cleared_ms BIGINT, acked_ms BIGINT,
-    acked_by TEXT);
+    acked_by TEXT, acked_role TEXT);
 CREATE INDEX IF NOT EXISTS alarms_raised ON alarms (raised_ms);
 CREATE TABLE IF NOT EXISTS work_orders (
     id TEXT PRIMARY KEY, device TEXT NOT NULL, alarm_id TEXT, created_ms BIGINT NOT NULL, status TEXT NOT NULL,
@@ -60,15 +60,15 @@ UPSERT = {
     "history": "INSERT INTO history VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
     "dead_letters": "INSERT INTO dead_letters (received_ms, topic, payload, reason, size, sha256) "
                     "VALUES (?,?,?,?,?,?)",
-    "alarms": "INSERT INTO alarms VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+    "alarms": "INSERT INTO alarms VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
               "message=excluded.message, value=excluded.value, cleared_ms=excluded.cleared_ms, "
-              "acked_ms=excluded.acked_ms, acked_by=excluded.acked_by",
+              "acked_ms=excluded.acked_ms, acked_by=excluded.acked_by, acked_role=excluded.acked_role",
     "work_orders": "INSERT INTO work_orders VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
                    "status=excluded.status, attempts=excluded.attempts, last_error=excluded.last_error, "
                    "delivered_ms=excluded.delivered_ms",
 }
 ALARM_COLUMNS = ("id", "device", "kind", "metric", "severity", "message", "value", "raised_ms", "cleared_ms",
-                 "acked_ms", "acked_by")
+                 "acked_ms", "acked_by", "acked_role")
 
 
 class StoreError(RuntimeError):
@@ -158,14 +158,19 @@ class HistoryStore:
             statements = SCHEMA.format(**DIALECT[self.dialect])
             if self.dialect == "sqlite":
                 conn.executescript(statements)
+                # databases of earlier versions gain the newer columns (appended last, where
+                # ALARM_COLUMNS and the dead-letter queries expect them)
                 have = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
-                for column, kind in (("size", "BIGINT"), ("sha256", "TEXT")):  # databases of earlier versions
+                for column, kind in (("size", "BIGINT"), ("sha256", "TEXT")):
                     if column not in have:
                         conn.execute(f"ALTER TABLE dead_letters ADD COLUMN {column} {kind}")
+                if "acked_role" not in {row[1] for row in conn.execute("PRAGMA table_info(alarms)")}:
+                    conn.execute("ALTER TABLE alarms ADD COLUMN acked_role TEXT")
             else:
                 conn.execute(statements)
                 conn.execute("ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS size BIGINT")
                 conn.execute("ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS sha256 TEXT")
+                conn.execute("ALTER TABLE alarms ADD COLUMN IF NOT EXISTS acked_role TEXT")
             conn.commit()
         finally:
             conn.close()
