@@ -1,0 +1,116 @@
+"""The bundle's model card (card.json, and the same JSON in the ONNX metadata_props under `moeworks.card`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from finance.data import dataset_spec
+
+CARD_KEY = "moeworks.card"
+# TreeEnsemble (ai.onnx.ml opset 5) is the newest operator the graphs use; onnxruntime runs it from 1.20
+MIN_ONNXRUNTIME = "1.20"
+
+_UNITS = {
+    "taiwan": {"LIMIT_BAL": ("NT$", "credit limit of the card"), "SEX": ("code", "1 male, 2 female"),
+               "EDUCATION": ("code", "1 graduate school, 2 university, 3 high school, 0/4/5/6 other"),
+               "MARRIAGE": ("code", "1 married, 2 single, 0/3 other"), "AGE": ("years", "age of the client"),
+               **{p: ("months late (code)", f"repayment status {m}: -2 no use, -1 paid duly, 0 revolving, k = k "
+                      "months late") for p, m in zip(("PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6"),
+                                                      ("September", "August", "July", "June", "May", "April"),
+                                                      strict=True)},
+               **{f"BILL_AMT{i}": ("NT$", f"bill statement, month {i} back (1 = September)") for i in range(1, 7)},
+               **{f"PAY_AMT{i}": ("NT$", f"amount paid, month {i} back (1 = September)") for i in range(1, 7)}},
+    "gmsc": {"RevolvingUtilizationOfUnsecuredLines": ("ratio", "revolving balances over credit limits"),
+             "age": ("years", "age of the borrower"),
+             **{field: ("count", f"times {words} days past due in 2 years (96/98: special codes)")
+                for field, words in (("NumberOfTime30-59DaysPastDueNotWorse", "30-59"),
+                                     ("NumberOfTime60-89DaysPastDueNotWorse", "60-89"),
+                                     ("NumberOfTimes90DaysLate", "90+"))},
+             "DebtRatio": ("ratio", "monthly debt payments over monthly income (the amount when income is missing)"),
+             "MonthlyIncome": ("currency per month", "monthly income"),
+             "NumberOfOpenCreditLinesAndLoans": ("count", "open loans and lines of credit"),
+             "NumberRealEstateLoansOrLines": ("count", "mortgage and real-estate loans"),
+             "NumberOfDependents": ("count", "dependents in the family, excluding the borrower")},
+}
+# raw fields that are protected attributes (anti-discrimination rules for credit: ECOA / Reg. B, EU law)
+_PROTECTED_FIELDS = {"taiwan": {"SEX": "sex", "AGE": "age", "MARRIAGE": "marital status"},
+                     "gmsc": {"age": "age", "NumberOfDependents": "family status"}}
+
+
+def training_fingerprint(scorer, data_sha256: str | None) -> dict[str, Any]:
+    """What identifies the training data: the file's SHA-256 when the builder was given it; else a
+    hash of what the model learned from the rows (pipeline medians and levels, PSI/CSI references)."""
+    fitted = hashlib.sha256(json.dumps({
+        "pipeline": scorer.pipeline_.to_dict(), "reference_edges": np.asarray(scorer.reference_edges_).tolist(),
+        "reference_shares": np.asarray(scorer.reference_shares_).tolist()}, sort_keys=True, default=float).encode())
+    out: dict[str, Any] = {"training_rows": int(scorer.training_rows_),
+                           "fitted_state_sha256": fitted.hexdigest()}
+    if data_sha256:
+        out["training_file_sha256"] = data_sha256
+    else:
+        out["note"] = ("the model folder records no hash of its training rows; fitted_state_sha256 hashes what was "
+                       "learned from them (feature medians, PSI reference). Pass --training-data to record the file's")
+    return out
+
+
+def credit_card(scorer, *, opsets: dict[str, int], data_sha256: str | None, k: int) -> dict[str, Any]:
+    spec = dataset_spec(scorer.dataset)
+    units = _UNITS[scorer.dataset]
+    protected_fields = _PROTECTED_FIELDS[scorer.dataset]
+    inputs = []
+    for f in spec.fields:
+        unit, meaning = units.get(f.name, ("", ""))
+        inputs.append({
+            "name": f.name, "type": "tensor(double) [N, 1]", "unit": unit, "meaning": meaning,
+            "allowed_range": {"min": f.min, "max": f.max, "whole_numbers": f.kind == "int"},
+            "missing": ("NaN. Allowed in this field." if not f.required else
+                        "NaN. moeworks' loaders refuse a missing value here; the graph scores it as missing "
+                        "(the scorecard's missing bin, LightGBM's missing branch), as finance.load_model().score "
+                        "does."),
+            "protected_attribute": protected_fields.get(f.name, "")})
+    catalogue = scorer.pipeline_.catalogue_
+    reasons = [{"index": j, "feature": s.name, "definition": s.definition, "family": s.family,
+                "protected_attribute": s.protected, "training_median": float(m)}
+               for j, (s, m) in enumerate(zip(catalogue, scorer.pipeline_.medians_, strict=True))]
+    scale = scorer.policy.scale
+    return {
+        "schema": "moeworks-bundle-card/1",
+        "model": {"family": f"credit/{scorer.model_name}", "dataset": scorer.dataset, "version": scorer.version_,
+                  "summary": scorer.model_.summary(), "features": len(scorer.pipeline_.feature_names_)},
+        "inputs": inputs,
+        "outputs": [
+            {"name": "pd", "type": "tensor(double) [N, 1]", "meaning": "probability of default"},
+            {"name": "points", "type": "tensor(double) [N, 1]",
+             "meaning": f"score points, higher is safer: {scale.base_score:g} at {scale.base_odds:g}:1 good:bad "
+                        f"odds, {scale.pdo:g} points double the odds; rounded to 0.1"},
+            {"name": "decision", "type": "tensor(int64) [N, 1]", "labels": ["approve", "decline"],
+             "meaning": f"0 approve (pd <= {scorer.cutoff_pd_!r}), 1 decline",
+             "cutoff_pd": float(scorer.cutoff_pd_)},
+            {"name": "reasons", "type": f"tensor(int64) [N, {k}]",
+             "meaning": "indices into reason_table of the factors that raised this applicant's risk most, "
+                        "strongest first, at most one per family; -1: no further factor"}],
+        "reason_table": reasons,
+        "training_data": training_fingerprint(scorer, data_sha256),
+        "validation_metrics": scorer.validation_metrics_,
+        "protected_attributes": {
+            "raw_fields": protected_fields,
+            "features_used": sorted({s.name for s in catalogue if s.protected}),
+            "excluded_from_training": bool(scorer.pipeline_.exclude_protected),
+            "note": "features_used lists the model's inputs computed from protected attributes; the law of the "
+                    "partner's market decides whether they may be used (moeworks can train without them)."},
+        "intended_use": "Probability of default of consumer credit applicants of the same population and "
+                        "record format as the training data, with reason codes for adverse-action notices; "
+                        "a decision aid under the lender's credit policy and human review.",
+        "limitations": [
+            "Trained on one historical population; performance drifts as applicants and the economy change: "
+            "monitor PSI/CSI and re-validate before relying on it for another market or period.",
+            "Inputs outside allowed_range are scored, not refused: validate records before scoring.",
+            "pd is calibrated on the training population's default rate.",
+            "Reason codes rank the model's own attributions; they are not causal statements."],
+        "runtime": {"onnx_opsets": opsets, "min_onnxruntime": MIN_ONNXRUNTIME,
+                    "tolerances": {"pd": 1e-6, "points": 0.1, "decision": "identical", "reasons": "identical"}},
+    }
