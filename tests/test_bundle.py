@@ -257,7 +257,9 @@ def partner_node(tmp_path_factory):
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("node and npm are not installed")
     folder = tmp_path_factory.mktemp("node")
-    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "onnxruntime-node"], cwd=folder,
+    # --ignore-scripts: the install script only fetches the CUDA provider (from nuget.org, unreachable in CI)
+    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", "onnxruntime-node"],
+                             cwd=folder,
                              capture_output=True, text=True, timeout=600)
     if install.returncode != 0:
         pytest.skip(f"cannot install onnxruntime-node from npm: {install.stderr.strip().splitlines()[-1:]}")

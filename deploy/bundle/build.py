@@ -140,8 +140,9 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
     proto = credit_graph(scorer)
     k = int(proto.graph.output[3].type.tensor_type.shape.dim[1].dim_value)
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
-    card = credit_card(scorer, opsets=opsets, data_sha256=data_sha256, k=k)
-    card["graph"] = {"nodes": len(proto.graph.node), "operators": sorted({n.op_type for n in proto.graph.node})}
+    operators = {n.op_type for n in proto.graph.node}
+    card = credit_card(scorer, opsets=opsets, operators=operators, data_sha256=data_sha256, k=k)
+    card["graph"] = {"nodes": len(proto.graph.node), "operators": sorted(operators)}
     onnx.helper.set_model_props(proto, {CARD_KEY: json.dumps(card, sort_keys=True)})
     model_bytes = proto.SerializeToString()
 
