@@ -23,6 +23,7 @@ from deploy.bundle.build import build_bundle, run_graph, verify_bundle
 from deploy.bundle.credit_features import BundleError
 from deploy.bundle.signing import BundleIntegrityError
 from finance.data import TAIWAN_PAY, Records, dataset_spec
+from finance.models.ensemble import EnsembleConfig
 from finance.models.gbdt import LightGBMConfig
 from finance.scorer import CreditScorer
 
@@ -78,14 +79,15 @@ def with_missing_and_extremes(records: Records, seed: int) -> pd.DataFrame:
     return frame
 
 
-_CONFIGS = {"lightgbm": LightGBMConfig(max_rounds=60, min_child_samples=20)}
+_CONFIGS = {"lightgbm": LightGBMConfig(max_rounds=60, min_child_samples=20),
+            "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}
 
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
     """Saved models trained on generated records: {(dataset, model): folder}."""
     out = {}
-    for dataset, make, models in (("taiwan", taiwan_records, ("scorecard", "lightgbm")),
+    for dataset, make, models in (("taiwan", taiwan_records, ("scorecard", "lightgbm", "ensemble")),
                                   ("gmsc", gmsc_records, ("lightgbm",))):
         train, valid = make(2500, 1), make(800, 2)
         for name in models:
@@ -117,7 +119,8 @@ def signed_bundle(scorers, keys, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("key", [("taiwan", "scorecard"), ("taiwan", "lightgbm"), ("gmsc", "lightgbm")])
+@pytest.mark.parametrize("key", [("taiwan", "scorecard"), ("taiwan", "lightgbm"), ("taiwan", "ensemble"),
+                                 ("gmsc", "lightgbm")])
 def test_graph_from_raw_fields_reproduces_finance_score(scorers, tmp_path, key):
     from finance import load_model
 
@@ -229,7 +232,7 @@ def test_models_without_a_bundle_graph_are_refused_by_name(scorers, tmp_path):
     from finance import load_model
 
     scorer = load_model(scorers[("taiwan", "scorecard")])
-    scorer.model_name = "sequence"
+    scorer.model_name = "sequence"  # a model family without a graph yet
     from deploy.bundle.credit_graph import credit_graph
 
     with pytest.raises(BundleError, match="sequence"):

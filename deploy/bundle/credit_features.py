@@ -204,7 +204,9 @@ def feature_matrix(g: GraphBuilder, raw: dict[str, Var], pipeline: FeaturePipeli
     names = list(pipeline.feature_names_) if names is None else names
     wanted = set(names)
     # only the blocks holding a wanted feature: the graph then drops the nodes no output needs
-    blocks = [(b, n) for b, n in _BUILDERS[pipeline.dataset](g, raw) if wanted.intersection(n)]
+    if not hasattr(g, "credit_blocks"):  # built once per graph: ensemble members share them
+        g.credit_blocks = _BUILDERS[pipeline.dataset](g, raw)
+    blocks = [(b, n) for b, n in g.credit_blocks if wanted.intersection(n)]
     position: dict[str, int] = {}
     for _block, block_names in blocks:
         for name in block_names:

@@ -38,11 +38,10 @@ def _numpy_row_sum(g: GraphBuilder, terms: Var, width: int) -> Var:
     return total
 
 
-def _scorecard(g: GraphBuilder, raw: dict[str, Var], scorer) -> tuple[Var, Var]:
+def _scorecard(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Var, Var]:
     """(pd (N, 1), contributions (N, F)) of a finance.models.scorecard.ScorecardModel."""
-    model = scorer.model_
     names = list(model.selected_)
-    x = g.op("Cast", feature_matrix(g, raw, scorer.pipeline_, names), to=11)  # (N, J) float32 -> float64
+    x = g.op("Cast", feature_matrix(g, raw, pipeline, names), to=11)  # (N, J) float32 -> float64
     tables = [model.woe_tables_[n] for n in names]
     width = max(len(s) for s, _, _ in tables)
     splits = np.full((len(names), max(width, 1)), np.inf)
@@ -68,20 +67,19 @@ def _scorecard(g: GraphBuilder, raw: dict[str, Var], scorer) -> tuple[Var, Var]:
     return pd_, g.op("MatMul", per_feature, g.const(scatter))
 
 
-def _lightgbm(g: GraphBuilder, raw: dict[str, Var], scorer) -> tuple[Var, Var]:
+def _lightgbm(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Var, Var]:
     """(pd, path contributions) of a finance.models.gbdt.LightGBMModel, from the booster's own dump.
 
     One ai.onnx.ml TreeEnsemble (opset 5, float64 splits as LightGBM compares) returns the leaf each
     tree reaches; leaf values and the per-leaf path attributions (`paths_`) are gathered from it and
     added in the order `contributions` adds them (tree by tree, root to leaf)."""
-    model = scorer.model_
     if model.config.attribution != "path":
         raise BundleError("LightGBM bundles carry path attributions; this model ranks reasons by TreeSHAP")
     trees = model.booster_.dump_model(num_iteration=model.best_iteration_)["tree_info"]
     feature_table, delta_table, _ = model.paths_
     num_trees, leaves, depth = feature_table.shape
     ens = _tree_ensemble(trees, leaves)
-    x = g.op("Cast", feature_matrix(g, raw, scorer.pipeline_), to=11)  # float32 features, compared as float64
+    x = g.op("Cast", feature_matrix(g, raw, pipeline), to=11)  # float32 features, compared as float64
     leaf = g.op("TreeEnsemble", x, domain="ai.onnx.ml", **ens)  # (N, T) global leaf id per tree
     leaf = g.op("Cast", leaf, to=7)
     leaf_values = np.zeros(num_trees * leaves)
@@ -173,7 +171,27 @@ def _tree_ensemble(trees: list[dict], leaves: int) -> dict:
             "leaf_targetids": leaf_targets, "leaf_weights": onnx.numpy_helper.from_array(np.array(leaf_weights))}
 
 
-_HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm}
+def _ensemble(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Var, Var]:
+    """finance.models.ensemble.EnsembleModel of members that have heads: their log-odds (PD clipped
+    to [1e-7, 1 - 1e-7]) blended by the logistic regression, contributions weighted alike."""
+    missing = [m.name for m in model.members_ if m.name not in _HEADS]
+    if missing:
+        raise BundleError(f"ensemble members {missing} have no bundle graph yet (covered: scorecard, lightgbm)")
+    parts = [_HEADS[m.name](g, raw, m, pipeline) for m in model.members_]
+    logits = []
+    for member_pd, _ in parts:
+        p = g.clip(member_pd, 1e-7, 1 - 1e-7)
+        logits.append(g.op("Log", p / (1.0 - p)))
+    coef = model.blend_.coef_[0].astype(np.float64)
+    logit = _numpy_row_sum(g, g.concat(logits, axis=1) * g.const(coef), len(logits)) + float(
+        model.blend_.intercept_[0])
+    contrib = None
+    for w, (_, c) in zip(coef, parts, strict=True):  # sum(w * c): Python's sum, from the first term on
+        contrib = float(w) * c if contrib is None else contrib + float(w) * c
+    return 1.0 / (1.0 + g.op("Exp", -logit)), contrib
+
+
+_HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm, "ensemble": _ensemble}
 
 
 def top_reason_indices(g: GraphBuilder, contrib: Var, families: np.ndarray, k: int) -> Var:
@@ -208,7 +226,7 @@ def credit_graph(scorer, *, metadata: dict[str, str] | None = None) -> onnx.Mode
         raise BundleError(f"credit model {name!r} has no bundle graph yet (covered: {', '.join(_HEADS)})")
     g = GraphBuilder()
     raw = raw_inputs(g, scorer.dataset)
-    pd_, contrib = _HEADS[name](g, raw, scorer)
+    pd_, contrib = _HEADS[name](g, raw, scorer.model_, scorer.pipeline_)
     scale = scorer.policy.scale
     p = g.clip(pd_, 1e-9, 1 - 1e-9)
     points = g.op("Round", (scale.offset + scale.factor * g.op("Log", (1.0 - p) / p)) * 10.0) / 10.0
