@@ -97,6 +97,15 @@ def scorers(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ai4i_model(tmp_path_factory):
+    """An AI4I failure model on generated readings (one MoE epoch: the bundle carries the LightGBM backend)."""
+    from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i
+
+    return AI4IFailureModel(max_epochs=1, progress=False).fit(generate_ai4i(2000, seed=0)).save(
+        tmp_path_factory.mktemp("ai4i"))
+
+
+@pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """Two EC P-256 key pairs in PEM: (private, public) for the publisher and for someone else."""
     folder = tmp_path_factory.mktemp("keys")
@@ -139,6 +148,23 @@ def test_graph_from_raw_fields_reproduces_finance_score(scorers, tmp_path, key):
     codes = ["|".join(names[row[row >= 0]]) for row in got["reasons"]]
     assert codes == expected["reason_codes"].tolist()
     assert expected["reason_codes"].str.len().gt(0).mean() > 0.5  # the comparison covers real reasons
+
+
+def test_ai4i_bundle_from_raw_readings_reproduces_the_lightgbm_backend(ai4i_model, tmp_path):
+    from manufacturing.maintenance.ai4i import INPUTS, NUMERIC_INPUTS, OUTPUTS, AI4IFailureModel, generate_ai4i
+
+    out = Path(build_bundle(ai4i_model, tmp_path / "b")["bundle"])
+    rows = generate_ai4i(600, seed=3)[INPUTS]
+    rows.loc[:2, "Tool wear [min]"] = [0.0, 1e6, -5.0]  # extremes are scored as moeworks scores them
+    got = run_graph(out / "model.onnx", {"Type": rows["Type"].tolist(),
+                                         **{n: rows[n].tolist() for n in NUMERIC_INPUTS}})
+    expected = AI4IFailureModel.load(ai4i_model).predict_proba(rows, backend="lightgbm")
+    for name in OUTPUTS:
+        np.testing.assert_allclose(got[name][:, 0], expected[name], rtol=0, atol=1e-6)
+    assert expected["failure"].max() > 0.5 > expected["failure"].min()  # both sides of an alert are covered
+    card = json.loads((out / "card.json").read_text())
+    assert [i["name"] for i in card["inputs"]] == INPUTS and [o["name"] for o in card["outputs"]] == OUTPUTS
+    assert verify_bundle(out)["signature"] == "unsigned"
 
 
 def test_graph_inputs_are_the_raw_fields_and_the_card_describes_them(scorers, tmp_path):
@@ -271,11 +297,13 @@ def partner_node(tmp_path_factory):
 
 @pytest.mark.slow
 def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_python, scorers, signed_bundle,
-                                                                     tmp_path):
+                                                                     ai4i_model, tmp_path):
     for module in ("finance", "torch", "pandas", "sklearn", "lightgbm"):  # the partner has none of ours
         probe = subprocess.run([str(partner_python), "-c", f"import {module}"], capture_output=True, cwd=tmp_path)
         assert probe.returncode != 0, module
-    bundles = [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"])]
+    bundles = [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"]),
+               Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
+               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"])]
     for bundle in bundles:
         run = subprocess.run([str(partner_python), str(ROOT / "tests" / "bundle_partner.py"), str(bundle)],
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -294,11 +322,13 @@ def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_pyt
 
 
 @pytest.mark.slow
-def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_bundle, tmp_path):
+def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_bundle, ai4i_model, tmp_path):
     import os
 
     env = {**os.environ, "NODE_PATH": str(partner_node)}
-    bundles = [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"])]
+    bundles = [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"]),
+               Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
+               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"])]
     for bundle in bundles:
         run = subprocess.run(["node", str(ROOT / "tests" / "bundle_partner.js"), str(bundle)], capture_output=True,
                              text=True, env=env, timeout=120)

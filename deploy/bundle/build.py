@@ -94,44 +94,43 @@ def expected_outputs(scorer, frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def run_graph(model_path: Path | bytes, inputs: dict[str, list]) -> dict[str, np.ndarray]:
+    """Run a bundle graph on JSON-style inputs (lists; None = missing; strings for string inputs)."""
     import onnxruntime as ort
 
     source = model_path if isinstance(model_path, bytes) else str(model_path)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    feeds = {name: np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(-1, 1)
-             for name, values in inputs.items()}
+    feeds = {}
+    for spec in session.get_inputs():
+        values = inputs[spec.name]
+        feeds[spec.name] = (np.array(values, dtype=object).reshape(-1, 1) if spec.type == "tensor(string)" else
+                            np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(-1, 1))
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds), strict=True))
 
 
-def compare(got: dict[str, np.ndarray], expected: dict[str, Any], tolerance: float) -> list[str]:
-    """What differs between the graph's outputs and the expected ones (empty: conformant)."""
+def compare(got: dict[str, np.ndarray], expected: dict[str, Any], tolerances: dict[str, float]) -> list[str]:
+    """What differs between the graph's outputs and the expected ones (empty: conformant).
+    A tolerance of 0 means identical (decisions, reason codes)."""
     problems = []
-    pd_error = float(np.max(np.abs(got["pd"][:, 0] - np.asarray(expected["pd"]))))
-    if not pd_error <= tolerance:
-        problems.append(f"pd differs by {pd_error:.3g} > {tolerance:g}")
-    if np.max(np.abs(got["points"][:, 0] - np.asarray(expected["points"]))) > 0.1 + 1e-9:
-        problems.append("points differ by more than 0.1")
-    if not np.array_equal(got["decision"][:, 0], np.asarray(expected["decision"])):
-        problems.append(f"decisions differ in rows {np.flatnonzero(got['decision'][:, 0] != expected['decision'])[:5]}")
-    if not np.array_equal(got["reasons"], np.asarray(expected["reasons"], dtype=np.int64)):
-        problems.append("reason codes differ")
+    for name, values in expected.items():
+        want = np.asarray(values)
+        have = np.asarray(got[name]).reshape(want.shape)
+        tolerance = float(tolerances[name])
+        if tolerance == 0:
+            if not np.array_equal(have, want):
+                problems.append(f"{name} differs in {int((have != want).reshape(len(want), -1).any(1).sum())} rows")
+        else:
+            error = float(np.max(np.abs(have - want)))
+            if not error <= tolerance + 1e-12:
+                problems.append(f"{name} differs by {error:.3g} > {tolerance:g}")
     return problems
 
 
-def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
-                 training_data: Path | None = None) -> dict[str, Any]:
-    """Write the bundle of the credit model in model_dir to out (a new or empty folder)."""
+def _credit(model_dir: Path, training_data: Path | None) -> tuple:
+    """(proto, card, inputs, expected) of a saved credit model."""
     from finance import load_model
     from finance.data import load_records
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BundleError(f"{out} exists and is not an empty folder")
-    if sign_key is not None:
-        if not sign_key.is_file():
-            raise BundleError(f"no such key file: {sign_key}")
-        if out.resolve() in sign_key.resolve().parents:
-            raise BundleError("the signing key must not lie inside the bundle folder")
     scorer = load_model(model_dir)
     data_sha256 = training = None
     if training_data is not None:
@@ -142,24 +141,61 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
     operators = {n.op_type for n in proto.graph.node}
     card = credit_card(scorer, opsets=opsets, operators=operators, data_sha256=data_sha256, k=k)
+    frame = test_records(scorer, training)
+    inputs = {c: [_json_number(v) for v in frame[c].to_numpy(np.float64)] for c in frame.columns[1:]}
+    return proto, card, inputs, expected_outputs(scorer, frame)
+
+
+def _ai4i(model_dir: Path, training_data: Path | None) -> tuple:
+    from deploy.bundle.ai4i_graph import ai4i_graph
+    from deploy.bundle.card import ai4i_card, ai4i_test_rows
+    from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, AI4IFailureModel, read_ai4i
+
+    model = AI4IFailureModel.load(model_dir)
+    training = read_ai4i(training_data) if training_data is not None else None
+    proto = ai4i_graph(model)
+    operators = {n.op_type for n in proto.graph.node}
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    card = ai4i_card(model, opsets=opsets, operators=operators,
+                     data_sha256=_sha256_path(training_data) if training_data is not None else None)
+    frame = ai4i_test_rows(training)
+    inputs = {"Type": frame["Type"].astype(str).tolist(),
+              **{n: [float(v) for v in frame[n].to_numpy(np.float64)] for n in NUMERIC_INPUTS}}
+    scored = model.predict_proba(frame, backend="lightgbm")
+    return proto, card, inputs, {name: scored[name].tolist() for name in scored.columns}
+
+
+def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
+                 training_data: Path | None = None) -> dict[str, Any]:
+    """Write the bundle of the model in model_dir (a credit model, or an AI4I failure model) to out
+    (a new or empty folder)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"{out} exists and is not an empty folder")
+    if sign_key is not None:
+        if not sign_key.is_file():
+            raise BundleError(f"no such key file: {sign_key}")
+        if out.resolve() in sign_key.resolve().parents:
+            raise BundleError("the signing key must not lie inside the bundle folder")
+    if (model_dir / "ai4i.json").is_file():
+        proto, card, inputs, expected = _ai4i(model_dir, training_data)
+    else:  # finance.load_model names what is missing when it is no credit model either
+        proto, card, inputs, expected = _credit(model_dir, training_data)
+    operators = {n.op_type for n in proto.graph.node}
     card["graph"] = {"nodes": len(proto.graph.node), "operators": sorted(operators)}
     onnx.helper.set_model_props(proto, {CARD_KEY: json.dumps(card, sort_keys=True)})
     model_bytes = proto.SerializeToString()
-
-    frame = test_records(scorer, training)
-    inputs = {c: [_json_number(v) for v in frame[c].to_numpy(np.float64)] for c in frame.columns[1:]}
-    expected = expected_outputs(scorer, frame)
-    tolerance = card["runtime"]["tolerances"]["pd"]
-    problems = compare(run_graph(model_bytes, inputs), expected, tolerance)
+    tolerances = card["runtime"]["tolerances"]
+    problems = compare(run_graph(model_bytes, inputs), expected, tolerances)
     if problems:
         raise BundleError("the graph does not reproduce moeworks on the test vectors: " + "; ".join(problems))
+    rows = len(next(iter(inputs.values())))
 
     out.mkdir(parents=True, exist_ok=True)
     try:
         (out / MODEL).write_bytes(model_bytes)
         (out / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
-        (out / VECTORS).write_text(json.dumps({"rows": len(frame), "inputs": inputs, "expected": expected,
-                                               "tolerances": card["runtime"]["tolerances"]}))
+        (out / VECTORS).write_text(json.dumps({"rows": rows, "inputs": inputs, "expected": expected,
+                                               "tolerances": tolerances}))
         manifest = write_manifest(out)
         if sign_key is not None:
             sign(out, sign_key)
@@ -168,7 +204,7 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
         raise
     return {"bundle": str(out), "family": card["model"]["family"], "version": card["model"]["version"],
             "signed": sign_key is not None, "files": manifest["files"], "nodes": card["graph"]["nodes"],
-            "test_vectors": len(frame)}
+            "test_vectors": rows}
 
 
 def _sha256_path(path: Path) -> str:
@@ -194,7 +230,7 @@ def verify_bundle(bundle: Path, *, key: Path | None = None) -> dict[str, Any]:
     if (bundle / MODEL).stat().st_size > MAX_MODEL_BYTES:
         raise BundleIntegrityError(f"{MODEL} is larger than {MAX_MODEL_BYTES >> 20} MiB")
     vectors = json.loads((bundle / VECTORS).read_text())
-    problems = compare(run_graph(bundle / MODEL, vectors["inputs"]), vectors["expected"], vectors["tolerances"]["pd"])
+    problems = compare(run_graph(bundle / MODEL, vectors["inputs"]), vectors["expected"], vectors["tolerances"])
     if problems:
         raise BundleIntegrityError("the graph does not reproduce its test vectors: " + "; ".join(problems))
     return {"bundle": str(bundle), "manifest": "ok", "files": len(manifest["files"]),

@@ -119,5 +119,57 @@ def credit_card(scorer, *, opsets: dict[str, int], operators: set[str], data_sha
             "pd is calibrated on the training population's default rate.",
             "Reason codes rank the model's own attributions; they are not causal statements."],
         "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
-                    "tolerances": {"pd": 1e-6, "points": 0.1, "decision": "identical", "reasons": "identical"}},
+                    "tolerances": {"pd": 1e-6, "points": 0.1, "decision": 0, "reasons": 0}},  # 0: identical
+    }
+
+
+def ai4i_test_rows(training):
+    """Test rows: up to 24 training rows (or generated ones), then extremes: every reading at 0, at
+    1e6 and negative, and each machine type."""
+    import pandas as pd
+
+    from manufacturing.maintenance.ai4i import INPUTS, NUMERIC_INPUTS, generate_ai4i
+
+    sample = (training if training is not None else generate_ai4i(24, seed=0))[INPUTS].iloc[:24]
+    extremes = [{"Type": t, **dict.fromkeys(NUMERIC_INPUTS, v)} for t in ("L", "M", "H") for v in (0.0, 1e6, -50.0)]
+    return pd.concat([sample, pd.DataFrame(extremes)], ignore_index=True)
+
+
+def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256: str | None) -> dict[str, Any]:
+    from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, OUTPUTS
+
+    units = {"Air temperature [K]": "K", "Process temperature [K]": "K", "Rotational speed [rpm]": "rpm",
+             "Torque [Nm]": "Nm", "Tool wear [min]": "min"}
+    meanings = {"failure": "any machine failure", "TWF": "tool wear failure", "HDF": "heat dissipation failure",
+                "PWF": "power failure", "OSF": "overstrain failure", "RNF": "random failure"}
+    training = {"fitted_state_sha256": hashlib.sha256(json.dumps(
+        {"mean": np.asarray(model.mean_).tolist(), "std": np.asarray(model.std_).tolist()}).encode()).hexdigest()}
+    if data_sha256:
+        training["training_file_sha256"] = data_sha256
+    return {
+        "schema": "moeworks-bundle-card/1",
+        "model": {"family": "maintenance/ai4i-lightgbm", "dataset": "ai4i2020",
+                  "version": hashlib.sha256("".join(model.boosters_[o].model_to_string() for o in OUTPUTS)
+                                            .encode()).hexdigest()[:16],
+                  "backend": "lightgbm (the model's MoE backend has no bundle graph yet)",
+                  "default_backend_of_model": model.default_backend_},
+        "inputs": [{"name": "Type", "type": "tensor(string) [N, 1]", "unit": "",
+                    "meaning": "product quality: L, M or H",
+                    "allowed_range": {"levels": ["L", "M", "H"]},
+                    "missing": "not allowed (moeworks refuses it); any other string is scored as an unknown type",
+                    "protected_attribute": ""},
+                   *({"name": n, "type": "tensor(double) [N, 1]", "unit": units[n], "meaning": n.split(" [")[0],
+                      "allowed_range": {"finite": True},
+                      "missing": "not allowed: moeworks refuses non-finite readings; NaN follows LightGBM's "
+                                 "missing branch", "protected_attribute": ""} for n in NUMERIC_INPUTS)],
+        "outputs": [{"name": o, "type": "tensor(double) [N, 1]", "meaning": f"probability of {meanings[o]}"}
+                    for o in OUTPUTS],
+        "training_data": training,
+        "validation_metrics": getattr(model, "metrics_", {}),
+        "protected_attributes": {"raw_fields": {}, "note": "machine readings only; no personal data"},
+        "intended_use": "Early warning of milling-machine failures from one reading of the AI4I 2020 kind.",
+        "limitations": ["AI4I 2020 is synthetic data of one machine type; re-validate on the plant's own "
+                        "history before acting on alerts.", "Random failures (RNF) are not predictable."],
+        "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
+                    "tolerances": dict.fromkeys(OUTPUTS, 1e-6)},
     }

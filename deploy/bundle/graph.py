@@ -25,7 +25,8 @@ ML_OPSET = 3  # ai.onnx.ml: TreeEnsembleRegressor with double thresholds (nodes_
 
 _DTYPES = {np.dtype(np.float64): ir.DataType.DOUBLE, np.dtype(np.float32): ir.DataType.FLOAT,
            np.dtype(np.int64): ir.DataType.INT64, np.dtype(np.bool_): ir.DataType.BOOL}
-_ONNX_TYPES = {"double": onnx.TensorProto.DOUBLE, "float": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64,
+_ONNX_TYPES = {"string": onnx.TensorProto.STRING, "double": onnx.TensorProto.DOUBLE,
+               "float": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64,
                "bool": onnx.TensorProto.BOOL}
 
 
@@ -82,7 +83,8 @@ class GraphBuilder:
         return f"{stem}_{self._count}"
 
     def input(self, name: str, dtype: str, shape: Sequence[int | str | None]) -> Var:
-        value = ir.Value(name=name, type=ir.TensorType(_DTYPES[np.dtype(_np_type(dtype))]), shape=ir.Shape(shape))
+        element = ir.DataType.STRING if dtype == "string" else _DTYPES[np.dtype(_np_type(dtype))]
+        value = ir.Value(name=name, type=ir.TensorType(element), shape=ir.Shape(shape))
         self.inputs.append(value)
         return Var(self, value)
 
