@@ -89,7 +89,8 @@ def _lightgbm(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Va
     raw_score = g.op("ReduceSum", g.op("Gather", g.const(leaf_values), leaf), g.const(np.array([1])), keepdims=1)
     pd_ = 1.0 / (1.0 + g.op("Exp", -raw_score))
     # (N, T, D) features and deltas of the splits on each reached leaf's path; padding adds 0.0 to feature 0
-    features = g.op("Gather", g.const(np.where(feature_table < 0, 0, feature_table).reshape(-1, depth)), leaf)
+    # int32 feature ids: half the bytes of the largest gathered tensor (N x trees x depth)
+    features = g.op("Gather", g.const_int32(np.where(feature_table < 0, 0, feature_table).reshape(-1, depth)), leaf)
     deltas = g.op("Gather", g.const(delta_table.reshape(-1, depth)), leaf)
     flat_shape = g.const(np.array([0, num_trees * depth]))
     zeros = g.op("Expand", g.const(np.zeros((1, len(model.feature_names)))),

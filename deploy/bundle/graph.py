@@ -100,6 +100,11 @@ class GraphBuilder:
             self._constants[key] = Var(self, value)
         return self._constants[key]
 
+    def const_int32(self, array: np.ndarray) -> Var:
+        """An int32 constant (const() makes integers int64)."""
+        value = self.tape.initializer(ir.tensor(np.array(array, dtype=np.int32, order="C")), name=self._name("const"))
+        return Var(self, value)
+
     def op(self, op_type: str, *inputs: Var | None, domain: str = "", **attributes) -> Var:
         values = [None if v is None else v.value for v in inputs]
         out = self.tape.op(op_type, values, attributes or None, domain=domain)
