@@ -1,0 +1,203 @@
+"""Partner bundles against moeworks' own scoring of the same model, in the same run.
+
+For each (dataset, model): train the model on the full real data (or load `--models-dir/<dataset>-<model>`
+when there), build its bundle, then on every row of the dataset's file measure
+- parity: max |PD bundle - PD `finance.load_model(dir).score`|, decisions and reason codes that differ;
+- bundle size (model.onnx and the whole folder), graph nodes, session load time;
+- throughput in rows/s at batch 1 (the first `--single-rows` rows one by one) and batch 4,096, for
+  onnxruntime (1 intra-op thread, as LightGBM's own config) and for `score(frame, reasons="all")`,
+  interleaved, median of `--repeats`.
+
+    nice python benchmarks/bundles.py --data ../shared/data --models-dir /tmp/bundles --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import describe, machine, write_results  # noqa: E402
+
+FILES = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
+
+
+def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
+    from finance.models.ensemble import EnsembleConfig
+    from finance.models.gbdt import LightGBMConfig
+    from finance.scorer import train_scorer
+
+    folder = models_dir / f"{dataset}-{name}"
+    if not (folder / "scorer.json").is_file():
+        config = {"lightgbm": LightGBMConfig(max_rounds=400),  # bounded training time
+                  "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}.get(name)
+        train_scorer(records, name, model_config=config).save(folder)
+    return folder
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
+            repeats: int) -> dict:
+    import onnxruntime as ort
+
+    from deploy.bundle.build import build_bundle
+    from finance import load_model
+    from finance.data import dataset_spec, load_records
+
+    records = load_records(dataset, data_root / FILES[dataset])
+    folder = _model(dataset, name, records, models_dir)
+    scorer = load_model(folder)
+    started = time.perf_counter()
+    bundle = Path(build_bundle(folder, work / f"{dataset}-{name}")["bundle"])
+    build_seconds = time.perf_counter() - started
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    load_seconds = time.perf_counter() - started
+    fields = dataset_spec(dataset).field_names
+    frame = records.frame
+    columns = {f: frame[f].to_numpy(np.float64, na_value=np.nan).reshape(-1, 1) for f in fields}
+
+    def feeds(start: int, stop: int) -> dict:
+        return {f: v[start:stop] for f, v in columns.items()}
+
+    # parity on every row, in blocks of 4,096 (what a partner's batch job would send)
+    pd_parts, decision_parts, reason_parts = [], [], []
+    for start in range(0, len(frame), 4096):
+        pd_, _, decision, reasons = session.run(None, feeds(start, start + 4096))
+        pd_parts.append(pd_[:, 0]), decision_parts.append(decision[:, 0]), reason_parts.append(reasons)
+    expected = scorer.score(frame, reasons="all")
+    names = np.array([*scorer.pipeline_.feature_names_, ""], dtype=object)
+    reasons = np.concatenate(reason_parts)
+    codes = np.array(["|".join(names[r[r >= 0]]) for r in reasons], dtype=object)
+    got_pd = np.concatenate(pd_parts)
+    parity = {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got_pd - expected["pd"].to_numpy()))),
+              "decisions_differing": int(((np.concatenate(decision_parts) == 1)
+                                          != (expected["decision"] == "decline").to_numpy()).sum()),
+              "reason_codes_differing": int((codes != expected["reason_codes"].to_numpy()).sum())}
+
+    block = frame.iloc[:4096]
+    single = [frame.iloc[i:i + 1] for i in range(single_rows)]
+    timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds(0, 4096)), repeats),
+               "moeworks_batch": _median_seconds(lambda: scorer.score(block, reasons="all"), repeats),
+               "onnx_single": _median_seconds(lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
+                                              repeats),
+               "moeworks_single": _median_seconds(lambda: [scorer.score(r, reasons="all") for r in single], repeats)}
+    throughput = {"onnx_rows_s_4096": 4096 / timings["onnx_batch"],
+                  "moeworks_rows_s_4096": 4096 / timings["moeworks_batch"],
+                  "onnx_rows_s_1": single_rows / timings["onnx_single"],
+                  "moeworks_rows_s_1": single_rows / timings["moeworks_single"]}
+    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
+    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
+    card_ops = sorted({n.op_type for n in __import__("onnx").load(str(bundle / "model.onnx")).graph.node})
+    return {"dataset": dataset, "model": name, "parity": parity, "throughput": throughput,
+            "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
+            "bundle_bytes": sum(p.stat().st_size for p in bundle.iterdir()),
+            "graph_nodes": len(__import__("onnx").load(str(bundle / "model.onnx")).graph.node),
+            "graph_operators": card_ops, "build_seconds": build_seconds, "load_seconds": load_seconds}
+
+
+def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: int, repeats: int) -> dict:
+    """The AI4I failure model's bundle against its own LightGBM backend (`predict_proba`)."""
+    import onnx
+    import onnxruntime as ort
+
+    from deploy.bundle.build import build_bundle
+    from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, OUTPUTS, AI4IFailureModel, read_ai4i
+
+    frame = read_ai4i(data_root / "ai4i2020")
+    folder = models_dir / "ai4i"
+    if not (folder / "ai4i.json").is_file():
+        AI4IFailureModel(progress=False, max_epochs=5).fit(frame).save(folder)
+    model = AI4IFailureModel.load(folder)
+    started = time.perf_counter()
+    bundle = Path(build_bundle(folder, work / "ai4i")["bundle"])
+    build_seconds = time.perf_counter() - started
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    load_seconds = time.perf_counter() - started
+    columns = {"Type": frame["Type"].astype(str).to_numpy(object).reshape(-1, 1),
+               **{n: frame[n].to_numpy(np.float64).reshape(-1, 1) for n in NUMERIC_INPUTS}}
+
+    def feeds(start: int, stop: int) -> dict:
+        return {f: v[start:stop] for f, v in columns.items()}
+
+    got = np.column_stack([o[:, 0] for o in session.run(None, feeds(0, len(frame)))])
+    expected = model.predict_proba(frame, backend="lightgbm")[OUTPUTS].to_numpy()
+    block = frame.iloc[:4096]
+    single = [frame.iloc[i:i + 1] for i in range(single_rows)]
+    timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds(0, 4096)), repeats),
+               "moeworks_batch": _median_seconds(lambda: model.predict_proba(block, backend="lightgbm"), repeats),
+               "onnx_single": _median_seconds(lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
+                                              repeats),
+               "moeworks_single": _median_seconds(lambda: [model.predict_proba(r, backend="lightgbm") for r in single],
+                                                  repeats)}
+    throughput = {"onnx_rows_s_4096": 4096 / timings["onnx_batch"],
+                  "moeworks_rows_s_4096": 4096 / timings["moeworks_batch"],
+                  "onnx_rows_s_1": single_rows / timings["onnx_single"],
+                  "moeworks_rows_s_1": single_rows / timings["moeworks_single"]}
+    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
+    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
+    proto = onnx.load(str(bundle / "model.onnx"))
+    return {"dataset": "ai4i2020", "model": "ai4i-lightgbm",
+            "parity": {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got - expected))),
+                       "decisions_differing": None, "reason_codes_differing": None},
+            "throughput": throughput, "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
+            "bundle_bytes": sum(p.stat().st_size for p in bundle.iterdir()), "graph_nodes": len(proto.graph.node),
+            "graph_operators": sorted({n.op_type for n in proto.graph.node}), "build_seconds": build_seconds,
+            "load_seconds": load_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "moeworks-bundle-models")
+    parser.add_argument("--cases", default="taiwan:scorecard,taiwan:lightgbm,taiwan:ensemble,gmsc:scorecard,"
+                                           "gmsc:lightgbm,ai4i:lightgbm")
+    parser.add_argument("--single-rows", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1}, "cases": []}
+    print(describe(results["machine"]), file=sys.stderr)
+    with tempfile.TemporaryDirectory() as work:
+        for case in args.cases.split(","):
+            dataset, name = case.split(":")
+            if dataset == "ai4i":
+                row = measure_ai4i(args.data, args.models_dir, Path(work), single_rows=args.single_rows,
+                                   repeats=args.repeats)
+            else:
+                row = measure(dataset, name, args.data, args.models_dir, Path(work), single_rows=args.single_rows,
+                              repeats=args.repeats)
+            results["cases"].append(row)
+            p, t = row["parity"], row["throughput"]
+            print(f"{dataset:7s} {name:10s} nodes {row['graph_nodes']:4d} "
+                  f"onnx {row['model_onnx_bytes'] / 1024:7.0f} KiB "
+                  f"load {row['load_seconds'] * 1000:6.0f} ms | rows {p['rows']} pd err {p['pd_max_abs_error']:.1e} "
+                  f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} | "
+                  f"batch 4096: onnx {t['onnx_rows_s_4096']:,.0f} vs {t['moeworks_rows_s_4096']:,.0f} rows/s "
+                  f"({t['ratio_4096']:.2f}x) | batch 1: {t['onnx_rows_s_1']:,.0f} vs {t['moeworks_rows_s_1']:,.0f} "
+                  f"({t['ratio_1']:.2f}x)", file=sys.stderr)
+    write_results(results, args.out, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Build, verify and inspect partner bundles.
+
+A bundle is a folder: model.onnx (raw fields in, the product's outputs out), card.json (the model
+card, also inside model.onnx's metadata_props), test_vectors.json (inputs with missing values and
+extremes, and moeworks' own outputs for them), manifest.json (SHA-256 of each file) and, when signed,
+model.sig (OpenSSF model-signing, EC key). `build` refuses to write a bundle whose graph does not
+reproduce moeworks on its own test vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pandas as pd
+
+from deploy.bundle.card import CARD_KEY, credit_card
+from deploy.bundle.credit_features import BundleError
+from deploy.bundle.credit_graph import credit_graph
+from deploy.bundle.signing import (
+    SIGNATURE,
+    BundleIntegrityError,
+    check_manifest,
+    sign,
+    verify_signature,
+    write_manifest,
+)
+
+MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
+MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made
+SAMPLE_ROWS = 24
+
+
+def _sample_rows(spec, rng: np.random.Generator, n: int) -> pd.DataFrame:
+    """Plausible records within each field's allowed range (when no training data is given)."""
+    columns: dict[str, np.ndarray] = {}
+    for f in spec.fields:
+        low = f.min if f.min is not None else -5e4
+        high = f.max if f.max is not None else low + 5e5
+        if f.kind == "int" and high - low <= 200:
+            values = rng.integers(int(low), int(high) + 1, n).astype(np.float64)
+        else:
+            values = np.round(low + (high - low) * rng.random(n) ** 3, 2)  # skewed to small, as amounts are
+            if f.kind == "int":
+                values = np.floor(values)
+        if not f.required:
+            values[rng.random(n) < 0.2] = np.nan
+        columns[f.name] = values
+    return pd.DataFrame(columns)
+
+
+def _edge_rows(spec) -> pd.DataFrame:
+    """All missing, all zero, all at their minimum, all at their maximum (1e12 where unbounded),
+    and each field missing alone in an otherwise typical row."""
+    names = [f.name for f in spec.fields]
+    rows = [{n: np.nan for n in names}, {n: 0.0 for n in names},
+            {f.name: (f.min if f.min is not None else -1e12) for f in spec.fields},
+            {f.name: (f.max if f.max is not None else 1e12) for f in spec.fields}]
+    typical = {f.name: (f.min if f.min is not None else 0.0) + 1.0 for f in spec.fields}
+    rows += [{**typical, name: np.nan} for name in names]
+    return pd.DataFrame(rows, columns=names)
+
+
+def test_records(scorer, training: pd.DataFrame | None) -> pd.DataFrame:
+    from finance.data import dataset_spec
+
+    spec = dataset_spec(scorer.dataset)
+    sample = (training[[f.name for f in spec.fields]].iloc[:SAMPLE_ROWS].astype(np.float64).reset_index(drop=True)
+              if training is not None else _sample_rows(spec, np.random.default_rng(0), SAMPLE_ROWS))
+    frame = pd.concat([sample, _edge_rows(spec)], ignore_index=True)
+    frame.insert(0, spec.id_column, np.arange(len(frame)))
+    return frame
+
+
+def _json_number(v: float) -> float | None:
+    return None if math.isnan(v) else float(v)
+
+
+def expected_outputs(scorer, frame: pd.DataFrame) -> dict[str, Any]:
+    """moeworks' own outputs for the vectors (finance.load_model(dir).score), as the graph names them."""
+    scored = scorer.score(frame, reasons="all")
+    index = {n: j for j, n in enumerate(scorer.pipeline_.feature_names_)}
+    k = min(scorer.policy.reason_count, int(scorer.pipeline_.families_.max()) + 1)
+    reasons = [[index[c] for c in codes.split("|")] + [-1] * (k - len(codes.split("|"))) if codes else [-1] * k
+               for codes in scored["reason_codes"]]
+    return {"pd": scored["pd"].tolist(), "points": scored["points"].tolist(),
+            "decision": (scored["decision"] == "decline").astype(int).tolist(), "reasons": reasons}
+
+
+def run_graph(model_path: Path | bytes, inputs: dict[str, list]) -> dict[str, np.ndarray]:
+    """Run a bundle graph on JSON-style inputs (lists; None = missing; strings for string inputs)."""
+    import onnxruntime as ort
+
+    source = model_path if isinstance(model_path, bytes) else str(model_path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for spec in session.get_inputs():
+        values = inputs[spec.name]
+        feeds[spec.name] = (np.array(values, dtype=object).reshape(-1, 1) if spec.type == "tensor(string)" else
+                            np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(-1, 1))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds), strict=True))
+
+
+def compare(got: dict[str, np.ndarray], expected: dict[str, Any], tolerances: dict[str, float]) -> list[str]:
+    """What differs between the graph's outputs and the expected ones (empty: conformant).
+    A tolerance of 0 means identical (decisions, reason codes)."""
+    problems = []
+    for name, values in expected.items():
+        want = np.asarray(values)
+        have = np.asarray(got[name]).reshape(want.shape)
+        tolerance = float(tolerances[name])
+        if tolerance == 0:
+            if not np.array_equal(have, want):
+                problems.append(f"{name} differs in {int((have != want).reshape(len(want), -1).any(1).sum())} rows")
+        else:
+            error = float(np.max(np.abs(have - want)))
+            if not error <= tolerance + 1e-12:
+                problems.append(f"{name} differs by {error:.3g} > {tolerance:g}")
+    return problems
+
+
+def _credit(model_dir: Path, training_data: Path | None) -> tuple:
+    """(proto, card, inputs, expected) of a saved credit model."""
+    from finance import load_model
+    from finance.data import load_records
+
+    scorer = load_model(model_dir)
+    data_sha256 = training = None
+    if training_data is not None:
+        data_sha256 = _sha256_path(training_data)
+        training = load_records(scorer.dataset, training_data).frame
+    proto = credit_graph(scorer)
+    k = int(proto.graph.output[3].type.tensor_type.shape.dim[1].dim_value)
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    operators = {n.op_type for n in proto.graph.node}
+    card = credit_card(scorer, opsets=opsets, operators=operators, data_sha256=data_sha256, k=k)
+    frame = test_records(scorer, training)
+    inputs = {c: [_json_number(v) for v in frame[c].to_numpy(np.float64)] for c in frame.columns[1:]}
+    return proto, card, inputs, expected_outputs(scorer, frame)
+
+
+def _ai4i(model_dir: Path, training_data: Path | None) -> tuple:
+    from deploy.bundle.ai4i_graph import ai4i_graph
+    from deploy.bundle.card import ai4i_card, ai4i_test_rows
+    from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, AI4IFailureModel, read_ai4i
+
+    model = AI4IFailureModel.load(model_dir)
+    training = read_ai4i(training_data) if training_data is not None else None
+    proto = ai4i_graph(model)
+    operators = {n.op_type for n in proto.graph.node}
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    card = ai4i_card(model, opsets=opsets, operators=operators,
+                     data_sha256=_sha256_path(training_data) if training_data is not None else None)
+    frame = ai4i_test_rows(training)
+    inputs = {"Type": frame["Type"].astype(str).tolist(),
+              **{n: [float(v) for v in frame[n].to_numpy(np.float64)] for n in NUMERIC_INPUTS}}
+    scored = model.predict_proba(frame, backend="lightgbm")
+    return proto, card, inputs, {name: scored[name].tolist() for name in scored.columns}
+
+
+def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
+                 training_data: Path | None = None) -> dict[str, Any]:
+    """Write the bundle of the model in model_dir (a credit model, or an AI4I failure model) to out
+    (a new or empty folder)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"{out} exists and is not an empty folder")
+    if sign_key is not None:
+        if not sign_key.is_file():
+            raise BundleError(f"no such key file: {sign_key}")
+        if out.resolve() in sign_key.resolve().parents:
+            raise BundleError("the signing key must not lie inside the bundle folder")
+    if (model_dir / "ai4i.json").is_file():
+        proto, card, inputs, expected = _ai4i(model_dir, training_data)
+    else:  # finance.load_model names what is missing when it is no credit model either
+        proto, card, inputs, expected = _credit(model_dir, training_data)
+    operators = {n.op_type for n in proto.graph.node}
+    card["graph"] = {"nodes": len(proto.graph.node), "operators": sorted(operators)}
+    onnx.helper.set_model_props(proto, {CARD_KEY: json.dumps(card, sort_keys=True)})
+    model_bytes = proto.SerializeToString()
+    tolerances = card["runtime"]["tolerances"]
+    problems = compare(run_graph(model_bytes, inputs), expected, tolerances)
+    if problems:
+        raise BundleError("the graph does not reproduce moeworks on the test vectors: " + "; ".join(problems))
+    rows = len(next(iter(inputs.values())))
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        (out / MODEL).write_bytes(model_bytes)
+        (out / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
+        (out / VECTORS).write_text(json.dumps({"rows": rows, "inputs": inputs, "expected": expected,
+                                               "tolerances": tolerances}))
+        manifest = write_manifest(out)
+        if sign_key is not None:
+            sign(out, sign_key)
+    except BaseException:  # a half-written bundle must not look like a bundle
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return {"bundle": str(out), "family": card["model"]["family"], "version": card["model"]["version"],
+            "signed": sign_key is not None, "files": manifest["files"], "nodes": card["graph"]["nodes"],
+            "test_vectors": rows}
+
+
+def _sha256_path(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with file.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_bundle(bundle: Path, *, key: Path | None = None) -> dict[str, Any]:
+    """Check the manifest, the signature (with key) and that the graph reproduces its test vectors."""
+    if not bundle.is_dir():
+        raise BundleIntegrityError(f"{bundle} is not a bundle folder")
+    if key is not None:
+        verify_signature(bundle, key)
+    manifest = check_manifest(bundle)
+    for name in (MODEL, CARD, VECTORS):
+        if name not in manifest["files"]:
+            raise BundleIntegrityError(f"the bundle has no {name}")
+    if (bundle / MODEL).stat().st_size > MAX_MODEL_BYTES:
+        raise BundleIntegrityError(f"{MODEL} is larger than {MAX_MODEL_BYTES >> 20} MiB")
+    vectors = json.loads((bundle / VECTORS).read_text())
+    problems = compare(run_graph(bundle / MODEL, vectors["inputs"]), vectors["expected"], vectors["tolerances"])
+    if problems:
+        raise BundleIntegrityError("the graph does not reproduce its test vectors: " + "; ".join(problems))
+    return {"bundle": str(bundle), "manifest": "ok", "files": len(manifest["files"]),
+            "signature": "verified" if key is not None else (
+                "present, not checked (no --key)" if (bundle / SIGNATURE).is_file() else "unsigned"),
+            "test_vectors": vectors["rows"]}
+
+
+def inspect_bundle(bundle: Path) -> dict[str, Any]:
+    """The card, the graph's inputs/outputs and the files, read without running anything."""
+    if not (bundle / CARD).is_file() or not (bundle / MODEL).is_file():
+        raise BundleIntegrityError(f"{bundle} is not a bundle folder (no {CARD} or {MODEL})")
+    if (bundle / CARD).stat().st_size > 16 << 20:
+        raise BundleIntegrityError(f"{CARD} is larger than 16 MiB")
+    card = json.loads((bundle / CARD).read_text())
+    return {"bundle": str(bundle), "card": card, "signed": (bundle / SIGNATURE).is_file(),
+            "files": sorted(p.name for p in bundle.iterdir())}

@@ -1,0 +1,175 @@
+"""The bundle's model card (card.json, and the same JSON in the ONNX metadata_props under `moeworks.card`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from finance.data import dataset_spec
+
+CARD_KEY = "moeworks.card"
+# The oldest onnxruntime that reproduces the test vectors, measured with tests/bundle_partner.py on
+# PyPI's wheels: graphs without trees run on 1.19.2 (the oldest tried); TreeEnsemble (ai.onnx.ml 5)
+# is missing before 1.21 and gives wrong leaves in 1.21.1-1.23.2 (PD off by 0.32); 1.24.1 and later are right.
+MIN_ONNXRUNTIME = {"TreeEnsemble": "1.24.1", "": "1.19.2"}
+
+
+def min_onnxruntime(operators: set[str]) -> str:
+    return MIN_ONNXRUNTIME["TreeEnsemble" if "TreeEnsemble" in operators else ""]
+
+_UNITS = {
+    "taiwan": {"LIMIT_BAL": ("NT$", "credit limit of the card"), "SEX": ("code", "1 male, 2 female"),
+               "EDUCATION": ("code", "1 graduate school, 2 university, 3 high school, 0/4/5/6 other"),
+               "MARRIAGE": ("code", "1 married, 2 single, 0/3 other"), "AGE": ("years", "age of the client"),
+               **{p: ("months late (code)", f"repayment status {m}: -2 no use, -1 paid duly, 0 revolving, k = k "
+                      "months late") for p, m in zip(("PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6"),
+                                                      ("September", "August", "July", "June", "May", "April"),
+                                                      strict=True)},
+               **{f"BILL_AMT{i}": ("NT$", f"bill statement, month {i} back (1 = September)") for i in range(1, 7)},
+               **{f"PAY_AMT{i}": ("NT$", f"amount paid, month {i} back (1 = September)") for i in range(1, 7)}},
+    "gmsc": {"RevolvingUtilizationOfUnsecuredLines": ("ratio", "revolving balances over credit limits"),
+             "age": ("years", "age of the borrower"),
+             **{field: ("count", f"times {words} days past due in 2 years (96/98: special codes)")
+                for field, words in (("NumberOfTime30-59DaysPastDueNotWorse", "30-59"),
+                                     ("NumberOfTime60-89DaysPastDueNotWorse", "60-89"),
+                                     ("NumberOfTimes90DaysLate", "90+"))},
+             "DebtRatio": ("ratio", "monthly debt payments over monthly income (the amount when income is missing)"),
+             "MonthlyIncome": ("currency per month", "monthly income"),
+             "NumberOfOpenCreditLinesAndLoans": ("count", "open loans and lines of credit"),
+             "NumberRealEstateLoansOrLines": ("count", "mortgage and real-estate loans"),
+             "NumberOfDependents": ("count", "dependents in the family, excluding the borrower")},
+}
+# raw fields that are protected attributes (anti-discrimination rules for credit: ECOA / Reg. B, EU law)
+_PROTECTED_FIELDS = {"taiwan": {"SEX": "sex", "AGE": "age", "MARRIAGE": "marital status"},
+                     "gmsc": {"age": "age", "NumberOfDependents": "family status"}}
+
+
+def training_fingerprint(scorer, data_sha256: str | None) -> dict[str, Any]:
+    """What identifies the training data: the file's SHA-256 when the builder was given it; else a
+    hash of what the model learned from the rows (pipeline medians and levels, PSI/CSI references)."""
+    fitted = hashlib.sha256(json.dumps({
+        "pipeline": scorer.pipeline_.to_dict(), "reference_edges": np.asarray(scorer.reference_edges_).tolist(),
+        "reference_shares": np.asarray(scorer.reference_shares_).tolist()}, sort_keys=True, default=float).encode())
+    out: dict[str, Any] = {"training_rows": int(scorer.training_rows_),
+                           "fitted_state_sha256": fitted.hexdigest()}
+    if data_sha256:
+        out["training_file_sha256"] = data_sha256
+    else:
+        out["note"] = ("the model folder records no hash of its training rows; fitted_state_sha256 hashes what was "
+                       "learned from them (feature medians, PSI reference). Pass --training-data to record the file's")
+    return out
+
+
+def credit_card(scorer, *, opsets: dict[str, int], operators: set[str], data_sha256: str | None,
+                k: int) -> dict[str, Any]:
+    spec = dataset_spec(scorer.dataset)
+    units = _UNITS[scorer.dataset]
+    protected_fields = _PROTECTED_FIELDS[scorer.dataset]
+    inputs = []
+    for f in spec.fields:
+        unit, meaning = units.get(f.name, ("", ""))
+        inputs.append({
+            "name": f.name, "type": "tensor(double) [N, 1]", "unit": unit, "meaning": meaning,
+            "allowed_range": {"min": f.min, "max": f.max, "whole_numbers": f.kind == "int"},
+            "missing": ("NaN. Allowed in this field." if not f.required else
+                        "NaN. moeworks' loaders refuse a missing value here; the graph scores it as missing "
+                        "(the scorecard's missing bin, LightGBM's missing branch), as finance.load_model().score "
+                        "does."),
+            "protected_attribute": protected_fields.get(f.name, "")})
+    catalogue = scorer.pipeline_.catalogue_
+    reasons = [{"index": j, "feature": s.name, "definition": s.definition, "family": s.family,
+                "protected_attribute": s.protected, "training_median": float(m)}
+               for j, (s, m) in enumerate(zip(catalogue, scorer.pipeline_.medians_, strict=True))]
+    scale = scorer.policy.scale
+    return {
+        "schema": "moeworks-bundle-card/1",
+        "model": {"family": f"credit/{scorer.model_name}", "dataset": scorer.dataset, "version": scorer.version_,
+                  "summary": scorer.model_.summary(), "features": len(scorer.pipeline_.feature_names_)},
+        "inputs": inputs,
+        "outputs": [
+            {"name": "pd", "type": "tensor(double) [N, 1]", "meaning": "probability of default"},
+            {"name": "points", "type": "tensor(double) [N, 1]",
+             "meaning": f"score points, higher is safer: {scale.base_score:g} at {scale.base_odds:g}:1 good:bad "
+                        f"odds, {scale.pdo:g} points double the odds; rounded to 0.1"},
+            {"name": "decision", "type": "tensor(int64) [N, 1]", "labels": ["approve", "decline"],
+             "meaning": f"0 approve (pd <= {scorer.cutoff_pd_!r}), 1 decline",
+             "cutoff_pd": float(scorer.cutoff_pd_)},
+            {"name": "reasons", "type": f"tensor(int64) [N, {k}]",
+             "meaning": "indices into reason_table of the factors that raised this applicant's risk most, "
+                        "strongest first, at most one per family; -1: no further factor"}],
+        "reason_table": reasons,
+        "training_data": training_fingerprint(scorer, data_sha256),
+        "validation_metrics": scorer.validation_metrics_,
+        "protected_attributes": {
+            "raw_fields": protected_fields,
+            "features_used": sorted({s.name for s in catalogue if s.protected}),
+            "excluded_from_training": bool(scorer.pipeline_.exclude_protected),
+            "note": "features_used lists the model's inputs computed from protected attributes; the law of the "
+                    "partner's market decides whether they may be used (moeworks can train without them)."},
+        "intended_use": "Probability of default of consumer credit applicants of the same population and "
+                        "record format as the training data, with reason codes for adverse-action notices; "
+                        "a decision aid under the lender's credit policy and human review.",
+        "limitations": [
+            "Trained on one historical population; performance drifts as applicants and the economy change: "
+            "monitor PSI/CSI and re-validate before relying on it for another market or period.",
+            "Inputs outside allowed_range are scored, not refused: validate records before scoring.",
+            "pd is calibrated on the training population's default rate.",
+            "Reason codes rank the model's own attributions; they are not causal statements."],
+        "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
+                    "tolerances": {"pd": 1e-6, "points": 0.1, "decision": 0, "reasons": 0}},  # 0: identical
+    }
+
+
+def ai4i_test_rows(training):
+    """Test rows: up to 24 training rows (or generated ones), then extremes: every reading at 0, at
+    1e6 and negative, and each machine type."""
+    import pandas as pd
+
+    from manufacturing.maintenance.ai4i import INPUTS, NUMERIC_INPUTS, generate_ai4i
+
+    sample = (training if training is not None else generate_ai4i(24, seed=0))[INPUTS].iloc[:24]
+    extremes = [{"Type": t, **dict.fromkeys(NUMERIC_INPUTS, v)} for t in ("L", "M", "H") for v in (0.0, 1e6, -50.0)]
+    return pd.concat([sample, pd.DataFrame(extremes)], ignore_index=True)
+
+
+def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256: str | None) -> dict[str, Any]:
+    from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, OUTPUTS
+
+    units = {"Air temperature [K]": "K", "Process temperature [K]": "K", "Rotational speed [rpm]": "rpm",
+             "Torque [Nm]": "Nm", "Tool wear [min]": "min"}
+    meanings = {"failure": "any machine failure", "TWF": "tool wear failure", "HDF": "heat dissipation failure",
+                "PWF": "power failure", "OSF": "overstrain failure", "RNF": "random failure"}
+    training = {"fitted_state_sha256": hashlib.sha256(json.dumps(
+        {"mean": np.asarray(model.mean_).tolist(), "std": np.asarray(model.std_).tolist()}).encode()).hexdigest()}
+    if data_sha256:
+        training["training_file_sha256"] = data_sha256
+    return {
+        "schema": "moeworks-bundle-card/1",
+        "model": {"family": "maintenance/ai4i-lightgbm", "dataset": "ai4i2020",
+                  "version": hashlib.sha256("".join(model.boosters_[o].model_to_string() for o in OUTPUTS)
+                                            .encode()).hexdigest()[:16],
+                  "backend": "lightgbm (the model's MoE backend has no bundle graph yet)",
+                  "default_backend_of_model": model.default_backend_},
+        "inputs": [{"name": "Type", "type": "tensor(string) [N, 1]", "unit": "",
+                    "meaning": "product quality: L, M or H",
+                    "allowed_range": {"levels": ["L", "M", "H"]},
+                    "missing": "not allowed (moeworks refuses it); any other string is scored as an unknown type",
+                    "protected_attribute": ""},
+                   *({"name": n, "type": "tensor(double) [N, 1]", "unit": units[n], "meaning": n.split(" [")[0],
+                      "allowed_range": {"finite": True},
+                      "missing": "not allowed: moeworks refuses non-finite readings; NaN follows LightGBM's "
+                                 "missing branch", "protected_attribute": ""} for n in NUMERIC_INPUTS)],
+        "outputs": [{"name": o, "type": "tensor(double) [N, 1]", "meaning": f"probability of {meanings[o]}"}
+                    for o in OUTPUTS],
+        "training_data": training,
+        "validation_metrics": getattr(model, "metrics_", {}),
+        "protected_attributes": {"raw_fields": {}, "note": "machine readings only; no personal data"},
+        "intended_use": "Early warning of milling-machine failures from one reading of the AI4I 2020 kind.",
+        "limitations": ["AI4I 2020 is synthetic data of one machine type; re-validate on the plant's own "
+                        "history before acting on alerts.", "Random failures (RNF) are not predictable."],
+        "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
+                    "tolerances": dict.fromkeys(OUTPUTS, 1e-6)},
+    }

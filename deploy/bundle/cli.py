@@ -1,0 +1,90 @@
+"""`moeworks bundle build|verify|inspect`: signed partner bundles (see deploy/bundle/build.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Partner bundles: one ONNX graph from raw fields to decisions, a model card, test "
+                       "vectors and a signed manifest.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("build")
+def build(model: Path = typer.Option(..., help="a saved credit model folder (finance train --out)"),
+          out: Path = typer.Option(..., help="the bundle folder to write (new or empty)"),
+          sign_key: Path | None = typer.Option(None, help="EC private key (PEM) to sign the bundle with; "
+                                                          "it is read, never copied into the bundle"),
+          training_data: Path | None = typer.Option(None, help="the training file, to record its SHA-256 and "
+                                                               "draw test vectors from it"),
+          json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
+    """Build a bundle of MODEL in OUT; refuses one whose graph does not reproduce moeworks."""
+    from deploy.bundle.build import build_bundle
+    from deploy.bundle.credit_features import BundleError
+    from finance.errors import CreditDataError
+
+    try:
+        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data)
+    except (BundleError, CreditDataError, OSError) as error:
+        _fail(str(error).splitlines()[0])
+    except ValueError as error:  # e.g. a key file that is not an EC private key in PEM
+        _fail(f"cannot sign with {sign_key}: {str(error).splitlines()[0]}")
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"wrote {result['family']} bundle {out} ({result['nodes']} graph nodes, "
+                   f"{result['test_vectors']} test vectors, {'signed' if result['signed'] else 'unsigned'})", err=True)
+
+
+@app.command("verify")
+def verify(bundle: Path = typer.Argument(..., help="the bundle folder"),
+           key: Path | None = typer.Option(None, help="the publisher's EC public key (PEM); without it only "
+                                                      "the manifest hashes are checked"),
+           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
+    """Check every file's hash, the signature (with --key) and the test vectors; exit 2 on any difference."""
+    from deploy.bundle.build import verify_bundle
+    from deploy.bundle.signing import BundleIntegrityError
+
+    if key is not None and not key.is_file():
+        _fail(f"no such key file: {key}")
+    try:
+        result = verify_bundle(bundle, key=key)
+    except (BundleIntegrityError, OSError, ValueError) as error:
+        _fail(str(error).splitlines()[0])
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{bundle}: manifest ok, signature {result['signature']}, "
+                   f"{result['test_vectors']} test vectors reproduced", err=True)
+
+
+@app.command("inspect")
+def inspect(bundle: Path = typer.Argument(..., help="the bundle folder"),
+            json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
+    """Show the bundle's model card: inputs, outputs, version, metrics, protected attributes."""
+    from deploy.bundle.build import inspect_bundle
+    from deploy.bundle.signing import BundleIntegrityError
+
+    try:
+        result = inspect_bundle(bundle)
+    except (BundleIntegrityError, OSError, ValueError) as error:
+        _fail(str(error).splitlines()[0])
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    card = result["card"]
+    typer.echo(f"{card['model']['family']} {card['model']['version']} ({card['model']['dataset']}), "
+               f"{'signed' if result['signed'] else 'unsigned'}", err=True)
+    for field in card["inputs"]:
+        protected = f" [protected: {field['protected_attribute']}]" if field["protected_attribute"] else ""
+        typer.echo(f"  in  {field['name']}: {field['unit']} {field['allowed_range']}{protected}", err=True)
+    for output in card["outputs"]:
+        typer.echo(f"  out {output['name']}: {output['type']}  {output['meaning']}", err=True)
+    typer.echo(f"  validation AUC {card['validation_metrics'].get('auc')}, opsets {card['runtime']['onnx_opsets']}, "
+               f"onnxruntime >= {card['runtime']['min_onnxruntime']}", err=True)
