@@ -274,6 +274,12 @@ class YoloDetector:
         """The detector file's DetectionModel (fused, eval) and metadata, read weights-only."""
         from core.trainer import CheckpointError, read_checkpoint
 
+        with path.open("rb") as handle:
+            head = handle.read(4)
+        # torch writes a zip archive (older torch a bare pickle, protocol byte 0x80): anything else is no
+        # checkpoint at all, and saying "pickle" about a photo would mislead
+        if head != b"PK\x03\x04" and head[:1] != b"\x80":
+            raise DefectDataError(f"{path}: not a YOLO checkpoint (.pt) or moeworks ONNX export (.onnx)")
         try:
             payload = read_checkpoint(path)
         except CheckpointError:
