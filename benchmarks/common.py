@@ -1,6 +1,6 @@
 """What every benchmark script shares: the machine it ran on, and how it hands its results over.
 
-DEVELOPERS.md: a benchmark states the machine, writes a results JSON, prints a table, and with
+CONTRIBUTING.md ("Benchmarks"): a benchmark states the machine, writes a results JSON, prints a table, and with
 `--json` prints its metrics as one JSON object on the last line of stdout. A script adds its own
 settings (runtime threads, device, dtype) as extra keys beside `machine()`'s:
 
