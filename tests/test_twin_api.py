@@ -51,7 +51,9 @@ def test_assets_state_history_and_openapi(service):
                  "/api/assets/{device_id}/simulate/mill", "/api/assets/{device_id}/simulate/engine"):
         assert path in spec["paths"], path
     assert client.get("/api/schema").json()["properties"]["seq"]["minimum"] == 0
-    assert 'moeworks_twin_messages_total{outcome="ingested"} 20' in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert 'moeworks_twin_messages_total{outcome="ingested"} 20' in metrics
+    assert "moeworks_twin_rows_refused_total 0" in metrics and "moeworks_twin_health_backlog " in metrics
     assert "<canvas" in client.get("/").text
 
 
@@ -254,15 +256,25 @@ def test_a_burst_with_a_failing_health_model_dead_letters_that_message_only(tmp_
 
 
 def test_live_streams_are_capped_and_a_closed_one_frees_its_place(service):
-    client = TestClient(create_app(service, stream_max_s=30, max_streams=1))
-    with client.stream("GET", "/api/events") as first:
-        next(line for line in first.iter_lines() if line.startswith("data: "))
-        refused = client.get("/api/events")
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # the server notices the disconnect at its next half-second step
-        with client.stream("GET", "/api/events") as again:
-            if again.status_code == 200:
-                break
-        time.sleep(0.2)
-    assert again.status_code == 200
+    # over a real socket, as a browser holds its stream
+    import httpx
+
+    from twin.demo import HttpServer
+
+    server = HttpServer(create_app(service, stream_max_s=30, max_streams=1)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            with client.stream("GET", "/api/events") as first:
+                lines = first.iter_lines()  # held: a line iterator dropped half-way closes its stream
+                next(line for line in lines if line.startswith("data: "))
+                refused = client.get("/api/events")
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the server notices the disconnect at its next half-second step
+                with client.stream("GET", "/api/events") as again:
+                    if again.status_code == 200:
+                        break
+                time.sleep(0.2)
+            assert again.status_code == 200
+    finally:
+        server.stop()

@@ -192,6 +192,8 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
         lines += [f"moeworks_twin_devices {s['devices']}", f"moeworks_twin_devices_online {s['online']}",
                   f"moeworks_twin_history_rows_total {s['committed']}",
                   f"moeworks_twin_write_errors_total {s['write_errors']}",
+                  f"moeworks_twin_rows_refused_total {s['rows_refused']}",   # rows the database refused
+                  f"moeworks_twin_health_backlog {s['health_backlog']}",     # scorings queued for the models
                   f"moeworks_twin_work_orders_pending {s['work_orders_pending']}"]
         for q in ("p50", "p99"):
             if s["latency_ms"][q] is not None:
