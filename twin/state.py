@@ -13,6 +13,9 @@ Rules (twin/SCHEMA.md has the full table); seq and bdSeq are Sparkplug's 0-255, 
   birth in this session is kept and a rebirth is requested (the twin may have restarted).
 - Unknown metrics and values of the wrong type are dropped from the message and dead-lettered;
   the rest of the message is kept.
+- Metric aliases (protobuf): a birth's name + alias pairs name the aliases of the data that follows;
+  alias-only data before any birth is read with the aliases the edge agent derives from the plant's
+  names (twin.sparkplug.metric_alias), so data queued while the twin restarted is not lost.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twin.codec import decode
 from twin.health import Health, HealthModel
 from twin.payload import (
     DEFAULT_LIMITS,
@@ -30,12 +34,12 @@ from twin.payload import (
     Payload,
     PayloadError,
     Topic,
-    decode,
     parse_topic,
     seq_delta,
     value_fits,
 )
 from twin.plant import Machine, Plant
+from twin.sparkplug import assign_aliases
 
 RECENT_SEQS = 2048  # per device: duplicates are caught in memory this far back, older ones by the store
 
@@ -125,6 +129,7 @@ class TwinState:
         self.devices = {mid: DeviceState(m) for mid, m in plant.machines.items()}
         self.nodes = {nid: NodeState(nid) for nid in plant.nodes}
         self._rebirth_asked: dict[str, int] = {}
+        self._aliases: dict[str, dict[int, str]] = {}  # node or device id -> alias -> name, from its last birth
         # topics already checked against the plant: at most 8 message types x (nodes + devices) entries,
         # since only topics that pass every check are kept. Saves the split and the checks per message.
         self._topics: dict[str, Topic] = {}
@@ -179,6 +184,7 @@ class TwinState:
             self.counters["late_birth"] += 1  # it would resurrect a node that died after it
             return
         node.online, node.bd_seq, node.last_seq = True, bd, payload.seq
+        self._learn_aliases(topic.node, payload)
         node.metrics.update({m.name: m.value for m in payload.metrics if m.value is not None})
         self.counters["nbirth"] += 1
         for device_id in self.plant.nodes[topic.node]:
@@ -207,6 +213,7 @@ class TwinState:
             self.counters["late_birth"] += 1
             return
         machine = device.machine
+        self._learn_aliases(topic.device, payload)
         for metric in payload.metrics:
             sensor = machine.sensors.get(metric.name)
             if sensor is None:
@@ -237,6 +244,7 @@ class TwinState:
             self.counters["node_duplicate"] += 1
             return
         node.last_seq = payload.seq
+        self._resolve_aliases(topic.node, payload, out)
         node.metrics.update({m.name: m.value for m in payload.metrics})
         self.counters["ndata"] += 1
 
@@ -264,6 +272,7 @@ class TwinState:
                 out.rebirth = topic.node
         values: dict[str, Any] = {}
         sensors = device.machine.sensors
+        self._resolve_aliases(topic.device, payload, out)
         for metric in payload.metrics:
             sensor = sensors.get(metric.name)
             if sensor is None:
@@ -299,6 +308,28 @@ class TwinState:
             out.changed.append(device.machine.id)
         out.ingested = Ingested(device.machine.id, serial, payload.timestamp, now_ms, values, in_order,
                                 device.health if in_order else None)
+
+    def _learn_aliases(self, owner: str, payload: Payload) -> None:
+        self._aliases[owner] = {m.alias: m.name for m in payload.metrics if m.alias is not None and m.name}
+
+    def _resolve_aliases(self, owner: str, payload: Payload, out: Outcome) -> None:
+        """Name the metrics that came by alias alone (protobuf data); those no birth named are dropped."""
+        if all(m.name is not None for m in payload.metrics):
+            return
+        known = self._aliases.get(owner)
+        if known is None:  # no birth yet: the aliases an edge agent derives from the plant's names
+            machine = self.plant.machines.get(owner)
+            names = machine.sensors if machine is not None else ()
+            known = self._aliases[owner] = {alias: name for name, alias in assign_aliases(owner, names).items()}
+        kept = []
+        for metric in payload.metrics:
+            if metric.name is None:
+                metric.name = known.get(metric.alias)
+                if metric.name is None:
+                    self._metric_fault(out, "unknown_metric", f"alias {metric.alias} named by no birth")
+                    continue
+            kept.append(metric)
+        payload.metrics = kept
 
     def _metric_fault(self, out: Outcome, counter: str, reason: str) -> None:
         self.counters[counter] += 1
