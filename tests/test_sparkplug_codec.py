@@ -80,7 +80,7 @@ def test_bd_seq_travels_as_a_metric_and_is_required_on_births_and_deaths():
         "keys": ["engUnit"], "values": [{"type": 12, "string_value": "u" * 33}]}}]), "out_of_range", "'unit'"),
 ])
 def test_refused_protobuf_gives_a_key_and_a_one_line_reason(raw, key, reason):
-    kind = "NBIRTH" if b"bdSeq" in raw else "DDATA"
+    kind = "NBIRTH" if b"bdSeq" in raw else "DBIRTH" if b"engUnit" in raw else "DDATA"  # units: read on births
     with pytest.raises(PayloadError) as refused:
         codec.decode(kind, raw, now_ms=NOW)
     assert refused.value.key == key and reason in refused.value.reason and "\n" not in refused.value.reason

@@ -32,11 +32,13 @@ def is_json(raw: bytes) -> bool:
     return first in _JSON_STARTS or (first != b"" and first in _BLANKS and raw.lstrip(_BLANKS)[:1] in _JSON_STARTS)
 
 
-def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS) -> Payload:
-    """twin.payload.decode or twin.sparkplug.decode, by the payload's first byte (see the module's docstring)."""
+def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS,
+           aliases: Mapping[int, str] | None = None) -> Payload:
+    """twin.payload.decode or twin.sparkplug.decode (which names alias-only metrics from `aliases`), by the
+    payload's first byte (see the module's docstring)."""
     if is_json(raw):
         return json_codec.decode(kind, raw, now_ms=now_ms, limits=limits)
-    return sparkplug.decode(kind, raw, now_ms=now_ms, limits=limits)
+    return sparkplug.decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases)
 
 
 def encode(payload: Payload, codec: str, *, aliases: Mapping[str, int] | None = None, names: bool = True) -> bytes:

@@ -13,7 +13,8 @@ How our model maps (twin/SCHEMA.md, "Protobuf"):
 - `serial` (our exactly-once key) -> the metric `moeworks/serial` (UInt64), declared on the DBIRTH
   without an alias and sent by name on every DDATA: an ordinary metric that any Sparkplug host
   shows and may ignore, where `uuid`/`body` would change how tools read the whole payload.
-- a metric's `unit` -> its property `engUnit` (String), the property Ignition reads.
+- a metric's `unit` -> its property `engUnit` (String), the property Ignition reads; read on births
+  only (the twin takes units from births), other properties are ignored.
 - every metric carries its datatype, also on data messages: Tahu's decoders pick the value field by
   the datatype and read nothing without it.
 - aliases: births declare name + alias, data messages send the alias alone (`names=False`).
@@ -146,21 +147,23 @@ def encode(payload: Payload, *, aliases: Mapping[str, int] | None = None, names:
     return msg.SerializeToString()
 
 
-def _value(metric, datatype: int):
-    if metric.is_null:
+_FIELD_OF = {INT8: "int_value", INT16: "int_value", INT32: "int_value", UINT8: "int_value", UINT16: "int_value",
+             INT64: "long_value", UINT32: "long_value", UINT64: "long_value", DATETIME: "long_value",
+             FLOAT: "float_value", DOUBLE: "double_value", BOOLEAN: "boolean_value", STRING: "string_value",
+             TEXT: "string_value"}
+
+
+def _value(metric, datatype: int, field: str | None):
+    if field is None or metric.is_null:
         return None
-    field = metric.WhichOneof("value")
-    if field is None:
-        return None
+    if field not in _ONEOF_TYPES:
+        raise PayloadError(f"metric {metric.name[:60]!r}: {field} values are not accepted")
     value = getattr(metric, field)
     if field == "long_value":
-        if datatype not in _UNSIGNED_64 and value > INT64_MAX:
+        if value > INT64_MAX and datatype not in _UNSIGNED_64:
             value -= _TWO_64  # Int64 travels as two's complement
-    elif field == "int_value":
-        if datatype in _SIGNED_32 and value >= 2**31:
-            value -= _TWO_32
-    elif field not in _ONEOF_TYPES:
-        raise PayloadError(f"metric {metric.name[:60]!r}: {field} values are not accepted")
+    elif field == "int_value" and value >= 2**31 and datatype in _SIGNED_32:
+        value -= _TWO_32
     return value
 
 
@@ -182,9 +185,12 @@ def _counter(metric: Metric, i: int, high: int) -> int:
     return value
 
 
-def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS) -> Payload:
+def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS,
+           aliases: Mapping[int, str] | None = None) -> Payload:
     """Parse and check a protobuf payload for a message type; raises PayloadError with the reason,
-    under the same rules as twin.payload.decode (its docstring) reads the JSON."""
+    under the same rules as twin.payload.decode (its docstring) reads the JSON. A metric sent by alias
+    alone is named from `aliases` (alias -> name, from the sender's birth); without a match its name
+    stays None for the caller to judge."""
     if len(raw) > limits.max_payload_bytes:
         raise PayloadError(f"payload of {len(raw):,} bytes is over the {limits.max_payload_bytes:,}-byte limit",
                            "oversized")
@@ -209,30 +215,50 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
     check_metric_count(len(msg.metrics), limits)
     bd_seq = serial = None
     metrics = []
+    # Field reads cost ~0.1 us each through the protobuf runtime, HasField more: read the values, and ask
+    # HasField only where a default (0) is also a legal value (an alias of 0)
+    max_name, max_string = limits.max_name_chars, limits.max_string_chars
+    births = kind in ("NBIRTH", "DBIRTH")
     for i, item in enumerate(msg.metrics):
-        name = item.name if item.HasField("name") else None
-        alias = item.alias if item.HasField("alias") else None
-        if name is None:
-            if alias is None:
+        name = item.name or None  # an empty name is no name: it then needs an alias
+        alias = item.alias
+        if not alias and not item.HasField("alias"):
+            alias = None
+            if name is None:
                 raise PayloadError(f"metrics[{i}] needs a name or an alias")
-        elif not 0 < len(name) <= limits.max_name_chars:
+        if name is None:
+            if aliases is not None:
+                name = aliases.get(alias)  # names in these maps passed the name check on their birth
+        elif len(name) > max_name:
             check_name(i, name, limits)
-        if item.HasField("datatype"):
-            datatype = item.datatype
-            if datatype not in OUR_TYPES:
+        datatype = item.datatype
+        if datatype in OUR_TYPES:
+            # a value other than its field's default proves that field is the one set (a oneof reads its unset
+            # members as defaults): the common case, without WhichOneof
+            value = getattr(item, _FIELD_OF[datatype])
+            if not value or item.is_null:
+                value = _value(item, datatype, item.WhichOneof("value"))
+            elif datatype == INT64 and value > INT64_MAX:
+                value -= _TWO_64  # Int64 travels as two's complement
+            elif datatype in _SIGNED_32 and value >= 2**31:
+                value -= _TWO_32
+        else:
+            if datatype or item.HasField("datatype"):
                 raise PayloadError(f"metrics[{i}] ({name}): datatype {datatype} is not accepted")
-        else:  # Sparkplug lets data messages leave it out: the value's field says it
-            datatype = _ONEOF_TYPES.get(item.WhichOneof("value"), DOUBLE)
-        value = _value(item, datatype)
-        if type(value) is str and len(value) > limits.max_string_chars:
+            field = item.WhichOneof("value")
+            datatype = _ONEOF_TYPES.get(field, DOUBLE)  # Sparkplug lets data messages leave it out: the field says
+            value = _value(item, datatype, field)
+        if type(value) is str and len(value) > max_string:
             check_string(i, name, value, limits)
-        metric = Metric(name, value, OUR_TYPES[datatype],
-                        _unit(i, name, item.properties, limits) if item.HasField("properties") else None, alias)
-        if name == SERIAL_METRIC:
-            serial = _counter(metric, i, MAX_SERIAL)
-            continue
-        if name == BD_SEQ_METRIC and kind in ("NBIRTH", "NDEATH"):
-            bd_seq = _counter(metric, i, SEQ_MODULUS - 1)
+        # units matter on births (the twin reads them there, and ignores properties on data messages)
+        unit = _unit(i, name, item.properties, limits) if births and item.HasField("properties") else None
+        metric = Metric(name, value, OUR_TYPES[datatype], unit, alias)
+        if name is not None and (name == SERIAL_METRIC or name == BD_SEQ_METRIC):
+            if name == SERIAL_METRIC:
+                serial = _counter(metric, i, MAX_SERIAL)
+                continue
+            if kind in ("NBIRTH", "NDEATH"):
+                bd_seq = _counter(metric, i, SEQ_MODULUS - 1)
         metrics.append(metric)
     if bd_seq is None and kind in ("NBIRTH", "NDEATH"):
         raise PayloadError(f"missing metric {BD_SEQ_METRIC!r}")

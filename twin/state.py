@@ -129,7 +129,8 @@ class TwinState:
         self.devices = {mid: DeviceState(m) for mid, m in plant.machines.items()}
         self.nodes = {nid: NodeState(nid) for nid in plant.nodes}
         self._rebirth_asked: dict[str, int] = {}
-        self._aliases: dict[str, dict[int, str]] = {}  # node or device id -> alias -> name, from its last birth
+        # device id (or "/" + node id: no device id has a "/") -> alias -> name, from its last birth
+        self._aliases: dict[str, dict[int, str]] = {}
         # topics already checked against the plant: at most 8 message types x (nodes + devices) entries,
         # since only topics that pass every check are kept. Saves the split and the checks per message.
         self._topics: dict[str, Topic] = {}
@@ -149,7 +150,8 @@ class TwinState:
                 parsed = self._check_topic(topic)
                 if parsed is None:
                     return out
-            payload = decode(parsed.kind, raw, now_ms=now_ms, limits=self.limits)
+            payload = decode(parsed.kind, raw, now_ms=now_ms, limits=self.limits,
+                             aliases=self._alias_map(parsed.device or "/" + parsed.node))
         except PayloadError as exc:
             self.counters["dead_letter"] += 1
             self.counters[exc.key] += 1
@@ -184,7 +186,7 @@ class TwinState:
             self.counters["late_birth"] += 1  # it would resurrect a node that died after it
             return
         node.online, node.bd_seq, node.last_seq = True, bd, payload.seq
-        self._learn_aliases(topic.node, payload)
+        self._learn_aliases("/" + topic.node, payload)
         node.metrics.update({m.name: m.value for m in payload.metrics if m.value is not None})
         self.counters["nbirth"] += 1
         for device_id in self.plant.nodes[topic.node]:
@@ -244,7 +246,7 @@ class TwinState:
             self.counters["node_duplicate"] += 1
             return
         node.last_seq = payload.seq
-        self._resolve_aliases(topic.node, payload, out)
+        self._resolve_aliases("/" + topic.node, payload, out)
         node.metrics.update({m.name: m.value for m in payload.metrics})
         self.counters["ndata"] += 1
 
@@ -312,22 +314,28 @@ class TwinState:
     def _learn_aliases(self, owner: str, payload: Payload) -> None:
         self._aliases[owner] = {m.alias: m.name for m in payload.metrics if m.alias is not None and m.name}
 
-    def _resolve_aliases(self, owner: str, payload: Payload, out: Outcome) -> None:
-        """Name the metrics that came by alias alone (protobuf data); those no birth named are dropped."""
-        if all(m.name is not None for m in payload.metrics):
-            return
+    def _alias_map(self, owner: str) -> dict[int, str]:
+        """alias -> name for a node's or device's alias-only data: from its last birth, or before any birth the
+        aliases an edge agent derives from the plant's names (twin.sparkplug.metric_alias)."""
         known = self._aliases.get(owner)
-        if known is None:  # no birth yet: the aliases an edge agent derives from the plant's names
+        if known is None:
             machine = self.plant.machines.get(owner)
             names = machine.sensors if machine is not None else ()
             known = self._aliases[owner] = {alias: name for name, alias in assign_aliases(owner, names).items()}
+        return known
+
+    def _resolve_aliases(self, owner: str, payload: Payload, out: Outcome) -> None:
+        """Drop the metrics whose alias (protobuf data) no birth named; decode named the others."""
+        for metric in payload.metrics:
+            if metric.name is None:
+                break
+        else:
+            return
         kept = []
         for metric in payload.metrics:
             if metric.name is None:
-                metric.name = known.get(metric.alias)
-                if metric.name is None:
-                    self._metric_fault(out, "unknown_metric", f"alias {metric.alias} named by no birth")
-                    continue
+                self._metric_fault(out, "unknown_metric", f"alias {metric.alias} named by no birth")
+                continue
             kept.append(metric)
         payload.metrics = kept
 
