@@ -374,8 +374,10 @@ def main() -> None:
                         help="builtin: `moeworks twin broker` (amqtt), only with --kill-cycles")
     parser.add_argument("--kill-cycles", type=int, default=0,
                         help="SIGKILL and restart the twin (its own process) this many times during each window")
-    parser.add_argument("--payload", default="protobuf",
-                        help="payload encodings, comma-separated, each rate once per encoding: json, protobuf")
+    parser.add_argument("--payload", default="json",
+                        help="payload encodings, comma-separated, each rate once per encoding: json, protobuf "
+                             "(default json: the encoding of the figures recorded before protobuf existed; "
+                             "--attack's forged messages stay JSON, the twin reads both)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = parser.parse_args()
