@@ -127,6 +127,28 @@ def test_state_offline_holds_the_edge_and_online_delivers_everything(broker, tmp
         observer.close()
 
 
+def test_the_agent_reads_its_primary_hosts_state_in_order():
+    from deploy.edge.agent import _Session
+
+    session = _Session(EdgeConfig(primary_host="twin"), bd_seq=0)  # not connected: its STATE handler alone
+    state = session._on_host_state
+    assert not session.host_online and not session.rebirth
+    state(b'{"online":true,"timestamp":5}')
+    assert session.host_online and session.rebirth, "online: births first"
+    session.rebirth = False
+    state(b'{"online":false,"timestamp":4}')  # the will of an older start of the host: stale
+    assert session.host_online and not session.rebirth
+    state(b'{"online":true,"timestamp":9}')  # the host restarted and we never read its offline
+    assert session.host_online and session.rebirth
+    session.rebirth = False
+    for junk in (b"{", b"[]", b'{"online":"yes","timestamp":10}', b'{"online":false}', b"\x00"):
+        state(junk)
+    assert session.host_online and not session.rebirth, "junk changes nothing"
+    state(b'{"online":false,"timestamp":9}')  # the will of this start: same timestamp as its online
+    assert not session.host_online
+    session.client.loop_stop()
+
+
 def test_rebirth_commands_travel_as_protobuf_both_ways(broker, tmp_path):
     observer = Observer(broker.port)
     twin = start_twin(broker.port, tmp_path / "twin.db", "twin-cmd")

@@ -127,7 +127,8 @@ class _Session:
 
     def _on_host_state(self, raw: bytes) -> None:
         """Sparkplug 3.0 STATE: {"online": bool, "timestamp": ms}; a message older than the last one is stale
-        (a will registered before the host's latest connect). Coming online asks for births again."""
+        (a will registered before the host's latest connect). Coming online, or online again from a newer
+        start of the host (one whose offline we never read), asks for births again: the host needs them."""
         try:
             state = orjson.loads(raw)
             online, stamp = state["online"], state["timestamp"]
@@ -135,9 +136,9 @@ class _Session:
             return
         if type(online) is not bool or type(stamp) is not int or stamp < self.host_timestamp:
             return
-        self.host_timestamp = stamp
-        if online and not self.host_online:
+        if online and (not self.host_online or stamp > self.host_timestamp):
             self.rebirth = True
+        self.host_timestamp = stamp
         self.host_online = online
 
     def open(self, timeout: float) -> None:
