@@ -162,3 +162,17 @@ def test_state_names_alias_only_data_from_the_birth_or_the_plant(state):
     out = fresh.apply("spBv1.0/g/DDATA/n1/m1", unknown, NOW)
     assert out.ingested.values == {"torque": 42.0} and out.dead_letters == ["alias 99 named by no birth"]
     assert fresh.counters["unknown_metric"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edge", "run", "--payload", "xml"], "EdgeConfig.payload must be one of protobuf, json"),
+    (["edge", "run", "--primary-host", "a/b"], "EdgeConfig.primary_host must be a non-empty MQTT topic level"),
+])
+def test_payload_options_refuse_mistakes_in_one_line(args, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    result = CliRunner().invoke(app, args + ["--spool", str(tmp_path / "s.spool"), "--max-messages", "1"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s.spool").exists(), "refused before the agent started"
