@@ -6,7 +6,7 @@ export TORCHINDUCTOR_COMPILE_THREADS ?= 1
 export YOLO_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean proto
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Sparkplug B payload code from its schema; commit both files (nothing compiles at install or run time)
+proto: install
+	$(PY) -m grpc_tools.protoc -I twin --python_out=twin twin/sparkplug_b.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,8 +16,13 @@ restarts it N times during the measured window; the rates and latencies then com
 rows (received_ms - edge timestamp: publish to state), and lost/duplicated rows are counted against
 exactly what the publishers sent and the broker acknowledged.
 
+`--payload json,protobuf` runs each rate once per payload encoding, side by side: our JSON, and
+Sparkplug B protobuf as the edge agent sends it (births declaring aliases, DDATA by alias alone,
+encoded by twin.sparkplug per message, so the publishers pay what an edge pays).
+
     python benchmarks/twin.py --json
     python benchmarks/twin.py --rates 2000 --attack 0.01 --kill-cycles 5
+    python benchmarks/twin.py --rates 2000,5000 --seconds 10 --payload json,protobuf
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ DDATA_TEMPLATE = ('{"timestamp":%d,"seq":%d,"serial":%d,"metrics":[{"name":"prod
                   '{"name":"air_temperature","value":%.1f},{"name":"process_temperature","value":%.1f},'
                   '{"name":"rotational_speed","value":%d},{"name":"torque","value":%.1f},'
                   '{"name":"tool_wear","value":%d.0}]}')
+DDATA_METRICS = ("product_type", "air_temperature", "process_temperature", "rotational_speed", "torque", "tool_wear")
+PAYLOADS = ("json", "protobuf")
 
 
 NOISE_BLOCK = 8192
@@ -76,7 +83,8 @@ def _readings(rng: np.random.Generator, n: int) -> list[list]:
 
 
 def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, list[str]], rate: float,
-                 seconds: float, seed: int, out: mp.Queue, ready: mp.Queue, go, attack: float = 0.0) -> None:
+                 seconds: float, seed: int, out: mp.Queue, ready: mp.Queue, go, attack: float = 0.0,
+                 payload: str = "json") -> None:
     """One publisher process: births for its nodes and devices, then DDATA at `rate` msg/s for `seconds`.
 
     Each DDATA is a real Sparkplug-style message (its device's next seq, the edge clock in ms, six AI4I
@@ -85,6 +93,8 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     from a template, and a tick's messages leave in one write (twin.mqtt_burst, as the twin receives).
     """
     from twin.mqtt_burst import BurstClient, BurstClientConfig
+    from twin.payload import Metric, Payload
+    from twin.sparkplug import assign_aliases, encode
 
     acked = [0]
     client = BurstClient(config=BurstClientConfig(port=port, client_id=f"bench-pub-{seed}", keepalive_s=30),
@@ -92,8 +102,15 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     client.wait_connected(30)
     rng = np.random.default_rng(seed)
     births = []
+    aliases = {d: assign_aliases(d, DDATA_METRICS) for node in nodes for d in devices[node]}
     for node in nodes:
         stamp = int(time.time() * 1000)
+        if payload == "protobuf":
+            births.append((f"spBv1.0/{group}/NBIRTH/{node}", encode(Payload(stamp, 0, 0))))
+            births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", encode(Payload(stamp, 0, None, [
+                Metric(name, None, "String" if name == "product_type" else "Double") for name in DDATA_METRICS],
+                serial=0), aliases=aliases[d])) for d in devices[node]]
+            continue
         births.append((f"spBv1.0/{group}/NBIRTH/{node}", json.dumps({"timestamp": stamp, "seq": 0,
                                                                    "bdSeq": 0}).encode()))
         births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", json.dumps({"timestamp": stamp, "seq": 0,
@@ -120,8 +137,18 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
                 if j == 0 or noise is None:  # fresh readings for the next block of messages, from numpy at once
                     noise = _readings(rng, NOISE_BLOCK)
                 seq = k // per_round  # message k goes to device k % per_round: its seq is the round number
-                messages.append((targets[k % per_round], (DDATA_TEMPLATE % (
-                    stamp, seq % 256, seq, noise[0][j], noise[1][j], noise[2][j], noise[3][j], seq % 200)).encode()))
+                target = targets[k % per_round]
+                if payload == "protobuf":  # as an edge agent encodes its DDATA: the real codec, aliases only
+                    raw = encode(Payload(stamp, seq % 256, None, [
+                        Metric("product_type", "L", "String"), Metric("air_temperature", noise[0][j], "Double"),
+                        Metric("process_temperature", noise[1][j], "Double"),
+                        Metric("rotational_speed", noise[2][j], "Double"), Metric("torque", noise[3][j], "Double"),
+                        Metric("tool_wear", float(seq % 200), "Double")], serial=seq),
+                        aliases=aliases[target.rsplit("/", 1)[1]], names=False)
+                else:
+                    raw = (DDATA_TEMPLATE % (stamp, seq % 256, seq, noise[0][j], noise[1][j], noise[2][j],
+                                             noise[3][j], seq % 200)).encode()
+                messages.append((target, raw))
             attack_due += due * attack
             while attack_due >= 1.0:  # forged messages in between the real ones
                 attack_due -= 1.0
@@ -196,7 +223,7 @@ def _reconcile(store, expected: dict[str, int]) -> dict[str, int]:
 
 def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
              db: str | None, workdir: Path, attack: float = 0.0, kill_cycles: int = 0,
-             broker_kind: str = "mosquitto") -> dict:
+             broker_kind: str = "mosquitto", payload: str = "json") -> dict:
     from twin.plant import Plant
     from twin.service import TwinConfig, TwinService
     from twin.services import EmbeddedBroker, Mosquitto
@@ -205,7 +232,7 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_devices = plant.nodes
     node_ids = sorted(node_devices)
-    tag = f"{int(rate)}-a{attack:g}-k{kill_cycles}"
+    tag = f"{int(rate)}-a{attack:g}-k{kill_cycles}-{payload}"
     db = db or str(workdir / f"twin-{tag}.db")
     config = {"broker_port": 0, "db": db, "client_id": f"bench-twin-{tag}", "work_orders_csv": None}
     # the built-in broker runs in this process: only with --kill-cycles, where the twin has its own
@@ -225,7 +252,8 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
         procs = [ctx.Process(
             daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
                                        {n: node_devices[n] for n in node_ids[k::publishers]}, rate / publishers,
-                                       warmup + seconds, k, out, ready, go, attack)) for k in range(publishers)]
+                                       warmup + seconds, k, out, ready, go, attack, payload))
+                 for k in range(publishers)]
         for p in procs:
             p.start()
         for _ in procs:
@@ -290,7 +318,8 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
         return float(np.percentile(values, q)) if values.size else None
 
     attacks = sum(r["attacks_sent"] for r in results)
-    return {"target_rate": rate, "sustained_rate": sustained, "attack": attack, "kill_cycles": kill_cycles,
+    return {"target_rate": rate, "payload": payload, "sustained_rate": sustained, "attack": attack,
+            "kill_cycles": kill_cycles,
             "cpu_per_msg": cpu_per_msg, "projected_rate_2_idle_cores": projected,
             "latency_p50_ms": pct(window_latency, 50), "latency_p99_ms": pct(window_latency, 99),
             "state_latency_p50_ms": pct(state_latency, 50), "state_latency_p99_ms": pct(state_latency, 99),
@@ -345,11 +374,18 @@ def main() -> None:
                         help="builtin: `moeworks twin broker` (amqtt), only with --kill-cycles")
     parser.add_argument("--kill-cycles", type=int, default=0,
                         help="SIGKILL and restart the twin (its own process) this many times during each window")
+    parser.add_argument("--payload", default="json",
+                        help="payload encodings, comma-separated, each rate once per encoding: json, protobuf "
+                             "(default json: the encoding of the figures recorded before protobuf existed; "
+                             "--attack's forged messages stay JSON, the twin reads both)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = parser.parse_args()
     if not 0.0 <= args.attack <= 0.5 or args.kill_cycles < 0 or args.seconds <= 0:
         parser.error("--attack must be in [0, 0.5], --kill-cycles >= 0, --seconds > 0")
+    payloads = args.payload.split(",")
+    if not payloads or any(p not in PAYLOADS for p in payloads):
+        parser.error(f"--payload takes a comma-separated list of {', '.join(PAYLOADS)}")
     if args.broker == "builtin" and not args.kill_cycles:
         parser.error("--broker builtin needs --kill-cycles (the twin then runs in its own process)")
     console = Console()
@@ -357,18 +393,22 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-twin-") as tmp:
         for rate in [float(r) for r in args.rates.split(",")]:
-            console.log(f"target {rate:,.0f} msg/s over {args.machines} devices for {args.seconds:g} s ...")
-            runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup, machines=args.machines,
-                                 nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp),
-                                 attack=args.attack, kill_cycles=args.kill_cycles, broker_kind=args.broker))
+            for payload in payloads:  # encodings back to back at each rate: the same machine load for both
+                console.log(f"target {rate:,.0f} msg/s of {payload} over {args.machines} devices for "
+                            f"{args.seconds:g} s ...")
+                runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup, machines=args.machines,
+                                     nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp),
+                                     attack=args.attack, kill_cycles=args.kill_cycles, broker_kind=args.broker,
+                                     payload=payload))
     per_device = {n: state_bytes_per_device(n) for n in (1_000, 20_000)}
     capacity = {"state_bytes_per_device": per_device[20_000],
                 "devices_per_gib_of_state": int(2**30 / per_device[20_000])}
     base = runs[0]["sustained_rate"]
     table = Table(title=f"twin ingestion via {args.broker}, {args.machines} devices, {measured_on['logical_cores']} "
                         f"CPUs (load {measured_on['load_average'][0]:.1f} at start)")
-    for col in ("target msg/s", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "state p99 ms", "acked", "stored",
-                "lost", "duplicated", "attacks", "dead letters", "kills", "twin CPU us/msg", "all CPU us/msg"):
+    for col in ("target msg/s", "payload", "sustained msg/s", "vs first", "p50 ms", "p99 ms", "state p99 ms", "acked",
+                "stored", "lost", "duplicated", "attacks", "dead letters", "kills", "twin CPU us/msg",
+                "all CPU us/msg"):
         table.add_column(col, justify="right")
 
     def num(value, spec: str) -> str:
@@ -376,7 +416,8 @@ def main() -> None:
 
     for r in runs:
         cpu = r["cpu_per_msg"]
-        table.add_row(f"{r['target_rate']:,.0f}", f"{r['sustained_rate']:,.0f}", f"{r['sustained_rate'] / base:.2f}x",
+        table.add_row(f"{r['target_rate']:,.0f}", r["payload"], f"{r['sustained_rate']:,.0f}",
+                      f"{r['sustained_rate'] / base:.2f}x",
                       num(r["latency_p50_ms"], ".1f"), num(r["latency_p99_ms"], ".1f"),
                       num(r["state_latency_p99_ms"], ".1f"), f"{r['acked_by_broker']:,}", f"{r['stored']:,}",
                       str(r["lost"]), str(r["duplicated"]), str(r["attacks_sent"]), str(r["dead_letters"]),

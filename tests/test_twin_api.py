@@ -223,10 +223,12 @@ def test_non_finite_values_from_a_feed_never_make_the_api_fail(service):
 
 
 def test_dead_letters_endpoint(service):
-    service.ingest(f"spBv1.0/plant1/DDATA/{NODE}/{DEVICE}", b"\x00garbage")
+    service.ingest(f"spBv1.0/plant1/DDATA/{NODE}/{DEVICE}", b"\x00garbage")  # not JSON: read as Sparkplug protobuf
+    service.ingest(f"spBv1.0/plant1/DDATA/{NODE}/{DEVICE}", b'{"timestamp": ')
     client = TestClient(create_app(service))
-    [dead] = client.get("/api/dead-letters").json()
-    assert dead["reason"].startswith("malformed JSON") and client.get("/api/stats").json()["counters"]["malformed"] == 1
+    dead = client.get("/api/dead-letters").json()
+    assert [d["reason"].split(":")[0] for d in dead] == ["malformed JSON", "malformed protobuf"]
+    assert client.get("/api/stats").json()["counters"]["malformed"] == 2
 
 
 def test_a_burst_with_a_failing_health_model_dead_letters_that_message_only(tmp_path):

@@ -39,6 +39,8 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           mqtt_username: mqtt.Username = None, mqtt_password_file: mqtt.PasswordFile = None,
           mqtt_tls: mqtt.Tls = False, mqtt_ca: mqtt.Ca = None, mqtt_cert: mqtt.Cert = None,
           mqtt_key: mqtt.Key = None,
+          payload: str = typer.Option("protobuf", help="protobuf (Sparkplug B) | json: what the twin sends; "
+                                                      "it reads both"),
           auth_file: Path | None = typer.Option(None, help="bearer tokens with roles (`moeworks auth token`); "
                                                            "without it the twin serves loopback only")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
@@ -64,7 +66,7 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         config = TwinConfig(broker_host=broker_host, broker_port=broker_port, db=db, mes_url=mes_url, mqtt=security,
                             work_orders_csv=str(work_orders_csv) if work_orders_csv else None,
                             rul_model=str(rul_model) if rul_model else None,
-                            ai4i_model=str(ai4i_model) if ai4i_model else None)
+                            ai4i_model=str(ai4i_model) if ai4i_model else None, payload=payload)
         service = TwinService(config=config, plant=model).start()
     except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)

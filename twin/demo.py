@@ -198,7 +198,9 @@ def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: f
             stop = threading.Event()
             agents = [EdgeAgent(config=EdgeConfig(port=broker.port, group=plant.group, node=m.node, device=m.id,
                                                   rate_hz=rate_hz, spool=out_dir / "edge" / f"{m.node}.spool",
-                                                  keepalive_s=5, security=logins.get(m.node)), source=sources[m.id])
+                                                  keepalive_s=5, security=logins.get(m.node),
+                                                  primary_host=service.config.client_id),  # Sparkplug STATE
+                                source=sources[m.id])
                       for m in plant.machines.values()]
             threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
             for thread in threads:

@@ -1,8 +1,9 @@
-"""Sparkplug-B-style topics and the JSON payloads the edge and the twin exchange.
+"""Sparkplug B topics, the payload model the edge and the twin exchange, and its JSON encoding.
 
 Topic namespace (Sparkplug B 3.0):  ``spBv1.0/<group>/<type>/<edge node>[/<device>]`` with
-``type`` one of NBIRTH, NDEATH, DBIRTH, DDEATH, NDATA, DDATA, NCMD, DCMD. The payload is JSON
-instead of Sparkplug's protobuf; its schema is ``PAYLOAD_SCHEMA`` below and twin/SCHEMA.md.
+``type`` one of NBIRTH, NDEATH, DBIRTH, DDEATH, NDATA, DDATA, NCMD, DCMD. On the wire the payload
+is Sparkplug's protobuf by default (twin.sparkplug) or, as an option, the JSON whose schema is
+``PAYLOAD_SCHEMA`` below (twin/SCHEMA.md); twin.codec picks between them.
 
 ``seq`` and ``bdSeq`` follow Sparkplug B 3.0: 0-255, wrapping, compared modulo 256 (a message at
 most 127 ahead is newer). One addition for exactly-once history: ``serial``, the device's data
@@ -135,10 +136,11 @@ def parse_topic(topic: str) -> Topic:
 
 @dataclass(slots=True)
 class Metric:
-    name: str
+    name: str | None                 # None: a Sparkplug data message naming the metric by its alias alone
     value: Any = None
     type: str | None = None
     unit: str | None = None
+    alias: int | None = None         # Sparkplug metric alias (protobuf only), declared with the name on births
 
 
 @dataclass
@@ -212,12 +214,7 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
     timestamp = obj.get("timestamp")
     if type(timestamp) is not int or not 0 <= timestamp <= INT64_MAX:
         timestamp = _int(obj, "timestamp", kind not in ("NDEATH", "DDEATH"), INT64_MAX)
-    # an NDEATH's timestamp is when its will was registered (the connect), days back on a long session
-    if timestamp is not None and now_ms is not None and kind != "NDEATH" and not (
-            now_ms - limits.max_age_ms <= timestamp <= now_ms + limits.max_ahead_ms):
-        raise PayloadError(f"timestamp {timestamp} is {(timestamp - now_ms) / 1000:+.0f} s from the twin's clock, "
-                           f"outside -{limits.max_age_ms // 1000} s..+{limits.max_ahead_ms // 1000} s",
-                           "timestamp_out_of_window")
+    check_window(kind, timestamp, now_ms, limits)
     seq = obj.get("seq")
     if type(seq) is not int or not 0 <= seq < SEQ_MODULUS:
         seq = _int(obj, "seq", kind in ("NBIRTH", "DBIRTH", "NDATA", "DDATA"), SEQ_MODULUS - 1)
@@ -227,35 +224,67 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
     serial = obj.get("serial")
     if serial is not None:
         serial = _int(obj, "serial", False, MAX_SERIAL)
-        if seq is not None and serial % SEQ_MODULUS != seq:
-            raise PayloadError(f"serial {serial} does not match seq {seq} (serial % 256 must equal seq)",
-                               "out_of_range")
+        check_serial(serial, seq)
     raw_metrics = obj.get("metrics", [])
     if not isinstance(raw_metrics, list):
         raise PayloadError("field 'metrics' must be a list")
-    if len(raw_metrics) > limits.max_metrics:
-        raise PayloadError(f"{len(raw_metrics)} metrics, over the limit of {limits.max_metrics}", "out_of_range")
+    check_metric_count(len(raw_metrics), limits)
     metrics = []
     for i, item in enumerate(raw_metrics):
         name = item.get("name") if type(item) is dict else None
         if type(name) is not str:
             raise PayloadError(f"metrics[{i}] needs a string 'name'")
         if not 0 < len(name) <= limits.max_name_chars:
-            raise PayloadError(f"metrics[{i}]: a name of {len(name)} characters (1..{limits.max_name_chars})",
-                               "out_of_range")
+            check_name(i, name, limits)
         declared = item.get("type")
         if declared is not None and declared not in DATATYPES:
             raise PayloadError(f"metrics[{i}] ({name}): unknown type {_short(declared)}")
         unit = item.get("unit")
-        if unit is not None and (type(unit) is not str or len(unit) > limits.max_unit_chars):
-            raise PayloadError(f"metrics[{i}] ({name}): 'unit' must be a string of at most "
-                               f"{limits.max_unit_chars} characters", "out_of_range")
+        if unit is not None:
+            check_unit(i, name, unit, limits)
         value = item.get("value")
         if type(value) is str and len(value) > limits.max_string_chars:
-            raise PayloadError(f"metrics[{i}] ({name}): a string of {len(value)} characters, over "
-                               f"{limits.max_string_chars}", "out_of_range")
+            check_string(i, name, value, limits)
         metrics.append(Metric(name, value, declared, unit))
     return Payload(timestamp or 0, seq, bd_seq, metrics, serial)
+
+
+# The bounds both codecs (this JSON and twin.sparkplug's protobuf) check, each raising the same PayloadError.
+def check_window(kind: str, timestamp: int | None, now_ms: int | None, limits: Limits) -> None:
+    # an NDEATH's timestamp is when its will was registered (the connect), days back on a long session
+    if timestamp is not None and now_ms is not None and kind != "NDEATH" and not (
+            now_ms - limits.max_age_ms <= timestamp <= now_ms + limits.max_ahead_ms):
+        raise PayloadError(f"timestamp {timestamp} is {(timestamp - now_ms) / 1000:+.0f} s from the twin's clock, "
+                           f"outside -{limits.max_age_ms // 1000} s..+{limits.max_ahead_ms // 1000} s",
+                           "timestamp_out_of_window")
+
+
+def check_serial(serial: int, seq: int | None) -> None:
+    if seq is not None and serial % SEQ_MODULUS != seq:
+        raise PayloadError(f"serial {serial} does not match seq {seq} (serial % 256 must equal seq)", "out_of_range")
+
+
+def check_metric_count(count: int, limits: Limits) -> None:
+    if count > limits.max_metrics:
+        raise PayloadError(f"{count} metrics, over the limit of {limits.max_metrics}", "out_of_range")
+
+
+def check_name(i: int, name: str, limits: Limits) -> None:
+    if not 0 < len(name) <= limits.max_name_chars:
+        raise PayloadError(f"metrics[{i}]: a name of {len(name)} characters (1..{limits.max_name_chars})",
+                           "out_of_range")
+
+
+def check_unit(i: int, name: str | None, unit: Any, limits: Limits) -> None:
+    if type(unit) is not str or len(unit) > limits.max_unit_chars:
+        raise PayloadError(f"metrics[{i}] ({name}): 'unit' must be a string of at most "
+                           f"{limits.max_unit_chars} characters", "out_of_range")
+
+
+def check_string(i: int, name: str | None, value: str, limits: Limits) -> None:
+    if len(value) > limits.max_string_chars:
+        raise PayloadError(f"metrics[{i}] ({name}): a string of {len(value)} characters, over "
+                           f"{limits.max_string_chars}", "out_of_range")
 
 
 def value_fits(datatype: str, value: Any) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from twin.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
+from twin.codec import DEFAULT_CODEC, check_codec, encode
 from twin.health import HealthModel
 from twin.mes import MESConfig, WorkOrderExporter
 from twin.mqtt_burst import BurstClient, BurstClientConfig
@@ -64,6 +65,7 @@ class TwinConfig:
     max_timestamp_age_s: float = 30 * 86_400.0  # edge timestamps older than this (by the twin's clock)...
     max_timestamp_ahead_s: float = 300.0        # ...or further ahead are refused: a broken clock, or an attack
     health_queue: int = 10_000             # learned-model scorings waiting; when full, new ones are dropped, counted
+    payload: str = DEFAULT_CODEC           # what the twin sends (rebirth NCMDs): "protobuf" or "json"; it reads both
 
     def __post_init__(self):
         for name in ("keepalive_s", "batch_rows", "latency_window", "max_payload_bytes", "health_queue"):
@@ -74,6 +76,7 @@ class TwinConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value < 10 * 365 * 86_400:
                 raise ValueError(f"TwinConfig.{name} must be a positive number of seconds, got {value!r}")
+        check_codec(self.payload, "TwinConfig")
         if not 0 < self.broker_port < 65_536:
             raise ValueError(f"TwinConfig.broker_port must be 1..65535, got {self.broker_port!r}")
 
@@ -106,6 +109,8 @@ class TwinService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.client: BurstClient | None = None
+        self._state_topic = f"{NAMESPACE}/STATE/{config.client_id}"
+        self._state_timestamp = 0  # Sparkplug 3.0: the will's STATE carries the timestamp of our online ones
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> TwinService:
@@ -119,11 +124,11 @@ class TwinService:
         self._warm_health()
         self.mes = WorkOrderExporter(config=MESConfig(cfg.mes_url, Path(cfg.work_orders_csv)
                                                       if cfg.work_orders_csv else None), store=self.store).start()
-        state_topic = f"{NAMESPACE}/STATE/{cfg.client_id}"
+        self._state_timestamp = int(time.time() * 1000)
         self.client = BurstClient(
             config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=cfg.client_id,
                                      clean_session=False, keepalive_s=cfg.keepalive_s,
-                                     will=(state_topic, b'{"online":false}', 1, True),
+                                     will=(self._state_topic, self._host_state(False), 1, True),
                                      backoff_min_s=0.1, backoff_max_s=5.0, security=cfg.mqtt),
             subscriptions=((f"{NAMESPACE}/{self.plant.group}/#", 1),),
             on_messages=self._on_messages, defer_acks=True, on_connect=self._on_connect,
@@ -160,7 +165,7 @@ class TwinService:
     def stop(self) -> None:
         self._stop.set()
         if self.client is not None:
-            self.client.publish(f"{NAMESPACE}/STATE/{self.config.client_id}", b'{"online":false}', qos=1, retain=True)
+            self.client.publish(self._state_topic, self._host_state(False), qos=1, retain=True)
             self.client.stop()
         for thread in self._threads:
             thread.join(timeout=5)
@@ -174,8 +179,13 @@ class TwinService:
         self.stop()
 
     # ------------------------------------------------------------------ MQTT
+    def _host_state(self, online: bool) -> bytes:
+        """The primary host application's STATE (Sparkplug 3.0, retained): edge nodes following it hold their
+        data while it says offline; one timestamp per start, so an edge can tell a stale will from a new one."""
+        return b'{"online":%s,"timestamp":%d}' % (b"true" if online else b"false", self._state_timestamp)
+
     def _on_connect(self, client: BurstClient, session_present: bool) -> None:
-        client.publish(f"{NAMESPACE}/STATE/{self.config.client_id}", b'{"online":true}', qos=1, retain=True)
+        client.publish(self._state_topic, self._host_state(True), qos=1, retain=True)
         self.connected.set()
 
     def _on_messages(self, messages: list[tuple[str, bytes]], ack) -> None:
@@ -229,7 +239,7 @@ class TwinService:
             if changed_any:
                 self.version += 1
         if rebirths and self.client is not None:
-            payload = Payload(now_ms, metrics=[Metric(REBIRTH, True, "Boolean")]).to_json()
+            payload = encode(Payload(now_ms, metrics=[Metric(REBIRTH, True, "Boolean")]), self.config.payload)
             self.client.publish_many([(str(Topic(self.plant.group, "NCMD", node)), payload) for node in rebirths],
                                      qos=1)
 

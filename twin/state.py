@@ -13,6 +13,9 @@ Rules (twin/SCHEMA.md has the full table); seq and bdSeq are Sparkplug's 0-255, 
   birth in this session is kept and a rebirth is requested (the twin may have restarted).
 - Unknown metrics and values of the wrong type are dropped from the message and dead-lettered;
   the rest of the message is kept.
+- Metric aliases (protobuf): a birth's name + alias pairs name the aliases of the data that follows;
+  alias-only data before any birth is read with the aliases the edge agent derives from the plant's
+  names (twin.sparkplug.metric_alias), so data queued while the twin restarted is not lost.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twin.codec import decode
 from twin.health import Health, HealthModel
 from twin.payload import (
     DEFAULT_LIMITS,
@@ -30,12 +34,12 @@ from twin.payload import (
     Payload,
     PayloadError,
     Topic,
-    decode,
     parse_topic,
     seq_delta,
     value_fits,
 )
 from twin.plant import Machine, Plant
+from twin.sparkplug import assign_aliases
 
 RECENT_SEQS = 2048  # per device: duplicates are caught in memory this far back, older ones by the store
 
@@ -125,6 +129,8 @@ class TwinState:
         self.devices = {mid: DeviceState(m) for mid, m in plant.machines.items()}
         self.nodes = {nid: NodeState(nid) for nid in plant.nodes}
         self._rebirth_asked: dict[str, int] = {}
+        # device id (or "/" + node id: no device id has a "/") -> alias -> name, from its last birth
+        self._aliases: dict[str, dict[int, str]] = {}
         # topics already checked against the plant: at most 8 message types x (nodes + devices) entries,
         # since only topics that pass every check are kept. Saves the split and the checks per message.
         self._topics: dict[str, Topic] = {}
@@ -144,7 +150,8 @@ class TwinState:
                 parsed = self._check_topic(topic)
                 if parsed is None:
                     return out
-            payload = decode(parsed.kind, raw, now_ms=now_ms, limits=self.limits)
+            payload = decode(parsed.kind, raw, now_ms=now_ms, limits=self.limits,
+                             aliases=self._alias_map(parsed.device or "/" + parsed.node))
         except PayloadError as exc:
             self.counters["dead_letter"] += 1
             self.counters[exc.key] += 1
@@ -179,6 +186,7 @@ class TwinState:
             self.counters["late_birth"] += 1  # it would resurrect a node that died after it
             return
         node.online, node.bd_seq, node.last_seq = True, bd, payload.seq
+        self._learn_aliases("/" + topic.node, payload)
         node.metrics.update({m.name: m.value for m in payload.metrics if m.value is not None})
         self.counters["nbirth"] += 1
         for device_id in self.plant.nodes[topic.node]:
@@ -207,6 +215,7 @@ class TwinState:
             self.counters["late_birth"] += 1
             return
         machine = device.machine
+        self._learn_aliases(topic.device, payload)
         for metric in payload.metrics:
             sensor = machine.sensors.get(metric.name)
             if sensor is None:
@@ -237,6 +246,7 @@ class TwinState:
             self.counters["node_duplicate"] += 1
             return
         node.last_seq = payload.seq
+        self._resolve_aliases("/" + topic.node, payload, out)
         node.metrics.update({m.name: m.value for m in payload.metrics})
         self.counters["ndata"] += 1
 
@@ -264,6 +274,7 @@ class TwinState:
                 out.rebirth = topic.node
         values: dict[str, Any] = {}
         sensors = device.machine.sensors
+        self._resolve_aliases(topic.device, payload, out)
         for metric in payload.metrics:
             sensor = sensors.get(metric.name)
             if sensor is None:
@@ -299,6 +310,34 @@ class TwinState:
             out.changed.append(device.machine.id)
         out.ingested = Ingested(device.machine.id, serial, payload.timestamp, now_ms, values, in_order,
                                 device.health if in_order else None)
+
+    def _learn_aliases(self, owner: str, payload: Payload) -> None:
+        self._aliases[owner] = {m.alias: m.name for m in payload.metrics if m.alias is not None and m.name}
+
+    def _alias_map(self, owner: str) -> dict[int, str]:
+        """alias -> name for a node's or device's alias-only data: from its last birth, or before any birth the
+        aliases an edge agent derives from the plant's names (twin.sparkplug.metric_alias)."""
+        known = self._aliases.get(owner)
+        if known is None:
+            machine = self.plant.machines.get(owner)
+            names = machine.sensors if machine is not None else ()
+            known = self._aliases[owner] = {alias: name for name, alias in assign_aliases(owner, names).items()}
+        return known
+
+    def _resolve_aliases(self, owner: str, payload: Payload, out: Outcome) -> None:
+        """Drop the metrics whose alias (protobuf data) no birth named; decode named the others."""
+        for metric in payload.metrics:
+            if metric.name is None:
+                break
+        else:
+            return
+        kept = []
+        for metric in payload.metrics:
+            if metric.name is None:
+                self._metric_fault(out, "unknown_metric", f"alias {metric.alias} named by no birth")
+                continue
+            kept.append(metric)
+        payload.metrics = kept
 
     def _metric_fault(self, out: Outcome, counter: str, reason: str) -> None:
         self.counters[counter] += 1

@@ -8,6 +8,12 @@ exponential backoff and jitter, births again with bdSeq + 1 and resends the spoo
 With `security` (twin.mqtt_tls) it connects over TLS, checking the broker's certificate against a
 CA and its host name, and logs in with its node's username and password; a refused login or an
 untrusted certificate is retried like a lost broker, and logged once per distinct reason.
+
+Payloads are Sparkplug B protobuf by default (`payload="json"`: our JSON); births declare each
+device metric's alias and DDATA sends aliases alone (twin.sparkplug). With `primary_host` the agent
+follows that host application's STATE (`spBv1.0/STATE/<host>`, Sparkplug 3.0): no births and no data
+until the host says it is online, data held in the spool while it is offline, births again and the
+spool from its head when it returns.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 import paho.mqtt.client as mqtt
 
 from deploy.edge.spool import Spool
+from twin.codec import DEFAULT_CODEC, check_codec, decode, encode
 from twin.mqtt_tls import MQTTSecurity
-from twin.payload import REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic, decode
+from twin.payload import NAMESPACE, REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic
+from twin.sparkplug import assign_aliases
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,13 @@ class EdgeConfig:
     duration_s: float | None = None       # stop after this long (None: until the source ends and the spool drains)
     drain_timeout_s: float = 30.0         # at the end, wait at most this long for the spool to empty
     security: MQTTSecurity | None = None  # username/password and TLS; None: anonymous, plaintext
+    payload: str = DEFAULT_CODEC          # "protobuf" (Sparkplug B) or "json"
+    primary_host: str | None = None       # Sparkplug host id whose STATE gates publishing (None: publish at once)
+
+    def __post_init__(self):
+        check_codec(self.payload, "EdgeConfig")
+        if self.primary_host is not None and (not self.primary_host or any(c in self.primary_host for c in "/+#")):
+            raise ValueError(f"EdgeConfig.primary_host must be a non-empty MQTT topic level, got {self.primary_host!r}")
 
 
 class _Session:
@@ -65,13 +81,16 @@ class _Session:
         self.lost = False
         self.refused: str | None = None   # the broker's reason when it refused the connection
         self.rebirth = False
+        # the primary host's STATE: online or not, and the timestamp of its latest message (older ones are stale)
+        self.host_online = cfg.primary_host is None
+        self.host_timestamp = -1
         self.acked: deque[int] = deque()  # mids; appended by paho's thread, drained by the agent's
         self.inflight: dict[int, int] = {}  # mid -> spool id (agent thread only)
         self.sent_upto = 0
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{cfg.group}-{cfg.node}",
                              clean_session=True)
         death = Payload(int(time.time() * 1000), bd_seq=bd_seq)
-        client.will_set(str(Topic(cfg.group, "NDEATH", cfg.node)), death.to_json(), qos=1)
+        client.will_set(str(Topic(cfg.group, "NDEATH", cfg.node)), encode(death, cfg.payload), qos=1)
         client.max_inflight_messages_set(cfg.window)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
@@ -88,18 +107,39 @@ class _Session:
             self.lost = True
             return
         client.subscribe(str(Topic(self.cfg.group, "NCMD", self.cfg.node)), qos=1)
+        if self.cfg.primary_host is not None:
+            client.subscribe(f"{NAMESPACE}/STATE/{self.cfg.primary_host}", qos=1)
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.lost = True
 
     def _on_command(self, client, userdata, message) -> None:
+        if message.topic.startswith(f"{NAMESPACE}/STATE/"):
+            self._on_host_state(message.payload)
+            return
         try:
             payload = decode("NCMD", message.payload)
         except PayloadError:
             return
         if any(m.name == REBIRTH and m.value is True for m in payload.metrics):
             self.rebirth = True
+
+    def _on_host_state(self, raw: bytes) -> None:
+        """Sparkplug 3.0 STATE: {"online": bool, "timestamp": ms}; a message older than the last one is stale
+        (a will registered before the host's latest connect). Coming online, or online again from a newer
+        start of the host (one whose offline we never read), asks for births again: the host needs them."""
+        try:
+            state = orjson.loads(raw)
+            online, stamp = state["online"], state["timestamp"]
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            return
+        if type(online) is not bool or type(stamp) is not int or stamp < self.host_timestamp:
+            return
+        if online and (not self.host_online or stamp > self.host_timestamp):
+            self.rebirth = True
+        self.host_timestamp = stamp
+        self.host_online = online
 
     def open(self, timeout: float) -> None:
         try:
@@ -117,7 +157,8 @@ class _Session:
     def close(self, *, clean: bool = False) -> None:
         if clean and not self.lost:  # a clean stop publishes its own death certificate (the will would not fire)
             info = self.client.publish(str(Topic(self.cfg.group, "NDEATH", self.cfg.node)),
-                                       Payload(int(time.time() * 1000), bd_seq=self.bd_seq).to_json(), qos=1)
+                                       encode(Payload(int(time.time() * 1000), bd_seq=self.bd_seq), self.cfg.payload),
+                                       qos=1)
             info.wait_for_publish(timeout=2.0)
             self.client.disconnect()
         self.client.loop_stop()
@@ -132,6 +173,9 @@ class EdgeAgent:
         self.source = source
         self.estimator = estimator
         self.stats = {"produced": 0, "acknowledged": 0, "sessions": 0, "reconnect_failures": 0, "rebirths": 0}
+        names = [m.name for m in source.metrics] + (["rul_edge"] if estimator is not None else [])
+        # protobuf DDATA names its metrics by these aliases, which every DBIRTH declares
+        self._aliases = assign_aliases(config.device, names) if config.payload == "protobuf" else None
 
     def _births(self, session: _Session, spool: Spool) -> None:
         cfg = self.config
@@ -140,17 +184,19 @@ class EdgeAgent:
         nbirth = Payload(now, node_seq % SEQ_MODULUS, session.bd_seq, [
             Metric("bdSeq", session.bd_seq, "Int64"), Metric(REBIRTH, False, "Boolean"),
             Metric("spool_depth", spool.depth(), "Int64"), Metric("source", self.source.description, "String")])
-        session.client.publish(str(Topic(cfg.group, "NBIRTH", cfg.node)), nbirth.to_json(), qos=1)
+        session.client.publish(str(Topic(cfg.group, "NBIRTH", cfg.node)), encode(nbirth, cfg.payload), qos=1)
         metrics = [Metric(m.name, None, m.type, m.unit) for m in self.source.metrics]
         if self.estimator is not None:
             metrics.append(Metric("rul_edge", None, "Double", "cycle"))
         first = spool.first_pending_seq(cfg.device)
         next_seq = first if first is not None else spool.counter(f"seq:{cfg.device}") + 1
         dbirth = Payload(now, next_seq % SEQ_MODULUS, None, metrics, serial=next_seq)
-        session.client.publish(str(Topic(cfg.group, "DBIRTH", cfg.node, cfg.device)), dbirth.to_json(), qos=1)
+        session.client.publish(str(Topic(cfg.group, "DBIRTH", cfg.node, cfg.device)),
+                               encode(dbirth, cfg.payload, aliases=self._aliases), qos=1)
 
     def _pump(self, session: _Session, spool: Spool) -> None:
-        if session.rebirth:
+        host_online = session.host_online
+        if session.rebirth and host_online:
             session.rebirth = False
             self.stats["rebirths"] += 1
             self._births(session, spool)
@@ -162,7 +208,7 @@ class EdgeAgent:
         spool.acknowledge(done)
         self.stats["acknowledged"] += len(done)
         room = self.config.window - len(session.inflight)
-        if room <= 0:
+        if room <= 0 or not host_online:  # the primary host is away: data waits in the spool
             return
         for spool_id, topic, payload in spool.pending(after_id=session.sent_upto, limit=room):
             info = session.client.publish(topic, payload, qos=1)
@@ -198,7 +244,8 @@ class EdgeAgent:
                     candidate = _Session(cfg, spool.next_counter("bdSeq") % SEQ_MODULUS)  # Sparkplug: 0-255
                     try:
                         candidate.open(timeout=5.0)
-                        self._births(candidate, spool)
+                        if candidate.host_online:  # else the host's STATE online asks for them (_pump)
+                            self._births(candidate, spool)
                         session, backoff = candidate, cfg.backoff_min_s
                         self.stats["sessions"] += 1
                     except (OSError, ConnectionError) as exc:  # ssl.SSLError is an OSError
@@ -222,7 +269,7 @@ class EdgeAgent:
                     produced_all = limit is not None and self.stats["produced"] >= limit
                 if session is not None and not session.lost:
                     self._pump(session, spool)
-                    if now >= next_node_metrics:
+                    if now >= next_node_metrics and session.host_online:
                         next_node_metrics = now + cfg.node_metrics_s
                         self._node_metrics(session, spool)
                 if produced_all:
@@ -247,15 +294,18 @@ class EdgeAgent:
         now = int(time.time() * 1000)
         metrics = [Metric(name, value) for name, value in values.items()]
         # the spool's counter is the serial (never wraps: the twin's history key); seq is Sparkplug's 0-255
+        codec, aliases = self.config.payload, self._aliases
         spool.append(self.config.device, topic,
-                     lambda serial: Payload(now, serial % SEQ_MODULUS, None, metrics, serial=serial).to_json())
+                     lambda serial: encode(Payload(now, serial % SEQ_MODULUS, None, metrics, serial=serial), codec,
+                                           aliases=aliases, names=False))
         self.stats["produced"] += 1
 
     def _node_metrics(self, session: _Session, spool: Spool) -> None:
         payload = Payload(int(time.time() * 1000), spool.next_counter("node_seq") % SEQ_MODULUS, None, [
             Metric("spool_depth", spool.depth(), "Int64"), Metric("produced", self.stats["produced"], "Int64"),
             Metric("sessions", self.stats["sessions"], "Int64")])
-        session.client.publish(str(Topic(self.config.group, "NDATA", self.config.node)), payload.to_json(), qos=0)
+        session.client.publish(str(Topic(self.config.group, "NDATA", self.config.node)),
+                               encode(payload, self.config.payload), qos=0)
 
 
 def default_spool(node: str, root: Path = Path("runs/edge")) -> Path:

@@ -11,7 +11,7 @@ import typer
 
 from twin import mqtt_options as mqtt
 
-app = typer.Typer(help="Edge devices: publish machine telemetry over MQTT (Sparkplug-B-style).",
+app = typer.Typer(help="Edge devices: publish machine telemetry over MQTT (Sparkplug B).",
                   no_args_is_help=True)
 
 
@@ -32,6 +32,9 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         onnx: Path | None = typer.Option(None, help="ONNX RUL model to run on the device (publishes rul_edge)"),
         max_messages: int | None = typer.Option(None, help="stop after this many ticks"),
         duration: float | None = typer.Option(None, help="stop after this many seconds"),
+        payload: str = typer.Option("protobuf", help="protobuf (Sparkplug B) | json"),
+        primary_host: str | None = typer.Option(None, help="Sparkplug primary host id (the twin's MQTT client id, "
+                                                          "moeworks-twin): hold data while its STATE is offline"),
         as_json: bool = typer.Option(False, "--json", help="print counters as JSON on the last line"),
         mqtt_username: mqtt.Username = None, mqtt_password_file: mqtt.PasswordFile = None,
         mqtt_tls: mqtt.Tls = False, mqtt_ca: mqtt.Ca = None, mqtt_cert: mqtt.Cert = None,
@@ -61,9 +64,13 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
     if rate <= 0:
         typer.echo("error: --rate must be positive", err=True)
         raise typer.Exit(2)
-    config = EdgeConfig(host=host, port=port, group=group, node=node, device=device, rate_hz=rate,
-                        spool=spool or default_spool(node), max_messages=max_messages, duration_s=duration,
-                        security=security)
+    try:
+        config = EdgeConfig(host=host, port=port, group=group, node=node, device=device, rate_hz=rate,
+                            spool=spool or default_spool(node), max_messages=max_messages, duration_s=duration,
+                            security=security, payload=payload, primary_host=primary_host)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     typer.echo(f"edge {node}/{device}: {src.description} -> {host}:{port}"
