@@ -1,0 +1,95 @@
+"""REST routes of model rollouts: start and abort (admin), status and each node's model (viewer), and the
+bundle's files for the edge nodes (the download token their NCMD carried, or a viewer token).
+
+Files are served with HTTP Range support (Starlette's FileResponse answers `Range: bytes=N-` with 206),
+so an agent that lost its connection or was restarted resumes where its staging file ends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from twin.auth import Identity, TokenStore, bearer_token, role_dependency
+from twin.rollout import MAX_TARGETS, RolloutError, RolloutManager
+from twin.rollout_protocol import HealthGate
+
+RolloutId = Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+FileName = Annotated[str, PathParam(max_length=64)]
+
+
+class GateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows: int = Field(HealthGate.rows, ge=1, le=100_000, description="rows the new model scores under watch")
+    max_drift: float = Field(HealthGate.max_drift, ge=0, le=1,
+                             description="mean |p_new - p_previous| of the failure probability over the window")
+    max_error_rate: float = Field(HealthGate.max_error_rate, ge=0, le=1)
+    max_latency_ms: float = Field(HealthGate.max_latency_ms, ge=0, le=60_000, description="p95 scoring latency")
+
+
+class RolloutIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str = Field(..., min_length=1, max_length=4096, description="the signed bundle's folder on the twin's host")
+    nodes: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(..., min_length=1,
+                                                                              max_length=MAX_TARGETS)
+    canary: float = Field(0.1, gt=0, le=1, description="share of the nodes that take the model first")
+    gate: GateIn = GateIn()
+
+
+def rollout_router(manager: RolloutManager, tokens: TokenStore | None) -> APIRouter:
+    viewer = Depends(role_dependency(tokens, "viewer"))
+    admin = Depends(role_dependency(tokens, "admin"))
+    router = APIRouter(tags=["rollouts"])
+
+    def found(status: dict | None, rollout_id: str) -> dict:
+        if status is None:
+            raise HTTPException(404, f"no rollout {rollout_id!r}")
+        return status
+
+    @router.post("/api/rollouts", status_code=201, summary="Start a rollout of a signed bundle (admin)")
+    def start(body: RolloutIn, identity: Identity = admin) -> dict:
+        try:
+            return manager.start(bundle=Path(body.bundle), nodes=body.nodes, canary_share=body.canary,
+                                 gate=HealthGate(**body.gate.model_dump()), created_by=identity.name)
+        except RolloutError as error:
+            raise HTTPException(422, str(error)) from None
+
+    @router.get("/api/rollouts", summary="Rollouts, newest first, with each node's state")
+    def rollouts(_: Identity = viewer) -> list[dict]:
+        return manager.list()
+
+    @router.get("/api/rollouts/{rollout_id}", summary="One rollout with each node's state")
+    def status(rollout_id: RolloutId, _: Identity = viewer) -> dict:
+        return found(manager.status(rollout_id), rollout_id)
+
+    @router.post("/api/rollouts/{rollout_id}/abort", summary="Stop a running rollout (admin)")
+    def abort(rollout_id: RolloutId, identity: Identity = admin) -> dict:
+        try:
+            return found(manager.abort(rollout_id, by=identity.name), rollout_id)
+        except RolloutError as error:
+            raise HTTPException(409, str(error)) from None
+
+    @router.get("/api/edge-models", summary="Each edge node's active model and latest rollout step")
+    def edge_models(_: Identity = viewer) -> list[dict]:
+        return manager.edge_models()
+
+    @router.get("/api/rollouts/{rollout_id}/files/{name}", summary="A file of the rollout's bundle (Range requests)",
+                response_class=FileResponse)
+    def bundle_file(rollout_id: RolloutId, name: FileName, request: Request) -> FileResponse:
+        token = bearer_token(request.headers.get("authorization"))
+        if not manager.token_allows(rollout_id, token) and tokens is not None:
+            identity = tokens.identify(token)
+            if identity is None:
+                raise HTTPException(401, "a download token or a valid bearer token is required",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        path = manager.bundle_file(rollout_id, name)
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"no file {name!r} in rollout {rollout_id!r}")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    return router
