@@ -46,26 +46,42 @@ def lab(tmp_path_factory):
                            pki=make_pki(root / "pki"), bundles=bundles, versions=versions)
 
 
-@pytest.fixture
-def twin(broker, tmp_path, lab):
+def start_twin(broker, tmp_path, lab, port: int, tokens_file: Path) -> SimpleNamespace:
     service = TwinService(config=TwinConfig(broker_port=broker.port, db=str(tmp_path / "twin.db"),
                                             client_id=f"twin-{tmp_path.name}")).start()
     service.wait_connected()
-    port = free_port()
     manager = RolloutManager(config=RolloutConfig(folder=tmp_path / "rollouts", publisher_key=lab.public,
                                                   base_url=f"https://127.0.0.1:{port}", tick_s=0.2, resend_s=1.0),
                              service=service).start_thread()
-    tokens_file = tmp_path / "tokens.json"
-    admin, viewer = (create_token(tokens_file, role=r, name=r) for r in ("admin", "viewer"))
     server = HttpsServer(create_app(service, tokens=TokenStore.load(tokens_file), rollouts=manager), port,
                          lab.pki.server_cert, lab.pki.server_key).start()
     http = httpx.Client(base_url=server.url, verify=str(lab.pki.ca), timeout=30)
-    yield SimpleNamespace(service=service, manager=manager, http=http, admin={"Authorization": f"Bearer {admin}"},
-                          viewer={"Authorization": f"Bearer {viewer}"}, broker=broker, tmp=tmp_path)
-    http.close()
-    server.stop()
-    manager.stop()
-    service.stop()
+
+    def stop():
+        http.close()
+        server.stop()
+        manager.stop()
+        service.stop()
+
+    return SimpleNamespace(service=service, manager=manager, http=http, stop=stop)
+
+
+@pytest.fixture
+def twin(broker, tmp_path, lab):
+    tokens_file = tmp_path / "tokens.json"
+    admin, viewer = (create_token(tokens_file, role=r, name=r) for r in ("admin", "viewer"))
+    port = free_port()
+    running = start_twin(broker, tmp_path, lab, port, tokens_file)
+    state = SimpleNamespace(admin={"Authorization": f"Bearer {admin}"}, viewer={"Authorization": f"Bearer {viewer}"},
+                            broker=broker, tmp=tmp_path, port=port, tokens_file=tokens_file, **vars(running))
+
+    def restart():
+        state.stop()
+        vars(state).update(vars(start_twin(broker, tmp_path, lab, port, tokens_file)))
+
+    state.restart = restart
+    yield state
+    state.stop()
 
 
 def wait_for(condition, timeout=60.0, what="condition"):
@@ -311,3 +327,31 @@ def test_agent_killed_mid_download_resumes(twin, lab):
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["model"] == lab.versions["v2"] and stats["resumed"] == 1
     assert stats["bytes_fetched"] < total  # only what the first run had not fetched (plus the small files)
+
+
+@pytest.mark.slow
+def test_a_rollout_carries_on_after_a_twin_restart_and_the_cli_reads_it(twin, lab):
+    token_file = twin.tmp / "admin.token"
+    token_file.write_text(twin.admin["Authorization"].split()[1])
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "deploy.cli", "twin", "rollout", *args,
+                               "--url", f"https://127.0.0.1:{twin.port}", "--ca", str(lab.pki.ca),
+                               "--token-file", str(token_file), "--json"],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                              timeout=120)
+
+    started = cli("start", "--bundle", str(lab.bundles["v2"]), "--nodes", "edge-mill-1", "--canary", "1",
+                  "--gate-rows", "10")
+    assert started.returncode == 0, started.stderr
+    rollout_id = json.loads(started.stdout)["id"]
+    assert cli("start", "--bundle", str(lab.bundles["v2"]), "--nodes", "nobody").returncode == 2
+    # the twin stops before the node ever came online; a new twin on the same database takes over
+    twin.restart()
+    agent = Agent(twin, lab, "edge-mill-1")
+    status = wait_for(lambda: finished(twin, rollout_id), what="the rollout to finish after the restart")
+    assert status["state"] == "completed"
+    shown = cli("status", rollout_id)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["counts"] == {"healthy": 1}
+    assert agent.slot.version == lab.versions["v2"]
+    agent.stop()

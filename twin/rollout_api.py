@@ -29,7 +29,8 @@ class GateIn(BaseModel):
     max_drift: float = Field(HealthGate.max_drift, ge=0, le=1,
                              description="mean |p_new - p_previous| of the failure probability over the window")
     max_error_rate: float = Field(HealthGate.max_error_rate, ge=0, le=1)
-    max_latency_ms: float = Field(HealthGate.max_latency_ms, ge=0, le=60_000, description="p95 scoring latency")
+    max_latency_ms: float = Field(HealthGate.max_latency_ms, ge=0, le=60_000,
+                                  description="p95 scoring time (CPU ms a row)")
 
 
 class RolloutIn(BaseModel):

@@ -66,7 +66,7 @@ def start(bundle: Path = typer.Option(..., help="the signed bundle folder (`moew
           gate_rows: int = typer.Option(50, help="rows each node scores under watch after its swap"),
           max_drift: float = typer.Option(0.2, help="roll back above this mean |p_new - p_previous|"),
           max_error_rate: float = typer.Option(0.0, help="roll back above this share of failed scorings"),
-          max_latency_ms: float = typer.Option(250.0, help="roll back above this p95 scoring latency"),
+          max_latency_ms: float = typer.Option(250.0, help="roll back above this p95 scoring time (CPU ms a row)"),
           url: str = Url, token_file: Path | None = TokenFile, ca: Path | None = Ca, as_json: bool = JsonOut) -> None:
     """Offer BUNDLE to NODES: the canary share first, the rest once every canary passed its health gate."""
     targets = [n.strip() for n in nodes.split(",") if n.strip()]

@@ -54,7 +54,8 @@ class HealthGate:
     rows: int = 50                 # at 1 Hz a gate of under a minute: the rollback target
     max_drift: float = 0.2         # mean |p_new - p_previous| of the failure probability over the window
     max_error_rate: float = 0.0    # share of rows the new model failed to score (an exception or a non-finite output)
-    max_latency_ms: float = 250.0  # p95 scoring latency: an edge tick is >= 1 s, the model must stay well inside
+    max_latency_ms: float = 250.0  # p95 CPU time of one row's scoring: an edge tick is >= 1 s, the model must
+                                   # stay well inside (CPU time: the node's own load must not fail a model)
 
     def __post_init__(self):
         if type(self.rows) is not int or not 1 <= self.rows <= 100_000:
