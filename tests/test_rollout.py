@@ -205,6 +205,17 @@ def test_degraded_canary_rolls_back_by_itself_and_stops_the_rollout(twin, lab):
         agent.stop()
 
 
+@pytest.mark.slow
+def test_a_model_over_the_gates_scoring_time_is_rolled_back(twin, lab):
+    agent = Agent(twin, lab, "edge-mill-2")
+    started = start_rollout(twin, lab.bundles["v2"], ["edge-mill-2"], canary=1.0, rows=10, max_latency_ms=0.0)
+    status = wait_for(lambda: finished(twin, started["id"]), what="the rollout to stop")
+    node = status["nodes"][0]
+    assert status["state"] == "failed" and node["state"] == "rolled_back" and "scoring time" in node["reason"]
+    assert agent.slot.version == lab.versions["v1"]
+    agent.stop()
+
+
 def _resign(bundle: Path, lab, change) -> Path:
     """A copy of `bundle` changed by `change(folder)`, then re-manifested and re-signed with the publisher's key."""
     import shutil

@@ -2,8 +2,8 @@
 
 With a token store (`moeworks twin serve --auth-file`) every route under /api and /metrics needs a
 bearer token: viewer reads (state, history, alarms, the live feed); operator acknowledges alarms and
-runs what-ifs; admin (every right) is what routes that change configuration, the MES or ETL will ask
-for: the API has none yet (ETL runs from `moeworks twin etl`). The dashboard page itself holds no
+runs what-ifs; admin (every right) starts and aborts model rollouts (twin.rollout_api, with `--rollout-key`)
+and is what routes that change configuration, the MES or ETL will ask for. The dashboard page itself holds no
 data: it asks for a token and sends it with each request. Without a store the twin serves loopback
 only (twin.auth.check_bind) and every caller is the local admin.
 """
