@@ -366,3 +366,43 @@ def test_a_rollout_carries_on_after_a_twin_restart_and_the_cli_reads_it(twin, la
     assert shown.returncode == 0 and json.loads(shown.stdout)["counts"] == {"healthy": 1}
     assert agent.slot.version == lab.versions["v2"]
     agent.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
+def test_rollout_routes_never_500_and_answer_as_their_schema_says(lab, tmp_path, auth):
+    import schemathesis
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    from tests.test_twin_api_fuzz import fuzz
+
+    service = TwinService(config=TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"))).start()
+    manager = RolloutManager(config=RolloutConfig(folder=tmp_path / "rollouts", publisher_key=lab.public,
+                                                  base_url="https://127.0.0.1:1"), service=service)
+    try:
+        manager.start(bundle=lab.bundles["v2"], nodes=["edge-mill-1"], canary_share=1.0, gate=HealthGate(),
+                      created_by="test")  # one real rollout to list
+        tokens, headers = None, None
+        if auth:
+            token = create_token(tmp_path / "tokens.json", role="admin", name="fuzzer")
+            tokens, headers = TokenStore.load(tmp_path / "tokens.json"), {"Authorization": f"Bearer {token}"}
+        schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(service, tokens=tokens, rollouts=manager))
+        failures, operations = {}, 0
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            if not operation.path.startswith(("/api/rollouts", "/api/edge-models")):
+                continue
+            operations += 1
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                try:
+                    fuzz(operation, mode, headers, [])
+                except Unsatisfiable:
+                    assert mode == GenerationMode.NEGATIVE, operation.label
+                except (Exception, BaseExceptionGroup) as error:
+                    failures[f"{operation.method.upper()} {operation.path} ({mode.value})"] = str(error)[:2000]
+        assert operations == 6
+        assert not failures, "\n\n".join(f"{name}:\n{why}" for name, why in failures.items())
+    finally:
+        manager.stop()
+        service.stop()
