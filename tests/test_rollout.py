@@ -20,6 +20,7 @@ from deploy.edge.rollout import RolloutAgentConfig, RolloutClient
 from deploy.edge.sources import SimulatedMill
 from deploy.rollout_lab import HttpsServer, ai4i_bundle, make_keys
 from tests.mqtt_certs import make_pki
+from tests.test_twin_store import postgres_url  # noqa: F401 - the fixture
 from twin.api import create_app
 from twin.auth import TokenStore, create_token
 from twin.payload import Metric, Payload
@@ -146,6 +147,37 @@ def test_rollout_command_round_trips_and_malformed_ones_are_refused():
         metrics = [Metric(m.name, value if m.name == name else m.value, m.type) for m in good.values()]
         with pytest.raises(CommandError):
             RolloutCommand.from_payload(Payload(0, metrics=metrics))
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_rollout_store_keeps_rollouts_and_nodes_across_connections(dialect, tmp_path, request):
+    from twin.rollout_store import Rollout, RolloutNode, RolloutStore
+
+    if dialect == "sqlite":
+        url = str(tmp_path / "twin.db")
+    else:
+        import psycopg
+
+        base = request.getfixturevalue("postgres_url")
+        name = f"r{os.getpid()}_{time.monotonic_ns() % 10**8}"
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        url = base.rsplit("/", 1)[0] + "/" + name
+    store = RolloutStore(url)
+    rollout = Rollout("r1", 1, "admin", "v2", "a" * 64, 10, "/x", 0.1, {"rows": 5}, "canary", None, 1)
+    nodes = [RolloutNode("r1", "n1", "canary", "offered", token_hashes=["h1"], offered_ms=2, sent_ms=2, updated_ms=2),
+             RolloutNode("r1", "n2", "rest", "pending", updated_ms=1)]
+    store.save(rollout, nodes)
+    rollout.state, nodes[0].state, nodes[0].token_hashes = "rolling", "healthy", ["h1", "h2"]
+    store.save(rollout, nodes[:1])
+    store.close()
+    again = RolloutStore(url)  # a restarted twin
+    assert again.rollout("r1").state == "rolling" and again.rollout("r1").gate == {"rows": 5}
+    assert [(n.node, n.state, n.token_hashes) for n in again.nodes("r1")] == [("n1", "healthy", ["h1", "h2"]),
+                                                                            ("n2", "pending", [])]
+    assert [r.id for r in again.rollouts(active_only=True)] == ["r1"]
+    assert again.rollout("nope") is None
+    again.close()
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from core.bundle_signing import sha256_file
 from deploy.edge.model_slot import ModelError, ModelSlot
 from twin.payload import Payload
 from twin.rollout_protocol import CommandError, RolloutCommand
@@ -212,7 +213,7 @@ class RolloutClient:
         raise Refused(f"{name}: could not be fetched in {self.config.attempts} attempts")
 
     def _fetch_file(self, http, command: RolloutCommand, name: str, target: Path, size: int, sha256: str) -> None:
-        if target.is_file() and target.stat().st_size == size and _sha256_file(target) == sha256:
+        if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha256:
             return  # fetched before a restart
         part = target.with_name(target.name + ".part")
         for attempt in range(self.config.attempts):
@@ -229,7 +230,7 @@ class RolloutClient:
                 self._back_off(attempt, name, error)
         else:
             raise Refused(f"{name}: could not be fetched in {self.config.attempts} attempts")
-        if part.stat().st_size != size or _sha256_file(part) != sha256:
+        if part.stat().st_size != size or sha256_file(part) != sha256:
             part.unlink()
             raise Refused(f"{name}: SHA-256 differs from the manifest (tampered or corrupted in transit)")
         os.replace(part, target)
@@ -312,11 +313,3 @@ class _Cancelled(Exception):
 
 class _Transient(Exception):
     """A failure worth retrying (connection lost, server busy)."""
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
