@@ -189,7 +189,12 @@ class ModelSlot:
             shutil.rmtree(target)  # a leftover of an earlier, unfinished install
         if not target.exists():
             os.replace(bundle, target)  # same file system: a rename, whole or not at all
-        scorer = self._load(version)
+        try:
+            scorer = self._load(version)
+        except ModelError:
+            if version not in (self._doc.get("active"), self._doc.get("previous")):
+                shutil.rmtree(target, ignore_errors=True)  # a refused model is not kept on the device
+            raise
         with self._lock:
             self._pending = (scorer, rollout_id, gate)
 

@@ -127,9 +127,7 @@ class RolloutClient:
             self._cancel.clear()
             try:
                 self._install(command)
-            except Refused as error:
-                self._finish(command, "refused", str(error))
-            except ModelError as error:
+            except (Refused, ModelError) as error:
                 self._finish(command, "refused", str(error))
             except _Cancelled:
                 self._finish(command, "aborted", "aborted by the twin" if not self._stop.is_set() else None)
