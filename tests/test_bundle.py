@@ -19,9 +19,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from core.bundle_signing import BundleIntegrityError
 from deploy.bundle.build import build_bundle, run_graph, verify_bundle
 from deploy.bundle.credit_features import BundleError
-from deploy.bundle.signing import BundleIntegrityError
 from finance.data import TAIWAN_PAY, Records, dataset_spec
 from finance.models.ensemble import EnsembleConfig
 from finance.models.gbdt import LightGBMConfig

@@ -16,9 +16,11 @@ from PIL import Image
 
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedEngine, SimulatedMill
+from deploy.rollout_lab import make_keys
 from twin.api import create_app
 from twin.auth import TokenStore, create_token
 from twin.demo import HttpServer
+from twin.rollout import RolloutConfig, RolloutManager
 from twin.service import TwinConfig, TwinService
 from twin.services import Mosquitto
 
@@ -78,7 +80,10 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path, auth):
     with Mosquitto(workdir=tmp_path / "mosquitto") as broker:
         service = TwinService(config=TwinConfig(broker_port=broker.port, db=str(tmp_path / "twin.db"),
                                                 client_id="twin-dashboard")).start()
-        http = HttpServer(create_app(service, stream_max_s=5, tokens=tokens)).start()
+        # rollouts on: the page lists each edge node's model (none here: the agents run without one)
+        rollouts = RolloutManager(config=RolloutConfig(folder=tmp_path / "rollouts", base_url="http://127.0.0.1:1",
+                                                       publisher_key=make_keys(tmp_path / "keys")[1]), service=service)
+        http = HttpServer(create_app(service, stream_max_s=5, tokens=tokens, rollouts=rollouts)).start()
         stop = threading.Event()
         agents = [EdgeAgent(config=EdgeConfig(port=broker.port, node=node, device=device, rate_hz=100,
                                               spool=tmp_path / f"{node}.spool"), source=source)
@@ -111,6 +116,7 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path, auth):
                 dom = evaluate(browser, "document.documentElement.outerHTML")
                 feed = evaluate(browser, "document.getElementById('k-feed').textContent")
                 who = evaluate(browser, "document.getElementById('who').textContent")
+                edge_models = evaluate(browser, "document.getElementById('edge-models').innerText")
                 urls = evaluate(browser, "JSON.stringify([location.href, ...performance.getEntriesByType('resource')"
                                          ".map(e => e.name)])")
                 if auth:  # the operator acknowledges an alarm from the page; the twin records who did
@@ -123,6 +129,7 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path, auth):
             for t in threads:
                 t.join(timeout=20)
             http.stop()
+            rollouts.stop()
             acknowledged = [a for a in service.store.alarms() if a.acked_ms is not None]
             service.stop()
     assert feed == "live", "the page follows the server-sent event stream"
@@ -135,6 +142,7 @@ def test_dashboard_shows_live_assets_health_alarms_and_trend(tmp_path, auth):
     for text in ("Engine test cells", "Milling line", "mill-1", "engine-1", "ONLINE", "failure risk"):
         assert text in dom, text
     assert "Digital twin" in dom or "digital twin" in dom
+    assert "Edge models" in dom and all(node in edge_models for node in ("edge-mill-1", "edge-cell-2")), edge_models
     if auth:
         assert "olga (operator)" in who
         # every URL the page loaded (the feed, still open, is not listed yet): none holds the token

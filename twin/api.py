@@ -2,8 +2,8 @@
 
 With a token store (`moeworks twin serve --auth-file`) every route under /api and /metrics needs a
 bearer token: viewer reads (state, history, alarms, the live feed); operator acknowledges alarms and
-runs what-ifs; admin (every right) is what routes that change configuration, the MES or ETL will ask
-for: the API has none yet (ETL runs from `moeworks twin etl`). The dashboard page itself holds no
+runs what-ifs; admin (every right) starts and aborts model rollouts (twin.rollout_api, with `--rollout-key`)
+and is what routes that change configuration, the MES or ETL will ask for. The dashboard page itself holds no
 data: it asks for a token and sends it with each request. Without a store the twin serves loopback
 only (twin.auth.check_bind) and every caller is the local admin.
 """
@@ -42,6 +42,7 @@ from twin.api_models import (
 from twin.api_models import Identity as IdentityOut
 from twin.auth import Identity, TokenStore, role_dependency
 from twin.payload import PAYLOAD_SCHEMA
+from twin.rollout import RolloutManager
 from twin.service import TwinService
 from twin.simulate import EnginePlan, MillPlan, SimulationError
 
@@ -70,10 +71,11 @@ BAD_BODY = {400: {"model": Problem, "description": "The body is not JSON"}}
 
 
 def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: TokenStore | None = None,
-               max_streams: int = 64) -> FastAPI:
+               max_streams: int = 64, rollouts: RolloutManager | None = None) -> FastAPI:
     """`stream_max_s`: each live-update stream ends after this long; browsers reconnect on their own.
     `tokens`: require bearer tokens with roles (None: no authentication, for a loopback-only twin).
-    `max_streams`: live streams open at once; more are refused with 503 (a wall of screens needs a few)."""
+    `max_streams`: live streams open at once; more are refused with 503 (a wall of screens needs a few).
+    `rollouts`: serve /api/rollouts and /api/edge-models (twin.rollout_api)."""
     open_streams: set[object] = set()
     app = FastAPI(title="moeworks digital twin", version="1",
                   description="Assets, live state, history, alarms and what-if simulation of a plant fed over "
@@ -231,6 +233,10 @@ def create_app(service: TwinService, *, stream_max_s: float = 600.0, tokens: Tok
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     app.include_router(api)
+    if rollouts is not None:
+        from twin.rollout_api import rollout_router
+
+        app.include_router(rollout_router(rollouts, tokens), dependencies=documented, responses=refusals)
     return app
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import typer
 
 from twin import mqtt_options as mqtt
+from twin.rollout_cli import app as rollout_app
 
 app = typer.Typer(help="Digital twin of factory assets fed over MQTT.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 
 
 def _fail(exc: Exception | str) -> None:
@@ -42,7 +44,14 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           payload: str = typer.Option("protobuf", help="protobuf (Sparkplug B) | json: what the twin sends; "
                                                       "it reads both"),
           auth_file: Path | None = typer.Option(None, help="bearer tokens with roles (`moeworks auth token`); "
-                                                           "without it the twin serves loopback only")) -> None:
+                                                           "without it the twin serves loopback only"),
+          https_cert: Path | None = typer.Option(None, help="serve HTTPS with this certificate (PEM)"),
+          https_key: Path | None = typer.Option(None, help="...and this private key (PEM)"),
+          rollout_key: Path | None = typer.Option(None, help="publisher's EC public key (PEM): enables model "
+                                                             "rollouts of bundles signed with it"),
+          rollout_url: str | None = typer.Option(None, help="the URL edge nodes reach this twin's API at "
+                                                            "(default: the HTTP host and port)"),
+          rollout_dir: Path = typer.Option(Path("runs/twin/rollouts"), help="where offered bundles are kept")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
@@ -67,15 +76,28 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                             work_orders_csv=str(work_orders_csv) if work_orders_csv else None,
                             rul_model=str(rul_model) if rul_model else None,
                             ai4i_model=str(ai4i_model) if ai4i_model else None, payload=payload)
+        if (https_cert is None) != (https_key is None):
+            raise ValueError("--https-cert and --https-key go together")
         service = TwinService(config=config, plant=model).start()
+        rollouts = None
+        if rollout_key is not None:
+            from twin.rollout import RolloutConfig, RolloutManager
+
+            scheme = "https" if https_cert else "http"
+            rollouts = RolloutManager(config=RolloutConfig(
+                folder=rollout_dir, publisher_key=rollout_key,
+                base_url=rollout_url or f"{scheme}://{http_host}:{http_port}"), service=service).start_thread()
     except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)
     typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}"
                f"{' (TLS)' if security and security.uses_tls else ''}; "
                f"dashboard http://{http_host}:{http_port}/", err=True)
     try:
-        uvicorn.run(create_app(service, tokens=tokens), host=http_host, port=http_port, log_level="warning")
+        uvicorn.run(create_app(service, tokens=tokens, rollouts=rollouts), host=http_host, port=http_port,
+                    log_level="warning", ssl_certfile=https_cert, ssl_keyfile=https_key)
     finally:
+        if rollouts is not None:
+            rollouts.stop()
         service.stop()
 
 

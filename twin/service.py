@@ -328,6 +328,13 @@ class TwinService:
                            "metrics": dict(self.state.nodes[device.machine.node].metrics)}
             return row
 
+    def node_metrics(self, node: str) -> dict[str, Any]:
+        """A copy of an edge node's metrics from its NBIRTH and NDATA (model rollouts read their reports
+        here), with `_online`; empty for an unknown node."""
+        with self._lock:
+            state = self.state.nodes.get(node)
+            return {} if state is None else dict(state.metrics, _online=state.online)
+
     def acknowledge(self, alarm_id: str, user: str, role: str | None = None) -> Alarm | None:
         now_ms = int(time.time() * 1000)
         with self._lock:

@@ -20,10 +20,7 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from deploy.bundle.card import CARD_KEY, credit_card
-from deploy.bundle.credit_features import BundleError
-from deploy.bundle.credit_graph import credit_graph
-from deploy.bundle.signing import (
+from core.bundle_signing import (
     SIGNATURE,
     BundleIntegrityError,
     check_manifest,
@@ -31,6 +28,9 @@ from deploy.bundle.signing import (
     verify_signature,
     write_manifest,
 )
+from deploy.bundle.card import CARD_KEY, credit_card
+from deploy.bundle.credit_features import BundleError
+from deploy.bundle.credit_graph import credit_graph
 
 MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
 MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made

@@ -48,8 +48,8 @@ def verify(bundle: Path = typer.Argument(..., help="the bundle folder"),
                                                       "the manifest hashes are checked"),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Check every file's hash, the signature (with --key) and the test vectors; exit 2 on any difference."""
+    from core.bundle_signing import BundleIntegrityError
     from deploy.bundle.build import verify_bundle
-    from deploy.bundle.signing import BundleIntegrityError
 
     if key is not None and not key.is_file():
         _fail(f"no such key file: {key}")
@@ -68,8 +68,8 @@ def verify(bundle: Path = typer.Argument(..., help="the bundle folder"),
 def inspect(bundle: Path = typer.Argument(..., help="the bundle folder"),
             json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Show the bundle's model card: inputs, outputs, version, metrics, protected attributes."""
+    from core.bundle_signing import BundleIntegrityError
     from deploy.bundle.build import inspect_bundle
-    from deploy.bundle.signing import BundleIntegrityError
 
     try:
         result = inspect_bundle(bundle)

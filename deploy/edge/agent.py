@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import orjson
 import paho.mqtt.client as mqtt
 
+from deploy.edge.model_slot import MODEL_METRIC, PREDICTION, ModelSlot
+from deploy.edge.rollout import RolloutClient
 from deploy.edge.spool import Spool
 from twin.codec import DEFAULT_CODEC, check_codec, decode, encode
 from twin.mqtt_tls import MQTTSecurity
@@ -75,8 +77,9 @@ class EdgeConfig:
 class _Session:
     """One MQTT connection with its bdSeq; dropped as a whole when the connection is lost."""
 
-    def __init__(self, cfg: EdgeConfig, bd_seq: int):
+    def __init__(self, cfg: EdgeConfig, bd_seq: int, on_command=None):
         self.cfg, self.bd_seq = cfg, bd_seq
+        self.on_command = on_command      # called with every valid NCMD payload (model rollouts), on paho's thread
         self.connected = threading.Event()
         self.lost = False
         self.refused: str | None = None   # the broker's reason when it refused the connection
@@ -124,6 +127,8 @@ class _Session:
             return
         if any(m.name == REBIRTH and m.value is True for m in payload.metrics):
             self.rebirth = True
+        if self.on_command is not None:
+            self.on_command(payload)
 
     def _on_host_state(self, raw: bytes) -> None:
         """Sparkplug 3.0 STATE: {"online": bool, "timestamp": ms}; a message older than the last one is stale
@@ -168,10 +173,15 @@ class _Session:
 
 
 class EdgeAgent:
-    def __init__(self, *, config: EdgeConfig, source, estimator: Estimator | None = None):
+    def __init__(self, *, config: EdgeConfig, source, estimator: Estimator | None = None,
+                 model: ModelSlot | None = None, rollout: RolloutClient | None = None):
+        """`model`: a signed bundle scoring each row (deploy.edge.model_slot); `rollout`: takes new ones
+        from the twin's NCMDs (deploy.edge.rollout)."""
         self.config = config
         self.source = source
         self.estimator = estimator
+        self.model = model
+        self.rollout = rollout
         self.stats = {"produced": 0, "acknowledged": 0, "sessions": 0, "reconnect_failures": 0, "rebirths": 0}
         names = [m.name for m in source.metrics] + (["rul_edge"] if estimator is not None else [])
         # protobuf DDATA names its metrics by these aliases, which every DBIRTH declares
@@ -183,11 +193,14 @@ class EdgeAgent:
         node_seq = spool.next_counter("node_seq")
         nbirth = Payload(now, node_seq % SEQ_MODULUS, session.bd_seq, [
             Metric("bdSeq", session.bd_seq, "Int64"), Metric(REBIRTH, False, "Boolean"),
-            Metric("spool_depth", spool.depth(), "Int64"), Metric("source", self.source.description, "String")])
+            Metric("spool_depth", spool.depth(), "Int64"), Metric("source", self.source.description, "String"),
+            *(self.model.metrics() if self.model is not None else [])])
         session.client.publish(str(Topic(cfg.group, "NBIRTH", cfg.node)), encode(nbirth, cfg.payload), qos=1)
         metrics = [Metric(m.name, None, m.type, m.unit) for m in self.source.metrics]
         if self.estimator is not None:
             metrics.append(Metric("rul_edge", None, "Double", "cycle"))
+        if self.model is not None:
+            metrics += [Metric(PREDICTION, None, "Double", ""), Metric(MODEL_METRIC, self.model.version, "String", "")]
         first = spool.first_pending_seq(cfg.device)
         next_seq = first if first is not None else spool.counter(f"seq:{cfg.device}") + 1
         dbirth = Payload(now, next_seq % SEQ_MODULUS, None, metrics, serial=next_seq)
@@ -230,6 +243,8 @@ class EdgeAgent:
         next_tick = next_connect = next_node_metrics = start
         backoff = cfg.backoff_min_s
         session: _Session | None = None
+        if self.rollout is not None:
+            self.rollout.start()
         drain_deadline = None
         last_failure = None
         try:
@@ -241,7 +256,8 @@ class EdgeAgent:
                     if session is not None:
                         session.close()
                         session = None
-                    candidate = _Session(cfg, spool.next_counter("bdSeq") % SEQ_MODULUS)  # Sparkplug: 0-255
+                    candidate = _Session(cfg, spool.next_counter("bdSeq") % SEQ_MODULUS,  # Sparkplug: 0-255
+                                         self.rollout.on_command if self.rollout is not None else None)
                     try:
                         candidate.open(timeout=5.0)
                         if candidate.host_online:  # else the host's STATE online asks for them (_pump)
@@ -269,15 +285,20 @@ class EdgeAgent:
                     produced_all = limit is not None and self.stats["produced"] >= limit
                 if session is not None and not session.lost:
                     self._pump(session, spool)
-                    if now >= next_node_metrics and session.host_online:
+                    report_due = self.model is not None and self.model.report_due.is_set()
+                    if (now >= next_node_metrics or report_due) and session.host_online:
+                        if report_due:
+                            self.model.report_due.clear()
                         next_node_metrics = now + cfg.node_metrics_s
-                        self._node_metrics(session, spool)
+                        self._node_metrics(session, spool, qos=1 if report_due else 0)
                 if produced_all:
                     drain_deadline = drain_deadline or now + cfg.drain_timeout_s
                     if spool.depth() == 0 or now >= drain_deadline:
                         break
                 time.sleep(max(0.0, min(next_tick - time.monotonic(), 0.005)) if not produced_all else 0.005)
         finally:
+            if self.rollout is not None:
+                self.rollout.stop()
             if session is not None:
                 if not session.lost:
                     self._pump(session, spool)
@@ -291,6 +312,8 @@ class EdgeAgent:
             estimate = self.estimator.update(values)
             if estimate is not None:
                 values = dict(values, rul_edge=float(estimate))
+        if self.model is not None:
+            values = dict(values, **self.model.score(values))
         now = int(time.time() * 1000)
         metrics = [Metric(name, value) for name, value in values.items()]
         # the spool's counter is the serial (never wraps: the twin's history key); seq is Sparkplug's 0-255
@@ -300,12 +323,15 @@ class EdgeAgent:
                                            aliases=aliases, names=False))
         self.stats["produced"] += 1
 
-    def _node_metrics(self, session: _Session, spool: Spool) -> None:
+    def _node_metrics(self, session: _Session, spool: Spool, qos: int = 0) -> None:
+        """NDATA with counters (QoS 0: the next one follows), and the model's state (QoS 1 when a rollout
+        step is to be reported: the twin waits for it)."""
         payload = Payload(int(time.time() * 1000), spool.next_counter("node_seq") % SEQ_MODULUS, None, [
             Metric("spool_depth", spool.depth(), "Int64"), Metric("produced", self.stats["produced"], "Int64"),
-            Metric("sessions", self.stats["sessions"], "Int64")])
+            Metric("sessions", self.stats["sessions"], "Int64"),
+            *(self.model.metrics() if self.model is not None else [])])
         session.client.publish(str(Topic(self.config.group, "NDATA", self.config.node)),
-                               encode(payload, self.config.payload), qos=0)
+                               encode(payload, self.config.payload), qos=qos)
 
 
 def default_spool(node: str, root: Path = Path("runs/edge")) -> Path:

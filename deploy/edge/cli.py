@@ -30,6 +30,12 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
         device: str = typer.Option("mill-1", help="device (machine) id, as in the twin's plant file"),
         spool: Path | None = typer.Option(None, help="store-and-forward file (default runs/edge/<node>.spool)"),
         onnx: Path | None = typer.Option(None, help="ONNX RUL model to run on the device (publishes rul_edge)"),
+        bundle_key: Path | None = typer.Option(None, help="publisher's EC public key (PEM): run signed AI4I bundles "
+                                                          "(publishes edge_failure) and take rollouts from the twin"),
+        bundle: Path | None = typer.Option(None, help="a signed bundle to install when the node has no model yet"),
+        models: Path | None = typer.Option(None, help="the node's model slot (default runs/edge/<node>.models)"),
+        rollout_ca: Path | None = typer.Option(None, help="CA certificate (PEM) of the twin's HTTPS"),
+        max_download_bps: float | None = typer.Option(None, help="cap a rollout's download rate (bytes/s)"),
         max_messages: int | None = typer.Option(None, help="stop after this many ticks"),
         duration: float | None = typer.Option(None, help="stop after this many seconds"),
         payload: str = typer.Option("protobuf", help="protobuf (Sparkplug B) | json"),
@@ -58,7 +64,21 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
             except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors share no base class but Exception
                 raise SourceError(f"--onnx {onnx}: not a loadable ONNX RUL model ({str(exc).splitlines()[0][:200]})") \
                     from None
-    except (SourceError, ValueError) as exc:
+        slot = rollout = None
+        if bundle is not None and bundle_key is None:
+            raise SourceError("--bundle needs --bundle-key (the publisher's public key) to verify it")
+        if bundle_key is not None:
+            from deploy.edge.model_slot import ModelSlot
+            from deploy.edge.rollout import RolloutAgentConfig, RolloutClient
+
+            if rollout_ca is not None and not rollout_ca.is_file():
+                raise SourceError(f"--rollout-ca {rollout_ca}: no such file")
+            slot = ModelSlot(models or Path("runs/edge") / f"{node}.models", publisher_key=bundle_key)
+            if bundle is not None and slot.active is None:
+                slot.install_initial(bundle)
+            rollout = RolloutClient(slot=slot, config=RolloutAgentConfig(ca=rollout_ca,
+                                                                         max_download_bps=max_download_bps))
+    except (SourceError, ValueError) as exc:  # ModelError is a ValueError
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if rate <= 0:
@@ -76,10 +96,12 @@ def run(source: str = typer.Option("sim-mill", help="cmapss | ai4i (replays of r
     typer.echo(f"edge {node}/{device}: {src.description} -> {host}:{port}"
                f"{' (TLS)' if security and security.uses_tls else ''} at {rate:g} Hz", err=True)
     try:
-        stats = EdgeAgent(config=config, source=src, estimator=estimator).run(stop)
+        stats = EdgeAgent(config=config, source=src, estimator=estimator, model=slot, rollout=rollout).run(stop)
     except KeyboardInterrupt:
         stop.set()
         return
+    if slot is not None:
+        stats = stats | {"model": slot.version, **slot.stats, **rollout.stats}
     typer.echo(json.dumps(stats) if as_json else ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 

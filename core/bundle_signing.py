@@ -33,7 +33,7 @@ def _files(bundle: Path) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -42,7 +42,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(bundle: Path) -> dict:
-    entries = {p.relative_to(bundle).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    entries = {p.relative_to(bundle).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                for p in _files(bundle) if p.name not in (MANIFEST, SIGNATURE)}
     manifest = {"algorithm": "sha256", "files": entries}
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -65,7 +65,7 @@ def check_manifest(bundle: Path) -> dict:
     added, missing = sorted(set(present) - set(listed)), sorted(set(listed) - set(present))
     if added or missing:
         raise BundleIntegrityError(f"files added {added} / removed {missing} since the manifest was made")
-    changed = sorted(name for name, p in present.items() if _sha256(p) != listed[name])
+    changed = sorted(name for name, p in present.items() if sha256_file(p) != listed[name])
     if changed:
         raise BundleIntegrityError(f"files changed since the manifest was made: {changed}")
     return manifest
