@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -40,7 +41,15 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
           mqtt_tls: mqtt.Tls = False, mqtt_ca: mqtt.Ca = None, mqtt_cert: mqtt.Cert = None,
           mqtt_key: mqtt.Key = None,
           auth_file: Path | None = typer.Option(None, help="bearer tokens with roles (`moeworks auth token`); "
-                                                           "without it the twin serves loopback only")) -> None:
+                                                           "without it the twin serves loopback only"),
+          workers: int = typer.Option(1, help="twin workers sharing the plant through MQTT shared subscriptions "
+                                              "(Mosquitto) and PostgreSQL (--db postgresql://...); worker k serves "
+                                              "the API on --http-port + k"),
+          worker_group: str = typer.Option("moeworks-twin", help="the workers' MQTT share group: workers started "
+                                                                 "by hand with the same group, --workers and --db "
+                                                                 "form one twin"),
+          worker_id: str | None = typer.Option(None, help="run one worker of the group (0..N-1 takes that MQTT "
+                                                          "session first); without it --workers N starts N")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
@@ -58,6 +67,20 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         _fail(exc)
     security = mqtt.security_or_exit(username=mqtt_username, password_file=mqtt_password_file, ca=mqtt_ca,
                                      cert=mqtt_cert, key=mqtt_key, tls=mqtt_tls)
+    scale = None
+    if workers != 1 or worker_id is not None:
+        scale = _scale_or_exit(workers=workers, worker_group=worker_group, worker_id=worker_id, db=db,
+                               config=TwinConfig(broker_host=broker_host, broker_port=broker_port, mqtt=security))
+        if worker_id is None:  # the supervisor: N copies of this command, one per worker
+            from twin.scaleout import ScaleOutError, WorkerSupervisor
+
+            typer.echo(f"twin: {workers} workers (group {worker_group}), API on {http_host}:{http_port}.."
+                       f"{http_port + workers - 1}", err=True)
+            try:
+                WorkerSupervisor(argv=sys.argv[1:], workers=workers, http_port=http_port).run()
+            except ScaleOutError as exc:
+                _fail(exc)
+            return
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     try:
         model = Plant.from_yaml(plant or DEFAULT_PLANT)
@@ -65,7 +88,12 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                             work_orders_csv=str(work_orders_csv) if work_orders_csv else None,
                             rul_model=str(rul_model) if rul_model else None,
                             ai4i_model=str(ai4i_model) if ai4i_model else None)
-        service = TwinService(config=config, plant=model).start()
+        if scale is None:
+            service = TwinService(config=config, plant=model).start()
+        else:
+            from twin.scaleout import ScaledTwinService
+
+            service = ScaledTwinService(config=config, scale=scale, plant=model).start()
     except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)
     typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}"
@@ -75,6 +103,26 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         uvicorn.run(create_app(service, tokens=tokens), host=http_host, port=http_port, log_level="warning")
     finally:
         service.stop()
+
+
+def _scale_or_exit(*, workers: int, worker_group: str, worker_id: str | None, db: str, config):
+    """The worker's ScaleOutConfig, after the checks a group of workers needs; a mistake exits 2."""
+    from twin.scaleout import ScaleOutConfig, ScaleOutError, share_probe
+
+    if not 1 <= workers <= 256:
+        _fail(f"--workers must be 1..256, got {workers}")
+    if not db.startswith(("postgresql://", "postgres://")):
+        _fail("twin workers share their state in PostgreSQL: --db must be a postgresql:// URL")
+    try:
+        scale = ScaleOutConfig(worker=worker_id or "supervisor", slots=workers, worker_group=worker_group,
+                               home_slot=int(worker_id) if worker_id and worker_id.isdigit()
+                               and int(worker_id) < workers else None)
+        share_probe(config, worker_group)
+    except (ValueError, ScaleOutError) as exc:
+        _fail(exc)
+    except ConnectionError as exc:
+        _fail(f"cannot reach the MQTT broker at {config.broker_host}:{config.broker_port}: {exc}")
+    return scale
 
 
 @app.command()
