@@ -221,3 +221,57 @@ def test_the_built_in_broker_is_refused_for_several_workers(tmp_path):
     assert "does not deliver MQTT shared subscriptions" in result.output and "Mosquitto" in result.output
     result = CliRunner().invoke(app, ["twin", "serve", "--workers", "2", "--db", str(tmp_path / "twin.db")])
     assert result.exit_code == 2 and "postgresql://" in result.output
+
+
+def _two_free_ports() -> int:
+    import socket
+
+    from twin.services import free_port
+
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.mark.slow
+def test_serve_workers_starts_n_workers_and_restarts_one_that_is_killed(broker, postgres, tmp_path):
+    """`twin serve --workers 2`: two worker processes, APIs on --http-port and +1, a SIGKILLed one restarted."""
+    import psutil
+
+    http = _two_free_ports()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "twin", "serve", "--workers", "2", "--db", postgres.url,
+         "--broker-port", str(broker.port), "--http-port", str(http), "--work-orders-csv",
+         str(tmp_path / "orders.csv")], cwd=tmp_path, env=env, stderr=(tmp_path / "serve.log").open("ab"))
+    try:
+        def answering(port):
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api/stats", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(lambda: answering(http) and answering(http + 1), timeout=90, what="both workers' APIs")
+        children = psutil.Process(supervisor.pid).children()
+        assert len(children) == 2
+        victim = next(c for c in children if f"{http + 1}" in " ".join(c.cmdline()))
+        victim.kill()
+        wait_for(lambda: len(psutil.Process(supervisor.pid).children()) == 2
+                 and victim.pid not in [c.pid for c in psutil.Process(supervisor.pid).children()]
+                 and answering(http + 1), timeout=90, what="the killed worker restarted")
+        workers = httpx.get(f"http://127.0.0.1:{http}/api/stats", timeout=5).json()["workers"]
+        assert {w["worker"] for w in workers} <= {"0", "1"} and workers
+        children = psutil.Process(supervisor.pid).children()
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(60) == 0
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            for child in psutil.Process(supervisor.pid).children():
+                child.kill()

@@ -43,10 +43,9 @@ SCHEMA_LOCK = 0x6D6F65_7477696E  # advisory lock id: workers starting together c
 
 
 def ensure_schema(conn) -> None:
-    """The scale-out tables (after twin.store's, which the last index needs), created under an advisory
-    lock: concurrent CREATE ... IF NOT EXISTS can fail in PostgreSQL."""
+    """The scale-out tables (after twin.store's, which the last index needs). The caller holds SCHEMA_LOCK:
+    concurrent CREATE ... IF NOT EXISTS can fail in PostgreSQL."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         conn.execute(SCHEMA)
 
 

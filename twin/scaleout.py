@@ -36,7 +36,7 @@ from typing import Any
 from twin.alarms import Alarm, AlarmManager
 from twin.health import Health
 from twin.mqtt_burst import BurstClient, BurstClientConfig
-from twin.ownership import DOOR, Leases, ensure_schema, owner_of
+from twin.ownership import DOOR, SCHEMA_LOCK, Leases, ensure_schema, owner_of
 from twin.payload import NAMESPACE
 from twin.reorder import apply_order
 from twin.service import TwinConfig, TwinService
@@ -90,6 +90,7 @@ def _connect(url: str):
 class ScaledTwinService(TwinService):
     """One worker of a scaled-out twin. Same queries as TwinService, answered from PostgreSQL."""
 
+    _local_version = 0  # changes to this worker's state (TwinService's __init__ sets `version` before ours runs)
     store_statements = {"inbox": "INSERT INTO twin_inbox (node, topic, payload, received_us) VALUES (?,?,?,?)",
                         "inbox_done": "DELETE FROM twin_inbox WHERE id = ?"}
 
@@ -102,7 +103,6 @@ class ScaledTwinService(TwinService):
         self._slot_clients: dict[int, BurstClient] = {}
         self._taken: set[int] = set()                 # inbox ids applied, their delete not yet committed
         self._taken_lock = threading.Lock()
-        self._local_version = 0
         self._snapshot_version = -1
         self._cluster_version = 0
         self._cluster: dict[str, Any] = {"workers": []}
@@ -117,21 +117,25 @@ class ScaledTwinService(TwinService):
 
     @version.setter
     def version(self, value: int) -> None:
-        self._local_version = value
+        self._local_version += 1  # `version += 1` reads the cluster's version: count the changes instead
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> ScaledTwinService:
-        conn = _connect(self.config.db)
-        try:  # the tables, once, whichever worker comes first (CREATE IF NOT EXISTS races in PostgreSQL)
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x6D6F65,))
-                HistoryStore(self.config.db).close()
-            ensure_schema(conn)
+        # Workers starting together create and migrate the tables one at a time: concurrent CREATE ... IF NOT
+        # EXISTS and ALTER TABLE (HistoryStore's migrations) fail or deadlock in PostgreSQL. The lock is held
+        # until TwinService.start has made its store (released at the top of _start_mqtt).
+        self._schema_conn = _connect(self.config.db)
+        self._schema_conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        try:
+            HistoryStore(self.config.db).close()
+            ensure_schema(self._schema_conn)
+            return super().start()
         finally:
-            conn.close()
-        return super().start()
+            if not self._schema_conn.closed:
+                self._schema_conn.close()  # closing the session releases its advisory lock
 
     def _start_mqtt(self) -> None:
+        self._schema_conn.close()
         cfg, scale = self.config, self.scale
         # this worker starts owning nothing: every node's state comes with its lease (_take)
         for device_id, device in self.state.devices.items():
