@@ -42,11 +42,11 @@ from twin.reorder import apply_order
 from twin.service import TwinConfig, TwinService
 from twin.simulate import EnginePlan, MillPlan, SimulationError, simulate_engine, simulate_mill
 from twin.state import DeviceState, NodeState
-from twin.store import ALARM_COLUMNS, HistoryStore
+from twin.store import ALARM_COLUMNS, UPSERT, HistoryStore
 
 log = logging.getLogger(__name__)
 SHARE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an MQTT topic level: no '/', '+', '#' or '$'
-INBOX_BATCH = 20_000                              # rows one poll of the inbox takes at most
+INBOX_BATCH = 5_000  # rows one poll of the inbox applies at most: bounds how long it holds the state's lock
 
 
 class ScaleOutError(RuntimeError):
@@ -91,8 +91,16 @@ class ScaledTwinService(TwinService):
     """One worker of a scaled-out twin. Same queries as TwinService, answered from PostgreSQL."""
 
     _local_version = 0  # changes to this worker's state (TwinService's __init__ sets `version` before ours runs)
-    store_statements = {"inbox": "INSERT INTO twin_inbox (node, topic, payload, received_us) VALUES (?,?,?,?)",
-                        "inbox_done": "DELETE FROM twin_inbox WHERE id = ?"}
+    store_statements = {
+        "inbox": "INSERT INTO twin_inbox (node, topic, payload, received_us) VALUES (?,?,?,?)",
+        "inbox_done": "DELETE FROM twin_inbox WHERE id = ?",
+        # an alarm row is written only under the lease it was raised under (node, holder, epoch): a worker that
+        # stalled past its lease cannot write over the new owner's alarms. FOR SHARE holds a claim of the node
+        # until this commit, so the new owner's load of the open alarms (after its claim) sees the row.
+        "alarms_fenced": "INSERT INTO alarms SELECT ?::text, ?::text, ?::text, ?::text, ?::text, ?::text, "
+                         "?::double precision, ?::bigint, ?::bigint, ?::bigint, ?::text, ?::text WHERE EXISTS "
+                         "(SELECT 1 FROM twin_node_leases WHERE node = ?::text AND holder = ?::text AND "
+                         "epoch = ?::bigint FOR SHARE) ON CONFLICT " + UPSERT["alarms"].split(" ON CONFLICT ", 1)[1]}
 
     def __init__(self, *, config: TwinConfig, scale: ScaleOutConfig, **kwargs):
         if not config.db.startswith(("postgresql://", "postgres://")):
@@ -106,6 +114,9 @@ class ScaledTwinService(TwinService):
         self._snapshot_version = -1
         self._cluster_version = 0
         self._cluster: dict[str, Any] = {"workers": []}
+        self._stats_doc = "{}"                        # this worker's figures, for twin_workers.stats
+        self._renewal: tuple[float, list[str], set[int], dict[str, int]] | None = None  # (when, live, slots, nodes)
+        self._claimed: dict[tuple[str, Any], float] = {}  # (slot|node, id) -> when this worker claimed it
         self.received = 0                             # messages this worker's slots received
         self.applied = 0                              # inbox messages this worker applied as an owner
 
@@ -148,8 +159,10 @@ class ScaledTwinService(TwinService):
         self.client = BurstClient(config=BurstClientConfig(
             host=cfg.broker_host, port=cfg.broker_port, client_id=f"{cfg.client_id}-{scale.worker}-cmd",
             keepalive_s=cfg.keepalive_s, security=cfg.mqtt)).start()
+        self._renew(self.leases)
         self._lease_round()
-        for target, name in ((self._lease_loop, "twin-leases"), (self._inbox_loop, "twin-inbox")):
+        for target, name in ((self._renew_loop, "twin-lease-renewal"), (self._lease_loop, "twin-leases"),
+                             (self._inbox_loop, "twin-inbox")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -159,8 +172,9 @@ class ScaledTwinService(TwinService):
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        self.store.flush()  # the PUBACKs of what was received leave...
         for client in self._slot_clients.values():
-            client.stop()  # what they received is in the inbox; unacknowledged messages go to the next holder
+            client.stop()   # ...and what arrives after goes again to the slot's next holder
         self.store.flush()
         self._write_snapshots(force=True)
         try:
@@ -174,13 +188,12 @@ class ScaledTwinService(TwinService):
         self.store.close()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(c.connected.is_set() for c in list(self._slot_clients.values())):
-                return
-            time.sleep(0.02)
-        raise ConnectionError(f"no slot session of worker {self.scale.worker} reached the broker at "
-                              f"{self.config.broker_host}:{self.config.broker_port} within {timeout} s")
+        """The broker is reached (this worker's command session: with more workers than slots, some
+        hold no slot and still own nodes)."""
+        try:
+            self.client.wait_connected(timeout)
+        except ConnectionError as exc:
+            raise ConnectionError(f"twin worker {self.scale.worker}: {exc}") from None
 
     # ------------------------------------------------------------------ receiving (any worker)
     def _route(self, topic: str) -> str:
@@ -242,6 +255,13 @@ class ScaledTwinService(TwinService):
         self.applied += len(ids)
         return len(ids)
 
+    def _put_alarm(self, alarm: Alarm) -> None:
+        node = self.plant.machines[alarm.device].node
+        epoch = self._owned.get(node)
+        if epoch is not None:  # else the node moved on: its new owner decides about this alarm
+            self.store.put("alarms_fenced", [(*(getattr(alarm, c) for c in ALARM_COLUMNS), node, self.scale.worker,
+                                              epoch)])
+
     def _forget(self, ids: list[int]) -> None:
         with self._taken_lock:
             self._taken.difference_update(ids)
@@ -265,12 +285,36 @@ class ScaledTwinService(TwinService):
                 except Exception:  # noqa: BLE001 - still down: the next round tries again
                     pass
 
+    def _renew_loop(self) -> None:
+        """Only the renewals, on a connection of their own: nothing the lease round waits for (a flush of a
+        busy writer, snapshots, a node's take-over) may let this worker's leases run out."""
+        leases = Leases(conn=_connect(self.config.db), worker=self.scale.worker, slots=self.scale.slots,
+                        lease_s=self.scale.lease_s)
+        try:
+            while not self._stop.wait(self.scale.lease_s / 4):
+                try:
+                    self._renew(leases)
+                except Exception:  # noqa: BLE001 - a lost database: leases run out, and others take over
+                    log.exception("lease renewal failed")
+                    try:
+                        leases.conn.close()
+                        leases.conn = _connect(self.config.db)
+                    except Exception:  # noqa: BLE001 - still down: the next round tries again
+                        pass
+        finally:
+            leases.conn.close()
+
+    def _renew(self, leases: Leases) -> None:
+        started = time.monotonic()
+        live = leases.heartbeat(self._stats_doc)
+        self._renewal = (started, live, leases.renew_slots(), leases.renew_nodes())
+
     def _lease_round(self) -> None:
         leases, scale = self.leases, self.scale
-        live = leases.heartbeat(json.dumps(self._local_stats()))
+        self._stats_doc = json.dumps(self._local_stats())
+        renewed_at, live, held, renewed = self._renewal
         # slots: this worker's share of the sessions, its home slot first
-        held = leases.renew_slots()
-        for slot in [s for s in self._slot_clients if s not in held]:
+        for slot in [s for s in self._slot_clients if s not in held and self._claimed[("slot", s)] < renewed_at]:
             log.warning("worker %s lost slot %d (its lease ran out)", scale.worker, slot)
             self._slot_clients.pop(slot).stop()
         share = math.ceil(scale.slots / len(live))
@@ -282,6 +326,7 @@ class ScaledTwinService(TwinService):
             if len(self._slot_clients) >= share:
                 break
             if leases.claim_slot(slot):
+                self._claimed[("slot", slot)] = time.monotonic()
                 self._slot_clients[slot] = self._slot_client(slot)
         extra = [s for s in sorted(self._slot_clients, reverse=True) if s != scale.home_slot]
         while len(self._slot_clients) > share and extra:  # a worker joined: hand it a session
@@ -291,8 +336,7 @@ class ScaledTwinService(TwinService):
         # nodes: rendezvous over the live workers; a node is taken only once its lease is free
         keys = [DOOR, *self.plant.nodes]
         mine = {key for key in keys if owner_of(key, live) == scale.worker}
-        renewed = leases.renew_nodes()
-        for key in [k for k in self._owned if k not in renewed]:
+        for key in [k for k in self._owned if k not in renewed and self._claimed[("node", k)] < renewed_at]:
             log.warning("worker %s lost node %r (its lease ran out)", scale.worker, key)
             self._drop(key)
         for key in [k for k in self._owned if k not in mine]:  # a worker joined: hand it its nodes
@@ -305,6 +349,7 @@ class ScaledTwinService(TwinService):
         for key in mine - set(self._owned):
             epoch = leases.claim_node(key)
             if epoch is not None:
+                self._claimed[("node", key)] = time.monotonic()
                 self._take(key, epoch)
         self._write_snapshots()
         self._refresh_acks()

@@ -245,9 +245,12 @@ class TwinService:
 
     def _alarm_changes(self, changed: list[Alarm], now_ms: int) -> None:
         for alarm in changed:
-            self.store.put_alarm(alarm)
+            self._put_alarm(alarm)
             if alarm.kind in MAINTENANCE_KINDS and alarm.raised_ms == now_ms and alarm.cleared_ms is None:
                 self.mes.order_for(alarm, line=self.plant.machines[alarm.device].line, now_ms=now_ms)
+
+    def _put_alarm(self, alarm: Alarm) -> None:
+        self.store.put_alarm(alarm)  # twin/scaleout.py writes it only while it owns the device
 
     def _on_commit(self, items: list[Ingested], committed_s: float) -> None:
         now_ms = committed_s * 1000.0
