@@ -18,11 +18,11 @@ exactly what the publishers sent and the broker acknowledged.
 
     python benchmarks/twin.py --json
     python benchmarks/twin.py --rates 2000 --attack 0.01 --kill-cycles 5
-    python benchmarks/twin.py --workers 1,2 --rates 2000 --kill-worker   # the scaled-out twin
+    python benchmarks/twin.py --workers 0,1,2 --rates 2000 --kill-worker   # the scaled-out twin
 
-`--workers 1,2` runs the scaled-out twin (twin/scaleout.py: worker processes sharing the subscription
+`--workers 0,1,2` runs the scaled-out twin (twin/scaleout.py: worker processes sharing the subscription
 through MQTT shared subscriptions, state and history in PostgreSQL) with each worker count in turn in
-one run: the rate of rows applied during the window, CPU per message of the workers, PostgreSQL and
+one run (0: the single twin process on the same PostgreSQL, the baseline): the rate of rows applied during the window, CPU per message of the workers, PostgreSQL and
 Mosquitto, and messages per CPU-second of the workers (what one worker with a core of its own would
 do, to read scaling off on a larger machine). `--kill-worker` adds a run in which one worker is
 SIGKILLed halfway and not restarted; lost and duplicated rows and alarms raised twice are counted.
@@ -332,16 +332,18 @@ def _postgres_cpu(cluster) -> float:
 
 
 class WorkerProcesses:
-    """`workers` twin workers (`python -m twin.scaleout`), one process each, sharing one PostgreSQL database."""
+    """`workers` twin workers (`python -m twin.scaleout`), one process each, sharing one PostgreSQL database;
+    0: the single twin (`python -m twin.service`) on the same database, the baseline."""
 
     def __init__(self, *, workers: int, config: dict, workdir: Path, lease_s: float):
         self.procs: list[subprocess.Popen] = []
         env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        for k in range(workers):
+        for k in range(max(1, workers)):
             path = workdir / f"worker-{k}.json"
-            path.write_text(json.dumps({**config, "scale": {"worker": f"w{k}", "slots": workers, "home_slot": k,
-                                                            "lease_s": lease_s}}))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "twin.scaleout", str(path)], env=env,
+            scale = {"scale": {"worker": f"w{k}", "slots": workers, "home_slot": k, "lease_s": lease_s}}
+            path.write_text(json.dumps({**config, **(scale if workers else {})}))
+            module = "twin.scaleout" if workers else "twin.service"
+            self.procs.append(subprocess.Popen([sys.executable, "-m", module, str(path)], env=env,
                                                stdout=subprocess.PIPE, stderr=(workdir / f"worker-{k}.log").open("ab"),
                                                text=True))
         for k, proc in enumerate(self.procs):
@@ -385,10 +387,10 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
         group = WorkerProcesses(workers=workers, config=config, workdir=workdir, lease_s=lease_s)
         store = HistoryStore(db)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and store.query(
+        while workers and time.monotonic() < deadline and store.query(
                 "SELECT COUNT(DISTINCT holder) FROM twin_slots WHERE holder IS NOT NULL")[0][0] < workers:
             time.sleep(0.1)  # every worker holds its MQTT session (rebalanced after start-up)
-        time.sleep(lease_s)  # and the nodes have settled on their owners
+        time.sleep(lease_s if workers else 0.5)  # and the nodes have settled on their owners
         ctx = mp.get_context("spawn")
         out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         procs = [ctx.Process(
@@ -458,7 +460,7 @@ def workers_main(args, console: Console) -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-workers-") as tmp, PostgresCluster() as cluster:
         plan = [(w, rate, False) for rate in rates for w in counts]
-        if args.kill_worker:
+        if args.kill_worker and max(counts) >= 2:
             plan.append((max(counts), rates[0], True))  # the fault run at the first rate
         for workers, rate, kill in plan:
             console.log(f"{workers} worker(s), target {rate:,.0f} msg/s, {args.seconds:g} s"
@@ -477,7 +479,7 @@ def workers_main(args, console: Console) -> None:
         table.add_column(col, justify="right")
     for r in runs:
         cpu = r["cpu_per_msg"]
-        table.add_row(str(r["workers"]), "yes" if r["kill_worker"] else "no", f"{r['target_rate']:,.0f}",
+        table.add_row(str(r["workers"]) if r["workers"] else "single twin", "yes" if r["kill_worker"] else "no", f"{r['target_rate']:,.0f}",
                       f"{r['sustained_rate']:,.0f}", f"{r['state_latency_p50_ms'] or 0:.0f}",
                       f"{r['state_latency_p99_ms'] or 0:.0f}", f"{cpu['workers_us']:.0f}", f"{cpu['postgres_us']:.0f}",
                       f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}", f"{r['acked_by_broker']:,}",
@@ -535,8 +537,8 @@ def main() -> None:
     parser.add_argument("--kill-cycles", type=int, default=0,
                         help="SIGKILL and restart the twin (its own process) this many times during each window")
     parser.add_argument("--workers", default=None,
-                        help="e.g. 1,2: the scaled-out twin (twin/scaleout.py) with this many worker processes, "
-                             "side by side, on Mosquitto and a throwaway PostgreSQL")
+                        help="e.g. 0,1,2: the scaled-out twin (twin/scaleout.py) with this many worker processes, "
+                             "side by side, on Mosquitto and a throwaway PostgreSQL (0: the single twin process)")
     parser.add_argument("--kill-worker", action="store_true",
                         help="with --workers: a fault run more, SIGKILL of one worker halfway through the window")
     parser.add_argument("--lease-s", type=float, default=3.0, help="with --workers: the workers' lease")
@@ -549,9 +551,9 @@ def main() -> None:
         parser.error("--broker builtin needs --kill-cycles (the twin then runs in its own process)")
     console = Console()
     if args.workers is not None:
-        if not re.fullmatch(r"\d+(,\d+)*", args.workers) or not all(1 <= int(w) <= 16
+        if not re.fullmatch(r"\d+(,\d+)*", args.workers) or not all(0 <= int(w) <= 16
                                                                     for w in args.workers.split(",")):
-            parser.error("--workers must be a list of counts 1..16, e.g. 1,2")
+            parser.error("--workers must be a list of counts 0..16 (0: the single twin, the baseline), e.g. 0,1,2")
         if args.attack or args.kill_cycles or args.db or args.broker != "mosquitto":
             parser.error("--workers runs its own Mosquitto and PostgreSQL, without --attack/--kill-cycles/--db")
         workers_main(args, console)
