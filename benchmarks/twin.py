@@ -22,10 +22,11 @@ exactly what the publishers sent and the broker acknowledged.
 
 `--workers 0,1,2` runs the scaled-out twin (twin/scaleout.py: worker processes sharing the subscription
 through MQTT shared subscriptions, state and history in PostgreSQL) with each worker count in turn in
-one run (0: the single twin process on the same PostgreSQL, the baseline): the rate of rows applied during the window, CPU per message of the workers, PostgreSQL and
-Mosquitto, and messages per CPU-second of the workers (what one worker with a core of its own would
-do, to read scaling off on a larger machine). `--kill-worker` adds a run in which one worker is
-SIGKILLed halfway and not restarted; lost and duplicated rows and alarms raised twice are counted.
+one run (0: the single twin process on the same PostgreSQL, the baseline): the rate of rows applied
+during the window, CPU per message of the workers, PostgreSQL and Mosquitto, and messages per
+CPU-second of the workers (what one worker with a core of its own would do, to read scaling off on
+a larger machine). `--kill-worker` adds a run in which one worker is SIGKILLed halfway and not
+restarted; lost and duplicated rows and alarms raised twice are counted.
 """
 
 from __future__ import annotations
@@ -479,7 +480,8 @@ def workers_main(args, console: Console) -> None:
         table.add_column(col, justify="right")
     for r in runs:
         cpu = r["cpu_per_msg"]
-        table.add_row(str(r["workers"]) if r["workers"] else "single twin", "yes" if r["kill_worker"] else "no", f"{r['target_rate']:,.0f}",
+        table.add_row(str(r["workers"]) if r["workers"] else "single twin", "yes" if r["kill_worker"] else "no",
+                      f"{r['target_rate']:,.0f}",
                       f"{r['sustained_rate']:,.0f}", f"{r['state_latency_p50_ms'] or 0:.0f}",
                       f"{r['state_latency_p99_ms'] or 0:.0f}", f"{cpu['workers_us']:.0f}", f"{cpu['postgres_us']:.0f}",
                       f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}", f"{r['acked_by_broker']:,}",
