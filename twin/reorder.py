@@ -44,18 +44,18 @@ def apply_order(messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         (first if kind in FIRST else last if kind in LAST else middle).append((topic, raw, kind, parts))
     out: list[tuple[str, bytes]] = []
     for first, middle, last in nodes.values():
-        positions: dict[str, list[int]] = defaultdict(list)
-        keyed: dict[str, list[tuple[tuple[int, int], int]]] = defaultdict(list)
-        for i, (_, raw, kind, parts) in enumerate(middle):
+        by_device: dict[str, list[int]] = defaultdict(list)
+        for i, (_, _, kind, parts) in enumerate(middle):
             if kind in SERIALLED and len(parts) == 5:
-                serial = _serial(kind, raw)
-                if serial is not None:
-                    positions[parts[4]].append(i)
-                    keyed[parts[4]].append(((serial, kind == "DDATA"), i))
+                by_device[parts[4]].append(i)
         ordered = list(middle)
-        for device, slots in positions.items():
-            if len(slots) > 1:
-                for slot, (_, i) in zip(slots, sorted(keyed[device]), strict=True):
-                    ordered[slot] = middle[i]
+        for positions in by_device.values():
+            if len(positions) < 2:
+                continue  # the common case at a few messages per device and batch: nothing to read or sort
+            keyed = [(serial, middle[i][2] == "DDATA", i) for i in positions
+                     if (serial := _serial(middle[i][2], middle[i][1])) is not None]
+            slots = [i for _, _, i in keyed]  # messages whose serial cannot be read keep their place
+            for slot, (_, _, i) in zip(slots, sorted(keyed), strict=True):
+                ordered[slot] = middle[i]
         out += [(topic, raw) for topic, raw, _, _ in first + ordered + last]
     return out

@@ -93,7 +93,7 @@ class ScaledTwinService(TwinService):
     _local_version = 0  # changes to this worker's state (TwinService's __init__ sets `version` before ours runs)
     store_statements = {
         "inbox": "INSERT INTO twin_inbox (node, topic, payload, received_us) VALUES (?,?,?,?)",
-        "inbox_done": "DELETE FROM twin_inbox WHERE id = ?",
+        "inbox_done": "DELETE FROM twin_inbox WHERE id = ANY(?)",  # one row per poll: its ids as an array
         # an alarm row is written only under the lease it was raised under (node, holder, epoch): a worker that
         # stalled past its lease cannot write over the new owner's alarms. FOR SHARE holds a claim of the node
         # until this commit, so the new owner's load of the open alarms (after its claim) sees the row.
@@ -250,7 +250,7 @@ class ScaledTwinService(TwinService):
             with self._taken_lock:
                 self._taken.update(ids)
             self.ingest_many(apply_order([(topic, bytes(payload)) for _, _, topic, payload in rows]))
-            self.store.put("inbox_done", [(i,) for i in ids])
+            self.store.put("inbox_done", [(ids,)])
         self.store.put_ack(lambda: self._forget(ids))
         self.applied += len(ids)
         return len(ids)
