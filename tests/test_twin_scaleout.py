@@ -209,6 +209,7 @@ def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres
             worker.stop()
 
 
+@pytest.mark.slow  # the probe waits its 5 s for a delivery that never comes
 def test_the_built_in_broker_is_refused_for_several_workers(tmp_path):
     """amqtt 0.12 has no shared subscriptions: --workers 2 on it must stop at once, exit 2, one line."""
     from deploy.cli import app

@@ -72,7 +72,8 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         scale = _scale_or_exit(workers=workers, worker_group=worker_group, worker_id=worker_id, db=db,
                                config=TwinConfig(broker_host=broker_host, broker_port=broker_port, mqtt=security))
         if worker_id is None:  # the supervisor: N copies of this command, one per worker
-            from twin.scaleout import ScaleOutError, WorkerSupervisor
+            from twin.scaleout import ScaleOutError
+            from twin.supervisor import WorkerSupervisor
 
             typer.echo(f"twin: {workers} workers (group {worker_group}), API on {http_host}:{http_port}.."
                        f"{http_port + workers - 1}", err=True)

@@ -24,7 +24,6 @@ import logging
 import math
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -274,16 +273,7 @@ class ScaledTwinService(TwinService):
 
     # ------------------------------------------------------------------ leases
     def _lease_loop(self) -> None:
-        while not self._stop.wait(self.scale.lease_s / 4):
-            try:
-                self._lease_round()
-            except Exception:  # noqa: BLE001 - a lost database: leases run out, and others take over
-                log.exception("lease round failed")
-                try:
-                    self.leases.conn.close()
-                    self.leases.conn = _connect(self.config.db)
-                except Exception:  # noqa: BLE001 - still down: the next round tries again
-                    pass
+        self._every_quarter_lease("lease round", self.leases, self._lease_round)
 
     def _renew_loop(self) -> None:
         """Only the renewals, on a connection of their own: nothing the lease round waits for (a flush of a
@@ -291,18 +281,21 @@ class ScaledTwinService(TwinService):
         leases = Leases(conn=_connect(self.config.db), worker=self.scale.worker, slots=self.scale.slots,
                         lease_s=self.scale.lease_s)
         try:
-            while not self._stop.wait(self.scale.lease_s / 4):
-                try:
-                    self._renew(leases)
-                except Exception:  # noqa: BLE001 - a lost database: leases run out, and others take over
-                    log.exception("lease renewal failed")
-                    try:
-                        leases.conn.close()
-                        leases.conn = _connect(self.config.db)
-                    except Exception:  # noqa: BLE001 - still down: the next round tries again
-                        pass
+            self._every_quarter_lease("lease renewal", leases, lambda: self._renew(leases))
         finally:
             leases.conn.close()
+
+    def _every_quarter_lease(self, what: str, leases: Leases, step) -> None:
+        while not self._stop.wait(self.scale.lease_s / 4):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a lost database: leases run out, and others take over
+                log.exception("%s failed", what)
+                try:
+                    leases.conn.close()
+                    leases.conn = _connect(self.config.db)
+                except Exception:  # noqa: BLE001 - still down: the next round tries again
+                    pass
 
     def _renew(self, leases: Leases) -> None:
         started = time.monotonic()
@@ -554,48 +547,6 @@ def share_probe(config: TwinConfig, worker_group: str, timeout_s: float = 5.0) -
         raise ScaleOutError(f"the broker at {config.broker_host}:{config.broker_port} does not deliver MQTT shared "
                             "subscriptions ($share/...), which --workers > 1 needs: run Mosquitto (the built-in "
                             "`moeworks twin broker` cannot)")
-
-
-class WorkerSupervisor:
-    """`moeworks twin serve --workers N`: N worker processes (the same command, with --worker-id k and
-    --http-port base+k), each restarted if it dies, all stopped together."""
-
-    def __init__(self, *, argv: list[str], workers: int, http_port: int, restart_delay_s: float = 1.0):
-        self.argv, self.workers, self.http_port = argv, workers, http_port
-        self.restart_delay_s = restart_delay_s
-        self.processes: dict[int, subprocess.Popen] = {}
-        self.restarts = 0
-        self._stop = threading.Event()
-
-    def command(self, k: int) -> list[str]:
-        return [sys.executable, "-m", "deploy.cli", *self.argv, "--worker-id", str(k),
-                "--http-port", str(self.http_port + k)]
-
-    def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        try:
-            while not self._stop.is_set():
-                for k in range(self.workers):
-                    process = self.processes.get(k)
-                    if process is None or process.poll() is not None:
-                        if process is not None:
-                            if process.returncode == 2:  # a mistake in the command: restarting repeats it
-                                raise ScaleOutError(f"worker {k} refused its command (exit 2)")
-                            self.restarts += 1
-                            log.warning("worker %d exited with %s: restarting it", k, process.returncode)
-                        self.processes[k] = subprocess.Popen(self.command(k))
-                self._stop.wait(self.restart_delay_s)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            for process in self.processes.values():
-                if process.poll() is None:
-                    process.terminate()
-            for process in self.processes.values():
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
 
 
 def main(argv: list[str] | None = None) -> None:
