@@ -290,3 +290,31 @@ def test_serve_workers_starts_n_workers_and_restarts_one_that_is_killed(broker, 
             supervisor.kill()
             for child in psutil.Process(supervisor.pid).children():
                 child.kill()
+
+
+@pytest.mark.slow
+def test_shared_subscriptions_pass_the_generated_mosquitto_acl_with_tls_and_passwords(tmp_path):
+    """`twin mosquitto-config`'s ACL gives the twin's user `spBv1.0/<group>/#` and STATE: Mosquitto checks a
+    `$share/...` subscription against the filter without its prefix, so workers need no extra rule."""
+    import shutil
+
+    from mqtt_certs import make_pki
+
+    from twin.mosquitto_config import MosquittoSecurity, write_mosquitto_security
+    from twin.mqtt_tls import MQTTSecurity
+    from twin.scaleout import share_probe
+    from twin.service import TwinConfig
+    from twin.services import Mosquitto
+
+    if not (shutil.which("mosquitto") and shutil.which("mosquitto_passwd")):
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
+    pki = make_pki(tmp_path / "pki")
+    config = MosquittoSecurity(out=tmp_path / "conf", certfile=pki.server_cert, keyfile=pki.server_key,
+                               cafile=pki.ca, group="plant1", nodes=("edge-mill-1",), twin_user="moeworks-twin")
+    password = (write_mosquitto_security(config)["credentials"] / "moeworks-twin.password").read_text().strip()
+    with Mosquitto(workdir=tmp_path / "run", security=config) as broker:
+        login = MQTTSecurity(username="moeworks-twin", password=password, ca=pki.ca)
+        share_probe(TwinConfig(broker_port=broker.port, mqtt=login, client_id="moeworks-twin"), "plant1-twin")
+        with pytest.raises(ConnectionError):  # and the probe does not get in without the password
+            share_probe(TwinConfig(broker_port=broker.port, mqtt=MQTTSecurity(ca=pki.ca, tls=True),
+                                   client_id="moeworks-twin"), "plant1-twin", timeout_s=2.0)
