@@ -23,6 +23,15 @@ encoded by twin.sparkplug per message, so the publishers pay what an edge pays).
     python benchmarks/twin.py --json
     python benchmarks/twin.py --rates 2000 --attack 0.01 --kill-cycles 5
     python benchmarks/twin.py --rates 2000,5000 --seconds 10 --payload json,protobuf
+    python benchmarks/twin.py --workers 0,1,2 --rates 2000 --kill-worker   # the scaled-out twin
+
+`--workers 0,1,2` runs the scaled-out twin (twin/scaleout.py: worker processes sharing the subscription
+through MQTT shared subscriptions, state and history in PostgreSQL) with each worker count in turn in
+one run (0: the single twin process on the same PostgreSQL, the baseline): the rate of rows applied
+during the window, CPU per message of the workers, PostgreSQL and Mosquitto, and messages per
+CPU-second of the workers (what one worker with a core of its own would do, to read scaling off on
+a larger machine). `--kill-worker` adds a run in which one worker is SIGKILLed halfway and not
+restarted; lost and duplicated rows and alarms raised twice are counted.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -329,6 +339,189 @@ def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes
             "duplicates_dropped": counters.get("duplicate", 0) if service is not None else None, "devices": machines}
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used; 0.0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_cpu(cluster) -> float:
+    """CPU seconds of the PostgreSQL cluster: its postmaster and every process it started (the backends)."""
+    postmaster = int((cluster.dir / "data" / "postmaster.pid").read_text().split()[0])
+    total = _proc_cpu(postmaster)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                total += _proc_cpu(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class WorkerProcesses:
+    """`workers` twin workers (`python -m twin.scaleout`), one process each, sharing one PostgreSQL database;
+    0: the single twin (`python -m twin.service`) on the same database, the baseline."""
+
+    def __init__(self, *, workers: int, config: dict, workdir: Path, lease_s: float):
+        self.procs: list[subprocess.Popen] = []
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        for k in range(max(1, workers)):
+            path = workdir / f"worker-{k}.json"
+            scale = {"scale": {"worker": f"w{k}", "slots": workers, "home_slot": k, "lease_s": lease_s}}
+            path.write_text(json.dumps({**config, **(scale if workers else {})}))
+            module = "twin.scaleout" if workers else "twin.service"
+            self.procs.append(subprocess.Popen([sys.executable, "-m", module, str(path)], env=env,
+                                               stdout=subprocess.PIPE, stderr=(workdir / f"worker-{k}.log").open("ab"),
+                                               text=True))
+        for k, proc in enumerate(self.procs):
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker {k} did not start: {(workdir / f'worker-{k}.log').read_text()[-2000:]}")
+
+    def cpu(self) -> list[float]:
+        return [_proc_cpu(p.pid) for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, machines: int, nodes: int,
+                publishers: int, cluster, workdir: Path, kill_worker: bool, lease_s: float) -> dict:
+    """One run of `workers` scaled-out twin workers (twin/scaleout.py) on Mosquitto and PostgreSQL. With
+    `kill_worker` the last worker is SIGKILLed halfway through the window and not restarted: the others
+    adopt its MQTT session and its nodes; lost/duplicated rows are counted against the publishers' acks."""
+    import psycopg
+
+    from twin.plant import Plant
+    from twin.services import Mosquitto
+    from twin.store import HistoryStore
+
+    plant = Plant.generated(machines=machines, nodes=nodes)
+    node_ids = sorted(plant.nodes)
+    tag = f"w{workers}_{int(rate)}_{'kill' if kill_worker else 'run'}"
+    with psycopg.connect(cluster.url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE bench_{tag}")
+    db = cluster.url.rsplit("/", 1)[0] + f"/bench_{tag}"
+    with Mosquitto(workdir=workdir / f"mq-{tag}", persistence=False) as broker:
+        config = {"broker_port": broker.port, "db": db, "client_id": f"bench-{tag}", "work_orders_csv": None,
+                  "generated_plant": {"machines": machines, "nodes": nodes}}
+        group = WorkerProcesses(workers=workers, config=config, workdir=workdir, lease_s=lease_s)
+        store = HistoryStore(db)
+        deadline = time.monotonic() + 60
+        while workers and time.monotonic() < deadline and store.query(
+                "SELECT COUNT(DISTINCT holder) FROM twin_slots WHERE holder IS NOT NULL")[0][0] < workers:
+            time.sleep(0.1)  # every worker holds its MQTT session (rebalanced after start-up)
+        time.sleep(lease_s if workers else 0.5)  # and the nodes have settled on their owners
+        ctx = mp.get_context("spawn")
+        out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(
+            daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
+                                                    {n: plant.nodes[n] for n in node_ids[k::publishers]},
+                                                    rate / publishers, warmup + seconds, k, out, ready, go))
+            for k in range(publishers)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120)
+        go.set()
+        time.sleep(warmup)
+        t0, wall0 = time.monotonic(), time.time()
+        cpu0, broker0, pg0 = group.cpu(), _cpu(broker), _postgres_cpu(cluster)
+        killed_cpu = None
+        if kill_worker:
+            time.sleep(seconds / 2)
+            killed_cpu = group.cpu()[-1]  # what it used until it died
+            group.procs[-1].send_signal(signal.SIGKILL)
+            group.procs[-1].wait()
+        time.sleep(max(0.0, t0 + seconds - time.monotonic()))
+        wall1, cpu1, broker1, pg1 = time.time(), group.cpu(), _cpu(broker), _postgres_cpu(cluster)
+        if killed_cpu is not None:
+            cpu1[-1] = killed_cpu
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        expected = _expected_rows(results)
+        deadline = time.monotonic() + 120
+        while store.count("history") < sum(expected.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # drain: after a kill, what the dead worker's session kept comes via its adopter
+        counts = _reconcile(store, expected)
+        in_window = store.query("SELECT COUNT(*), PERCENTILE_CONT(0.5) WITHIN GROUP (ORDER BY received_ms - ts_ms), "
+                                "PERCENTILE_CONT(0.99) WITHIN GROUP (ORDER BY received_ms - ts_ms) FROM history "
+                                "WHERE received_ms >= ? AND received_ms < ?",
+                                (int(wall0 * 1000), int(wall1 * 1000)))[0]
+        double_alarms = store.query("SELECT COUNT(*) FROM (SELECT device, kind, metric FROM alarms GROUP BY "
+                                    "device, kind, metric HAVING COUNT(*) > 1) AS twice")[0][0]
+        store.close()
+        group.stop()
+    window = wall1 - wall0
+    applied = max(1, in_window[0])
+    worker_cpu = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    acked = sum(r["acked"] for r in results)
+    return {"workers": workers, "target_rate": rate, "kill_worker": kill_worker,
+            "sustained_rate": in_window[0] / window, "worker_cpu_s": worker_cpu, "window_s": window,
+            "cpu_per_msg": {"workers_us": sum(worker_cpu) / applied * 1e6,
+                            "broker_us": (broker1 - broker0) / applied * 1e6,
+                            "postgres_us": (pg1 - pg0) / applied * 1e6,
+                            "publishers_us": sum(r["cpu_s"] for r in results) / max(1, acked) * 1e6},
+            "msg_per_worker_cpu_s": applied / max(1e-9, sum(worker_cpu)),
+            "state_latency_p50_ms": in_window[1], "state_latency_p99_ms": in_window[2],
+            "published": sum(r["published"] for r in results), "acked_by_broker": acked, "stored": counts["stored"],
+            "lost": counts["lost"], "duplicated": counts["duplicated"], "unexpected_rows": counts["unexpected"],
+            "alarms_raised_twice": double_alarms, "devices": machines}
+
+
+def workers_main(args, console: Console) -> None:
+    """`--workers 1,2`: the scaled-out twin side by side for each worker count, then (`--kill-worker`) a
+    fault run with the largest count at the first rate."""
+    from twin.services import PostgresCluster
+
+    counts = [int(w) for w in args.workers.split(",")]
+    rates = [float(r) for r in args.rates.split(",")]
+    measured_on = common.machine()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="moeworks-bench-workers-") as tmp, PostgresCluster() as cluster:
+        plan = [(w, rate, False) for rate in rates for w in counts]
+        if args.kill_worker and max(counts) >= 2:
+            plan.append((max(counts), rates[0], True))  # the fault run at the first rate
+        for workers, rate, kill in plan:
+            console.log(f"{workers} worker(s), target {rate:,.0f} msg/s, {args.seconds:g} s"
+                        f"{', SIGKILL of one worker halfway' if kill else ''} ...")
+            workdir = Path(tmp) / f"w{workers}-{int(rate)}-{kill}"
+            workdir.mkdir()
+            runs.append(run_workers(workers=workers, rate=rate, seconds=args.seconds, warmup=args.warmup,
+                                    machines=args.machines, nodes=args.nodes, publishers=args.publishers,
+                                    cluster=cluster, workdir=workdir, kill_worker=kill, lease_s=args.lease_s))
+    table = Table(title=f"scaled-out twin (Mosquitto + PostgreSQL), {args.machines} devices, "
+                        f"{measured_on['logical_cores']} CPUs shared by every process (load "
+                        f"{measured_on['load_average'][0]:.1f} at start)")
+    for col in ("workers", "kill", "target msg/s", "sustained msg/s", "state p50 ms", "state p99 ms",
+                "workers CPU us/msg", "PG us/msg", "broker us/msg", "msg per worker CPU-s", "acked", "lost",
+                "duplicated", "alarms twice"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        cpu = r["cpu_per_msg"]
+        table.add_row(str(r["workers"]) if r["workers"] else "single twin", "yes" if r["kill_worker"] else "no",
+                      f"{r['target_rate']:,.0f}",
+                      f"{r['sustained_rate']:,.0f}", f"{r['state_latency_p50_ms'] or 0:.0f}",
+                      f"{r['state_latency_p99_ms'] or 0:.0f}", f"{cpu['workers_us']:.0f}", f"{cpu['postgres_us']:.0f}",
+                      f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}", f"{r['acked_by_broker']:,}",
+                      str(r["lost"]), str(r["duplicated"]), str(r["alarms_raised_twice"]))
+    console.print(table)
+    common.write_results({"benchmark": "twin_workers", "machine": measured_on,
+                          "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                          "target": {"lost": 0, "duplicated": 0, "scaling_2_workers": 1.7}}, args.out,
+                         as_json=args.json)
+
+
 def _cpu(broker) -> float:
     """CPU seconds (user + system) the Mosquitto process has used (None: the built-in broker, in this process)."""
     if getattr(broker, "process", None) is None:
@@ -378,6 +571,12 @@ def main() -> None:
                         help="payload encodings, comma-separated, each rate once per encoding: json, protobuf "
                              "(default json: the encoding of the figures recorded before protobuf existed; "
                              "--attack's forged messages stay JSON, the twin reads both)")
+    parser.add_argument("--workers", default=None,
+                        help="e.g. 0,1,2: the scaled-out twin (twin/scaleout.py) with this many worker processes, "
+                             "side by side, on Mosquitto and a throwaway PostgreSQL (0: the single twin process)")
+    parser.add_argument("--kill-worker", action="store_true",
+                        help="with --workers: a fault run more, SIGKILL of one worker halfway through the window")
+    parser.add_argument("--lease-s", type=float, default=3.0, help="with --workers: the workers' lease")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = parser.parse_args()
@@ -389,6 +588,16 @@ def main() -> None:
     if args.broker == "builtin" and not args.kill_cycles:
         parser.error("--broker builtin needs --kill-cycles (the twin then runs in its own process)")
     console = Console()
+    if args.workers is not None:
+        if not re.fullmatch(r"\d+(,\d+)*", args.workers) or not all(0 <= int(w) <= 16
+                                                                    for w in args.workers.split(",")):
+            parser.error("--workers must be a list of counts 0..16 (0: the single twin, the baseline), e.g. 0,1,2")
+        if args.attack or args.kill_cycles or args.db or args.broker != "mosquitto":
+            parser.error("--workers runs its own Mosquitto and PostgreSQL, without --attack/--kill-cycles/--db")
+        workers_main(args, console)
+        return
+    if args.kill_worker:
+        parser.error("--kill-worker needs --workers")
     measured_on = common.machine()
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-twin-") as tmp:

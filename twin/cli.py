@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -51,7 +52,15 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                                                              "rollouts of bundles signed with it"),
           rollout_url: str | None = typer.Option(None, help="the URL edge nodes reach this twin's API at "
                                                             "(default: the HTTP host and port)"),
-          rollout_dir: Path = typer.Option(Path("runs/twin/rollouts"), help="where offered bundles are kept")) -> None:
+          rollout_dir: Path = typer.Option(Path("runs/twin/rollouts"), help="where offered bundles are kept"),
+          workers: int = typer.Option(1, help="twin workers sharing the plant through MQTT shared subscriptions "
+                                              "(Mosquitto) and PostgreSQL (--db postgresql://...); worker k serves "
+                                              "the API on --http-port + k"),
+          worker_group: str = typer.Option("moeworks-twin", help="the workers' MQTT share group: workers started "
+                                                                 "by hand with the same group, --workers and --db "
+                                                                 "form one twin"),
+          worker_id: str | None = typer.Option(None, help="run one worker of the group (0..N-1 takes that MQTT "
+                                                          "session first); without it --workers N starts N")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
@@ -69,6 +78,21 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         _fail(exc)
     security = mqtt.security_or_exit(username=mqtt_username, password_file=mqtt_password_file, ca=mqtt_ca,
                                      cert=mqtt_cert, key=mqtt_key, tls=mqtt_tls)
+    scale = None
+    if workers != 1 or worker_id is not None:
+        scale = _scale_or_exit(workers=workers, worker_group=worker_group, worker_id=worker_id, db=db,
+                               config=TwinConfig(broker_host=broker_host, broker_port=broker_port, mqtt=security))
+        if worker_id is None:  # the supervisor: N copies of this command, one per worker
+            from twin.scaleout import ScaleOutError
+            from twin.supervisor import WorkerSupervisor
+
+            typer.echo(f"twin: {workers} workers (group {worker_group}), API on {http_host}:{http_port}.."
+                       f"{http_port + workers - 1}", err=True)
+            try:
+                WorkerSupervisor(argv=sys.argv[1:], workers=workers, http_port=http_port).run()
+            except ScaleOutError as exc:
+                _fail(exc)
+            return
     torch.set_num_threads(1)  # the twin scores one row at a time: more threads only contend on small machines
     try:
         model = Plant.from_yaml(plant or DEFAULT_PLANT)
@@ -78,7 +102,14 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                             ai4i_model=str(ai4i_model) if ai4i_model else None, payload=payload)
         if (https_cert is None) != (https_key is None):
             raise ValueError("--https-cert and --https-key go together")
-        service = TwinService(config=config, plant=model).start()
+        if scale is not None and rollout_key is not None:  # each worker owns only some nodes' reports
+            raise ValueError("--rollout-key: rollouts run on a single twin, not with --workers")
+        if scale is None:
+            service = TwinService(config=config, plant=model).start()
+        else:
+            from twin.scaleout import ScaledTwinService
+
+            service = ScaledTwinService(config=config, scale=scale, plant=model).start()
         rollouts = None
         if rollout_key is not None:
             from twin.rollout import RolloutConfig, RolloutManager
@@ -99,6 +130,26 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         if rollouts is not None:
             rollouts.stop()
         service.stop()
+
+
+def _scale_or_exit(*, workers: int, worker_group: str, worker_id: str | None, db: str, config):
+    """The worker's ScaleOutConfig, after the checks a group of workers needs; a mistake exits 2."""
+    from twin.scaleout import ScaleOutConfig, ScaleOutError, share_probe
+
+    if not 1 <= workers <= 256:
+        _fail(f"--workers must be 1..256, got {workers}")
+    if not db.startswith(("postgresql://", "postgres://")):
+        _fail("twin workers share their state in PostgreSQL: --db must be a postgresql:// URL")
+    try:
+        scale = ScaleOutConfig(worker=worker_id or "supervisor", slots=workers, worker_group=worker_group,
+                               home_slot=int(worker_id) if worker_id and worker_id.isdigit()
+                               and int(worker_id) < workers else None)
+        share_probe(config, worker_group)
+    except (ValueError, ScaleOutError) as exc:
+        _fail(exc)
+    except ConnectionError as exc:
+        _fail(f"cannot reach the MQTT broker at {config.broker_host}:{config.broker_port}: {exc}")
+    return scale
 
 
 @app.command()

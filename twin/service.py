@@ -87,6 +87,8 @@ class TwinConfig:
 
 
 class TwinService:
+    store_statements: dict[str, str] = {}  # more row kinds for the history writer (twin/scaleout.py's inbox)
+
     def __init__(self, *, config: TwinConfig, plant: Plant | None = None,
                  health_models: dict[str, HealthModel] | None = None, failure_model: FailureModel | None = None):
         self.config = config
@@ -116,7 +118,7 @@ class TwinService:
     def start(self) -> TwinService:
         cfg = self.config
         self.store = HistoryStore(cfg.db, writer=WriterConfig(cfg.batch_rows, cfg.flush_interval_s),
-                                  on_commit=self._on_commit).start()
+                                  on_commit=self._on_commit, statements=self.store_statements).start()
         self.state = TwinState(plant=self.plant, health_models=self.health_models, seen=self.store.has,
                                last_seqs=self.store.last_seqs(), limits=cfg.limits, defer_health=True)
         self.alarms = AlarmManager()
@@ -125,14 +127,7 @@ class TwinService:
         self.mes = WorkOrderExporter(config=MESConfig(cfg.mes_url, Path(cfg.work_orders_csv)
                                                       if cfg.work_orders_csv else None), store=self.store).start()
         self._state_timestamp = int(time.time() * 1000)
-        self.client = BurstClient(
-            config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=cfg.client_id,
-                                     clean_session=False, keepalive_s=cfg.keepalive_s,
-                                     will=(self._state_topic, self._host_state(False), 1, True),
-                                     backoff_min_s=0.1, backoff_max_s=5.0, security=cfg.mqtt),
-            subscriptions=((f"{NAMESPACE}/{self.plant.group}/#", 1),),
-            on_messages=self._on_messages, defer_acks=True, on_connect=self._on_connect,
-            on_disconnect=lambda client: self.connected.clear()).start()
+        self._start_mqtt()
         for target, name in ((self._tick_loop, "twin-ticker"), (self._health_loop, "twin-health")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -142,18 +137,33 @@ class TwinService:
             gc.freeze()   # refcounting still frees these objects; only the cycle scans skip them
         return self
 
+    def _start_mqtt(self) -> None:
+        """One MQTT session, the plant's whole namespace (twin/scaleout.py: one per worker slot, shared)."""
+        cfg = self.config
+        self.client = BurstClient(
+            config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=cfg.client_id,
+                                     clean_session=False, keepalive_s=cfg.keepalive_s,
+                                     will=(self._state_topic, self._host_state(False), 1, True),
+                                     backoff_min_s=0.1, backoff_max_s=5.0, security=cfg.mqtt),
+            subscriptions=((f"{NAMESPACE}/{self.plant.group}/#", 1),),
+            on_messages=self._on_messages, defer_acks=True, on_connect=self._on_connect,
+            on_disconnect=lambda client: self.connected.clear()).start()
+
     def _warm_health(self) -> None:
         """Health models with a memory (the RUL windows) get each device's in-order history back: the
         last window's worth, or the whole stored life for features that read it (`history_needed`)."""
         for device in self.state.devices.values():
-            model = self.health_models.get(device.machine.kind)
-            if device.last_seq < 0 or not hasattr(model, "warm"):
-                continue
-            rows = [r for r in self.store.history(device.machine.id, latest=True, limit=model.history_needed)
-                    if r["in_order"]]
-            if rows:
-                device.values.update(rows[-1]["values"])
-                device.health = model.warm(device.machine, [r["values"] for r in rows])
+            self._warm_device(device)
+
+    def _warm_device(self, device) -> None:
+        model = self.health_models.get(device.machine.kind)
+        if device.last_seq < 0 or not hasattr(model, "warm"):
+            return
+        rows = [r for r in self.store.history(device.machine.id, latest=True, limit=model.history_needed)
+                if r["in_order"]]
+        if rows:
+            device.values.update(rows[-1]["values"])
+            device.health = model.warm(device.machine, [r["values"] for r in rows])
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         if not self.connected.wait(timeout):
@@ -245,9 +255,12 @@ class TwinService:
 
     def _alarm_changes(self, changed: list[Alarm], now_ms: int) -> None:
         for alarm in changed:
-            self.store.put_alarm(alarm)
+            self._put_alarm(alarm)
             if alarm.kind in MAINTENANCE_KINDS and alarm.raised_ms == now_ms and alarm.cleared_ms is None:
                 self.mes.order_for(alarm, line=self.plant.machines[alarm.device].line, now_ms=now_ms)
+
+    def _put_alarm(self, alarm: Alarm) -> None:
+        self.store.put_alarm(alarm)  # twin/scaleout.py writes it only while it owns the device
 
     def _on_commit(self, items: list[Ingested], committed_s: float) -> None:
         now_ms = committed_s * 1000.0

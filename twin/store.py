@@ -62,7 +62,11 @@ UPSERT = {
                     "VALUES (?,?,?,?,?,?)",
     "alarms": "INSERT INTO alarms VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
               "message=excluded.message, value=excluded.value, cleared_ms=excluded.cleared_ms, "
-              "acked_ms=excluded.acked_ms, acked_by=excluded.acked_by, acked_role=excluded.acked_role",
+              # an acknowledgement is never undone: a state writer that has not seen one (another twin worker's
+              # API took it, twin/scaleout.py) must not erase it
+              "acked_ms=COALESCE(alarms.acked_ms, excluded.acked_ms), "
+              "acked_by=COALESCE(alarms.acked_by, excluded.acked_by), "
+              "acked_role=COALESCE(alarms.acked_role, excluded.acked_role)",
     "work_orders": "INSERT INTO work_orders VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
                    "status=excluded.status, attempts=excluded.attempts, last_error=excluded.last_error, "
                    "delivered_ms=excluded.delivered_ms",
@@ -135,12 +139,16 @@ class HistoryStore:
     """`url`: a file path, ``sqlite:///path.db``, or ``postgresql://user@host:port/db``."""
 
     def __init__(self, url: str | Path, *, writer: WriterConfig = WriterConfig(),
-                 on_commit: Callable[[list[Ingested], float], None] | None = None):
+                 on_commit: Callable[[list[Ingested], float], None] | None = None,
+                 statements: dict[str, str] | None = None):
+        """`statements`: more kinds of rows the writer takes (`put(kind, rows)`), each an executemany
+        statement with `?` placeholders (the twin's scale-out tables, twin/scaleout.py)."""
         url = str(url)
         self.dialect = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
         self.url = url.removeprefix("sqlite:///") if self.dialect == "sqlite" else url
         self.writer = writer
         self.on_commit = on_commit
+        self.statements = UPSERT | (statements or {})
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._local = threading.local()
         self._connections: list[Any] = []
@@ -244,6 +252,12 @@ class HistoryStore:
     def put_dead_letters(self, letters: list[tuple[str, bytes, str, int]]) -> None:
         """(topic, payload, reason, received_ms) each; stored bounded (`dead_letter_row`)."""
         self._queue.put(("dead_letters", [dead_letter_row(*letter) for letter in letters]))
+
+    def put(self, kind: str, rows: list[tuple]) -> None:
+        """Rows of a kind given in `statements`, committed in queue order with everything else."""
+        if kind not in self.statements:
+            raise StoreError(f"no statement for rows of kind {kind!r}")
+        self._queue.put((kind, rows))
 
     def put_ack(self, ack: Callable[[], None]) -> None:
         """Call `ack()` on the writer thread once everything queued before it is committed."""
@@ -364,7 +378,7 @@ class HistoryStore:
     def _commit(self, grouped: dict[str, list]) -> None:
         cur = self._wconn.cursor()
         for kind, rows in grouped.items():
-            cur.executemany(self._sql(UPSERT[kind]), rows)
+            cur.executemany(self._sql(self.statements[kind]), rows)
         self._wconn.commit()
 
     def _rollback(self) -> None:
@@ -389,7 +403,7 @@ class HistoryStore:
             for row in rows:
                 cur.execute("SAVEPOINT one_row")
                 try:
-                    cur.execute(self._sql(UPSERT[kind]), row)
+                    cur.execute(self._sql(self.statements[kind]), row)
                 except Exception as exc:  # noqa: BLE001 - classified just below
                     if _transient(exc):
                         raise
