@@ -198,6 +198,10 @@ def test_images_duplicates_near_copies_contradictions_and_corrupt_files(tmp_path
     assert names["duplicate"] == {"zz_copy"}
     assert names["near_duplicate"] == {"zz_near"}
     assert names["contradiction"] == {"img_3", "zz_other"}
+    # leakage: images of the checked folder that are (near) copies of the reference folder's
+    leaked = run_check(defects_table(tmp_path / "voc"), reference=defects_table(tmp_path / "more"))
+    assert set(leaked.findings.loc[leaked.findings["check"] == "leakage", "name"]) == {"img_1", "img_3", "zz_near",
+                                                                                        "zz_other"}
 
 
 def sha256(path) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.data_quality.domains import DomainConfig, SegmentModel
-from core.data_quality.images import near_pairs
+from core.data_quality.images import near_any, nearest_earlier
 from core.data_quality.labels import LabelConfig, label_issues
 from core.data_quality.rules import RuleConfig, exact_duplicates, leakage, near_duplicates, out_of_range
 from core.data_quality.table import CheckedTable
@@ -76,6 +76,7 @@ def run_check(table: CheckedTable, *, reference: CheckedTable | None = None, fin
     remove = ~good
 
     say("level 1: rules")
+    level_seconds = {}
     rules: dict = {"schema": findings.add(~good, 1, "schema", table.rule_reasons)}
     labels = table.labels
     hashes, duplicate, contradiction = exact_duplicates(table.typed, table.fields, good, labels)
@@ -83,13 +84,14 @@ def run_check(table: CheckedTable, *, reference: CheckedTable | None = None, fin
     rules["contradiction"] = findings.add(contradiction, 1, "contradiction",
                                           "the same inputs occur with another label")
     if table.perceptual is not None:
-        near = np.zeros(n, dtype=bool)
-        detail = np.full(n, "", dtype=object)
         rows = np.flatnonzero(good)
-        for i, j, bits in near_pairs(table.perceptual[rows], max_distance=config.near_image_bits):
-            a, b = rows[i], rows[j]
-            if not duplicate[b] and not contradiction[b] and not near[b]:
-                near[b], detail[b] = True, f"pHash within {bits} bits of {_name(table, a)}"
+        match, bits = nearest_earlier(table.perceptual[rows], max_distance=config.near_image_bits)
+        near = np.zeros(n, dtype=bool)
+        near[rows] = match >= 0
+        near &= ~duplicate & ~contradiction
+        detail = np.full(n, "", dtype=object)
+        detail[rows[match >= 0]] = [f"pHash within {b} bits of {_name(table, rows[m])}"
+                                    for m, b in zip(match[match >= 0], bits[match >= 0], strict=True)]
         rules["near_duplicate"] = findings.add(near, 1, "near_duplicate", detail)
     else:
         near = near_duplicates(table.typed, table.fields, good, duplicate | contradiction, config.rules)
@@ -102,9 +104,8 @@ def run_check(table: CheckedTable, *, reference: CheckedTable | None = None, fin
     leaks = leakage(hashes, good, reference_hashes=reference_hashes, fingerprint=fingerprint)
     if reference is not None and table.perceptual is not None and reference.perceptual is not None:
         rows = np.flatnonzero(good)
-        for i, _, _ in near_pairs(table.perceptual[rows], others=reference.perceptual[reference.good],
-                                  max_distance=config.near_image_bits):
-            leaks["reference"][rows[i]] = True
+        leaks["reference"][rows] |= near_any(table.perceptual[rows], reference.perceptual[reference.good],
+                                             max_distance=config.near_image_bits)
     rules["leakage"] = {}
     where = {"reference": "also in the training data given with --reference",
              "model_train": "the model was trained on this row", "model_valid": "the model was validated on this row"}
@@ -121,19 +122,22 @@ def run_check(table: CheckedTable, *, reference: CheckedTable | None = None, fin
     rules["out_of_range"] = findings.add(ranges != "", 1, "out_of_range", ranges)
     remove = remove | duplicate | contradiction | leaked
 
+    level_seconds["rules"] = round(time.perf_counter() - started, 2)
     say("level 2: domains")
     domains, coverage = _domains(table, reference, findings, good, config, notes)
 
+    level_seconds["domains"] = round(time.perf_counter() - started - sum(level_seconds.values()), 2)
     say("level 3: labels")
     label_result, scores, issues = _labels(table, good & ~duplicate & ~contradiction, findings, config, notes)
     remove = remove | issues
+    level_seconds["labels"] = round(time.perf_counter() - started - sum(level_seconds.values()), 2)
 
     summary = {"dataset": table.dataset, "source": table.source, "rows": n, "rows_passing_rules": int(good.sum()),
                "rules": rules, "domains": domains, "labels": label_result,
                "rows_to_remove": int(remove.sum()), "removed_checks": list(REMOVED_CHECKS),
                "reference": None if reference is None else reference.source,
                "model_fingerprint": fingerprint is not None, "notes": notes,
-               "seconds": round(time.perf_counter() - started, 2)}
+               "seconds": round(time.perf_counter() - started, 2), "seconds_by_level": level_seconds}
     return CheckResult(summary, findings.frame(), remove, coverage, scores)
 
 
@@ -160,8 +164,12 @@ def _domains(table: CheckedTable, reference: CheckedTable | None, findings: _Fin
     segments = len(model.centers_)
     data_share = np.bincount(segment, minlength=segments) / max(len(segment), 1)
     unseen_per = np.bincount(segment[unseen_rows[good]], minlength=segments)
+    # each segment described by its training rows' medians, so that a person can name it
+    basis_segment, _ = model.assign(train)
+    profile = [", ".join(f"{name} {np.nanmedian(train[basis_segment == s, i]):.4g}" for i, name in enumerate(fields))
+               if (basis_segment == s).any() and len(fields) <= 8 else "" for s in range(segments)]
     coverage = pd.DataFrame({"segment": np.arange(segments), "train_share": model.train_share_,
-                             "data_share": data_share, "unseen": unseen_per})
+                             "data_share": data_share, "unseen": unseen_per, "median_profile": profile})
     where = np.full(len(table), "", dtype=object)
     where[unseen_rows] = "farther from every training segment than the segments reach (nearest: segment " + \
         pd.Series(segment[unseen_rows[good]]).astype(str).to_numpy(dtype=object) + ")"

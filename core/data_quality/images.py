@@ -23,20 +23,34 @@ def perceptual_hash(image) -> np.uint64:
     return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
 
 
-def near_pairs(hashes: np.ndarray, *, max_distance: int, others: np.ndarray | None = None,
-               block: int = 2048) -> list[tuple[int, int, int]]:
-    """(i, j, bits differing) for pairs within `max_distance` bits: i < j inside `hashes`, or every
-    (i in hashes, j in others) when `others` is given. Blocks bound memory at block x n."""
+def nearest_earlier(hashes: np.ndarray, *, max_distance: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """For each hash, the first earlier one within `max_distance` bits: ((n,) its index or -1, (n,) bits).
+
+    Vectorised per block of rows (memory block x n), never a list of pairs: a folder of blank
+    images would otherwise make n^2 of them.
+    """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    against = hashes if others is None else np.asarray(others, dtype=np.uint64)
-    pairs = []
+    match = np.full(len(hashes), -1, dtype=np.int64)
+    bits = np.zeros(len(hashes), dtype=np.int64)
     for start in range(0, len(hashes), block):
-        distance = np.bitwise_count(hashes[start:start + block, None] ^ against[None, :])  # (block, n)
-        i, j = np.nonzero(distance <= max_distance)
-        i = i + start
-        keep = (i < j) if others is None else np.ones(len(i), dtype=bool)
-        pairs += [(int(a), int(b), int(distance[a - start, b])) for a, b in zip(i[keep], j[keep], strict=True)]
-    return pairs
+        rows = np.arange(start, min(start + block, len(hashes)))
+        distance = np.bitwise_count(hashes[rows, None] ^ hashes[None, :start + block]).astype(np.int64)
+        close = (distance <= max_distance) & (np.arange(distance.shape[1])[None, :] < rows[:, None])  # earlier only
+        found = close.any(axis=1)
+        first = close.argmax(axis=1)
+        match[rows[found]] = first[found]
+        bits[rows[found]] = distance[found, first[found]]
+    return match, bits
+
+
+def near_any(hashes: np.ndarray, others: np.ndarray, *, max_distance: int, block: int = 1024) -> np.ndarray:
+    """(n,) bool: the hash is within `max_distance` bits of one of `others`."""
+    hashes, others = np.asarray(hashes, dtype=np.uint64), np.asarray(others, dtype=np.uint64)
+    found = np.zeros(len(hashes), dtype=bool)
+    for start in range(0, len(hashes), block):
+        distance = np.bitwise_count(hashes[start:start + block, None] ^ others[None, :])
+        found[start:start + block] = (distance <= max_distance).any(axis=1)
+    return found
 
 
 def appearance(image) -> np.ndarray:
