@@ -269,3 +269,26 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, case):
     assert done.exit_code == 2, done.output
     lines = [line for line in done.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in done.output
+
+
+def test_fix_of_the_generated_folder_filters_all_four_tables(tmp_path):
+    from finance.data import load_generated
+    from finance.generate import GeneratorConfig, generate
+
+    folder = generate(tmp_path / "gen", GeneratorConfig(n_applicants=600, seed=1))
+    applications = next((folder / "applications").glob("*.parquet"))
+    table = pd.read_parquet(applications)
+    table.loc[5, "age"] = 300.0  # beyond the loader's range
+    table.to_parquet(applications, index=False)
+    before = {p: sha256(p) for p in folder.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["data", "check", "--data", str(folder), "--dataset", "generated",
+                                    "--out", str(out), "--fix", "--json"])
+    assert done.exit_code == 0, done.output
+    assert {p: sha256(p) for p in folder.rglob("*") if p.is_file()} == before
+    kept = load_generated(out / "cleaned" / folder.name)
+    removed = pd.read_csv(out / "removed.csv")
+    assert len(kept) + len(removed) == 600 and 6 in set(removed["row"])
+    assert table.loc[5, "applicant_id"] not in set(kept.frame["applicant_id"])
+    devices = pd.read_parquet(next((out / "cleaned" / folder.name / "devices").glob("*.parquet")))
+    assert set(devices["applicant_id"]) <= set(kept.frame["applicant_id"])

@@ -75,7 +75,9 @@ def exact_duplicates(typed: pd.DataFrame, fields: list[tuple[str, bool]], good: 
     contradicting = np.zeros(len(hashes), dtype=bool)
     contradicting[rows] = pd.Series(labels[rows]).groupby(group[rows]).transform("nunique").to_numpy() > 1
     # a duplicate repeats inputs and label: the label joins the hashed fields
-    with_label = row_hashes(typed.assign(_label=labels.astype(np.float64)), [*fields, ("_label", False)])
+    inputs = {name: typed[name] for name, _ in fields if name in typed}  # not the whole (wide) frame
+    with_label = row_hashes(pd.DataFrame({**inputs, "_label": labels.astype(np.float64)}, copy=False),
+                            [*fields, ("_label", False)])
     copies, _ = repeated(with_label, good)
     return hashes, copies & ~contradicting, contradicting
 
@@ -85,14 +87,14 @@ def near_duplicates(typed: pd.DataFrame, fields: list[tuple[str, bool]], good: n
     """Rows equal to an earlier row once numbers are binned to `near_tolerance` x their field's
     robust standard deviation, and not already exact duplicates (a binning rule: two values either side of
     a bin edge are not matched, stated in the report)."""
-    columns = {}
+    columns = {name: typed[name] for name, _ in fields if name in typed}
     for name, is_category in fields:
         if is_category or name not in typed:
             continue
         values = typed[name].to_numpy(dtype=np.float64, na_value=np.nan)
         spread = robust_spread(values[good])
         columns[name] = binned(values, config.near_tolerance * spread if np.isfinite(spread) else 0.0)
-    rounded = typed.assign(**columns)
+    rounded = pd.DataFrame(columns, copy=False)
     copies, _ = repeated(row_hashes(rounded, fields), good)
     return copies & ~exact
 
