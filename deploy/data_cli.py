@@ -16,7 +16,7 @@ app = typer.Typer(help="Data quality: rules, domains and label checks before dat
 DATASETS = ("taiwan", "gmsc", "generated", "ai4i", "cmapss", "neu_det")
 
 
-def _table(dataset: str, path: Path):
+def _table(dataset: str, path: Path, detector=None):
     """The dataset's adapter (each lives beside its loader; imported here so that --help stays instant)."""
     if dataset in ("taiwan", "gmsc", "generated"):
         from finance.data_quality import credit_table
@@ -32,7 +32,7 @@ def _table(dataset: str, path: Path):
         return cmapss_table(path)
     from manufacturing.defects.data_quality import defects_table
 
-    return defects_table(path)
+    return defects_table(path, detector=detector)
 
 
 def _errors():
@@ -57,7 +57,8 @@ def check(data: Path = typer.Option(..., help="the file or folder to check, in t
           dataset: str = typer.Option(..., help=f"one of {', '.join(DATASETS)}"),
           out: Path = typer.Option(..., help="folder for report.html, summary.json, findings.csv (and --fix's copy)"),
           model: Path | None = typer.Option(None, help="a model folder: leakage against the rows it was trained "
-                                                       "and validated on (its row fingerprint)"),
+                                                       "and validated on (its row fingerprint); for neu_det, the "
+                                                       "detector whose embeddings the image domains are found on"),
           reference: Path | None = typer.Option(None, help="the training data the checked data is compared with: "
                                                            "leakage, ranges, domain coverage"),
           fix: bool = typer.Option(False, help="write a cleaned copy (same format and columns) into --out/cleaned "
@@ -82,8 +83,12 @@ def check(data: Path = typer.Option(..., help="the file or folder to check, in t
     def say(text: str) -> None:
         typer.echo(text, err=True)
 
-    fingerprint = None
-    if model is not None:
+    fingerprint, detector = None, None
+    if model is not None and dataset == "neu_det":
+        from manufacturing.defects.data_quality import load_detector
+
+        detector = load_detector(model)  # checked against its folder's manifest before it is read
+    elif model is not None:
         from core.model_files import verify_manifest
         from core.row_fingerprint import RowFingerprint
 
@@ -92,10 +97,10 @@ def check(data: Path = typer.Option(..., help="the file or folder to check, in t
         verify_manifest(model)  # a changed or planted file refuses the folder before anything is read
         fingerprint = RowFingerprint.load(model)
     say(f"reading {data} as {dataset}")
-    table = _table(dataset, data)
-    reference_table = _table(dataset, reference) if reference is not None else None
+    table = _table(dataset, data, detector)
+    reference_table = _table(dataset, reference, detector) if reference is not None else None
     result = run_check(table, reference=reference_table, fingerprint=fingerprint, progress=say)
-    if model is not None and fingerprint is None:
+    if model is not None and fingerprint is None and detector is None:
         result.summary["notes"].append(f"the model folder {model} has no row fingerprint: no leakage check against it")
     if fix:
         result.summary["fix"] = _write_fix(table, result, target, REMOVED_CHECKS)

@@ -292,3 +292,35 @@ def test_fix_of_the_generated_folder_filters_all_four_tables(tmp_path):
     assert table.loc[5, "applicant_id"] not in set(kept.frame["applicant_id"])
     devices = pd.read_parquet(next((out / "cleaned" / folder.name / "devices").glob("*.parquet")))
     assert set(devices["applicant_id"]) <= set(kept.frame["applicant_id"])
+
+
+@pytest.mark.slow
+def test_image_domains_on_the_detectors_embeddings(tmp_path):
+    """A detector folder (an untrained YOLOv8n in the file format `defects train` writes) gives the
+    image domains its embeddings; a changed detector file is refused before it is read."""
+    from core.model_files import write_manifest
+    from core.trainer import save_checkpoint
+    from manufacturing.defects.detector import DETECTOR_KIND, check_model_yaml
+    from manufacturing.defects.offline import ultralytics_offline
+    from manufacturing.defects.synthetic import SyntheticConfig, write_synthetic_voc
+
+    ultralytics_offline()
+    from ultralytics.nn.tasks import DetectionModel
+
+    voc = write_synthetic_voc(tmp_path / "voc", SyntheticConfig(images=10, size=64, seed=2))
+    model = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    save_checkpoint(tmp_path / "run" / "detector.pt", model, config=check_model_yaml(json.loads(json.dumps(model.yaml)),
+                                                                                      "yolov8n"),
+                    extra={"kind": DETECTOR_KIND, "names": ["a", "b"], "imgsz": 64})
+    write_manifest(tmp_path / "run")
+    args = ["data", "check", "--data", str(voc), "--dataset", "neu_det", "--model", str(tmp_path / "run"), "--json"]
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    fields = summary["domains"]["fields"]
+    assert fields[0] == "embedding_0" and len(fields) == 64 + 128 + 256  # YOLOv8n's P3, P4, P5 channels
+    assert sum(row["data_share"] for row in summary["domains"]["coverage"]) == pytest.approx(1.0)
+    with open(tmp_path / "run" / "detector.pt", "ab") as stream:
+        stream.write(b"\0")
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out2")])
+    assert done.exit_code == 2 and "detector.pt" in done.output

@@ -4,8 +4,9 @@ annotation file.
 Rules: the annotation and the image are read as training reads them (`voc.parse_annotation`,
 `dataset.load_image` with the declared size); exact copies by SHA-256 of the image bytes, near
 copies by perceptual hash (imagehash); a contradiction is the same image bytes under another class.
-Domains: clusters of a small appearance feature (grey thumbnail and histogram); the detector's
-own embeddings are not used yet. Level 3 (cleanlab's object-detection label checks) is not done
+Domains: clusters of the detector's own embeddings when a detector is given (its Detect head's
+input feature maps, average-pooled: what the model sees), else of a small appearance feature
+(grey thumbnail and histogram). Level 3 (cleanlab's object-detection label checks) is not done
 for boxes: the report says so.
 """
 
@@ -28,7 +29,48 @@ MAX_IMAGE_BYTES = 50 << 20
 IMAGE_SEGMENTS = 6  # NEU-DET's six defect kinds; clusters of look, not of class
 
 
-def defects_table(path: str | Path) -> CheckedTable:
+def detector_embeddings(detector, paths: list[Path | None], *, batch_size: int = 16) -> np.ndarray:
+    """(images, channels) the Detect head's input feature maps average-pooled per image (NaN rows
+    where the path is None: an image that failed the rules)."""
+    import torch
+
+    from manufacturing.defects.detector import to_input
+
+    if detector.module is None:
+        raise DataCheckError(f"{detector.path}: embeddings need the PyTorch detector (detector.pt), not its "
+                             "ONNX export")
+    head = detector.module.model.model[-1]  # ultralytics' Detect: its input is the feature pyramid
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(
+        lambda module, args: captured.append(torch.cat([level.mean(dim=(2, 3)) for level in args[0]], dim=1)))
+    readable = [i for i, path in enumerate(paths) if path is not None]
+    try:
+        for start in range(0, len(readable), batch_size):
+            chunk = [load_image(paths[i]) for i in readable[start:start + batch_size]]
+            detector.raw(to_input(chunk, detector.imgsz)[0])
+    finally:
+        hook.remove()
+    if not captured:
+        return np.full((len(paths), 1), np.nan)
+    found = torch.cat(captured).numpy().astype(np.float64)  # (readable, channels)
+    embeddings = np.full((len(paths), found.shape[1]), np.nan)
+    embeddings[readable] = found
+    return embeddings
+
+
+def load_detector(model: Path):
+    """The detector of a `defects train` folder (detector.pt, checked against the folder's manifest)."""
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.workflow import DETECTOR_FILE
+
+    try:
+        return YoloDetector.load(model / DETECTOR_FILE if model.is_dir() else model)
+    except DefectDataError as error:
+        raise DataCheckError(" ".join(str(error).split())) from None
+
+
+def defects_table(path: str | Path, *, detector=None) -> CheckedTable:
+    """detector: a YoloDetector whose embeddings the image domains are found on (None: appearance)."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
@@ -66,7 +108,16 @@ def defects_table(path: str | Path) -> CheckedTable:
     first_class = [r.labels[0] if r is not None and r.labels else "" for r in records]
     labels = np.array([classes.index(c) if c else -1 for c in first_class], dtype=np.int64)
     look_columns = [f"look_{i}" for i in range(24)]
-    typed = pd.DataFrame(np.vstack(looks), columns=look_columns).assign(image_sha256=digests, label=first_class)
+    notes = ["level 3 for defect boxes (cleanlab object detection) is not done; labels are checked by rules only"]
+    if detector is not None:
+        vectors = detector_embeddings(detector, [r.image_path if r is not None and not reason else None
+                                                 for r, reason in zip(records, reasons, strict=True)])
+        look_columns = [f"embedding_{i}" for i in range(vectors.shape[1])]
+        notes.append(f"domains: clusters of the detector's embeddings ({detector.path})")
+    else:
+        vectors = np.vstack(looks)
+        notes.append("domains: clusters of a grey thumbnail and histogram (give --model for the detector's embeddings)")
+    typed = pd.DataFrame(vectors, columns=look_columns).assign(image_sha256=digests, label=first_class)
     raw = pd.DataFrame({"annotation": [str(x) for x in xml_files],
                         "image": [str(r.image_path) if r is not None else "" for r in records]})
     return CheckedTable(
@@ -74,8 +125,7 @@ def defects_table(path: str | Path) -> CheckedTable:
         rule_reasons=reasons, labels=labels, segment_fields=look_columns, segments=IMAGE_SEGMENTS,
         label_name="class", perceptual=np.asarray(hashes, dtype=np.uint64), label_check=False,
         write=lambda kept, out: _write_voc(root, image_dir, annotation_dir, kept, out),
-        notes=["level 3 for defect boxes (cleanlab object detection) is not done; labels are checked by rules only",
-               "domains: clusters of a grey thumbnail and histogram, not of the detector's embeddings"],
+        notes=notes,
         row_names=np.array([x.stem for x in xml_files], dtype=object))
 
 
