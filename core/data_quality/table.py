@@ -15,7 +15,7 @@ class DataCheckError(ValueError):
     """Input the check cannot read at all (the CLI prints it on one line and exits 2)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CheckedTable:
     """One dataset file (or folder) ready for the checks; row i is the file's data row i + 1.
 
