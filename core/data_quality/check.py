@@ -10,7 +10,7 @@ import pandas as pd
 
 from core.data_quality.domains import DomainConfig, SegmentModel
 from core.data_quality.images import near_any, nearest_earlier
-from core.data_quality.labels import LabelConfig, label_issues
+from core.data_quality.labels import LabelConfig, TooFewLabels, label_issues
 from core.data_quality.rules import RuleConfig, exact_duplicates, leakage, near_duplicates, out_of_range
 from core.data_quality.table import CheckedTable
 from core.row_fingerprint import RowFingerprint, row_hashes
@@ -98,6 +98,8 @@ def run_check(table: CheckedTable, *, reference: CheckedTable | None = None, fin
         rules["near_duplicate"] = findings.add(
             near, 1, "near_duplicate",
             f"equal to an earlier row within {config.rules.near_tolerance:g} standard deviations per field")
+        notes.append(f"near duplicates: every number binned to {config.rules.near_tolerance:g} x its field's robust "
+                     "standard deviation; two values either side of a bin edge are not matched")
     reference_hashes = None
     if reference is not None:
         reference_hashes = row_hashes(reference.typed, reference.fields)[reference.good]
@@ -128,7 +130,7 @@ def run_check(table: CheckedTable, *, reference: CheckedTable | None = None, fin
 
     level_seconds["domains"] = round(time.perf_counter() - started - sum(level_seconds.values()), 2)
     say("level 3: labels")
-    label_result, scores, issues = _labels(table, good & ~duplicate & ~contradiction, findings, config, notes)
+    label_result, scores, issues = _labels(table, good & ~duplicate & ~contradiction, findings, config)
     remove = remove | issues
     level_seconds["labels"] = round(time.perf_counter() - started - sum(level_seconds.values()), 2)
 
@@ -179,8 +181,8 @@ def _domains(table: CheckedTable, reference: CheckedTable | None, findings: _Fin
             "coverage": coverage.round(4).to_dict(orient="records")}, coverage
 
 
-def _labels(table: CheckedTable, usable: np.ndarray, findings: _Findings, config: CheckConfig,
-            notes: list[str]) -> tuple[dict, np.ndarray | None, np.ndarray]:
+def _labels(table: CheckedTable, usable: np.ndarray, findings: _Findings,
+            config: CheckConfig) -> tuple[dict, np.ndarray | None, np.ndarray]:
     issues = np.zeros(len(table), dtype=bool)
     if table.labels is None or not table.label_check:
         reason = "no labels" if table.labels is None else "labels not checkable by a tabular model of these fields"
@@ -196,7 +198,7 @@ def _labels(table: CheckedTable, usable: np.ndarray, findings: _Findings, config
         x = x.assign(**{name: x[name].astype("category") for name, is_category in table.fields if is_category})
     try:
         flagged, given = label_issues(x, table.labels[rows], config.labels)
-    except ValueError as error:
+    except TooFewLabels as error:
         return {"checked": 0, "issues": 0, "skipped": str(error)}, None, issues
     issues[rows[flagged]] = True
     scores = np.full(len(table), np.nan)

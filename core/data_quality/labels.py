@@ -13,6 +13,10 @@ import numpy as np
 import pandas as pd
 
 
+class TooFewLabels(ValueError):
+    """A class with fewer rows than folds: its out-of-fold probabilities cannot be estimated."""
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     folds: int = 5
@@ -62,15 +66,14 @@ def label_issues(x: pd.DataFrame, labels: np.ndarray,
                  config: LabelConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """((rows,) bool label issues, (rows,) out-of-fold probability of the given label).
 
-    labels: 0..classes-1 ints. Too few rows of a class for the folds: no issue can be estimated,
-    ValueError says so.
+    labels: 0..classes-1 ints. Too few rows of a class for the folds: TooFewLabels says so.
     """
     from cleanlab.filter import find_label_issues
 
     config = config or LabelConfig()
     counts = np.bincount(labels)
     if len(counts) < 2 or counts.min() < config.folds:
-        raise ValueError(f"every class needs at least {config.folds} rows for {config.folds}-fold probabilities "
+        raise TooFewLabels(f"every class needs at least {config.folds} rows for {config.folds}-fold probabilities "
                          f"(class counts {counts.tolist()})")
     probabilities = out_of_fold_probabilities(x, labels, config)
     issues = find_label_issues(labels, probabilities, filter_by=config.filter_by, n_jobs=1)
