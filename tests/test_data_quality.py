@@ -307,11 +307,14 @@ def test_image_domains_on_the_detectors_embeddings(tmp_path):
     ultralytics_offline()
     from ultralytics.nn.tasks import DetectionModel
 
+    from manufacturing.defects.voc import class_names, read_voc_folder
+
     voc = write_synthetic_voc(tmp_path / "voc", SyntheticConfig(images=10, size=64, seed=2))
-    model = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    names = class_names(read_voc_folder(voc))
+    model = DetectionModel("yolov8n.yaml", nc=len(names), verbose=False)
     save_checkpoint(tmp_path / "run" / "detector.pt", model, config=check_model_yaml(json.loads(json.dumps(model.yaml)),
                                                                                       "yolov8n"),
-                    extra={"kind": DETECTOR_KIND, "names": ["a", "b"], "imgsz": 64})
+                    extra={"kind": DETECTOR_KIND, "names": names, "imgsz": 64})
     write_manifest(tmp_path / "run")
     args = ["data", "check", "--data", str(voc), "--dataset", "neu_det", "--model", str(tmp_path / "run"), "--json"]
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
@@ -320,7 +323,37 @@ def test_image_domains_on_the_detectors_embeddings(tmp_path):
     fields = summary["domains"]["fields"]
     assert fields[0] == "embedding_0" and len(fields) == 64 + 128 + 256  # YOLOv8n's P3, P4, P5 channels
     assert sum(row["data_share"] for row in summary["domains"]["coverage"]) == pytest.approx(1.0)
+    assert summary["labels"]["checked"] == 10 and "object_detection" in summary["labels"]["method"]
     with open(tmp_path / "run" / "detector.pt", "ab") as stream:
         stream.write(b"\0")
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out2")])
     assert done.exit_code == 2 and "detector.pt" in done.output
+
+
+def test_box_label_issues_find_a_swapped_class_a_shifted_box_and_a_missing_one():
+    """cleanlab's object-detection checks on detections that agree with the true boxes (a detector's
+    output as it would be for a good model: the true class at 0.99): the planted swap, shift and
+    missing box are the only issues, and score below every untouched image."""
+    from manufacturing.defects.data_quality import box_label_issues
+    from manufacturing.defects.detector import Detections
+
+    rng = np.random.default_rng(0)
+    boxes, classes, detections = [], [], []
+    for _ in range(60):
+        n = int(rng.integers(1, 3))
+        corner = rng.uniform(0, 120, (n, 2))
+        box = np.hstack([corner, corner + rng.uniform(30, 70, (n, 2))]).astype(np.float32)
+        label = rng.integers(0, 3, n)
+        scores = np.full((n, 3), 0.005, np.float32)
+        scores[np.arange(n), label] = 0.99
+        boxes.append(box.copy())
+        classes.append(label.copy())
+        detections.append(Detections(boxes=box, scores=scores.max(1), classes=label, class_scores=scores))
+    classes[3] = (classes[3] + 1) % 3  # another class
+    two = next(i for i in range(10, 60) if len(boxes[i]) == 2)
+    boxes[two], classes[two] = boxes[two][1:], classes[two][1:]  # a box left out
+    boxes[7] = boxes[7] + 40  # moved off the defect
+    issues, quality = box_label_issues(boxes, classes, detections, 3)
+    assert set(np.flatnonzero(issues)) == {3, 7, two}
+    untouched = np.setdiff1d(np.arange(60), [3, 7, two])
+    assert quality[[3, 7, two]].max() < quality[untouched].min()

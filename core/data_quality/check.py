@@ -184,6 +184,11 @@ def _domains(table: CheckedTable, reference: CheckedTable | None, findings: _Fin
 def _labels(table: CheckedTable, usable: np.ndarray, findings: _Findings,
             config: CheckConfig) -> tuple[dict, np.ndarray | None, np.ndarray]:
     issues = np.zeros(len(table), dtype=bool)
+    if table.given_label_issues is not None:
+        given, quality, method = table.given_label_issues
+        issues = given & usable
+        count = findings.add(issues, 3, "label_issue", np.array([f"label quality {q:.3f}" for q in quality], object))
+        return {"checked": int(np.isfinite(quality).sum()), "issues": count, "method": method}, quality, issues
     if table.labels is None or not table.label_check:
         reason = "no labels" if table.labels is None else "labels not checkable by a tabular model of these fields"
         return {"checked": 0, "issues": 0, "skipped": reason}, None, issues

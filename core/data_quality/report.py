@@ -56,7 +56,7 @@ def _plots(result: CheckResult) -> list[str]:
         axis.hist(scores, bins=50, range=(0, 1), color="#999999", label="all labelled rows")
         axis.hist(result.label_scores[flagged], bins=50, range=(0, 1), color="#c44e52", label="label issues")
         axis.set_yscale("log")
-        axis.set_xlabel("out-of-fold probability of the given label")
+        axis.set_xlabel("label quality (tabular: out-of-fold probability of the given label)")
         axis.set_title("Confident learning")
         axis.legend()
         plots.append(_png(figure))

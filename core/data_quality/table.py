@@ -45,6 +45,8 @@ class CheckedTable:
     perceptual: np.ndarray | None = None  # (rows,) uint64 image hashes: near copies by bits differing
     label_inputs: pd.DataFrame | None = None  # (rows, features) level 3's model inputs, when not the fields
     label_check: bool = True  # False where a tabular model of `typed` cannot judge the labels (images)
+    # level 3 done by the adapter (defect boxes): ((rows,) issues, (rows,) label quality, method)
+    given_label_issues: tuple[np.ndarray, np.ndarray, str] | None = None
     notes: list[str] = field(default_factory=list)  # what this dataset's check cannot do, said plainly
     row_names: np.ndarray | None = None  # (rows,) what the report calls each row (an image file), else its number
 
