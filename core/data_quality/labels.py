@@ -7,6 +7,8 @@ it estimates from those probabilities.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,5 +78,6 @@ def label_issues(x: pd.DataFrame, labels: np.ndarray,
         raise TooFewLabels(f"every class needs at least {config.folds} rows for {config.folds}-fold probabilities "
                          f"(class counts {counts.tolist()})")
     probabilities = out_of_fold_probabilities(x, labels, config)
-    issues = find_label_issues(labels, probabilities, filter_by=config.filter_by, n_jobs=1)
+    with contextlib.redirect_stdout(sys.stderr):  # cleanlab may print notes; stdout belongs to --json
+        issues = find_label_issues(labels, probabilities, filter_by=config.filter_by, n_jobs=1)
     return issues, probabilities[np.arange(len(labels)), labels]
