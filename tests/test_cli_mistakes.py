@@ -185,6 +185,20 @@ CASES = [
     ("auth-token-file-is-folder", "auth token --role viewer --file {folder}", "{folder}"),
     ("auth-revoke-missing-file", "auth revoke 0123456789abcdef --file {missing}", "{missing}"),
     ("auth-revoke-corrupt-file", "auth revoke 0123456789abcdef --file {ai4i_file}", "{ai4i_file}"),
+    # data check
+    ("data-check-missing", "data check --dataset taiwan --data {missing} --out {out}/q1", "{missing}"),
+    ("data-check-empty", "data check --dataset gmsc --data {empty} --out {out}/q2", "{empty}"),
+    ("data-check-header-only", "data check --dataset gmsc --data {gmsc_header} --out {out}/q3", "{gmsc_header}"),
+    ("data-check-other-dataset", "data check --dataset taiwan --data {ai4i_file} --out {out}/q4", "{ai4i_file}"),
+    ("data-check-ai4i-other-dataset", "data check --dataset ai4i --data {taiwan_file} --out {out}/q5",
+     "{taiwan_file}"),
+    ("data-check-corrupt", "data check --dataset taiwan --data {corrupt} --out {out}/q6", "{corrupt}"),
+    ("data-check-cmapss-other-dataset", "data check --dataset cmapss --data {ai4i_file} --out {out}/q7",
+     "{ai4i_file}"),
+    ("data-check-images-file", "data check --dataset neu_det --data {empty} --out {out}/q8", "{empty}"),
+    ("data-check-out-is-file", "data check --dataset taiwan --data {taiwan_file} --out {empty}", "{empty}"),
+    ("data-check-wrong-model", "data check --dataset neu_det --data {empty_folder} --model {credit_model} "
+     "--out {out}/q9", "{credit_model}"),
     # demo
     ("demo-out-is-file", "demo --quick --out {empty}", "{empty}"),
 ]
