@@ -27,14 +27,19 @@ class CompressError(ValueError):
     """A model folder or option `compress` cannot take; one line."""
 
 
-def _errors():
-    from core.model_files import ModelFilesError
+def _maintenance_error():
     from manufacturing.maintenance.errors import MaintenanceDataError
 
-    return (CompressError, MaintenanceDataError, ModelFilesError)
+    return MaintenanceDataError
 
 
-_friendly = exit_on(lambda: _errors())  # noqa: PLW0108 - resolved when the command runs
+def _model_files_error():
+    from core.model_files import ModelFilesError
+
+    return ModelFilesError
+
+
+_friendly = exit_on(CompressError, _maintenance_error, _model_files_error)
 
 
 def _rul_source(model: Path):

@@ -44,10 +44,17 @@ def first_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
+def _same_shape(student: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    # mse_loss would broadcast (batch,) against (batch, 1) into a (batch, batch) error, silently
+    if student.shape != other.shape:
+        raise ValueError(f"distillation: student output {tuple(student.shape)} and {name} {tuple(other.shape)} differ")
+
+
 def soft_loss(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfig) -> torch.Tensor:
     """The student's distance to the teacher's outputs (no gradient reaches the teacher)."""
     teacher = teacher.detach()
     if config.task == "regression":
+        _same_shape(student, teacher, "teacher")
         return F.mse_loss(student, teacher)
     t = config.temperature
     if student.dim() == 1 or student.shape[-1] == 1:  # binary logits: the two-class softmax is a sigmoid
@@ -61,6 +68,7 @@ def soft_loss(student: torch.Tensor, teacher: torch.Tensor, config: DistillConfi
 def hard_loss(student: torch.Tensor, target: torch.Tensor, config: DistillConfig) -> torch.Tensor:
     """The usual task loss against the true labels."""
     if config.task == "regression":
+        _same_shape(student, target, "target")
         return F.mse_loss(student, target)
     if student.dim() == 1 or student.shape[-1] == 1:
         return F.binary_cross_entropy_with_logits(student.reshape(-1), target.reshape(-1).to(student.dtype))
