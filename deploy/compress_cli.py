@@ -114,6 +114,17 @@ DATA = typer.Option(None, help="the C-MAPSS training file or folder the model wa
                                "(default: $MOEWORKS_DATA/cmapss)")
 SUBSET = typer.Option(None, help="FD001-FD004 (default: the one the model folder records)")
 JSON = typer.Option(False, "--json", help="print the metrics as one JSON object on stdout")
+TEACHER = typer.Option(None, help="model folder whose outputs guide fine-tuning (e.g. the MoE a student was "
+                                  "distilled from; default: the --model folder itself)")
+GUIDE_ALPHA = typer.Option(0.5, help="weight of the teacher's outputs in fine-tuning (0: true RUL only)")
+
+
+def _teacher(teacher: Path | None, model: Path):
+    if teacher is None:
+        return None
+    if teacher.resolve() == model.resolve():
+        return None  # the default: the source guides itself
+    return _rul_source(teacher)
 
 
 def _threads() -> None:
@@ -148,13 +159,15 @@ def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DA
 @_friendly
 def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
                   ratio: float = typer.Option(0.5, help="lstm models: share of channels removed per layer"),
-                  l1: float = typer.Option(1e-5, help="lstm models: L1 penalty on the weights before removal"),
+                  l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
+                                                      "(times the sum of |w|, beside an MSE on RUL/cap near 0.003)"),
                   l1_epochs: int = typer.Option(5, help="lstm models: epochs of L1-regularised training"),
                   keep_experts: int | None = typer.Option(None, help="moe models: experts kept per layer "
                                                                      "(default: half)"),
                   merge: bool = typer.Option(False, help="moe models: merge dropped experts into the nearest kept "
                                                          "one instead of dropping them"),
                   epochs: int = typer.Option(10, help="most fine-tuning epochs after the removal"),
+                  teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
                   seed: int = typer.Option(0), as_json: bool = JSON):
     """Remove channels (LSTM/MLP, torch-pruning) or the least-routed experts (MoE), then fine-tune."""
     from manufacturing.maintenance.compress import prune
@@ -166,7 +179,8 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
         raise CompressError("--l1 must be in [0, 1] and --l1-epochs in [0, 1000]")
     subset, frame = _training_frame(data, subset, source)
     pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, keep_experts=keep_experts,
-                            merge=merge, config=_fine_tune_config(epochs, seed, as_json))
+                            merge=merge, teacher=_teacher(teacher, model), alpha=alpha,
+                            config=_fine_tune_config(epochs, seed, as_json))
     _finish(pruned, metrics, out, model, subset, "prune", as_json)
 
 
@@ -176,6 +190,7 @@ def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA,
                  compression: float = typer.Option(8.0, help="virtual weights per stored value (moe: the experts' "
                                                              "weights; lstm: every weight matrix)"),
                  epochs: int = typer.Option(10, help="most fine-tuning epochs"),
+                 teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
                  seed: int = typer.Option(0), as_json: bool = JSON):
     """Share weights through a hash (HashedNets): `compression` times fewer stored values, then fine-tune."""
     from manufacturing.maintenance.compress import hash_model
@@ -184,6 +199,6 @@ def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA,
     source = _rul_source(model)
     _out_folder(out, model)
     subset, frame = _training_frame(data, subset, source)
-    hashed, metrics = hash_model(source, frame, compression=compression,
-                                 config=_fine_tune_config(epochs, seed, as_json))
+    hashed, metrics = hash_model(source, frame, compression=compression, teacher=_teacher(teacher, model),
+                                 alpha=alpha, config=_fine_tune_config(epochs, seed, as_json))
     _finish(hashed, metrics, out, model, subset, "hash", as_json)

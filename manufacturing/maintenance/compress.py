@@ -181,15 +181,37 @@ def distill(source: RULEstimator, frame: pd.DataFrame, *, hidden_size: int = 32,
     return derived, validate(derived, data)
 
 
-def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: float = 1e-5,
+def _teacher_for(source: RULEstimator, teacher: RULEstimator | None, alpha: float) -> torch.nn.Module | None:
+    """The net whose outputs guide fine-tuning after pruning or hashing: `teacher` (e.g. the MoE the
+    source was distilled from), else the dense source itself, the usual recovery after pruning;
+    None with alpha 0 (true RUL only)."""
+    if not 0 <= alpha <= 1:
+        raise MaintenanceDataError(f"alpha must be in [0, 1], got {alpha}", field="alpha")
+    if alpha == 0:
+        return None
+    if teacher is None:
+        return source.model_
+    if teacher.normalizer_.state() != source.normalizer_.state() or teacher.net_.window != source.net_.window:
+        raise MaintenanceDataError("the teacher reads other features than this model (another normaliser or "
+                                   "window); give the model it was distilled from", field="teacher")
+    return teacher.model_
+
+
+def _guide_name(guide: torch.nn.Module | None, teacher: RULEstimator | None) -> str | None:
+    return None if guide is None else f"teacher ({teacher.net_.kind})" if teacher is not None else "source"
+
+
+def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: float = 1e-6,
           l1_epochs: int = 5, keep_experts: int | None = None, merge: bool = False,
+          teacher: RULEstimator | None = None, alpha: float = 0.5,
           config: FineTuneConfig | None = None) -> tuple[RULEstimator, dict[str, Any]]:
     """lstm kind: L1-regularised training, then `ratio` of the LSTM's hidden units and the head's
     channels removed (torch-pruning), then fine-tuning. moe kind: each member keeps its
     `keep_experts` most-routed experts (routing counted over the training windows; the rest
-    dropped or merged), then fine-tuning."""
+    dropped or merged), then fine-tuning; both guided by `teacher` (see _teacher_for) at `alpha`."""
     config = config or FineTuneConfig()
     _refuse_hashed(source, "prune")
+    guide = _teacher_for(source, teacher, alpha)
     data = split_like_source(source, frame)
     members = [copy.deepcopy(m).train() for m in _members(source.model_)]
     results: list[TrainResult] = []
@@ -197,7 +219,8 @@ def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: 
         if not 0 < ratio < 1:
             raise MaintenanceDataError(f"ratio must be in (0, 1), got {ratio}", field="ratio")
         if l1_epochs:
-            results += [fine_tune(source, m, data, replace(config, epochs=l1_epochs), l1=l1) for m in members]
+            results += [fine_tune(source, m, data, replace(config, epochs=l1_epochs), l1=l1, teacher=guide,
+                                  alpha=alpha) for m in members]
         example = torch.zeros(2, source.net_.window, source.net_.num_features)
         for m in members:
             prune_channels(m, example, ratio=ratio, ignored_layers=[m.head[-1]], output_transform=lambda out: out[0])
@@ -223,28 +246,33 @@ def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: 
         moe = replace(source.net_.moe, num_experts=keep, top_k=min(source.net_.moe.top_k, keep))
         net = replace(source.net_, moe=moe)
         details = {"keep_experts": keep, "mode": "merge" if merge else "drop", "routing": kept}
-    results += [fine_tune(source, m, data, config) for m in members]
+    results += [fine_tune(source, m, data, config, teacher=guide, alpha=alpha) for m in members]
+    details.update(alpha=alpha if guide is not None else 0.0, guided_by=_guide_name(guide, teacher))
     derived = _derived(source, net, _rebuild(members), "prune", details, data, results)
     return derived, validate(derived, data)
 
 
 def hash_model(source: RULEstimator, frame: pd.DataFrame, *, compression: float = 8.0,
+               teacher: RULEstimator | None = None, alpha: float = 0.5,
                config: FineTuneConfig | None = None) -> tuple[RULEstimator, dict[str, Any]]:
     """Hashed weight sharing at `compression` (the moe kind: its experts' weights; the lstm kind:
-    every weight matrix), initialised by projecting the trained weights, then fine-tuned."""
+    every weight matrix), initialised by projecting the trained weights, then fine-tuned under
+    `teacher` (see _teacher_for) at `alpha`."""
     config = config or FineTuneConfig()
     _refuse_hashed(source, "hash")
+    guide = _teacher_for(source, teacher, alpha)
     if not 1 < compression <= 1024:
         raise MaintenanceDataError(f"compression must be in (1, 1024], got {compression}", field="compression")
     data = split_like_source(source, frame)
     members = [copy.deepcopy(m).train() for m in _members(source.model_)]
     for m in members:
         hash_weights(m, hashable_weights(m), compression=compression)
-    results = [fine_tune(source, m, data, config) for m in members]
+    results = [fine_tune(source, m, data, config, teacher=guide, alpha=alpha) for m in members]
     model = _rebuild(members)
     pool, virtual = hashed_parameters(model)
     details = {"compression": compression, "hashed_values": pool, "virtual_weights": virtual,
-               "scope": "experts" if source.net_.kind == "moe" else "all weight matrices"}
+               "scope": "experts" if source.net_.kind == "moe" else "all weight matrices",
+               "alpha": alpha if guide is not None else 0.0, "guided_by": _guide_name(guide, teacher)}
     derived = _derived(source, replace(source.net_, hashed_compression=compression), model, "hash", details, data,
                        results)
     return derived, validate(derived, data)
