@@ -114,3 +114,27 @@ def test_unsupported_folders_and_bad_options_are_one_line_exit_2(trained, tmp_pa
     result = invoke("compress", "distill", "--model", trained / "lstm", "--out", tmp_path / "full", "--data", data)
     assert result.exit_code == 2 and "not an empty folder" in result.output
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+
+
+def test_a_hashed_lstm_folder_is_served_like_any_rul_folder(trained):
+    """`serve` takes the compressed folder as it is: the hashed weights run in the server's model."""
+    from fastapi.testclient import TestClient
+
+    from core.batcher import BatcherConfig
+    from deploy.serving.adapters import load_adapter
+    from deploy.serving.app import create_app
+    from manufacturing.maintenance.cmapss import read_cmapss
+
+    out, _ = compress(trained, "hash", "lstm", "--compression", 4)
+    estimator = RULEstimator.load(out)
+    assert estimator.net_.hashed_compression == 4
+    test = read_cmapss(trained / "data" / "test_FD001.txt")
+    expected = estimator.predict(test)["rul"].to_numpy()
+    columns = ["setting_1", "setting_2", "setting_3", *estimator.normalizer_.sensors_]
+    instances = [{"cycles": group[columns].to_numpy()[-estimator.net_.window:].tolist()}
+                 for _, group in test.groupby("unit", sort=True)]
+    adapter = load_adapter(out)
+    with TestClient(create_app(lambda: adapter, batcher_config=BatcherConfig(max_wait_s=0.005))) as client:
+        answers = [client.post("/v1/predict", json={"instances": [i]}) for i in instances]
+    got = [a.json()["predictions"][0]["rul"] for a in answers]
+    assert got == pytest.approx(expected.tolist(), abs=1e-3)
