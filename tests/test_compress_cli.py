@@ -138,3 +138,24 @@ def test_a_hashed_lstm_folder_is_served_like_any_rul_folder(trained):
         answers = [client.post("/v1/predict", json={"instances": [i]}) for i in instances]
     got = [a.json()["predictions"][0]["rul"] for a in answers]
     assert got == pytest.approx(expected.tolist(), abs=1e-3)
+
+
+def test_a_folder_whose_compression_fields_were_rewritten_is_refused(trained, tmp_path):
+    """Someone re-seals a folder with an impossible hashing factor: the loader says so in one line."""
+    import shutil
+
+    import torch
+
+    from core.model_files import write_manifest
+    from core.trainer import read_checkpoint
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(trained / "lstm", folder)
+    payload = read_checkpoint(folder / "model.pt")
+    payload["metadata"]["config"]["hashed_compression"] = 0.25
+    torch.save(payload, folder / "model.pt")
+    write_manifest(folder)
+    result = invoke("maintenance", "evaluate", "--model", folder, "--test", trained / "data" / "test_FD001.txt",
+                    "--rul", trained / "data" / "RUL_FD001.txt")
+    assert result.exit_code == 2 and "hashed_compression must be in [1, 1024]" in result.output
+    assert len(result.output.strip().splitlines()) == 1

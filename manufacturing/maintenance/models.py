@@ -59,9 +59,12 @@ class RULNetConfig:
         assert self.kind == "lstm" or self.moe.hidden_size == self.hidden_size, \
             "moe.hidden_size must equal hidden_size"
         assert self.encoder in ("lstm", "conv"), f"encoder must be 'lstm' or 'conv', got {self.encoder!r}"
-        assert self.head_hidden is None or self.head_hidden >= 1, f"head_hidden must be >= 1, got {self.head_hidden}"
-        assert self.hashed_compression is None or self.hashed_compression >= 1, \
-            f"hashed_compression must be >= 1, got {self.hashed_compression}"
+        # ValueError, not assert: these two come from model folders `moeworks compress` writes
+        if self.head_hidden is not None and not (isinstance(self.head_hidden, int) and 1 <= self.head_hidden <= 4096):
+            raise ValueError(f"RULNetConfig: head_hidden must be an integer in [1, 4096], got {self.head_hidden!r}")
+        if self.hashed_compression is not None and not (isinstance(self.hashed_compression, int | float)
+                                                        and 1 <= self.hashed_compression <= 1024):
+            raise ValueError(f"RULNetConfig: hashed_compression must be in [1, 1024], got {self.hashed_compression!r}")
         assert self.kind == "lstm" or self.window % self.patch == 0, \
             f"window {self.window} must be a multiple of patch {self.patch}"
 
