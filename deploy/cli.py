@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from deploy.bundle.cli import app as bundle_app
+from deploy.compress_cli import app as compress_app
 from deploy.data_cli import app as data_app
 from deploy.edge.cli import app as edge_app
 from deploy.serving.cli import serve as serve_command
@@ -24,6 +25,7 @@ app.add_typer(twin_app, name="twin")
 app.add_typer(edge_app, name="edge")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(data_app, name="data")
+app.add_typer(compress_app, name="compress")
 app.command("serve")(serve_command)
 
 auth_app = typer.Typer(help="Bearer tokens with roles for `twin serve` and `serve` (--auth-file).",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.compress.hashed import materialize
 from core.onnx_export import export_onnx, inference_session
 from manufacturing.maintenance.models import RULOnly
 from manufacturing.maintenance.rul import RULEstimator
@@ -26,7 +27,9 @@ def export_rul_onnx(estimator: RULEstimator, path: str | Path) -> Path:
     with warnings.catch_warnings():  # the exporter's deprecation chatter; parity is what is checked
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")
-        return export_onnx(RULOnly(estimator.model_).eval(), (example,), path, input_names=[RUL_INPUT],
+        # Hashed weights (core.compress.hashed) go out dense: the graph then holds plain MatMul/LSTM
+        # weights instead of a gather over an int64 bucket table as large as the weights themselves.
+        return export_onnx(RULOnly(materialize(estimator.model_)).eval(), (example,), path, input_names=[RUL_INPUT],
                            output_names=[RUL_OUTPUT], metadata=metadata)
 
 

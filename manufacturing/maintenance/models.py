@@ -16,6 +16,7 @@ from torch import nn
 
 from core import MoEConfig, MoELayer
 from core.blocks import MoETransformerBlock
+from core.experts import Experts
 
 
 @dataclass
@@ -36,6 +37,11 @@ class RULNetConfig:
     # Independently seeded copies whose RULs are averaged (a seed ensemble): each member trains
     # on its own with early stopping; inference and the ONNX graph run them all.
     members: int = 1
+    # Set by `moeworks compress` (core.compress); their defaults leave the nets as they were.
+    head_hidden: int | None = None  # lstm kind: the head's width (None: hidden_size // 2); channel pruning narrows it
+    # Hashed weight sharing (core.compress.hashed): virtual weights per stored value. The lstm
+    # kind hashes every weight matrix, the moe kind its experts' w_in / w_out. None: dense.
+    hashed_compression: float | None = None
     # Eight small experts, two per token: enough for the six operating regimes to take their own
     # experts on FD002/FD004 while training stays affordable on a 2-core CPU. The balancing losses
     # are scaled down from the LM defaults (0.01 / 0.001): the task loss here is an MSE on RUL/cap
@@ -53,6 +59,12 @@ class RULNetConfig:
         assert self.kind == "lstm" or self.moe.hidden_size == self.hidden_size, \
             "moe.hidden_size must equal hidden_size"
         assert self.encoder in ("lstm", "conv"), f"encoder must be 'lstm' or 'conv', got {self.encoder!r}"
+        # ValueError, not assert: these two come from model folders `moeworks compress` writes
+        if self.head_hidden is not None and not (isinstance(self.head_hidden, int) and 1 <= self.head_hidden <= 4096):
+            raise ValueError(f"RULNetConfig: head_hidden must be an integer in [1, 4096], got {self.head_hidden!r}")
+        if self.hashed_compression is not None and not (isinstance(self.hashed_compression, int | float)
+                                                        and 1 <= self.hashed_compression <= 1024):
+            raise ValueError(f"RULNetConfig: hashed_compression must be in [1, 1024], got {self.hashed_compression!r}")
         assert self.kind == "lstm" or self.window % self.patch == 0, \
             f"window {self.window} must be a multiple of patch {self.patch}"
 
@@ -77,7 +89,7 @@ class LSTMRegressor(nn.Module):
         self.config = config
         self.lstm = nn.LSTM(config.num_features, config.hidden_size, num_layers=config.num_layers,
                             batch_first=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
-        self.head = _head(config.hidden_size, config.hidden_size // 2, config.dropout)
+        self.head = _head(config.hidden_size, config.head_hidden or config.hidden_size // 2, config.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, _ = self.lstm(x)  # (batch, window, H)
@@ -161,8 +173,22 @@ def default_net_config(kind: str, **overrides: Any) -> RULNetConfig:
 
 
 def build_member(config: RULNetConfig) -> nn.Module:
-    """One net of `config` (its `members` aside)."""
-    return LSTMRegressor(config) if config.kind == "lstm" else MoERULNet(config)
+    """One net of `config` (its `members` aside), its weights hashed where the config says so."""
+    net = LSTMRegressor(config) if config.kind == "lstm" else MoERULNet(config)
+    if config.hashed_compression is not None:
+        from core.compress.hashed import hash_weights
+
+        hash_weights(net, hashable_weights(net), compression=config.hashed_compression)
+    return net
+
+
+def hashable_weights(net: nn.Module) -> list[str]:
+    """The weights `hashed_compression` applies to: an MoE net's expert weights, else every weight
+    matrix (LSTM, Linear; biases and norms stay dense)."""
+    if isinstance(net, MoERULNet):
+        return [f"{name}.{w}" for name, module in net.named_modules() if isinstance(module, Experts)
+                for w in ("w_in", "w_out")]
+    return [name for name, parameter in net.named_parameters() if parameter.dim() >= 2]
 
 
 def build_rul_net(config: RULNetConfig | dict[str, Any]) -> nn.Module:

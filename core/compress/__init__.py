@@ -1,0 +1,1 @@
+"""Model compression in the engine: distillation, structured pruning, hashed weight sharing."""
