@@ -5,7 +5,7 @@ they are adapted through peft's `target_parameters` (its ParamWrapper: a rank-r 
 added to the weight for the length of each call; MoELayer calls its experts through `forward` for
 that reason). Every nn.Linear where a rank-r update is smaller than the weight itself (attention,
 the credit network's input layer, the heads) is adapted as a peft `lora.Linear`. Everything else
-(LSTMs, convolutions, norms, the router's gate) stays frozen.
+(LSTMs, convolutions, norms, the routers' gates: see find_targets) stays frozen.
 
 An adapter is saved as two files: `<name>.safetensors` (peft's adapter state dict, tensors only)
 and `<name>.json` (the LoRAConfig and the target names). Loading checks both against the model
@@ -18,11 +18,13 @@ production line) and `use_adapter` switches between them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from core.experts import Experts
+from core.router import Router
 
 # peft imports transformers and huggingface_hub; nothing here may reach the network (the CI and the
 # air-gapped sites run with no route out): adapters are only ever read from and written to disk.
@@ -101,8 +104,16 @@ class LoRATargets:
 def find_targets(model: nn.Module, config: LoRAConfig) -> LoRATargets:
     """The nn.Linear modules and stacked expert weights of `model` that `config` adapts, with ranks."""
     linear, parameters = [], []
+    # A router reads its gate's weight in fp32 (F.linear on gate.weight), never calling the gate: a
+    # peft lora.Linear there would train nothing and its merge would change the routing. Routers
+    # stay as trained; the experts under them adapt.
+    gates = {id(module.gate) for module in model.modules() if isinstance(module, Router)}
     for name, module in model.named_modules():
-        if config.linear and type(module) is nn.Linear:
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue  # an adapter's own A and B (on a model that has adapters already)
+        name = ".".join(part for part in parts if part != "base_layer")  # the path before peft wrapped it
+        if config.linear and type(module) is nn.Linear and id(module) not in gates:
             r = config.layer_rank(module.in_features, module.out_features)
             # r * (in + out) parameters replace nothing when the weight itself is smaller
             # (a router's 64 x 8 gate, a 64 x 1 output): those stay frozen.
@@ -141,7 +152,8 @@ def attach(model: nn.Module, config: LoRAConfig | None = None, *, adapter: str =
 
     config = config or LoRAConfig()
     targets = find_targets(model, config)
-    lora_model = get_peft_model(model, _peft_config(config, targets), adapter_name=adapter)
+    with _quiet_rank_pattern():
+        lora_model = get_peft_model(model, _peft_config(config, targets), adapter_name=adapter)
     lora_model.moeworks_lora = {adapter: (config, targets)}  # what save_adapter records
     return lora_model
 
@@ -152,9 +164,19 @@ def add_adapter(lora_model, config: LoRAConfig | None = None, *, adapter: str) -
     if adapter in lora_model.peft_config:
         raise ValueError(f"adapter {adapter!r} is already on this model")
     targets = find_targets(lora_model.get_base_model(), config)
-    lora_model.add_adapter(adapter, _peft_config(config, targets))
+    with _quiet_rank_pattern():
+        lora_model.add_adapter(adapter, _peft_config(config, targets))
     lora_model.moeworks_lora[adapter] = (config, targets)
     use_adapter(lora_model, adapter)
+
+
+@contextlib.contextmanager
+def _quiet_rank_pattern():
+    """peft warns that rank/alpha patterns of target_parameters "matched no targeted module" and were
+    ignored, yet applies them (tests/test_lora.py checks the ranks): drop that one false warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        yield
 
 
 def use_adapter(lora_model, adapter: str) -> None:
