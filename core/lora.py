@@ -241,7 +241,7 @@ def load_adapter(model: nn.Module, folder: str | Path, adapter: str = "default")
     adapter is added beside the others). Returns the peft model. Raises AdapterError (one line)
     for files that are too large, malformed, or made for another model.
     """
-    from peft import PeftModel, set_peft_model_state_dict
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -264,24 +264,27 @@ def load_adapter(model: nn.Module, folder: str | Path, adapter: str = "default")
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"{weights_path}: not a safetensors file ({type(error).__name__})") from None
+    # The tensors an adapter of this config has on this model, from a throw-away copy, so that a
+    # refused file leaves `model` as it was.
+    probe = copy.deepcopy(model)
+    if isinstance(probe, PeftModel):
+        add_adapter(probe, config, adapter=adapter)
+    else:
+        probe = attach(probe, config, adapter=adapter)
+    wanted = get_peft_model_state_dict(probe, adapter_name=adapter)
+    if set(state) != set(wanted):
+        missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+        raise AdapterError(f"{weights_path}: tensors do not match the adapter's targets "
+                           f"({len(missing)} missing, {len(extra)} unexpected, e.g. {(missing or extra)[0][:80]!r})")
+    for key, tensor in state.items():
+        if tensor.shape != wanted[key].shape or tensor.dtype != wanted[key].dtype or not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights_path}: tensor {key[:80]!r} has shape {tuple(tensor.shape)} {tensor.dtype}"
+                               f" (expected {tuple(wanted[key].shape)} {wanted[key].dtype}, finite)")
     if isinstance(model, PeftModel):
         add_adapter(model, config, adapter=adapter)
         lora_model = model
     else:
         lora_model = attach(model, config, adapter=adapter)
-    from peft import get_peft_model_state_dict
-
-    wanted = {k: v for k, v in get_peft_model_state_dict(lora_model, adapter_name=adapter).items()}
-    if set(state) != set(wanted):
-        missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
-        lora_model.delete_adapter(adapter)
-        raise AdapterError(f"{weights_path}: tensors do not match the adapter's targets "
-                           f"({len(missing)} missing, {len(extra)} unexpected, e.g. {(missing or extra)[0][:80]!r})")
-    for key, tensor in state.items():
-        if tensor.shape != wanted[key].shape or tensor.dtype != wanted[key].dtype or not torch.isfinite(tensor).all():
-            lora_model.delete_adapter(adapter)
-            raise AdapterError(f"{weights_path}: tensor {key[:80]!r} has shape {tuple(tensor.shape)} {tensor.dtype}"
-                               f" (expected {tuple(wanted[key].shape)} {wanted[key].dtype}, finite)")
     set_peft_model_state_dict(lora_model, state, adapter_name=adapter)
     use_adapter(lora_model, adapter)
     return lora_model

@@ -118,9 +118,11 @@ def tampered(tmp_path, change) -> str:
     lora_model = lora.attach(tabular(), adapter="seg")
     lora.save_adapter(lora_model, tmp_path, "seg")
     change(tmp_path / "seg.safetensors", tmp_path / "seg.json")
+    model = tabular()
     with pytest.raises(lora.AdapterError) as error:
-        lora.load_adapter(tabular(), tmp_path, "seg")
+        lora.load_adapter(model, tmp_path, "seg")
     assert "\n" not in str(error.value)
+    assert type(model.layers[0].experts) is Experts and not any("lora_" in n for n, _ in model.named_parameters())
     return str(error.value)
 
 

@@ -146,7 +146,8 @@ def register(app: typer.Typer) -> None:
               units: int | None = typer.Option(None, help="use only the first N engines of --data"),
               rank: int = typer.Option(16, help="LoRA rank (the design guide's 16; capped at an eighth of each "
                                                 "layer's width)"),
-              learning_rate: float = typer.Option(1e-4, help="the guide's range is 3e-5 to 1e-4"),
+              learning_rate: float | None = typer.Option(None, help="default: 1e-2 for lora, 1e-4 for full "
+                                                                    "(see manufacturing/maintenance/adapt.py)"),
               grad_accumulation: int = typer.Option(4, help="micro-batches per optimizer step (the guide's 4-8)"),
               epochs: int = typer.Option(30, help="most epochs (early stopping on held-back new engines)"),
               seed: int = typer.Option(0),
