@@ -34,6 +34,12 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(hidden_size), 1 / math.sqrt(hidden_size))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(intermediate_size), 1 / math.sqrt(intermediate_size))
 
+    def forward(self, tokens: torch.Tensor, *args: torch.Tensor | list, path: str) -> torch.Tensor:
+        """`forward_<path>(tokens, *args)`: MoELayer calls the experts through here, so that a wrapper
+        of the module (peft's LoRA ParamWrapper, which adds its delta to w_in / w_out for the
+        length of one call: core.lora) covers the grouped, gathered and dense paths alike."""
+        return getattr(self, f"forward_{path}")(tokens, *args)
+
     def expert_mlp(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x (rows, H) -> (rows, H) through expert `expert`."""
         return ACTIVATIONS[self.activation](x @ self.w_in[expert]) @ self.w_out[expert]

@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         if self.static or is_exporting():
             out, dropped = self._dispatch_static(tokens, routing.expert_index, routing.weight, capacity)
         elif self._gathers(tokens.shape[0], capacity):
-            out = self.experts.forward_gathered(tokens, routing.expert_index, routing.weight)
+            out = self.experts(tokens, routing.expert_index, routing.weight, path="gathered")
             dropped = torch.zeros((), dtype=torch.int64)
         else:
             out, dropped = self._dispatch_sorted(tokens, routing.expert_index, routing.weight, capacity)
@@ -154,7 +154,7 @@ class MoELayer(nn.Module):
                 bounds.append((expert, start, start + count))
                 start += count
         w_sorted = weight[token_of, slot_of].unsqueeze(-1)  # (assignments, 1)
-        out = self.experts.forward_grouped(tokens, token_of, w_sorted, bounds)  # (T, H)
+        out = self.experts(tokens, token_of, w_sorted, bounds, path="grouped")  # (T, H)
         return out, dropped
 
     def _dispatch_static(self, tokens: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor,
@@ -171,4 +171,4 @@ class MoELayer(nn.Module):
             keep = (position <= capacity).to(weight.dtype).reshape(top_k, num_tokens).t()  # (T, k)
         dropped = (keep.numel() - keep.sum()).to(torch.int64)
         combine = torch.einsum("tk,tke->te", weight * keep, one_hot)  # (T, E)
-        return self.experts.forward_dense(tokens, combine), dropped
+        return self.experts(tokens, combine, path="dense"), dropped

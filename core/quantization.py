@@ -169,6 +169,8 @@ class LinearExperts(nn.Module):
         return self.mlp(x, self.up[expert].weight, self.down[expert].weight, self.inv_in_scale[expert],
                         self.inv_mid_scale[expert], self.activation)
 
+    forward = Experts.forward  # forward_<path>, as MoELayer calls it
+
     def forward_grouped(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
                         bounds: list[tuple[int, int, int]]) -> torch.Tensor:
         return grouped_scatter(tokens, token_of, weight_of, bounds, self.expert_mlp)

@@ -56,6 +56,16 @@ class SplitFingerprint:
             unique = unique[:max_hashes]
         return cls(rows=len(hashes), threshold=np.uint64(threshold), hashes=unique)
 
+    def union(self, other: SplitFingerprint, *, max_hashes: int = MAX_HASHES) -> SplitFingerprint:
+        """The fingerprint of both splits' rows together (a model trained on one, then adapted on the
+        other): each keeps the smallest hashes, so their union below the lower threshold is the
+        smallest hashes of the union."""
+        threshold = min(self.threshold, other.threshold)
+        hashes = np.union1d(self.hashes[self.hashes <= threshold], other.hashes[other.hashes <= threshold])
+        if len(hashes) > max_hashes:
+            threshold, hashes = hashes[max_hashes - 1], hashes[:max_hashes]
+        return SplitFingerprint(rows=self.rows + other.rows, threshold=np.uint64(threshold), hashes=hashes)
+
     def share(self, hashes: np.ndarray) -> tuple[float | None, bool]:
         """(share of `hashes` seen in this split, exact?); None when no scored row falls in the sample."""
         sampled = hashes[hashes <= self.threshold]

@@ -72,8 +72,6 @@ class CreditScorer:
         fitted_model: a model already fitted on the same split's features (e.g. an ensemble blended
         from fitted members); it is used as it is.
         """
-        from finance.evaluation import characteristic_reference, credit_metrics
-
         self.pipeline_ = FeaturePipeline(dataset=self.dataset, exclude_protected=self.exclude_protected).fit(
             train.frame)
         fit_train = FitData(self.pipeline_.transform(train.frame), train.target, train.frame, sample_weight)
@@ -87,6 +85,15 @@ class CreditScorer:
         else:
             self.model_ = fitted_model
         self.train_seconds_ = time.perf_counter() - started
+        return self.calibrate(train, valid, fit_valid=fit_valid)
+
+    def calibrate(self, train: Records, valid: Records, *, fit_valid: FitData | None = None) -> CreditScorer:
+        """From the fitted pipeline and model: the PD cut-off, the PSI and CSI references and the
+        validation metrics on `valid`, the row fingerprint of `train` and `valid`, a new version.
+        (fit ends here; an adapted model (finance.adapt) is calibrated again on its segment.)"""
+        from finance.evaluation import characteristic_reference, credit_metrics
+
+        fit_valid = fit_valid if fit_valid is not None else self.features(valid.frame)
         pd_valid = self.model_.predict_proba(fit_valid)[:, 1]
         self.cutoff_pd_ = float(np.quantile(pd_valid, self.policy.approval_rate))
         self.reference_edges_ = np.unique(np.quantile(pd_valid, np.linspace(0, 1, 11)[1:-1]))

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from core.row_fingerprint import RowFingerprint, SplitFingerprint
 from finance.data import load_generated
@@ -30,3 +31,14 @@ def test_the_same_records_hash_alike_from_parquet_and_csv(tmp_path):
     parquet_hashes, csv_hashes = scorer.row_hashes(records.frame), scorer.row_hashes(from_csv.frame)
     assert len(np.unique(parquet_hashes)) == 300
     np.testing.assert_array_equal(parquet_hashes, csv_hashes)
+
+
+@pytest.mark.parametrize("max_hashes", [10_000, 300])  # exact, and the bottom-k sample of each part
+def test_union_is_the_fingerprint_of_both_parts(max_hashes):
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(0, 2**63, 1000, dtype=np.uint64), rng.integers(0, 2**63, 700, dtype=np.uint64)
+    union = SplitFingerprint.build(first, max_hashes=max_hashes).union(
+        SplitFingerprint.build(second, max_hashes=max_hashes), max_hashes=max_hashes)
+    together = SplitFingerprint.build(np.concatenate([first, second]), max_hashes=max_hashes)
+    assert union.rows == 1700 and union.threshold == together.threshold
+    np.testing.assert_array_equal(union.hashes, together.hashes)

@@ -137,6 +137,55 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @_friendly
+    def adapt(model: Path = typer.Option(..., help="RUL model folder from `maintenance train` (the base)"),
+              data: Path = typer.Option(..., help="run-to-failure file of the new engines (C-MAPSS format, "
+                                                  "train_FD00x.txt[.gz] layout)"),
+              out: Path = typer.Option(..., help="model folder to write (a normal RUL model folder)"),
+              method: str = typer.Option("lora", help="lora (adapter of a few % of the parameters) or full "
+                                                      "(fine-tune every weight)"),
+              units: int | None = typer.Option(None, help="use only the first N engines of --data"),
+              rank: int = typer.Option(16, help="LoRA rank (the design guide's 16; capped at an eighth of each "
+                                                "layer's width)"),
+              learning_rate: float | None = typer.Option(None, help="default: 1e-2 for lora, 1e-4 for full "
+                                                                    "(see manufacturing/maintenance/adapt.py)"),
+              grad_accumulation: int = typer.Option(4, help="micro-batches per optimizer step (the guide's 4-8)"),
+              epochs: int = typer.Option(30, help="most epochs (early stopping on held-back new engines)"),
+              seed: int = typer.Option(0),
+              as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object on stdout")):
+        """Adapt a RUL model to new engines (a new fault mode or line) with LoRA or full fine-tuning."""
+        from core.lora import LoRAConfig
+        from manufacturing.maintenance.adapt import RULAdaptConfig, adapt_rul, save_adapted
+        from manufacturing.maintenance.cmapss import read_cmapss
+        from manufacturing.maintenance.errors import MaintenanceDataError
+        from manufacturing.maintenance.rul import RULEstimator
+
+        _threads()
+        if out.exists() and not out.is_dir():
+            raise MaintenanceDataError(f"--out {out} is a file; give a folder", field="out")
+        if out.resolve() == model.resolve():
+            raise MaintenanceDataError("--out is the base model's folder; write the adapted model to a new one",
+                                       field="out")
+        if units is not None and units < 2:
+            raise MaintenanceDataError(f"--units must be >= 2 (one engine is held back), got {units}", field="units")
+        try:
+            config = RULAdaptConfig(method=method, learning_rate=learning_rate, grad_accumulation=grad_accumulation,
+                                    max_epochs=epochs, seed=seed, progress=not as_json, lora=LoRAConfig(rank=rank))
+        except ValueError as error:
+            raise MaintenanceDataError(str(error)) from None
+        base = RULEstimator.load(model)
+        if not data.is_file():
+            raise MaintenanceDataError("no such file", source=str(data))
+        frame = read_cmapss(data)
+        if units is not None:
+            frame = frame[frame["unit"].isin(sorted(frame["unit"].unique())[:units])]
+        adaptation = adapt_rul(base, frame, config)
+        save_adapted(adaptation, out)
+        metrics = {"model": str(out), "base_model": str(model), "data": str(data), **adaptation.metrics}
+        _print_metrics(f"{method} adaptation of {model} to {data.name}: held-back new engines cut at random "
+                       f"cycles (model in {out})", metrics, as_json)
+
+    @app.command()
+    @_friendly
     def generate(out: Path = typer.Option(Path("runs/maintenance/generated"), help="folder to write"),
                  subset: str = typer.Option("FD001", help="name used for the files (train_<subset>.txt, ...)"),
                  regimes: int = typer.Option(1, help="operating regimes, 1 or up to 6"),

@@ -122,11 +122,19 @@ class RULEstimator:
     def _fit_member(self, train: Windows, target: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
                     seed: int) -> tuple[torch.nn.Module, TrainResult]:
         """Train one net (its own init, window draws and early stopping from `seed`); the best state."""
-        cap = self.net.rul_cap
         torch.manual_seed(seed)
         model = build_member(self.net_)
-        batch_size = self.train.batch_size
-        per_epoch = min(len(train), self.train.windows_per_epoch or len(train))
+        return model, self.train_net(model, train, target, val_x, val_y, seed=seed)
+
+    def train_net(self, model: torch.nn.Module, train: Windows, target: torch.Tensor, val_x: torch.Tensor,
+                  val_y: torch.Tensor, *, seed: int, config: RULTrainConfig | None = None,
+                  grad_accumulation: int = 1) -> TrainResult:
+        """Train `model` (in place; a fresh member, or a fitted net being adapted) on windows of this
+        estimator's features, early-stopped on the loss over (val_x, val_y); leaves the best state."""
+        config = config or self.train
+        cap = self.net.rul_cap
+        batch_size = config.batch_size
+        per_epoch = min(len(train), config.windows_per_epoch or len(train))
 
         def batches(epoch: int):
             order = np.random.default_rng(seed + epoch).permutation(len(train))[:per_epoch]
@@ -144,12 +152,10 @@ class RULEstimator:
             return {"val_loss": mse / cap**2, "val_window_rmse": mse**0.5}
 
         trainer = Trainer(TrainerConfig(
-            learning_rate=self.train.learning_rate, weight_decay=self.train.weight_decay, grad_accumulation=1,
-            max_epochs=self.train.max_epochs, patience=self.train.patience, seed=seed,
-            progress=self.train.progress))
-        result = trainer.fit(model, batches, steps_per_epoch=-(-per_epoch // batch_size), loss_fn=loss_fn,
-                             evaluate_fn=evaluate)
-        return model, result
+            learning_rate=config.learning_rate, weight_decay=config.weight_decay, grad_accumulation=grad_accumulation,
+            max_epochs=config.max_epochs, patience=config.patience, seed=seed, progress=config.progress))
+        return trainer.fit(model, batches, steps_per_epoch=-(-per_epoch // batch_size), loss_fn=loss_fn,
+                           evaluate_fn=evaluate)
 
     # -- inference --------------------------------------------------------------------------
     @torch.no_grad()
