@@ -2,7 +2,8 @@
 
 For each (dataset, model): train the model on the full real data (or load `--models-dir/<dataset>-<model>`
 when there), build its bundle, then on every row of the dataset's file measure
-- parity: max |PD bundle - PD `finance.load_model(dir).score`|, decisions and reason codes that differ;
+- parity: max |PD bundle - PD `finance.load_model(dir).score`|, decisions and reason codes that differ
+  (in order, and as sets);
 - bundle size (model.onnx and the whole folder), graph nodes, session load time;
 - throughput in rows/s at batch 1 (the first `--single-rows` rows one by one) and batch 4,096, for
   onnxruntime (1 intra-op thread, as LightGBM's own config) and for `score(frame, reasons="all")`,
@@ -28,16 +29,43 @@ from benchmarks.common import describe, machine, write_results  # noqa: E402
 FILES = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
 
 
-def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
+def _configs() -> dict:
     from finance.models.ensemble import EnsembleConfig
     from finance.models.gbdt import LightGBMConfig
+    from finance.models.moe import MoEModelConfig
+
+    return {"lightgbm": LightGBMConfig(max_rounds=400),  # bounded training time
+            "moe": MoEModelConfig(max_epochs=6),  # the default network, fewer epochs
+            "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}
+
+
+def _moe_ensemble(records):
+    """The default ensemble (LightGBM, MoE, scorecard), its members trained with the bounded configs
+    above and blended by `EnsembleModel.from_fitted` on the validation split (no cross-fitting)."""
+    from finance.models.base import FitData, build_model
+    from finance.models.ensemble import EnsembleModel
+    from finance.scorer import CreditScorer, split_records
+
+    train, valid = split_records(records)
+    pipeline = CreditScorer(dataset=records.dataset, model_name="scorecard").fit(train, valid).pipeline_
+    fit_train = FitData(pipeline.transform(train.frame), train.target, train.frame)
+    fit_valid = FitData(pipeline.transform(valid.frame), valid.target, valid.frame)
+    members = [build_model(n, feature_names=pipeline.feature_names_, dataset=records.dataset,
+                           config=_configs().get(n)).fit(fit_train, fit_valid)
+               for n in ("lightgbm", "moe", "scorecard")]
+    model = EnsembleModel.from_fitted(members, fit_valid, feature_names=pipeline.feature_names_,
+                                      dataset=records.dataset)
+    return CreditScorer(dataset=records.dataset, model_name="ensemble").fit(train, valid, fitted_model=model)
+
+
+def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
     from finance.scorer import train_scorer
 
     folder = models_dir / f"{dataset}-{name}"
     if not (folder / "scorer.json").is_file():
-        config = {"lightgbm": LightGBMConfig(max_rounds=400),  # bounded training time
-                  "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}.get(name)
-        train_scorer(records, name, model_config=config).save(folder)
+        scorer = (_moe_ensemble(records) if name == "moe-ensemble" else
+                  train_scorer(records, name, model_config=_configs().get(name)))
+        scorer.save(folder)
     return folder
 
 
@@ -53,6 +81,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
             repeats: int) -> dict:
     import onnxruntime as ort
+    import torch
 
     from deploy.bundle.build import build_bundle
     from finance import load_model
@@ -60,6 +89,7 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
 
     records = load_records(dataset, data_root / FILES[dataset])
     folder = _model(dataset, name, records, models_dir)
+    threads = torch.get_num_threads()
     scorer = load_model(folder)
     started = time.perf_counter()
     bundle = Path(build_bundle(folder, work / f"{dataset}-{name}")["bundle"])
@@ -89,15 +119,20 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     parity = {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got_pd - expected["pd"].to_numpy()))),
               "decisions_differing": int(((np.concatenate(decision_parts) == 1)
                                           != (expected["decision"] == "decline").to_numpy()).sum()),
-              "reason_codes_differing": int((codes != expected["reason_codes"].to_numpy()).sum())}
+              "reason_codes_differing": int((codes != expected["reason_codes"].to_numpy()).sum()),
+              # the same k reasons, maybe in another order
+              "reason_sets_differing": int(sum(set(a.split("|")) != set(b.split("|"))
+                                               for a, b in zip(codes, expected["reason_codes"], strict=True)))}
 
     block = frame.iloc[:4096]
     single = [frame.iloc[i:i + 1] for i in range(single_rows)]
+    torch.set_num_threads(1)  # moeworks' MoE network on one thread, as onnxruntime and LightGBM here
     timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds(0, 4096)), repeats),
                "moeworks_batch": _median_seconds(lambda: scorer.score(block, reasons="all"), repeats),
                "onnx_single": _median_seconds(lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
                                               repeats),
                "moeworks_single": _median_seconds(lambda: [scorer.score(r, reasons="all") for r in single], repeats)}
+    torch.set_num_threads(threads)
     throughput = {"onnx_rows_s_4096": 4096 / timings["onnx_batch"],
                   "moeworks_rows_s_4096": 4096 / timings["moeworks_batch"],
                   "onnx_rows_s_1": single_rows / timings["onnx_single"],
@@ -170,13 +205,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "moeworks-bundle-models")
     parser.add_argument("--cases", default="taiwan:scorecard,taiwan:lightgbm,taiwan:ensemble,gmsc:scorecard,"
-                                           "gmsc:lightgbm,ai4i:lightgbm")
+                                           "gmsc:lightgbm,taiwan:moe,gmsc:moe,taiwan:moe-ensemble,"
+                                           "gmsc:moe-ensemble,ai4i:lightgbm")
     parser.add_argument("--single-rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1}, "cases": []}
+    results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1, "torch_threads": 1},
+               "cases": []}
     print(describe(results["machine"]), file=sys.stderr)
     with tempfile.TemporaryDirectory() as work:
         for case in args.cases.split(","):
@@ -192,7 +229,8 @@ def main() -> None:
             print(f"{dataset:7s} {name:10s} nodes {row['graph_nodes']:4d} "
                   f"onnx {row['model_onnx_bytes'] / 1024:7.0f} KiB "
                   f"load {row['load_seconds'] * 1000:6.0f} ms | rows {p['rows']} pd err {p['pd_max_abs_error']:.1e} "
-                  f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} | "
+                  f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} "
+                  f"(sets {p.get('reason_sets_differing')}) | "
                   f"batch 4096: onnx {t['onnx_rows_s_4096']:,.0f} vs {t['moeworks_rows_s_4096']:,.0f} rows/s "
                   f"({t['ratio_4096']:.2f}x) | batch 1: {t['onnx_rows_s_1']:,.0f} vs {t['moeworks_rows_s_1']:,.0f} "
                   f"({t['ratio_1']:.2f}x)", file=sys.stderr)
