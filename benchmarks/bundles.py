@@ -39,20 +39,23 @@ def _configs() -> dict:
             "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}
 
 
-def _moe_ensemble(records):
-    """The default ensemble (LightGBM, MoE, scorecard), its members trained with the bounded configs
-    above and blended by `EnsembleModel.from_fitted` on the validation split (no cross-fitting)."""
+def _moe_ensemble(records, models_dir: Path):
+    """The default ensemble (LightGBM, MoE, scorecard) blended by `EnsembleModel.from_fitted` on the
+    validation split (no cross-fitting), its LightGBM and MoE the ones benchmarked alone (the same
+    split and features: `train_scorer`'s seeded split)."""
+    from finance import load_model
     from finance.models.base import FitData, build_model
     from finance.models.ensemble import EnsembleModel
     from finance.scorer import CreditScorer, split_records
 
     train, valid = split_records(records)
-    pipeline = CreditScorer(dataset=records.dataset, model_name="scorecard").fit(train, valid).pipeline_
+    loaded = [load_model(_model(records.dataset, n, records, models_dir)) for n in ("lightgbm", "moe")]
+    pipeline = loaded[0].pipeline_
+    assert loaded[1].pipeline_.feature_names_ == pipeline.feature_names_, "the members' features differ"
     fit_train = FitData(pipeline.transform(train.frame), train.target, train.frame)
     fit_valid = FitData(pipeline.transform(valid.frame), valid.target, valid.frame)
-    members = [build_model(n, feature_names=pipeline.feature_names_, dataset=records.dataset,
-                           config=_configs().get(n)).fit(fit_train, fit_valid)
-               for n in ("lightgbm", "moe", "scorecard")]
+    scorecard = build_model("scorecard", feature_names=pipeline.feature_names_, dataset=records.dataset)
+    members = [s.model_ for s in loaded] + [scorecard.fit(fit_train, fit_valid)]
     model = EnsembleModel.from_fitted(members, fit_valid, feature_names=pipeline.feature_names_,
                                       dataset=records.dataset)
     return CreditScorer(dataset=records.dataset, model_name="ensemble").fit(train, valid, fitted_model=model)
@@ -63,7 +66,7 @@ def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
 
     folder = models_dir / f"{dataset}-{name}"
     if not (folder / "scorer.json").is_file():
-        scorer = (_moe_ensemble(records) if name == "moe-ensemble" else
+        scorer = (_moe_ensemble(records, models_dir) if name == "moe-ensemble" else
                   train_scorer(records, name, model_config=_configs().get(name)))
         scorer.save(folder)
     return folder

@@ -276,6 +276,9 @@ def test_cli_build_verify_inspect_and_refusals(scorers, keys, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "y").exists()  # a failed signing leaves no half bundle
+    refused = cli("build", "--model", str(tmp_path), "--out", str(tmp_path / "z"))  # e.g. a defects run folder
+    assert "no model folder a bundle covers" in refused.stderr and "RUL lstm and moe" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_models_without_a_bundle_graph_are_refused_by_name(scorers, tmp_path):
@@ -321,7 +324,7 @@ def partner_node(tmp_path_factory):
 
 @pytest.mark.slow
 def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_python, scorers, signed_bundle,
-                                                                     ai4i_model, tmp_path):
+                                                                     ai4i_model, rul_models, tmp_path):
     for module in ("finance", "torch", "pandas", "sklearn", "lightgbm"):  # the partner has none of ours
         probe = subprocess.run([str(partner_python), "-c", f"import {module}"], capture_output=True, cwd=tmp_path)
         assert probe.returncode != 0, module
@@ -329,7 +332,8 @@ def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_pyt
                Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
                Path(build_bundle(scorers[("taiwan", "moe")], tmp_path / "moe")["bundle"]),
                Path(build_bundle(scorers[("gmsc", "moe-ensemble")], tmp_path / "moe-ens")["bundle"]),
-               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"])]
+               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
+               *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
     for bundle in bundles:
         run = subprocess.run([str(partner_python), str(ROOT / "tests" / "bundle_partner.py"), str(bundle)],
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -348,7 +352,8 @@ def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_pyt
 
 
 @pytest.mark.slow
-def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_bundle, ai4i_model, tmp_path):
+def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_bundle, ai4i_model, rul_models,
+                                                 tmp_path):
     import os
 
     env = {**os.environ, "NODE_PATH": str(partner_node)}
@@ -356,7 +361,8 @@ def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_
                Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
                Path(build_bundle(scorers[("taiwan", "moe")], tmp_path / "moe")["bundle"]),
                Path(build_bundle(scorers[("gmsc", "moe-ensemble")], tmp_path / "moe-ens")["bundle"]),
-               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"])]
+               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
+               *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
     for bundle in bundles:
         run = subprocess.run(["node", str(ROOT / "tests" / "bundle_partner.js"), str(bundle)], capture_output=True,
                              text=True, env=env, timeout=120)
@@ -372,3 +378,62 @@ def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_
     run = subprocess.run(["node", str(ROOT / "tests" / "bundle_partner.js"), str(broken)], capture_output=True,
                          text=True, env=env, timeout=120)
     assert run.returncode == 1 and "reasons" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def rul_models(tiny_rul_estimator, tmp_path_factory):
+    """Saved RUL models on generated engines: an LSTM (one regime) and a two-member MoE over six
+    regimes with the history and running-mean features (the MoE recipe's shape)."""
+    from manufacturing.maintenance.generator import generate_cmapss
+
+    out = {}
+    for kind, regimes in (("lstm", 1), ("moe-ensemble", 6)):
+        estimator = tiny_rul_estimator(kind, num_regimes=regimes).fit(generate_cmapss(8, num_regimes=regimes, seed=1))
+        out[kind] = estimator.save(tmp_path_factory.mktemp(f"rul-{kind}"))
+    return out
+
+
+def _engine_inputs(frame: pd.DataFrame, fields: list[str]) -> dict[str, np.ndarray]:
+    """(engines, cycles) per field, shorter engines padded at the front with NaN (the card's layout)."""
+    units = sorted(frame["unit"].unique())
+    longest = int(frame.groupby("unit").size().max())
+    out = {}
+    for name in fields:
+        array = np.full((len(units), longest), np.nan)
+        for i, unit in enumerate(units):
+            values = frame.loc[frame["unit"] == unit, name].to_numpy(np.float64)
+            array[i, longest - len(values):] = values
+        out[name] = array
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lstm", "moe-ensemble"])
+def test_rul_graph_from_raw_cycles_reproduces_predict(rul_models, tmp_path, kind):
+    import onnxruntime as ort
+
+    from deploy.bundle.rul_graph import rul_fields
+    from manufacturing.maintenance.generator import generate_cmapss
+    from manufacturing.maintenance.rul import RULEstimator
+
+    estimator = RULEstimator.load(rul_models[kind])
+    regimes = estimator.normalizer_.config.num_regimes
+    engines = generate_cmapss(9, num_regimes=regimes, seed=5, min_life=60, max_life=90, first_unit=50)
+    # engines cut at every length around the window (30), down to one cycle
+    cut = [g.iloc[:n] for (_, g), n in zip(engines.groupby("unit"), (1, 2, 10, 29, 30, 31, 45, 60, 90), strict=True)]
+    frame = pd.concat(cut, ignore_index=True)
+    out = Path(build_bundle(rul_models[kind], tmp_path / "b")["bundle"])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = _engine_inputs(frame, rul_fields(estimator))
+    got = session.run(None, inputs)[0][:, 0]
+    expected = estimator.predict(frame)["rul"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+    assert np.ptp(expected) > 0.1  # engines of different age get different lives: the window is read
+    card = json.loads((out / "card.json").read_text())
+    assert [i["name"] for i in card["inputs"]] == rul_fields(estimator) == [i.name for i in session.get_inputs()]
+    assert card["model"]["family"] == f"maintenance/rul-{estimator.net_.kind}"
+    # an engine without rows, and a missing reading among an engine's rows, give NaN, not a number
+    inputs["setting_1"][0, :] = np.nan
+    inputs[rul_fields(estimator)[-1]][1, -1] = np.nan
+    got = session.run(None, inputs)[0][:, 0]
+    assert np.isnan(got[:2]).all() and np.isfinite(got[2:]).all()
+    assert verify_bundle(out)["test_vectors"] == 7

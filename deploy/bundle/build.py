@@ -33,6 +33,8 @@ from deploy.bundle.signing import (
 )
 
 MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
+COVERED = ("credit scorecard, lightgbm, moe and ensemble of them (finance train; taiwan, gmsc), RUL lstm and moe "
+           "(maintenance train), AI4I failure model (its LightGBM backend)")
 MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made
 SAMPLE_ROWS = 24
 
@@ -102,8 +104,12 @@ def run_graph(model_path: Path | bytes, inputs: dict[str, list]) -> dict[str, np
     feeds = {}
     for spec in session.get_inputs():
         values = inputs[spec.name]
-        feeds[spec.name] = (np.array(values, dtype=object).reshape(-1, 1) if spec.type == "tensor(string)" else
-                            np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(-1, 1))
+        if spec.type == "tensor(string)":
+            feeds[spec.name] = np.array(values, dtype=object).reshape(-1, 1)
+        else:  # (N,) lists are [N, 1] inputs; (N, T) lists of lists (RUL cycles) stay as they are
+            array = np.array(values, dtype=object)
+            array = np.where(array == None, np.nan, array).astype(np.float64)  # noqa: E711 (elementwise)
+            feeds[spec.name] = array.reshape(-1, 1) if array.ndim == 1 else array
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds), strict=True))
 
@@ -165,9 +171,32 @@ def _ai4i(model_dir: Path, training_data: Path | None) -> tuple:
     return proto, card, inputs, {name: scored[name].tolist() for name in scored.columns}
 
 
+def _rul(model_dir: Path, training_data: Path | None) -> tuple:
+    from deploy.bundle.card import rul_card, rul_test_engines
+    from deploy.bundle.rul_graph import rul_fields, rul_graph
+    from manufacturing.maintenance.cmapss import read_cmapss
+    from manufacturing.maintenance.rul import RULEstimator
+
+    estimator = RULEstimator.load(model_dir)
+    proto = rul_graph(estimator)
+    operators = {n.op_type for n in proto.graph.node}
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    card = rul_card(estimator, opsets=opsets, operators=operators,
+                    data_sha256=_sha256_path(training_data) if training_data is not None else None)
+    frame = rul_test_engines(estimator, read_cmapss(training_data) if training_data is not None else None)
+    expected = estimator.predict(frame)
+    units = expected["unit"].tolist()
+    longest = int(frame.groupby("unit").size().max())
+    inputs = {}
+    for name in rul_fields(estimator):  # (engines, cycles), the front padded with missing values
+        rows = [frame.loc[frame["unit"] == u, name].tolist() for u in units]
+        inputs[name] = [[None] * (longest - len(r)) + r for r in rows]
+    return proto, card, inputs, {"rul": [[float(v)] for v in expected["rul"]]}
+
+
 def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
                  training_data: Path | None = None) -> dict[str, Any]:
-    """Write the bundle of the model in model_dir (a credit model, or an AI4I failure model) to out
+    """Write the bundle of the model in model_dir (a credit, RUL or AI4I failure model) to out
     (a new or empty folder)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"{out} exists and is not an empty folder")
@@ -178,8 +207,12 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
             raise BundleError("the signing key must not lie inside the bundle folder")
     if (model_dir / "ai4i.json").is_file():
         proto, card, inputs, expected = _ai4i(model_dir, training_data)
-    else:  # finance.load_model names what is missing when it is no credit model either
+    elif (model_dir / "model.pt").is_file() and (model_dir / "model.json").is_file():
+        proto, card, inputs, expected = _rul(model_dir, training_data)
+    elif (model_dir / "scorer.json").is_file():
         proto, card, inputs, expected = _credit(model_dir, training_data)
+    else:
+        raise BundleError(f"{model_dir} is no model folder a bundle covers: {COVERED}")
     operators = {n.op_type for n in proto.graph.node}
     card["graph"] = {"nodes": len(proto.graph.node), "operators": sorted(operators)}
     onnx.helper.set_model_props(proto, {CARD_KEY: json.dumps(card, sort_keys=True)})

@@ -17,21 +17,23 @@ def _fail(message: str) -> None:
 
 
 @app.command("build")
-def build(model: Path = typer.Option(..., help="a saved credit model folder (finance train --out)"),
+def build(model: Path = typer.Option(..., help="a saved model folder: credit (finance train), RUL or AI4I "
+                                                 "(maintenance train)"),
           out: Path = typer.Option(..., help="the bundle folder to write (new or empty)"),
           sign_key: Path | None = typer.Option(None, help="EC private key (PEM) to sign the bundle with; "
                                                           "it is read, never copied into the bundle"),
-          training_data: Path | None = typer.Option(None, help="the training file, to record its SHA-256 and "
-                                                               "draw test vectors from it"),
+          training_data: Path | None = typer.Option(None, help="the training file (credit CSV, C-MAPSS, AI4I), "
+                                                               "to record its SHA-256 and draw test vectors from it"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Build a bundle of MODEL in OUT; refuses one whose graph does not reproduce moeworks."""
     from deploy.bundle.build import build_bundle
     from deploy.bundle.credit_features import BundleError
     from finance.errors import CreditDataError
+    from manufacturing.maintenance.errors import MaintenanceDataError
 
     try:
         result = build_bundle(model, out, sign_key=sign_key, training_data=training_data)
-    except (BundleError, CreditDataError, OSError) as error:
+    except (BundleError, CreditDataError, MaintenanceDataError, OSError) as error:
         _fail(str(error).splitlines()[0])
     except ValueError as error:  # e.g. a key file that is not an EC private key in PEM
         _fail(f"cannot sign with {sign_key}: {str(error).splitlines()[0]}")
