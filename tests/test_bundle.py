@@ -437,3 +437,63 @@ def test_rul_graph_from_raw_cycles_reproduces_predict(rul_models, tmp_path, kind
     got = session.run(None, inputs)[0][:, 0]
     assert np.isnan(got[:2]).all() and np.isfinite(got[2:]).all()
     assert verify_bundle(out)["test_vectors"] == 7
+
+
+def test_archive_verifies_like_the_folder_and_refuses_traversal_and_links(scorers, keys, tmp_path):
+    import io
+    import tarfile
+
+    publisher, other = keys
+    archive = tmp_path / "bundle.tar.gz"
+    built = build_bundle(scorers[("taiwan", "scorecard")], archive, sign_key=publisher[0], archive=True)
+    assert built["archive"] and archive.is_file() and not list(tmp_path.glob("moeworks-bundle-*"))
+    assert verify_bundle(archive, key=publisher[1])["signature"] == "verified"
+    with pytest.raises(BundleIntegrityError, match="does not verify"):
+        verify_bundle(archive, key=other[1])
+    with tarfile.open(archive) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    assert set(files) == {"model.onnx", "card.json", "test_vectors.json", "manifest.json", "model.sig"}
+
+    def repack(name: str, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for info, data in members:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+        return path
+
+    def plain(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+        return tarfile.TarInfo(name), data
+
+    def link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, bytes]:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, target
+        return info, b""
+
+    def folder(name: str) -> tuple[tarfile.TarInfo, bytes]:
+        info = tarfile.TarInfo(name)
+        info.type = tarfile.DIRTYPE
+        return info, b""
+
+    card = bytearray(files["card.json"])
+    card[10] ^= 1
+    same = [plain(n, d) for n, d in files.items()]
+    changed = [plain(n, bytes(card) if n == "card.json" else d) for n, d in files.items()]
+    cases = {"changed.tar.gz": ("does not verify", changed),
+             "traversal.tar.gz": ("plain file name", [*same, plain("../escaped.txt", b"x")]),
+             "absolute.tar.gz": ("plain file name", [*same, plain(str(tmp_path / "absolute.txt"), b"x")]),
+             "nested.tar.gz": ("plain file name", [*same, plain("sub/extra.txt", b"x")]),
+             "symlink.tar.gz": ("link", [link("model.onnx", "/etc/passwd", tarfile.SYMTYPE)] + same[1:]),
+             "hardlink.tar.gz": ("link", [*same, link("extra", "/etc/passwd", tarfile.LNKTYPE)]),
+             "folder.tar.gz": ("folder", [folder("sub"), *same]),
+             "twice.tar.gz": ("twice", [*same, same[0]])}
+    for name, (reason, members) in cases.items():
+        with pytest.raises(BundleIntegrityError, match=reason):
+            verify_bundle(repack(name, members), key=publisher[1])
+    assert not (tmp_path.parent / "escaped.txt").exists() and not (tmp_path / "absolute.txt").exists()
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[:len(archive.read_bytes()) // 2])
+    with pytest.raises(BundleIntegrityError):
+        verify_bundle(truncated)
+    with pytest.raises(BundleError, match="exists"):  # never overwritten
+        build_bundle(scorers[("taiwan", "scorecard")], archive, archive=True)

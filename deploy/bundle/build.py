@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 import pandas as pd
 
+from deploy.bundle.archive import SUFFIX, extracted, is_archive, write_archive
 from deploy.bundle.card import CARD_KEY, credit_card
 from deploy.bundle.credit_features import BundleError
 from deploy.bundle.credit_graph import credit_graph
@@ -194,10 +196,21 @@ def _rul(model_dir: Path, training_data: Path | None) -> tuple:
     return proto, card, inputs, {"rul": [[float(v)] for v in expected["rul"]]}
 
 
-def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
-                 training_data: Path | None = None) -> dict[str, Any]:
+def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, training_data: Path | None = None,
+                 archive: bool = False) -> dict[str, Any]:
     """Write the bundle of the model in model_dir (a credit, RUL or AI4I failure model) to out
-    (a new or empty folder)."""
+    (a new or empty folder; with `archive`, a new .tar.gz file holding that folder's files)."""
+    if archive:
+        if not is_archive(out):
+            raise BundleError(f"an archive's name ends in {SUFFIX}: {out.name}")
+        if out.exists():
+            raise BundleError(f"{out} exists")
+        with tempfile.TemporaryDirectory(prefix="moeworks-bundle-", dir=out.parent) as work:
+            result = build_bundle(model_dir, Path(work) / "bundle", sign_key=sign_key, training_data=training_data)
+            partial = out.with_name(out.name + ".partial")
+            write_archive(Path(result["bundle"]), partial)
+            partial.replace(out)  # a half-written archive never carries the archive's name
+        return {**result, "bundle": str(out), "archive": True}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"{out} exists and is not an empty folder")
     if sign_key is not None:
@@ -251,7 +264,11 @@ def _sha256_path(path: Path) -> str:
 
 
 def verify_bundle(bundle: Path, *, key: Path | None = None) -> dict[str, Any]:
-    """Check the manifest, the signature (with key) and that the graph reproduces its test vectors."""
+    """Check the manifest, the signature (with key) and that the graph reproduces its test vectors;
+    a .tar.gz is checked member by member, unpacked to a temporary folder and checked as a folder."""
+    if is_archive(bundle):
+        with extracted(bundle) as folder:
+            return {**verify_bundle(folder, key=key), "bundle": str(bundle), "archive": True}
     if not bundle.is_dir():
         raise BundleIntegrityError(f"{bundle} is not a bundle folder")
     if key is not None:
@@ -274,6 +291,9 @@ def verify_bundle(bundle: Path, *, key: Path | None = None) -> dict[str, Any]:
 
 def inspect_bundle(bundle: Path) -> dict[str, Any]:
     """The card, the graph's inputs/outputs and the files, read without running anything."""
+    if is_archive(bundle):
+        with extracted(bundle) as folder:
+            return {**inspect_bundle(folder), "bundle": str(bundle), "archive": True}
     if not (bundle / CARD).is_file() or not (bundle / MODEL).is_file():
         raise BundleIntegrityError(f"{bundle} is not a bundle folder (no {CARD} or {MODEL})")
     if (bundle / CARD).stat().st_size > 16 << 20:
