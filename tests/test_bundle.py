@@ -434,8 +434,10 @@ def test_rul_graph_from_raw_cycles_reproduces_predict(rul_models, tmp_path, kind
     # an engine without rows, and a missing reading among an engine's rows, give NaN, not a number
     inputs["setting_1"][0, :] = np.nan
     inputs[rul_fields(estimator)[-1]][1, -1] = np.nan
+    inputs[rul_fields(estimator)[-1]][8, 0] = np.nan  # long before the window: the whole engine is refused
+    inputs["setting_1"][7, -40] = np.nan  # a gap in the middle of an engine's cycles
     got = session.run(None, inputs)[0][:, 0]
-    assert np.isnan(got[:2]).all() and np.isfinite(got[2:]).all()
+    assert np.isnan(got[[0, 1, 7, 8]]).all() and np.isfinite(got[2:7]).all()
     assert verify_bundle(out)["test_vectors"] == 7
 
 

@@ -245,8 +245,9 @@ def rul_card(estimator, *, opsets: dict[str, int], operators: set[str], data_sha
                               "at the front with NaN (a row whose setting_1 is NaN is padding). Any T >= 1: the "
                               f"graph repeats an engine's first cycle in front when it has fewer than {net.window}.",
                     "allowed_range": {"finite": True, "max_abs": float(np.finfo(np.float32).max)},
-                    "missing": "NaN in setting_1 marks a padding row; a NaN anywhere else among an engine's rows "
-                               "gives NaN RUL (moeworks refuses the file)",
+                    "missing": "NaN in setting_1 marks a padding row (only before an engine's first cycle); a NaN "
+                               "anywhere else among an engine's rows, or padding after its first cycle, gives NaN "
+                               "RUL (moeworks refuses such a file)",
                     "protected_attribute": ""} for name in rul_fields(estimator)],
         "outputs": [{"name": "rul", "type": "tensor(float) [N, 1]",
                      "meaning": "remaining useful life in cycles after each engine's last row (capped at "

@@ -80,8 +80,14 @@ def _front_end(g: GraphBuilder, estimator) -> tuple[Var, Var]:
     features = g.where(valid, features, first_row)
     last = g.op("Slice", features, g.const(np.array([-window])), g.const(np.array([np.iinfo(np.int64).max])),
                 g.const(np.array([1])))  # (N, window, F)
-    missing = g.op("ReduceMax", last.isnan().as_double(), g.const(np.array([1, 2])), keepdims=0)  # (N,)
-    no_rul = g.op("Or", g.op("Squeeze", cycles.eq(0.0), g.const(np.array([1, 2]))), missing > 0.0)  # (N,)
+    # moeworks refuses a missing reading anywhere in an engine's rows, and so a padding row after its first cycle
+    missing = g.op("ReduceMax", (g.concat([settings, sensors], axis=2).isnan() & valid).as_double(),
+                   g.const(np.array([1, 2])), keepdims=0)  # (N,)
+    steps = g.columns(g.op("Squeeze", valid_f, g.const(np.array([2]))), 1, np.iinfo(np.int64).max) - g.op(
+        "Slice", g.op("Squeeze", valid_f, g.const(np.array([2]))), g.const(np.array([0])), g.const(np.array([-1])),
+        g.const(np.array([1])))  # (N, T'-1): -1 where a real row is followed by padding
+    gap = g.op("ReduceMin", steps, g.const(np.array([1])), keepdims=0) < 0.0
+    no_rul = g.op("Squeeze", cycles.eq(0.0), g.const(np.array([1, 2]))) | (missing > 0.0) | gap  # (N,)
     return last, g.op("Unsqueeze", no_rul, g.const(np.array([1])))
 
 
