@@ -180,6 +180,7 @@ def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work:
     last cycle, and cut at a seeded random cycle as test files cut them."""
     import onnx
     import onnxruntime as ort
+    import pandas as pd
     import torch
 
     from deploy.bundle.build import build_bundle
@@ -199,7 +200,10 @@ def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work:
     session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
     load_seconds = time.perf_counter() - started
     rng = np.random.default_rng(0)
-    cut = frame.groupby("unit", group_keys=False).apply(lambda g: g.iloc[:int(rng.integers(1, len(g) + 1))])
+    position = frame.groupby("unit").cumcount().to_numpy()  # rows sorted by unit, then cycle
+    sizes = frame.groupby("unit").size()
+    keep = pd.Series(rng.integers(1, sizes.to_numpy() + 1), index=sizes.index)  # cycles kept per engine
+    cut = frame[position < frame["unit"].map(keep).to_numpy()]
     fields = rul_fields(estimator)
     errors = []
     for rows in (frame, cut):

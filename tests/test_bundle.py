@@ -276,6 +276,12 @@ def test_cli_build_verify_inspect_and_refusals(scorers, keys, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "y").exists()  # a failed signing leaves no half bundle
+    packed = tmp_path / "b.tar.gz"
+    assert cli("build", "--model", str(scorers[("gmsc", "lightgbm")]), "--out", str(packed), "--archive",
+               "--sign-key", str(keys[0][0])).returncode == 0
+    verified = cli("verify", str(packed), "--key", str(keys[0][1]), "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["archive"] is True
+    assert cli("verify", str(packed), "--key", str(keys[1][1])).returncode == 2
     refused = cli("build", "--model", str(tmp_path), "--out", str(tmp_path / "z"))  # e.g. a defects run folder
     assert "no model folder a bundle covers" in refused.stderr and "RUL lstm and moe" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
