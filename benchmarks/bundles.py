@@ -2,7 +2,8 @@
 
 For each (dataset, model): train the model on the full real data (or load `--models-dir/<dataset>-<model>`
 when there), build its bundle, then on every row of the dataset's file measure
-- parity: max |PD bundle - PD `finance.load_model(dir).score`|, decisions and reason codes that differ;
+- parity: max |PD bundle - PD `finance.load_model(dir).score`|, decisions and reason codes that differ
+  (in order, and as sets);
 - bundle size (model.onnx and the whole folder), graph nodes, session load time;
 - throughput in rows/s at batch 1 (the first `--single-rows` rows one by one) and batch 4,096, for
   onnxruntime (1 intra-op thread, as LightGBM's own config) and for `score(frame, reasons="all")`,
@@ -28,16 +29,46 @@ from benchmarks.common import describe, machine, write_results  # noqa: E402
 FILES = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
 
 
-def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
+def _configs() -> dict:
     from finance.models.ensemble import EnsembleConfig
     from finance.models.gbdt import LightGBMConfig
+    from finance.models.moe import MoEModelConfig
+
+    return {"lightgbm": LightGBMConfig(max_rounds=400),  # bounded training time
+            "moe": MoEModelConfig(max_epochs=6),  # the default network, fewer epochs: bounded training time
+            "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}
+
+
+def _moe_ensemble(records, models_dir: Path):
+    """The default ensemble (LightGBM, MoE, scorecard) blended by `EnsembleModel.from_fitted` on the
+    validation split (no cross-fitting), its LightGBM and MoE the ones benchmarked alone (the same
+    split and features: `train_scorer`'s seeded split)."""
+    from finance import load_model
+    from finance.models.base import FitData, build_model
+    from finance.models.ensemble import EnsembleModel
+    from finance.scorer import CreditScorer, split_records
+
+    train, valid = split_records(records)
+    loaded = [load_model(_model(records.dataset, n, records, models_dir)) for n in ("lightgbm", "moe")]
+    pipeline = loaded[0].pipeline_
+    assert loaded[1].pipeline_.feature_names_ == pipeline.feature_names_, "the members' features differ"
+    fit_train = FitData(pipeline.transform(train.frame), train.target, train.frame)
+    fit_valid = FitData(pipeline.transform(valid.frame), valid.target, valid.frame)
+    scorecard = build_model("scorecard", feature_names=pipeline.feature_names_, dataset=records.dataset)
+    members = [s.model_ for s in loaded] + [scorecard.fit(fit_train, fit_valid)]
+    model = EnsembleModel.from_fitted(members, fit_valid, feature_names=pipeline.feature_names_,
+                                      dataset=records.dataset)
+    return CreditScorer(dataset=records.dataset, model_name="ensemble").fit(train, valid, fitted_model=model)
+
+
+def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
     from finance.scorer import train_scorer
 
     folder = models_dir / f"{dataset}-{name}"
     if not (folder / "scorer.json").is_file():
-        config = {"lightgbm": LightGBMConfig(max_rounds=400),  # bounded training time
-                  "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}.get(name)
-        train_scorer(records, name, model_config=config).save(folder)
+        scorer = (_moe_ensemble(records, models_dir) if name == "moe-ensemble" else
+                  train_scorer(records, name, model_config=_configs().get(name)))
+        scorer.save(folder)
     return folder
 
 
@@ -53,6 +84,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
             repeats: int) -> dict:
     import onnxruntime as ort
+    import torch
 
     from deploy.bundle.build import build_bundle
     from finance import load_model
@@ -60,6 +92,7 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
 
     records = load_records(dataset, data_root / FILES[dataset])
     folder = _model(dataset, name, records, models_dir)
+    threads = torch.get_num_threads()
     scorer = load_model(folder)
     started = time.perf_counter()
     bundle = Path(build_bundle(folder, work / f"{dataset}-{name}")["bundle"])
@@ -89,15 +122,20 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     parity = {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got_pd - expected["pd"].to_numpy()))),
               "decisions_differing": int(((np.concatenate(decision_parts) == 1)
                                           != (expected["decision"] == "decline").to_numpy()).sum()),
-              "reason_codes_differing": int((codes != expected["reason_codes"].to_numpy()).sum())}
+              "reason_codes_differing": int((codes != expected["reason_codes"].to_numpy()).sum()),
+              # the same k reasons, maybe in another order
+              "reason_sets_differing": int(sum(set(a.split("|")) != set(b.split("|"))
+                                               for a, b in zip(codes, expected["reason_codes"], strict=True)))}
 
     block = frame.iloc[:4096]
     single = [frame.iloc[i:i + 1] for i in range(single_rows)]
+    torch.set_num_threads(1)  # moeworks' MoE network on one thread, as onnxruntime and LightGBM here
     timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds(0, 4096)), repeats),
                "moeworks_batch": _median_seconds(lambda: scorer.score(block, reasons="all"), repeats),
                "onnx_single": _median_seconds(lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
                                               repeats),
                "moeworks_single": _median_seconds(lambda: [scorer.score(r, reasons="all") for r in single], repeats)}
+    torch.set_num_threads(threads)
     throughput = {"onnx_rows_s_4096": 4096 / timings["onnx_batch"],
                   "moeworks_rows_s_4096": 4096 / timings["moeworks_batch"],
                   "onnx_rows_s_1": single_rows / timings["onnx_single"],
@@ -110,6 +148,95 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
             "bundle_bytes": sum(p.stat().st_size for p in bundle.iterdir()),
             "graph_nodes": len(__import__("onnx").load(str(bundle / "model.onnx")).graph.node),
             "graph_operators": card_ops, "build_seconds": build_seconds, "load_seconds": load_seconds}
+
+
+def _rul_model(kind: str, subset: str, frame, models_dir: Path) -> Path:
+    from manufacturing.maintenance.cmapss import SUBSET_REGIMES
+    from manufacturing.maintenance.models import default_net_config
+    from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config
+
+    folder = models_dir / f"rul-{kind}-{subset}"
+    if not (folder / "model.pt").is_file():
+        RULEstimator(net=default_net_config(kind), features=default_feature_config(kind, SUBSET_REGIMES[subset]),
+                     train=default_train_config(kind, max_epochs=3, progress=False)).fit(frame).save(folder)
+    return folder
+
+
+def _engine_feeds(frame, fields: list[str]) -> dict:
+    """(engines, cycles) per field, shorter engines padded at the front with NaN (the card's layout)."""
+    units, index = np.unique(frame["unit"].to_numpy(), return_inverse=True)
+    sizes = np.bincount(index)
+    position = np.concatenate([np.arange(n) + sizes.max() - n for n in sizes])  # rows sorted by unit, cycle
+    out = {}
+    for name in fields:
+        array = np.full((len(units), sizes.max()), np.nan)
+        array[index, position] = frame[name].to_numpy(np.float64)
+        out[name] = array
+    return out
+
+
+def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work: Path, *, repeats: int) -> dict:
+    """A RUL model's bundle against `RULEstimator.predict` on every engine of a C-MAPSS file: at its
+    last cycle, and cut at a seeded random cycle as test files cut them."""
+    import onnx
+    import onnxruntime as ort
+    import pandas as pd
+    import torch
+
+    from deploy.bundle.build import build_bundle
+    from deploy.bundle.rul_graph import rul_fields
+    from manufacturing.maintenance.cmapss import read_cmapss
+    from manufacturing.maintenance.rul import RULEstimator
+
+    frame = read_cmapss(data_root / "cmapss" / f"train_{subset}.txt.gz")
+    folder = _rul_model(kind, subset, frame, models_dir)
+    estimator = RULEstimator.load(folder)
+    started = time.perf_counter()
+    bundle = Path(build_bundle(folder, work / f"rul-{kind}-{subset}")["bundle"])
+    build_seconds = time.perf_counter() - started
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    load_seconds = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    position = frame.groupby("unit").cumcount().to_numpy()  # rows sorted by unit, then cycle
+    sizes = frame.groupby("unit").size()
+    keep = pd.Series(rng.integers(1, sizes.to_numpy() + 1), index=sizes.index)  # cycles kept per engine
+    cut = frame[position < frame["unit"].map(keep).to_numpy()]
+    fields = rul_fields(estimator)
+    errors = []
+    for rows in (frame, cut):
+        got = session.run(None, _engine_feeds(rows, fields))[0][:, 0]
+        errors.append(float(np.max(np.abs(got - estimator.predict(rows)["rul"].to_numpy()))))
+    feeds = _engine_feeds(frame, fields)
+    engines = len(feeds[fields[0]])
+    units = list(dict.fromkeys(frame["unit"]))[:20]
+    singles = [frame[frame["unit"] == u] for u in units]
+    single_feeds = [_engine_feeds(r, fields) for r in singles]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds), repeats),
+               "moeworks_batch": _median_seconds(lambda: estimator.predict(frame), repeats),
+               "onnx_single": _median_seconds(lambda: [session.run(None, f) for f in single_feeds], repeats),
+               "moeworks_single": _median_seconds(lambda: [estimator.predict(r) for r in singles], repeats)}
+    torch.set_num_threads(threads)
+    throughput = {"onnx_rows_s_4096": engines / timings["onnx_batch"],
+                  "moeworks_rows_s_4096": engines / timings["moeworks_batch"],
+                  "onnx_rows_s_1": len(units) / timings["onnx_single"],
+                  "moeworks_rows_s_1": len(units) / timings["moeworks_single"]}
+    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
+    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
+    proto = onnx.load(str(bundle / "model.onnx"))
+    return {"dataset": f"cmapss {subset}", "model": f"rul-{kind}",
+            "parity": {"rows": f"{engines} engines whole + cut", "pd_max_abs_error": max(errors),
+                       "rul_max_abs_error_whole": errors[0], "rul_max_abs_error_cut": errors[1],
+                       "decisions_differing": None, "reason_codes_differing": None},
+            "throughput": throughput, "throughput_unit": "engines/s (batch: every engine of the file at once)",
+            "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
+            "bundle_bytes": sum(p.stat().st_size for p in bundle.iterdir()), "graph_nodes": len(proto.graph.node),
+            "graph_operators": sorted({n.op_type for n in proto.graph.node}), "build_seconds": build_seconds,
+            "load_seconds": load_seconds}
 
 
 def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: int, repeats: int) -> dict:
@@ -170,18 +297,23 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "moeworks-bundle-models")
     parser.add_argument("--cases", default="taiwan:scorecard,taiwan:lightgbm,taiwan:ensemble,gmsc:scorecard,"
-                                           "gmsc:lightgbm,ai4i:lightgbm")
+                                           "gmsc:lightgbm,taiwan:moe,gmsc:moe,taiwan:moe-ensemble,"
+                                           "gmsc:moe-ensemble,ai4i:lightgbm,cmapss-FD001:lstm,cmapss-FD004:moe")
     parser.add_argument("--single-rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1}, "cases": []}
+    results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1, "torch_threads": 1},
+               "cases": []}
     print(describe(results["machine"]), file=sys.stderr)
     with tempfile.TemporaryDirectory() as work:
         for case in args.cases.split(","):
             dataset, name = case.split(":")
-            if dataset == "ai4i":
+            if dataset.startswith("cmapss"):  # cmapss-FD001:lstm
+                row = measure_rul(name, dataset.split("-")[1], args.data, args.models_dir, Path(work),
+                                  repeats=args.repeats)
+            elif dataset == "ai4i":
                 row = measure_ai4i(args.data, args.models_dir, Path(work), single_rows=args.single_rows,
                                    repeats=args.repeats)
             else:
@@ -192,7 +324,8 @@ def main() -> None:
             print(f"{dataset:7s} {name:10s} nodes {row['graph_nodes']:4d} "
                   f"onnx {row['model_onnx_bytes'] / 1024:7.0f} KiB "
                   f"load {row['load_seconds'] * 1000:6.0f} ms | rows {p['rows']} pd err {p['pd_max_abs_error']:.1e} "
-                  f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} | "
+                  f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} "
+                  f"(sets {p.get('reason_sets_differing')}) | "
                   f"batch 4096: onnx {t['onnx_rows_s_4096']:,.0f} vs {t['moeworks_rows_s_4096']:,.0f} rows/s "
                   f"({t['ratio_4096']:.2f}x) | batch 1: {t['onnx_rows_s_1']:,.0f} vs {t['moeworks_rows_s_1']:,.0f} "
                   f"({t['ratio_1']:.2f}x)", file=sys.stderr)

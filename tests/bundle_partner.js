@@ -13,9 +13,11 @@ async function main(bundle) {
   const feeds = {};
   for (const name of session.inputNames) {
     const values = vectors.inputs[name];
+    // a list is an [N, 1] input; a list of lists an [N, T] one (RUL: engines x cycles)
+    const dims = Array.isArray(values[0]) ? [rows, values[0].length] : [rows, 1];
     feeds[name] = typeof values[0] === "string"
-      ? new ort.Tensor("string", values, [rows, 1])
-      : new ort.Tensor("float64", Float64Array.from(values, (v) => (v === null ? NaN : v)), [rows, 1]);
+      ? new ort.Tensor("string", values, dims)
+      : new ort.Tensor("float64", Float64Array.from(values.flat(), (v) => (v === null ? NaN : v)), dims);
   }
   const got = await session.run(feeds);
   const problems = [];

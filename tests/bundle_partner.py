@@ -21,8 +21,10 @@ def main(bundle: Path) -> int:
         values = vectors["inputs"][spec.name]
         if spec.type == "tensor(string)":
             feeds[spec.name] = np.array(values, dtype=object).reshape(-1, 1)
-        else:
-            feeds[spec.name] = np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(-1, 1)
+        else:  # a list is an [N, 1] input; a list of lists an [N, T] one (RUL: engines x cycles)
+            array = np.array(values, dtype=object)
+            array = np.where(array == None, np.nan, array).astype(np.float64)  # noqa: E711 (elementwise)
+            feeds[spec.name] = array.reshape(-1, 1) if array.ndim == 1 else array
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     problems = []
     for name, values in vectors["expected"].items():  # a tolerance of 0 means identical

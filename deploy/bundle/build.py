@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from core.bundle_signing import (
     verify_signature,
     write_manifest,
 )
+from deploy.bundle.archive import SUFFIX, extracted, is_archive, write_archive
 from deploy.bundle.card import CARD_KEY, credit_card
 from deploy.bundle.credit_features import BundleError
 from deploy.bundle.credit_graph import credit_graph
 
 MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
+COVERED = ("credit scorecard, lightgbm, moe and ensemble of them (finance train; taiwan, gmsc), RUL lstm and moe "
+           "(maintenance train), AI4I failure model (its LightGBM backend)")
 MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made
 SAMPLE_ROWS = 24
 
@@ -102,8 +106,12 @@ def run_graph(model_path: Path | bytes, inputs: dict[str, list]) -> dict[str, np
     feeds = {}
     for spec in session.get_inputs():
         values = inputs[spec.name]
-        feeds[spec.name] = (np.array(values, dtype=object).reshape(-1, 1) if spec.type == "tensor(string)" else
-                            np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(-1, 1))
+        if spec.type == "tensor(string)":
+            feeds[spec.name] = np.array(values, dtype=object).reshape(-1, 1)
+        else:  # (N,) lists are [N, 1] inputs; (N, T) lists of lists (RUL cycles) stay as they are
+            array = np.array(values, dtype=object)
+            array = np.where(array == None, np.nan, array).astype(np.float64)  # noqa: E711 (elementwise)
+            feeds[spec.name] = array.reshape(-1, 1) if array.ndim == 1 else array
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds), strict=True))
 
@@ -165,10 +173,44 @@ def _ai4i(model_dir: Path, training_data: Path | None) -> tuple:
     return proto, card, inputs, {name: scored[name].tolist() for name in scored.columns}
 
 
-def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
-                 training_data: Path | None = None) -> dict[str, Any]:
-    """Write the bundle of the model in model_dir (a credit model, or an AI4I failure model) to out
-    (a new or empty folder)."""
+def _rul(model_dir: Path, training_data: Path | None) -> tuple:
+    from deploy.bundle.card import rul_card, rul_test_engines
+    from deploy.bundle.rul_graph import rul_fields, rul_graph
+    from manufacturing.maintenance.cmapss import read_cmapss
+    from manufacturing.maintenance.rul import RULEstimator
+
+    estimator = RULEstimator.load(model_dir)
+    proto = rul_graph(estimator)
+    operators = {n.op_type for n in proto.graph.node}
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    card = rul_card(estimator, opsets=opsets, operators=operators,
+                    data_sha256=_sha256_path(training_data) if training_data is not None else None)
+    frame = rul_test_engines(estimator, read_cmapss(training_data) if training_data is not None else None)
+    expected = estimator.predict(frame)
+    units = expected["unit"].tolist()
+    longest = int(frame.groupby("unit").size().max())
+    inputs = {}
+    for name in rul_fields(estimator):  # (engines, cycles), the front padded with missing values
+        rows = [frame.loc[frame["unit"] == u, name].tolist() for u in units]
+        inputs[name] = [[None] * (longest - len(r)) + r for r in rows]
+    return proto, card, inputs, {"rul": [[float(v)] for v in expected["rul"]]}
+
+
+def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, training_data: Path | None = None,
+                 archive: bool = False) -> dict[str, Any]:
+    """Write the bundle of the model in model_dir (a credit, RUL or AI4I failure model) to out
+    (a new or empty folder; with `archive`, a new .tar.gz file holding that folder's files)."""
+    if archive:
+        if not is_archive(out):
+            raise BundleError(f"an archive's name ends in {SUFFIX}: {out.name}")
+        if out.exists():
+            raise BundleError(f"{out} exists")
+        with tempfile.TemporaryDirectory(prefix="moeworks-bundle-", dir=out.parent) as work:
+            result = build_bundle(model_dir, Path(work) / "bundle", sign_key=sign_key, training_data=training_data)
+            partial = out.with_name(out.name + ".partial")
+            write_archive(Path(result["bundle"]), partial)
+            partial.replace(out)  # a half-written archive never carries the archive's name
+        return {**result, "bundle": str(out), "archive": True}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"{out} exists and is not an empty folder")
     if sign_key is not None:
@@ -178,8 +220,12 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None,
             raise BundleError("the signing key must not lie inside the bundle folder")
     if (model_dir / "ai4i.json").is_file():
         proto, card, inputs, expected = _ai4i(model_dir, training_data)
-    else:  # finance.load_model names what is missing when it is no credit model either
+    elif (model_dir / "model.pt").is_file() and (model_dir / "model.json").is_file():
+        proto, card, inputs, expected = _rul(model_dir, training_data)
+    elif (model_dir / "scorer.json").is_file():
         proto, card, inputs, expected = _credit(model_dir, training_data)
+    else:
+        raise BundleError(f"{model_dir} is no model folder a bundle covers: {COVERED}")
     operators = {n.op_type for n in proto.graph.node}
     card["graph"] = {"nodes": len(proto.graph.node), "operators": sorted(operators)}
     onnx.helper.set_model_props(proto, {CARD_KEY: json.dumps(card, sort_keys=True)})
@@ -218,7 +264,11 @@ def _sha256_path(path: Path) -> str:
 
 
 def verify_bundle(bundle: Path, *, key: Path | None = None) -> dict[str, Any]:
-    """Check the manifest, the signature (with key) and that the graph reproduces its test vectors."""
+    """Check the manifest, the signature (with key) and that the graph reproduces its test vectors;
+    a .tar.gz is checked member by member, unpacked to a temporary folder and checked as a folder."""
+    if is_archive(bundle):
+        with extracted(bundle) as folder:
+            return {**verify_bundle(folder, key=key), "bundle": str(bundle), "archive": True}
     if not bundle.is_dir():
         raise BundleIntegrityError(f"{bundle} is not a bundle folder")
     if key is not None:
@@ -241,6 +291,9 @@ def verify_bundle(bundle: Path, *, key: Path | None = None) -> dict[str, Any]:
 
 def inspect_bundle(bundle: Path) -> dict[str, Any]:
     """The card, the graph's inputs/outputs and the files, read without running anything."""
+    if is_archive(bundle):
+        with extracted(bundle) as folder:
+            return {**inspect_bundle(folder), "bundle": str(bundle), "archive": True}
     if not (bundle / CARD).is_file() or not (bundle / MODEL).is_file():
         raise BundleIntegrityError(f"{bundle} is not a bundle folder (no {CARD} or {MODEL})")
     if (bundle / CARD).stat().st_size > 16 << 20:

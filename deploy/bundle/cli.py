@@ -17,21 +17,25 @@ def _fail(message: str) -> None:
 
 
 @app.command("build")
-def build(model: Path = typer.Option(..., help="a saved credit model folder (finance train --out)"),
+def build(model: Path = typer.Option(..., help="a saved model folder: credit (finance train), RUL or AI4I "
+                                                 "(maintenance train)"),
           out: Path = typer.Option(..., help="the bundle folder to write (new or empty)"),
           sign_key: Path | None = typer.Option(None, help="EC private key (PEM) to sign the bundle with; "
                                                           "it is read, never copied into the bundle"),
-          training_data: Path | None = typer.Option(None, help="the training file, to record its SHA-256 and "
-                                                               "draw test vectors from it"),
+          training_data: Path | None = typer.Option(None, help="the training file (credit CSV, C-MAPSS, AI4I), "
+                                                               "to record its SHA-256 and draw test vectors from it"),
+          archive: bool = typer.Option(False, "--archive", help="write OUT as one .tar.gz of the bundle's files "
+                                                               "(verify and inspect take it as they take a folder)"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Build a bundle of MODEL in OUT; refuses one whose graph does not reproduce moeworks."""
     from deploy.bundle.build import build_bundle
     from deploy.bundle.credit_features import BundleError
     from finance.errors import CreditDataError
+    from manufacturing.maintenance.errors import MaintenanceDataError
 
     try:
-        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data)
-    except (BundleError, CreditDataError, OSError) as error:
+        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data, archive=archive)
+    except (BundleError, CreditDataError, MaintenanceDataError, OSError) as error:
         _fail(str(error).splitlines()[0])
     except ValueError as error:  # e.g. a key file that is not an EC private key in PEM
         _fail(f"cannot sign with {sign_key}: {str(error).splitlines()[0]}")
@@ -43,7 +47,7 @@ def build(model: Path = typer.Option(..., help="a saved credit model folder (fin
 
 
 @app.command("verify")
-def verify(bundle: Path = typer.Argument(..., help="the bundle folder"),
+def verify(bundle: Path = typer.Argument(..., help="the bundle folder or .tar.gz"),
            key: Path | None = typer.Option(None, help="the publisher's EC public key (PEM); without it only "
                                                       "the manifest hashes are checked"),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
@@ -65,7 +69,7 @@ def verify(bundle: Path = typer.Argument(..., help="the bundle folder"),
 
 
 @app.command("inspect")
-def inspect(bundle: Path = typer.Argument(..., help="the bundle folder"),
+def inspect(bundle: Path = typer.Argument(..., help="the bundle folder or .tar.gz"),
             json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Show the bundle's model card: inputs, outputs, version, metrics, protected attributes."""
     from core.bundle_signing import BundleIntegrityError

@@ -16,6 +16,7 @@ import onnx
 
 from deploy.bundle.credit_features import BundleError, feature_matrix, raw_inputs
 from deploy.bundle.graph import GraphBuilder, Var
+from deploy.bundle.moe_graph import moe_head
 
 REASON_THRESHOLD = 1e-6  # finance.scorer.CreditScorer.reason_codes names pushes above this
 
@@ -177,7 +178,7 @@ def _ensemble(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Va
     to [1e-7, 1 - 1e-7]) blended by the logistic regression, contributions weighted alike."""
     missing = [m.name for m in model.members_ if m.name not in _HEADS]
     if missing:
-        raise BundleError(f"ensemble members {missing} have no bundle graph yet (covered: scorecard, lightgbm)")
+        raise BundleError(f"ensemble members {missing} have no bundle graph yet (covered: scorecard, lightgbm, moe)")
     parts = [_HEADS[m.name](g, raw, m, pipeline) for m in model.members_]
     logits = []
     for member_pd, _ in parts:
@@ -192,7 +193,12 @@ def _ensemble(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Va
     return 1.0 / (1.0 + g.op("Exp", -logit)), contrib
 
 
-_HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm, "ensemble": _ensemble}
+def _moe(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Var, Var]:
+    """(pd, integrated-gradient contributions) of a finance.models.moe.MoEModel (deploy/bundle/moe_graph.py)."""
+    return moe_head(g, feature_matrix(g, raw, pipeline, list(model.feature_names)), model)
+
+
+_HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm, "moe": _moe, "ensemble": _ensemble}
 
 
 def top_reason_indices(g: GraphBuilder, contrib: Var, families: np.ndarray, k: int) -> Var:
