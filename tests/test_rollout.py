@@ -201,9 +201,15 @@ def test_canary_then_the_rest_with_no_telemetry_lost(twin, lab):
         assert models[node]["previous_version"] == lab.versions["v1"]
     time.sleep(1.0)  # rows scored by v2 after the gate
     stats = {node: agent.stop() for node, agent in agents.items()}
-    twin.service.store.flush()
     for node, device in MILLS.items():
         assert stats[node]["spool_depth"] == 0
+        # acknowledged by the broker is not yet committed by the twin: wait for the last rows to arrive
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            twin.service.store.flush()
+            if len(twin.service.store.seqs(device)) >= stats[node]["produced"]:
+                break
+            time.sleep(0.2)
         seqs = twin.service.store.seqs(device)
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and len(seqs) == stats[node]["produced"]
         rows = twin.service.store.history(device, limit=None)
