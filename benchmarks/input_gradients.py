@@ -1,4 +1,4 @@
-"""Benchmark: a TabularMoE's forward and input gradient, NumPy (core.input_gradients) vs torch autograd.
+"""Benchmark: a TabularMoE's forward and input gradient, NumPy (finance.models.input_gradients) vs torch autograd.
 
 The credit MoE's reason codes take the gradient along an integrated-gradient path (9 points per
 application). This times both paths on the credit network's shape (16 experts, top-2, H=64,
@@ -22,7 +22,7 @@ from rich.table import Table
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
-from core.input_gradients import TabularMoEGradient
+from finance.models.input_gradients import TabularMoEGradient
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import describe, machine, write_results  # noqa: E402

@@ -69,9 +69,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import describe, machine, write_results  # noqa: E402
 from core import MoEConfig  # noqa: E402
 from core.blocks import TabularMoE, TabularMoEConfig  # noqa: E402
-from core.synthetic import segmented_classification  # noqa: E402
 from core.trainer import save_checkpoint  # noqa: E402
 from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model  # noqa: E402
+from deploy.synthetic import segmented_classification  # noqa: E402
 
 CONFIGS = {
     "eager-fp32-1": ["--no-batching"],

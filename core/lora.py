@@ -173,7 +173,7 @@ def add_adapter(lora_model, config: LoRAConfig | None = None, *, adapter: str) -
 @contextlib.contextmanager
 def _quiet_rank_pattern():
     """peft warns that rank/alpha patterns of target_parameters "matched no targeted module" and were
-    ignored, yet applies them (tests/test_lora.py checks the ranks): drop that one false warning."""
+    ignored, yet applies them (tests/core/test_lora.py checks the ranks): drop that one false warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
         yield

@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
-from core.synthetic import segmented_classification
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
+from deploy.synthetic import segmented_classification
 
 
 def _batches(numeric, segment, label, batch_size, seed):

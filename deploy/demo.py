@@ -27,11 +27,11 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> None:
     from manufacturing.maintenance.demo import run_maintenance_demo
 
     run_maintenance_demo(out_dir, quick=quick, console=console)
-    from twin.demo import run_twin_demo
+    from deploy.twin_demo import run_twin_demo
 
     console.rule("digital twin (generated machines over an in-process MQTT broker)")
     models = out_dir / "maintenance"  # the health models the maintenance demo just trained
-    # force: a rerun replaces what the twin demo made in its own subfolder last time (only that: twin.demo)
+    # force: a rerun replaces what the twin demo made in its own subfolder last time (only that: deploy.twin_demo)
     run_twin_demo(out_dir / "twin", duration_s=6 if quick else 20, rate_hz=20, console=console,
                   rul_model=models / "rul_model", ai4i_model=models / "ai4i_model", force=True)
     console.rule()

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from core import lora
-from core.input_gradients import TabularMoEGradient
 from core.model_files import write_manifest
 from core.row_fingerprint import RowFingerprint
 from core.trainer import Trainer, TrainerConfig, data_fingerprint
 from finance.data import Records
 from finance.errors import CreditDataError
 from finance.evaluation import credit_metrics
+from finance.models.input_gradients import TabularMoEGradient
 from finance.models.moe import MoEModel
 from finance.scorer import CreditScorer, split_records
 

@@ -127,7 +127,7 @@ class CreditScorer:
         """Raw records -> id, pd, points, decision, reason_1..k (words), reason_codes, model_version.
 
         reasons: "all" (every applicant), "declined" (only where the decision is decline) or "none".
-        One record scored alone gets exactly what it gets in a batch (tests/test_finance_fast_path.py):
+        One record scored alone gets exactly what it gets in a batch (tests/finance/test_finance_fast_path.py):
         features, the scorecard, LightGBM and the reason codes are computed row by row. With reasons
         for all, the probability and the contributions come from one pass of the model
         (`predict_with_contributions`: the MoE network's forward is shared with its attributions).

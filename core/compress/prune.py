@@ -16,7 +16,7 @@ layers that read the LSTM's output: it removes hidden unit j from every layer of
 (the four gate rows of weight_ih / weight_hh / biases, column j of weight_hh and of the next
 layer's weight_ih), since nn.LSTM has one hidden size for all its layers. Its equivalence test
 (a unit whose weights are all zero outputs exactly 0, so removing it changes nothing, forward
-and backward) is in tests/test_compress_prune.py.
+and backward) is in tests/core/compress/test_compress_prune.py.
 
 Experts (MoE layers): `expert_load` counts the assignments each expert receives over
 representative data; `prune_experts` keeps the most-used experts of each MoELayer and drops the

@@ -12,7 +12,7 @@ import numpy as np
 from finance.data import dataset_spec
 
 CARD_KEY = "moeworks.card"
-# The oldest onnxruntime that reproduces the test vectors, measured with tests/bundle_partner.py on
+# The oldest onnxruntime that reproduces the test vectors, measured with tests/deploy/bundle/bundle_partner.py on
 # PyPI's wheels: graphs without trees run on 1.19.2 (the oldest tried); TreeEnsemble (ai.onnx.ml 5)
 # is missing before 1.21 and gives wrong leaves in 1.21.1-1.23.2 (PD off by 0.32); 1.24.1 and later are right.
 MIN_ONNXRUNTIME = {"TreeEnsemble": "1.24.1", "": "1.19.2"}

@@ -4,7 +4,7 @@ Each builder mirrors its numpy twin in finance/features.py line by line (same or
 float64), and returns blocks: (N, k) float64 tensors with the names of their k features. `feature_matrix`
 gathers the fitted pipeline's columns from them, in its order, and casts to float32 as
 `FeaturePipeline.transform` does. A change of the numpy pipeline that this file does not follow shows
-as a parity failure in tests/test_bundle.py, and `build` refuses a feature it cannot name.
+as a parity failure in tests/deploy/bundle/test_bundle.py, and `build` refuses a feature it cannot name.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 `attribution_steps` midpoint-rule points alpha * z plus z itself through the network, the logit at z
 as the prediction and z * mean(d logit / d input) over the path points as contributions. ONNX has
 no autograd, so the graph carries the network's forward and its backward pass, written operator by
-operator after `core.input_gradients.TabularMoEGradient` (the product's own NumPy forward and
-gradient, itself tested against torch autograd in tests/test_input_gradients.py). The weights are
+operator after `finance.models.input_gradients.TabularMoEGradient` (the product's own NumPy forward and
+gradient, itself tested against torch autograd in tests/finance/models/test_input_gradients.py). The weights are
 read from that kernel, so the graph follows whatever the loaded module holds.
 
 torch.onnx (core.onnx_export) exports the forward only: a graph from it would give the PD but not
@@ -39,7 +39,7 @@ class _Float32:
         return self.g.const(np.asarray(value, dtype=np.float32))
 
     def gelu(self, x: Var) -> tuple[Var, Var]:
-        """(exact erf GELU of x, its derivative), as core.input_gradients._activation."""
+        """(exact erf GELU of x, its derivative), as finance.models.input_gradients._activation."""
         g, c = self.g, self.c
         cdf = c(0.5) * (c(1.0) + g.op("Erf", x * c(_SQRT_HALF)))
         return x * cdf, cdf + x * c(_INV_SQRT_2PI) * g.op("Exp", c(-0.5) * x * x)

@@ -11,10 +11,10 @@ import torch
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
-from core.batcher import BatcherConfig, DynamicBatcher, QueueFull
 from core.quantization import AWQConfig, AWQQuantizer
-from core.synthetic import segmented_classification
 from deploy.serving.adapters import TorchAdapter
+from deploy.serving.batcher import BatcherConfig, DynamicBatcher, QueueFull
+from deploy.synthetic import segmented_classification
 
 
 def run_serving_demo(checkpoint: Path, *, rows: int, seed: int = 0, requests: int = 400,

@@ -10,7 +10,7 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from core.batcher import BatchReport
+from deploy.serving.batcher import BatchReport
 
 SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.batcher import BatcherConfig
 from deploy.serving.adapters import AdapterOptions, load_adapter
+from deploy.serving.batcher import BatcherConfig
 from deploy.serving.limits import RequestLimits
 
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
-from core.input_gradients import TabularMoEGradient
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
 from finance.models.base import CreditModel, FitData, register_model
+from finance.models.input_gradients import TabularMoEGradient
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MoEModelConfig:
 
 
 # Integrated-gradient paths of at most this many points (9 per application at the default 8
-# steps) take the NumPy forward and backward of core.input_gradients instead of torch autograd.
+# steps) take the NumPy forward and backward of finance.models.input_gradients instead of torch autograd.
 # CPU time, NumPy / torch, on the credit network's shape (benchmarks/input_gradients.py, two runs,
 # 214 and 25 inputs): 9 points 0.39-0.70x, 90 points 0.26-0.37x, 360 points 0.62-0.83x,
 # 900 points 0.85-0.96x, 3,600 points 1.24-1.38x.
@@ -203,8 +203,8 @@ class MoEModel(CreditModel):
         """Logits (points, n) and their gradients (points, n, F) at alpha * z for each alpha.
 
         Up to NUMPY_PATH_ROWS points (one application's path, a small request) run through
-        `core.input_gradients` in NumPy, larger blocks through torch autograd: the same maths, to
-        float32 rounding (tests/test_input_gradients.py).
+        `finance.models.input_gradients` in NumPy, larger blocks through torch autograd: the same maths, to
+        float32 rounding (tests/finance/models/test_input_gradients.py).
         """
         path = (alphas[:, None, None] * z[None]).reshape(-1, z.shape[1])  # (points*n, F)
         if len(path) <= NUMPY_PATH_ROWS:

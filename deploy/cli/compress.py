@@ -1,0 +1,204 @@
+"""`moeworks compress distill|prune|hash`: a smaller model folder from a trained one.
+
+Each command reads a model folder (`--model`), the training data it was trained on (`--data`),
+fine-tunes the compressed model on the same engines, validates it on the same held-back engines,
+and writes an ordinary model folder (`--out`, sealed by MANIFEST.json after every file is
+written) that `evaluate`, `serve`, `export` and `bundle` take as they take the source. Supported
+so far: RUL folders from `moeworks maintenance train`; any other folder is refused (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from deploy.cli.errors import exit_on
+
+app = typer.Typer(help="Compress a trained model: distil it into a small student, prune channels or experts, "
+                       "or hash its weights.", no_args_is_help=True)
+
+MAX_MODEL_JSON_BYTES = 4 << 20  # a RUL model.json is a few kB; more is not one of ours
+
+
+class CompressError(ValueError):
+    """A model folder or option `compress` cannot take; one line."""
+
+
+def _maintenance_error():
+    from manufacturing.maintenance.errors import MaintenanceDataError
+
+    return MaintenanceDataError
+
+
+def _model_files_error():
+    from core.model_files import ModelFilesError
+
+    return ModelFilesError
+
+
+_friendly = exit_on(CompressError, _maintenance_error, _model_files_error)
+
+
+def _rul_source(model: Path):
+    """Load `model` if it is a RUL model folder; otherwise refuse with the reason."""
+    from manufacturing.maintenance.rul import RULEstimator
+
+    summary = model / "model.json"
+    if not model.is_dir():
+        raise CompressError(f"--model {model}: no such model folder")
+    kind = None
+    if summary.is_file() and summary.stat().st_size <= MAX_MODEL_JSON_BYTES:
+        try:
+            content = json.loads(summary.read_text(encoding="utf-8"))
+            kind = content.get("net", {}).get("kind") if isinstance(content, dict) and "normalizer" in content else None
+        except (UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            kind = None
+    if kind not in ("lstm", "moe"):
+        raise CompressError(f"--model {model}: compress supports RUL model folders (`moeworks maintenance train`) "
+                            "so far; this folder is not one")
+    return RULEstimator.load(model)
+
+
+def _out_folder(out: Path, model: Path) -> Path:
+    if out.resolve() == model.resolve():
+        raise CompressError("--out must be a new folder, not the --model folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CompressError(f"--out {out}: exists and is not an empty folder; give a new one")
+    return out
+
+
+def _training_frame(data: Path | None, subset: str | None, source):
+    from manufacturing.maintenance.cmapss import SUBSETS, find_file, read_cmapss
+
+    subset = subset or source.metadata_.get("metrics", {}).get("subset")
+    if subset not in SUBSETS:
+        raise CompressError(f"--subset: give one of {', '.join(SUBSETS)} (the model folder does not record it)")
+    if data is None:
+        root = os.environ.get("MOEWORKS_DATA")
+        if not root:
+            raise CompressError("no data: pass --data (the C-MAPSS training file or folder the model was trained on) "
+                                "or set MOEWORKS_DATA")
+        data = Path(root) / "cmapss"
+    return subset, read_cmapss(data if data.is_file() else find_file(data, "train", subset))
+
+
+def _finish(estimator, metrics: dict, out: Path, model: Path, subset: str, method: str, as_json: bool) -> None:
+    from core.model_files import file_sha256
+    from deploy.cli.maintenance import _print_metrics
+
+    metrics = {"subset": subset, "model": estimator.net.kind, "method": method, "source": str(model),
+               "source_manifest_sha256": file_sha256(model / "MANIFEST.json"),
+               "parameters": estimator.metadata_["parameters"],
+               "source_parameters": estimator.metadata_["compression"]["source_parameters"], **metrics,
+               "train_seconds": estimator.metadata_["train_seconds"]}
+    estimator.save(out, metrics=metrics)  # writes model.pt and model.json, then seals the folder
+    _print_metrics(f"{method}: {model} -> {out} ({metrics['parameters']:,} parameters, "
+                   f"source {metrics['source_parameters']:,})", metrics, as_json)
+
+
+def _fine_tune_config(epochs: int, seed: int, as_json: bool):
+    from manufacturing.maintenance.compress import FineTuneConfig
+
+    try:
+        return FineTuneConfig(epochs=epochs, seed=seed, progress=not as_json)
+    except ValueError as error:
+        raise CompressError(str(error)) from None
+
+
+MODEL = typer.Option(..., help="trained model folder (so far: a RUL folder from `maintenance train`)")
+OUT = typer.Option(..., help="new folder for the compressed model")
+DATA = typer.Option(None, help="the C-MAPSS training file or folder the model was trained on "
+                               "(default: $MOEWORKS_DATA/cmapss)")
+SUBSET = typer.Option(None, help="FD001-FD004 (default: the one the model folder records)")
+JSON = typer.Option(False, "--json", help="print the metrics as one JSON object on stdout")
+TEACHER = typer.Option(None, help="model folder whose outputs guide fine-tuning (e.g. the MoE a student was "
+                                  "distilled from; default: the --model folder itself)")
+GUIDE_ALPHA = typer.Option(0.5, help="weight of the teacher's outputs in fine-tuning (0: true RUL only)")
+
+
+def _teacher(teacher: Path | None, model: Path):
+    if teacher is None:
+        return None
+    if teacher.resolve() == model.resolve():
+        return None  # the default: the source guides itself
+    return _rul_source(teacher)
+
+
+def _threads() -> None:
+    from deploy.cli.maintenance import _threads as maintenance_threads
+
+    maintenance_threads()
+
+
+@app.command("distill")
+@_friendly
+def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
+                    hidden: int = typer.Option(32, help="the student LSTM's hidden units"),
+                    layers: int = typer.Option(1, help="the student LSTM's layers"),
+                    alpha: float = typer.Option(0.5, help="weight of the teacher's soft targets (1 - alpha: true RUL)"),
+                    epochs: int = typer.Option(15, help="most epochs (early stopping on the validation engines)"),
+                    seed: int = typer.Option(0), as_json: bool = JSON):
+    """Distil the model (e.g. the MoE seed ensemble) into one small LSTM student."""
+    from manufacturing.maintenance.compress import distill
+
+    _threads()
+    source = _rul_source(model)
+    _out_folder(out, model)
+    if not 0 <= alpha <= 1:
+        raise CompressError(f"--alpha must be in [0, 1], got {alpha}")
+    subset, frame = _training_frame(data, subset, source)
+    student, metrics = distill(source, frame, hidden_size=hidden, num_layers=layers, alpha=alpha,
+                               config=_fine_tune_config(epochs, seed, as_json))
+    _finish(student, metrics, out, model, subset, "distill", as_json)
+
+
+@app.command("prune")
+@_friendly
+def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
+                  ratio: float = typer.Option(0.5, help="lstm models: share of channels removed per layer"),
+                  l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
+                                                      "(times the sum of |w|, beside an MSE on RUL/cap near 0.003)"),
+                  l1_epochs: int = typer.Option(5, help="lstm models: epochs of L1-regularised training"),
+                  keep_experts: int | None = typer.Option(None, help="moe models: experts kept per layer "
+                                                                     "(default: half)"),
+                  merge: bool = typer.Option(False, help="moe models: merge dropped experts into the nearest kept "
+                                                         "one instead of dropping them"),
+                  epochs: int = typer.Option(10, help="most fine-tuning epochs after the removal"),
+                  teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
+                  seed: int = typer.Option(0), as_json: bool = JSON):
+    """Remove channels (LSTM/MLP, torch-pruning) or the least-routed experts (MoE), then fine-tune."""
+    from manufacturing.maintenance.compress import prune
+
+    _threads()
+    source = _rul_source(model)
+    _out_folder(out, model)
+    if not 0 <= l1 <= 1 or not 0 <= l1_epochs <= 1000:
+        raise CompressError("--l1 must be in [0, 1] and --l1-epochs in [0, 1000]")
+    subset, frame = _training_frame(data, subset, source)
+    pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, keep_experts=keep_experts,
+                            merge=merge, teacher=_teacher(teacher, model), alpha=alpha,
+                            config=_fine_tune_config(epochs, seed, as_json))
+    _finish(pruned, metrics, out, model, subset, "prune", as_json)
+
+
+@app.command("hash")
+@_friendly
+def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
+                 compression: float = typer.Option(8.0, help="virtual weights per stored value (moe: the experts' "
+                                                             "weights; lstm: every weight matrix)"),
+                 epochs: int = typer.Option(10, help="most fine-tuning epochs"),
+                 teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
+                 seed: int = typer.Option(0), as_json: bool = JSON):
+    """Share weights through a hash (HashedNets): `compression` times fewer stored values, then fine-tune."""
+    from manufacturing.maintenance.compress import hash_model
+
+    _threads()
+    source = _rul_source(model)
+    _out_folder(out, model)
+    subset, frame = _training_frame(data, subset, source)
+    hashed, metrics = hash_model(source, frame, compression=compression, teacher=_teacher(teacher, model),
+                                 alpha=alpha, config=_fine_tune_config(epochs, seed, as_json))
+    _finish(hashed, metrics, out, model, subset, "hash", as_json)

@@ -1,0 +1,166 @@
+"""`moeworks defects ...` and `moeworks maintenance ...`: the manufacturing commands."""
+
+import typer
+
+defects_app = typer.Typer(help="Surface defect detection (YOLO + MoE), sizes in mm.", no_args_is_help=True)
+maintenance_app = typer.Typer(help="Predictive maintenance: RUL on C-MAPSS, failures on AI4I.",
+                              no_args_is_help=True)
+
+# Predictive maintenance commands (deploy/cli/maintenance.py).
+from deploy.cli.maintenance import register as _register_maintenance  # noqa: E402
+
+_register_maintenance(maintenance_app)
+
+
+# ---- defects -------------------------------------------------------------------------------------
+# Heavy imports (torch, ultralytics) stay inside the commands so that `moeworks --help` is instant.
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from deploy.cli.errors import exit_on  # noqa: E402
+
+
+def _defect_error():
+    from manufacturing.defects.errors import DefectDataError
+
+    return DefectDataError
+
+
+_defect_errors = exit_on(_defect_error)
+
+
+@defects_app.command("train")
+@_defect_errors
+def defects_train(
+    data: Path = typer.Option(..., help="VOC folder (IMAGES/+ANNOTATIONS/, JPEGImages/+Annotations/, or flat)"),
+    out: Path = typer.Option(Path("runs/defects"), help="run folder: split, dataset, detector.pt, moe_stage.pt"),
+    imgsz: int = typer.Option(640, help="detector input size (px); 224-320 is practical on a CPU"),
+    epochs: int = typer.Option(100, help="YOLO epochs (from scratch: 100-300)"),
+    hours: float = typer.Option(0.0, help="wall-clock budget in hours (0: none); epochs are re-planned to fit"),
+    batch: int = typer.Option(16),
+    workers: int = typer.Option(2, help="dataloader processes (augmentation); 8-12 keep a GPU fed"),
+    device: str = typer.Option("cpu", help="'cpu' or a CUDA index such as '0'"),
+    val_fraction: float = typer.Option(0.2, help="share of images held out, stratified, seeded"),
+    seed: int = typer.Option(0, help="split and training seed"),
+    moe: bool = typer.Option(True, help="also train the MoE second stage on crops"),
+) -> None:
+    """Train YOLO from its model YAML (offline, no pretrained weights) and the MoE crop stage."""
+    from manufacturing.defects.train import DetectorConfig
+    from manufacturing.defects.workflow import TrainJob, train_job
+
+    job = TrainJob(detector=DetectorConfig(imgsz=imgsz, epochs=epochs, time=hours or None, batch=batch,
+                                           workers=workers, device=device, seed=seed),
+                   val_fraction=val_fraction, split_seed=seed, train_moe=moe)
+    result = train_job(data, out, job)
+    typer.echo(json.dumps(result))
+
+
+@defects_app.command("evaluate")
+@_defect_errors
+def defects_evaluate(
+    data: Path = typer.Option(..., help="any VOC folder with the model's class names"),
+    model: Path = typer.Option(..., help="detector (.pt or .onnx)"),
+    moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to score YOLO + MoE as well"),
+    split_file: Path = typer.Option(None, help="score only the 'val' images of this recorded split"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object on the last line"),
+) -> None:
+    """mAP50, mAP50-95, per-class AP, precision and recall: YOLO alone and YOLO + MoE."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.moe_stage import CropMoEClassifier
+    from manufacturing.defects.pipeline import DefectInspector, evaluate_records
+    from manufacturing.defects.voc import read_voc_folder
+    from manufacturing.defects.workflow import records_by_split
+
+    records = read_voc_folder(data)
+    if split_file is not None:
+        records = records_by_split(records, split_file, "val")
+    detector = YoloDetector.load(model)
+    stage = CropMoEClassifier.load(moe_stage)[0] if moe_stage else None
+    metrics = evaluate_records(DefectInspector(detector=detector, second_stage=stage), records)
+    table = Table(title=f"{data} ({len(records)} images), {model.name}")
+    table.add_column("class")
+    for variant in metrics:
+        table.add_column(f"{variant} AP50", justify="right")
+        table.add_column(f"{variant} AP50-95", justify="right")
+    for name in detector.names:
+        table.add_row(name, *[f"{m['per_class'][name][k]:.3f}" for m in metrics.values() for k in ("AP50", "AP50-95")])
+    table.add_row("[bold]all", *[f"[bold]{m[k]:.3f}" for m in metrics.values() for k in ("mAP50", "mAP50-95")])
+    Console(stderr=as_json).print(table)
+    for variant, m in metrics.items():
+        typer.echo(f"{variant}: precision {m['precision']:.3f}, recall {m['recall']:.3f}", err=as_json)
+    if as_json:
+        typer.echo(json.dumps({"data": str(data), "model": str(model), "images": len(records), **metrics}))
+
+
+@defects_app.command("predict")
+@_defect_errors
+def defects_predict(
+    source: Path = typer.Option(..., help="an image or a folder of images (any size; large frames are tiled)"),
+    model: Path = typer.Option(..., help="detector (.pt or .onnx)"),
+    moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to re-score YOLO's boxes"),
+    out: Path = typer.Option(Path("runs/defects/predict"), help="predictions.json and annotated images"),
+    calibration: Path = typer.Option(None, help="JSON/YAML with mm_per_pixel(_x/_y) and min_size_mm"),
+    mm_per_pixel: float = typer.Option(None, help="camera scale (overrides the calibration file's)"),
+    reference: Path = typer.Option(None, help="image of a reference object of known size, to measure the scale"),
+    reference_mm: str = typer.Option("", help="the reference object's size, WIDTHxHEIGHT in mm, e.g. 40x20"),
+    min_size_mm: float = typer.Option(None, help="smallest defect to report, longer side in mm (default 0.2)"),
+    conf: float = typer.Option(0.25, help="score threshold"),
+) -> None:
+    """Detect defects; write JSON (class, score, box in px and mm, size in mm) and annotated images."""
+    import dataclasses
+
+    from manufacturing.defects.calibration import Calibration
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.moe_stage import CropMoEClassifier
+    from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, predict_to_folder
+
+    cal = Calibration.from_file(calibration) if calibration else Calibration()
+    if reference is not None:
+        from manufacturing.defects.dataset import load_image
+        from manufacturing.defects.errors import DefectDataError
+
+        try:
+            width_mm, height_mm = (float(v) for v in reference_mm.lower().split("x"))
+        except ValueError:
+            raise DefectDataError(f"--reference-mm must be WIDTHxHEIGHT in mm, got {reference_mm!r}") from None
+        cal = Calibration.from_reference(load_image(reference), width_mm=width_mm, height_mm=height_mm,
+                                         min_size_mm=cal.min_size_mm)
+        typer.echo(f"calibrated from {reference}: {cal.mm_per_pixel_x:.4g} x {cal.mm_per_pixel_y:.4g} mm/px")
+    if mm_per_pixel is not None:
+        cal = dataclasses.replace(cal, mm_per_pixel_x=mm_per_pixel, mm_per_pixel_y=mm_per_pixel)
+    if min_size_mm is not None:
+        cal = dataclasses.replace(cal, min_size_mm=min_size_mm)
+    inspector = DefectInspector(detector=YoloDetector.load(model), calibration=cal,
+                                second_stage=CropMoEClassifier.load(moe_stage)[0] if moe_stage else None,
+                                config=InspectionConfig(conf=conf))
+    payload = predict_to_folder(inspector, source, out)
+    found = sum(len(image["defects"]) for image in payload["images"])
+    typer.echo(f"{found} defects in {len(payload['images'])} images; wrote {out / 'predictions.json'}")
+
+
+@defects_app.command("export")
+@_defect_errors
+def defects_export(
+    model: Path = typer.Option(..., help="detector checkpoint (.pt)"),
+    data: Path = typer.Option(..., help="VOC folder of real images for INT8 calibration and the parity check"),
+    moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to export as well"),
+    out: Path = typer.Option(Path("runs/defects/export"), help="folder for the ONNX files and export.json"),
+    int8: bool = typer.Option(True, help="also write a static INT8 ONNX for edge devices"),
+    split: Path = typer.Option(None, help="split file whose train images calibrate INT8 (default: the "
+                                          "split.json beside the model, when there is one)"),
+) -> None:
+    """ONNX export (FP32, INT8) with a PyTorch vs onnxruntime parity check on real images."""
+    from manufacturing.defects.workflow import export_job
+
+    result = export_job(model, out, data, moe_path=moe_stage, int8=int8, split_file=split)
+    parity = result["parity"]
+    typer.echo(f"parity on {parity['images']} images: boxes within {parity['max_box_difference_px']:.2g} px "
+               f"(tolerance {parity['box_tolerance_px']}), scores within {parity['max_score_difference']:.2g} "
+               f"(tolerance {parity['score_tolerance']}): {'passed' if parity['passed'] else 'FAILED'}")
+    typer.echo(json.dumps(result))
+    if not parity["passed"]:
+        raise typer.Exit(1)
