@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.twin.test_twin_dashboard import CHROMIUM, Browser
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.mqtt_certs import PKI, issue, make_ca, make_pki
 from typer.testing import CliRunner
 
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
+from tests.mqtt_certs import PKI, issue, make_ca, make_pki
 from twin.broker_passwd import set_password
 from twin.mosquitto_config import MosquittoSecurity, write_mosquitto_security
 from twin.mqtt_burst import BurstClient, BurstClientConfig

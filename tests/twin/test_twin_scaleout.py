@@ -299,7 +299,6 @@ def test_shared_subscriptions_pass_the_generated_mosquitto_acl_with_tls_and_pass
     import shutil
 
     from tests.mqtt_certs import make_pki
-
     from twin.mosquitto_config import MosquittoSecurity, write_mosquitto_security
     from twin.mqtt_tls import MQTTSecurity
     from twin.scaleout import share_probe

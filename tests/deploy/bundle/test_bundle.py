@@ -29,6 +29,7 @@ from finance.models.moe import MoEModelConfig
 from finance.scorer import CreditScorer
 
 ROOT = Path(__file__).resolve().parents[3]
+PARTNER = Path(__file__).resolve().parent  # bundle_partner.py and .js: a partner's own checks
 
 
 def taiwan_records(n: int, seed: int) -> Records:
@@ -341,7 +342,7 @@ def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_pyt
                Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
                *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
     for bundle in bundles:
-        run = subprocess.run([str(partner_python), str(ROOT / "tests" / "deploy" / "bundle" / "bundle_partner.py"), str(bundle)],
+        run = subprocess.run([str(partner_python), str(PARTNER / "bundle_partner.py"), str(bundle)],
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
         assert json.loads(run.stdout)["problems"] == []
@@ -352,7 +353,7 @@ def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_pyt
     vectors = json.loads((broken / "test_vectors.json").read_text())
     vectors["expected"]["pd"][0] += 1e-5
     (broken / "test_vectors.json").write_text(json.dumps(vectors))
-    run = subprocess.run([str(partner_python), str(ROOT / "tests" / "deploy" / "bundle" / "bundle_partner.py"), str(broken)],
+    run = subprocess.run([str(partner_python), str(PARTNER / "bundle_partner.py"), str(broken)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "pd error" in run.stdout
 
@@ -370,7 +371,7 @@ def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_
                Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
                *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
     for bundle in bundles:
-        run = subprocess.run(["node", str(ROOT / "tests" / "deploy" / "bundle" / "bundle_partner.js"), str(bundle)], capture_output=True,
+        run = subprocess.run(["node", str(PARTNER / "bundle_partner.js"), str(bundle)], capture_output=True,
                              text=True, env=env, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
         assert json.loads(run.stdout)["problems"] == []
@@ -381,7 +382,7 @@ def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_
 
     shutil.copytree(signed_bundle, broken)
     (broken / "test_vectors.json").write_text(json.dumps(vectors))
-    run = subprocess.run(["node", str(ROOT / "tests" / "deploy" / "bundle" / "bundle_partner.js"), str(broken)], capture_output=True,
+    run = subprocess.run(["node", str(PARTNER / "bundle_partner.js"), str(broken)], capture_output=True,
                          text=True, env=env, timeout=120)
     assert run.returncode == 1 and "reasons" in run.stdout
 
