@@ -1,4 +1,4 @@
-"""twin.mqtt_burst against paho and a real Mosquitto: packets split anywhere, every length encoding,
+"""twin.mqtt.burst_client against paho and a real Mosquitto: packets split anywhere, every length encoding,
 acknowledgement after the callback, persistent sessions, and a broker restart."""
 
 import threading
@@ -7,7 +7,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from twin.mqtt_burst import BurstClient, BurstClientConfig, encode_length, publish_packet
+from twin.mqtt.burst_client import BurstClient, BurstClientConfig, encode_length, publish_packet
 
 
 def wait_for(condition, timeout=15.0, what="condition"):

@@ -2,7 +2,7 @@
 mosquitto-config` writes, and the built-in amqtt broker with its password file and TLS listener.
 
 Certificates are made at test time (tests/mqtt_certs.py). Clients under test: the twin's own
-(twin.mqtt_burst), the edge agent's (paho), and the command lines.
+(twin.mqtt.burst_client), the edge agent's (paho), and the command lines.
 """
 
 import os
@@ -15,18 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.mqtt_certs import PKI, issue, make_ca, make_pki
 from typer.testing import CliRunner
 
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
-from twin.broker_passwd import set_password
-from twin.mosquitto_config import MosquittoSecurity, write_mosquitto_security
-from twin.mqtt_burst import BurstClient, BurstClientConfig
-from twin.mqtt_tls import MQTTSecurity, MQTTSecurityError
-from twin.plant import Plant
+from tests.mqtt_certs import PKI, issue, make_ca, make_pki
+from tests.services import EmbeddedBroker, Mosquitto, free_port, wait_port
+from twin.domain.plant import Plant
+from twin.mqtt.broker_passwd import set_password
+from twin.mqtt.burst_client import BurstClient, BurstClientConfig
+from twin.mqtt.mosquitto_config import MosquittoSecurity, write_mosquitto_security
+from twin.mqtt.security import MQTTSecurity, MQTTSecurityError
 from twin.service import TwinConfig, TwinService
-from twin.services import EmbeddedBroker, Mosquitto, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TWIN_USER = "moeworks-twin"

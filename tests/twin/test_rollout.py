@@ -20,14 +20,14 @@ from deploy.edge.rollout import RolloutAgentConfig, RolloutClient
 from deploy.edge.sources import SimulatedMill
 from deploy.rollout_lab import HttpsServer, ai4i_bundle, make_keys
 from tests.mqtt_certs import make_pki
+from tests.services import free_port
 from tests.twin.test_twin_store import postgres_url  # noqa: F401 - the fixture
-from twin.api import create_app
+from twin.api.app import create_app
 from twin.auth import TokenStore, create_token
-from twin.payload import Metric, Payload
-from twin.rollout import RolloutConfig, RolloutManager
-from twin.rollout_protocol import CommandError, HealthGate, RolloutCommand
+from twin.rollout.manager import RolloutConfig, RolloutManager
+from twin.rollout.protocol import CommandError, HealthGate, RolloutCommand
 from twin.service import TwinConfig, TwinService
-from twin.services import free_port
+from twin.sparkplug.payload import Metric, Payload
 
 ROOT = Path(__file__).resolve().parents[2]
 MILLS = {"edge-mill-1": "mill-1", "edge-mill-2": "mill-2"}
@@ -151,7 +151,7 @@ def test_rollout_command_round_trips_and_malformed_ones_are_refused():
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_rollout_store_keeps_rollouts_and_nodes_across_connections(dialect, tmp_path, request):
-    from twin.rollout_store import Rollout, RolloutNode, RolloutStore
+    from twin.rollout.store import Rollout, RolloutNode, RolloutStore
 
     if dialect == "sqlite":
         url = str(tmp_path / "twin.db")

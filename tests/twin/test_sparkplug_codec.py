@@ -7,11 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twin import codec, sparkplug
-from twin import sparkplug_b_pb2 as pb
-from twin.payload import Limits, Metric, Payload, PayloadError
-from twin.plant import Plant
-from twin.state import TwinState
+from twin.domain.plant import Plant
+from twin.domain.state import TwinState
+from twin.sparkplug import codec
+from twin.sparkplug import protobuf as sparkplug
+from twin.sparkplug import sparkplug_b_pb2 as pb
+from twin.sparkplug.payload import Limits, Metric, Payload, PayloadError
 
 NOW = int(time.time() * 1000)
 

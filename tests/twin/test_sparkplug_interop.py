@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from twin import sparkplug
-from twin.payload import REBIRTH, Metric, Payload
+from twin.sparkplug import protobuf as sparkplug
+from twin.sparkplug.payload import REBIRTH, Metric, Payload
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = int(time.time() * 1000)

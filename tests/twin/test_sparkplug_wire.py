@@ -10,9 +10,9 @@ import pytest
 
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
-from twin import sparkplug
-from twin.payload import REBIRTH, Metric, Payload
 from twin.service import TwinConfig, TwinService
+from twin.sparkplug import protobuf as sparkplug
+from twin.sparkplug.payload import REBIRTH, Metric, Payload
 
 
 def wait_for(condition, timeout=20.0, what="condition"):
@@ -51,7 +51,7 @@ def any_broker(request, tmp_path):
     if request.param == "mosquitto":
         yield request.getfixturevalue("broker")
         return
-    from twin.services import EmbeddedBroker
+    from tests.services import EmbeddedBroker
 
     with EmbeddedBroker() as server:
         yield server

@@ -1,9 +1,9 @@
 """Alarm life cycle (ISA-18.2 states), deadband, health-driven alarms."""
 
-from twin.alarms import AlarmManager
-from twin.health import AI4IRuleHealth, Health
-from twin.plant import Plant
-from twin.state import DeviceState
+from twin.domain.alarms import AlarmManager
+from twin.domain.health import AI4IRuleHealth, Health
+from twin.domain.plant import Plant
+from twin.domain.state import DeviceState
 
 PLANT = Plant.from_dict({"site": "t", "group": "g", "lines": [{"id": "l", "machines": [
     {"id": "m1", "node": "n1", "kind": "mill", "failure_alarm_prob": 0.5, "sensors": [

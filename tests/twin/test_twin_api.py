@@ -6,10 +6,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from twin.api import create_app
+from tests.services import free_port
+from twin.api.app import create_app
 from twin.auth import TokenStore, create_token
 from twin.service import TwinConfig, TwinService
-from twin.services import free_port
 
 NODE, DEVICE = "edge-mill-1", "mill-1"
 T0 = (int(time.time()) - 3600) * 1000  # edge timestamps: inside the twin's window (an hour ago)
@@ -127,8 +127,8 @@ def test_the_live_feed_needs_a_token_and_streams_snapshots_with_one(service, tmp
 def test_a_database_from_before_roles_gains_the_acked_role_column(tmp_path):
     import sqlite3
 
-    from twin.alarms import Alarm
-    from twin.store import HistoryStore
+    from twin.domain.alarms import Alarm
+    from twin.store.history import HistoryStore
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as old:
@@ -181,7 +181,7 @@ def test_out_of_range_query_parameters_are_422_not_500(service, path, params):
     ("mill", DEVICE, {"seed": -1}, "greater than or equal to 0"),
     ("mill", DEVICE, {"seed": 2**70}, "less than or equal"),
     ("mill", DEVICE, {"typo": 1}, "Extra inputs"),
-    # each bound alone is fine, together they are more than one what-if may compute (twin.simulate.MAX_MILL_WORK)
+    # each bound alone is fine, together they are more than one what-if may compute (twin.domain.whatif.MAX_MILL_WORK)
     ("mill", DEVICE, {"processes_per_hour": 60, "horizon_hours": 8760, "shifts_per_day": 3, "runs": 20000},
      "process steps"),
     ("engine", "engine-1", {"severity": 1e-300}, "greater than or equal to 0.01"),
@@ -200,7 +200,7 @@ def test_the_largest_allowed_what_ifs_stay_finite(service):
         "tool_change_min": 10_000, "seed": 2**53 - 1})
     assert mill.status_code == 200 and mill.json()["failure_probability"] == 1.0  # a 10 MW spindle overstrains
     engine_state = service.state.devices["engine-1"]
-    from twin.health import Health
+    from twin.domain.health import Health
 
     engine_state.health = Health(rul=150.0, rul_sd=20.0, source="test")
     for plan in ({"severity": 0.01, "cycles_per_day": 0.001, "rul_sd": 100_000, "runs": 200_000},

@@ -14,10 +14,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from twin.api import create_app
+from tests.services import free_port
+from twin.api.app import create_app
 from twin.auth import TokenStore, create_token
 from twin.service import TwinConfig, TwinService
-from twin.services import free_port
 
 NODE, DEVICE = "edge-mill-1", "mill-1"
 EXAMPLES = 20  # per operation and generation mode (valid, invalid): ~N s per run on this 2-core machine
@@ -33,7 +33,7 @@ def service(tmp_path_factory):
         topic = f"spBv1.0/plant1/{kind}/{NODE}" + (f"/{DEVICE}" if kind[0] == "D" else "")
         s.ingest(topic, json.dumps(payload).encode())
 
-    start_ms = int(time.time() * 1000) - 60_000  # within the twin's timestamp window (twin.payload.Limits)
+    start_ms = int(time.time() * 1000) - 60_000  # within the twin's timestamp window (twin.sparkplug.payload.Limits)
     send("NBIRTH", {"timestamp": start_ms, "seq": 0, "bdSeq": 0})
     send("DBIRTH", {"timestamp": start_ms, "seq": 0})
     for seq in range(1, 20):

@@ -18,11 +18,11 @@ from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedEngine, SimulatedMill
 from deploy.rollout_lab import make_keys
 from deploy.twin_demo import HttpServer
-from twin.api import create_app
+from tests.services import Mosquitto
+from twin.api.app import create_app
 from twin.auth import TokenStore, create_token
-from twin.rollout import RolloutConfig, RolloutManager
+from twin.rollout.manager import RolloutConfig, RolloutManager
 from twin.service import TwinConfig, TwinService
-from twin.services import Mosquitto
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

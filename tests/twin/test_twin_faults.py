@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from twin.mqtt_burst import BurstClient, BurstClientConfig
-from twin.payload import BROKER_MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES
+from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 from twin.service import TwinConfig, TwinService
-from twin.store import DEAD_LETTER_EXCERPT_BYTES, HistoryStore
+from twin.sparkplug.payload import BROKER_MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES
+from twin.store.history import DEAD_LETTER_EXCERPT_BYTES, HistoryStore
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP = "plant1"
@@ -35,7 +35,7 @@ def wait_for(condition, timeout=20.0, what="condition"):
 
 @pytest.fixture(params=["mosquitto", "amqtt"])
 def any_broker(request, tmp_path):
-    from twin.services import EmbeddedBroker, Mosquitto
+    from tests.services import EmbeddedBroker, Mosquitto
 
     if request.param == "mosquitto":
         if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):

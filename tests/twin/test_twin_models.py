@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from manufacturing.maintenance import quick as maintenance
-from twin.health import MODES
-from twin.models import AI4IModelHealth, StreamingRULHealth, learned_health_models
-from twin.plant import Plant
-from twin.simulate import MillPlan, simulate_mill
+from twin.domain.health import MODES
+from twin.domain.learned_health import AI4IModelHealth, StreamingRULHealth, learned_health_models
+from twin.domain.plant import Plant
+from twin.domain.whatif import MillPlan, simulate_mill
 
 PLANT = Plant.from_yaml()
 
@@ -92,8 +92,8 @@ def test_learned_health_models_by_folder(rul_folder, ai4i_folder):
 
 @pytest.mark.parametrize("model", ["rul_folder", "rul_life_folder"])
 def test_a_restarted_twin_rebuilds_the_rul_windows_from_history(model, request, tmp_path):
+    from tests.services import free_port
     from twin.service import TwinConfig, TwinService
-    from twin.services import free_port
 
     folder = request.getfixturevalue(model)
     ticks = engine_cycles(50)

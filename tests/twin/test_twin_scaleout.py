@@ -1,4 +1,4 @@
-"""The twin as several workers (twin/scaleout.py) on real Mosquitto and real PostgreSQL: every row once
+"""The twin as several workers (twin/scaleout/worker.py) on real Mosquitto and real PostgreSQL: every row once
 with two workers, a worker SIGKILLed mid-stream (0 lost, 0 duplicated, alarms raised once), the same
 API answers from either worker; the built-in broker (no shared subscriptions) refused with exit 2."""
 
@@ -17,9 +17,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from twin.mqtt_burst import BurstClient, BurstClientConfig
-from twin.ownership import owner_of
-from twin.reorder import apply_order
+from twin.mqtt.burst_client import BurstClient, BurstClientConfig
+from twin.scaleout.ownership import owner_of
+from twin.scaleout.reorder import apply_order
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP = "bench"
@@ -69,7 +69,7 @@ def test_rendezvous_moves_only_the_nodes_of_a_worker_that_leaves():
 # ------------------------------------------------------------------------------------------- real services
 @pytest.fixture
 def postgres():
-    from twin.services import PostgresCluster, ServiceError
+    from tests.services import PostgresCluster, ServiceError
 
     try:
         cluster = PostgresCluster()
@@ -80,10 +80,10 @@ def postgres():
 
 
 class Worker:
-    """`python -m twin.scaleout` with its API on a free port, so that the test can SIGKILL it."""
+    """`python -m twin.scaleout.worker` with its API on a free port, so that the test can SIGKILL it."""
 
     def __init__(self, tmp_path: Path, name: str, broker_port: int, db: str, *, machines: int, nodes: int):
-        from twin.services import free_port, wait_port
+        from tests.services import free_port, wait_port
 
         self.http = free_port()
         config = {"broker_port": broker_port, "db": db, "client_id": "twin-so", "work_orders_csv": None,
@@ -94,7 +94,7 @@ class Worker:
         path.write_text(json.dumps(config))
         self.log = (tmp_path / f"{name}.log").open("ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.process = subprocess.Popen([sys.executable, "-m", "twin.scaleout", str(path)], cwd=ROOT, env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "twin.scaleout.worker", str(path)], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=self.log)
         assert self.process.stdout.readline().strip() == b"ready", (tmp_path / f"{name}.log").read_text()
         wait_port(self.http)
@@ -227,7 +227,7 @@ def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres
 def test_the_built_in_broker_is_refused_for_several_workers(tmp_path):
     """amqtt 0.12 has no shared subscriptions: --workers 2 on it must stop at once, exit 2, one line."""
     from deploy.cli import app
-    from twin.services import EmbeddedBroker
+    from tests.services import EmbeddedBroker
 
     with EmbeddedBroker() as amqtt:
         result = CliRunner().invoke(app, ["twin", "serve", "--workers", "2", "--broker-port", str(amqtt.port),
@@ -241,7 +241,7 @@ def test_the_built_in_broker_is_refused_for_several_workers(tmp_path):
 def _two_free_ports() -> int:
     import socket
 
-    from twin.services import free_port
+    from tests.services import free_port
 
     while True:
         port = free_port()
@@ -299,12 +299,11 @@ def test_shared_subscriptions_pass_the_generated_mosquitto_acl_with_tls_and_pass
     import shutil
 
     from tests.mqtt_certs import make_pki
-
-    from twin.mosquitto_config import MosquittoSecurity, write_mosquitto_security
-    from twin.mqtt_tls import MQTTSecurity
-    from twin.scaleout import share_probe
+    from tests.services import Mosquitto
+    from twin.mqtt.mosquitto_config import MosquittoSecurity, write_mosquitto_security
+    from twin.mqtt.security import MQTTSecurity
+    from twin.scaleout.worker import share_probe
     from twin.service import TwinConfig
-    from twin.services import Mosquitto
 
     if not (shutil.which("mosquitto") and shutil.which("mosquitto_passwd")):
         pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from twin.health import ai4i_rule_flags
-from twin.simulate import EnginePlan, MillPlan, SimulationError, simulate_engine, simulate_mill
+from twin.domain.health import ai4i_rule_flags
+from twin.domain.whatif import EnginePlan, MillPlan, SimulationError, simulate_engine, simulate_mill
 
 START = {"product_type": "L", "air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500.0,
          "torque": 40.0, "tool_wear": 100.0}

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from twin.health import default_health_models
-from twin.plant import Plant, PlantConfigError
-from twin.state import TwinState
+from twin.domain.health import default_health_models
+from twin.domain.plant import Plant, PlantConfigError
+from twin.domain.state import TwinState
 
 PLANT = {"site": "t", "group": "g", "lines": [{"id": "l1", "machines": [
     {"id": "m1", "node": "n1", "kind": "mill", "stale_after_s": 1, "sensors": [
@@ -201,7 +201,7 @@ def test_an_ndeath_keeps_the_timestamp_of_its_connect(state):
 
 
 def test_values_out_of_their_type_range_are_refused():
-    from twin.payload import value_fits
+    from twin.sparkplug.payload import value_fits
 
     assert value_fits("Int64", 2**63 - 1) and not value_fits("Int64", 2**63) and not value_fits("Int64", 1.0)
     assert value_fits("Double", -(2**63)) and not value_fits("Double", 2**64)  # an int the writer could not store

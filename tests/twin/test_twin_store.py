@@ -8,13 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from twin.alarms import Alarm
-from twin.etl import run_etl
-from twin.health import Health
-from twin.mes import MESConfig, WorkOrderExporter
-from twin.services import PostgresCluster, ServiceError
-from twin.state import Ingested
-from twin.store import HistoryStore
+from tests.services import PostgresCluster, ServiceError
+from twin.domain.alarms import Alarm
+from twin.domain.health import Health
+from twin.domain.state import Ingested
+from twin.store.etl import run_etl
+from twin.store.history import HistoryStore
+from twin.store.mes import MESConfig, WorkOrderExporter
 
 DAY = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
 
