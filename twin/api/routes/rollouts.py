@@ -8,93 +8,27 @@ so an agent that lost its connection or was restarted resumes where its staging 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from twin.api.app import BAD_BODY, UNPROCESSABLE
-from twin.api.models import Problem
-from twin.auth import Identity, TokenStore, bearer_token, role_dependency
-from twin.rollout.manager import MAX_TARGETS, RolloutError, RolloutManager
+from twin.api.deps import ApiContext
+from twin.api.models.common import Problem
+from twin.api.models.rollouts import EdgeModelOut, RolloutIn, RolloutOut
+from twin.api.responses import BAD_BODY, UNPROCESSABLE
+from twin.auth import Identity, bearer_token
+from twin.rollout.manager import RolloutError, RolloutManager
 from twin.rollout.protocol import HealthGate
 
 RolloutId = Annotated[str, PathParam(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 FileName = Annotated[str, PathParam(max_length=64)]
-
-
-class GateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rows: int = Field(HealthGate.rows, ge=1, le=100_000, description="rows the new model scores under watch")
-    max_drift: float = Field(HealthGate.max_drift, ge=0, le=1,
-                             description="mean |p_new - p_previous| of the failure probability over the window")
-    max_error_rate: float = Field(HealthGate.max_error_rate, ge=0, le=1)
-    max_latency_ms: float = Field(HealthGate.max_latency_ms, ge=0, le=60_000,
-                                  description="p95 scoring time (CPU ms a row)")
-
-
-class RolloutIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    bundle: str = Field(..., min_length=1, max_length=4096, description="the signed bundle's folder on the twin's host")
-    nodes: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(..., min_length=1,
-                                                                              max_length=MAX_TARGETS)
-    canary: float = Field(0.1, gt=0, le=1, description="share of the nodes that take the model first")
-    gate: GateIn = GateIn()
-
-
-class GateOut(BaseModel):
-    rows: int
-    max_drift: float
-    max_error_rate: float
-    max_latency_ms: float
-
-
-class RolloutNodeOut(BaseModel):
-    node: str
-    wave: Literal["canary", "rest"]
-    state: str = Field(..., description="pending, offered, downloading, verifying, active, healthy, refused, "
-                                        "rolled_back, aborted, skipped or timeout")
-    reason: str | None
-    version: str | None = Field(..., description="the node's active model, as it last reported")
-    offered_ms: int | None
-    sent_ms: int | None
-    updated_ms: int
-
-
-class RolloutOut(BaseModel):
-    id: str
-    created_ms: int
-    created_by: str
-    version: str
-    sha256: str = Field(..., description="SHA-256 of the bundle's manifest.json")
-    bytes: int
-    canary_share: float
-    gate: GateOut
-    state: Literal["canary", "rolling", "completed", "partial", "failed", "aborted"]
-    reason: str | None
-    updated_ms: int
-    counts: dict[str, int]
-    nodes: list[RolloutNodeOut]
-
-
-class EdgeModelOut(BaseModel):
-    node: str
-    online: bool
-    model_version: str | None
-    previous_version: str | None
-    rollout_id: str | None
-    rollout_state: str | None
-    rollout_reason: str | None
-
-
 NO_ROLLOUT = {404: {"model": Problem, "description": "No such rollout"}}
 
 
-def rollout_router(manager: RolloutManager, tokens: TokenStore | None) -> APIRouter:
-    viewer = Depends(role_dependency(tokens, "viewer"))
-    admin = Depends(role_dependency(tokens, "admin"))
+def router(ctx: ApiContext, manager: RolloutManager) -> APIRouter:
+    viewer, admin, tokens = ctx.viewer, ctx.admin, ctx.tokens
     router = APIRouter(tags=["rollouts"])
 
     def found(status: dict | None, rollout_id: str) -> dict:
