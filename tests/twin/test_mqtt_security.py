@@ -115,12 +115,8 @@ def edge_agent(broker: SecureBroker, security: MQTTSecurity | None, tmp_path: Pa
 
 
 @pytest.fixture
-def secure_twin(secure_broker, tmp_path):
-    service = TwinService(config=TwinConfig(broker_port=secure_broker.port, db=str(tmp_path / "twin.db"),
-                                            client_id=TWIN_USER, mqtt=secure_broker.login(TWIN_USER))).start()
-    service.wait_connected()
-    yield service
-    service.stop()
+def secure_twin(secure_broker, start_twin):
+    return start_twin(secure_broker.port, client_id=TWIN_USER, mqtt=secure_broker.login(TWIN_USER))
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -6,11 +6,9 @@ import time
 
 import orjson
 import paho.mqtt.client as mqtt
-import pytest
 
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
-from twin.service import TwinConfig, TwinService
 from twin.sparkplug import protobuf as sparkplug
 from twin.sparkplug.payload import REBIRTH, Metric, Payload
 
@@ -46,23 +44,6 @@ class Observer:
         self.client.disconnect()
 
 
-@pytest.fixture(params=["mosquitto", "builtin"])
-def any_broker(request, tmp_path):
-    if request.param == "mosquitto":
-        yield request.getfixturevalue("broker")
-        return
-    from tests.services import EmbeddedBroker
-
-    with EmbeddedBroker() as server:
-        yield server
-
-
-def start_twin(port: int, db, client_id: str) -> TwinService:
-    service = TwinService(config=TwinConfig(broker_port=port, db=str(db), client_id=client_id)).start()
-    service.wait_connected()
-    return service
-
-
 def edge(port: int, tmp_path, *, rows: int, rate: float, primary_host: str | None, payload: str = "protobuf"):
     return EdgeAgent(config=EdgeConfig(port=port, node="edge-mill-1", device="mill-1", rate_hz=rate, keepalive_s=2,
                                        spool=tmp_path / "edge.spool", backoff_max_s=0.5, payload=payload,
@@ -70,9 +51,9 @@ def edge(port: int, tmp_path, *, rows: int, rate: float, primary_host: str | Non
                      source=SimulatedMill(seed=3, rows=rows))
 
 
-def test_edge_agent_publishes_protobuf_into_the_twins_history(any_broker, tmp_path):
+def test_edge_agent_publishes_protobuf_into_the_twins_history(any_broker, start_twin, tmp_path):
     observer = Observer(any_broker.port)
-    twin = start_twin(any_broker.port, tmp_path / "twin.db", "twin-proto")
+    twin = start_twin(any_broker.port, client_id="twin-proto")
     try:
         stats = edge(any_broker.port, tmp_path, rows=200, rate=400.0, primary_host="twin-proto").run()
         assert stats["produced"] == stats["acknowledged"] == 200
@@ -96,9 +77,9 @@ def test_edge_agent_publishes_protobuf_into_the_twins_history(any_broker, tmp_pa
         observer.close()
 
 
-def test_state_offline_holds_the_edge_and_online_delivers_everything(broker, tmp_path):
+def test_state_offline_holds_the_edge_and_online_delivers_everything(broker, start_twin, tmp_path):
     observer = Observer(broker.port)
-    twin = start_twin(broker.port, tmp_path / "twin.db", "twin-host")
+    twin = start_twin(broker.port, client_id="twin-host")
     agent = edge(broker.port, tmp_path, rows=600, rate=150.0, primary_host="twin-host")
     result = {}
     thread = threading.Thread(target=lambda: result.update(agent.run()))
@@ -111,7 +92,7 @@ def test_state_offline_holds_the_edge_and_online_delivers_everything(broker, tmp
         time.sleep(1.5)  # ~225 ticks produced meanwhile, into the spool
         assert len(observer.of("DDATA")) == held_from, "no data while the primary host is offline"
         births = len(observer.of("NBIRTH"))
-        twin = start_twin(broker.port, tmp_path / "twin.db", "twin-host")  # same session: its queue comes back
+        twin = start_twin(broker.port, client_id="twin-host")  # same session: its queue comes back
         thread.join(timeout=60)
         assert result["produced"] == 600 and result["spool_depth"] == 0
         assert len(observer.of("NBIRTH")) > births, "births again when the host comes back"
@@ -149,9 +130,9 @@ def test_the_agent_reads_its_primary_hosts_state_in_order():
     session.client.loop_stop()
 
 
-def test_rebirth_commands_travel_as_protobuf_both_ways(broker, tmp_path):
+def test_rebirth_commands_travel_as_protobuf_both_ways(broker, start_twin, tmp_path):
     observer = Observer(broker.port)
-    twin = start_twin(broker.port, tmp_path / "twin.db", "twin-cmd")
+    twin = start_twin(broker.port, client_id="twin-cmd")
     stop = threading.Event()
     agent = edge(broker.port, tmp_path, rows=100_000, rate=20.0, primary_host=None)
     thread = threading.Thread(target=agent.run, args=(stop,))
@@ -178,8 +159,8 @@ def test_rebirth_commands_travel_as_protobuf_both_ways(broker, tmp_path):
         observer.close()
 
 
-def test_malformed_and_oversized_protobuf_are_dead_letters(broker, tmp_path):
-    twin = start_twin(broker.port, tmp_path / "twin.db", "twin-bad")
+def test_malformed_and_oversized_protobuf_are_dead_letters(broker, start_twin, tmp_path):
+    twin = start_twin(broker.port, client_id="twin-bad")
     attacker = Observer(broker.port)
     topic = "spBv1.0/plant1/DDATA/edge-mill-1/mill-1"
     now = int(time.time() * 1000)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from twin.mqtt.burst_client import BurstClient, BurstClientConfig
-from twin.service import TwinConfig, TwinService
 from twin.sparkplug.payload import BROKER_MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES
 from twin.store.history import DEAD_LETTER_EXCERPT_BYTES, HistoryStore
 
@@ -31,20 +29,6 @@ def wait_for(condition, timeout=20.0, what="condition"):
     while time.monotonic() < deadline and not condition():
         time.sleep(0.02)
     assert condition(), f"timed out waiting for {what}"
-
-
-@pytest.fixture(params=["mosquitto", "amqtt"])
-def any_broker(request, tmp_path):
-    from tests.services import EmbeddedBroker, Mosquitto
-
-    if request.param == "mosquitto":
-        if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-        broker = Mosquitto(workdir=tmp_path / "mosquitto")
-    else:
-        broker = EmbeddedBroker()
-    with broker:
-        yield broker
 
 
 def now_ms() -> int:
@@ -69,43 +53,12 @@ def data_topic(device: str) -> str:
     return f"spBv1.0/{GROUP}/DDATA/{MILLS[device]}/{device}"
 
 
-class Edge:
-    """A publisher that records which (device, serial) the broker acknowledged (PUBACK)."""
-
-    def __init__(self, port: int, client_id: str):
-        self.lock = threading.Lock()
-        self.pending: dict[int, tuple[str, int] | None] = {}
-        self.acked: set[tuple[str, int]] = set()
-        self.client = BurstClient(config=BurstClientConfig(port=port, client_id=client_id, keepalive_s=5),
-                                  on_acked=self._on_acked).start()
-        self.client.wait_connected()
-
-    def _on_acked(self, mids):
-        with self.lock:
-            for mid in mids:
-                key = self.pending.pop(mid, None)
-                if key is not None:
-                    self.acked.add(key)
-
-    def send(self, messages: list[tuple[str, bytes]], keys: list[tuple[str, int] | None] | None = None):
-        with self.lock:  # the PUBACK may come back before publish_many returns: record under the same lock
-            mids = self.client.publish_many(messages, qos=1)
-            for mid, key in zip(mids, keys or [None] * len(mids), strict=True):
-                self.pending[mid] = key
-
-    def wait_all_acked(self, timeout=30.0):
-        wait_for(lambda: self.client.inflight == 0, timeout, "the broker's PUBACKs")
-
-    def stop(self):
-        self.client.stop()
-
-
 # ---------------------------------------------------------------------------------------------- at the door
-def test_overflow_spoofing_oversize_and_garbage_are_refused_and_the_twin_carries_on(any_broker, tmp_path):
-    twin = TwinService(config=TwinConfig(broker_port=any_broker.port, db=str(tmp_path / "twin.db"),
-                                         client_id="twin-faults", work_orders_csv=None)).start()
-    edge = Edge(any_broker.port, "edge-faults")
-    attacker = Edge(any_broker.port, "attacker")
+def test_overflow_spoofing_oversize_and_garbage_are_refused_and_the_twin_carries_on(any_broker, start_twin,
+                                                                                     publisher):
+    twin = start_twin(any_broker.port, client_id="twin-faults", work_orders_csv=None)
+    edge = publisher(any_broker.port, "edge-faults")
+    attacker = publisher(any_broker.port, "attacker")
     try:
         twin.wait_connected()
         time.sleep(0.3)  # the twin's SUBACK
@@ -161,14 +114,14 @@ def test_overflow_spoofing_oversize_and_garbage_are_refused_and_the_twin_carries
 
 
 # ---------------------------------------------------------------------------------------------- delivery
-def test_messages_not_acknowledged_by_the_subscriber_are_redelivered_after_it_dies(any_broker):
+def test_messages_not_acknowledged_by_the_subscriber_are_redelivered_after_it_dies(any_broker, publisher):
     """The broker half of "nothing acknowledged is lost": what the twin received but had not committed
     (so not acknowledged) when it died comes again on its next connect, with both brokers."""
     got: list[bytes] = []
     config = BurstClientConfig(port=any_broker.port, client_id="sub-durable", clean_session=False, keepalive_s=2)
     sub = BurstClient(config=config, on_messages=lambda m, ack: got.extend(p for _, p in m), defer_acks=True,
                       subscriptions=(("t/#", 1),)).start()
-    pub = Edge(any_broker.port, "pub-durable")
+    pub = publisher(any_broker.port, "pub-durable")
     try:
         sub.wait_connected()
         time.sleep(0.3)
@@ -210,9 +163,9 @@ def start_twin_process(tmp_path: Path, port: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_twin_mid_stream_loses_nothing_and_stores_nothing_twice(any_broker, tmp_path):
+def test_sigkill_of_the_twin_mid_stream_loses_nothing_and_stores_nothing_twice(any_broker, publisher, tmp_path):
     twin = start_twin_process(tmp_path, any_broker.port)
-    edge = Edge(any_broker.port, "edge-killed")
+    edge = publisher(any_broker.port, "edge-killed")
     stop = threading.Event()
     sent: set[tuple[str, int]] = set()
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 from twin.scaleout.ownership import owner_of
 from twin.scaleout.reorder import apply_order
 
@@ -110,38 +108,13 @@ class Worker:
             self.process.wait(30)
 
 
-class Edge:
-    """Publishes at QoS 1 and records which (device, serial) the broker acknowledged."""
-
-    def __init__(self, port: int):
-        self.lock = threading.Lock()
-        self.pending: dict[int, tuple[str, int] | None] = {}
-        self.acked: set[tuple[str, int]] = set()
-        self.client = BurstClient(config=BurstClientConfig(port=port, client_id="edge-so", keepalive_s=5),
-                                  on_acked=self._on_acked).start()
-        self.client.wait_connected()
-
-    def _on_acked(self, mids):
-        with self.lock:
-            for mid in mids:
-                key = self.pending.pop(mid, None)
-                if key is not None:
-                    self.acked.add(key)
-
-    def send(self, messages, keys=None):
-        with self.lock:
-            for mid, key in zip(self.client.publish_many(messages, qos=1), keys or [None] * len(messages),
-                                strict=True):
-                self.pending[mid] = key
-
-
 @pytest.mark.slow
-def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres, tmp_path):
+def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres, publisher, tmp_path):
     machines, nodes, per_device = 8, 4, 120
     devices = [f"m{i:05d}" for i in range(machines)]
     alarming = devices[:3]  # their torque goes over the plant's 70 Nm limit at serial 30 and stays there
     workers = [Worker(tmp_path, f"w{k}", broker.port, postgres.url, machines=machines, nodes=nodes) for k in (0, 1)]
-    edge = Edge(broker.port)
+    edge = publisher(broker.port, "edge-so")
     import psycopg
 
     db = psycopg.connect(postgres.url, autocommit=True)
