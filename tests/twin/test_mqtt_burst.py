@@ -149,3 +149,12 @@ def test_qos1_published_while_disconnected_waits_for_a_connection(qos):
     client = BurstClient(config=BurstClientConfig(port=1))  # nothing listens on port 1
     mid = client.publish("t", b"x", qos=qos)
     assert client.inflight == (1 if qos else 0) and (mid > 0) == bool(qos)  # QoS 0 is fire and forget
+
+
+def test_qos_2_is_refused_with_a_value_error_before_anything_is_sent():
+    client = BurstClient(config=BurstClientConfig(port=1))  # nothing listens on port 1
+    with pytest.raises(ValueError, match="QoS 2 is not supported"):
+        client.publish("t", b"x", qos=2)
+    with pytest.raises(ValueError, match="QoS 2 is not supported"):
+        client.subscribe("t/#", qos=2)
+    assert client.inflight == 0 and client.subscriptions == ()

@@ -155,3 +155,13 @@ def test_a_row_the_database_refuses_is_dead_lettered_and_never_blocks_the_others
     store.put_history_many([Ingested("mill-1", 3, now, now, {}, True, None)])
     store.flush(timeout=20)
     assert store.seqs("mill-1") == [0, 1, 2, 3], "the writer goes on after it"
+
+
+def test_count_refuses_a_table_it_does_not_keep(tmp_path):
+    store = HistoryStore(tmp_path / "twin.db").start()
+    try:
+        with pytest.raises(ValueError, match="no table"):
+            store.count("history; DROP TABLE history")
+        assert store.count("history") == 0
+    finally:
+        store.close()

@@ -175,7 +175,8 @@ class BurstClient:
 
     def publish_many(self, messages: list[tuple[str, bytes]], *, qos: int = 1, retain: bool = False) -> list[int]:
         """Publish several messages in one write; returns their packet ids (0s for QoS 0)."""
-        assert qos in (0, 1), f"QoS {qos} is not supported"
+        if qos not in (0, 1):
+            raise ValueError(f"QoS {qos} is not supported (0 or 1)")
         with self._send_lock:
             mids, packets = [], []
             for topic, payload in messages:
@@ -220,7 +221,8 @@ class BurstClient:
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """One more subscription, now and on every later connect."""
-        assert qos in (0, 1), f"QoS {qos} is not supported"
+        if qos not in (0, 1):
+            raise ValueError(f"QoS {qos} is not supported (0 or 1)")
         with self._send_lock:
             self.subscriptions = (*self.subscriptions, (topic, qos))
             self._send_locked(self._subscribe_packet(topic, qos))
