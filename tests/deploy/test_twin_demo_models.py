@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.twin.test_twin_dashboard import CHROMIUM, Browser
+from tests.twin.api.test_dashboard import CHROMIUM, Browser
 
 ROOT = Path(__file__).resolve().parents[2]
 

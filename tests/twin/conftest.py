@@ -1,14 +1,16 @@
-"""Fixtures the twin's tests share: the brokers a test runs against, twins started on them, and publishers
-that record which messages the broker acknowledged. (`broker`, a plain Mosquitto, is tests/conftest.py's.)"""
+"""Fixtures the twin's tests share: the brokers a test runs against, twins started on them, publishers that
+record which messages the broker acknowledged, and a PostgreSQL server. (`broker`, a plain Mosquitto, is
+tests/conftest.py's.)"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
-from tests.services import EmbeddedBroker
+from tests.services import EmbeddedBroker, PostgresCluster, ServiceError
 from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 from twin.service import TwinConfig, TwinService
 
@@ -88,3 +90,18 @@ def publisher():
     yield start
     for edge in started:
         edge.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """MOEWORKS_TEST_PG_URL (CI starts a server), else a throwaway cluster; skip only when neither works."""
+    url = os.environ.get("MOEWORKS_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    try:
+        cluster = PostgresCluster().start()
+    except (ServiceError, OSError) as exc:
+        pytest.skip(f"no PostgreSQL server could be started: {exc}")
+    yield cluster.url
+    cluster.stop()

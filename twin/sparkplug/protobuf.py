@@ -1,7 +1,7 @@
 """Sparkplug B 3.0 protobuf payloads: our payload model (twin.sparkplug.payload) to and from Eclipse Tahu's schema.
 
 The bytes come from the protobuf package's code generated from twin/sparkplug/sparkplug_b.proto (Tahu's
-schema; `make proto` regenerates it), so every Sparkplug tool reads them; tests/twin/test_sparkplug_interop.py
+schema; `make proto` regenerates it), so every Sparkplug tool reads them; tests/twin/sparkplug/test_interop.py
 checks that against Tahu's own JavaScript implementation (npm `sparkplug-payload`). A maintained
 Python Sparkplug library (pysparkplug, mqtt-spb-wrapper) brings its own MQTT client and node
 model; we keep ours (the spool, PUBACK after commit) and need only the payload, so the generated

@@ -1,6 +1,6 @@
 """Fault injection against the twin, through real Mosquitto and the built-in broker (amqtt): values that
 overflow 64 bits, spoofed sequence numbers, oversized and malformed payloads, and SIGKILL of the twin
-process mid-stream (0 rows lost, 0 stored twice). A history row the database refuses: test_twin_store.py."""
+process mid-stream (0 rows lost, 0 stored twice). A history row the database refuses: store/test_history.py."""
 
 from __future__ import annotations
 

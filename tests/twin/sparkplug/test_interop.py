@@ -14,7 +14,6 @@ import pytest
 from twin.sparkplug import protobuf as sparkplug
 from twin.sparkplug.payload import REBIRTH, Metric, Payload
 
-ROOT = Path(__file__).resolve().parents[2]
 NOW = int(time.time() * 1000)
 
 
@@ -31,7 +30,7 @@ def tahu_js(tmp_path_factory):
 
 
 def run_tahu(node_modules: Path, job: dict) -> dict:
-    run = subprocess.run(["node", str(ROOT / "tests" / "twin" / "sparkplug_tahu.js")], input=json.dumps(job),
+    run = subprocess.run(["node", str(Path(__file__).with_name("sparkplug_tahu.js"))], input=json.dumps(job),
                          capture_output=True, text=True, timeout=60, env={"NODE_PATH": str(node_modules),
                                                                           "PATH": os.environ["PATH"]})
     assert run.returncode == 0, run.stderr

@@ -21,7 +21,6 @@ from deploy.edge.sources import SimulatedMill
 from deploy.rollout_lab import HttpsServer, ai4i_bundle, make_keys
 from tests.mqtt_certs import make_pki
 from tests.services import free_port
-from tests.twin.test_twin_store import postgres_url  # noqa: F401 - the fixture
 from twin.api.app import create_app
 from twin.auth import TokenStore, create_token
 from twin.rollout.manager import RolloutConfig, RolloutManager
@@ -29,7 +28,7 @@ from twin.rollout.protocol import CommandError, HealthGate, RolloutCommand
 from twin.service import TwinConfig, TwinService
 from twin.sparkplug.payload import Metric, Payload
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MILLS = {"edge-mill-1": "mill-1", "edge-mill-2": "mill-2"}
 
 
@@ -413,7 +412,7 @@ def test_rollout_routes_never_500_and_answer_as_their_schema_says(lab, tmp_path,
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
-    from tests.twin.test_twin_api_fuzz import fuzz
+    from tests.twin.api.test_api_fuzz import fuzz
 
     service = TwinService(config=TwinConfig(broker_port=free_port(), db=str(tmp_path / "twin.db"))).start()
     manager = RolloutManager(config=RolloutConfig(folder=tmp_path / "rollouts", publisher_key=lab.public,

@@ -8,7 +8,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from tests.services import PostgresCluster, ServiceError
 from twin.domain.alarms import Alarm
 from twin.domain.health import Health
 from twin.domain.state import Ingested
@@ -17,21 +16,6 @@ from twin.store.history import HistoryStore
 from twin.store.mes import MESConfig, WorkOrderExporter
 
 DAY = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """MOEWORKS_TEST_PG_URL (CI starts a server), else a throwaway cluster; skip only when neither works."""
-    url = os.environ.get("MOEWORKS_TEST_PG_URL")
-    if url:
-        yield url
-        return
-    try:
-        cluster = PostgresCluster().start()
-    except (ServiceError, OSError) as exc:
-        pytest.skip(f"no PostgreSQL server could be started: {exc}")
-    yield cluster.url
-    cluster.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

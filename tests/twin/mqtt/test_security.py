@@ -28,7 +28,7 @@ from twin.mqtt.mosquitto_config import MosquittoSecurity, write_mosquitto_securi
 from twin.mqtt.security import MQTTSecurity, MQTTSecurityError
 from twin.service import TwinConfig, TwinService
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TWIN_USER = "moeworks-twin"
 NODES = ("edge-cell-1", "edge-cell-2", "edge-mill-1", "edge-mill-2")  # the demo plant's edge nodes
 needs_mosquitto = pytest.mark.skipif(not (shutil.which("mosquitto") and shutil.which("mosquitto_passwd")),

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from twin.scaleout.ownership import owner_of
 from twin.scaleout.reorder import apply_order
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GROUP = "bench"
 
 
