@@ -27,6 +27,7 @@ class BrokerError(RuntimeError):
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on now (the OS picks it), for the broker and the demo's API."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
