@@ -27,7 +27,7 @@ lint: install
 
 # Sparkplug B payload code from its schema; commit both files (nothing compiles at install or run time)
 proto: install
-	$(PY) -m grpc_tools.protoc -I twin --python_out=twin twin/sparkplug_b.proto
+	$(PY) -m grpc_tools.protoc -I twin/sparkplug --python_out=twin/sparkplug twin/sparkplug/sparkplug_b.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

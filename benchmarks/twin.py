@@ -72,7 +72,7 @@ ATTACKS = ("malformed", "oversized", "out_of_range", "spoofed_seq", "spoofed_bds
 
 
 def attack_message(kind: str, group: str, node: str, device: str, stamp: int) -> tuple[str, bytes]:
-    from twin.payload import MAX_PAYLOAD_BYTES
+    from twin.sparkplug.payload import MAX_PAYLOAD_BYTES
 
     data = f"spBv1.0/{group}/DDATA/{node}/{device}"
     if kind == "malformed":
@@ -102,9 +102,9 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     twin, it is made cheaply: the random readings for a whole tick come from numpy at once, the JSON
     from a template, and a tick's messages leave in one write (twin.mqtt_burst, as the twin receives).
     """
-    from twin.mqtt_burst import BurstClient, BurstClientConfig
-    from twin.payload import Metric, Payload
-    from twin.sparkplug import assign_aliases, encode
+    from twin.mqtt.burst_client import BurstClient, BurstClientConfig
+    from twin.sparkplug.payload import Metric, Payload
+    from twin.sparkplug.protobuf import assign_aliases, encode
 
     acked = [0]
     client = BurstClient(config=BurstClientConfig(port=port, client_id=f"bench-pub-{seed}", keepalive_s=30),
@@ -234,10 +234,10 @@ def _reconcile(store, expected: dict[str, int]) -> dict[str, int]:
 def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
              db: str | None, workdir: Path, attack: float = 0.0, kill_cycles: int = 0,
              broker_kind: str = "mosquitto", payload: str = "json") -> dict:
-    from twin.plant import Plant
+    from twin.domain.plant import Plant
     from twin.service import TwinConfig, TwinService
-    from twin.services import EmbeddedBroker, Mosquitto
-    from twin.store import HistoryStore
+    from tests.services import EmbeddedBroker, Mosquitto
+    from twin.store.history import HistoryStore
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_devices = plant.nodes
@@ -372,7 +372,7 @@ class WorkerProcesses:
             path = workdir / f"worker-{k}.json"
             scale = {"scale": {"worker": f"w{k}", "slots": workers, "home_slot": k, "lease_s": lease_s}}
             path.write_text(json.dumps({**config, **(scale if workers else {})}))
-            module = "twin.scaleout" if workers else "twin.service"
+            module = "twin.scaleout.worker" if workers else "twin.service"
             self.procs.append(subprocess.Popen([sys.executable, "-m", module, str(path)], env=env,
                                                stdout=subprocess.PIPE, stderr=(workdir / f"worker-{k}.log").open("ab"),
                                                text=True))
@@ -401,9 +401,9 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
     adopt its MQTT session and its nodes; lost/duplicated rows are counted against the publishers' acks."""
     import psycopg
 
-    from twin.plant import Plant
-    from twin.services import Mosquitto
-    from twin.store import HistoryStore
+    from twin.domain.plant import Plant
+    from tests.services import Mosquitto
+    from twin.store.history import HistoryStore
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_ids = sorted(plant.nodes)
@@ -482,7 +482,7 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
 def workers_main(args, console: Console) -> None:
     """`--workers 1,2`: the scaled-out twin side by side for each worker count, then (`--kill-worker`) a
     fault run with the largest count at the first rate."""
-    from twin.services import PostgresCluster
+    from tests.services import PostgresCluster
 
     counts = [int(w) for w in args.workers.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
@@ -532,9 +532,9 @@ def _cpu(broker) -> float:
 
 def state_bytes_per_device(devices: int) -> float:
     """Memory of the plant model and live state per device, after one data message each (tracemalloc)."""
-    from twin.health import default_health_models
-    from twin.plant import Plant
-    from twin.state import TwinState
+    from twin.domain.health import default_health_models
+    from twin.domain.plant import Plant
+    from twin.domain.state import TwinState
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]

@@ -47,7 +47,7 @@ def publish_nodes(port: int, group: str, devices: dict[str, list[str]], logins: 
                   seed: int, out: mp.Queue, ready: mp.Queue, go) -> None:
     """One publisher process: one connection per edge node (logged in as that node when `logins`
     holds it), births, then DDATA for the nodes' devices at `rate` msg/s in total for `seconds`."""
-    from twin.mqtt_burst import BurstClient, BurstClientConfig
+    from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 
     acked = [0]
     count = lambda mids: acked.__setitem__(0, acked[0] + len(mids))  # noqa: E731 (one counter, all clients)
@@ -103,11 +103,11 @@ def _cpu(process) -> float:
 
 def run_mode(mode: str, *, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
              workdir: Path, pki) -> dict:
-    from twin.mosquitto_config import MosquittoSecurity, write_mosquitto_security
-    from twin.mqtt_tls import MQTTSecurity
-    from twin.plant import Plant
+    from twin.mqtt.mosquitto_config import MosquittoSecurity, write_mosquitto_security
+    from twin.mqtt.security import MQTTSecurity
+    from twin.domain.plant import Plant
     from twin.service import TwinConfig, TwinService
-    from twin.services import Mosquitto
+    from tests.services import Mosquitto
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_ids = sorted(plant.nodes)

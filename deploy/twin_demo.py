@@ -17,10 +17,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from twin.mqtt_tls import MQTTSecurity
-from twin.plant import Plant
+from twin.domain.plant import Plant
+from twin.mqtt.embedded_broker import EmbeddedBroker, free_port
+from twin.mqtt.security import MQTTSecurity
 from twin.service import TwinConfig, TwinService
-from twin.services import EmbeddedBroker, free_port
 
 # Everything the demo writes in its --out folder, and the record of what it made there: with --force a later
 # demo replaces these, and only when the record says a demo made them; nothing else is ever deleted.
@@ -164,7 +164,7 @@ def run_twin_demo(out_dir: Path, *, data_root: Path | None = None, duration_s: f
     for this run; every client checks the broker against the CA.
     """
     from deploy.edge.agent import EdgeAgent, EdgeConfig
-    from twin.api import create_app
+    from twin.api.app import create_app
 
     console = console or Console()
     out_dir = Path(out_dir)
@@ -233,7 +233,7 @@ def _demo_logins(plant: Plant, folder: Path, *, ca: Path) -> dict[str, MQTTSecur
     file; the passwords themselves stay in memory, for this run's clients."""
     import secrets
 
-    from twin.broker_passwd import set_password
+    from twin.mqtt.broker_passwd import set_password
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "broker_passwd").unlink(missing_ok=True)  # last run's users go with their passwords

@@ -20,7 +20,7 @@ def data_root() -> Path:
 @pytest.fixture
 def broker(tmp_path):
     """A real Mosquitto on a free loopback port (.ci/run installs Debian's mosquitto)."""
-    from twin.services import Mosquitto
+    from tests.services import Mosquitto
 
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")

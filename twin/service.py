@@ -1,7 +1,7 @@
 """The twin service: subscribes to the plant's Sparkplug namespace and keeps state, health,
 alarms, history and work orders up to date as messages arrive.
 
-Threads: the MQTT client's network thread (twin.mqtt_burst) ingests each burst of received
+Threads: the MQTT client's network thread (twin.mqtt.burst_client) ingests each burst of received
 messages (state + alarms under one lock, taken once per burst, so each message is applied
 atomically) and hands their rows to the history writer; the writer commits in batches and only
 then sends the burst's PUBACKs, so what the broker was told is received is on disk (a twin killed
@@ -26,17 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from twin.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
-from twin.codec import DEFAULT_CODEC, check_codec, encode
-from twin.health import HealthModel
-from twin.mes import MESConfig, WorkOrderExporter
-from twin.mqtt_burst import BurstClient, BurstClientConfig
-from twin.mqtt_tls import MQTTSecurity
-from twin.payload import MAX_PAYLOAD_BYTES, NAMESPACE, REBIRTH, Limits, Metric, Payload, Topic
-from twin.plant import DEFAULT_PLANT, Plant
-from twin.simulate import EnginePlan, FailureModel, MillPlan, SimulationError, simulate_engine, simulate_mill
-from twin.state import Ingested, TwinState
-from twin.store import HistoryStore, WriterConfig
+from twin.domain.alarms import MAINTENANCE_KINDS, Alarm, AlarmManager
+from twin.domain.health import HealthModel
+from twin.domain.plant import DEFAULT_PLANT, Plant
+from twin.domain.state import Ingested, TwinState
+from twin.domain.whatif import EnginePlan, FailureModel, MillPlan, SimulationError, simulate_engine, simulate_mill
+from twin.mqtt.burst_client import BurstClient, BurstClientConfig
+from twin.mqtt.security import MQTTSecurity
+from twin.sparkplug.codec import DEFAULT_CODEC, check_codec, encode
+from twin.sparkplug.payload import MAX_PAYLOAD_BYTES, NAMESPACE, REBIRTH, Limits, Metric, Payload, Topic
+from twin.store.history import HistoryStore, WriterConfig
+from twin.store.mes import MESConfig, WorkOrderExporter
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TwinConfig:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     client_id: str = "moeworks-twin"      # fixed, with a persistent session: the broker queues for us while we restart
-    mqtt: MQTTSecurity | None = None       # username/password and TLS towards the broker (twin.mqtt_tls)
+    mqtt: MQTTSecurity | None = None       # username/password and TLS towards the broker (twin.mqtt.security)
     db: str = "runs/twin/twin.db"          # SQLite file, or a postgresql:// URL
     plant: str = str(DEFAULT_PLANT)
     keepalive_s: int = 10                  # the broker notices a dead twin within 1.5x this
@@ -87,14 +87,14 @@ class TwinConfig:
 
 
 class TwinService:
-    store_statements: dict[str, str] = {}  # more row kinds for the history writer (twin/scaleout.py's inbox)
+    store_statements: dict[str, str] = {}  # more row kinds for the history writer (twin/scaleout/worker.py's inbox)
 
     def __init__(self, *, config: TwinConfig, plant: Plant | None = None,
                  health_models: dict[str, HealthModel] | None = None, failure_model: FailureModel | None = None):
         self.config = config
         self.plant = plant or Plant.from_yaml(config.plant)
         if health_models is None:
-            from twin.models import learned_health_models
+            from twin.domain.learned_health import learned_health_models
 
             health_models, learned_hazard = learned_health_models(rul_model=config.rul_model,
                                                                   ai4i_model=config.ai4i_model)
@@ -138,7 +138,7 @@ class TwinService:
         return self
 
     def _start_mqtt(self) -> None:
-        """One MQTT session, the plant's whole namespace (twin/scaleout.py: one per worker slot, shared)."""
+        """One MQTT session, the plant's whole namespace (twin/scaleout/worker.py: one per worker slot, shared)."""
         cfg = self.config
         self.client = BurstClient(
             config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=cfg.client_id,
@@ -260,7 +260,7 @@ class TwinService:
                 self.mes.order_for(alarm, line=self.plant.machines[alarm.device].line, now_ms=now_ms)
 
     def _put_alarm(self, alarm: Alarm) -> None:
-        self.store.put_alarm(alarm)  # twin/scaleout.py writes it only while it owns the device
+        self.store.put_alarm(alarm)  # twin/scaleout/worker.py writes it only while it owns the device
 
     def _on_commit(self, items: list[Ingested], committed_s: float) -> None:
         now_ms = committed_s * 1000.0

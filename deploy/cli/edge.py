@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from twin import mqtt_options as mqtt
+from twin.mqtt import cli_options as mqtt
 
 app = typer.Typer(help="Edge devices: publish machine telemetry over MQTT (Sparkplug B).",
                   no_args_is_help=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from deploy.cli.rollout import app as rollout_app
-from twin import mqtt_options as mqtt
+from twin.mqtt import cli_options as mqtt
 
 app = typer.Typer(help="Digital twin of factory assets fed over MQTT.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
@@ -65,11 +65,11 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
     import torch
     import uvicorn
 
-    from twin.api import create_app
+    from twin.api.app import create_app
     from twin.auth import AuthError, TokenStore, check_bind
-    from twin.plant import DEFAULT_PLANT, Plant, PlantConfigError
+    from twin.domain.plant import DEFAULT_PLANT, Plant, PlantConfigError
     from twin.service import TwinConfig, TwinService
-    from twin.store import StoreError
+    from twin.store.history import StoreError
 
     try:  # before anything starts: a refused bind must not leave a twin subscribed to the broker
         check_bind(http_host, auth_file)
@@ -83,8 +83,8 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         scale = _scale_or_exit(workers=workers, worker_group=worker_group, worker_id=worker_id, db=db,
                                config=TwinConfig(broker_host=broker_host, broker_port=broker_port, mqtt=security))
         if worker_id is None:  # the supervisor: N copies of this command, one per worker
-            from twin.scaleout import ScaleOutError
-            from twin.supervisor import WorkerSupervisor
+            from twin.scaleout.supervisor import WorkerSupervisor
+            from twin.scaleout.worker import ScaleOutError
 
             typer.echo(f"twin: {workers} workers (group {worker_group}), API on {http_host}:{http_port}.."
                        f"{http_port + workers - 1}", err=True)
@@ -107,12 +107,12 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         if scale is None:
             service = TwinService(config=config, plant=model).start()
         else:
-            from twin.scaleout import ScaledTwinService
+            from twin.scaleout.worker import ScaledTwinService
 
             service = ScaledTwinService(config=config, scale=scale, plant=model).start()
         rollouts = None
         if rollout_key is not None:
-            from twin.rollout import RolloutConfig, RolloutManager
+            from twin.rollout.manager import RolloutConfig, RolloutManager
 
             scheme = "https" if https_cert else "http"
             rollouts = RolloutManager(config=RolloutConfig(
@@ -134,7 +134,7 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
 
 def _scale_or_exit(*, workers: int, worker_group: str, worker_id: str | None, db: str, config):
     """The worker's ScaleOutConfig, after the checks a group of workers needs; a mistake exits 2."""
-    from twin.scaleout import ScaleOutConfig, ScaleOutError, share_probe
+    from twin.scaleout.worker import ScaleOutConfig, ScaleOutError, share_probe
 
     if not 1 <= workers <= 256:
         _fail(f"--workers must be 1..256, got {workers}")
@@ -174,7 +174,7 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
     import torch
 
     from deploy.twin_demo import DemoOutputError, run_twin_demo
-    from twin.mqtt_tls import MQTTSecurity, MQTTSecurityError
+    from twin.mqtt.security import MQTTSecurity, MQTTSecurityError
 
     broker_tls = None
     if mqtt_cert or mqtt_key or mqtt_ca:
@@ -203,8 +203,8 @@ def etl(db: str = typer.Option("runs/twin/twin.db", help="SQLite file or postgre
     """Aggregate the history into one Parquet file per UTC day (per device and metric)."""
     import sqlite3
 
-    from twin.etl import run_etl
-    from twin.store import HistoryStore, StoreError
+    from twin.store.etl import run_etl
+    from twin.store.history import HistoryStore, StoreError
 
     try:
         store = HistoryStore(db)
@@ -232,8 +232,8 @@ def broker(port: int = typer.Option(1883, help="port (8883 is MQTT over TLS's)")
                                                                        "which clients may then present")) -> None:
     """An in-process MQTT broker (amqtt) for trying the edge and the twin without Mosquitto."""
     from twin.auth import is_loopback
-    from twin.broker_passwd import BrokerPasswdError
-    from twin.services import EmbeddedBroker, ServiceError
+    from twin.mqtt.broker_passwd import BrokerPasswdError
+    from twin.mqtt.embedded_broker import BrokerError, EmbeddedBroker
 
     if not is_loopback(host) and (password_file is None or mqtt_cert is None):
         _fail(ValueError(f"refusing to bind {host}: beyond loopback the broker needs --password-file and TLS "
@@ -243,7 +243,7 @@ def broker(port: int = typer.Option(1883, help="port (8883 is MQTT over TLS's)")
     try:
         server = EmbeddedBroker(port=port, host=host, password_file=password_file, certfile=mqtt_cert,
                                 keyfile=mqtt_key, cafile=mqtt_ca)
-    except (ServiceError, BrokerPasswdError) as exc:
+    except (BrokerError, BrokerPasswdError) as exc:
         _fail(exc)
     with server:
         typer.echo(f"MQTT broker on {host}:{port} ({'TLS' if mqtt_cert else 'plaintext'}, "
@@ -264,8 +264,8 @@ def broker_passwd(file: Path = typer.Option(..., help="the built-in broker's pas
     --mqtt-password-file, $MOEWORKS_MQTT_PASSWORD or asked for, never from the command line."""
     import getpass
 
-    from twin.broker_passwd import BrokerPasswdError, set_password
-    from twin.mqtt_tls import PASSWORD_ENV, MQTTSecurityError, read_password_file
+    from twin.mqtt.broker_passwd import BrokerPasswdError, set_password
+    from twin.mqtt.security import PASSWORD_ENV, MQTTSecurityError, read_password_file
 
     try:
         if mqtt_password_file is not None:
@@ -298,8 +298,8 @@ def mosquitto_config(out: Path = typer.Option(..., help="folder for mosquitto.co
                                                                              "Mosquitto drops larger ones")) -> None:
     """Write a Mosquitto config: TLS listener, no anonymous clients, a password per edge node and for
     the twin (credentials/<user>.password), and an ACL under which each node writes only its own topics."""
-    from twin.mosquitto_config import MosquittoConfigError, MosquittoSecurity, write_mosquitto_security
-    from twin.plant import DEFAULT_PLANT, Plant, PlantConfigError
+    from twin.domain.plant import DEFAULT_PLANT, Plant, PlantConfigError
+    from twin.mqtt.mosquitto_config import MosquittoConfigError, MosquittoSecurity, write_mosquitto_security
 
     try:
         model = Plant.from_yaml(plant or DEFAULT_PLANT)

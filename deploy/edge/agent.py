@@ -5,12 +5,12 @@ will, then publishes NBIRTH(bdSeq) and DBIRTH before any data. Data (DDATA, QoS 
 the on-disk spool: written with its seq, published in order with a window of unacknowledged
 messages, deleted on PUBACK. A lost connection drops the session; the agent reconnects with
 exponential backoff and jitter, births again with bdSeq + 1 and resends the spool from its head.
-With `security` (twin.mqtt_tls) it connects over TLS, checking the broker's certificate against a
+With `security` (twin.mqtt.security) it connects over TLS, checking the broker's certificate against a
 CA and its host name, and logs in with its node's username and password; a refused login or an
 untrusted certificate is retried like a lost broker, and logged once per distinct reason.
 
 Payloads are Sparkplug B protobuf by default (`payload="json"`: our JSON); births declare each
-device metric's alias and DDATA sends aliases alone (twin.sparkplug). With `primary_host` the agent
+device metric's alias and DDATA sends aliases alone (twin.sparkplug.protobuf). With `primary_host` the agent
 follows that host application's STATE (`spBv1.0/STATE/<host>`, Sparkplug 3.0): no births and no data
 until the host says it is online, data held in the spool while it is offline, births again and the
 spool from its head when it returns.
@@ -33,10 +33,10 @@ import paho.mqtt.client as mqtt
 from deploy.edge.model_slot import MODEL_METRIC, PREDICTION, ModelSlot
 from deploy.edge.rollout import RolloutClient
 from deploy.edge.spool import Spool
-from twin.codec import DEFAULT_CODEC, check_codec, decode, encode
-from twin.mqtt_tls import MQTTSecurity
-from twin.payload import NAMESPACE, REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic
-from twin.sparkplug import assign_aliases
+from twin.mqtt.security import MQTTSecurity
+from twin.sparkplug.codec import DEFAULT_CODEC, check_codec, decode, encode
+from twin.sparkplug.payload import NAMESPACE, REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic
+from twin.sparkplug.protobuf import assign_aliases
 
 log = logging.getLogger(__name__)
 

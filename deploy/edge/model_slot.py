@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from twin.payload import Metric
-from twin.rollout_protocol import (
+from twin.rollout.protocol import (
     MODEL_PREVIOUS,
     MODEL_VERSION,
     NO_MODEL,
@@ -41,13 +40,14 @@ from twin.rollout_protocol import (
     VERSION_RE,
     HealthGate,
 )
+from twin.sparkplug.payload import Metric
 
 log = logging.getLogger(__name__)
 SLOT_FILE = "slot.json"
 # the agent's metric names -> the AI4I bundle's graph inputs (deploy.bundle.ai4i_graph)
 AI4I_FEEDS = {"air_temperature": "Air temperature [K]", "process_temperature": "Process temperature [K]",
               "rotational_speed": "Rotational speed [rpm]", "torque": "Torque [Nm]", "tool_wear": "Tool wear [min]"}
-PREDICTION, MODEL_METRIC = "edge_failure", "edge_model"   # what each data row carries (twin/plant.yaml's mill)
+PREDICTION, MODEL_METRIC = "edge_failure", "edge_model"   # what each data row carries (twin/domain/plant.yaml's mill)
 
 
 class ModelError(ValueError):

@@ -1,6 +1,6 @@
 """The edge node's side of a model rollout: fetch the bundle the twin offered, check it, hand it to the slot.
 
-An NCMD's rollout command (twin.rollout_protocol, checked field by field) is queued to a worker
+An NCMD's rollout command (twin.rollout.protocol, checked field by field) is queued to a worker
 thread, so the agent keeps publishing while the bundle downloads and verifies. The command is kept
 in `staging/<rollout id>/command.json` (mode 0600: it holds the download token) and the files grow
 in `staging/<rollout id>/bundle/<name>.part`: an agent killed mid-download finds both at its next
@@ -29,8 +29,8 @@ import httpx
 
 from core.bundle_signing import sha256_file
 from deploy.edge.model_slot import ModelError, ModelSlot
-from twin.payload import Payload
-from twin.rollout_protocol import CommandError, RolloutCommand
+from twin.rollout.protocol import CommandError, RolloutCommand
+from twin.sparkplug.payload import Payload
 
 log = logging.getLogger(__name__)
 MAX_SMALL_FILE = 1 << 20          # manifest.json and model.sig
@@ -293,7 +293,7 @@ class RolloutClient:
 
     @staticmethod
     def _read_command(path: Path) -> RolloutCommand:
-        from twin.rollout_protocol import HealthGate
+        from twin.rollout.protocol import HealthGate
 
         if path.stat().st_size > 64 << 10:
             raise ValueError("command.json is larger than 64 KiB")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from twin.payload import Metric
+from twin.sparkplug.payload import Metric
 
 CMAPSS_COLUMNS = ["unit", "cycle", "setting1", "setting2", "setting3"] + [f"s{i}" for i in range(1, 22)]
 CMAPSS_UNITS = {"cycle": "cycle", "setting1": "altitude", "setting2": "Mach", "setting3": "TRA",

@@ -49,7 +49,7 @@ def test_edge_run_replays_real_data_into_the_spool_when_no_broker_is_there(tmp_p
     assert stats["produced"] == 40 and stats["acknowledged"] == 0 and stats["spool_depth"] == 40
     assert stats["reconnect_failures"] >= 1
     from deploy.edge.spool import Spool
-    from twin.codec import decode
+    from twin.sparkplug.codec import decode
 
     pending = Spool(tmp_path / "e.spool").pending(limit=100)
     cycles = [decode("DDATA", p).metrics[0].value for _, _, p in pending]  # Sparkplug protobuf by default

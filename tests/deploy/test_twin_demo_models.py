@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.twin.test_twin_dashboard import CHROMIUM, Browser
+from tests.twin.api.test_dashboard import CHROMIUM, Browser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,8 +76,8 @@ def test_the_demo_with_health_models_holds_for_a_minute(tmp_path):
 
 
 def test_slow_health_models_never_hold_up_ingestion_and_their_backlog_is_bounded(tmp_path):
+    from tests.services import free_port
     from twin.service import TwinConfig, TwinService
-    from twin.services import free_port
 
     release = threading.Event()
     scored = []

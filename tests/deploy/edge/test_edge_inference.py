@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.inference import EdgeModelError, OnnxRULEstimator
 from deploy.edge.sources import SimulatedEngine
+from tests.services import Mosquitto
 from twin.service import TwinConfig, TwinService
-from twin.services import Mosquitto
 
 FEATURES = ["s2", "s3", "s4", "s7", "s11", "s12"]
 WINDOW = 8

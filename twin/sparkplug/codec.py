@@ -1,0 +1,48 @@
+"""Which encoding a Sparkplug payload travels in: protobuf (Sparkplug B, the default) or our JSON.
+
+Decoding needs no setting: a payload whose first non-blank byte is `{` or `[` is JSON (an array is
+then refused as not an object), anything else is protobuf. That cannot misread a Sparkplug
+payload: its first byte is a field tag, and `{` (0x7B) or `[` (0x5B) would be field 15 or 11 as a
+group, which the schema has not; the blanks (0x09, 0x0A, 0x0D, 0x20) would be a timestamp or uuid
+of the wrong wire type. So one twin reads edges of both kinds; the setting
+(`TwinConfig.payload`, `EdgeConfig.payload`) picks what a side sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twin.sparkplug import payload as json_codec
+from twin.sparkplug import protobuf
+from twin.sparkplug.payload import DEFAULT_LIMITS, Limits, Payload
+
+CODECS = ("protobuf", "json")
+DEFAULT_CODEC = "protobuf"
+_BLANKS = b" \t\r\n"
+_JSON_STARTS = (b"{", b"[")
+
+
+def check_codec(name: str, owner: str) -> None:
+    if name not in CODECS:
+        raise ValueError(f"{owner}.payload must be one of {', '.join(CODECS)}, got {name!r}")
+
+
+def is_json(raw: bytes) -> bool:
+    first = raw[:1]
+    return first in _JSON_STARTS or (first != b"" and first in _BLANKS and raw.lstrip(_BLANKS)[:1] in _JSON_STARTS)
+
+
+def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS,
+           aliases: Mapping[int, str] | None = None) -> Payload:
+    """twin.sparkplug.payload.decode or twin.sparkplug.protobuf.decode (which names alias-only metrics from
+    `aliases`), by the payload's first byte (see the module's docstring)."""
+    if is_json(raw):
+        return json_codec.decode(kind, raw, now_ms=now_ms, limits=limits)
+    return protobuf.decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases)
+
+
+def encode(payload: Payload, codec: str, *, aliases: Mapping[str, int] | None = None, names: bool = True) -> bytes:
+    """The payload's bytes in `codec`; aliases apply to protobuf only (our JSON names every metric)."""
+    if codec == "json":
+        return payload.to_json()
+    return protobuf.encode(payload, aliases=aliases, names=names)

@@ -1,0 +1,1 @@
+"""What the twin keeps and hands on: history (SQLite/PostgreSQL), daily Parquet ETL, MES work orders."""
