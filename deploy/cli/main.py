@@ -45,6 +45,7 @@ DEPRECATED_FLAGS: dict[tuple[str, ...], dict[str, str]] = {
     ("finance", "train"): {"--model": "--kind"},
     ("maintenance", "train"): {"--model": "--kind"},
     ("maintenance", "evaluate"): {"--test": "--data"},
+    ("maintenance", "export"): {"--test": "--data"},
     ("defects", "train"): {"--moe": "--train-moe", "--no-moe": "--no-train-moe"},
     ("defects", "evaluate"): {"--moe": "--moe-stage"},
     ("defects", "predict"): {"--source": "--data", "--moe": "--moe-stage"},

@@ -197,19 +197,19 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(model: Path = typer.Option(..., help="RUL model folder or AI4I model folder"),
                        out: Path = typer.Option(..., help="folder for the .onnx file(s)"),
-                       test: Path | None = typer.Option(None, help="C-MAPSS or AI4I file whose rows check parity "
-                                                                   "(default: generated rows)"),
+                       data: Path | None = typer.Option(None, help="C-MAPSS or AI4I file whose rows check parity "
+                                                                   "(default: generated rows; was --test)"),
                        as_json: bool = JSON):
         """Export to ONNX and check PyTorch/LightGBM vs onnxruntime on real rows."""
         from manufacturing.maintenance.export import export_model_folder
 
         _threads()
-        differences = export_model_folder(model, out, test)
+        differences = export_model_folder(model, out, data)
         for path, difference in differences.items():
             output.say(f"{path}: max |framework - onnxruntime| = {difference:.3g}", as_json=as_json)
         if as_json:
             output.emit("maintenance.export", {"model": str(model), "out": str(out),
-                                               "data": None if test is None else str(test),
+                                               "data": None if data is None else str(data),
                                                "files": {str(p): float(d) for p, d in differences.items()}})
 
     @app.command("ai4i-train")
