@@ -124,12 +124,17 @@ app.add_typer(auth_app, name="auth")
 def auth_token(role: str = typer.Option(..., help="viewer (reads), operator (acknowledges, what-ifs, scores) "
                                                   "or admin (MES, ETL, configuration)"),
                file: Path = typer.Option(..., help="token file (made if missing); only hashes are stored"),
-               name: str = typer.Option("operator", help="who holds the token; recorded with what it does")) -> None:
+               name: str = typer.Option("operator", help="who holds the token; recorded with what it does"),
+               as_json: bool = typer.Option(False, "--json", help="print the token with its role, name and file as "
+                                                                  "one JSON object on stdout")) -> None:
     """Make a token, print it once on stdout, and store only its SHA-256 hash in FILE."""
     from twin.auth import create_token
 
     token = create_token(file, role=role, name=name)
-    typer.echo(token)
+    if as_json:
+        output.emit("auth.token", {"token": token, "role": role, "name": name, "file": str(file)})
+    else:
+        typer.echo(token)
     output.note(f"stored the hash of a {role} token for {name!r} in {file}; the token is not kept anywhere")
 
 

@@ -306,7 +306,8 @@ def mosquitto_config(out: Path = typer.Option(..., help="folder for mosquitto.co
                      require_certificate: bool = typer.Option(False, help="clients need a certificate from "
                                                                           "--mqtt-ca as well as a password"),
                      message_size_limit: int = typer.Option(256 * 1024, help="largest payload in bytes; "
-                                                                             "Mosquitto drops larger ones")) -> None:
+                                                                             "Mosquitto drops larger ones"),
+                     as_json: bool = JSON) -> None:
     """Write a Mosquitto config: TLS listener, no anonymous clients, a password per edge node and for
     the twin (credentials/<user>.password), and an ACL under which each node writes only its own topics."""
     from twin.mosquitto_config import MosquittoConfigError, MosquittoSecurity, write_mosquitto_security
@@ -322,4 +323,9 @@ def mosquitto_config(out: Path = typer.Option(..., help="folder for mosquitto.co
         _fail(exc)
     output.note(f"users: {twin_user}, {', '.join(sorted(model.nodes))} (passwords in {paths['credentials']})")
     output.note(f"run: mosquitto -c {paths['conf'].resolve()}")
-    typer.echo(str(paths["conf"]))
+    if as_json:
+        output.emit("twin.mosquitto-config", {"out": str(out), "plant": str(plant or DEFAULT_PLANT), "users":
+                                              [twin_user, *sorted(model.nodes)],
+                                              "files": {name: str(path) for name, path in paths.items()}})
+    else:
+        typer.echo(str(paths["conf"]))
