@@ -101,9 +101,10 @@ def third_party_output_to(log: Path) -> Iterator[tuple[TextIO, TextIO]]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8", buffering=1) as sink:
         # handlers made before this block (a library imported earlier) hold the real streams themselves
+        consoles = (*real, sys.__stdout__, sys.__stderr__)
         handlers = [handler for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
                     if isinstance(logger, logging.Logger) for handler in logger.handlers
-                    if isinstance(handler, logging.StreamHandler) and handler.stream in real]
+                    if isinstance(handler, logging.StreamHandler) and handler.stream in consoles]
         streams = [handler.setStream(sink) for handler in handlers]
         sys.stdout = sys.stderr = sink
         try:
