@@ -101,10 +101,7 @@ def third_party_output_to(log: Path) -> Iterator[tuple[TextIO, TextIO]]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8", buffering=1) as sink:
         # handlers made before this block (a library imported earlier) hold the real streams themselves
-        consoles = (*real, sys.__stdout__, sys.__stderr__)
-        handlers = [handler for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-                    if isinstance(logger, logging.Logger) for handler in logger.handlers
-                    if isinstance(handler, logging.StreamHandler) and handler.stream in consoles]
+        handlers = _stream_handlers((*real, sys.__stdout__, sys.__stderr__))
         streams = [handler.setStream(sink) for handler in handlers]
         sys.stdout = sys.stderr = sink
         try:
@@ -113,3 +110,12 @@ def third_party_output_to(log: Path) -> Iterator[tuple[TextIO, TextIO]]:
             sys.stdout, sys.stderr = real
             for handler, stream in zip(handlers, streams, strict=True):
                 handler.setStream(stream)
+            for handler in _stream_handlers((sink,)):  # made inside the block (a library imported there)
+                handler.setStream(real[0])
+
+
+def _stream_handlers(streams: tuple) -> list[logging.StreamHandler]:
+    """Every logging handler that writes to one of `streams`."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [handler for logger in loggers if isinstance(logger, logging.Logger) for handler in logger.handlers
+            if isinstance(handler, logging.StreamHandler) and handler.stream in streams]
