@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer (>= 0.29) vendors click
 
 from deploy.cli import output
 from deploy.cli.errors import UserInputError, one_line, user_error_types
@@ -53,6 +56,8 @@ DEPRECATED_FLAGS: dict[tuple[str, ...], dict[str, str]] = {
     ("edge", "run"): {"--source": "--kind", "--host": "--broker-host", "--port": "--broker-port"},
 }
 
+# `serve MODEL` (a positional model right after `serve`) is rewritten to `serve --model MODEL` too.
+
 # Accepted anywhere on the line (`moeworks finance score ... --quiet`) and applied to the whole run.
 GLOBAL_FLAGS = ("--quiet", "--verbose")
 
@@ -64,6 +69,11 @@ def modernize(args: Sequence[str]) -> list[str]:
     command = next((words[:n] for n in (3, 2) if words[:n] in DEPRECATED_FLAGS), ())
     renames = DEPRECATED_FLAGS.get(command, {})
     front, rest = [], []
+    if words[:1] == ("serve",) and len(words) > 1:  # `serve MODEL`: the model was positional
+        typer.echo("deprecated: `moeworks serve MODEL` is now `moeworks serve --model MODEL`; the old form is "
+                   "accepted until the next release", err=True)
+        position = args.index(words[1])
+        args = [*args[:position], "--model", *args[position:]]
     for index, arg in enumerate(args):
         if arg == "--":  # everything after it is a value
             rest.extend(args[index:])
@@ -87,18 +97,35 @@ class MoeworksGroup(LazyGroup):
     lazy = LAZY_COMMANDS
 
     def main(self, args: Sequence[str] | None = None, *pos: Any, **kwargs: Any) -> Any:
-        import sys
-
         return super().main(modernize(sys.argv[1:] if args is None else args), *pos, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _one_line_usage_errors():
+                return super().invoke(ctx)
         except Exception as error:
             if not isinstance(error, user_error_types()):
                 raise
             typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(2) from None
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Click's usage errors (a missing option, a value of the wrong type, an unknown command) are the
+    user's mistakes too: one line and exit code 2 instead of a usage box (help on no arguments stays)."""
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except UsageError as error:
+        where = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        typer.echo(f"error: {one_line(error.format_message())}{where}", err=True)
+        raise typer.Exit(2) from None
 
 
 app = typer.Typer(cls=MoeworksGroup, help="moeworks: an industry AI suite on a shared Mixture-of-Experts engine.",

@@ -6,16 +6,13 @@ from pathlib import Path
 
 import typer
 
-from deploy.cli import output
 from deploy.cli.errors import UserInputError
 
 
-def serve(model: Path = typer.Option(None, help="a core checkpoint (.pt), an ONNX file (.onnx), a credit model "
+def serve(model: Path = typer.Option(..., help="a core checkpoint (.pt), an ONNX file (.onnx), a credit model "
                                                 "folder (any `finance train` model: raw application fields), "
                                                 "a RUL model folder (maintenance train) or its .onnx, a defects "
                                                 "run or export folder, its detector.pt or the detector's .onnx"),
-          positional_model: Path = typer.Argument(None, hidden=True, metavar="[MODEL]",
-                                                  help="deprecated: the model as a positional argument"),
           host: str = typer.Option("127.0.0.1", help="address to bind; beyond loopback only with --auth-file"),
           port: int = typer.Option(8080, help="port to bind"),
           auth_file: Path = typer.Option(None, help="token file of `moeworks auth token`: predict needs an operator "
@@ -50,14 +47,6 @@ def serve(model: Path = typer.Option(None, help="a core checkpoint (.pt), an ONN
     def fail(message: str) -> None:
         raise UserInputError(message)
 
-    if positional_model is not None:
-        if model is not None:
-            fail("give the model once: --model PATH")
-        output.warn("deprecated: `moeworks serve MODEL` is now `moeworks serve --model MODEL`; the positional form "
-                    "is accepted until the next release")
-        model = positional_model
-    if model is None:
-        fail("--model: give the model file or folder to serve")
     check_bind(host, auth_file)
     if auth_file is not None:
         TokenStore.load(auth_file)  # a broken token file is the user's mistake, said before start-up

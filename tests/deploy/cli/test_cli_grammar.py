@@ -78,6 +78,8 @@ def test_modernize_renames_only_the_commands_old_flags_and_hoists_global_flags()
         ["finance", "evaluate", "--model", "m", "--data", "d"]
     assert modernize(["--verbose", "maintenance", "train", "--model", "moe"])[-2:] == ["--kind", "moe"]
     assert modernize(["edge", "run", "--", "--source"]) == ["edge", "run", "--", "--source"]
+    assert modernize(["serve", "m.pt", "--port", "1"]) == ["serve", "--model", "m.pt", "--port", "1"]
+    assert modernize(["serve", "--port", "1", "--model", "m.pt"]) == ["serve", "--port", "1", "--model", "m.pt"]
     for renames in DEPRECATED_FLAGS.values():
         assert all(old.startswith("--") and new.startswith("--") for old, new in renames.items())
 

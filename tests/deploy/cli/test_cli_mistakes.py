@@ -211,6 +211,9 @@ CASES = [
     ("grammar-defects-predict-data", "defects predict --data {empty_folder} --model {empty} --json", "{empty}"),
     ("grammar-serve-model-missing", "serve --model {missing}", "{missing}"),
     ("grammar-serve-without-model", "serve", "--model"),
+    ("grammar-not-a-number", "finance score --model {credit_model} --data {taiwan_file} --out {out}/s7 "
+     "--chunk-rows many", "--chunk-rows"),
+    ("grammar-unknown-command", "finance scroe --model {credit_model}", "scroe"),
     ("grammar-edge-run-unknown-kind", "edge run --kind lathe --max-messages 1 --json", "lathe"),
     ("grammar-edge-quantize-json", "edge quantize --model {folder} --out {out}/q2.onnx --json", "{folder}"),
     ("grammar-auth-token-json", "auth token --role viewer --file {folder} --json", "{folder}"),
