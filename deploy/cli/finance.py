@@ -15,6 +15,8 @@ JSON = typer.Option(False, "--json", help="print the result as one JSON object o
 
 
 class FinanceGroup(LazyGroup):
+    """`reject-inference` lives beside its experiment (finance/reject_cli.py) and loads scikit-learn: only when used."""
+
     lazy = {"reject-inference": ("finance.reject_cli:reject_inference", "Replay an acceptance policy, hide the "
                                  "rejects' outcomes, compare reject-inference methods.")}
 
@@ -22,10 +24,10 @@ class FinanceGroup(LazyGroup):
 app = typer.Typer(cls=FinanceGroup, help="Credit scoring: train, evaluate, score batches.", no_args_is_help=True)
 
 
-def _out_folder(path: Path, option: str = "out") -> Path:
+def _out_folder(path: Path) -> Path:
     """A folder to write into: refused (one line) when it is a file."""
     if path.exists() and not path.is_dir():
-        raise UserInputError(f"--{option} {path} is a file; give a folder")
+        raise UserInputError(f"--out {path} is a file; give a folder")
     return path
 
 

@@ -46,11 +46,11 @@ def schema(command: str) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """JSON for what json cannot write itself: paths as strings, numpy scalars as numbers."""
+    """JSON for what json cannot write itself: paths as strings, numpy scalars and arrays as numbers and lists."""
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "item"):
-        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
     return str(value)
 
 
@@ -76,11 +76,11 @@ def warn(text: str) -> None:
     typer.echo(text, err=True)
 
 
-def console(*, as_json: bool = False, width: int | None = None):
+def console(*, as_json: bool = False):
     """A rich console for tables: stdout, or stderr when stdout carries the JSON; silent with --quiet."""
     from rich.console import Console
 
-    return Console(stderr=as_json, quiet=SETTINGS.quiet, width=width)
+    return Console(stderr=as_json, quiet=SETTINGS.quiet)
 
 
 def show_progress(as_json: bool = False) -> bool:

@@ -196,7 +196,8 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
     try:
         summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
                                 rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
-                                train_models=train_models, quick=quick, force=force, broker_tls=broker_tls)
+                                train_models=train_models, quick=quick, force=force, broker_tls=broker_tls,
+                                console=output.console(as_json=as_json))
     except DemoOutputError as exc:  # raised before anything starts or is deleted
         _fail(exc)
     if as_json:
