@@ -62,10 +62,15 @@ DEPRECATED_FLAGS: dict[tuple[str, ...], dict[str, str]] = {
 GLOBAL_FLAGS = ("--quiet", "--verbose")
 
 
+def command_words(args: Sequence[str]) -> tuple[str, ...]:
+    """The leading words of a command line: ("finance", "train") of `finance train --kind moe`."""
+    return tuple(itertools.takewhile(lambda a: not a.startswith("-"), (a for a in args if a not in GLOBAL_FLAGS)))
+
+
 def modernize(args: Sequence[str]) -> list[str]:
     """`args` in the current grammar: deprecated flags renamed (one stderr line each), global flags first."""
     args = list(args)
-    words = tuple(itertools.takewhile(lambda a: not a.startswith("-"), (a for a in args if a not in GLOBAL_FLAGS)))
+    words = command_words(args)
     command = next((words[:n] for n in (3, 2) if words[:n] in DEPRECATED_FLAGS), ())
     renames = DEPRECATED_FLAGS.get(command, {})
     front, rest = [], []
@@ -96,16 +101,24 @@ class MoeworksGroup(LazyGroup):
 
     lazy = LAZY_COMMANDS
 
+    _words: tuple[str, ...] = ()  # the command's words (`finance train`), for its warnings log
+
     def main(self, args: Sequence[str] | None = None, *pos: Any, **kwargs: Any) -> Any:
-        return super().main(modernize(sys.argv[1:] if args is None else args), *pos, **kwargs)
+        args = modernize(sys.argv[1:] if args is None else args)
+        self._words = command_words(args)
+        return super().main(args, *pos, **kwargs)
 
     def make_context(self, *args: Any, **kwargs: Any):
         with _one_line_usage_errors():
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):
+        # the global flags, parsed by now, apply before anything of the command runs (its warnings too)
+        output.configure(quiet=ctx.params.get("quiet", False), verbose=ctx.params.get("verbose", False))
+        name = "-".join(self._words[:2]) or "moeworks"
         try:
-            with _one_line_usage_errors():
+            with _one_line_usage_errors(), output.warnings_to(Path("runs/logs") / f"{name}.log",
+                                                              command=" ".join(self._words)):
                 return super().invoke(ctx)
         except Exception as error:
             if not isinstance(error, user_error_types()):
@@ -139,7 +152,7 @@ def main_options(quiet: bool = typer.Option(False, "--quiet", help="only the res
                                                                        "terminal instead of the run's log file "
                                                                        "(also after the command)")) -> None:
     """moeworks: an industry AI suite on a shared Mixture-of-Experts engine."""
-    output.configure(quiet=quiet, verbose=verbose)
+    # the values take effect in MoeworksGroup.invoke, before this callback and the command run
 
 
 auth_app = typer.Typer(help="Bearer tokens with roles for `twin serve` and `serve` (--auth-file).",

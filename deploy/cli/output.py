@@ -5,8 +5,9 @@
   input, `out` what was written, `rows` a count of records.
 - Tables, notes and progress go to stderr when --json is given (`console`, `say`), and progress bars only
   to a terminal (`show_progress`). `--quiet` leaves only the result and errors.
-- Third-party output (ultralytics, warnings) goes into the run's log file unless `--verbose`
-  (`third_party_output_to`).
+- Third-party output goes into a log file unless `--verbose`: Python warnings of every command into
+  runs/logs/<group>-<command>.log (`warnings_to`, made only when a warning comes), and everything
+  ultralytics prints into the run's own log (`third_party_output_to`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,3 +122,44 @@ def _stream_handlers(streams: tuple) -> list[logging.StreamHandler]:
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     return [handler for logger in loggers if isinstance(logger, logging.Logger) for handler in logger.handlers
             if isinstance(handler, logging.StreamHandler) and handler.stream in streams]
+
+
+class _LogOnDemand:
+    """A log file opened at its first write (so a run without warnings leaves no file)."""
+
+    def __init__(self, path: Path, header: str) -> None:
+        self.path, self.header, self.file, self.count = path, header, None, 0
+
+    def write(self, text: str) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self.file.write(self.header)
+        self.file.write(text)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@contextmanager
+def warnings_to(log: Path, *, command: str) -> Iterator[None]:
+    """Python warnings raised while the block runs go into `log` (one note on stderr says how many), not
+    between the command's output; with --verbose they print as usual."""
+    if SETTINGS.verbose:
+        yield
+        return
+    sink = _LogOnDemand(log, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} moeworks {command}\n")
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        sink.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            sink.close()
+            if sink.count:
+                note(f"{sink.count} warning(s) from libraries written to {log} (--verbose shows them here)")

@@ -112,3 +112,31 @@ def test_only_user_errors_become_exit_code_2_and_a_bug_keeps_its_traceback():
     assert refused.exit_code == 2 and refused.stderr == "error: --rows must be >= 1 second line\n"
     crashed = runner.invoke(probe, ["bug"])
     assert crashed.exit_code == 1 and isinstance(crashed.exception, ValueError)
+
+
+def test_library_warnings_go_to_the_commands_log_unless_verbose(tmp_path, monkeypatch):
+    import warnings
+
+    import typer
+
+    from deploy.cli.main import MoeworksGroup, main_options
+
+    probe = typer.Typer(cls=MoeworksGroup)
+    probe.callback()(main_options)
+
+    @probe.command()
+    def fit():
+        warnings.warn("torch.cuda.amp.autocast is deprecated", FutureWarning, stacklevel=1)
+        typer.echo("fitted")
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(probe, ["fit"])
+    assert result.exit_code == 0 and result.stdout == "fitted\n"
+    log = tmp_path / "runs" / "logs" / "fit.log"
+    assert "FutureWarning: torch.cuda.amp.autocast is deprecated" in log.read_text()
+    assert result.stderr == f"1 warning(s) from libraries written to {log.relative_to(tmp_path)} (--verbose shows " \
+                            "them here)\n"
+    with pytest.warns(FutureWarning, match="autocast"):  # --verbose: warnings take their usual way
+        loud = runner.invoke(probe, ["fit", "--verbose"])
+    assert loud.exit_code == 0 and "written to" not in loud.stderr
+    assert log.read_text().count("FutureWarning: torch.cuda.amp.autocast") == 1
