@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -108,7 +109,9 @@ def third_party_output_to(log: Path) -> Iterator[tuple[TextIO, TextIO]]:
         streams = [handler.setStream(sink) for handler in handlers]
         sys.stdout = sys.stderr = sink
         try:
-            yield real
+            with warnings.catch_warnings():  # into this log rather than the command's (warnings_to)
+                warnings.showwarning = functools.partial(_write_warning, sink)
+                yield real
         finally:
             sys.stdout, sys.stderr = real
             for handler, stream in zip(handlers, streams, strict=True):
@@ -122,6 +125,11 @@ def _stream_handlers(streams: tuple) -> list[logging.StreamHandler]:
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     return [handler for logger in loggers if isinstance(logger, logging.Logger) for handler in logger.handlers
             if isinstance(handler, logging.StreamHandler) and handler.stream in streams]
+
+
+def _write_warning(sink, message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning, writing to `sink` instead of stderr."""
+    sink.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 class _LogOnDemand:
@@ -152,11 +160,8 @@ def warnings_to(log: Path, *, command: str) -> Iterator[None]:
         return
     sink = _LogOnDemand(log, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} moeworks {command}\n")
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        sink.write(warnings.formatwarning(message, category, filename, lineno, line))
-
     with warnings.catch_warnings():
-        warnings.showwarning = show
+        warnings.showwarning = functools.partial(_write_warning, sink)
         try:
             yield
         finally:
