@@ -23,7 +23,8 @@ class LazyGroup(TyperGroup):
     _listing = False  # True while the help lists commands
 
     def list_commands(self, ctx) -> list[str]:
-        return sorted({*self.commands, *self.lazy})
+        """The group's own commands in the order they were made, then the lazy ones not loaded yet."""
+        return [*self.commands, *(name for name in self.lazy if name not in self.commands)]
 
     def get_command(self, ctx, cmd_name: str):
         if cmd_name in self.commands or cmd_name not in self.lazy:

@@ -101,6 +101,10 @@ class MoeworksGroup(LazyGroup):
 
     lazy = LAZY_COMMANDS
 
+    def list_commands(self, ctx) -> list[str]:
+        """The verticals' groups first (as `moeworks --help` always listed them), then auth, demo, version."""
+        return [*self.lazy, *(name for name in self.commands if name not in self.lazy)]
+
     _words: tuple[str, ...] = ()  # the command's words (`finance train`), for its warnings log
 
     def main(self, args: Sequence[str] | None = None, *pos: Any, **kwargs: Any) -> Any:
