@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def _train(root):
     voc = write_synthetic_voc(root / "voc", SyntheticConfig(images=12, size=96, seed=1))
     result = CliRunner().invoke(app, ["defects", "train", "--data", str(voc), "--out", str(root / "run"),
-                                      "--imgsz", "64", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25", "--json"])
+                                      "--imgsz", "64", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     return root, voc, summary
