@@ -66,11 +66,11 @@ def run(root: Path, args) -> dict:
     from deploy.edge.sources import SimulatedMill
     from deploy.rollout_lab import HttpsServer, ai4i_bundle, make_keys
     from tests.mqtt_certs import make_pki
+    from tests.services import Mosquitto, free_port
     from twin.api.app import create_app
     from twin.domain.plant import Plant
     from twin.rollout.manager import RolloutConfig, RolloutManager
     from twin.service import TwinConfig, TwinService
-    from tests.services import Mosquitto, free_port
 
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     private, public = make_keys(root / "keys")

@@ -34,12 +34,12 @@ def _cpu_us(fn, items) -> float:
 
 
 def measure(names: tuple[str, ...], with_type: bool, messages: int, repeats: int) -> dict:
-    from twin.sparkplug import payload as json_codec
-    from twin.sparkplug import protobuf as sparkplug
     from twin.domain.health import default_health_models
-    from twin.sparkplug.payload import Metric, Payload
     from twin.domain.plant import Plant
     from twin.domain.state import TwinState
+    from twin.sparkplug import payload as json_codec
+    from twin.sparkplug import protobuf as sparkplug
+    from twin.sparkplug.payload import Metric, Payload
 
     now = int(time.time() * 1000)
     sensors = [{"name": n} for n in names] + ([{"name": "product_type", "type": "String"}] if with_type else [])

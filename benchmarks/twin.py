@@ -234,9 +234,9 @@ def _reconcile(store, expected: dict[str, int]) -> dict[str, int]:
 def run_rate(*, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
              db: str | None, workdir: Path, attack: float = 0.0, kill_cycles: int = 0,
              broker_kind: str = "mosquitto", payload: str = "json") -> dict:
+    from tests.services import EmbeddedBroker, Mosquitto
     from twin.domain.plant import Plant
     from twin.service import TwinConfig, TwinService
-    from tests.services import EmbeddedBroker, Mosquitto
     from twin.store.history import HistoryStore
 
     plant = Plant.generated(machines=machines, nodes=nodes)
@@ -401,8 +401,8 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
     adopt its MQTT session and its nodes; lost/duplicated rows are counted against the publishers' acks."""
     import psycopg
 
-    from twin.domain.plant import Plant
     from tests.services import Mosquitto
+    from twin.domain.plant import Plant
     from twin.store.history import HistoryStore
 
     plant = Plant.generated(machines=machines, nodes=nodes)

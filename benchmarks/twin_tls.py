@@ -103,11 +103,11 @@ def _cpu(process) -> float:
 
 def run_mode(mode: str, *, rate: float, seconds: float, warmup: float, machines: int, nodes: int, publishers: int,
              workdir: Path, pki) -> dict:
+    from tests.services import Mosquitto
+    from twin.domain.plant import Plant
     from twin.mqtt.mosquitto_config import MosquittoSecurity, write_mosquitto_security
     from twin.mqtt.security import MQTTSecurity
-    from twin.domain.plant import Plant
     from twin.service import TwinConfig, TwinService
-    from tests.services import Mosquitto
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_ids = sorted(plant.nodes)

@@ -9,8 +9,20 @@ from rich.console import Console
 
 
 def run_demo(out_dir: Path, *, quick: bool = False) -> None:
-    console = Console()
+    """The demo's tables on the console; what libraries print (ultralytics' ~150 lines a run, warnings)
+    in OUT/demo.log, unless `moeworks --verbose demo`."""
+    from deploy.cli.output import SETTINGS, third_party_output_to
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    with third_party_output_to(out_dir / "demo.log") as (stdout, _):
+        console = Console(file=stdout, quiet=SETTINGS.quiet)
+        if not SETTINGS.verbose:
+            console.print(f"[dim]third-party output (ultralytics, warnings) goes to {out_dir / 'demo.log'}; "
+                          "`moeworks --verbose demo` shows it here")
+        _run_parts(out_dir, quick=quick, console=console)
+
+
+def _run_parts(out_dir: Path, *, quick: bool, console: Console) -> None:
     started = time.perf_counter()
     from deploy.core_demo import run_core_demo
 

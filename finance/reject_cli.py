@@ -53,7 +53,7 @@ def reject_inference(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     if as_json:
-        print(json.dumps(summary_json(result)))
+        print(json.dumps({"schema": "moeworks.finance.reject-inference/1", **summary_json(result)}))
 
 
 def register(app: typer.Typer) -> None:

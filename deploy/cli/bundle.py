@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
+
+from deploy.cli import output
+from deploy.cli.errors import UserInputError
 
 app = typer.Typer(help="Partner bundles: one ONNX graph from raw fields to decisions, a model card, test "
                        "vectors and a signed manifest.", no_args_is_help=True)
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise UserInputError(message)
 
 
 @app.command("build")
@@ -40,10 +41,10 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
     except ValueError as error:  # e.g. a key file that is not an EC private key in PEM
         _fail(f"cannot sign with {sign_key}: {str(error).splitlines()[0]}")
     if json_out:
-        typer.echo(json.dumps(result))
+        output.emit("bundle.build", {"model": str(model), "out": str(out), **result})
     else:
-        typer.echo(f"wrote {result['family']} bundle {out} ({result['nodes']} graph nodes, "
-                   f"{result['test_vectors']} test vectors, {'signed' if result['signed'] else 'unsigned'})", err=True)
+        output.note(f"wrote {result['family']} bundle {out} ({result['nodes']} graph nodes, "
+                    f"{result['test_vectors']} test vectors, {'signed' if result['signed'] else 'unsigned'})")
 
 
 @app.command("verify")
@@ -62,10 +63,10 @@ def verify(bundle: Path = typer.Argument(..., help="the bundle folder or .tar.gz
     except (BundleIntegrityError, OSError, ValueError) as error:
         _fail(str(error).splitlines()[0])
     if json_out:
-        typer.echo(json.dumps(result))
+        output.emit("bundle.verify", {"bundle": str(bundle), **result})
     else:
-        typer.echo(f"{bundle}: manifest ok, signature {result['signature']}, "
-                   f"{result['test_vectors']} test vectors reproduced", err=True)
+        output.note(f"{bundle}: manifest ok, signature {result['signature']}, "
+                    f"{result['test_vectors']} test vectors reproduced")
 
 
 @app.command("inspect")
@@ -80,7 +81,7 @@ def inspect(bundle: Path = typer.Argument(..., help="the bundle folder or .tar.g
     except (BundleIntegrityError, OSError, ValueError) as error:
         _fail(str(error).splitlines()[0])
     if json_out:
-        typer.echo(json.dumps(result))
+        output.emit("bundle.inspect", {"bundle": str(bundle), **result})
         return
     card = result["card"]
     typer.echo(f"{card['model']['family']} {card['model']['version']} ({card['model']['dataset']}), "
@@ -88,7 +89,7 @@ def inspect(bundle: Path = typer.Argument(..., help="the bundle folder or .tar.g
     for field in card["inputs"]:
         protected = f" [protected: {field['protected_attribute']}]" if field["protected_attribute"] else ""
         typer.echo(f"  in  {field['name']}: {field['unit']} {field['allowed_range']}{protected}", err=True)
-    for output in card["outputs"]:
-        typer.echo(f"  out {output['name']}: {output['type']}  {output['meaning']}", err=True)
+    for item in card["outputs"]:
+        typer.echo(f"  out {item['name']}: {item['type']}  {item['meaning']}", err=True)
     typer.echo(f"  validation AUC {card['validation_metrics'].get('auc')}, opsets {card['runtime']['onnx_opsets']}, "
                f"onnxruntime >= {card['runtime']['min_onnxruntime']}", err=True)

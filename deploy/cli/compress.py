@@ -15,7 +15,8 @@ from pathlib import Path
 
 import typer
 
-from deploy.cli.errors import exit_on
+from deploy.cli import output
+from deploy.cli.errors import UserInputError
 
 app = typer.Typer(help="Compress a trained model: distil it into a small student, prune channels or experts, "
                        "or hash its weights.", no_args_is_help=True)
@@ -23,23 +24,8 @@ app = typer.Typer(help="Compress a trained model: distil it into a small student
 MAX_MODEL_JSON_BYTES = 4 << 20  # a RUL model.json is a few kB; more is not one of ours
 
 
-class CompressError(ValueError):
+class CompressError(UserInputError):
     """A model folder or option `compress` cannot take; one line."""
-
-
-def _maintenance_error():
-    from manufacturing.maintenance.errors import MaintenanceDataError
-
-    return MaintenanceDataError
-
-
-def _model_files_error():
-    from core.model_files import ModelFilesError
-
-    return ModelFilesError
-
-
-_friendly = exit_on(CompressError, _maintenance_error, _model_files_error)
 
 
 def _rul_source(model: Path):
@@ -96,14 +82,15 @@ def _finish(estimator, metrics: dict, out: Path, model: Path, subset: str, metho
                "train_seconds": estimator.metadata_["train_seconds"]}
     estimator.save(out, metrics=metrics)  # writes model.pt and model.json, then seals the folder
     _print_metrics(f"{method}: {model} -> {out} ({metrics['parameters']:,} parameters, "
-                   f"source {metrics['source_parameters']:,})", metrics, as_json)
+                   f"source {metrics['source_parameters']:,})", metrics, as_json, command=f"compress.{method}",
+                   result={**metrics, "model": str(out), "kind": estimator.net.kind, "source": str(model)})
 
 
 def _fine_tune_config(epochs: int, seed: int, as_json: bool):
     from manufacturing.maintenance.compress import FineTuneConfig
 
     try:
-        return FineTuneConfig(epochs=epochs, seed=seed, progress=not as_json)
+        return FineTuneConfig(epochs=epochs, seed=seed, progress=output.show_progress(as_json))
     except ValueError as error:
         raise CompressError(str(error)) from None
 
@@ -134,7 +121,6 @@ def _threads() -> None:
 
 
 @app.command("distill")
-@_friendly
 def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
                     hidden: int = typer.Option(32, help="the student LSTM's hidden units"),
                     layers: int = typer.Option(1, help="the student LSTM's layers"),
@@ -156,7 +142,6 @@ def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DA
 
 
 @app.command("prune")
-@_friendly
 def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
                   ratio: float = typer.Option(0.5, help="lstm models: share of channels removed per layer"),
                   l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
@@ -185,7 +170,6 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
 
 
 @app.command("hash")
-@_friendly
 def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
                  compression: float = typer.Option(8.0, help="virtual weights per stored value (moe: the experts' "
                                                              "weights; lstm: every weight matrix)"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from deploy.cli.errors import exit_on
+from deploy.cli import output
 
 app = typer.Typer(help="Data quality: rules, domains and label checks before data becomes training data.",
                   no_args_is_help=True)
@@ -35,24 +35,11 @@ def _table(dataset: str, path: Path, detector=None):
     return defects_table(path, detector=detector)
 
 
-def _errors():
-    from core.data_quality.table import DataCheckError
-
-    return DataCheckError
-
-
-def _model_errors():
-    from core.model_files import ModelFilesError
-
-    return ModelFilesError
-
-
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
 @app.command("check")
-@exit_on(_errors, _model_errors)
 def check(data: Path = typer.Option(..., help="the file or folder to check, in the dataset's own format"),
           dataset: str = typer.Option(..., help=f"one of {', '.join(DATASETS)}"),
           out: Path = typer.Option(..., help="folder for report.html, summary.json, findings.csv (and --fix's copy)"),
@@ -81,7 +68,7 @@ def check(data: Path = typer.Option(..., help="the file or folder to check, in t
         raise DataCheckError(f"--out {out} lies inside the input's folder; --fix writes outside the input")
 
     def say(text: str) -> None:
-        typer.echo(text, err=True)
+        output.note(text)
 
     fingerprint, detector = None, None
     if model is not None and dataset == "neu_det":
@@ -113,7 +100,8 @@ def check(data: Path = typer.Option(..., help="the file or folder to check, in t
         f"unseen domain {result.summary['domains']['unseen']}, label issues {result.summary['labels']['issues']}; "
         f"report {paths['report']}")
     if json_output:
-        typer.echo(json.dumps(result.summary))
+        output.emit("data.check", {"data": str(data), "dataset": dataset, "out": str(out),
+                                   "model": None if model is None else str(model), **result.summary})
 
 
 def _write_fix(table, result, out: Path, removed_checks) -> dict:

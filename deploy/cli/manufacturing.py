@@ -1,6 +1,11 @@
 """`moeworks defects ...` and `moeworks maintenance ...`: the manufacturing commands."""
 
+from pathlib import Path
+
 import typer
+
+from deploy.cli import output
+from deploy.cli.errors import UserInputError
 
 defects_app = typer.Typer(help="Surface defect detection (YOLO + MoE), sizes in mm.", no_args_is_help=True)
 maintenance_app = typer.Typer(help="Predictive maintenance: RUL on C-MAPSS, failures on AI4I.",
@@ -14,24 +19,15 @@ _register_maintenance(maintenance_app)
 
 # ---- defects -------------------------------------------------------------------------------------
 # Heavy imports (torch, ultralytics) stay inside the commands so that `moeworks --help` is instant.
+# Ultralytics prints ~150 lines per run: they go into the run's log file unless --verbose.
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from deploy.cli.errors import exit_on  # noqa: E402
-
-
-def _defect_error():
-    from manufacturing.defects.errors import DefectDataError
-
-    return DefectDataError
-
-
-_defect_errors = exit_on(_defect_error)
+JSON = typer.Option(False, "--json", help="print the result as one JSON object on stdout (tables and notes on "
+                                          "stderr)")
+MOE_STAGE = typer.Option(None, "--moe-stage", help="MoE stage (.pt or .onnx) to score YOLO + MoE as well "
+                                                   "(was --moe)")
 
 
 @defects_app.command("train")
-@_defect_errors
 def defects_train(
     data: Path = typer.Option(..., help="VOC folder (IMAGES/+ANNOTATIONS/, JPEGImages/+Annotations/, or flat)"),
     out: Path = typer.Option(Path("runs/defects"), help="run folder: split, dataset, detector.pt, moe_stage.pt"),
@@ -43,7 +39,9 @@ def defects_train(
     device: str = typer.Option("cpu", help="'cpu' or a CUDA index such as '0'"),
     val_fraction: float = typer.Option(0.2, help="share of images held out, stratified, seeded"),
     seed: int = typer.Option(0, help="split and training seed"),
-    moe: bool = typer.Option(True, help="also train the MoE second stage on crops"),
+    train_moe: bool = typer.Option(True, "--train-moe/--no-train-moe", help="also train the MoE second stage on "
+                                                                          "crops (was --moe/--no-moe)"),
+    as_json: bool = JSON,
 ) -> None:
     """Train YOLO from its model YAML (offline, no pretrained weights) and the MoE crop stage."""
     from manufacturing.defects.train import DetectorConfig
@@ -51,22 +49,25 @@ def defects_train(
 
     job = TrainJob(detector=DetectorConfig(imgsz=imgsz, epochs=epochs, time=hours or None, batch=batch,
                                            workers=workers, device=device, seed=seed),
-                   val_fraction=val_fraction, split_seed=seed, train_moe=moe)
-    result = train_job(data, out, job)
-    typer.echo(json.dumps(result))
+                   val_fraction=val_fraction, split_seed=seed, train_moe=train_moe)
+    with output.third_party_output_to(out / "logs" / "defects.log"):
+        result = train_job(data, out, job)
+    output.say(f"trained {result.get('detector')} ({result.get('train_images')} training images)"
+               + (f" and {result['moe_stage']}" if result.get("moe_stage") else "") + f"; run folder {out}",
+               as_json=as_json)
+    if as_json:
+        output.emit("defects.train", {"data": str(data), "out": str(out), **result})
 
 
 @defects_app.command("evaluate")
-@_defect_errors
 def defects_evaluate(
     data: Path = typer.Option(..., help="any VOC folder with the model's class names"),
     model: Path = typer.Option(..., help="detector (.pt or .onnx)"),
-    moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to score YOLO + MoE as well"),
+    moe_stage: Path = MOE_STAGE,
     split_file: Path = typer.Option(None, help="score only the 'val' images of this recorded split"),
-    as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object on the last line"),
+    as_json: bool = JSON,
 ) -> None:
     """mAP50, mAP50-95, per-class AP, precision and recall: YOLO alone and YOLO + MoE."""
-    from rich.console import Console
     from rich.table import Table
 
     from manufacturing.defects.detector import YoloDetector
@@ -78,9 +79,10 @@ def defects_evaluate(
     records = read_voc_folder(data)
     if split_file is not None:
         records = records_by_split(records, split_file, "val")
-    detector = YoloDetector.load(model)
-    stage = CropMoEClassifier.load(moe_stage)[0] if moe_stage else None
-    metrics = evaluate_records(DefectInspector(detector=detector, second_stage=stage), records)
+    with output.third_party_output_to(Path("runs/logs/defects-evaluate.log")):
+        detector = YoloDetector.load(model)
+        stage = CropMoEClassifier.load(moe_stage)[0] if moe_stage else None
+        metrics = evaluate_records(DefectInspector(detector=detector, second_stage=stage), records)
     table = Table(title=f"{data} ({len(records)} images), {model.name}")
     table.add_column("class")
     for variant in metrics:
@@ -89,19 +91,21 @@ def defects_evaluate(
     for name in detector.names:
         table.add_row(name, *[f"{m['per_class'][name][k]:.3f}" for m in metrics.values() for k in ("AP50", "AP50-95")])
     table.add_row("[bold]all", *[f"[bold]{m[k]:.3f}" for m in metrics.values() for k in ("mAP50", "mAP50-95")])
-    Console(stderr=as_json).print(table)
+    output.console(as_json=as_json).print(table)
     for variant, m in metrics.items():
-        typer.echo(f"{variant}: precision {m['precision']:.3f}, recall {m['recall']:.3f}", err=as_json)
+        output.say(f"{variant}: precision {m['precision']:.3f}, recall {m['recall']:.3f}", as_json=as_json)
     if as_json:
-        typer.echo(json.dumps({"data": str(data), "model": str(model), "images": len(records), **metrics}))
+        output.emit("defects.evaluate", {"data": str(data), "model": str(model),
+                                         "moe_stage": None if moe_stage is None else str(moe_stage),
+                                         "images": len(records), **metrics})
 
 
 @defects_app.command("predict")
-@_defect_errors
 def defects_predict(
-    source: Path = typer.Option(..., help="an image or a folder of images (any size; large frames are tiled)"),
+    data: Path = typer.Option(..., help="an image or a folder of images (any size; large frames are tiled; "
+                                        "was --source)"),
     model: Path = typer.Option(..., help="detector (.pt or .onnx)"),
-    moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to re-score YOLO's boxes"),
+    moe_stage: Path = MOE_STAGE,
     out: Path = typer.Option(Path("runs/defects/predict"), help="predictions.json and annotated images"),
     calibration: Path = typer.Option(None, help="JSON/YAML with mm_per_pixel(_x/_y) and min_size_mm"),
     mm_per_pixel: float = typer.Option(None, help="camera scale (overrides the calibration file's)"),
@@ -109,6 +113,7 @@ def defects_predict(
     reference_mm: str = typer.Option("", help="the reference object's size, WIDTHxHEIGHT in mm, e.g. 40x20"),
     min_size_mm: float = typer.Option(None, help="smallest defect to report, longer side in mm (default 0.2)"),
     conf: float = typer.Option(0.25, help="score threshold"),
+    as_json: bool = JSON,
 ) -> None:
     """Detect defects; write JSON (class, score, box in px and mm, size in mm) and annotated images."""
     import dataclasses
@@ -121,46 +126,54 @@ def defects_predict(
     cal = Calibration.from_file(calibration) if calibration else Calibration()
     if reference is not None:
         from manufacturing.defects.dataset import load_image
-        from manufacturing.defects.errors import DefectDataError
 
         try:
             width_mm, height_mm = (float(v) for v in reference_mm.lower().split("x"))
         except ValueError:
-            raise DefectDataError(f"--reference-mm must be WIDTHxHEIGHT in mm, got {reference_mm!r}") from None
+            raise UserInputError(f"--reference-mm must be WIDTHxHEIGHT in mm, got {reference_mm!r}") from None
         cal = Calibration.from_reference(load_image(reference), width_mm=width_mm, height_mm=height_mm,
                                          min_size_mm=cal.min_size_mm)
-        typer.echo(f"calibrated from {reference}: {cal.mm_per_pixel_x:.4g} x {cal.mm_per_pixel_y:.4g} mm/px")
+        output.note(f"calibrated from {reference}: {cal.mm_per_pixel_x:.4g} x {cal.mm_per_pixel_y:.4g} mm/px")
     if mm_per_pixel is not None:
         cal = dataclasses.replace(cal, mm_per_pixel_x=mm_per_pixel, mm_per_pixel_y=mm_per_pixel)
     if min_size_mm is not None:
         cal = dataclasses.replace(cal, min_size_mm=min_size_mm)
-    inspector = DefectInspector(detector=YoloDetector.load(model), calibration=cal,
-                                second_stage=CropMoEClassifier.load(moe_stage)[0] if moe_stage else None,
-                                config=InspectionConfig(conf=conf))
-    payload = predict_to_folder(inspector, source, out)
+    with output.third_party_output_to(out / "logs" / "defects.log"):
+        inspector = DefectInspector(detector=YoloDetector.load(model), calibration=cal,
+                                    second_stage=CropMoEClassifier.load(moe_stage)[0] if moe_stage else None,
+                                    config=InspectionConfig(conf=conf))
+        payload = predict_to_folder(inspector, data, out)
     found = sum(len(image["defects"]) for image in payload["images"])
-    typer.echo(f"{found} defects in {len(payload['images'])} images; wrote {out / 'predictions.json'}")
+    output.say(f"{found} defects in {len(payload['images'])} images; wrote {out / 'predictions.json'}",
+               as_json=as_json)
+    if as_json:
+        output.emit("defects.predict", {"data": str(data), "model": str(model), "out": str(out),
+                                        "predictions": str(out / "predictions.json"),
+                                        "images": len(payload["images"]), "defects": found})
 
 
 @defects_app.command("export")
-@_defect_errors
 def defects_export(
     model: Path = typer.Option(..., help="detector checkpoint (.pt)"),
     data: Path = typer.Option(..., help="VOC folder of real images for INT8 calibration and the parity check"),
-    moe_stage: Path = typer.Option(None, "--moe", help="MoE stage (.pt) to export as well"),
+    moe_stage: Path = typer.Option(None, "--moe-stage", help="MoE stage (.pt) to export as well (was --moe)"),
     out: Path = typer.Option(Path("runs/defects/export"), help="folder for the ONNX files and export.json"),
     int8: bool = typer.Option(True, help="also write a static INT8 ONNX for edge devices"),
     split: Path = typer.Option(None, help="split file whose train images calibrate INT8 (default: the "
                                           "split.json beside the model, when there is one)"),
+    as_json: bool = JSON,
 ) -> None:
-    """ONNX export (FP32, INT8) with a PyTorch vs onnxruntime parity check on real images."""
+    """ONNX export (FP32, INT8) with a PyTorch vs onnxruntime parity check on real images (export.json)."""
     from manufacturing.defects.workflow import export_job
 
-    result = export_job(model, out, data, moe_path=moe_stage, int8=int8, split_file=split)
+    with output.third_party_output_to(out / "logs" / "defects.log"):
+        result = export_job(model, out, data, moe_path=moe_stage, int8=int8, split_file=split)
     parity = result["parity"]
-    typer.echo(f"parity on {parity['images']} images: boxes within {parity['max_box_difference_px']:.2g} px "
+    output.say(f"parity on {parity['images']} images: boxes within {parity['max_box_difference_px']:.2g} px "
                f"(tolerance {parity['box_tolerance_px']}), scores within {parity['max_score_difference']:.2g} "
-               f"(tolerance {parity['score_tolerance']}): {'passed' if parity['passed'] else 'FAILED'}")
-    typer.echo(json.dumps(result))
+               f"(tolerance {parity['score_tolerance']}): {'passed' if parity['passed'] else 'FAILED'}; wrote "
+               f"{out / 'export.json'}", as_json=as_json)
+    if as_json:
+        output.emit("defects.export", {"model": str(model), "data": str(data), "out": str(out), **result})
     if not parity["passed"]:
         raise typer.Exit(1)

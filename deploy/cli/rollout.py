@@ -7,11 +7,13 @@ so --bundle is a path on the twin's host (made absolute here).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import typer
+
+from deploy.cli import output
+from deploy.cli.errors import UserInputError
 
 app = typer.Typer(help="Signed model rollouts to edge nodes, canary first (twin serve --rollout-key).",
                   no_args_is_help=True)
@@ -23,8 +25,7 @@ JsonOut = typer.Option(False, "--json", help="print one JSON object on stdout")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise UserInputError(message)
 
 
 def _call(method: str, url: str, path: str, token_file: Path | None, ca: Path | None, body: dict | None = None):
@@ -50,13 +51,13 @@ def _call(method: str, url: str, path: str, token_file: Path | None, ca: Path | 
     return response.json()
 
 
-def _show(status: dict, as_json: bool) -> None:
+def _show(command: str, status: dict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(status))
+        output.emit(f"twin.rollout.{command}", status)
         return
-    typer.echo(f"rollout {status['id']}: {status['state']} (model {status['version']}, canary "
-               f"{status['canary_share']:g}){': ' + status['reason'] if status.get('reason') else ''}", err=True)
-    typer.echo("  " + ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())), err=True)
+    output.note(f"rollout {status['id']}: {status['state']} (model {status['version']}, canary "
+                f"{status['canary_share']:g}){': ' + status['reason'] if status.get('reason') else ''}")
+    output.note("  " + ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())))
 
 
 @app.command()
@@ -77,7 +78,7 @@ def start(bundle: Path = typer.Option(..., help="the signed bundle folder (`moew
     body = {"bundle": str(bundle.resolve()), "nodes": targets, "canary": canary,
             "gate": {"rows": gate_rows, "max_drift": max_drift, "max_error_rate": max_error_rate,
                      "max_latency_ms": max_latency_ms}}
-    _show(_call("POST", url, "/api/rollouts", token_file, ca, body), as_json)
+    _show("start", _call("POST", url, "/api/rollouts", token_file, ca, body), as_json)
 
 
 @app.command()
@@ -85,18 +86,18 @@ def status(rollout_id: str | None = typer.Argument(None, help="a rollout id (def
            url: str = Url, token_file: Path | None = TokenFile, ca: Path | None = Ca, as_json: bool = JsonOut) -> None:
     """A rollout's state and each node's, or every rollout's."""
     if rollout_id is not None:
-        _show(_call("GET", url, f"/api/rollouts/{rollout_id}", token_file, ca), as_json)
+        _show("status", _call("GET", url, f"/api/rollouts/{rollout_id}", token_file, ca), as_json)
         return
     rollouts = _call("GET", url, "/api/rollouts", token_file, ca)
     if as_json:
-        typer.echo(json.dumps({"rollouts": rollouts}))
+        output.emit("twin.rollout.status", {"rollouts": rollouts})
         return
     for item in rollouts:
-        _show(item, False)
+        _show("status", item, False)
 
 
 @app.command()
 def abort(rollout_id: str = typer.Argument(..., help="the rollout id"),
           url: str = Url, token_file: Path | None = TokenFile, ca: Path | None = Ca, as_json: bool = JsonOut) -> None:
     """Stop a running rollout: nodes not yet told are skipped, downloads in progress are cancelled."""
-    _show(_call("POST", url, f"/api/rollouts/{rollout_id}/abort", token_file, ca), as_json)
+    _show("abort", _call("POST", url, f"/api/rollouts/{rollout_id}/abort", token_file, ca), as_json)

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import typer
 
+from deploy.cli.errors import UserInputError
 
-def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ONNX file (.onnx), a credit model "
-                                                   "folder (any `finance train` model: raw application fields), "
-                                                   "a RUL model folder (maintenance train) or its .onnx, a defects "
-                                                   "run or export folder, its detector.pt or the detector's .onnx"),
+
+def serve(model: Path = typer.Option(..., help="a core checkpoint (.pt), an ONNX file (.onnx), a credit model "
+                                                "folder (any `finance train` model: raw application fields), "
+                                                "a RUL model folder (maintenance train) or its .onnx, a defects "
+                                                "run or export folder, its detector.pt or the detector's .onnx"),
           host: str = typer.Option("127.0.0.1", help="address to bind; beyond loopback only with --auth-file"),
           port: int = typer.Option(8080, help="port to bind"),
           auth_file: Path = typer.Option(None, help="token file of `moeworks auth token`: predict needs an operator "
@@ -40,18 +42,14 @@ def serve(model: Path = typer.Argument(..., help="a core checkpoint (.pt), an ON
     from deploy.serving.limits import RequestLimits
     from deploy.serving.maintenance import is_rul_folder
     from deploy.serving.server import ServeConfig, run_gunicorn
-    from twin.auth import AuthError, TokenStore, check_bind
+    from twin.auth import TokenStore, check_bind
 
     def fail(message: str) -> None:
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2)
+        raise UserInputError(message)
 
-    try:
-        check_bind(host, auth_file)
-        if auth_file is not None:
-            TokenStore.load(auth_file)  # a broken token file is the user's mistake, said before start-up
-    except AuthError as error:
-        fail(str(error))
+    check_bind(host, auth_file)
+    if auth_file is not None:
+        TokenStore.load(auth_file)  # a broken token file is the user's mistake, said before start-up
     if not (model.is_file() or (model / "scorer.json").is_file() or is_rul_folder(model) or is_defects_folder(model)):
         fail(f"model: no model file, credit, RUL or defects model folder at {model}")
     try:  # before any worker starts: a changed model folder or a pickled .pt is one line, not a boot failure

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -11,16 +10,19 @@ from pathlib import Path
 
 import typer
 
+from deploy.cli import output
+from deploy.cli.errors import UserInputError
 from deploy.cli.rollout import app as rollout_app
 from twin.mqtt import cli_options as mqtt
 
 app = typer.Typer(help="Digital twin of factory assets fed over MQTT.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
+JSON = typer.Option(False, "--json", help="print the result as one JSON object on stdout")
 
 
 def _fail(exc: Exception | str) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
+    """A refusal found while setting up (the one exit for it is deploy/cli/main.py)."""
+    raise UserInputError(str(exc))
 
 
 def _data_root(data: Path | None) -> Path | None:
@@ -60,7 +62,9 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                                                                  "by hand with the same group, --workers and --db "
                                                                  "form one twin"),
           worker_id: str | None = typer.Option(None, help="run one worker of the group (0..N-1 takes that MQTT "
-                                                          "session first); without it --workers N starts N")) -> None:
+                                                          "session first); without it --workers N starts N"),
+          as_json: bool = typer.Option(False, "--json", help="when the twin stops, print its final counters as one "
+                                                             "JSON object on stdout")) -> None:
     """Run the twin: subscribe to the plant's namespace, serve the API and the dashboard until Ctrl-C."""
     import torch
     import uvicorn
@@ -86,8 +90,8 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
             from twin.scaleout.supervisor import WorkerSupervisor
             from twin.scaleout.worker import ScaleOutError
 
-            typer.echo(f"twin: {workers} workers (group {worker_group}), API on {http_host}:{http_port}.."
-                       f"{http_port + workers - 1}", err=True)
+            output.note(f"twin: {workers} workers (group {worker_group}), API on {http_host}:{http_port}.."
+                        f"{http_port + workers - 1}")
             try:
                 WorkerSupervisor(argv=sys.argv[1:], workers=workers, http_port=http_port).run()
             except ScaleOutError as exc:
@@ -120,9 +124,9 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                 base_url=rollout_url or f"{scheme}://{http_host}:{http_port}"), service=service).start_thread()
     except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)
-    typer.echo(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}"
-               f"{' (TLS)' if security and security.uses_tls else ''}; "
-               f"dashboard http://{http_host}:{http_port}/", err=True)
+    output.note(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}"
+                f"{' (TLS)' if security and security.uses_tls else ''}; "
+                f"dashboard http://{http_host}:{http_port}/")
     try:
         uvicorn.run(create_app(service, tokens=tokens, rollouts=rollouts), host=http_host, port=http_port,
                     log_level="warning", ssl_certfile=https_cert, ssl_keyfile=https_key)
@@ -130,6 +134,9 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
         if rollouts is not None:
             rollouts.stop()
         service.stop()
+    if as_json:  # a long-running command's result: what it did before it was stopped
+        output.emit("twin.serve", {"plant": str(plant or DEFAULT_PLANT), "db": db, "assets": len(model.machines),
+                                   "http": f"http://{http_host}:{http_port}/", **service.stats()})
 
 
 def _scale_or_exit(*, workers: int, worker_group: str, worker_id: str | None, db: str, config):
@@ -162,7 +169,7 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
          ai4i_model: Path | None = typer.Option(None, help="AI4I model folder (`moeworks maintenance ai4i-train`)"),
          train_models: bool = typer.Option(True, help="train small health models on generated data first "
                                                       "(when no model folders are given)"),
-         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+         as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object on stdout"),
          mqtt_cert: Path | None = typer.Option(None, "--mqtt-cert", help="the broker's certificate (PEM, for "
                                                                         "127.0.0.1): MQTT over TLS, with passwords"),
          mqtt_key: Path | None = typer.Option(None, "--mqtt-key", help="private key (PEM) of --mqtt-cert"),
@@ -189,17 +196,19 @@ def demo(out: Path = typer.Option(Path("runs/twin-demo"), help="folder for the d
     try:
         summary = run_twin_demo(out, data_root=_data_root(data), duration_s=5.0 if quick else duration,
                                 rate_hz=20.0 if quick else rate, rul_model=rul_model, ai4i_model=ai4i_model,
-                                train_models=train_models, quick=quick, force=force, broker_tls=broker_tls)
+                                train_models=train_models, quick=quick, force=force, broker_tls=broker_tls,
+                                console=output.console(as_json=as_json))
     except DemoOutputError as exc:  # raised before anything starts or is deleted
         _fail(exc)
     if as_json:
-        typer.echo(json.dumps(summary))
+        output.emit("twin.demo", {"out": str(out), **summary})
 
 
 @app.command()
 def etl(db: str = typer.Option("runs/twin/twin.db", help="SQLite file or postgresql:// URL of the twin's history"),
         out: Path = typer.Option(Path("runs/twin/daily"), help="folder for <YYYY-MM-DD>.parquet"),
-        day: list[str] = typer.Option(None, help="UTC day(s) to (re)build; default: every day in the history")) -> None:
+        day: list[str] = typer.Option(None, help="UTC day(s) to (re)build; default: every day in the history"),
+        as_json: bool = JSON) -> None:
     """Aggregate the history into one Parquet file per UTC day (per device and metric)."""
     import sqlite3
 
@@ -214,9 +223,12 @@ def etl(db: str = typer.Option("runs/twin/twin.db", help="SQLite file or postgre
     except sqlite3.DatabaseError as exc:  # a folder, or a file that is not an SQLite database
         _fail(f"--db {db}: not a readable SQLite history ({exc})")
     store.close()
+    if as_json:
+        output.emit("twin.etl", {"db": db, "out": str(out), "files": [str(path) for path in files]})
+        return
     for path in files:
         typer.echo(str(path))
-    typer.echo(f"{len(files)} daily file(s) in {out}", err=True)
+    output.note(f"{len(files)} daily file(s) in {out}")
 
 
 @app.command()
@@ -246,9 +258,9 @@ def broker(port: int = typer.Option(1883, help="port (8883 is MQTT over TLS's)")
     except (BrokerError, BrokerPasswdError) as exc:
         _fail(exc)
     with server:
-        typer.echo(f"MQTT broker on {host}:{port} ({'TLS' if mqtt_cert else 'plaintext'}, "
-                   f"{'password file ' + str(password_file) if password_file else 'anonymous clients allowed'}); "
-                   "Ctrl-C stops it", err=True)
+        output.note(f"MQTT broker on {host}:{port} ({'TLS' if mqtt_cert else 'plaintext'}, "
+                    f"{'password file ' + str(password_file) if password_file else 'anonymous clients allowed'}); "
+                    "Ctrl-C stops it")
         try:
             while not stop.wait(1.0):
                 pass
@@ -279,7 +291,7 @@ def broker_passwd(file: Path = typer.Option(..., help="the built-in broker's pas
         set_password(file, username, password)
     except (BrokerPasswdError, MQTTSecurityError, ValueError) as exc:
         _fail(exc)
-    typer.echo(f"{username} set in {file}", err=True)
+    output.note(f"{username} set in {file}")
 
 
 @app.command("mosquitto-config")
@@ -295,7 +307,8 @@ def mosquitto_config(out: Path = typer.Option(..., help="folder for mosquitto.co
                      require_certificate: bool = typer.Option(False, help="clients need a certificate from "
                                                                           "--mqtt-ca as well as a password"),
                      message_size_limit: int = typer.Option(256 * 1024, help="largest payload in bytes; "
-                                                                             "Mosquitto drops larger ones")) -> None:
+                                                                             "Mosquitto drops larger ones"),
+                     as_json: bool = JSON) -> None:
     """Write a Mosquitto config: TLS listener, no anonymous clients, a password per edge node and for
     the twin (credentials/<user>.password), and an ACL under which each node writes only its own topics."""
     from twin.domain.plant import DEFAULT_PLANT, Plant, PlantConfigError
@@ -309,6 +322,11 @@ def mosquitto_config(out: Path = typer.Option(..., help="folder for mosquitto.co
             require_certificate=require_certificate, message_size_limit=message_size_limit))
     except (PlantConfigError, MosquittoConfigError, OSError) as exc:
         _fail(exc)
-    typer.echo(f"users: {twin_user}, {', '.join(sorted(model.nodes))} (passwords in {paths['credentials']})", err=True)
-    typer.echo(f"run: mosquitto -c {paths['conf'].resolve()}", err=True)
-    typer.echo(str(paths["conf"]))
+    output.note(f"users: {twin_user}, {', '.join(sorted(model.nodes))} (passwords in {paths['credentials']})")
+    output.note(f"run: mosquitto -c {paths['conf'].resolve()}")
+    if as_json:
+        output.emit("twin.mosquitto-config", {"out": str(out), "plant": str(plant or DEFAULT_PLANT), "users":
+                                              [twin_user, *sorted(model.nodes)],
+                                              "files": {name: str(path) for name, path in paths.items()}})
+    else:
+        typer.echo(str(paths["conf"]))

@@ -161,11 +161,11 @@ def make_source(kind: str, *, data: Path | None = None, unit: int = 1, start_row
     """`kind`: cmapss | ai4i (replays; `data` is a folder laid out like ../shared/data) or sim-engine | sim-mill."""
     if kind == "cmapss":
         if data is None:
-            raise SourceError("--source cmapss needs --data (a folder with cmapss/train_FD00x.txt.gz)")
+            raise SourceError("--kind cmapss needs --data (a folder with cmapss/train_FD00x.txt.gz)")
         return CmapssReplay(_find(data, "cmapss", f"train_{subset}.txt"), unit=unit)
     if kind == "ai4i":
         if data is None:
-            raise SourceError("--source ai4i needs --data (a folder with ai4i2020/ai4i2020.csv.gz)")
+            raise SourceError("--kind ai4i needs --data (a folder with ai4i2020/ai4i2020.csv.gz)")
         return AI4IReplay(_find(data, "ai4i2020", "ai4i2020.csv"), start_row=start_row, rows=rows)
     if kind == "sim-engine":
         return SimulatedEngine(seed=seed)

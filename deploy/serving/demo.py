@@ -67,5 +67,5 @@ def run_serving_demo(checkpoint: Path, *, rows: int, seed: int = 0, requests: in
     console.print(f"{requests} concurrent one-row requests in {seconds:.2f} s through {len(sizes)} forward passes "
                   f"(mean {np.mean(sizes):.1f} rows, max {max(sizes)}; {refusals} refusals retried); each got its own "
                   f"row's answer: {same}. "
-                  f"Serve it over HTTP with `moeworks serve {checkpoint}`.")
+                  f"Serve it over HTTP with `moeworks serve --model {checkpoint}`.")
     return {"auc_fp32": float(auc_fp32), "auc_int8": float(auc_int8), "forward_passes": len(sizes)}

@@ -49,12 +49,12 @@ def test_maintenance_adapt_writes_a_normal_model_folder(rul_base, tmp_path, meth
         assert metrics["trained_share"] == 1.0
     sealed = verify_manifest(out)  # the manifest was written after the adapter files
     assert ("adapter.safetensors" in sealed) == (method == "lora") and "model.pt" in sealed
-    result = invoke("maintenance", "evaluate", "--model", out, "--test", rul_base / "new" / "test_FD001.txt",
+    result = invoke("maintenance", "evaluate", "--model", out, "--data", rul_base / "new" / "test_FD001.txt",
                     "--rul", rul_base / "new" / "RUL_FD001.txt", "--json")
     assert result.exit_code == 0, result.output
     assert last_json(result.output)["engines"] == 4
     result = invoke("maintenance", "export", "--model", out, "--out", tmp_path / "onnx",
-                    "--test", rul_base / "new" / "test_FD001.txt")
+                    "--data", rul_base / "new" / "test_FD001.txt")
     assert result.exit_code == 0, result.output
     assert float(result.output.strip().split("= ")[-1]) < 1e-3  # the merged net in onnxruntime
 

@@ -201,6 +201,23 @@ CASES = [
      "--out {out}/q9", "{credit_model}"),
     # demo
     ("demo-out-is-file", "demo --quick --out {empty}", "{empty}"),
+    # the current grammar (the cases above keep the previous release's names, which still work)
+    ("grammar-finance-score-data-missing", "finance score --model {credit_model} --data {missing} --out {out}/s6 "
+     "--json", "{missing}"),
+    ("grammar-finance-export-json", "finance export --model {folder} --out {out}/m2.onnx --json", "{folder}"),
+    ("grammar-maintenance-train-unknown-kind", "maintenance train --generated --kind gru --out {out}/r6", "gru"),
+    ("grammar-maintenance-evaluate-data-empty",
+     "maintenance evaluate --model {rul_model} --data {empty} --rul {rul_file} --json", "{empty}"),
+    ("grammar-defects-predict-data", "defects predict --data {empty_folder} --model {empty} --json", "{empty}"),
+    ("grammar-serve-model-missing", "serve --model {missing}", "{missing}"),
+    ("grammar-serve-without-model", "serve", "--model"),
+    ("grammar-not-a-number", "finance score --model {credit_model} --data {taiwan_file} --out {out}/s7 "
+     "--chunk-rows many", "--chunk-rows"),
+    ("grammar-unknown-command", "finance scroe --model {credit_model}", "scroe"),
+    ("grammar-edge-run-unknown-kind", "edge run --kind lathe --max-messages 1 --json", "lathe"),
+    ("grammar-edge-quantize-json", "edge quantize --model {folder} --out {out}/q2.onnx --json", "{folder}"),
+    ("grammar-auth-token-json", "auth token --role viewer --file {folder} --json", "{folder}"),
+    ("grammar-quiet-keeps-the-error", "--quiet finance evaluate --model {credit_model} --data {empty}", "{empty}"),
 ]
 
 

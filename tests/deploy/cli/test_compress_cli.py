@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     result = invoke("maintenance", "generate", "--out", root / "data", "--train-units", 16, "--test-units", 6)
     assert result.exit_code == 0, result.output
     for kind in ("lstm", "moe"):
-        result = invoke("maintenance", "train", "--data", root / "data", "--model", kind, "--members", 1,
+        result = invoke("maintenance", "train", "--data", root / "data", "--kind", kind, "--members", 1,
                         "--epochs", 1, "--windows-per-epoch", 256, "--cuts", 1, "--out", root / kind, "--json")
         assert result.exit_code == 0, result.output
     return root
@@ -38,12 +38,12 @@ def trained(tmp_path_factory):
 
 def evaluate_and_export(root, folder, kind):
     verify_manifest(folder)
-    result = invoke("maintenance", "evaluate", "--model", folder, "--test", root / "data" / "test_FD001.txt",
+    result = invoke("maintenance", "evaluate", "--model", folder, "--data", root / "data" / "test_FD001.txt",
                     "--rul", root / "data" / "RUL_FD001.txt", "--json")
     assert result.exit_code == 0, result.output
     assert last_json(result.output)["engines"] == 6
     result = invoke("maintenance", "export", "--model", folder, "--out", folder.parent / f"{folder.name}_onnx",
-                    "--test", root / "data" / "test_FD001.txt")
+                    "--data", root / "data" / "test_FD001.txt")
     assert result.exit_code == 0, result.output
     assert float(result.output.strip().split("= ")[-1]) < 1e-3
     assert (folder.parent / f"{folder.name}_onnx" / f"rul_{kind}.onnx").is_file()
@@ -59,7 +59,7 @@ def compress(root, method, source, *options):
 
 def test_distill_the_moe_into_a_small_lstm(trained):
     out, metrics = compress(trained, "distill", "moe", "--hidden", 8)
-    assert metrics["method"] == "distill" and metrics["model"] == "lstm" and metrics["val_rmse"] > 0
+    assert metrics["method"] == "distill" and metrics["kind"] == "lstm" and metrics["val_rmse"] > 0
     assert metrics["parameters"] < 0.05 * metrics["source_parameters"]
     student = RULEstimator.load(out)
     assert student.net_.hidden_size == 8 and student.metadata_["compression"]["teacher_kind"] == "moe"
@@ -155,7 +155,7 @@ def test_a_folder_whose_compression_fields_were_rewritten_is_refused(trained, tm
     payload["metadata"]["config"]["hashed_compression"] = 0.25
     torch.save(payload, folder / "model.pt")
     write_manifest(folder)
-    result = invoke("maintenance", "evaluate", "--model", folder, "--test", trained / "data" / "test_FD001.txt",
+    result = invoke("maintenance", "evaluate", "--model", folder, "--data", trained / "data" / "test_FD001.txt",
                     "--rul", trained / "data" / "RUL_FD001.txt")
     assert result.exit_code == 2 and "hashed_compression must be in [1, 1024]" in result.output
     assert len(result.output.strip().splitlines()) == 1

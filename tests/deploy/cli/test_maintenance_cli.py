@@ -24,13 +24,14 @@ def test_generate_train_evaluate_export(tmp_path, kind):
     data, model = tmp_path / "data", tmp_path / "model"
     result = invoke("generate", "--out", data, "--train-units", 12, "--test-units", 6, "--seed", 3)
     assert result.exit_code == 0, result.output
-    result = invoke("train", "--subset", "FD001", "--data", data, "--model", kind, "--out", model,
+    result = invoke("train", "--subset", "FD001", "--data", data, "--kind", kind, "--out", model,
                     "--epochs", 1, "--windows-per-epoch", 256, "--cuts", 1, "--json")
     assert result.exit_code == 0, result.output
     trained = last_json(result.output)
-    assert trained["val_engines"] > 0 and trained["model"] == kind and trained["val_rmse"] > 0
+    assert trained["schema"] == "moeworks.maintenance.train/1" and trained["model"] == str(model)
+    assert trained["val_engines"] > 0 and trained["kind"] == kind and trained["val_rmse"] > 0
     assert trained["members"] == (3 if kind == "moe" else 1)
-    result = invoke("evaluate", "--model", model, "--test", data / "test_FD001.txt", "--rul", data / "RUL_FD001.txt",
+    result = invoke("evaluate", "--model", model, "--data", data / "test_FD001.txt", "--rul", data / "RUL_FD001.txt",
                     "--predictions", tmp_path / "pred.csv", "--json")
     assert result.exit_code == 0, result.output
     metrics = last_json(result.output)

@@ -212,7 +212,8 @@ def test_tokens_guard_predict_and_model_info(checkpoint, tmp_path):
 
 def test_serve_refuses_to_bind_beyond_loopback_without_tokens(checkpoint):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", "serve", str(checkpoint), "--host", "0.0.0.0"],
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "serve", "--model", str(checkpoint),
+                           "--host", "0.0.0.0"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def _train(root):
     voc = write_synthetic_voc(root / "voc", SyntheticConfig(images=12, size=96, seed=1))
     result = CliRunner().invoke(app, ["defects", "train", "--data", str(voc), "--out", str(root / "run"),
-                                      "--imgsz", "64", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25"])
+                                      "--imgsz", "64", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     return root, voc, summary
@@ -64,7 +65,7 @@ def _model_loads_and_predicts(run):
 def _evaluate_prints_metrics_for_yolo_and_yolo_plus_moe_as_json(run):
     root, voc, summary = run
     result = CliRunner().invoke(app, ["defects", "evaluate", "--data", str(voc), "--model", summary["detector"],
-                                      "--moe", summary["moe_stage"], "--json"])
+                                      "--moe-stage", summary["moe_stage"], "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output.strip().splitlines()[-1])
     assert metrics["images"] == 12
@@ -78,7 +79,7 @@ def _predict_writes_json_in_mm_and_annotated_images_and_tiles_large_frames(run, 
     frame = np.hstack([cv2.imread(str(p)) for p in sorted((voc / "IMAGES").glob("*.png"))[:3]])  # 288 x 96 px
     (tmp_path / "in").mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "in" / "frame.png"), frame)
-    result = CliRunner().invoke(app, ["defects", "predict", "--source", str(tmp_path / "in"), "--model",
+    result = CliRunner().invoke(app, ["defects", "predict", "--data", str(tmp_path / "in"), "--model",
                                       summary["detector"], "--out", str(tmp_path / "out"), "--conf", "0.0001",
                                       "--mm-per-pixel", "0.5", "--min-size-mm", "0"])
     assert result.exit_code == 0, result.output

@@ -373,7 +373,7 @@ def test_agent_killed_mid_download_resumes(twin, lab):
         out, err = second.communicate(timeout=30)
     assert status["state"] == "completed", (status, err[-2000:])
     stats = json.loads(out.strip().splitlines()[-1])
-    assert stats["model"] == lab.versions["v2"] and stats["resumed"] == 1
+    assert stats["model_version"] == lab.versions["v2"] and stats["resumed"] == 1
     assert stats["bytes_fetched"] < total  # only what the first run had not fetched (plus the small files)
 
 
