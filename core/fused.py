@@ -122,6 +122,5 @@ def fuse_model(model: nn.Module, *, grouped_experts: bool = False, compile: bool
             if isinstance(layer.experts, LinearExperts):
                 # int8 experts: eager torchao re-dispatches every call; one compiled graph serves all.
                 layer.experts.mlp = compiled_expert_mlp
-            # An instance attribute shadows the method for this layer only; core is unchanged.
-            layer._dispatch_sorted = torch.compiler.disable(layer._dispatch_sorted)
+            layer.eager_dispatch = True
     return torch.compile(model, dynamic=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import MoEConfig
-from core.experts import DenseFFN, Experts
+from core.experts import DenseFFN, ExpertBank, Experts
 from core.router import Router, load_balancing_loss, router_z_loss
 
 
@@ -81,14 +81,20 @@ class MoELayer(nn.Module):
     Args:
         config: the layer's MoEConfig.
         router: optional Router to use instead of a fresh one.
-        experts: optional Experts to use instead of fresh ones.
+        experts: optional expert bank (any `core.experts.ExpertBank`) instead of fresh `Experts`.
+        static: always take the static path (as under export).
+        eager_dispatch: keep the sorted dispatch out of torch.compile graphs (a graph break around
+            it): its slices depend on the routing, so a compiled dispatch would recompile for
+            every new load pattern. `core.fused.fuse_model` sets it; a public attribute.
     """
 
     def __init__(self, config: MoEConfig, *, router: Router | None = None,
-                 experts: Experts | None = None, static: bool = False) -> None:
+                 experts: ExpertBank | None = None, static: bool = False,
+                 eager_dispatch: bool = False) -> None:
         super().__init__()
         self.config = config
         self.static = static
+        self.eager_dispatch = eager_dispatch
         self.router = router if router is not None else Router(config=config)
         self.experts = experts if experts is not None else Experts(
             num_experts=config.num_experts, hidden_size=config.hidden_size,
@@ -113,7 +119,8 @@ class MoELayer(nn.Module):
             out = self.experts(tokens, routing.expert_index, routing.weight, path="gathered")
             dropped = torch.zeros((), dtype=torch.int64)
         else:
-            out, dropped = self._dispatch_sorted(tokens, routing.expert_index, routing.weight, capacity)
+            dispatch = _dispatch_sorted_eagerly if self.eager_dispatch else MoELayer._dispatch_sorted
+            out, dropped = dispatch(self, tokens, routing.expert_index, routing.weight, capacity)
         for shared in self.shared_experts:
             out = out + shared(tokens)
 
@@ -172,3 +179,7 @@ class MoELayer(nn.Module):
         dropped = (keep.numel() - keep.sum()).to(torch.int64)
         combine = torch.einsum("tk,tke->te", weight * keep, one_hot)  # (T, E)
         return self.experts(tokens, combine, path="dense"), dropped
+
+
+# The sorted dispatch as a graph break under torch.compile (MoELayer.eager_dispatch).
+_dispatch_sorted_eagerly = torch.compiler.disable(MoELayer._dispatch_sorted)
