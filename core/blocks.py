@@ -89,6 +89,12 @@ class TabularMoE(nn.Module):
     forward(numeric (batch, num_numeric) float, categorical (batch, n_cat) int64 | None) ->
         (logits (batch, num_outputs), aux_loss scalar).
     Categorical codes must lie in [0, cardinality); reserve code 0 for unknown levels.
+
+    Parts, by name, for code that reads the weights (finance.models.input_gradients):
+    `embeddings`, `input_projection` (Linear, features -> H, then GELU), `norms` and `layers`
+    (the residual MoE layers), `head_norm` (LayerNorm) and `head_projection` (Linear, H ->
+    outputs). The last three are views into the `input` and `head` Sequentials, which stay so
+    that the state_dict keys of saved models ("input.0.weight", "head.1.bias") do not change.
     """
 
     def __init__(self, config: TabularMoEConfig, *, static: bool = False) -> None:
@@ -117,3 +123,18 @@ class TabularMoE(nn.Module):
             x = x + self.dropout(routed.output)
             aux = aux + routed.aux_loss
         return self.head(x), aux
+
+    @property
+    def input_projection(self) -> nn.Module:
+        """The input Linear (batch, features) -> (batch, H), before the GELU."""
+        return self.input[0]
+
+    @property
+    def head_norm(self) -> nn.Module:
+        """The LayerNorm over H before the output Linear."""
+        return self.head[0]
+
+    @property
+    def head_projection(self) -> nn.Module:
+        """The output Linear (batch, H) -> (batch, num_outputs)."""
+        return self.head[1]
