@@ -108,8 +108,10 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
-        assert x.dim() in (2, 3), f"MoELayer expects (batch, tokens, hidden) or (tokens, hidden), got {tuple(x.shape)}"
-        assert x.shape[-1] == cfg.hidden_size, f"last dim {x.shape[-1]} != hidden_size {cfg.hidden_size}"
+        if x.dim() not in (2, 3):
+            raise ValueError(f"MoELayer expects (batch, tokens, hidden) or (tokens, hidden), got {tuple(x.shape)}")
+        if x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"last dim {x.shape[-1]} != hidden_size {cfg.hidden_size}")
         tokens = x.reshape(-1, cfg.hidden_size)  # (T, H)
         routing = self.router(tokens)
         capacity = cfg.capacity(tokens.shape[0])

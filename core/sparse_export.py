@@ -42,8 +42,11 @@ class SparseDispatchMoE(nn.Module):
     def __init__(self, *, config, router: nn.Module, up: list[nn.Linear], down: list[nn.Linear],
                  shared_experts: nn.ModuleList) -> None:
         super().__init__()
-        assert config.dropless, "SparseDispatchMoE serves dropless layers only (capacity exports statically)"
-        assert len(up) == len(down) == config.num_experts, "one up and one down Linear per expert"
+        if not config.dropless:
+            raise ValueError("SparseDispatchMoE serves dropless layers only (capacity exports statically)")
+        if not len(up) == len(down) == config.num_experts:
+            raise ValueError(f"one up and one down Linear per expert: {config.num_experts} experts, "
+                             f"got {len(up)} up and {len(down)} down")
         self.config = config
         self.router = router  # the attribute name keeps "router" in ONNX names: quantize_onnx leaves it FP32
         self.up = nn.ModuleList(up)
@@ -53,7 +56,8 @@ class SparseDispatchMoE(nn.Module):
     @classmethod
     def from_layer(cls, layer: MoELayer) -> SparseDispatchMoE:
         experts = layer.experts
-        assert type(experts) is Experts, f"sparse export needs core Experts weights, got {type(experts).__name__}"
+        if type(experts) is not Experts:
+            raise TypeError(f"sparse export needs core Experts weights, got {type(experts).__name__}")
         num_experts, hidden, inner = experts.w_in.shape
         up, down = [], []
         for e in range(num_experts):
