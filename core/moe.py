@@ -48,11 +48,8 @@ def routing_losses(routing, cfg, *, training: bool = True
 
 # An eval-mode pass whose gathered expert weights (assignments x H x I elements) stay below this
 # gathers each token's experts (Experts.forward_gathered) instead of sorting the assignments: with
-# a handful of tokens the sorted dispatch is all per-expert bookkeeping. Measured CPU time, one
-# layer, gathered / sorted (forward | forward and input gradient): 16 experts H=64 I=128 top-2
-# (the tabular credit network), 1 token 0.49 | 0.55, 9 tokens 0.33 | 0.22, 32 tokens 0.63 | 0.41,
-# 64 tokens (2^20) 2.3 | 1.3; H=128 I=256, 8 tokens (2^19) 1.05 | 0.79; H=512 I=2048, 1 token
-# (2^21) 2.7 | 1.9.
+# a handful of tokens the sorted dispatch is all per-expert bookkeeping. Figures: benchmarks/RESULTS.md,
+# Credit scoring, "Single-application latency after one MoE pass and small-batch experts".
 GATHER_BELOW = 1 << 19
 
 

@@ -11,10 +11,9 @@ quantization reaches the expert MLPs, which the stacked-weight `Einsum`s of the 
 from it.
 
 onnxruntime's contrib `com.microsoft.MoE` / `QMoE` operators (1.31, CPU) were measured as the
-alternative and lost from 128 tokens up: on the 16-expert, 128-wide layer of benchmarks/serving.py,
-1.59 ms (MoE) / 1.56 ms (QMoE int8) per forward of 128 tokens against 0.39 ms for this graph in FP32
-and 0.34 ms in INT8, one thread (benchmarks/onnx_moe.py; RESULTS.md, Serving).
-They also fix the routing to softmax top-k, where this graph exports whatever the router does.
+alternative and lost from 128 tokens up (figures: benchmarks/RESULTS.md, Serving, "One MoE layer in
+onnxruntime"). They also fix the routing to softmax top-k, where this graph exports whatever the
+router does.
 
 Only dropless layers are rewritten: a capacity limit drops assignments in a priority order that
 the static path already exports exactly. `sparse_for_export` leaves such layers as they are.
