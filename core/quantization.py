@@ -28,7 +28,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from core.blocks import MoETransformerBlock
@@ -310,6 +309,8 @@ class AWQQuantizer:
     @torch.no_grad()
     def apply_scales(self, model: nn.Module) -> nn.Module:
         if not hasattr(self, "searches_"):
+            from sklearn.exceptions import NotFittedError  # here: core.quantization's import stays sklearn-free
+
             raise NotFittedError("this AWQ has no scales yet: call fit() first")
         model = copy.deepcopy(model).eval()
         folds = _layernorms_feeding_only(model)
