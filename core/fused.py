@@ -45,7 +45,7 @@ def bias_gelu_layernorm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tenso
 
 
 class GroupedExperts(Experts):
-    """Experts whose sorted path runs as a padded grouped GEMM; same weights as `Experts`.
+    """Experts whose sorted path runs as a padded grouped GEMM; same weights as `Experts` (an ExpertBank).
 
     Args: as Experts, plus
         min_active_experts: below this many active experts the per-expert loop is used (its

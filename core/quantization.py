@@ -134,7 +134,7 @@ def scaled_expert_mlp(x: torch.Tensor, up_weight: torch.Tensor, down_weight: tor
 class LinearExperts(nn.Module):
     """`Experts` rebuilt as one nn.Linear pair per expert, with AWQ input scales as buffers.
 
-    Same interface as Experts (forward_grouped, forward_dense), so MoELayer runs it unchanged, and
+    An `core.experts.ExpertBank` (forward_grouped, forward_dense), so MoELayer runs it unchanged, and
     torchao's quantize_ (which owns nn.Linear weights) can quantize every expert.
     Buffers: inv_in_scale (E, H) multiplies each expert's input; inv_mid_scale (E, I) its
     activation, before the down projection.
