@@ -6,8 +6,9 @@ torch) can be imported by torch-free paths such as the LightGBM and scorecard cr
 
 import importlib
 
-_EXPORTS = {"MoEConfig": "core.config", "DenseFFN": "core.experts", "Experts": "core.experts",
-            "MoELayer": "core.moe", "MoEOutput": "core.moe", "Router": "core.router", "Routing": "core.router"}
+_EXPORTS = {"MoEConfig": "core.config", "DenseFFN": "core.experts", "ExpertBank": "core.experts",
+            "Experts": "core.experts", "MoELayer": "core.moe", "MoEOutput": "core.moe", "Router": "core.router",
+            "Routing": "core.router"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -17,7 +17,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, *, hidden_size: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
-        assert hidden_size % num_heads == 0, f"hidden_size {hidden_size} not divisible by num_heads {num_heads}"
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible into num_heads={num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
@@ -77,10 +78,23 @@ class TabularMoEConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
-        assert self.num_numeric >= 0, "num_numeric must be >= 0"
-        assert self.num_numeric + len(self.categorical_cardinalities) > 0, "TabularMoE needs at least one feature"
-        assert all(c >= 1 for c in self.categorical_cardinalities), "each categorical needs >= 1 level"
-        assert self.num_layers >= 1, "num_layers must be >= 1"
+        def fail(message: str) -> None:
+            raise ValueError(f"TabularMoEConfig: {message}")
+
+        if self.num_numeric < 0:
+            fail(f"num_numeric must be >= 0, got {self.num_numeric}")
+        if self.num_numeric + len(self.categorical_cardinalities) == 0:
+            fail("TabularMoE needs at least one feature")
+        if not all(c >= 1 for c in self.categorical_cardinalities):
+            fail(f"each categorical needs >= 1 level, got {self.categorical_cardinalities}")
+        if self.embedding_dim < 1:
+            fail(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if self.num_layers < 1:
+            fail(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.num_outputs < 1:
+            fail(f"num_outputs must be >= 1, got {self.num_outputs}")
+        if not 0 <= self.dropout < 1:
+            fail(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class TabularMoE(nn.Module):
@@ -89,6 +103,12 @@ class TabularMoE(nn.Module):
     forward(numeric (batch, num_numeric) float, categorical (batch, n_cat) int64 | None) ->
         (logits (batch, num_outputs), aux_loss scalar).
     Categorical codes must lie in [0, cardinality); reserve code 0 for unknown levels.
+
+    Parts, by name, for code that reads the weights (finance.models.input_gradients):
+    `embeddings`, `input_projection` (Linear, features -> H, then GELU), `norms` and `layers`
+    (the residual MoE layers), `head_norm` (LayerNorm) and `head_projection` (Linear, H ->
+    outputs). The last three are views into the `input` and `head` Sequentials, which stay so
+    that the state_dict keys of saved models ("input.0.weight", "head.1.bias") do not change.
     """
 
     def __init__(self, config: TabularMoEConfig, *, static: bool = False) -> None:
@@ -108,7 +128,8 @@ class TabularMoE(nn.Module):
                 categorical: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [numeric] if self.config.num_numeric else []
         if self.embeddings:
-            assert categorical is not None, "this model has categorical features: pass `categorical`"
+            if categorical is None:
+                raise ValueError("this model has categorical features: pass `categorical`")
             parts += [emb(categorical[:, i]) for i, emb in enumerate(self.embeddings)]
         x = self.input(torch.cat(parts, dim=-1))  # (batch, H)
         aux = x.new_zeros(())
@@ -117,3 +138,18 @@ class TabularMoE(nn.Module):
             x = x + self.dropout(routed.output)
             aux = aux + routed.aux_loss
         return self.head(x), aux
+
+    @property
+    def input_projection(self) -> nn.Module:
+        """The input Linear (batch, features) -> (batch, H), before the GELU."""
+        return self.input[0]
+
+    @property
+    def head_norm(self) -> nn.Module:
+        """The LayerNorm over H before the output Linear."""
+        return self.head[0]
+
+    @property
+    def head_projection(self) -> nn.Module:
+        """The output Linear (batch, H) -> (batch, num_outputs)."""
+        return self.head[1]

@@ -4,12 +4,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+@runtime_checkable
+class ExpertBank(Protocol):
+    """What `core.moe.MoELayer` needs of its experts: E two-layer FFNs over the hidden width H.
+
+    Implemented by `Experts` (stacked weights), `core.fused.GroupedExperts` (the same weights, one
+    padded grouped GEMM) and `core.quantization.LinearExperts` (one nn.Linear pair per expert, for
+    int8). MoELayer calls the bank only as `experts(tokens, *args, path=...)`, which runs
+    `forward_<path>(tokens, *args)`: one entry point, so that a wrapper of the module (peft's LoRA
+    ParamWrapper, core.lora) covers every path. The paths, T tokens, k experts per token:
+
+    - "grouped": forward_grouped(tokens (T, H), token_of (assignments,) token ids grouped by expert,
+      weight_of (assignments, 1) combine weights in that order, bounds [(expert, start, end)] of
+      each active expert's group) -> (T, H), the weighted sum of each token's served experts.
+    - "dense": forward_dense(x (T, H), combine (T, E) weights, zero where a token does not use an
+      expert) -> (T, H); static shapes only, for export.
+    - "gathered" (optional): forward_gathered(tokens (T, H), expert_index (T, k), weight (T, k)) ->
+      (T, H). MoELayer takes it only for `Experts` and its subclasses (core.moe.GATHER_BELOW), so a
+      bank without stacked weights need not have it.
+
+    `expert_mlp(expert, x (rows, H)) -> (rows, H)` runs one expert; `num_experts` is E and
+    `activation` the inner activation's name (a key of ACTIVATIONS).
+    """
+
+    num_experts: int
+    activation: str
+
+    def __call__(self, tokens: torch.Tensor, *args: torch.Tensor | list, path: str) -> torch.Tensor: ...
+
+    def expert_mlp(self, expert: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_grouped(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
+                        bounds: list[tuple[int, int, int]]) -> torch.Tensor: ...
+
+    def forward_dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor: ...
 
 
 class Experts(nn.Module):

@@ -45,7 +45,7 @@ def bias_gelu_layernorm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tenso
 
 
 class GroupedExperts(Experts):
-    """Experts whose sorted path runs as a padded grouped GEMM; same weights as `Experts`.
+    """Experts whose sorted path runs as a padded grouped GEMM; same weights as `Experts` (an ExpertBank).
 
     Args: as Experts, plus
         min_active_experts: below this many active experts the per-expert loop is used (its
@@ -105,11 +105,10 @@ def fuse_model(model: nn.Module, *, grouped_experts: bool = False, compile: bool
     """Fused inference form of `model` (eval mode, in place for the expert swap).
 
     Returns the torch.compile'd module (dynamic batch axis) when `compile`, else the model (with
-    grouped experts if asked). Grouped experts are off by default: on this project's 2-core CPU
-    they were ~8% faster for the 16-expert tabular model at 16-64 rows, but slower at 128 rows and
-    1.4-3x slower for the MoE Transformer (width 128, 16 tokens per request). The MoE dispatch of
-    each layer is kept out of the compiled graphs: its slices depend on the routing, which would
-    recompile the graph for every new load pattern.
+    grouped experts if asked). Grouped experts are off by default: measured slower for the MoE
+    Transformer and at 128 rows (benchmarks/RESULTS.md, Serving, "Kernel paths without HTTP").
+    The MoE dispatch of each layer is kept out of the compiled graphs (`MoELayer.eager_dispatch`):
+    its slices depend on the routing, which would recompile the graph for every new load pattern.
     """
     model.eval()
     if grouped_experts:
@@ -122,6 +121,5 @@ def fuse_model(model: nn.Module, *, grouped_experts: bool = False, compile: bool
             if isinstance(layer.experts, LinearExperts):
                 # int8 experts: eager torchao re-dispatches every call; one compiled graph serves all.
                 layer.experts.mlp = compiled_expert_mlp
-            # An instance attribute shadows the method for this layer only; core is unchanged.
-            layer._dispatch_sorted = torch.compiler.disable(layer._dispatch_sorted)
+            layer.eager_dispatch = True
     return torch.compile(model, dynamic=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import MoEConfig
-from core.experts import DenseFFN, Experts
+from core.experts import DenseFFN, ExpertBank, Experts
 from core.router import Router, load_balancing_loss, router_z_loss
 
 
@@ -48,11 +48,8 @@ def routing_losses(routing, cfg, *, training: bool = True
 
 # An eval-mode pass whose gathered expert weights (assignments x H x I elements) stay below this
 # gathers each token's experts (Experts.forward_gathered) instead of sorting the assignments: with
-# a handful of tokens the sorted dispatch is all per-expert bookkeeping. Measured CPU time, one
-# layer, gathered / sorted (forward | forward and input gradient): 16 experts H=64 I=128 top-2
-# (the tabular credit network), 1 token 0.49 | 0.55, 9 tokens 0.33 | 0.22, 32 tokens 0.63 | 0.41,
-# 64 tokens (2^20) 2.3 | 1.3; H=128 I=256, 8 tokens (2^19) 1.05 | 0.79; H=512 I=2048, 1 token
-# (2^21) 2.7 | 1.9.
+# a handful of tokens the sorted dispatch is all per-expert bookkeeping. Figures: benchmarks/RESULTS.md,
+# Credit scoring, "Single-application latency after one MoE pass and small-batch experts".
 GATHER_BELOW = 1 << 19
 
 
@@ -81,14 +78,20 @@ class MoELayer(nn.Module):
     Args:
         config: the layer's MoEConfig.
         router: optional Router to use instead of a fresh one.
-        experts: optional Experts to use instead of fresh ones.
+        experts: optional expert bank (any `core.experts.ExpertBank`) instead of fresh `Experts`.
+        static: always take the static path (as under export).
+        eager_dispatch: keep the sorted dispatch out of torch.compile graphs (a graph break around
+            it): its slices depend on the routing, so a compiled dispatch would recompile for
+            every new load pattern. `core.fused.fuse_model` sets it; a public attribute.
     """
 
     def __init__(self, config: MoEConfig, *, router: Router | None = None,
-                 experts: Experts | None = None, static: bool = False) -> None:
+                 experts: ExpertBank | None = None, static: bool = False,
+                 eager_dispatch: bool = False) -> None:
         super().__init__()
         self.config = config
         self.static = static
+        self.eager_dispatch = eager_dispatch
         self.router = router if router is not None else Router(config=config)
         self.experts = experts if experts is not None else Experts(
             num_experts=config.num_experts, hidden_size=config.hidden_size,
@@ -102,8 +105,10 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
-        assert x.dim() in (2, 3), f"MoELayer expects (batch, tokens, hidden) or (tokens, hidden), got {tuple(x.shape)}"
-        assert x.shape[-1] == cfg.hidden_size, f"last dim {x.shape[-1]} != hidden_size {cfg.hidden_size}"
+        if x.dim() not in (2, 3):
+            raise ValueError(f"MoELayer expects (batch, tokens, hidden) or (tokens, hidden), got {tuple(x.shape)}")
+        if x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"last dim {x.shape[-1]} != hidden_size {cfg.hidden_size}")
         tokens = x.reshape(-1, cfg.hidden_size)  # (T, H)
         routing = self.router(tokens)
         capacity = cfg.capacity(tokens.shape[0])
@@ -113,7 +118,8 @@ class MoELayer(nn.Module):
             out = self.experts(tokens, routing.expert_index, routing.weight, path="gathered")
             dropped = torch.zeros((), dtype=torch.int64)
         else:
-            out, dropped = self._dispatch_sorted(tokens, routing.expert_index, routing.weight, capacity)
+            dispatch = _dispatch_sorted_eagerly if self.eager_dispatch else MoELayer._dispatch_sorted
+            out, dropped = dispatch(self, tokens, routing.expert_index, routing.weight, capacity)
         for shared in self.shared_experts:
             out = out + shared(tokens)
 
@@ -172,3 +178,7 @@ class MoELayer(nn.Module):
         dropped = (keep.numel() - keep.sum()).to(torch.int64)
         combine = torch.einsum("tk,tke->te", weight * keep, one_hot)  # (T, E)
         return self.experts(tokens, combine, path="dense"), dropped
+
+
+# The sorted dispatch as a graph break under torch.compile (MoELayer.eager_dispatch).
+_dispatch_sorted_eagerly = torch.compiler.disable(MoELayer._dispatch_sorted)

@@ -53,6 +53,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path
     """
     import onnx
 
+    if moe_dispatch not in ("static", "sparse"):
+        raise ValueError(f"moe_dispatch must be 'static' or 'sparse', got {moe_dispatch!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -60,8 +62,6 @@ def export_onnx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path
         from core.sparse_export import sparse_for_export
 
         model = sparse_for_export(model)
-    else:
-        assert moe_dispatch == "static", f"moe_dispatch must be 'static' or 'sparse', got {moe_dispatch!r}"
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 20)

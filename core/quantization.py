@@ -48,9 +48,14 @@ class AWQConfig:
     quantize_experts: bool = True  # the stacked expert weights hold most of an MoE's parameters
 
     def __post_init__(self) -> None:
-        assert self.scheme in ("int8_dynamic", "int8_weight_only"), f"unknown scheme {self.scheme!r}"
-        assert self.grid_size >= 1, "grid_size must be >= 1"
-        assert self.max_rows >= 1, "max_rows must be >= 1"
+        if self.scheme not in ("int8_dynamic", "int8_weight_only"):
+            raise ValueError(f"AWQConfig: scheme must be 'int8_dynamic' or 'int8_weight_only', got {self.scheme!r}")
+        if self.grid_size < 1:
+            raise ValueError(f"AWQConfig: grid_size must be >= 1, got {self.grid_size}")
+        if self.max_rows < 1:
+            raise ValueError(f"AWQConfig: max_rows must be >= 1, got {self.max_rows}")
+        if self.min_weight_elements < 0:
+            raise ValueError(f"AWQConfig: min_weight_elements must be >= 0, got {self.min_weight_elements}")
 
 
 # --- the arithmetic ----------------------------------------------------------------------------
@@ -94,6 +99,8 @@ class ScaleSearch:
 
 def search_scale(weight: torch.Tensor, x: torch.Tensor, *, grid_size: int = 20, dynamic: bool = True) -> ScaleSearch:
     """AWQ grid search for one linear map. weight (out, in); x (rows, in) calibration inputs."""
+    if grid_size < 1:
+        raise ValueError(f"grid_size must be >= 1, got {grid_size}")
     weight, x = weight.detach().float(), x.detach().float()
     mean_abs = x.abs().mean(dim=0).clamp_min(1e-8)  # (in,)
     best: ScaleSearch | None = None
@@ -107,7 +114,6 @@ def search_scale(weight: torch.Tensor, x: torch.Tensor, *, grid_size: int = 20, 
             error_plain = error
         if best is None or error < best.error:
             best = ScaleSearch(alpha, scale, error, error_plain)
-    assert best is not None
     best.error_plain = error_plain
     return best
 
@@ -128,7 +134,7 @@ def scaled_expert_mlp(x: torch.Tensor, up_weight: torch.Tensor, down_weight: tor
 class LinearExperts(nn.Module):
     """`Experts` rebuilt as one nn.Linear pair per expert, with AWQ input scales as buffers.
 
-    Same interface as Experts (forward_grouped, forward_dense), so MoELayer runs it unchanged, and
+    An `core.experts.ExpertBank` (forward_grouped, forward_dense), so MoELayer runs it unchanged, and
     torchao's quantize_ (which owns nn.Linear weights) can quantize every expert.
     Buffers: inv_in_scale (E, H) multiplies each expert's input; inv_mid_scale (E, I) its
     activation, before the down projection.
@@ -137,7 +143,9 @@ class LinearExperts(nn.Module):
     def __init__(self, *, up: list[nn.Linear], down: list[nn.Linear], inv_in_scale: torch.Tensor,
                  inv_mid_scale: torch.Tensor, activation: str) -> None:
         super().__init__()
-        assert len(up) == len(down) == inv_in_scale.shape[0] == inv_mid_scale.shape[0], "one scale row per expert"
+        if not len(up) == len(down) == inv_in_scale.shape[0] == inv_mid_scale.shape[0]:
+            raise ValueError(f"one up and one down Linear and one scale row per expert, got {len(up)} up, "
+                             f"{len(down)} down, {inv_in_scale.shape[0]} and {inv_mid_scale.shape[0]} scale rows")
         self.num_experts = len(up)
         self.activation = activation
         self.up = nn.ModuleList(up)
@@ -268,7 +276,8 @@ class AWQQuantizer:
         finally:
             for handle in handles:
                 handle.remove()
-        assert seen, "no calibration inputs reached a quantizable layer: pass at least one batch"
+        if not seen:
+            raise ValueError("no calibration inputs reached a quantizable layer: pass at least one batch")
 
         dynamic = cfg.scheme == "int8_dynamic"
         self.searches_: dict[str, ScaleSearch] = {}
@@ -283,7 +292,8 @@ class AWQQuantizer:
 
     def _fit_experts(self, name: str, layer: MoELayer, tokens: torch.Tensor, dynamic: bool) -> None:
         experts = layer.experts
-        assert isinstance(experts, Experts), f"{name}: expected stacked Experts, got {type(experts).__name__}"
+        if not isinstance(experts, Experts):
+            raise TypeError(f"{name}: AWQ reads stacked Experts weights, got {type(experts).__name__}")
         act = ACTIVATIONS[experts.activation]
         chosen = layer.router(tokens).expert_index  # (rows, k)
         for e in range(experts.num_experts):
@@ -298,7 +308,10 @@ class AWQQuantizer:
 
     @torch.no_grad()
     def apply_scales(self, model: nn.Module) -> nn.Module:
-        assert hasattr(self, "searches_"), "call fit() first"
+        if not hasattr(self, "searches_"):
+            from sklearn.exceptions import NotFittedError  # here: core.quantization's import stays sklearn-free
+
+            raise NotFittedError("this AWQ has no scales yet: call fit() first")
         model = copy.deepcopy(model).eval()
         folds = _layernorms_feeding_only(model)
         for name, search in self.searches_.items():
@@ -409,6 +422,10 @@ def quantize_onnx(source: str | Path, target: str | Path, *, mode: Literal["dyna
     """INT8 copy of an ONNX model through onnxruntime: dynamic (weights int8, activations per
     batch at run time) or static QDQ (activation ranges from `calibration`, named input arrays).
     `op_types` defaults to QUANTIZED_ONNX_OPS; recurrent models add "LSTM"."""
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"mode must be 'dynamic' or 'static', got {mode!r}")
+    if mode == "static" and not calibration:
+        raise ValueError("static quantization needs calibration arrays")
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -428,7 +445,6 @@ def quantize_onnx(source: str | Path, target: str | Path, *, mode: Literal["dyna
             quantize_dynamic(str(cleaned), str(target), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=op_types, nodes_to_exclude=routers)
         else:
-            assert calibration, "static quantization needs calibration arrays"
             quantize_static(str(cleaned), str(target), _calibration_reader(calibration, batch_rows),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=op_types,

@@ -11,10 +11,9 @@ quantization reaches the expert MLPs, which the stacked-weight `Einsum`s of the 
 from it.
 
 onnxruntime's contrib `com.microsoft.MoE` / `QMoE` operators (1.31, CPU) were measured as the
-alternative and lost from 128 tokens up: on the 16-expert, 128-wide layer of benchmarks/serving.py,
-1.59 ms (MoE) / 1.56 ms (QMoE int8) per forward of 128 tokens against 0.39 ms for this graph in FP32
-and 0.34 ms in INT8, one thread (benchmarks/onnx_moe.py; RESULTS.md, Serving).
-They also fix the routing to softmax top-k, where this graph exports whatever the router does.
+alternative and lost from 128 tokens up (figures: benchmarks/RESULTS.md, Serving, "One MoE layer in
+onnxruntime"). They also fix the routing to softmax top-k, where this graph exports whatever the
+router does.
 
 Only dropless layers are rewritten: a capacity limit drops assignments in a priority order that
 the static path already exports exactly. `sparse_for_export` leaves such layers as they are.
@@ -42,8 +41,11 @@ class SparseDispatchMoE(nn.Module):
     def __init__(self, *, config, router: nn.Module, up: list[nn.Linear], down: list[nn.Linear],
                  shared_experts: nn.ModuleList) -> None:
         super().__init__()
-        assert config.dropless, "SparseDispatchMoE serves dropless layers only (capacity exports statically)"
-        assert len(up) == len(down) == config.num_experts, "one up and one down Linear per expert"
+        if not config.dropless:
+            raise ValueError("SparseDispatchMoE serves dropless layers only (capacity exports statically)")
+        if not len(up) == len(down) == config.num_experts:
+            raise ValueError(f"one up and one down Linear per expert: {config.num_experts} experts, "
+                             f"got {len(up)} up and {len(down)} down")
         self.config = config
         self.router = router  # the attribute name keeps "router" in ONNX names: quantize_onnx leaves it FP32
         self.up = nn.ModuleList(up)
@@ -53,7 +55,8 @@ class SparseDispatchMoE(nn.Module):
     @classmethod
     def from_layer(cls, layer: MoELayer) -> SparseDispatchMoE:
         experts = layer.experts
-        assert type(experts) is Experts, f"sparse export needs core Experts weights, got {type(experts).__name__}"
+        if type(experts) is not Experts:
+            raise TypeError(f"sparse export needs core Experts weights, got {type(experts).__name__}")
         num_experts, hidden, inner = experts.w_in.shape
         up, down = [], []
         for e in range(num_experts):

@@ -152,38 +152,53 @@ class TabularMoEGradient:
     @classmethod
     def from_module(cls, net: nn.Module) -> TabularMoEGradient:
         """net: a `core.blocks.TabularMoE` without categorical embeddings, whose layers route by
-        softmax with no expert capacity (dropless, as in eval on a handful of rows)."""
+        softmax with no expert capacity (dropless, as in eval on a handful of rows), with float32
+        CPU weights and stacked `core.experts.Experts`. Anything else raises TypeError (not such a
+        network) or ValueError (a network this kernel does not cover), naming what differs."""
+        from core.blocks import TabularMoE
         from core.experts import Experts
 
-        assert not net.embeddings, "TabularMoEGradient covers numeric inputs only"
+        if not isinstance(net, TabularMoE):
+            raise TypeError(f"TabularMoEGradient reads a core.blocks.TabularMoE, got {type(net).__name__}")
+        if len(net.embeddings):
+            raise ValueError("TabularMoEGradient covers numeric inputs only; this network has categorical embeddings")
+        parts = {"input_projection": net.input_projection, "head_projection": net.head_projection}
+        for name, part in parts.items():
+            if type(part) is not nn.Linear:  # e.g. a quantized wrapper
+                raise TypeError(f"TabularMoEGradient needs a float nn.Linear as {name}, got {type(part).__name__}")
 
         def array(t) -> np.ndarray:  # a view: in-place changes to the module's weights show through
-            assert t.dtype == torch.float32 and t.device.type == "cpu", "TabularMoEGradient runs float32 CPU weights"
+            if t.dtype != torch.float32 or t.device.type != "cpu":
+                raise ValueError(f"TabularMoEGradient runs float32 CPU weights, got {t.dtype} on {t.device.type}")
             return t.detach().numpy()
 
         def norm(module: nn.LayerNorm) -> _LayerNorm:
             return _LayerNorm(array(module.weight), array(module.bias), float(module.eps))
 
         layers = []
-        for layer_norm, layer in zip(net.norms, net.layers, strict=True):
+        for i, (layer_norm, layer) in enumerate(zip(net.norms, net.layers, strict=True)):
             cfg = layer.config
-            assert cfg.router_scoring == "softmax", "TabularMoEGradient covers softmax routing"
-            assert cfg.expert_capacity is None and cfg.capacity_factor is None, "TabularMoEGradient is dropless"
-            assert type(layer.experts) is Experts, "TabularMoEGradient needs the stacked float experts"
+            if cfg.router_scoring != "softmax":
+                raise ValueError(f"TabularMoEGradient covers softmax routing; layer {i} routes by {cfg.router_scoring}")
+            if not cfg.dropless:
+                raise ValueError(f"TabularMoEGradient is dropless; layer {i} has an expert capacity")
+            if type(layer.experts) is not Experts:
+                raise TypeError(f"TabularMoEGradient needs the stacked float experts (core.experts.Experts); "
+                                f"layer {i} has {type(layer.experts).__name__}")
             layers.append(_MoELayer(
                 norm=norm(layer_norm), gate=array(layer.router.gate.weight),
                 selection_bias=array(layer.router.selection_bias) if cfg.bias_balancing else None,
                 w_in=array(layer.experts.w_in), w_out=array(layer.experts.w_out), top_k=cfg.top_k,
                 normalize_weights=cfg.normalize_weights, activation=cfg.activation,
                 shared=[(array(s.up.weight), array(s.down.weight)) for s in layer.shared_experts]))
-        linear, head_norm, head = net.input[0], net.head[0], net.head[1]
+        linear, head = net.input_projection, net.head_projection
         return cls(input_weight=array(linear.weight), input_bias=array(linear.bias), layers=layers,
-                   head_norm=norm(head_norm), head_weight=array(head.weight), head_bias=array(head.bias))
+                   head_norm=norm(net.head_norm), head_weight=array(head.weight), head_bias=array(head.bias))
 
     def forward_and_gradient(self, x: np.ndarray, *, output: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """x (N, F) float32 -> (logits (N, outputs), d(sum over rows of logits[:, output]) / dx (N, F))."""
-        assert x.ndim == 2 and x.shape[1] == self.input_weight.shape[1], \
-            f"expected (N, {self.input_weight.shape[1]}) inputs, got {x.shape}"
+        if x.ndim != 2 or x.shape[1] != self.input_weight.shape[1]:
+            raise ValueError(f"expected (N, {self.input_weight.shape[1]}) inputs, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         h, input_grad = _activation("gelu", x @ self.input_weight.T + self.input_bias)  # (N, H); nn.GELU
         states = []

@@ -225,7 +225,8 @@ def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: 
         for m in members:
             prune_channels(m, example, ratio=ratio, ignored_layers=[m.head[-1]], output_transform=lambda out: out[0])
         widths = {(m.lstm.hidden_size, m.head[0].out_features) for m in members}
-        assert len(widths) == 1, "every member is pruned by the same ratio, so to the same widths"
+        if len(widths) != 1:  # the same ratio should prune every member to the same widths
+            raise RuntimeError(f"pruning left the ensemble's members at different widths {sorted(widths)}")
         hidden, head = widths.pop()
         net = replace(source.net_, hidden_size=hidden, head_hidden=head)
         details = {"ratio": ratio, "l1": l1, "l1_epochs": l1_epochs, "hidden_size": hidden, "head_hidden": head}

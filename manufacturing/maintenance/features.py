@@ -8,6 +8,7 @@ when it trends with age inside most engines.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import pandas as pd
 from sklearn.cluster import KMeans
 
 from manufacturing.maintenance.cmapss import SENSORS, SETTINGS
+from manufacturing.maintenance.errors import MaintenanceDataError
 
 
 @dataclass
@@ -39,8 +41,10 @@ class FeatureConfig:
     seed: int = 0  # k-means initialisation
 
     def __post_init__(self) -> None:
-        assert self.num_regimes >= 1, "num_regimes must be >= 1"
-        assert 0 <= self.min_trend < 1, "min_trend must be in [0, 1)"
+        if not isinstance(self.num_regimes, numbers.Integral) or self.num_regimes < 1:
+            raise ValueError(f"FeatureConfig: num_regimes must be an integer >= 1, got {self.num_regimes!r}")
+        if not 0 <= self.min_trend < 1:
+            raise ValueError(f"FeatureConfig: min_trend must be in [0, 1), got {self.min_trend!r}")
 
 
 HISTORY_SCALE = 100.0  # cycles: engines live 128-543 cycles, so the counts stay near 0-5
@@ -95,7 +99,9 @@ class ConditionNormalizer:
                                              frame["cycle"].to_numpy()), index=SENSORS)
         self.trend_ = trend.to_dict()
         self.sensors_ = [s for s in SENSORS if trend[s] >= cfg.min_trend]
-        assert self.sensors_, f"no sensor trends with age (min_trend={cfg.min_trend}): is this run-to-failure data?"
+        if not self.sensors_:
+            raise MaintenanceDataError(
+                f"no sensor trends with age (min_trend={cfg.min_trend}): is this run-to-failure data?")
         keep = [SENSORS.index(s) for s in self.sensors_]
         self.mean_, self.std_ = mean[:, keep], std[:, keep]
         return self
@@ -115,12 +121,14 @@ class ConditionNormalizer:
         if cfg.num_regimes > 1 and cfg.regime_features:
             parts.append(np.eye(cfg.num_regimes)[regime])
         if cfg.history:
-            assert history is not None and history.shape == (len(regime), cfg.num_regimes), \
-                f"history features need (rows, {cfg.num_regimes}) regime counts"
+            if history is None or history.shape != (len(regime), cfg.num_regimes):
+                raise ValueError(f"history features need ({len(regime)}, {cfg.num_regimes}) regime counts, got "
+                                 f"{None if history is None else history.shape}")
             parts.append(np.asarray(history, dtype=np.float64) / HISTORY_SCALE)
         if cfg.running_mean:
-            assert running is not None and running.shape == parts[0].shape, \
-                f"running-mean features need (rows, {parts[0].shape[1]}) running means"
+            if running is None or running.shape != parts[0].shape:
+                raise ValueError(f"running-mean features need {parts[0].shape} running means, got "
+                                 f"{None if running is None else running.shape}")
             parts.append(np.asarray(running, dtype=np.float64))
         return np.concatenate(parts, axis=1).astype(np.float32)
 

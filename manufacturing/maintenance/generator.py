@@ -53,9 +53,12 @@ def generate_cmapss(num_units: int, *, num_regimes: int = 1, seed: int = 0, min_
     num_regimes: 1 (like FD001/FD003) or up to 6 operating conditions drawn at random per cycle
     (like FD002/FD004). The frame's `attrs["generated"]` is True.
     """
-    assert num_units >= 1, "num_units must be >= 1"
-    assert 1 <= num_regimes <= len(OPERATING_POINTS), f"num_regimes must be 1..{len(OPERATING_POINTS)}"
-    assert 2 <= min_life <= max_life, "need 2 <= min_life <= max_life"
+    if num_units < 1:
+        raise ValueError(f"num_units must be >= 1, got {num_units}")
+    if not 1 <= num_regimes <= len(OPERATING_POINTS):
+        raise ValueError(f"num_regimes must be 1..{len(OPERATING_POINTS)}, got {num_regimes}")
+    if not 2 <= min_life <= max_life:
+        raise ValueError(f"need 2 <= min_life <= max_life, got min_life={min_life}, max_life={max_life}")
     rng = np.random.default_rng(seed)
     points, levels = _plant(num_regimes)
     frames = []

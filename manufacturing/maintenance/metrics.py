@@ -7,7 +7,8 @@ import numpy as np
 
 def rmse(predicted: np.ndarray, true: np.ndarray) -> float:
     predicted, true = np.asarray(predicted, dtype=np.float64), np.asarray(true, dtype=np.float64)
-    assert predicted.shape == true.shape, f"shapes differ: {predicted.shape} vs {true.shape}"
+    if predicted.shape != true.shape:
+        raise ValueError(f"shapes differ: {predicted.shape} vs {true.shape}")
     return float(np.sqrt(np.mean((predicted - true) ** 2)))
 
 

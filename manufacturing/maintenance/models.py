@@ -7,6 +7,7 @@ piecewise-linear cap is never a valid answer; training sees the raw output so no
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -53,20 +54,30 @@ class RULNetConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
-        assert self.kind in ("lstm", "moe"), f"kind must be 'lstm' or 'moe', got {self.kind!r}"
-        assert self.num_features >= 1 and self.window >= 1 and self.rul_cap > 0
-        assert self.members >= 1, f"members must be >= 1, got {self.members}"
-        assert self.kind == "lstm" or self.moe.hidden_size == self.hidden_size, \
-            "moe.hidden_size must equal hidden_size"
-        assert self.encoder in ("lstm", "conv"), f"encoder must be 'lstm' or 'conv', got {self.encoder!r}"
-        # ValueError, not assert: these two come from model folders `moeworks compress` writes
+        def fail(message: str) -> None:
+            raise ValueError(f"RULNetConfig: {message}")
+
+        if self.kind not in ("lstm", "moe"):
+            fail(f"kind must be 'lstm' or 'moe', got {self.kind!r}")
+        for name in ("num_features", "window", "hidden_size", "num_layers", "moe_blocks", "patch", "num_heads",
+                     "members"):
+            if not isinstance(getattr(self, name), numbers.Integral) or getattr(self, name) < 1:
+                fail(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.rul_cap > 0:
+            fail(f"rul_cap must be > 0, got {self.rul_cap!r}")
+        if not 0 <= self.dropout < 1:
+            fail(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.kind == "moe" and self.moe.hidden_size != self.hidden_size:
+            fail(f"moe.hidden_size ({self.moe.hidden_size}) must equal hidden_size ({self.hidden_size})")
+        if self.encoder not in ("lstm", "conv"):
+            fail(f"encoder must be 'lstm' or 'conv', got {self.encoder!r}")
         if self.head_hidden is not None and not (isinstance(self.head_hidden, int) and 1 <= self.head_hidden <= 4096):
             raise ValueError(f"RULNetConfig: head_hidden must be an integer in [1, 4096], got {self.head_hidden!r}")
         if self.hashed_compression is not None and not (isinstance(self.hashed_compression, int | float)
                                                         and 1 <= self.hashed_compression <= 1024):
             raise ValueError(f"RULNetConfig: hashed_compression must be in [1, 1024], got {self.hashed_compression!r}")
-        assert self.kind == "lstm" or self.window % self.patch == 0, \
-            f"window {self.window} must be a multiple of patch {self.patch}"
+        if self.kind == "moe" and self.window % self.patch:
+            fail(f"window {self.window} must be a multiple of patch {self.patch}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +163,8 @@ class RULEnsemble(nn.Module):
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
-        assert members, "an ensemble needs at least one member"
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,7 +164,8 @@ class RULEstimator:
 
         member: the index of one ensemble member to run alone (None: the whole model).
         """
-        assert member is None or isinstance(self.model_, RULEnsemble), "member: only an ensemble has members"
+        if member is not None and not isinstance(self.model_, RULEnsemble):
+            raise ValueError("member: only an ensemble has members")
         model = self.model_ if member is None else self.model_.members[member]
         return torch.cat([model(windows[i:i + 4096])[0] for i in range(0, max(len(windows), 1), 4096)]).numpy()
 

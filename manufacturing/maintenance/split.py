@@ -9,12 +9,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from manufacturing.maintenance.errors import MaintenanceDataError
+
 
 def split_units(units: np.ndarray, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Shuffle the distinct unit ids and return (train units, validation units), both sorted."""
-    assert 0 < val_fraction < 1, "val_fraction must be in (0, 1)"
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     distinct = np.unique(units)
-    assert len(distinct) >= 2, "need at least two units to split"
+    if len(distinct) < 2:
+        raise MaintenanceDataError(f"need at least two units to split, got {len(distinct)}", field="unit")
     order = np.random.default_rng(seed).permutation(distinct)
     n_val = max(1, round(val_fraction * len(distinct)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
@@ -35,7 +39,9 @@ def truncate_units(frame: pd.DataFrame, *, seed: int = 0, min_cycles: int = 20,
     pieces, truth = [], []
     for unit, rows in frame.groupby("unit", sort=True):
         life = len(rows)
-        assert life >= 2, f"unit {unit} has {life} cycle(s); cannot cut a run-to-failure trajectory"
+        if life < 2:
+            raise MaintenanceDataError(f"unit {unit} has {life} cycle(s); cannot cut a run-to-failure trajectory",
+                                       field="unit", row=str(unit))
         for k in range(cuts_per_unit):
             keep = int(rng.integers(min(min_cycles, life - 1), life))  # in [lo, life - 1]
             piece = rows.iloc[:keep].copy()

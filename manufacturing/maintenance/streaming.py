@@ -46,7 +46,8 @@ class StreamingRULPredictor:
     """
 
     def __init__(self, estimator: RULEstimator, *, min_cycles: int = 1) -> None:
-        assert min_cycles >= 1, "min_cycles must be >= 1"
+        if min_cycles < 1:
+            raise ValueError(f"min_cycles must be >= 1, got {min_cycles}")
         self.estimator = estimator
         self.min_cycles = min_cycles
         self.window = estimator.net.window

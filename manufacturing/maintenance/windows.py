@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from manufacturing.maintenance.errors import MaintenanceDataError
+
 
 @dataclass
 class Windows:
@@ -46,12 +48,15 @@ def build_windows(features: np.ndarray, units: np.ndarray, *, window: int, full_
     full_only: skip windows that would need padding, except a unit's last window when the unit is
     shorter than `window` (training uses real rows only; a short engine still gets one window).
     """
-    assert window >= 1, "window must be >= 1"
-    assert len(features) == len(units), "features and units must have the same rows"
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if len(features) != len(units):
+        raise ValueError(f"features and units must have the same rows, got {len(features)} and {len(units)}")
     boundaries = np.flatnonzero(np.diff(units) != 0) + 1
     starts = np.concatenate([[0], boundaries])
     stops = np.concatenate([boundaries, [len(units)]])
-    assert len(np.unique(units[starts])) == len(starts), "rows of each unit must be contiguous (sort by unit, cycle)"
+    if len(np.unique(units[starts])) != len(starts):
+        raise MaintenanceDataError("rows of each unit must be contiguous (sort by unit, cycle)", field="unit")
     pad = window - 1
     padded, ends, unit_of, rows_of = [], [], [], []
     offset = 0

@@ -74,10 +74,16 @@ def test_the_kernel_sees_weights_loaded_in_place():
 
 
 def test_networks_it_does_not_cover_are_refused():
-    with pytest.raises(AssertionError, match="softmax"):
+    with pytest.raises(ValueError, match="softmax"):
         TabularMoEGradient.from_module(_net(router_scoring="sigmoid"))
-    with pytest.raises(AssertionError, match="dropless"):
+    with pytest.raises(ValueError, match="dropless"):
         TabularMoEGradient.from_module(_net(capacity_factor=1.25))
     torch.manual_seed(0)
-    with pytest.raises(AssertionError, match="numeric inputs only"):
+    with pytest.raises(ValueError, match="numeric inputs only"):
         TabularMoEGradient.from_module(TabularMoE(TabularMoEConfig(num_numeric=3, categorical_cardinalities=[4])))
+    with pytest.raises(TypeError, match="TabularMoE"):
+        TabularMoEGradient.from_module(torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        TabularMoEGradient.from_module(_net().double())
+    with pytest.raises(ValueError, match=r"expected \(N, 23\)"):
+        TabularMoEGradient.from_module(_net()).forward_and_gradient(np.zeros((2, 5), dtype=np.float32))

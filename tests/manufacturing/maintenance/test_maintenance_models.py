@@ -104,7 +104,7 @@ def test_moe_routes_each_token_of_the_window_to_top_k_experts(tiny_rul_estimator
     assert rul.shape == (7,) and aux.ndim == 0 and bool(((rul >= 0) & (rul <= 125)).all())
     # 30 cycles in patches of 3: 10 tokens per engine, each sent to top_k experts.
     assert int(load[0].sum()) == 7 * 10 * config.moe.top_k
-    with pytest.raises(AssertionError, match="multiple of patch"):
+    with pytest.raises(ValueError, match="multiple of patch"):
         replace(config, patch=4)
 
 
