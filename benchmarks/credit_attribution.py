@@ -16,7 +16,6 @@ count (median of 200 calls, scoring thread's CPU time).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +25,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
 from finance.models import FitData
 from finance.scorer import CreditScorer, load_model
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: PYTHONPATH still picks the finance measured
-from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def moe_member(scorer: CreditScorer):
@@ -77,8 +74,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000, help="test applicants compared")
     parser.add_argument("--steps", default="4,8,16,32", help="step counts compared with the reference")
     parser.add_argument("--reference", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/credit_attribution.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    add_output_arguments(parser, Path("benchmarks/results/credit_attribution.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     console = Console(stderr=args.json, width=140)

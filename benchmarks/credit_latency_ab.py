@@ -71,7 +71,6 @@ def main() -> None:
         print(json.dumps(worker(args.models_dir, datasets, models, args.calls)))
         return
     # Not at the top: the workers run this file with PYTHONPATH at checkouts that may have no benchmarks.common.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import machine, write_results
 
     trees = dict(item.split("=", 1) for item in args.trees.split(","))

@@ -26,9 +26,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, write_results  # noqa: E402
-from core import MoEConfig, MoELayer  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, write_results
+from core import MoEConfig, MoELayer
 
 VARIANTS = ("moe", "floor", "naive", "dense_all")
 
@@ -111,8 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-all-repeats", type=int, default=1, help="dense_all is E/k times the work")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/moe_layer.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    add_output_arguments(parser, Path("benchmarks/results/moe_layer.json"))
     parser.add_argument("--measure-memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_memory_of:  # child process of peak_memory_mib
