@@ -22,7 +22,7 @@ the rate that scored best on the held-back part at the smallest size among 1e-4,
 net each (the RUL recipe's seed ensemble of 3 would triple the CPU time) and are saved to
 --models-dir for reuse. Keep it short on the shared 2-core box:
 
-    nice -n 10 python benchmarks/adapt.py --json
+    nice -n 10 python -m benchmarks.adapt --json
 """
 
 from __future__ import annotations

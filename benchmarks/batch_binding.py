@@ -9,7 +9,7 @@ process into an empty output, timed end to end (process start and model load inc
 for both) in wall time and in the process's CPU time; runs alternate between the checkouts and the
 median is reported.
 
-    python benchmarks/batch_binding.py --baseline /work/main --rows 100000 --chunk-rows 25000 --repeats 3 --json
+    python -m benchmarks.batch_binding --baseline /work/main --rows 100000 --chunk-rows 25000 --repeats 3 --json
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ when there), build its bundle, then on every row of the dataset's file measure
   onnxruntime (1 intra-op thread, as LightGBM's own config) and for `score(frame, reasons="all")`,
   interleaved, median of `--repeats`.
 
-    nice python benchmarks/bundles.py --data ../shared/data --models-dir /tmp/bundles --json
+    nice python -m benchmarks.bundles --data ../shared/data --models-dir /tmp/bundles --json
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ FP32, ORT INT8; median over rounds that alternate the models), and RMSE / NASA s
 held-back engines cut at random cycles (the teacher's split and cuts: every model is scored on
 the same 100 cuts of FD001's 20 held-back engines), for PyTorch and the INT8 ONNX file.
 
-    nice -n 10 python benchmarks/compress.py --subsets FD001 --json
+    nice -n 10 python -m benchmarks.compress --subsets FD001 --json
 
 Training is kept short on the shared 2-core CPU (teacher 15 epochs, student 20, fine-tuning 5-10);
 `--reuse` measures folders made by an earlier run instead of training them again.

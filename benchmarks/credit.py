@@ -7,12 +7,12 @@ test 20% is never seen in training); inside the 80%, a further seeded 80/20 spli
 validation part for early stopping, the ensemble's blend (on cross-fitted predictions: each member
 retrained twice, early-stopped on one half of it and predicting the other) and the PD cut-off.
 
-    nice -n 10 python benchmarks/credit.py --json
+    nice -n 10 python -m benchmarks.credit --json
 
 The timed part can run on its own, under the shared bench lock, from models trained before:
 
-    nice -n 19 python benchmarks/credit.py --skip-speed --models-dir /tmp/credit-models --json
-    flock /tmp/moeworks-bench.lock python benchmarks/credit.py --speed-only --models-dir /tmp/credit-models --json
+    nice -n 19 python -m benchmarks.credit --skip-speed --models-dir /tmp/credit-models --json
+    flock /tmp/moeworks-bench.lock python -m benchmarks.credit --speed-only --models-dir /tmp/credit-models --json
 
 The first trains, reports quality and saves the scorers, the test splits, the generated population
 and the batch job's model; the second loads them and measures speed only. It uses public APIs only,

@@ -1,6 +1,6 @@
 """Benchmark: how far the MoE credit model's reason codes depend on its integrated-gradient steps.
 
-For saved scorers (benchmarks/credit.py --models-dir DIR: DIR/<dataset>/{moe,ensemble}), on the
+For saved scorers (python -m benchmarks.credit --models-dir DIR: DIR/<dataset>/{moe,ensemble}), on the
 first `--rows` applicants of each saved test split: the reason codes (ordered top 3) with the
 MoE's integrated gradients at `--steps` midpoint steps, against those at `--reference` steps (the
 integral, nearly converged). Reported per scorer and step count: how often the ordered codes,
@@ -10,7 +10,7 @@ gradient misses where routing switches experts along the path: it does not shrin
 and the CPU ms of one single-application `predict_with_contributions` of the MoE at each step
 count (median of 200 calls, scoring thread's CPU time).
 
-    python benchmarks/credit_attribution.py --models-dir /tmp/cg/bench --json
+    python -m benchmarks.credit_attribution --models-dir /tmp/cg/bench --json
 """
 
 from __future__ import annotations

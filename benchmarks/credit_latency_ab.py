@@ -4,9 +4,9 @@ Each round runs one process per checkout (PYTHONPATH at it), one after the other
 `score(one-row frame, reasons="all")` for every model: the scoring thread's CPU time
 (`time.thread_time`, what the code costs without a busy machine's waits) and wall time. Rounds
 alternate the checkouts so a change of load touches both. Models come from
-`benchmarks/credit.py --skip-speed --models-dir DIR`.
+`python -m benchmarks.credit --skip-speed --models-dir DIR`.
 
-    flock /tmp/moeworks-bench.lock python benchmarks/credit_latency_ab.py --models-dir DIR \\
+    flock /tmp/moeworks-bench.lock python -m benchmarks.credit_latency_ab --models-dir DIR \\
         --trees main=/work/main,branch=. --json
 """
 

@@ -1,13 +1,13 @@
 """Benchmark: reason codes one per family against one per feature, on saved credit scorers.
 
-The scorers saved by `benchmarks/credit.py --models-dir DIR` before reason families existed carry
+The scorers saved by `python -m benchmarks.credit --models-dir DIR` before reason families existed carry
 a catalogue without them: their reason codes are the top three features. Here each one scores its
 test applicants twice, with that catalogue and with the catalogue of the same pipeline re-fitted on
 the benchmark's training part (same features and medians, asserted; now with families), and the
 codes are compared: how often an applicant's reasons repeat a family, how often the first reason
 stays, how many reasons an applicant gets, and whether any probability moved.
 
-    python benchmarks/credit_reason_families.py --models-dir /tmp/cg/bench --json
+    python -m benchmarks.credit_reason_families --models-dir /tmp/cg/bench --json
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ fields; `sequence-ensemble` blends the two fitted models' log-odds with a logist
 validation split. Test AUC, KS, recall at 80% approval, and scoring speed (one application end to
 end, with reason codes; batch rows/s).
 
-    python benchmarks/credit_sequence.py --data ../shared/data [--seeds 0 --seeds 1] [--json]
+    python -m benchmarks.credit_sequence --data ../shared/data [--seeds 0 --seeds 1] [--json]
 
 Training and timing can run apart: with `--models DIR` the fitted scorers are saved under DIR, and a
 second run with the same DIR loads them and only evaluates and times, so that run alone can hold the
-shared benchmark lock (`flock /tmp/moeworks-bench.lock python benchmarks/credit_sequence.py ...`).
+shared benchmark lock (`flock /tmp/moeworks-bench.lock python -m benchmarks.credit_sequence ...`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the other ("honest" AUC: its epoch or tree count was not chosen on the rows it i
 Blends of LightGBM with each MoE variant are fitted on one half and scored on the other, once on
 the models' own (early-stopping) predictions and once on the other copy's (cross-fitted) ones.
 
-    nice -n 10 python benchmarks/credit_validation.py --datasets taiwan,gmsc --json
+    nice -n 10 python -m benchmarks.credit_validation --datasets taiwan,gmsc --json
 
 --variants takes JSON, name -> MoEModelConfig overrides, e.g. '{"lr1e-3": {"learning_rate": 0.001}}'.
 """

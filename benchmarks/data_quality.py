@@ -7,7 +7,7 @@ training rows. Reported: its precision and recall at finding the flipped rows, a
 on the untouched validation split of LightGBM trained on the clean, the noisy and the filtered
 (noisy minus flagged) training rows; recovered = (filtered - noisy) / (clean - noisy).
 
-    nice python benchmarks/data_quality.py --data /work/shared/data --seeds 3 --json \
+    nice python -m benchmarks.data_quality --data /work/shared/data --seeds 3 --json \
         --out benchmarks/results/data_quality.json
 """
 

@@ -7,9 +7,9 @@ alone; per-image latency end to end for YOLO alone and YOLO + MoE stage (the sta
 each image's crops) in PyTorch, ONNX and ONNX INT8; and network throughput at batch 1 and 8.
 Writes a JSON results file and prints tables.
 
-    python benchmarks/defects.py --imgsz 192 --hours 0.7 --json          # what fits a shared CPU
-    python benchmarks/defects.py --imgsz 640 --epochs 200 --device 0     # the published protocol
-    python benchmarks/defects.py --weights runs/bench-defects/detector.pt  # re-measure a trained model
+    python -m benchmarks.defects --imgsz 192 --hours 0.7 --json          # what fits a shared CPU
+    python -m benchmarks.defects --imgsz 640 --epochs 200 --device 0     # the published protocol
+    python -m benchmarks.defects --weights runs/bench-defects/detector.pt  # re-measure a trained model
 
 Run it under `nice -n 19`: training and evaluation stay at low priority, and the timed section
 alone takes the lock (`--lock`) and returns to normal priority while it holds it.

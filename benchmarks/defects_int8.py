@@ -14,7 +14,7 @@ of FP32 for every calibration sample (`--calibration-seeds`: which training imag
 variant that passes for one draw and not another is not within the gate); variants within 5% of the
 fastest count as equally fast, and the most accurate of them (mean mAP50) wins.
 
-    nice -n 19 python benchmarks/defects_int8.py --weights runs/bench-neu/detector.pt --json
+    nice -n 19 python -m benchmarks.defects_int8 --weights runs/bench-neu/detector.pt --json
 
 (--weights: the weights-only detector.pt of `moeworks defects train`; ultralytics' own best.pt is a
 full pickle, which YoloDetector.load refuses.)
@@ -47,11 +47,12 @@ SAME_SPEED = 0.05  # throughput differences under 5% are within this machine's r
 
 
 def parse_variant(name: str) -> tuple[Int8Recipe, int]:
-    """`outputs-minmax-256-symmetric` -> (Int8Recipe(...), 256 calibration images)."""
+    """`outputs-minmax-256-symmetric` -> (Int8Recipe(...), 256 calibration images); ValueError for another form."""
     parts = name.split("-")
     flags = set(parts[3:])
-    assert len(parts) >= 3 and parts[0] in ("decode", "outputs") and parts[1] in ("minmax", "percentile") \
-        and parts[2].isdigit() and flags <= {"symmetric", "per", "tensor"}, f"bad variant name {name!r}"
+    if not (len(parts) >= 3 and parts[0] in ("decode", "outputs") and parts[1] in ("minmax", "percentile")
+            and parts[2].isdigit() and flags <= {"symmetric", "per", "tensor"}):
+        raise ValueError(f"bad variant name {name!r}: KEEP-CALIBRATION-IMAGES[-symmetric][-per-tensor]")
     recipe = Int8Recipe(keep_float=parts[0], calibration=parts[1], symmetric_activations="symmetric" in flags,
                         per_channel="tensor" not in flags)
     return recipe, int(parts[2])
@@ -109,7 +110,10 @@ def main() -> None:
     console = Console(stderr=args.json, width=150)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    variants = {name: parse_variant(name) for name in filter(None, args.variants.split(","))}
+    try:
+        variants = {name: parse_variant(name) for name in filter(None, args.variants.split(","))}
+    except ValueError as error:
+        parser.error(str(error))
 
     train, val = seeded_split(read_voc_folder(args.data), val_fraction=0.2, seed=args.seed)
     assert not {r.name for r in train} & {r.name for r in val}, "calibration images overlap the validation split"

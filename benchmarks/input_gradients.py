@@ -5,7 +5,7 @@ application). This times both paths on the credit network's shape (16 experts, t
 I=128, 2 layers; 214 inputs as Taiwan, 25 as GMSC) at growing path sizes, in CPU time of one
 thread, and checks that they agree. finance.models.moe.NUMPY_PATH_ROWS is set from this crossover.
 
-    python benchmarks/input_gradients.py --json
+    python -m benchmarks.input_gradients --json
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ cut at random cycles (several cuts each), at the last cycle, as the official tes
 The official test files are held out; score them with `moeworks maintenance evaluate`.
 AI4I: stratified 80/20 split of the rows here; PR-AUC and recall at a fixed alert rate.
 
-    nice -n 10 python benchmarks/maintenance.py --json
-    python benchmarks/maintenance.py --quick        # generated data, a minute, for a smoke test
+    nice -n 10 python -m benchmarks.maintenance --json
+    python -m benchmarks.maintenance --quick        # generated data, a minute, for a smoke test
 """
 
 from __future__ import annotations

@@ -9,12 +9,13 @@ Variants, all on the same tokens with the same routing:
 Time is the median over interleaved repetitions (so background load hits all variants alike);
 peak memory is the resident-set growth of one forward pass in a fresh subprocess.
 
-    python benchmarks/moe_layer.py [--json] [--out benchmarks/results/moe_layer.json]
+    python -m benchmarks.moe_layer [--json] [--out benchmarks/results/moe_layer.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import add_output_arguments, machine, write_results
+from benchmarks.fixtures import REPO
 from core import MoEConfig, MoELayer
 
 VARIANTS = ("moe", "floor", "naive", "dense_all")
@@ -69,10 +71,11 @@ def run_variant(name: str, layer: MoELayer, floor_in, floor_out, x: torch.Tensor
 
 def peak_memory_mib(variant: str, hidden: int, intermediate: int, experts: int, top_k: int, tokens: int) -> float:
     """Run one forward pass in a fresh copy of this script and return its RSS growth in MiB."""
-    command = [sys.executable, __file__, "--measure-memory-of", variant, "--hidden", str(hidden),
+    command = [sys.executable, "-m", "benchmarks.moe_layer", "--measure-memory-of", variant, "--hidden", str(hidden),
                "--tokens", str(tokens), "--experts", str(experts), "--top-k", str(top_k),
                "--intermediate-ratio", str(intermediate / hidden)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     return float(result.stdout.strip().splitlines()[-1])
 
 

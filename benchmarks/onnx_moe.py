@@ -12,7 +12,7 @@ benchmarks/serving.py) and the same tokens, one thread, median forward ms over r
 
 Relative error is max |x - torch| / max |torch| of the layer's output.
 
-    python benchmarks/onnx_moe.py --json
+    python -m benchmarks.onnx_moe --json
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ compiled (core.quantization.compile_quantized), and fully fused; onnxruntime FP3
 (quantize_dynamic). No HTTP: this isolates what each kernel path costs, to read the serving
 benchmark against. Ratios are against eager FP32 at the same batch size.
 
-    python benchmarks/quantization.py --json
+    python -m benchmarks.quantization --json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each method wraps the same LightGBM; the table gives its AUC on the whole throug
 the kickout against accepted-only, and the share of the accepted-only -> upper-bound AUC gap it
 closes (target: the best method >= 30% on both datasets).
 
-    python benchmarks/reject_inference.py --data ../shared/data [--seed 0 --seed 1] [--method fuzzy] [--json]
+    python -m benchmarks.reject_inference --data ../shared/data [--seed 0 --seed 1] [--method fuzzy] [--json]
         [--param fuzzy-uplift.bad_odds_factor=1.5]   (a method's parameter other than its default)
 """
 

@@ -19,7 +19,7 @@ Telemetry gaps: after the agents stop and their spools drain, every device's his
 run without a hole and number what the agent produced (target 0 gaps, 0 lost), and every row must
 name the model that scored it.
 
-    nice python benchmarks/rollout.py --nodes 50 --canary 0.1 --json
+    nice python -m benchmarks.rollout --nodes 50 --canary 0.1 --json
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Benchmark: how far the sequence model's integrated-gradient reason codes agree with occlusion's.
 
-For saved Taiwan sequence scorers (benchmarks/credit_sequence.py --models DIR), on each seed's test
+For saved Taiwan sequence scorers (python -m benchmarks.credit_sequence --models DIR), on each seed's test
 split (the same split as that benchmark): occlusion attributions per raw field (exact: each field
 alone at its reference) against integrated gradients with 1 (gradient x input) and `--steps`
 steps. Reported: how often the top field is the same, the mean overlap of the top 3, and how much
 of occlusion's best single-field drop the IG top field achieves; for all test applicants and for
 the declined (those who are sent reason codes). Also the seconds each method took.
 
-    python benchmarks/sequence_attribution.py --data ../shared/data --models runs/seqmodels [--seed 0] [--json]
+    python -m benchmarks.sequence_attribution --data ../shared/data --models runs/seqmodels [--seed 0] [--json]
 """
 
 from __future__ import annotations

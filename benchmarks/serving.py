@@ -28,8 +28,8 @@ configuration 1. Server logs (with torch.compile recompilations, TORCH_LOGS=reco
 beside the models. Before the load runs, the INT8 accuracy change is measured on the same models
 (AUC for the trained tabular and credit models; relative output error otherwise).
 
-    python benchmarks/serving.py --credit-data ../shared/data/taiwan_credit_default --json
-    python benchmarks/serving.py --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
+    python -m benchmarks.serving --credit-data ../shared/data/taiwan_credit_default --json
+    python -m benchmarks.serving --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
 
 --overload (a separate run): the tabular MoE served with its default 2 s deadline, first at its
 capacity (requests of --overload-rows rows each: the answered rate of as many closed-loop clients
@@ -39,7 +39,7 @@ side. Reported per level: the share of 503s and 504s, the p99 latency of the adm
 against their deadline, a /healthz probe's p99 (10 probes a second on their own connection), and
 the load client's own CPU (cores busy: a saturated client would understate the load).
 
-    nice python benchmarks/serving.py --overload --json
+    nice python -m benchmarks.serving --overload --json
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ import torch
 from benchmarks.common import add_output_arguments, describe, machine, write_results
 from benchmarks.fixtures import REPO, build_tabular
 from core.trainer import save_checkpoint
-from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model  # noqa: E402
+from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model
 from deploy.synthetic import segmented_classification
 
 CONFIGS = {
@@ -637,7 +637,8 @@ def main() -> None:
         with console.status("credit: loading the Taiwan data, training/loading the MoE scorer, INT8 AUC gate"):
             path, spec = build_credit(work, args.credit_data, args.credit_model)
         models.append(("credit", path, path.with_suffix(".calibration.npz"), spec))
-    assert len(args.checkpoint) == len(args.calibration_file), "one --calibration-file per --checkpoint"
+    if len(args.checkpoint) != len(args.calibration_file):
+        parser.error("one --calibration-file per --checkpoint")
     for path, calibration in zip(args.checkpoint, args.calibration_file, strict=True):
         models.append((path.stem, path, calibration, None))
 

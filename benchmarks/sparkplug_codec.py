@@ -6,7 +6,7 @@ twin names them from the birth's map. "twin apply" is TwinState.apply of a strea
 for one device (decode, seq and duplicate checks, values, health rules): the per-message work of
 the twin's MQTT thread before the history writer. CPU time of this process, median of `--repeats`.
 
-    python benchmarks/sparkplug_codec.py --json
+    python -m benchmarks.sparkplug_codec --json
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ exactly what the publishers sent and the broker acknowledged.
 Sparkplug B protobuf as the edge agent sends it (births declaring aliases, DDATA by alias alone,
 encoded by twin.sparkplug per message, so the publishers pay what an edge pays).
 
-    python benchmarks/twin.py --json
-    python benchmarks/twin.py --rates 2000 --attack 0.01 --kill-cycles 5
-    python benchmarks/twin.py --rates 2000,5000 --seconds 10 --payload json,protobuf
-    python benchmarks/twin.py --workers 0,1,2 --rates 2000 --kill-worker   # the scaled-out twin
+    python -m benchmarks.twin --json
+    python -m benchmarks.twin --rates 2000 --attack 0.01 --kill-cycles 5
+    python -m benchmarks.twin --rates 2000,5000 --seconds 10 --payload json,protobuf
+    python -m benchmarks.twin --workers 0,1,2 --rates 2000 --kill-worker   # the scaled-out twin
 
 `--workers 0,1,2` runs the scaled-out twin (twin/scaleout.py: worker processes sharing the subscription
 through MQTT shared subscriptions, state and history in PostgreSQL) with each worker count in turn in

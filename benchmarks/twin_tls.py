@@ -14,7 +14,7 @@ Reported per mode: messages/s committed to history in the measured window, edge 
 history committed p50/p99, -> state p99, acked vs stored (loss), CPU per message; and the ratio
 of the TLS rate to the plaintext rate (target >= 0.8, p99 < 250 ms at 5,000 msg/s offered).
 
-    python benchmarks/twin_tls.py --json
+    python -m benchmarks.twin_tls --json
 """
 
 from __future__ import annotations
