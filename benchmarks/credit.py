@@ -15,8 +15,9 @@ The timed part can run on its own, under the shared bench lock, from models trai
     flock /tmp/moeworks-bench.lock python -m benchmarks.credit --speed-only --models-dir /tmp/credit-models --json
 
 The first trains, reports quality and saves the scorers, the test splits, the generated population
-and the batch job's model; the second loads them and measures speed only. It uses public APIs only,
-so PYTHONPATH can point it at another checkout of the code for a side-by-side run.
+and the batch job's model; the second loads them and measures speed only. It measures the checkout
+it runs in (`python -m` puts the current folder first on the path); two checkouts side by side:
+`python -m benchmarks.credit_latency_ab`, which runs each in a process of its own.
 
 `--seed S` repeats the protocol on another split (and model seeds); `--exclude-protected` trains
 without the features computed from age, sex, marital or family status, for their cost in AUC.
