@@ -45,8 +45,12 @@ def main() -> None:
     args = parser.parse_args()
     report = []
     for path in args.results:
-        for row in json.loads(path.read_text())["rul"]:
-            if "val_predictions" not in row:  # a user's file: exit code 2 and one line, not an assert
+        try:
+            rows = json.loads(path.read_text())["rul"]
+        except (OSError, ValueError, KeyError, TypeError) as error:  # a user's file: one line, exit code 2
+            parser.error(f"{path}: not a results file of python -m benchmarks.maintenance ({error!r})")
+        for row in rows:
+            if "val_predictions" not in row:
                 parser.error(f"{path}: no val_predictions; run python -m benchmarks.maintenance with --predictions")
             entry = {"file": str(path), "subset": row["subset"], "model": row["model"], "rmse": row["val_rmse"],
                      **breakdown(row["val_predictions"])}
