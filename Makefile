@@ -25,6 +25,13 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The benchmarks that need neither the real data nor a trained model (results under runs/bench/);
+# every other one, with the command behind each figure of record, is in benchmarks/RESULTS.md.
+bench: install
+	$(PY) -m benchmarks.sparkplug_codec --out runs/bench/sparkplug_codec.json
+	$(PY) -m benchmarks.input_gradients --out runs/bench/input_gradients.json
+	$(PY) -m benchmarks.moe_layer --hidden 512 --tokens 4096 --no-memory --out runs/bench/moe_layer.json
+
 # Sparkplug B payload code from its schema; commit both files (nothing compiles at install or run time)
 proto: install
 	$(PY) -m grpc_tools.protoc -I twin/sparkplug --python_out=twin/sparkplug twin/sparkplug/sparkplug_b.proto

@@ -22,13 +22,12 @@ the rate that scored best on the held-back part at the smallest size among 1e-4,
 net each (the RUL recipe's seed ensemble of 3 would triple the CPU time) and are saved to
 --models-dir for reuse. Keep it short on the shared 2-core box:
 
-    nice -n 10 python benchmarks/adapt.py --json
+    nice -n 10 python -m benchmarks.adapt --json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +36,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import add_data_argument
 from core import lora
 from finance.adapt import CreditAdaptConfig, adapt_scorer
 from finance.data import load_records
@@ -47,9 +48,6 @@ from manufacturing.maintenance.metrics import rul_metrics
 from manufacturing.maintenance.models import default_net_config
 from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config
 from manufacturing.maintenance.split import split_units, truncate_units
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def rul_estimator(epochs: int, seed: int) -> RULEstimator:
@@ -157,7 +155,7 @@ def verdicts(rows: list[dict], key: str, size: str, higher_is_better: bool) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    add_data_argument(parser)
     parser.add_argument("--models-dir", type=Path, default=Path("runs/bench/adapt"))
     parser.add_argument("--experiments", default="rul,credit")
     parser.add_argument("--engines", type=lambda s: [int(x) for x in s.split(",")], default=[10, 20, 40])
@@ -169,8 +167,7 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=CreditAdaptConfig.learning_rate, help="credit LoRA")
     parser.add_argument("--full-lr", type=float, default=RULAdaptConfig(method="full").learning_rate)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adapt.json"))
-    parser.add_argument("--json", action="store_true")
+    add_output_arguments(parser, Path("benchmarks/results/adapt.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     console = Console(stderr=args.json)

@@ -9,7 +9,7 @@ process into an empty output, timed end to end (process start and model load inc
 for both) in wall time and in the process's CPU time; runs alternate between the checkouts and the
 median is reported.
 
-    python benchmarks/batch_binding.py --baseline /work/main --rows 100000 --chunk-rows 25000 --repeats 3 --json
+    python -m benchmarks.batch_binding --baseline /work/main --rows 100000 --chunk-rows 25000 --repeats 3 --json
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import REPO
 
 
 def prepare(work: Path, rows: int) -> tuple[Path, dict[str, Path]]:
@@ -70,8 +68,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "batch_binding.json")
-    parser.add_argument("--json", action="store_true")
+    add_output_arguments(parser, REPO / "benchmarks" / "results" / "batch_binding.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batch-binding-") as tmp:
         work = Path(tmp)
@@ -82,7 +79,7 @@ def main() -> None:
             times: dict[str, list[float]] = {"this": [], "baseline": []}
             cpus: dict[str, list[float]] = {"this": [], "baseline": []}
             for _ in range(args.repeats):
-                for label, checkout in (("this", ROOT), ("baseline", args.baseline)):
+                for label, checkout in (("this", REPO), ("baseline", args.baseline)):
                     seconds, cpu, summary = run(checkout, model, data, work / f"out-{label}", args.chunk_rows)
                     assert summary["read"] == args.rows and summary["scored"] == args.rows, summary
                     times[label].append(seconds)

@@ -9,7 +9,7 @@ when there), build its bundle, then on every row of the dataset's file measure
   onnxruntime (1 intra-op thread, as LightGBM's own config) and for `score(frame, reasons="all")`,
   interleaved, median of `--repeats`.
 
-    nice python benchmarks/bundles.py --data ../shared/data --models-dir /tmp/bundles --json
+    nice python -m benchmarks.bundles --data ../shared/data --models-dir /tmp/bundles --json
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-
-FILES = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
+from benchmarks.common import add_output_arguments, describe, machine, time_calls, write_results
+from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 
 
 def _configs() -> dict:
@@ -72,13 +69,21 @@ def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
     return folder
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+def _onnx_against_moeworks(*, onnx_batch, moeworks_batch, onnx_single, moeworks_single, batch_rows: int,
+                           single_rows: int, repeats: int) -> dict:
+    """Rows/s of the bundle in onnxruntime and of moeworks' own scoring, on one batch of `batch_rows`
+    and on `single_rows` rows one by one (each call's median over `repeats`, interleaved in this order),
+    and the ratios onnx / moeworks."""
+    calls = {"onnx_batch": onnx_batch, "moeworks_batch": moeworks_batch, "onnx_single": onnx_single,
+             "moeworks_single": moeworks_single}
+    seconds = {name: time_calls(lambda _, call=call: call(), repeats=repeats).median_s for name, call in calls.items()}
+    throughput = {"onnx_rows_s_4096": batch_rows / seconds["onnx_batch"],
+                  "moeworks_rows_s_4096": batch_rows / seconds["moeworks_batch"],
+                  "onnx_rows_s_1": single_rows / seconds["onnx_single"],
+                  "moeworks_rows_s_1": single_rows / seconds["moeworks_single"]}
+    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
+    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
+    return throughput
 
 
 def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
@@ -90,7 +95,7 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     from finance import load_model
     from finance.data import dataset_spec, load_records
 
-    records = load_records(dataset, data_root / FILES[dataset])
+    records = load_records(dataset, data_root / CREDIT_FOLDERS[dataset])
     folder = _model(dataset, name, records, models_dir)
     threads = torch.get_num_threads()
     scorer = load_model(folder)
@@ -130,18 +135,12 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     block = frame.iloc[:4096]
     single = [frame.iloc[i:i + 1] for i in range(single_rows)]
     torch.set_num_threads(1)  # moeworks' MoE network on one thread, as onnxruntime and LightGBM here
-    timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds(0, 4096)), repeats),
-               "moeworks_batch": _median_seconds(lambda: scorer.score(block, reasons="all"), repeats),
-               "onnx_single": _median_seconds(lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
-                                              repeats),
-               "moeworks_single": _median_seconds(lambda: [scorer.score(r, reasons="all") for r in single], repeats)}
+    throughput = _onnx_against_moeworks(
+        onnx_batch=lambda: session.run(None, feeds(0, 4096)), moeworks_batch=lambda: scorer.score(block, reasons="all"),
+        onnx_single=lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
+        moeworks_single=lambda: [scorer.score(r, reasons="all") for r in single],
+        batch_rows=4096, single_rows=single_rows, repeats=repeats)
     torch.set_num_threads(threads)
-    throughput = {"onnx_rows_s_4096": 4096 / timings["onnx_batch"],
-                  "moeworks_rows_s_4096": 4096 / timings["moeworks_batch"],
-                  "onnx_rows_s_1": single_rows / timings["onnx_single"],
-                  "moeworks_rows_s_1": single_rows / timings["moeworks_single"]}
-    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
-    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
     card_ops = sorted({n.op_type for n in __import__("onnx").load(str(bundle / "model.onnx")).graph.node})
     return {"dataset": dataset, "model": name, "parity": parity, "throughput": throughput,
             "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
@@ -216,17 +215,12 @@ def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work:
     single_feeds = [_engine_feeds(r, fields) for r in singles]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds), repeats),
-               "moeworks_batch": _median_seconds(lambda: estimator.predict(frame), repeats),
-               "onnx_single": _median_seconds(lambda: [session.run(None, f) for f in single_feeds], repeats),
-               "moeworks_single": _median_seconds(lambda: [estimator.predict(r) for r in singles], repeats)}
+    throughput = _onnx_against_moeworks(
+        onnx_batch=lambda: session.run(None, feeds), moeworks_batch=lambda: estimator.predict(frame),
+        onnx_single=lambda: [session.run(None, f) for f in single_feeds],
+        moeworks_single=lambda: [estimator.predict(r) for r in singles],
+        batch_rows=engines, single_rows=len(units), repeats=repeats)
     torch.set_num_threads(threads)
-    throughput = {"onnx_rows_s_4096": engines / timings["onnx_batch"],
-                  "moeworks_rows_s_4096": engines / timings["moeworks_batch"],
-                  "onnx_rows_s_1": len(units) / timings["onnx_single"],
-                  "moeworks_rows_s_1": len(units) / timings["moeworks_single"]}
-    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
-    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
     proto = onnx.load(str(bundle / "model.onnx"))
     return {"dataset": f"cmapss {subset}", "model": f"rul-{kind}",
             "parity": {"rows": f"{engines} engines whole + cut", "pd_max_abs_error": max(errors),
@@ -270,18 +264,12 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
     expected = model.predict_proba(frame, backend="lightgbm")[OUTPUTS].to_numpy()
     block = frame.iloc[:4096]
     single = [frame.iloc[i:i + 1] for i in range(single_rows)]
-    timings = {"onnx_batch": _median_seconds(lambda: session.run(None, feeds(0, 4096)), repeats),
-               "moeworks_batch": _median_seconds(lambda: model.predict_proba(block, backend="lightgbm"), repeats),
-               "onnx_single": _median_seconds(lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
-                                              repeats),
-               "moeworks_single": _median_seconds(lambda: [model.predict_proba(r, backend="lightgbm") for r in single],
-                                                  repeats)}
-    throughput = {"onnx_rows_s_4096": 4096 / timings["onnx_batch"],
-                  "moeworks_rows_s_4096": 4096 / timings["moeworks_batch"],
-                  "onnx_rows_s_1": single_rows / timings["onnx_single"],
-                  "moeworks_rows_s_1": single_rows / timings["moeworks_single"]}
-    throughput["ratio_4096"] = throughput["onnx_rows_s_4096"] / throughput["moeworks_rows_s_4096"]
-    throughput["ratio_1"] = throughput["onnx_rows_s_1"] / throughput["moeworks_rows_s_1"]
+    throughput = _onnx_against_moeworks(
+        onnx_batch=lambda: session.run(None, feeds(0, 4096)),
+        moeworks_batch=lambda: model.predict_proba(block, backend="lightgbm"),
+        onnx_single=lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
+        moeworks_single=lambda: [model.predict_proba(r, backend="lightgbm") for r in single],
+        batch_rows=4096, single_rows=single_rows, repeats=repeats)
     proto = onnx.load(str(bundle / "model.onnx"))
     return {"dataset": "ai4i2020", "model": "ai4i-lightgbm",
             "parity": {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got - expected))),
@@ -294,15 +282,14 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    add_data_argument(parser)
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "moeworks-bundle-models")
     parser.add_argument("--cases", default="taiwan:scorecard,taiwan:lightgbm,taiwan:ensemble,gmsc:scorecard,"
                                            "gmsc:lightgbm,taiwan:moe,gmsc:moe,taiwan:moe-ensemble,"
                                            "gmsc:moe-ensemble,ai4i:lightgbm,cmapss-FD001:lstm,cmapss-FD004:moe")
     parser.add_argument("--single-rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--json", action="store_true")
+    add_output_arguments(parser, None)
     args = parser.parse_args()
     results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1, "torch_threads": 1},
                "cases": []}

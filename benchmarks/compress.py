@@ -8,7 +8,7 @@ FP32, ORT INT8; median over rounds that alternate the models), and RMSE / NASA s
 held-back engines cut at random cycles (the teacher's split and cuts: every model is scored on
 the same 100 cuts of FD001's 20 held-back engines), for PyTorch and the INT8 ONNX file.
 
-    nice -n 10 python benchmarks/compress.py --subsets FD001 --json
+    nice -n 10 python -m benchmarks.compress --subsets FD001 --json
 
 Training is kept short on the shared 2-core CPU (teacher 15 epochs, student 20, fine-tuning 5-10);
 `--reuse` measures folders made by an earlier run instead of training them again.
@@ -25,14 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import REPO, add_data_argument
 
 CLI = [sys.executable, "-m", "deploy.cli"]
 
@@ -66,7 +65,7 @@ def make(name: str, command: list[str], folder: Path, args, console: Console) ->
         console.print(f"{name}: reusing {folder} (made by: {shown})")
         return shown
     console.print(f"{name}: {shown}")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(full, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -187,7 +186,7 @@ def table(rows: list[dict]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("MOEWORKS_DATA", "../shared/data")) / "cmapss")
+    add_data_argument(parser, under="cmapss", what="C-MAPSS folder")
     parser.add_argument("--subsets", type=lambda s: s.split(","), default=["FD001"])
     parser.add_argument("--runs", type=Path, default=Path("runs/compress"), help="where the model folders go")
     parser.add_argument("--teacher-epochs", type=int, default=15)
@@ -200,8 +199,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure existing folders instead of training them")
     parser.add_argument("--latency-rounds", type=int, default=15)
     parser.add_argument("--latency-calls", type=int, default=20, help="calls timed per round")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/compress.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    add_output_arguments(parser, Path("runs/bench/compress.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # the edge case: one core per model
     console = Console(stderr=args.json, width=220)

@@ -7,16 +7,17 @@ test 20% is never seen in training); inside the 80%, a further seeded 80/20 spli
 validation part for early stopping, the ensemble's blend (on cross-fitted predictions: each member
 retrained twice, early-stopped on one half of it and predicting the other) and the PD cut-off.
 
-    nice -n 10 python benchmarks/credit.py --json
+    nice -n 10 python -m benchmarks.credit --json
 
 The timed part can run on its own, under the shared bench lock, from models trained before:
 
-    nice -n 19 python benchmarks/credit.py --skip-speed --models-dir /tmp/credit-models --json
-    flock /tmp/moeworks-bench.lock python benchmarks/credit.py --speed-only --models-dir /tmp/credit-models --json
+    nice -n 19 python -m benchmarks.credit --skip-speed --models-dir /tmp/credit-models --json
+    flock /tmp/moeworks-bench.lock python -m benchmarks.credit --speed-only --models-dir /tmp/credit-models --json
 
 The first trains, reports quality and saves the scorers, the test splits, the generated population
-and the batch job's model; the second loads them and measures speed only. It uses public APIs only,
-so PYTHONPATH can point it at another checkout of the code for a side-by-side run.
+and the batch job's model; the second loads them and measures speed only. It measures the checkout
+it runs in (`python -m` puts the current folder first on the path); two checkouts side by side:
+`python -m benchmarks.credit_latency_ab`, which runs each in a process of its own.
 
 `--seed S` repeats the protocol on another split (and model seeds); `--exclude-protected` trains
 without the features computed from age, sex, marital or family status, for their cost in AUC.
@@ -26,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +37,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import describe, machine, write_results
+from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 from finance.data import load_records
 from finance.evaluation import credit_metrics, scoring_speed
 from finance.models import FitData
 from finance.models.ensemble import EnsembleModel
 from finance.scorer import CreditScorer, split_records
-
-# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def serving_speed(scorer, frame: pd.DataFrame) -> dict[str, float]:
@@ -67,12 +64,11 @@ ANCHORS = {  # published figures (FIELD-NOTES.md, the datasets' PROVENANCE.md)
     "taiwan": "tuned GBDT ~0.78 AUC (best 0.783); logistic regression 0.72-0.76",
     "gmsc": "Kaggle winner ~0.870 private AUC; LightGBM ~0.861-0.865; WoE scorecard ~0.85-0.86",
 }
-PATHS = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
 
 
 def quality(dataset: str, data_root: Path, seed: int, console: Console, *, speed: bool = True,
             save_to: Path | None = None, exclude_protected: bool = False) -> dict:
-    records = load_records(dataset, data_root / PATHS[dataset])
+    records = load_records(dataset, data_root / CREDIT_FOLDERS[dataset])
     fit_part, test = split_records(records, valid_share=0.2, seed=seed)
     train, valid = split_records(fit_part, valid_share=0.2, seed=seed)
     scorers: dict[str, CreditScorer] = {}
@@ -168,8 +164,7 @@ def speed_only(models_dir: Path, datasets: list[str], console: Console, *, max_c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    add_data_argument(parser)
     parser.add_argument("--datasets", default="taiwan,gmsc")
     parser.add_argument("--million-rows", type=int, default=1_000_000, help="batch-job rows (0 to skip)")
     parser.add_argument("--seed", type=int, default=0)

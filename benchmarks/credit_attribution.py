@@ -1,6 +1,6 @@
 """Benchmark: how far the MoE credit model's reason codes depend on its integrated-gradient steps.
 
-For saved scorers (benchmarks/credit.py --models-dir DIR: DIR/<dataset>/{moe,ensemble}), on the
+For saved scorers (python -m benchmarks.credit --models-dir DIR: DIR/<dataset>/{moe,ensemble}), on the
 first `--rows` applicants of each saved test split: the reason codes (ordered top 3) with the
 MoE's integrated gradients at `--steps` midpoint steps, against those at `--reference` steps (the
 integral, nearly converged). Reported per scorer and step count: how often the ordered codes,
@@ -10,13 +10,12 @@ gradient misses where routing switches experts along the path: it does not shrin
 and the CPU ms of one single-application `predict_with_contributions` of the MoE at each step
 count (median of 200 calls, scoring thread's CPU time).
 
-    python benchmarks/credit_attribution.py --models-dir /tmp/cg/bench --json
+    python -m benchmarks.credit_attribution --models-dir /tmp/cg/bench --json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +25,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
 from finance.models import FitData
 from finance.scorer import CreditScorer, load_model
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: PYTHONPATH still picks the finance measured
-from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def moe_member(scorer: CreditScorer):
@@ -77,8 +74,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000, help="test applicants compared")
     parser.add_argument("--steps", default="4,8,16,32", help="step counts compared with the reference")
     parser.add_argument("--reference", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/credit_attribution.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    add_output_arguments(parser, Path("benchmarks/results/credit_attribution.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     console = Console(stderr=args.json, width=140)

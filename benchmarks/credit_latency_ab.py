@@ -4,9 +4,9 @@ Each round runs one process per checkout (PYTHONPATH at it), one after the other
 `score(one-row frame, reasons="all")` for every model: the scoring thread's CPU time
 (`time.thread_time`, what the code costs without a busy machine's waits) and wall time. Rounds
 alternate the checkouts so a change of load touches both. Models come from
-`benchmarks/credit.py --skip-speed --models-dir DIR`.
+`python -m benchmarks.credit --skip-speed --models-dir DIR`.
 
-    flock /tmp/moeworks-bench.lock python benchmarks/credit_latency_ab.py --models-dir DIR \\
+    flock /tmp/moeworks-bench.lock python -m benchmarks.credit_latency_ab --models-dir DIR \\
         --trees main=/work/main,branch=. --json
 """
 
@@ -71,7 +71,6 @@ def main() -> None:
         print(json.dumps(worker(args.models_dir, datasets, models, args.calls)))
         return
     # Not at the top: the workers run this file with PYTHONPATH at checkouts that may have no benchmarks.common.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import machine, write_results
 
     trees = dict(item.split("=", 1) for item in args.trees.split(","))

@@ -1,33 +1,29 @@
 """Benchmark: reason codes one per family against one per feature, on saved credit scorers.
 
-The scorers saved by `benchmarks/credit.py --models-dir DIR` before reason families existed carry
+The scorers saved by `python -m benchmarks.credit --models-dir DIR` before reason families existed carry
 a catalogue without them: their reason codes are the top three features. Here each one scores its
 test applicants twice, with that catalogue and with the catalogue of the same pipeline re-fitted on
 the benchmark's training part (same features and medians, asserted; now with families), and the
 codes are compared: how often an applicant's reasons repeat a family, how often the first reason
 stays, how many reasons an applicant gets, and whether any probability moved.
 
-    python benchmarks/credit_reason_families.py --models-dir /tmp/cg/bench --json
+    python -m benchmarks.credit_reason_families --models-dir /tmp/cg/bench --json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 from finance.data import load_records
 from finance.features import FeaturePipeline
 from finance.scorer import load_model, split_records
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: PYTHONPATH still picks the finance measured
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-from benchmarks.credit import PATHS  # noqa: E402
 
 
 def repeated_family(codes, family: dict[str, str]) -> float:
@@ -37,19 +33,17 @@ def repeated_family(codes, family: dict[str, str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    add_data_argument(parser)
     parser.add_argument("--models-dir", type=Path, required=True)
     parser.add_argument("--datasets", default="taiwan,gmsc")
     parser.add_argument("--rows", type=int, default=2000, help="test applicants scored")
     parser.add_argument("--seed", type=int, default=0, help="the split seed the scorers were trained on")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/credit_reason_families.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    add_output_arguments(parser, Path("benchmarks/results/credit_reason_families.json"))
     args = parser.parse_args()
     console = Console(stderr=args.json, width=160)
     results: dict = {"machine": machine(), "rows": args.rows, "results": []}
     for dataset in args.datasets.split(","):
-        records = load_records(dataset, args.data / PATHS[dataset])
+        records = load_records(dataset, args.data / CREDIT_FOLDERS[dataset])
         fit_part, test = split_records(records, valid_share=0.2, seed=args.seed)  # benchmarks/credit.py's split
         train, _ = split_records(fit_part, valid_share=0.2, seed=args.seed)
         families = FeaturePipeline(dataset=dataset).fit(train.frame)

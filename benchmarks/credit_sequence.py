@@ -8,37 +8,32 @@ fields; `sequence-ensemble` blends the two fitted models' log-odds with a logist
 validation split. Test AUC, KS, recall at 80% approval, and scoring speed (one application end to
 end, with reason codes; batch rows/s).
 
-    python benchmarks/credit_sequence.py --data ../shared/data [--seeds 0 --seeds 1] [--json]
+    python -m benchmarks.credit_sequence --data ../shared/data [--seeds 0 --seeds 1] [--json]
 
 Training and timing can run apart: with `--models DIR` the fitted scorers are saved under DIR, and a
 second run with the same DIR loads them and only evaluates and times, so that run alone can hold the
-shared benchmark lock (`flock /tmp/moeworks-bench.lock python benchmarks/credit_sequence.py ...`).
+shared benchmark lock (`flock /tmp/moeworks-bench.lock python -m benchmarks.credit_sequence ...`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import typer
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import add_data_argument
 from finance.data import load_taiwan
 from finance.evaluation import credit_metrics, scoring_speed
 from finance.models import FitData
 from finance.scorer import CreditScorer, split_records
 from finance.sequence.credit_model import SequenceEnsembleModel
 
-# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-
-app = typer.Typer(add_completion=False)
 MODELS = ("lightgbm", "sequence", "sequence-ensemble")
 
 
@@ -91,16 +86,22 @@ def evaluate(scorers: dict[str, CreditScorer], test, seed: int, console: Console
     return rows
 
 
-@app.command()
-def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shared/data")), help="real-data root"),
-         dataset: str = typer.Option("taiwan", help="taiwan (real) or generated (GENERATED population)"),
-         rows: int = typer.Option(30_000, help="generated applicants when --dataset generated"),
-         seeds: list[int] = typer.Option([0], help="one split and training per seed"),
-         models: Path = typer.Option(None, help="save the fitted scorers here; load them if already there"),
-         attribution: str = typer.Option(None, help="sequence reason codes: occlusion or integrated-gradients "
-                                                     "(default: the model's own, occlusion)"),
-         out: Path = typer.Option(None, help="results file (default runs/benchmarks/credit_sequence_DATASET.json)"),
-         as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_argument(parser)
+    parser.add_argument("--dataset", default="taiwan", choices=("taiwan", "generated"),
+                        help="taiwan (real) or generated (GENERATED population)")
+    parser.add_argument("--rows", type=int, default=30_000, help="generated applicants when --dataset generated")
+    parser.add_argument("--seeds", type=int, action="append",
+                        help="one split and training per seed (repeatable; default 0)")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="save the fitted scorers here; load them if already there")
+    parser.add_argument("--attribution", default=None, choices=("occlusion", "integrated-gradients"),
+                        help="sequence reason codes (default: the model's own, occlusion)")
+    add_output_arguments(parser, None)  # None: runs/benchmarks/credit_sequence_DATASET.json
+    args = parser.parse_args()
+    data, dataset, rows, seeds, models = args.data, args.dataset, args.rows, args.seeds or [0], args.models
+    attribution, out, as_json = args.attribution, args.out, args.json
     torch.set_num_threads(1)
     console = Console(stderr=as_json, width=120)  # tables stay whole in logs
     if dataset == "generated":
@@ -145,4 +146,4 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
 
 
 if __name__ == "__main__":
-    app()
+    main()

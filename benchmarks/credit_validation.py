@@ -7,7 +7,7 @@ the other ("honest" AUC: its epoch or tree count was not chosen on the rows it i
 Blends of LightGBM with each MoE variant are fitted on one half and scored on the other, once on
 the models' own (early-stopping) predictions and once on the other copy's (cross-fitted) ones.
 
-    nice -n 10 python benchmarks/credit_validation.py --datasets taiwan,gmsc --json
+    nice -n 10 python -m benchmarks.credit_validation --datasets taiwan,gmsc --json
 
 --variants takes JSON, name -> MoEModelConfig overrides, e.g. '{"lr1e-3": {"learning_rate": 0.001}}'.
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from benchmarks.common import machine, write_results
+from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 from finance.data import load_records
 from finance.features import FeaturePipeline
 from finance.models import FitData, build_model
@@ -33,11 +33,6 @@ from finance.models.ensemble import _logit
 from finance.models.moe import MoEModelConfig
 from finance.scorer import split_records
 
-# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, write_results  # noqa: E402
-
-PATHS = {"taiwan": "taiwan_credit_default", "gmsc": "give_me_some_credit"}
 DEFAULT_VARIANTS = {"single_best_epoch": {"average_last": 1}, "mean_of_last_3_epochs": {"average_last": 3}}
 
 
@@ -53,7 +48,7 @@ def two_fold_logits(name: str, config, train: FitData, valid: FitData, halves, *
 
 
 def run(dataset: str, data_root: Path, variants: dict, seed: int) -> dict:
-    records = load_records(dataset, data_root / PATHS[dataset])
+    records = load_records(dataset, data_root / CREDIT_FOLDERS[dataset])
     fit_part, _ = split_records(records, valid_share=0.2, seed=seed)  # the test part is not used below
     train_records, valid_records = split_records(fit_part, valid_share=0.2, seed=seed)
     pipe = FeaturePipeline(dataset=dataset).fit(train_records.frame)
@@ -90,8 +85,7 @@ def run(dataset: str, data_root: Path, variants: dict, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    add_data_argument(parser)
     parser.add_argument("--datasets", default="taiwan,gmsc")
     parser.add_argument("--variants", type=json.loads, default=DEFAULT_VARIANTS)
     parser.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,7 @@ training rows. Reported: its precision and recall at finding the flipped rows, a
 on the untouched validation split of LightGBM trained on the clean, the noisy and the filtered
 (noisy minus flagged) training rows; recovered = (filtered - noisy) / (clean - noisy).
 
-    nice python benchmarks/data_quality.py --data /work/shared/data --seeds 3 --json \
+    nice python -m benchmarks.data_quality --data /work/shared/data --seeds 3 --json \
         --out benchmarks/results/data_quality.json
 """
 
@@ -26,10 +26,9 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-from core.data_quality.labels import LabelConfig, label_issues, lightgbm, out_of_fold_probabilities  # noqa: E402
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import REPO, add_data_argument
+from core.data_quality.labels import LabelConfig, label_issues, lightgbm, out_of_fold_probabilities
 
 NOISE = 0.10
 FILTERS = ("prune_by_noise_rate", "both", "confident_learning")  # the first is the product's
@@ -106,7 +105,7 @@ def time_check(data: Path, repeats: int) -> dict:
             started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             done = subprocess.run([sys.executable, "-m", "deploy.cli", "data", "check", "--data", str(data),
                                    "--dataset", "gmsc", "--out", out, "--json"], capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
             wall = time.perf_counter() - started
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime  # the run's CPU time
@@ -123,12 +122,11 @@ def time_check(data: Path, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("MOEWORKS_DATA", "/work/shared/data")))
+    add_data_argument(parser)
     parser.add_argument("--seeds", type=int, default=3, help="0: only the timing of data check on GMSC")
     parser.add_argument("--datasets", default="taiwan,gmsc,ai4i")
     parser.add_argument("--check-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--json", action="store_true")
+    add_output_arguments(parser, None)
     args = parser.parse_args()
     config = LabelConfig()
     results = {"machine": {**machine(), "lightgbm_threads": config.threads}, "noise": NOISE, "datasets": {}}

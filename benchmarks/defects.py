@@ -7,9 +7,9 @@ alone; per-image latency end to end for YOLO alone and YOLO + MoE stage (the sta
 each image's crops) in PyTorch, ONNX and ONNX INT8; and network throughput at batch 1 and 8.
 Writes a JSON results file and prints tables.
 
-    python benchmarks/defects.py --imgsz 192 --hours 0.7 --json          # what fits a shared CPU
-    python benchmarks/defects.py --imgsz 640 --epochs 200 --device 0     # the published protocol
-    python benchmarks/defects.py --weights runs/bench-defects/detector.pt  # re-measure a trained model
+    python -m benchmarks.defects --imgsz 192 --hours 0.7 --json          # what fits a shared CPU
+    python -m benchmarks.defects --imgsz 640 --epochs 200 --device 0     # the published protocol
+    python -m benchmarks.defects --weights runs/bench-defects/detector.pt  # re-measure a trained model
 
 Run it under `nice -n 19`: training and evaluation stay at low priority, and the timed section
 alone takes the lock (`--lock`) and returns to normal priority while it holds it.
@@ -18,30 +18,25 @@ alone takes the lock (`--lock`) and returns to normal priority while it holds it
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from benchmarks.common import machine, write_results  # noqa: E402
-from manufacturing.defects.dataset import load_image  # noqa: E402
-from manufacturing.defects.detector import Detections, YoloDetector, to_input  # noqa: E402
-from manufacturing.defects.moe_stage import CropMoEClassifier, CropTrainingConfig  # noqa: E402
-from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, evaluate_records  # noqa: E402
-from manufacturing.defects.train import DetectorConfig  # noqa: E402
-from manufacturing.defects.voc import read_voc_folder, seeded_split, write_split  # noqa: E402
-from manufacturing.defects.workflow import (  # noqa: E402
+from benchmarks.common import machine, timed_section, write_results
+from benchmarks.fixtures import add_data_argument, detector_latency_ms, detector_throughput
+from manufacturing.defects.dataset import load_image
+from manufacturing.defects.detector import Detections, YoloDetector
+from manufacturing.defects.moe_stage import CropMoEClassifier, CropTrainingConfig
+from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, evaluate_records
+from manufacturing.defects.train import DetectorConfig
+from manufacturing.defects.voc import read_voc_folder, seeded_split, write_split
+from manufacturing.defects.workflow import (
     MOE_FILE,
     TrainJob,
     export_job,
@@ -51,17 +46,6 @@ from manufacturing.defects.workflow import (  # noqa: E402
 
 PUBLISHED = {"YOLO11n (COCO-pretrained, 640 px)": 0.753, "YOLOv8n (COCO-pretrained, 640 px)": 0.78}
 TARGET_MAP50 = 0.75
-
-
-def latency_ms(detector: YoloDetector, images, repeats: int) -> float:
-    """Median wall time of one image through the network alone (batch 1, preprocessing excluded)."""
-    times = []
-    for i in range(repeats):
-        batch, _ = to_input([images[i % len(images)]], detector.imgsz)
-        started = time.perf_counter()
-        detector.raw(batch)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times[2:] if len(times) > 4 else times)  # first calls warm caches
 
 
 def end_to_end_ms(inspector: DefectInspector, images, gt_boxes, repeats: int) -> dict:
@@ -102,55 +86,9 @@ def end_to_end_ms(inspector: DefectInspector, images, gt_boxes, repeats: int) ->
             "yolo_moe_on_ground_truth_ratio": (yolo_ms + statistics.median(moe_gt)) / yolo_ms}
 
 
-def throughput(detector: YoloDetector, images, batch_size: int, rounds: int) -> float:
-    """Images per second through the network at `batch_size` (preprocessed batches; median of rounds)."""
-    batches = [to_input(images[s:s + batch_size], detector.imgsz)[0]
-               for s in range(0, len(images) - batch_size + 1, batch_size)]
-    detector.raw(batches[0])  # warm-up: the first call of a shape allocates
-    rates = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for batch in batches:
-            detector.raw(batch)
-        rates.append(len(batches) * batch_size / (time.perf_counter() - started))
-    return statistics.median(rates)
-
-
-def _set_priority(nice: int) -> None:
-    # Linux keeps a nice value per thread: set every thread's (torch and onnxruntime pools included).
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-
-
-@contextlib.contextmanager
-def timed_section(lock_path: str):
-    """Hold the shared bench lock (empty path: none) at normal priority; yields what to record."""
-    record = {"lock": lock_path or None, "nice_before": os.getpriority(os.PRIO_PROCESS, 0)}
-    with contextlib.ExitStack() as stack:
-        if lock_path:
-            handle = stack.enter_context(open(lock_path, "a"))
-            waited = time.perf_counter()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
-            record["lock_wait_seconds"] = round(time.perf_counter() - waited, 1)
-        if record["nice_before"] > 0:
-            try:
-                _set_priority(0)
-                stack.callback(_set_priority, record["nice_before"])
-            except PermissionError:  # not root: measure at the inherited priority, and say so
-                pass
-        record["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
-        record["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-        started = time.perf_counter()
-        yield record
-        record["seconds"] = round(time.perf_counter() - started, 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(os.environ.get("MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--data", type=Path, default=root / "neu_det", help="NEU-DET VOC folder")
+    add_data_argument(parser, under="neu_det", what="NEU-DET VOC folder")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-defects"))
     parser.add_argument("--imgsz", type=int, default=192)
     parser.add_argument("--epochs", type=int, default=100)
@@ -226,11 +164,11 @@ def main() -> None:
     onnx_stage, _ = CropMoEClassifier.load(exported["moe_onnx"], threads=args.threads)
     stages = {"pytorch": stage, "onnx": onnx_stage, "onnx-int8": onnx_stage}
     with timed_section(args.lock) as timing:
-        latency = {k: latency_ms(d, images, args.latency_repeats) for k, d in detectors.items()}
+        latency = {k: detector_latency_ms(d, images, args.latency_repeats) for k, d in detectors.items()}
         end_to_end = {k: end_to_end_ms(DefectInspector(detector=d, second_stage=stages[k]), images, gt_boxes,
                                        args.latency_repeats) for k, d in detectors.items()}
-        rates = {k: {str(b): throughput(d, images, b, args.throughput_rounds) for b in (1, args.throughput_batch)}
-                 for k, d in detectors.items()}
+        rates = {k: {str(b): detector_throughput(d, images, b, args.throughput_rounds)
+                     for b in (1, args.throughput_batch)} for k, d in detectors.items()}
 
     measured_on = {**machine(), "onnxruntime_threads": args.threads, "device": args.device}
     gain = metrics["yolo+moe"]["mAP50"] - metrics["yolo"]["mAP50"]

@@ -12,7 +12,7 @@
 # split with moeworks' own evaluation, and writes under $OUT: results.json (epochs, time, mAP50),
 # evaluate.json, train_result.json, results.csv (per epoch), split.json, detector.pt, train.log.
 # The MoE stage, ONNX export and latency then run on this CPU from the returned weights:
-#     nice -n 19 python benchmarks/defects.py --weights <files_at>/detector.pt --out runs/bench-640 --json
+#     nice -n 19 python -m benchmarks.defects --weights <files_at>/detector.pt --out runs/bench-640 --json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

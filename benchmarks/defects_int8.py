@@ -14,7 +14,7 @@ of FP32 for every calibration sample (`--calibration-seeds`: which training imag
 variant that passes for one draw and not another is not within the gate); variants within 5% of the
 fastest count as equally fast, and the most accurate of them (mean mAP50) wins.
 
-    nice -n 19 python benchmarks/defects_int8.py --weights runs/bench-neu/detector.pt --json
+    nice -n 19 python -m benchmarks.defects_int8 --weights runs/bench-neu/detector.pt --json
 
 (--weights: the weights-only detector.pt of `moeworks defects train`; ultralytics' own best.pt is a
 full pickle, which YoloDetector.load refuses.)
@@ -23,25 +23,21 @@ full pickle, which YoloDetector.load refuses.)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from benchmarks.common import machine, write_results  # noqa: E402
-from benchmarks.defects import latency_ms, throughput, timed_section  # noqa: E402
-from manufacturing.defects.dataset import load_image  # noqa: E402
-from manufacturing.defects.detector import YoloDetector  # noqa: E402
-from manufacturing.defects.export import Int8Recipe, export_detector_onnx, quantize_detector_int8  # noqa: E402
-from manufacturing.defects.pipeline import DefectInspector, evaluate_records  # noqa: E402
-from manufacturing.defects.voc import read_voc_folder, seeded_split  # noqa: E402
-from manufacturing.defects.workflow import sample_images  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, timed_section, write_results
+from benchmarks.fixtures import add_data_argument, detector_latency_ms, detector_throughput
+from manufacturing.defects.dataset import load_image
+from manufacturing.defects.detector import YoloDetector
+from manufacturing.defects.export import Int8Recipe, export_detector_onnx, quantize_detector_int8
+from manufacturing.defects.pipeline import DefectInspector, evaluate_records
+from manufacturing.defects.voc import read_voc_folder, seeded_split
+from manufacturing.defects.workflow import sample_images
 
 DEFAULT_VARIANTS = ("decode-minmax-64,decode-minmax-256,outputs-minmax-64,outputs-minmax-256,"
                     "outputs-percentile-256,outputs-minmax-256-symmetric,"
@@ -51,11 +47,12 @@ SAME_SPEED = 0.05  # throughput differences under 5% are within this machine's r
 
 
 def parse_variant(name: str) -> tuple[Int8Recipe, int]:
-    """`outputs-minmax-256-symmetric` -> (Int8Recipe(...), 256 calibration images)."""
+    """`outputs-minmax-256-symmetric` -> (Int8Recipe(...), 256 calibration images); ValueError for another form."""
     parts = name.split("-")
     flags = set(parts[3:])
-    assert len(parts) >= 3 and parts[0] in ("decode", "outputs") and parts[1] in ("minmax", "percentile") \
-        and parts[2].isdigit() and flags <= {"symmetric", "per", "tensor"}, f"bad variant name {name!r}"
+    if not (len(parts) >= 3 and parts[0] in ("decode", "outputs") and parts[1] in ("minmax", "percentile")
+            and parts[2].isdigit() and flags <= {"symmetric", "per", "tensor"}):
+        raise ValueError(f"bad variant name {name!r}: KEEP-CALIBRATION-IMAGES[-symmetric][-per-tensor]")
     recipe = Int8Recipe(keep_float=parts[0], calibration=parts[1], symmetric_activations="symmetric" in flags,
                         per_channel="tensor" not in flags)
     return recipe, int(parts[2])
@@ -89,33 +86,34 @@ def interleaved_speed(sessions: dict[str, YoloDetector], images, rounds: int, re
     rates: dict[str, list[float]] = {n: [] for n in names}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            latency[name].append(latency_ms(sessions[name], images, repeats))
-            rates[name].append(throughput(sessions[name], images, 8, 1))
+            latency[name].append(detector_latency_ms(sessions[name], images, repeats))
+            rates[name].append(detector_throughput(sessions[name], images, 8, 1))
     return {n: {"latency_ms": statistics.median(latency[n]), "images_per_second_batch8": statistics.median(rates[n]),
                 "images_per_second_batch8_rounds": rates[n]} for n in names}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(os.environ.get("MOEWORKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--weights", type=Path, required=True, help="the detector.pt of `defects train`")
-    parser.add_argument("--data", type=Path, default=root / "neu_det", help="NEU-DET VOC folder")
+    add_data_argument(parser, under="neu_det", what="NEU-DET VOC folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 8:2 split")
     parser.add_argument("--calibration-seeds", default="0,1,2",
                         help="calibration samples (seeds drawing the training images); the gate holds for each")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list (see the names above)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-defects-int8"))
     parser.add_argument("--latency-repeats", type=int, default=12, help="batch-1 calls per model per round")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--lock", default="/tmp/moeworks-bench.lock", help="flock held while timing; '' for none")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    add_output_arguments(parser, Path("runs/bench-defects-int8"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(stderr=args.json, width=150)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    variants = {name: parse_variant(name) for name in filter(None, args.variants.split(","))}
+    try:
+        variants = {name: parse_variant(name) for name in filter(None, args.variants.split(","))}
+    except ValueError as error:
+        parser.error(str(error))
 
     train, val = seeded_split(read_voc_folder(args.data), val_fraction=0.2, seed=args.seed)
     assert not {r.name for r in train} & {r.name for r in val}, "calibration images overlap the validation split"

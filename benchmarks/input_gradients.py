@@ -5,13 +5,12 @@ application). This times both paths on the credit network's shape (16 experts, t
 I=128, 2 layers; 214 inputs as Taiwan, 25 as GMSC) at growing path sizes, in CPU time of one
 thread, and checks that they agree. finance.models.moe.NUMPY_PATH_ROWS is set from this crossover.
 
-    python benchmarks/input_gradients.py --json
+    python -m benchmarks.input_gradients --json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +19,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
 from finance.models.input_gradients import TabularMoEGradient
-
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe, machine, write_results  # noqa: E402
 
 
 def cpu_ms(call, budget_rows: int, rows: int) -> float:
@@ -44,8 +41,7 @@ def cpu_ms(call, budget_rows: int, rows: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", default="9,36,90,180,360,900,3600", help="path sizes (rows) to time")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/input_gradients.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    add_output_arguments(parser, Path("benchmarks/results/input_gradients.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {"machine": machine(), "results": []}

@@ -6,8 +6,8 @@ cut at random cycles (several cuts each), at the last cycle, as the official tes
 The official test files are held out; score them with `moeworks maintenance evaluate`.
 AI4I: stratified 80/20 split of the rows here; PR-AUC and recall at a fixed alert rate.
 
-    nice -n 10 python benchmarks/maintenance.py --json
-    python benchmarks/maintenance.py --quick        # generated data, a minute, for a smoke test
+    nice -n 10 python -m benchmarks.maintenance --json
+    python -m benchmarks.maintenance --quick        # generated data, a minute, for a smoke test
 """
 
 from __future__ import annotations
@@ -15,25 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i, read_ai4i, split_rows  # noqa: E402
-from manufacturing.maintenance.cmapss import SUBSET_REGIMES, find_file, read_cmapss  # noqa: E402
-from manufacturing.maintenance.generator import generate_cmapss  # noqa: E402
-from manufacturing.maintenance.models import default_net_config  # noqa: E402
-from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate  # noqa: E402
-from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config  # noqa: E402
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import add_data_argument
+from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i, read_ai4i, split_rows
+from manufacturing.maintenance.cmapss import SUBSET_REGIMES, find_file, read_cmapss
+from manufacturing.maintenance.generator import generate_cmapss
+from manufacturing.maintenance.models import default_net_config
+from manufacturing.maintenance.protocol import ProtocolConfig, train_and_validate
+from manufacturing.maintenance.rul import RULEstimator, default_feature_config, default_train_config
 
 # Published RMSE on the official test sets (not the validation split here): for context only.
 ANCHORS = {"deep LSTM (Zheng 2017)": [16.14, 24.49, 16.18, 28.17], "CNN (Li 2018)": [12.61, 22.36, 12.64, 23.31],
@@ -164,7 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("MOEWORKS_DATA", "../shared/data")))
+    add_data_argument(parser)
     parser.add_argument("--subsets", type=lambda s: s.split(","), default=SUBSET_ORDER)
     parser.add_argument("--models", type=lambda s: s.split(","), default=["lstm", "moe"])
     parser.add_argument("--epochs", type=int, default=30)
@@ -188,8 +186,7 @@ def main() -> None:
     parser.add_argument("--no-rul", action="store_true")
     parser.add_argument("--quick", action="store_true", help="generated data, few epochs: a smoke test")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/maintenance.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    add_output_arguments(parser, Path("runs/bench/maintenance.json"))
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.windows_per_epoch, args.cuts = 3, 1024, 2

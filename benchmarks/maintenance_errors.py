@@ -1,10 +1,10 @@
 """Where the RUL errors are: RMSE and bias by true-RUL bucket and by how far into its life each cut is.
 
-Reads the JSON of `benchmarks/maintenance.py --predictions` (one record per scored cut) and, per
+Reads the JSON of `python -m benchmarks.maintenance --predictions` (one record per scored cut) and, per
 (subset, model), prints the RMSE, the mean error (predicted - true: > 0 is late, the costly side)
 and each bucket's share of the squared error, against the true RUL capped as the metric caps it.
 
-    python benchmarks/maintenance_errors.py runs/tune/base1.json --json
+    python -m benchmarks.maintenance_errors runs/tune/base1.json --json
 """
 
 from __future__ import annotations
@@ -39,13 +39,19 @@ def breakdown(records: list[dict], *, cap: float = 125.0) -> dict[str, list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, nargs="+", help="benchmarks/maintenance.py --predictions JSON files")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="python -m benchmarks.maintenance --predictions JSON files")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON on the last line")
     args = parser.parse_args()
     report = []
     for path in args.results:
-        for row in json.loads(path.read_text())["rul"]:
-            assert "val_predictions" in row, f"{path}: run benchmarks/maintenance.py with --predictions"
+        try:
+            rows = json.loads(path.read_text())["rul"]
+        except (OSError, ValueError, KeyError, TypeError) as error:  # a user's file: one line, exit code 2
+            parser.error(f"{path}: not a results file of python -m benchmarks.maintenance ({error!r})")
+        for row in rows:
+            if "val_predictions" not in row:
+                parser.error(f"{path}: no val_predictions; run python -m benchmarks.maintenance with --predictions")
             entry = {"file": str(path), "subset": row["subset"], "model": row["model"], "rmse": row["val_rmse"],
                      **breakdown(row["val_predictions"])}
             report.append(entry)

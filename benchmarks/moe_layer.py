@@ -9,12 +9,13 @@ Variants, all on the same tokens with the same routing:
 Time is the median over interleaved repetitions (so background load hits all variants alike);
 peak memory is the resident-set growth of one forward pass in a fresh subprocess.
 
-    python benchmarks/moe_layer.py [--json] [--out benchmarks/results/moe_layer.json]
+    python -m benchmarks.moe_layer [--json] [--out benchmarks/results/moe_layer.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,9 +27,9 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, write_results  # noqa: E402
-from core import MoEConfig, MoELayer  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, write_results
+from benchmarks.fixtures import REPO
+from core import MoEConfig, MoELayer
 
 VARIANTS = ("moe", "floor", "naive", "dense_all")
 
@@ -70,10 +71,11 @@ def run_variant(name: str, layer: MoELayer, floor_in, floor_out, x: torch.Tensor
 
 def peak_memory_mib(variant: str, hidden: int, intermediate: int, experts: int, top_k: int, tokens: int) -> float:
     """Run one forward pass in a fresh copy of this script and return its RSS growth in MiB."""
-    command = [sys.executable, __file__, "--measure-memory-of", variant, "--hidden", str(hidden),
+    command = [sys.executable, "-m", "benchmarks.moe_layer", "--measure-memory-of", variant, "--hidden", str(hidden),
                "--tokens", str(tokens), "--experts", str(experts), "--top-k", str(top_k),
                "--intermediate-ratio", str(intermediate / hidden)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -111,8 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-all-repeats", type=int, default=1, help="dense_all is E/k times the work")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/moe_layer.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    add_output_arguments(parser, Path("benchmarks/results/moe_layer.json"))
     parser.add_argument("--measure-memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_memory_of:  # child process of peak_memory_mib

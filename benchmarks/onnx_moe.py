@@ -12,7 +12,7 @@ benchmarks/serving.py) and the same tokens, one thread, median forward ms over r
 
 Relative error is max |x - torch| / max |torch| of the layer's output.
 
-    python benchmarks/onnx_moe.py --json
+    python -m benchmarks.onnx_moe --json
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import machine, write_results  # noqa: E402
-from core import MoEConfig, MoELayer  # noqa: E402
-from core.onnx_export import export_onnx  # noqa: E402
-from core.quantization import quantize_onnx  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, write_results
+from benchmarks.fixtures import REPO
+from core import MoEConfig, MoELayer
+from core.onnx_export import export_onnx
+from core.quantization import quantize_onnx
 
 
 class _Output(torch.nn.Module):
@@ -92,8 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="16,128,512,2048", help="comma list of token counts")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per path and size")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "onnx_moe.json")
-    parser.add_argument("--json", action="store_true")
+    add_output_arguments(parser, REPO / "runs" / "bench" / "onnx_moe.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ compiled (core.quantization.compile_quantized), and fully fused; onnxruntime FP3
 (quantize_dynamic). No HTTP: this isolates what each kernel path costs, to read the serving
 benchmark against. Ratios are against eager FP32 at the same batch size.
 
-    python benchmarks/quantization.py --json
+    python -m benchmarks.quantization --json
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-from benchmarks.serving import build_tabular  # noqa: E402
-from core.fused import fuse_model  # noqa: E402
-from core.onnx_export import export_onnx  # noqa: E402
-from core.quantization import AWQConfig, AWQQuantizer, compile_quantized, quantize_onnx  # noqa: E402
-from deploy.serving.models import load_model  # noqa: E402
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import REPO, build_tabular
+from core.fused import fuse_model
+from core.onnx_export import export_onnx
+from core.quantization import AWQConfig, AWQQuantizer, compile_quantized, quantize_onnx
+from deploy.serving.models import load_model
 
 
 def timed(fn, repeats: int) -> float:
@@ -49,8 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,16,64,128", help="batch sizes (rows)")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "quantization.json")
-    parser.add_argument("--json", action="store_true")
+    add_output_arguments(parser, REPO / "runs" / "bench" / "quantization.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from rich.console import Console

@@ -5,31 +5,26 @@ Each method wraps the same LightGBM; the table gives its AUC on the whole throug
 the kickout against accepted-only, and the share of the accepted-only -> upper-bound AUC gap it
 closes (target: the best method >= 30% on both datasets).
 
-    python benchmarks/reject_inference.py --data ../shared/data [--seed 0 --seed 1] [--method fuzzy] [--json]
+    python -m benchmarks.reject_inference --data ../shared/data [--seed 0 --seed 1] [--method fuzzy] [--json]
         [--param fuzzy-uplift.bad_odds_factor=1.5]   (a method's parameter other than its default)
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 import time
 from pathlib import Path
 
-import typer
 from rich.console import Console
 
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import add_data_argument
 from finance.reject_inference.experiment import best_method, results_table, run_experiment, summary_json
-
-# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-
-app = typer.Typer(add_completion=False)
 
 
 def parse_params(items: list[str]) -> dict[str, dict[str, float]]:
-    """["fuzzy-uplift.bad_odds_factor=1.5", ...] -> {"fuzzy-uplift": {"bad_odds_factor": 1.5}}."""
+    """["fuzzy-uplift.bad_odds_factor=1.5", ...] -> {"fuzzy-uplift": {"bad_odds_factor": 1.5}};
+    ValueError (argparse's usage error, exit code 2) for an item of another form."""
     params: dict[str, dict[str, float]] = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -37,26 +32,36 @@ def parse_params(items: list[str]) -> dict[str, dict[str, float]]:
         try:
             number = float(value)
         except ValueError:
-            raise typer.BadParameter(f"{item!r}: expected METHOD.NAME=NUMBER", param_hint="--param") from None
+            raise ValueError(f"--param {item!r}: expected METHOD.NAME=NUMBER") from None
         if not (method and name):
-            raise typer.BadParameter(f"{item!r}: expected METHOD.NAME=NUMBER", param_hint="--param")
+            raise ValueError(f"--param {item!r}: expected METHOD.NAME=NUMBER")
         params.setdefault(method, {})[name] = int(number) if number.is_integer() and "." not in value else number
     return params
 
 
-@app.command()
-def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shared/data")), help="real-data root"),
-         datasets: list[str] = typer.Option(["taiwan", "gmsc"], "--dataset", help="datasets (repeatable)"),
-         seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="protocol seeds (repeatable)"),
-         estimator: str = typer.Option("lightgbm", help="lightgbm or logistic"),
-         methods: list[str] = typer.Option(None, "--method", help="methods (repeatable; default all)"),
-         unlabelled: bool = typer.Option(True, help="GMSC: add cs-test to the unlabelled pool"),
-         params: list[str] = typer.Option(None, "--param", help="METHOD.NAME=NUMBER (repeatable)"),
-         out: Path = typer.Option(Path("runs/benchmarks/reject_inference.json"), help="results file"),
-         as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_argument(parser)
+    parser.add_argument("--dataset", dest="datasets", action="append",
+                        help="datasets (repeatable; default taiwan, gmsc)")
+    parser.add_argument("--seed", dest="seeds", type=int, action="append",
+                        help="protocol seeds (repeatable; default 0 1 2)")
+    parser.add_argument("--estimator", default="lightgbm", choices=("lightgbm", "logistic"))
+    parser.add_argument("--method", dest="methods", action="append", help="methods (repeatable; default all)")
+    parser.add_argument("--unlabelled", action=argparse.BooleanOptionalAction, default=True,
+                        help="GMSC: add cs-test to the unlabelled pool")
+    parser.add_argument("--param", dest="params", action="append", default=[], help="METHOD.NAME=NUMBER (repeatable)")
+    add_output_arguments(parser, Path("runs/benchmarks/reject_inference.json"))
+    args = parser.parse_args()
+    try:
+        method_params = parse_params(args.params)
+    except ValueError as error:
+        parser.error(str(error))
+    data, out, as_json = args.data, args.out, args.json
+    datasets, seeds, methods = args.datasets or ["taiwan", "gmsc"], args.seeds or [0, 1, 2], args.methods
+    estimator, unlabelled = args.estimator, args.unlabelled
     console = Console(stderr=as_json, width=120)  # tables stay whole in logs
     measured_on = {**machine(), "lightgbm_threads": 1}
-    method_params = parse_params(params or [])
     results, started = {}, time.perf_counter()
     for dataset in datasets:
         with console.status(f"{dataset}") as status:
@@ -76,4 +81,4 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -19,7 +19,7 @@ Telemetry gaps: after the agents stop and their spools drain, every device's his
 run without a hole and number what the agent produced (target 0 gaps, 0 lost), and every row must
 name the model that scored it.
 
-    nice python benchmarks/rollout.py --nodes 50 --canary 0.1 --json
+    nice python -m benchmarks.rollout --nodes 50 --canary 0.1 --json
 """
 
 from __future__ import annotations
@@ -32,11 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-# run as a script, this file's folder comes first on sys.path and `twin` would import benchmarks/twin.py
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 
 def main() -> None:
@@ -46,12 +42,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="rows per second per node")
     parser.add_argument("--gate-rows", type=int, default=20, help="rows each node's health gate watches")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a rollout after this long")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rollout.json"))
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_output_arguments(parser, Path("benchmarks/results/rollout.json"))
     args = parser.parse_args()
     if not 1 <= args.nodes <= 500 or not 0 < args.canary <= 1 or not 0 < args.rate <= 50:
-        print("error: --nodes 1..500, --canary (0, 1], --rate (0, 50]", file=sys.stderr)
-        raise SystemExit(2)
+        parser.error("--nodes 1..500, --canary (0, 1], --rate (0, 50]")
     with tempfile.TemporaryDirectory(prefix="moeworks-rollout-") as folder:
         results = run(Path(folder), args)
     common.write_results(results, args.out, as_json=args.json)

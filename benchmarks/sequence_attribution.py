@@ -1,36 +1,31 @@
 """Benchmark: how far the sequence model's integrated-gradient reason codes agree with occlusion's.
 
-For saved Taiwan sequence scorers (benchmarks/credit_sequence.py --models DIR), on each seed's test
+For saved Taiwan sequence scorers (python -m benchmarks.credit_sequence --models DIR), on each seed's test
 split (the same split as that benchmark): occlusion attributions per raw field (exact: each field
 alone at its reference) against integrated gradients with 1 (gradient x input) and `--steps`
 steps. Reported: how often the top field is the same, the mean overlap of the top 3, and how much
 of occlusion's best single-field drop the IG top field achieves; for all test applicants and for
 the declined (those who are sent reason codes). Also the seconds each method took.
 
-    python benchmarks/sequence_attribution.py --data ../shared/data --models runs/seqmodels [--seed 0] [--json]
+    python -m benchmarks.sequence_attribution --data ../shared/data --models runs/seqmodels [--seed 0] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import typer
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import machine, write_results
+from benchmarks.fixtures import add_data_argument
 from finance.data import load_taiwan
 from finance.scorer import CreditScorer, split_records
-
-# appended, not put first: PYTHONPATH still picks the checkout of `finance` measured (a side-by-side run)
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, write_results  # noqa: E402
-
-app = typer.Typer(add_completion=False)
 
 
 def agreement(occlusion: np.ndarray, other: np.ndarray, k: int = 3) -> dict[str, float]:
@@ -42,12 +37,16 @@ def agreement(occlusion: np.ndarray, other: np.ndarray, k: int = 3) -> dict[str,
             "drop_ratio": float(occlusion[rows, top_other[:, 0]].mean() / occlusion[rows, top_occ[:, 0]].mean())}
 
 
-@app.command()
-def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shared/data")), help="real-data root"),
-         models: Path = typer.Option(Path("runs/seqmodels"), help="scorers saved by credit_sequence.py --models"),
-         seeds: list[int] = typer.Option([0], "--seed", help="splits (repeatable)"),
-         steps: int = typer.Option(8, help="integrated-gradient steps"),
-         as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on the last line")) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_argument(parser)
+    parser.add_argument("--models", type=Path, default=Path("runs/seqmodels"),
+                        help="scorers saved by benchmarks.credit_sequence --models")
+    parser.add_argument("--seed", dest="seeds", type=int, action="append", help="splits (repeatable; default 0)")
+    parser.add_argument("--steps", type=int, default=8, help="integrated-gradient steps")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    args = parser.parse_args()
+    data, models, seeds, steps, as_json = args.data, args.models, args.seeds or [0], args.steps, args.json
     torch.set_num_threads(1)
     console = Console(stderr=as_json, width=120)
     records = load_taiwan(data / "taiwan_credit_default")
@@ -81,4 +80,4 @@ def main(data: Path = typer.Option(Path(os.environ.get("MOEWORKS_DATA", "../shar
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -28,8 +28,8 @@ configuration 1. Server logs (with torch.compile recompilations, TORCH_LOGS=reco
 beside the models. Before the load runs, the INT8 accuracy change is measured on the same models
 (AUC for the trained tabular and credit models; relative output error otherwise).
 
-    python benchmarks/serving.py --credit-data ../shared/data/taiwan_credit_default --json
-    python benchmarks/serving.py --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
+    python -m benchmarks.serving --credit-data ../shared/data/taiwan_credit_default --json
+    python -m benchmarks.serving --configs eager-fp32-1,fp32-batched,ort-int8-batched,ort-int8-batched-fused
 
 --overload (a separate run): the tabular MoE served with its default 2 s deadline, first at its
 capacity (requests of --overload-rows rows each: the answered rate of as many closed-loop clients
@@ -39,7 +39,7 @@ side. Reported per level: the share of 503s and 504s, the p99 latency of the adm
 against their deadline, a /healthz probe's p99 (10 probes a second on their own connection), and
 the load client's own CPU (cores busy: a saturated client would understate the load).
 
-    nice python benchmarks/serving.py --overload --json
+    nice python -m benchmarks.serving --overload --json
 """
 
 from __future__ import annotations
@@ -61,17 +61,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import describe, machine, write_results  # noqa: E402
-from core import MoEConfig  # noqa: E402
-from core.blocks import TabularMoE, TabularMoEConfig  # noqa: E402
-from core.trainer import save_checkpoint  # noqa: E402
-from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model  # noqa: E402
-from deploy.synthetic import segmented_classification  # noqa: E402
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import REPO, build_tabular
+from core.trainer import save_checkpoint
+from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model
+from deploy.synthetic import segmented_classification
 
 CONFIGS = {
     "eager-fp32-1": ["--no-batching"],
@@ -116,32 +111,6 @@ class LoadResult:
 
 
 # --- models ------------------------------------------------------------------------------------
-
-def build_tabular(out: Path, seed: int = 0) -> tuple[Path, dict]:
-    """Train a TabularMoE (16 experts, top-2) on generated segmented data; returns checkpoint + AUCs."""
-    from sklearn.metrics import roc_auc_score
-
-    numeric, segment, label = segmented_classification(24_000, seed=seed)
-    x, c, y = torch.from_numpy(numeric), torch.from_numpy(segment)[:, None], torch.from_numpy(label)
-    config = TabularMoEConfig(num_numeric=numeric.shape[1], categorical_cardinalities=[4], moe=MoEConfig(
-        num_experts=16, top_k=2, hidden_size=64, intermediate_size=128))
-    torch.manual_seed(seed)
-    model = TabularMoE(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for start in range(0, 20_000, 256):
-            logits, aux = model(x[start:start + 256], c[start:start + 256])
-            loss = F.binary_cross_entropy_with_logits(logits.squeeze(-1), y[start:start + 256]) + aux
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    path = save_checkpoint(out / "tabular_moe.pt", model, config=config, extra={"model_kind": "tabular_moe"})
-    np.savez(out / "tabular_moe.calibration.npz", numeric=numeric[:512], categorical=segment[:512, None])
-    held_out = {"numeric": x[20_000:], "categorical": c[20_000:]}
-    return path, {"held_out": held_out, "labels": label[20_000:],
-                  "metric": lambda scores: float(roc_auc_score(label[20_000:], scores)), "metric_name": "AUC"}
-
 
 def build_sequence(out: Path, seed: int = 0) -> tuple[Path, dict]:
     """A MoE Transformer classifier (2 blocks, 16 experts top-2, width 128, 16 steps); untrained."""
@@ -397,12 +366,12 @@ class Server:
                    "--threads", str(threads), *extra]
         if "--quantize" in extra:
             command += ["--calibration", str(calibration)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_COMPILE_THREADS": "1",
                "TORCH_LOGS": "recompiles"}
         self.log_path = path.parent / f"{path.stem}.{name}.log"
         self.started = time.perf_counter()
         with open(self.log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.startup_s = float("nan")
 
     def wait_ready(self, timeout_s: float = 900) -> None:
@@ -639,8 +608,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="measured load per configuration")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the seconds are split into")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the server")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "serving.json")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
+    add_output_arguments(parser, REPO / "runs" / "bench" / "serving.json")
     parser.add_argument("--overload", action="store_true",
                         help="admission control at 1x, 2x, 3x capacity instead of the configurations")
     parser.add_argument("--overload-rows", type=int, default=256, help="--overload: rows per request")
@@ -669,7 +637,8 @@ def main() -> None:
         with console.status("credit: loading the Taiwan data, training/loading the MoE scorer, INT8 AUC gate"):
             path, spec = build_credit(work, args.credit_data, args.credit_model)
         models.append(("credit", path, path.with_suffix(".calibration.npz"), spec))
-    assert len(args.checkpoint) == len(args.calibration_file), "one --calibration-file per --checkpoint"
+    if len(args.checkpoint) != len(args.calibration_file):
+        parser.error("one --calibration-file per --checkpoint")
     for path, calibration in zip(args.checkpoint, args.calibration_file, strict=True):
         models.append((path.stem, path, calibration, None))
 

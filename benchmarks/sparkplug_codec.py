@@ -6,7 +6,7 @@ twin names them from the birth's map. "twin apply" is TwinState.apply of a strea
 for one device (decode, seq and duplicate checks, values, health rules): the per-message work of
 the twin's MQTT thread before the history writer. CPU time of this process, median of `--repeats`.
 
-    python benchmarks/sparkplug_codec.py --json
+    python -m benchmarks.sparkplug_codec --json
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 MILL = ("air_temperature", "process_temperature", "rotational_speed", "torque", "tool_wear")
 ENGINE = tuple(f"setting_{i}" for i in range(1, 4)) + tuple(f"s{i}" for i in range(1, 22))
@@ -86,8 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/sparkplug_codec.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    common.add_output_arguments(parser, Path("runs/bench/sparkplug_codec.json"))
     args = parser.parse_args()
     if args.messages < 1 or args.repeats < 1:
         parser.error("--messages and --repeats must be positive")

@@ -20,10 +20,10 @@ exactly what the publishers sent and the broker acknowledged.
 Sparkplug B protobuf as the edge agent sends it (births declaring aliases, DDATA by alias alone,
 encoded by twin.sparkplug per message, so the publishers pay what an edge pays).
 
-    python benchmarks/twin.py --json
-    python benchmarks/twin.py --rates 2000 --attack 0.01 --kill-cycles 5
-    python benchmarks/twin.py --rates 2000,5000 --seconds 10 --payload json,protobuf
-    python benchmarks/twin.py --workers 0,1,2 --rates 2000 --kill-worker   # the scaled-out twin
+    python -m benchmarks.twin --json
+    python -m benchmarks.twin --rates 2000 --attack 0.01 --kill-cycles 5
+    python -m benchmarks.twin --rates 2000,5000 --seconds 10 --payload json,protobuf
+    python -m benchmarks.twin --workers 0,1,2 --rates 2000 --kill-worker   # the scaled-out twin
 
 `--workers 0,1,2` runs the scaled-out twin (twin/scaleout.py: worker processes sharing the subscription
 through MQTT shared subscriptions, state and history in PostgreSQL) with each worker count in turn in
@@ -53,11 +53,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-# run as a script, this file's folder comes first on sys.path and `twin` would import this file
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from benchmarks.fixtures import REPO, add_mqtt_load_arguments
 
 DDATA_TEMPLATE = ('{"timestamp":%d,"seq":%d,"serial":%d,"metrics":[{"name":"product_type","value":"L"},'
                   '{"name":"air_temperature","value":%.1f},{"name":"process_temperature","value":%.1f},'
@@ -188,7 +185,7 @@ class TwinProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> TwinProcess:
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen([sys.executable, "-m", "twin.service", str(self.path)], env=env,
                                      stdout=subprocess.PIPE, stderr=self.log.open("ab"), text=True)
         if self.proc.stdout.readline().strip() != "ready":
@@ -367,7 +364,7 @@ class WorkerProcesses:
 
     def __init__(self, *, workers: int, config: dict, workdir: Path, lease_s: float):
         self.procs: list[subprocess.Popen] = []
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         for k in range(max(1, workers)):
             path = workdir / f"worker-{k}.json"
             scale = {"scale": {"worker": f"w{k}", "slots": workers, "home_slot": k, "lease_s": lease_s}}
@@ -554,11 +551,7 @@ def state_bytes_per_device(devices: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="2000,5000,8000", help="target total msg/s, one run each")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured window per rate")
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--machines", type=int, default=1000)
-    parser.add_argument("--nodes", type=int, default=50)
-    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    add_mqtt_load_arguments(parser)
     parser.add_argument("--db", default=None, help="postgresql:// URL (default: SQLite in a temp dir)")
     parser.add_argument("--attack", type=float, default=0.0,
                         help="forged messages per legitimate one (0.01: 1%%): malformed, oversized, out of range, "
@@ -577,8 +570,7 @@ def main() -> None:
     parser.add_argument("--kill-worker", action="store_true",
                         help="with --workers: a fault run more, SIGKILL of one worker halfway through the window")
     parser.add_argument("--lease-s", type=float, default=3.0, help="with --workers: the workers' lease")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/twin.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    common.add_output_arguments(parser, Path("runs/bench/twin.json"))
     args = parser.parse_args()
     if not 0.0 <= args.attack <= 0.5 or args.kill_cycles < 0 or args.seconds <= 0:
         parser.error("--attack must be in [0, 0.5], --kill-cycles >= 0, --seconds > 0")

@@ -14,7 +14,7 @@ Reported per mode: messages/s committed to history in the measured window, edge 
 history committed p50/p99, -> state p99, acked vs stored (loss), CPU per message; and the ratio
 of the TLS rate to the plaintext rate (target >= 0.8, p99 < 250 ms at 5,000 msg/s offered).
 
-    python benchmarks/twin_tls.py --json
+    python -m benchmarks.twin_tls --json
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +30,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-# run as a script, this file's folder comes first on sys.path and `twin` would import benchmarks/twin.py
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from benchmarks.fixtures import add_mqtt_load_arguments
 
 TWIN_USER = "moeworks-twin"
 DDATA = ('{"timestamp":%d,"seq":%d,"metrics":[{"name":"product_type","value":"L"},'
@@ -174,17 +170,11 @@ def run_mode(mode: str, *, rate: float, seconds: float, warmup: float, machines:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=5000.0, help="offered msg/s in total")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured window per mode")
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--machines", type=int, default=1000)
-    parser.add_argument("--nodes", type=int, default=50, help="edge nodes: one connection (and login) each")
-    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    add_mqtt_load_arguments(parser, nodes_help="edge nodes: one connection (and login) each")
     parser.add_argument("--repeats", type=int, default=1, help="plaintext, tls+auth pairs, alternated")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/twin_tls.json"))
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    common.add_output_arguments(parser, Path("runs/bench/twin_tls.json"))
     args = parser.parse_args()
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from mqtt_certs import make_pki
+    from tests.mqtt_certs import make_pki
 
     console = Console(stderr=True, width=170)
     measured_on = common.machine()
