@@ -156,7 +156,7 @@ def test_moeworks_serve_boots_a_lightgbm_folder_with_tokens(credit, tmp_path):
 def test_quantizing_a_credit_folder_is_refused_in_one_line(credit):
     folders, _ = credit
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", "serve", str(folders["moe"]), "--quantize",
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "serve", "--model", str(folders["moe"]), "--quantize",
                            "int8_dynamic"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "FP32" in done.stderr
 
