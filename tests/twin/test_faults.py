@@ -11,10 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests import polling
 from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 from twin.sparkplug.payload import BROKER_MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES
 from twin.store.history import DEAD_LETTER_EXCERPT_BYTES, HistoryStore
@@ -24,11 +26,7 @@ GROUP = "plant1"
 MILLS = {"mill-1": "edge-mill-1", "mill-2": "edge-mill-2"}  # device -> node, from the demo plant
 
 
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.02)
-    assert condition(), f"timed out waiting for {what}"
+wait_for = partial(polling.wait_for, interval=0.02)
 
 
 def now_ms() -> int:

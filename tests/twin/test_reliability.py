@@ -3,9 +3,11 @@ and a twin restart: the broker queues for it, and redelivered messages are not s
 
 import json
 import time
+from functools import partial
 
 import paho.mqtt.client as mqtt
 
+from tests import polling
 from twin.service import TwinConfig, TwinService
 
 NODE, DEVICE = "edge-mill-1", "mill-1"
@@ -38,11 +40,7 @@ def ddata(seq, **values):
             "metrics": [{"name": k, "value": v} for k, v in values.items()]}
 
 
-def wait_for(condition, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.05)
-    assert condition()
+wait_for = partial(polling.wait_for, timeout=15.0)
 
 
 def test_bad_disordered_and_redelivered_messages(broker, tmp_path):

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
 from deploy.edge.spool import Spool
+from tests.polling import wait_for
 from twin.service import TwinConfig, TwinService
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -25,15 +25,6 @@ def twin(broker, tmp_path):
     service.wait_connected()
     yield service
     service.stop()
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def agent(broker, tmp_path, *, rows, rate=400.0, node="edge-mill-1", device="mill-1"):

@@ -3,18 +3,15 @@ acknowledgement after the callback, persistent sessions, and a broker restart.""
 
 import threading
 import time
+from functools import partial
 
 import paho.mqtt.client as mqtt
 import pytest
 
+from tests import polling
 from twin.mqtt.burst_client import BurstClient, BurstClientConfig, encode_length, publish_packet
 
-
-def wait_for(condition, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.02)
-    assert condition(), f"timed out waiting for {what}"
+wait_for = partial(polling.wait_for, timeout=15.0, interval=0.02)
 
 
 class Inbox:

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
 from tests.mqtt_certs import PKI, issue, make_ca, make_pki
+from tests.polling import wait_for
 from tests.services import EmbeddedBroker, Mosquitto, free_port, wait_port
 from twin.domain.plant import Plant
 from twin.mqtt.broker_passwd import set_password
@@ -33,15 +34,6 @@ TWIN_USER = "moeworks-twin"
 NODES = ("edge-cell-1", "edge-cell-2", "edge-mill-1", "edge-mill-2")  # the demo plant's edge nodes
 needs_mosquitto = pytest.mark.skipif(not (shutil.which("mosquitto") and shutil.which("mosquitto_passwd")),
                                      reason="mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class SecureBroker:

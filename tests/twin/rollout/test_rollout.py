@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from deploy.edge.model_slot import ModelSlot
 from deploy.edge.rollout import RolloutAgentConfig, RolloutClient
 from deploy.edge.sources import SimulatedMill
 from deploy.rollout_lab import HttpsServer, ai4i_bundle, make_keys
+from tests import polling
 from tests.mqtt_certs import make_pki
 from tests.services import free_port
 from twin.api.app import create_app
@@ -84,14 +86,7 @@ def twin(broker, tmp_path, lab):
     state.stop()
 
 
-def wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = partial(polling.wait_for, timeout=60.0, interval=0.1)
 
 
 class Agent:

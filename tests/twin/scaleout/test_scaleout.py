@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests import polling
 from twin.scaleout.ownership import owner_of
 from twin.scaleout.reorder import apply_order
 
@@ -23,11 +25,7 @@ ROOT = Path(__file__).resolve().parents[3]
 GROUP = "bench"
 
 
-def wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.05)
-    assert condition(), f"timed out waiting for {what}"
+wait_for = partial(polling.wait_for, timeout=30.0)
 
 
 def ddata(serial: int, torque: float = 40.0) -> bytes:

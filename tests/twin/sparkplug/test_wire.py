@@ -9,17 +9,9 @@ import paho.mqtt.client as mqtt
 
 from deploy.edge.agent import EdgeAgent, EdgeConfig
 from deploy.edge.sources import SimulatedMill
+from tests.polling import wait_for
 from twin.sparkplug import protobuf as sparkplug
 from twin.sparkplug.payload import REBIRTH, Metric, Payload
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Observer:
