@@ -13,13 +13,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from twin.domain.state import DeviceState
 
 SEVERITY = {"offline": "high", "stale": "medium", "limit_high": "medium", "limit_low": "medium",
             "rul_low": "high", "failure_risk": "high"}
 MAINTENANCE_KINDS = ("rul_low", "failure_risk")  # these ask the MES for a work order
+AlarmState = Literal["ACTIVE_UNACK", "ACTIVE_ACK", "CLEARED_UNACK", "CLOSED"]
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Alarm:
     acked_role: str | None = None   # and the role that token held then
 
     @property
-    def state(self) -> str:
+    def state(self) -> AlarmState:
         if self.cleared_ms is None:
             return "ACTIVE_ACK" if self.acked_ms is not None else "ACTIVE_UNACK"
         return "CLOSED" if self.acked_ms is not None else "CLEARED_UNACK"

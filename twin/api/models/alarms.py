@@ -1,23 +1,21 @@
-"""An alarm occurrence with its ISA-18.2 state."""
+"""An alarm occurrence with its ISA-18.2 state: the fields of twin.domain.alarms.Alarm, read from the dataclass so
+that the API cannot drift from what the twin stores and sends (Alarm.to_dict)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import fields
+from typing import get_type_hints
 
-from pydantic import BaseModel
+from pydantic import create_model
 
+from twin.domain.alarms import Alarm, AlarmState
 
-class AlarmOut(BaseModel):
-    id: str
-    device: str
-    kind: str
-    metric: str
-    severity: str
-    message: str
-    value: float | None
-    raised_ms: int
-    cleared_ms: int | None
-    acked_ms: int | None
-    acked_by: str | None
-    acked_role: str | None = None
-    state: Literal["ACTIVE_UNACK", "ACTIVE_ACK", "CLEARED_UNACK", "CLOSED"]
+_TYPES = get_type_hints(Alarm)
+# to_dict sends every field, so the schema requires each; acked_role, added later, it has always published as
+# optional (default None), and keeps so
+_OPTIONAL = {"acked_role"}
+
+AlarmOut = create_model(
+    "AlarmOut", __module__=__name__,
+    **{f.name: (_TYPES[f.name], f.default if f.name in _OPTIONAL else ...) for f in fields(Alarm)},
+    state=(AlarmState, ...))
