@@ -104,6 +104,7 @@ JSON = typer.Option(False, "--json", help="print the metrics as one JSON object 
 TEACHER = typer.Option(None, help="model folder whose outputs guide fine-tuning (e.g. the MoE a student was "
                                   "distilled from; default: the --model folder itself)")
 GUIDE_ALPHA = typer.Option(0.5, help="weight of the teacher's outputs in fine-tuning (0: true RUL only)")
+SEED = typer.Option(0)
 
 
 def _teacher(teacher: Path | None, model: Path):
@@ -114,10 +115,14 @@ def _teacher(teacher: Path | None, model: Path):
     return _rul_source(teacher)
 
 
-def _threads() -> None:
-    from deploy.cli.maintenance import _threads as maintenance_threads
+def _source(model: Path, out: Path):
+    """What every command does first: set the threads, load the --model folder, check --out (in this order)."""
+    from deploy.cli.maintenance import _threads
 
-    maintenance_threads()
+    _threads()
+    source = _rul_source(model)
+    _out_folder(out, model)
+    return source
 
 
 @app.command("distill")
@@ -126,13 +131,11 @@ def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DA
                     layers: int = typer.Option(1, help="the student LSTM's layers"),
                     alpha: float = typer.Option(0.5, help="weight of the teacher's soft targets (1 - alpha: true RUL)"),
                     epochs: int = typer.Option(15, help="most epochs (early stopping on the validation engines)"),
-                    seed: int = typer.Option(0), as_json: bool = JSON):
+                    seed: int = SEED, as_json: bool = JSON):
     """Distil the model (e.g. the MoE seed ensemble) into one small LSTM student."""
     from manufacturing.maintenance.compress import distill
 
-    _threads()
-    source = _rul_source(model)
-    _out_folder(out, model)
+    source = _source(model, out)
     if not 0 <= alpha <= 1:
         raise CompressError(f"--alpha must be in [0, 1], got {alpha}")
     subset, frame = _training_frame(data, subset, source)
@@ -153,13 +156,11 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
                                                          "one instead of dropping them"),
                   epochs: int = typer.Option(10, help="most fine-tuning epochs after the removal"),
                   teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
-                  seed: int = typer.Option(0), as_json: bool = JSON):
+                  seed: int = SEED, as_json: bool = JSON):
     """Remove channels (LSTM/MLP, torch-pruning) or the least-routed experts (MoE), then fine-tune."""
     from manufacturing.maintenance.compress import prune
 
-    _threads()
-    source = _rul_source(model)
-    _out_folder(out, model)
+    source = _source(model, out)
     if not 0 <= l1 <= 1 or not 0 <= l1_epochs <= 1000:
         raise CompressError("--l1 must be in [0, 1] and --l1-epochs in [0, 1000]")
     subset, frame = _training_frame(data, subset, source)
@@ -175,13 +176,11 @@ def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA,
                                                              "weights; lstm: every weight matrix)"),
                  epochs: int = typer.Option(10, help="most fine-tuning epochs"),
                  teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
-                 seed: int = typer.Option(0), as_json: bool = JSON):
+                 seed: int = SEED, as_json: bool = JSON):
     """Share weights through a hash (HashedNets): `compression` times fewer stored values, then fine-tune."""
     from manufacturing.maintenance.compress import hash_model
 
-    _threads()
-    source = _rul_source(model)
-    _out_folder(out, model)
+    source = _source(model, out)
     subset, frame = _training_frame(data, subset, source)
     hashed, metrics = hash_model(source, frame, compression=compression, teacher=_teacher(teacher, model),
                                  alpha=alpha, config=_fine_tune_config(epochs, seed, as_json))
