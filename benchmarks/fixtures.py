@@ -34,12 +34,27 @@ def add_mqtt_load_arguments(parser: argparse.ArgumentParser, *, nodes_help: str 
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
 
 
+def fit_tabular(model, x, c, y, *, rows: int, epochs: int, batch: int) -> None:
+    """Train a TabularMoE in place on the first `rows` rows, in order: binary cross-entropy plus the router's
+    auxiliary loss, AdamW at lr 3e-3. x (N, num_numeric) float, c (N, 1) long, y (N,) float in {0, 1}."""
+    import torch
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for start in range(0, rows, batch):
+            logits, aux = model(x[start:start + batch], c[start:start + batch])
+            loss = F.binary_cross_entropy_with_logits(logits.squeeze(-1), y[start:start + batch]) + aux
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
 def build_tabular(out: Path, seed: int = 0) -> tuple[Path, dict]:
     """Train a TabularMoE (16 experts, top-2) on generated segmented data; returns checkpoint + AUCs
     (what benchmarks.serving serves and benchmarks.quantization quantizes)."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from sklearn.metrics import roc_auc_score
 
     from core import MoEConfig
@@ -53,14 +68,7 @@ def build_tabular(out: Path, seed: int = 0) -> tuple[Path, dict]:
         num_experts=16, top_k=2, hidden_size=64, intermediate_size=128))
     torch.manual_seed(seed)
     model = TabularMoE(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for start in range(0, 20_000, 256):
-            logits, aux = model(x[start:start + 256], c[start:start + 256])
-            loss = F.binary_cross_entropy_with_logits(logits.squeeze(-1), y[start:start + 256]) + aux
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_tabular(model, x, c, y, rows=20_000, epochs=4, batch=256)
     model.eval()
     path = save_checkpoint(out / "tabular_moe.pt", model, config=config, extra={"model_kind": "tabular_moe"})
     np.savez(out / "tabular_moe.calibration.npz", numeric=numeric[:512], categorical=segment[:512, None])

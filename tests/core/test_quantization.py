@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.fixtures import fit_tabular
 from core import MoEConfig, MoELayer
 from core.blocks import TabularMoE, TabularMoEConfig
 from core.quantization import (
@@ -80,14 +80,7 @@ def _trained_tabular():
     numeric, segment, label = segmented_classification(4000, seed=3)
     x, c, y = torch.from_numpy(numeric), torch.from_numpy(segment)[:, None], torch.from_numpy(label)
     model = tabular(seed=3).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for start in range(0, 3000, 128):
-            logits, aux = model(x[start:start + 128], c[start:start + 128])
-            loss = F.binary_cross_entropy_with_logits(logits.squeeze(-1), y[start:start + 128]) + aux
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_tabular(model, x, c, y, rows=3000, epochs=3, batch=128)
     return model.eval(), (x[:3000], c[:3000]), (x[3000:], c[3000:]), y[3000:].numpy()
 
 
