@@ -1,15 +1,15 @@
 """Fixtures the twin's tests share: the brokers a test runs against, twins started on them, publishers that
-record which messages the broker acknowledged, and a PostgreSQL server. (`broker`, a plain Mosquitto, is
-tests/conftest.py's.)"""
+record which messages the broker acknowledged, a PostgreSQL server and new databases on it. (`broker`, a plain
+Mosquitto, is tests/conftest.py's.)"""
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
+from tests.polling import wait_for
 from tests.services import EmbeddedBroker, PostgresCluster, ServiceError
 from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 from twin.service import TwinConfig, TwinService
@@ -69,10 +69,7 @@ class AckedPublisher:
                 self.pending[mid] = key
 
     def wait_all_acked(self, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.client.inflight:
-            time.sleep(0.02)
-        assert self.client.inflight == 0, "timed out waiting for the broker's PUBACKs"
+        wait_for(lambda: self.client.inflight == 0, timeout, "the broker's PUBACKs", interval=0.02)
 
     def stop(self):
         self.client.stop()
@@ -105,3 +102,22 @@ def postgres_url():
         pytest.skip(f"no PostgreSQL server could be started: {exc}")
     yield cluster.url
     cluster.stop()
+
+
+@pytest.fixture
+def database_url(request, tmp_path):
+    """`database_url(dialect, name)`: a new place for a store's tables, "sqlite" (a file in tmp_path) or
+    "postgresql" (database `name` on postgres_url's server, dropped first if an earlier run left it). The server is
+    asked for only then, so SQLite runs need none."""
+    def make(dialect: str, name: str) -> str:
+        if dialect == "sqlite":
+            return str(tmp_path / "twin.db")
+        import psycopg
+
+        base = request.getfixturevalue("postgres_url")
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            conn.execute(f"CREATE DATABASE {name}")
+        return base.rsplit("/", 1)[0] + "/" + name
+
+    return make

@@ -329,18 +329,23 @@ def partner_node(tmp_path_factory):
     return folder / "node_modules"
 
 
+def partner_bundles(signed_bundle: Path, scorers, ai4i_model: Path, rul_models: dict, tmp_path: Path) -> list[Path]:
+    """The signed credit bundle and a new bundle of every other kind of model: what a partner must reproduce."""
+    return [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"]),
+            Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
+            Path(build_bundle(scorers[("taiwan", "moe")], tmp_path / "moe")["bundle"]),
+            Path(build_bundle(scorers[("gmsc", "moe-ensemble")], tmp_path / "moe-ens")["bundle"]),
+            Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
+            *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
+
+
 @pytest.mark.slow
 def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_python, scorers, signed_bundle,
                                                                      ai4i_model, rul_models, tmp_path):
     for module in ("finance", "torch", "pandas", "sklearn", "lightgbm"):  # the partner has none of ours
         probe = subprocess.run([str(partner_python), "-c", f"import {module}"], capture_output=True, cwd=tmp_path)
         assert probe.returncode != 0, module
-    bundles = [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"]),
-               Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
-               Path(build_bundle(scorers[("taiwan", "moe")], tmp_path / "moe")["bundle"]),
-               Path(build_bundle(scorers[("gmsc", "moe-ensemble")], tmp_path / "moe-ens")["bundle"]),
-               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
-               *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
+    bundles = partner_bundles(signed_bundle, scorers, ai4i_model, rul_models, tmp_path)
     for bundle in bundles:
         run = subprocess.run([str(partner_python), str(PARTNER / "bundle_partner.py"), str(bundle)],
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -364,12 +369,7 @@ def test_partner_node_reproduces_the_test_vectors(partner_node, scorers, signed_
     import os
 
     env = {**os.environ, "NODE_PATH": str(partner_node)}
-    bundles = [signed_bundle, Path(build_bundle(scorers[("taiwan", "scorecard")], tmp_path / "sc")["bundle"]),
-               Path(build_bundle(scorers[("taiwan", "ensemble")], tmp_path / "ens")["bundle"]),
-               Path(build_bundle(scorers[("taiwan", "moe")], tmp_path / "moe")["bundle"]),
-               Path(build_bundle(scorers[("gmsc", "moe-ensemble")], tmp_path / "moe-ens")["bundle"]),
-               Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
-               *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
+    bundles = partner_bundles(signed_bundle, scorers, ai4i_model, rul_models, tmp_path)
     for bundle in bundles:
         run = subprocess.run(["node", str(PARTNER / "bundle_partner.js"), str(bundle)], capture_output=True,
                              text=True, env=env, timeout=120)

@@ -144,19 +144,10 @@ def test_rollout_command_round_trips_and_malformed_ones_are_refused():
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_rollout_store_keeps_rollouts_and_nodes_across_connections(dialect, tmp_path, request):
+def test_rollout_store_keeps_rollouts_and_nodes_across_connections(dialect, database_url):
     from twin.rollout.store import Rollout, RolloutNode, RolloutStore
 
-    if dialect == "sqlite":
-        url = str(tmp_path / "twin.db")
-    else:
-        import psycopg
-
-        base = request.getfixturevalue("postgres_url")
-        name = f"r{os.getpid()}_{time.monotonic_ns() % 10**8}"
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        url = base.rsplit("/", 1)[0] + "/" + name
+    url = database_url(dialect, f"r{os.getpid()}_{time.monotonic_ns() % 10**8}")
     store = RolloutStore(url)
     rollout = Rollout("r1", 1, "admin", "v2", "a" * 64, 10, "/x", 0.1, {"rows": 5}, "canary", None, 1)
     nodes = [RolloutNode("r1", "n1", "canary", "offered", token_hashes=["h1"], offered_ms=2, sent_ms=2, updated_ms=2),

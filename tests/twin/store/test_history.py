@@ -19,19 +19,8 @@ DAY = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        url = str(tmp_path / "twin.db")
-    else:
-        import psycopg
-
-        base = request.getfixturevalue("postgres_url")
-        name = f"t{os.getpid()}_{abs(hash(request.node.name)) % 10**8}"
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            conn.execute(f"CREATE DATABASE {name}")
-        url = base.rsplit("/", 1)[0] + "/" + name
-    s = HistoryStore(url).start()
+def store(request, database_url):
+    s = HistoryStore(database_url(request.param, f"t{os.getpid()}_{abs(hash(request.node.name)) % 10**8}")).start()
     yield s
     s.close()
 
