@@ -13,8 +13,8 @@ def wait_for(condition: Callable[[], T], timeout: float = 20.0, what: str = "con
              interval: float = 0.05) -> T:
     """Call `condition` every `interval` s until it returns something truthy, and return that.
 
-    It is called once more after `timeout` s have passed; if that too is falsy, AssertionError naming `what`
-    (raised, not asserted, so `python -O` cannot skip the failure).
+    A falsy answer once `timeout` s have passed raises AssertionError naming `what` (raised, not asserted, so
+    `python -O` cannot skip the failure).
     """
     deadline = time.monotonic() + timeout
     while True:
