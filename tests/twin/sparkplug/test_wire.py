@@ -247,6 +247,16 @@ def test_rebirth_commands_travel_as_protobuf_both_ways(broker, start_twin, tmp_p
                                 sparkplug.encode(Payload(now, metrics=[Metric(REBIRTH, True, "Boolean")])), qos=1)
         wait_for(lambda: len(observer.of("NBIRTH")) > births and len(observer.of("DBIRTH")) > births, what="rebirth")
         assert agent.stats["rebirths"] == 1
+
+        def since_rebirth():  # the seqs of edge-mill-1's messages from its last NBIRTH on
+            sent = [(t.split("/")[2], raw) for t, raw, _ in observer.messages if "/edge-mill-1" in t]
+            last = max(i for i, (kind, _) in enumerate(sent) if kind == "NBIRTH")
+            return [decode(kind, raw).seq for kind, raw in sent[last:]]
+
+        wait_for(lambda: len(since_rebirth()) >= 6, what="data after the rebirth")
+        assert since_rebirth()[:6] == [0, 1, 2, 3, 4, 5], "the NBIRTH starts the node's seq again at 0"
+        wait_for(lambda: twin.state.nodes["edge-mill-1"].last_seq == 5 or len(since_rebirth()) > 6, what="twin")
+        assert twin.state.counters["seq_gap"] == 0 and not twin.asset("mill-1")["node"]["stale"]
     finally:
         stop.set()
         thread.join(timeout=30)
