@@ -94,10 +94,11 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
                  payload: str = "json") -> None:
     """One publisher process: births for its nodes and devices, then DDATA at `rate` msg/s for `seconds`.
 
-    Each DDATA is a real Sparkplug-style message (its device's next seq, the edge clock in ms, six AI4I
-    metrics) at QoS 1, counted as acknowledged on the broker's PUBACK. To leave the shared CPUs to the
-    twin, it is made cheaply: the random readings for a whole tick come from numpy at once, the JSON
-    from a template, and a tick's messages leave in one write (twin.mqtt_burst, as the twin receives).
+    Each DDATA is a real Sparkplug-style message (its node's next seq, one counter over the node's births
+    and data as Sparkplug has it; its device's next serial; the edge clock in ms; six AI4I metrics) at QoS
+    1, counted as acknowledged on the broker's PUBACK. To leave the shared CPUs to the twin, it is made
+    cheaply: the random readings for a whole tick come from numpy at once, the JSON from a template, and
+    a tick's messages leave in one write (twin.mqtt_burst, as the twin receives).
     """
     from twin.mqtt.burst_client import BurstClient, BurstClientConfig
     from twin.sparkplug.payload import Metric, Payload
@@ -110,19 +111,20 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
     rng = np.random.default_rng(seed)
     births = []
     aliases = {d: assign_aliases(d, DDATA_METRICS) for node in nodes for d in devices[node]}
+    node_seq = {node: len(devices[node]) for node in nodes}  # the next seq after the NBIRTH (0) and DBIRTHs
     for node in nodes:
         stamp = int(time.time() * 1000)
         if payload == "protobuf":
             births.append((f"spBv1.0/{group}/NBIRTH/{node}", encode(Payload(stamp, 0, 0))))
-            births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", encode(Payload(stamp, 0, None, [
+            births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", encode(Payload(stamp, i % 256, None, [
                 Metric(name, None, "String" if name == "product_type" else "Double") for name in DDATA_METRICS],
-                serial=0), aliases=aliases[d])) for d in devices[node]]
+                serial=0), aliases=aliases[d])) for i, d in enumerate(devices[node], start=1)]
             continue
         births.append((f"spBv1.0/{group}/NBIRTH/{node}", json.dumps({"timestamp": stamp, "seq": 0,
                                                                    "bdSeq": 0}).encode()))
-        births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", json.dumps({"timestamp": stamp, "seq": 0,
+        births += [(f"spBv1.0/{group}/DBIRTH/{node}/{d}", json.dumps({"timestamp": stamp, "seq": i % 256,
                                                                        "serial": 0}).encode())
-                   for d in devices[node]]
+                   for i, d in enumerate(devices[node], start=1)]
     client.publish_many(births, qos=1)
     targets = [f"spBv1.0/{group}/DDATA/{node}/{d}" for node in nodes for d in devices[node]]
     deadline = time.monotonic() + 60
@@ -143,18 +145,20 @@ def publish_load(port: int, group: str, nodes: list[str], devices: dict[str, lis
                 j = k % NOISE_BLOCK
                 if j == 0 or noise is None:  # fresh readings for the next block of messages, from numpy at once
                     noise = _readings(rng, NOISE_BLOCK)
-                seq = k // per_round  # message k goes to device k % per_round: its seq is the round number
+                serial = k // per_round  # message k goes to device k % per_round: its serial is the round number
                 target = targets[k % per_round]
+                node = owners[k % per_round][0]
+                seq, node_seq[node] = node_seq[node], (node_seq[node] + 1) % 256
                 if payload == "protobuf":  # as an edge agent encodes its DDATA: the real codec, aliases only
-                    raw = encode(Payload(stamp, seq % 256, None, [
+                    raw = encode(Payload(stamp, seq, None, [
                         Metric("product_type", "L", "String"), Metric("air_temperature", noise[0][j], "Double"),
                         Metric("process_temperature", noise[1][j], "Double"),
                         Metric("rotational_speed", noise[2][j], "Double"), Metric("torque", noise[3][j], "Double"),
-                        Metric("tool_wear", float(seq % 200), "Double")], serial=seq),
+                        Metric("tool_wear", float(serial % 200), "Double")], serial=serial),
                         aliases=aliases[target.rsplit("/", 1)[1]], names=False)
                 else:
-                    raw = (DDATA_TEMPLATE % (stamp, seq % 256, seq, noise[0][j], noise[1][j], noise[2][j],
-                                             noise[3][j], seq % 200)).encode()
+                    raw = (DDATA_TEMPLATE % (stamp, seq, serial, noise[0][j], noise[1][j], noise[2][j],
+                                             noise[3][j], serial % 200)).encode()
                 messages.append((target, raw))
             attack_due += due * attack
             while attack_due >= 1.0:  # forged messages in between the real ones

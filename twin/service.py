@@ -338,6 +338,7 @@ class TwinService:
             row["sensors"] = [vars(s) for s in device.machine.sensors.values()]
             row["node"] = {"id": device.machine.node, "online": self.state.nodes[device.machine.node].online,
                            "bd_seq": self.state.nodes[device.machine.node].bd_seq,
+                           "stale": self.state.nodes[device.machine.node].stale,
                            "metrics": dict(self.state.nodes[device.machine.node].metrics)}
             return row
 

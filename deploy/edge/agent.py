@@ -2,8 +2,14 @@
 
 Session (Sparkplug B rules): every connect takes a new bdSeq, registers NDEATH(bdSeq) as the MQTT
 will, then publishes NBIRTH(bdSeq) and DBIRTH before any data. Data (DDATA, QoS 1) goes through
-the on-disk spool: written with its seq, published in order with a window of unacknowledged
-messages, deleted on PUBACK. A lost connection drops the session; the agent reconnects with
+the on-disk spool: written with its serial, published in order with a window of unacknowledged
+messages, deleted on PUBACK. Sparkplug's seq is one counter of the edge node over NBIRTH (0),
+DBIRTH, NDATA and DDATA, wrapping after 255: `_publish` stamps it on each message as it leaves
+(twin.sparkplug.codec.with_seq), so a resend from the spool takes the next seq of its session.
+QoS: NDATA and DDATA 1 (the twin acknowledges telemetry after it is stored: QoS 0, Sparkplug's
+choice, would lose it silently on a broker's full queue), births 0 as Sparkplug 3.0 has them (a
+lost one shows to the host as a seq gap or data before birth, and it asks for a rebirth), the
+NDEATH will 1. A lost connection drops the session; the agent reconnects with
 exponential backoff and jitter, births again with bdSeq + 1 and resends the spool from its head.
 With `security` (twin.mqtt.security) it connects over TLS, checking the broker's certificate against a
 CA and its host name, and logs in with its node's username and password; a refused login or an
@@ -34,11 +40,19 @@ from deploy.edge.model_slot import MODEL_METRIC, PREDICTION, ModelSlot
 from deploy.edge.rollout import RolloutClient
 from deploy.edge.spool import Spool
 from twin.mqtt.security import MQTTSecurity
-from twin.sparkplug.codec import DEFAULT_CODEC, check_codec, decode, encode
+from twin.sparkplug.codec import DEFAULT_CODEC, check_codec, decode, encode, with_seq
 from twin.sparkplug.payload import NAMESPACE, REBIRTH, SEQ_MODULUS, Metric, Payload, PayloadError, Topic
 from twin.sparkplug.protobuf import assign_aliases
 
 log = logging.getLogger(__name__)
+
+BIRTH_QOS = 0    # Sparkplug 3.0: NBIRTH and DBIRTH at QoS 0 (this agent sends no DDEATH: its one device lives
+                 # as long as its node)
+DATA_QOS = 1     # NDATA, DDATA: ours (see the module's docstring)
+# paho's own in-flight limit sits this far above the spool's window, so the QoS 1 NDATA beside a full
+# window is sent at once rather than queued inside paho, where a QoS 0 birth published after it would
+# overtake it and reach the host with its seq out of order
+INFLIGHT_SLACK = 16
 
 
 class Estimator(Protocol):
@@ -94,7 +108,7 @@ class _Session:
                              clean_session=True)
         death = Payload(int(time.time() * 1000), bd_seq=bd_seq)
         client.will_set(str(Topic(cfg.group, "NDEATH", cfg.node)), encode(death, cfg.payload), qos=1)
-        client.max_inflight_messages_set(cfg.window)
+        client.max_inflight_messages_set(cfg.window + INFLIGHT_SLACK)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -186,26 +200,36 @@ class EdgeAgent:
         names = [m.name for m in source.metrics] + (["rul_edge"] if estimator is not None else [])
         # protobuf DDATA names its metrics by these aliases, which every DBIRTH declares
         self._aliases = assign_aliases(config.device, names) if config.payload == "protobuf" else None
+        self._seq = 0  # the edge node's Sparkplug seq: the next message's (NBIRTH sets it back to 0)
+
+    def _publish(self, session: _Session, topic: Topic | str, raw: bytes, qos: int) -> mqtt.MQTTMessageInfo:
+        """Publish one message of this edge node, stamped with the node's next seq. Every message but the
+        NDEATH (which has none) leaves through here, from the agent's thread alone, so the broker receives
+        them in seq order."""
+        if isinstance(topic, Topic) and topic.kind == "NBIRTH":  # spooled DDATA come with their topic as text
+            self._seq = 0
+        raw = with_seq(raw, self._seq)
+        self._seq = (self._seq + 1) % SEQ_MODULUS
+        return session.client.publish(str(topic), raw, qos=qos)
 
     def _births(self, session: _Session, spool: Spool) -> None:
         cfg = self.config
         now = int(time.time() * 1000)
-        node_seq = spool.next_counter("node_seq")
-        nbirth = Payload(now, node_seq % SEQ_MODULUS, session.bd_seq, [
+        nbirth = Payload(now, None, session.bd_seq, [
             Metric("bdSeq", session.bd_seq, "Int64"), Metric(REBIRTH, False, "Boolean"),
             Metric("spool_depth", spool.depth(), "Int64"), Metric("source", self.source.description, "String"),
             *(self.model.metrics() if self.model is not None else [])])
-        session.client.publish(str(Topic(cfg.group, "NBIRTH", cfg.node)), encode(nbirth, cfg.payload), qos=1)
+        self._publish(session, Topic(cfg.group, "NBIRTH", cfg.node), encode(nbirth, cfg.payload), BIRTH_QOS)
         metrics = [Metric(m.name, None, m.type, m.unit) for m in self.source.metrics]
         if self.estimator is not None:
             metrics.append(Metric("rul_edge", None, "Double", "cycle"))
         if self.model is not None:
             metrics += [Metric(PREDICTION, None, "Double", ""), Metric(MODEL_METRIC, self.model.version, "String", "")]
         first = spool.first_pending_seq(cfg.device)
-        next_seq = first if first is not None else spool.counter(f"seq:{cfg.device}") + 1
-        dbirth = Payload(now, next_seq % SEQ_MODULUS, None, metrics, serial=next_seq)
-        session.client.publish(str(Topic(cfg.group, "DBIRTH", cfg.node, cfg.device)),
-                               encode(dbirth, cfg.payload, aliases=self._aliases), qos=1)
+        next_serial = first if first is not None else spool.counter(f"seq:{cfg.device}") + 1
+        dbirth = Payload(now, None, None, metrics, serial=next_serial)  # the serial of the device's next data
+        self._publish(session, Topic(cfg.group, "DBIRTH", cfg.node, cfg.device),
+                      encode(dbirth, cfg.payload, aliases=self._aliases), BIRTH_QOS)
 
     def _pump(self, session: _Session, spool: Spool) -> None:
         host_online = session.host_online
@@ -224,7 +248,7 @@ class EdgeAgent:
         if room <= 0 or not host_online:  # the primary host is away: data waits in the spool
             return
         for spool_id, topic, payload in spool.pending(after_id=session.sent_upto, limit=room):
-            info = session.client.publish(topic, payload, qos=1)
+            info = self._publish(session, topic, payload, DATA_QOS)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 session.lost = True
                 return
@@ -290,7 +314,7 @@ class EdgeAgent:
                         if report_due:
                             self.model.report_due.clear()
                         next_node_metrics = now + cfg.node_metrics_s
-                        self._node_metrics(session, spool, qos=1 if report_due else 0)
+                        self._node_metrics(session, spool)
                 if produced_all:
                     drain_deadline = drain_deadline or now + cfg.drain_timeout_s
                     if spool.depth() == 0 or now >= drain_deadline:
@@ -316,22 +340,22 @@ class EdgeAgent:
             values = dict(values, **self.model.score(values))
         now = int(time.time() * 1000)
         metrics = [Metric(name, value) for name, value in values.items()]
-        # the spool's counter is the serial (never wraps: the twin's history key); seq is Sparkplug's 0-255
+        # the spool's counter is the serial (never wraps: the twin's history key); the seq is stamped when
+        # the message is published (_publish)
         codec, aliases = self.config.payload, self._aliases
         spool.append(self.config.device, topic,
-                     lambda serial: encode(Payload(now, serial % SEQ_MODULUS, None, metrics, serial=serial), codec,
+                     lambda serial: encode(Payload(now, None, None, metrics, serial=serial), codec,
                                            aliases=aliases, names=False))
         self.stats["produced"] += 1
 
-    def _node_metrics(self, session: _Session, spool: Spool, qos: int = 0) -> None:
-        """NDATA with counters (QoS 0: the next one follows), and the model's state (QoS 1 when a rollout
-        step is to be reported: the twin waits for it)."""
-        payload = Payload(int(time.time() * 1000), spool.next_counter("node_seq") % SEQ_MODULUS, None, [
+    def _node_metrics(self, session: _Session, spool: Spool) -> None:
+        """NDATA with counters and the model's state (a rollout step's report: the twin waits for it)."""
+        payload = Payload(int(time.time() * 1000), None, None, [
             Metric("spool_depth", spool.depth(), "Int64"), Metric("produced", self.stats["produced"], "Int64"),
             Metric("sessions", self.stats["sessions"], "Int64"),
             *(self.model.metrics() if self.model is not None else [])])
-        session.client.publish(str(Topic(self.config.group, "NDATA", self.config.node)),
-                               encode(payload, self.config.payload), qos=qos)
+        self._publish(session, Topic(self.config.group, "NDATA", self.config.node),
+                      encode(payload, self.config.payload), DATA_QOS)
 
 
 def default_spool(node: str, root: Path = Path("runs/edge")) -> Path:

@@ -1,9 +1,10 @@
 """Store and forward on the edge device's disk: an SQLite outbox every data message goes through.
 
-A message is written (with its seq) before it is published and deleted only when the broker
-acknowledges it (PUBACK, QoS 1). After a crash or a lost connection everything still in the
-outbox is sent again in the order it was made, so nothing is lost; the twin drops what it already
-has by (device, seq). The seq and bdSeq counters live in the same file, so they survive restarts.
+A message is written (with its serial, in the column `seq`) before it is published and deleted only
+when the broker acknowledges it (PUBACK, QoS 1). After a crash or a lost connection everything still
+in the outbox is sent again in the order it was made, so nothing is lost; the twin drops what it
+already has by (device, serial). The serial and bdSeq counters live in the same file, so they survive
+restarts. Sparkplug's seq is not stored: the agent stamps it on a message when it publishes it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Spool:
         return value
 
     def append(self, device: str, topic: str, make_payload) -> int:
-        """Give the next seq of `device` to `make_payload(seq) -> bytes` and store the message; returns the seq."""
+        """Give the next serial of `device` to `make_payload(serial) -> bytes` and store the message; returns the
+        serial."""
         self._db.execute("BEGIN")
         try:
             seq = self.next_counter(f"seq:{device}")

@@ -6,11 +6,18 @@ Rules (twin/SCHEMA.md has the full table); seq and bdSeq are Sparkplug's 0-255, 
   death that overtook its birth). A birth whose bdSeq was already declared dead is late: ignored,
   counted. Any other birth starts a new session, as in Sparkplug.
 - A device is online from its DBIRTH (inside a live node session) until DDEATH or its node's death.
+- seq is one counter per edge node (Sparkplug B 3.0) over NBIRTH (0), DBIRTH, NDATA, DDATA and
+  DDEATH. With `check_seq` (a single twin, which sees all of a node's messages in the order the
+  broker passed them on) a message more than one ahead of the last is a gap: counted `seq_gap`, the
+  node marked stale until its next NBIRTH, and a rebirth requested. A message behind the last (a
+  redelivery, a late one) is no gap and moves nothing back, so it is never counted twice.
 - DDATA whose serial (the device's never-wrapping message number) is already stored: a duplicate,
-  dropped. Otherwise its seq, compared with the last in-order one, decides: ahead (1..127) is in
-  order (a jump is a gap); behind is out of order, kept in history without overwriting the latest
-  values, and a rebirth is requested (its DBIRTH re-anchors the seq). Data from a device without a
-  birth in this session is kept and a rebirth is requested (the twin may have restarted).
+  dropped. Otherwise its serial, compared with the last in-order one, decides: above is in order
+  (a jump is a `gap`: serials the edge will never send); below is out of order, kept in history
+  without overwriting the latest values, and a rebirth is requested (its DBIRTH re-anchors the
+  order). A plain Sparkplug publisher (no serial) gets its node's seq extended never-wrapping as
+  the serial. Data from a device without a birth in this session is kept and a rebirth is requested
+  (the twin may have restarted).
 - Unknown metrics and values of the wrong type are dropped from the message and dead-lettered;
   the rest of the message is kept.
 - Metric aliases (protobuf): a birth's name + alias pairs name the aliases of the data that follows;
@@ -52,7 +59,7 @@ class DeviceState:
     ever_online: bool = False
     stale: bool = False
     last_seq: int = -1               # serial of the latest in-order data (-1: none yet)
-    wire_seq: int | None = None      # its Sparkplug seq (0-255): what the next data is ordered against
+    anchor: int | None = None        # data with a serial above this is in order (the latest, or a DBIRTH's - 1)
     max_serial: int = -1             # every serial up to this one may be stored: ask `seen` (above it: new)
     recent: set[int] = field(default_factory=set)
     recent_order: deque[int] = field(default_factory=deque)
@@ -82,7 +89,9 @@ class NodeState:
     online: bool = False
     bd_seq: int | None = None                  # the live (or last) session
     dead: deque[int] = field(default_factory=lambda: deque(maxlen=32))  # recent bdSeqs declared dead
-    last_seq: int | None = None                # the node's Sparkplug seq (NBIRTH, NDATA)
+    last_seq: int | None = None                # the node's latest Sparkplug seq (0-255; None: not followed yet)
+    position: int | None = None                # that seq extended never-wrapping (a plain publisher's serials)
+    stale: bool = False                        # a seq gap since its last NBIRTH: its values may miss updates
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +120,8 @@ class TwinState:
     """The plant's live state. `apply` takes one MQTT message; `tick` ages data into staleness.
 
     `seen(device, serial)` answers for serials older than the in-memory window (the history store).
+    `check_seq`: count seq gaps per edge node and ask for a rebirth on each; only for a host that
+    receives all of a node's messages in order (not the scale-out workers: twin/scaleout/worker.py).
     `defer_health`: health models without `inline = True` (the learned ones, milliseconds a call) are
     not run here; the outcome carries a `health_job` for a worker, and `set_health` takes the result.
     """
@@ -118,11 +129,12 @@ class TwinState:
     def __init__(self, *, plant: Plant, health_models: dict[str, HealthModel],
                  seen: Callable[[str, int], bool] | None = None,
                  last_seqs: dict[str, int] | None = None, rebirth_every_ms: int = 5_000,
-                 limits: Limits = DEFAULT_LIMITS, defer_health: bool = False):
+                 limits: Limits = DEFAULT_LIMITS, defer_health: bool = False, check_seq: bool = True):
         self.plant = plant
         self.health_models = health_models
         self.limits = limits
         self.defer_health = defer_health
+        self.check_seq = check_seq
         self.seen = seen or (lambda device, seq: False)
         self.rebirth_every_ms = rebirth_every_ms
         self.counters: Counter[str] = Counter()
@@ -185,7 +197,8 @@ class TwinState:
         if bd in node.dead:
             self.counters["late_birth"] += 1  # it would resurrect a node that died after it
             return
-        node.online, node.bd_seq, node.last_seq = True, bd, payload.seq
+        node.online, node.bd_seq, node.stale = True, bd, False
+        self._sequence(topic, payload.seq, now_ms, out)
         self._learn_aliases("/" + topic.node, payload)
         node.metrics.update({m.name: m.value for m in payload.metrics if m.value is not None})
         self.counters["nbirth"] += 1
@@ -214,6 +227,7 @@ class TwinState:
         if not node.online:
             self.counters["late_birth"] += 1
             return
+        self._sequence(topic, payload.seq, now_ms, out)
         machine = device.machine
         self._learn_aliases(topic.device, payload)
         for metric in payload.metrics:
@@ -225,9 +239,12 @@ class TwinState:
                                    f"birth declares {metric.name!r} as {metric.type}, the plant says {sensor.type}")
             elif metric.value is not None and value_fits(sensor.type, metric.value):
                 device.values[metric.name] = metric.value
-        if payload.serial is not None and device.last_seq >= 0 and payload.serial > device.last_seq + 1:
-            self.counters["gap"] += 1  # the edge will never send the serials in between
-        device.wire_seq = (payload.seq - 1) % SEQ_MODULUS  # the birth's seq is the next data's: the new anchor
+        if payload.serial is not None:  # the serial of the device's next data: the new anchor
+            if device.last_seq >= 0 and payload.serial > device.last_seq + 1:
+                self.counters["gap"] += 1  # the edge will never send the serials in between
+            device.anchor = payload.serial - 1
+        else:  # a plain publisher: whatever data comes next is in order (its serial is the node's count)
+            device.anchor = None
         device.online = device.born = device.ever_online = True
         device.stale = False
         device.received_ms = now_ms
@@ -236,6 +253,8 @@ class TwinState:
 
     def _ddeath(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         device = self.devices[topic.device]
+        if self.nodes[topic.node].online:
+            self._sequence(topic, payload.seq, now_ms, out)
         device.online = device.born = False
         self.counters["ddeath"] += 1
         out.changed.append(device.machine.id)
@@ -243,35 +262,31 @@ class TwinState:
     def _ndata(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         node = self.nodes[topic.node]
         if node.last_seq is not None and seq_delta(payload.seq, node.last_seq) <= 0:
-            self.counters["node_duplicate"] += 1
+            self.counters["node_duplicate"] += 1  # a redelivery: its values are older than what we hold
             return
-        node.last_seq = payload.seq
+        self._sequence(topic, payload.seq, now_ms, out)
         self._resolve_aliases("/" + topic.node, payload, out)
         node.metrics.update({m.name: m.value for m in payload.metrics})
         self.counters["ndata"] += 1
 
     def _ddata(self, topic: Topic, payload: Payload, now_ms: int, out: Outcome) -> None:
         device = self.devices[topic.device]
-        seq = payload.seq
+        position = self._sequence(topic, payload.seq, now_ms, out)
         serial = payload.serial
-        if serial is None:  # a plain Sparkplug publisher: the serial is the seq extended around the last one
-            serial = seq if device.last_seq < 0 else max(0, device.last_seq + seq_delta(seq, device.last_seq))
+        if serial is None:  # a plain Sparkplug publisher: the serial is the node's seq extended
+            serial = position
         if serial in device.recent or (serial <= device.max_serial and self.seen(topic.device, serial)):
             self.counters["duplicate"] += 1
-            if device.wire_seq is not None and seq_delta(seq, device.wire_seq) > 0:
-                device.wire_seq = seq  # a spool resent after a DBIRTH: the anchor follows what was already stored
             return
-        in_order = device.wire_seq is None or seq_delta(seq, device.wire_seq) > 0
+        in_order = device.anchor is None or serial > device.anchor
         if not in_order:
             self.counters["out_of_order"] += 1
-        elif device.last_seq >= 0 and serial > device.last_seq + 1:
-            self.counters["gap"] += 1
+        elif payload.serial is not None and device.last_seq >= 0 and serial > device.last_seq + 1:
+            self.counters["gap"] += 1  # (a plain publisher's serials step over its other devices' messages)
         if not device.born or not in_order:  # Sparkplug: a host that lost the thread asks for the births again
             if not device.born:
                 self.counters["data_before_birth"] += 1
-            if now_ms - self._rebirth_asked.get(topic.node, -10**15) >= self.rebirth_every_ms:
-                self._rebirth_asked[topic.node] = now_ms
-                out.rebirth = topic.node
+            self._ask_rebirth(topic.node, now_ms, out)
         values: dict[str, Any] = {}
         sensors = device.machine.sensors
         self._resolve_aliases(topic.device, payload, out)
@@ -292,8 +307,7 @@ class TwinState:
         device.messages += 1
         self.counters["ingested"] += 1
         if in_order:
-            device.last_seq = serial
-            device.wire_seq = seq
+            device.last_seq = device.anchor = serial
             device.values.update(values)
             device.data_ts = payload.timestamp
             device.received_ms = now_ms
@@ -310,6 +324,41 @@ class TwinState:
             out.changed.append(device.machine.id)
         out.ingested = Ingested(device.machine.id, serial, payload.timestamp, now_ms, values, in_order,
                                 device.health if in_order else None)
+
+    def _sequence(self, topic: Topic, seq: int | None, now_ms: int, out: Outcome) -> int | None:
+        """Follow the node's seq with one more message; returns the message's position on the node's count
+        extended never-wrapping (the serial of a publisher that sends none), None without a seq (a DDEATH
+        may lack one). The position after an NBIRTH starts above every serial the node's devices have
+        stored, so a new session of a plain publisher never reuses the keys of an old one."""
+        if seq is None:
+            return None
+        node = self.nodes[topic.node]
+        if topic.kind == "NBIRTH" or node.position is None:
+            floor = max([-1 if node.position is None else node.position]
+                        + [self.devices[d].last_seq for d in self.plant.nodes[topic.node]])
+            if topic.kind == "NBIRTH":  # Sparkplug: seq starts again (at 0) on every birth
+                node.position = (floor // SEQ_MODULUS + 1) * SEQ_MODULUS + seq
+            else:  # data of a node whose birth this twin never saw: continue around what history holds
+                node.position = seq if floor < 0 else max(0, floor + seq_delta(seq, floor))
+            node.last_seq = seq
+            return node.position
+        delta = seq_delta(seq, node.last_seq)
+        if delta <= 0:  # a redelivery or a message that overtook nothing: no loss, and no step back
+            return max(0, node.position + delta)
+        if delta > 1 and self.check_seq:  # the messages in between never came: the host lost the thread
+            self.counters["seq_gap"] += 1
+            node.stale = True
+            self._ask_rebirth(topic.node, now_ms, out)
+        node.last_seq = seq
+        node.position += delta
+        return node.position
+
+    def _ask_rebirth(self, node: str, now_ms: int, out: Outcome) -> None:
+        """A rebirth request for `node`, at most one every `rebirth_every_ms`: the births it brings answer
+        every gap and every unborn device up to then."""
+        if now_ms - self._rebirth_asked.get(node, -10**15) >= self.rebirth_every_ms:
+            self._rebirth_asked[node] = now_ms
+            out.rebirth = node
 
     def _learn_aliases(self, owner: str, payload: Payload) -> None:
         self._aliases[owner] = {m.alias: m.name for m in payload.metrics if m.alias is not None and m.name}

@@ -10,11 +10,12 @@ of the wrong wire type. So one twin reads edges of both kinds; the setting
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from twin.sparkplug import payload as json_codec
 from twin.sparkplug import protobuf
-from twin.sparkplug.payload import DEFAULT_LIMITS, Limits, Payload
+from twin.sparkplug.payload import DEFAULT_LIMITS, SEQ_MODULUS, Limits, Payload
 
 CODECS = ("protobuf", "json")
 DEFAULT_CODEC = "protobuf"
@@ -46,3 +47,21 @@ def encode(payload: Payload, codec: str, *, aliases: Mapping[str, int] | None = 
     if codec == "json":
         return payload.to_json()
     return protobuf.encode(payload, aliases=aliases, names=names)
+
+
+def with_seq(raw: bytes, seq: int) -> bytes:
+    """An encoded payload (either codec, told apart as `decode` does) with its Sparkplug `seq` set.
+
+    An edge node's seq is one counter over all its messages, so it is known only when a message is
+    published, not when it is made (a DDATA waits in the spool, and a resend after a reconnect follows
+    a new NBIRTH): payloads are encoded without it and stamped here. Raises ValueError outside 0-255."""
+    if type(seq) is not int or not 0 <= seq < SEQ_MODULUS:
+        raise ValueError(f"seq must be an integer in 0..{SEQ_MODULUS - 1}, got {seq!r}")
+    if not is_json(raw):
+        return protobuf.with_seq(raw, seq)
+    # the stdlib, as Payload.to_json wrote it (it may hold a NaN, which orjson would refuse); key order kept
+    obj = json.loads(raw)
+    if not isinstance(obj, dict):
+        raise ValueError("a JSON payload must be an object")
+    obj["seq"] = seq
+    return json.dumps(obj, separators=(",", ":")).encode()

@@ -6,9 +6,11 @@ is Sparkplug's protobuf by default (twin.sparkplug.protobuf) or, as an option, t
 ``PAYLOAD_SCHEMA`` below (twin/SCHEMA.md); twin.sparkplug.codec picks between them.
 
 ``seq`` and ``bdSeq`` follow Sparkplug B 3.0: 0-255, wrapping, compared modulo 256 (a message at
-most 127 ahead is newer). One addition for exactly-once history: ``serial``, the device's data
-message number kept on the edge's disk (it never wraps, survives restarts, ``serial % 256 ==
-seq``); the history's key is (device, serial). Every field is bounded here (`Limits`): what is out
+most 127 ahead is newer). ``seq`` is one counter per edge node over its NBIRTH (which resets it to
+0), DBIRTH, NDATA, DDATA and DDEATH; an edge stamps it when it publishes (twin.sparkplug.codec.with_seq).
+One addition for exactly-once history: ``serial``, the device's data message number kept on the
+edge's disk (it never wraps and survives restarts; it has no relation to ``seq``, which a resend
+from the spool gets anew); the history's key is (device, serial). Every field is bounded here (`Limits`): what is out
 of range is refused with a reason and a counter key, never passed on.
 """
 
@@ -70,12 +72,12 @@ PAYLOAD_SCHEMA: dict[str, Any] = {
                       "description": "ms since the Unix epoch, set by the edge; refused outside "
                                      "[twin clock - max_age, twin clock + max_ahead]"},
         "seq": {"type": "integer", "minimum": 0, "maximum": SEQ_MODULUS - 1,
-                "description": "Sparkplug B sequence number, +1 per message and wrapping after 255: per device for "
-                               "DDATA, per node for NDATA; required on NBIRTH, DBIRTH, NDATA, DDATA. On a DBIRTH it "
-                               "is the seq of the device's next data message."},
+                "description": "Sparkplug B sequence number: one counter per edge node over NBIRTH (0), DBIRTH, "
+                               "NDATA, DDATA and DDEATH, +1 per message and wrapping after 255; required on NBIRTH, "
+                               "DBIRTH, NDATA, DDATA."},
         "serial": {"type": "integer", "minimum": 0, "maximum": MAX_SERIAL,
                    "description": "DDATA (and DBIRTH: the next one): the device's data message number, kept on the "
-                                  "edge's disk, never wrapping; serial % 256 == seq. Key of the history"},
+                                  "edge's disk, never wrapping (independent of seq). Key of the history"},
         "bdSeq": {"type": "integer", "minimum": 0, "maximum": SEQ_MODULUS - 1,
                   "description": "birth/death session number (0-255, wrapping): NBIRTH and its NDEATH (the MQTT "
                                  "will) carry the same"},
@@ -192,7 +194,7 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
     """Parse and check a payload for a message type; raises PayloadError with the reason.
 
     Refused whole: over `limits.max_payload_bytes`, malformed JSON, a missing or mistyped field, a seq or
-    bdSeq outside 0-255, a serial outside 0..2^53-1 or not matching seq, a timestamp outside the window
+    bdSeq outside 0-255, a serial outside 0..2^53-1, a timestamp outside the window
     around `now_ms` (when given), too many metrics, a metric name or unit out of bounds. A metric VALUE
     that does not fit its datatype is the state's business (`value_fits`): that metric alone is dropped.
     """
@@ -224,7 +226,6 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
     serial = obj.get("serial")
     if serial is not None:
         serial = _int(obj, "serial", False, MAX_SERIAL)
-        check_serial(serial, seq)
     raw_metrics = obj.get("metrics", [])
     if not isinstance(raw_metrics, list):
         raise PayloadError("field 'metrics' must be a list")
@@ -257,11 +258,6 @@ def check_window(kind: str, timestamp: int | None, now_ms: int | None, limits: L
         raise PayloadError(f"timestamp {timestamp} is {(timestamp - now_ms) / 1000:+.0f} s from the twin's clock, "
                            f"outside -{limits.max_age_ms // 1000} s..+{limits.max_ahead_ms // 1000} s",
                            "timestamp_out_of_window")
-
-
-def check_serial(serial: int, seq: int | None) -> None:
-    if seq is not None and serial % SEQ_MODULUS != seq:
-        raise PayloadError(f"serial {serial} does not match seq {seq} (serial % 256 must equal seq)", "out_of_range")
 
 
 def check_metric_count(count: int, limits: Limits) -> None:

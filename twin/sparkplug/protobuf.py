@@ -43,7 +43,6 @@ from twin.sparkplug.payload import (
     PayloadError,
     check_metric_count,
     check_name,
-    check_serial,
     check_string,
     check_unit,
     check_window,
@@ -145,6 +144,16 @@ def encode(payload: Payload, *, aliases: Mapping[str, int] | None = None, names:
     if payload.serial is not None:
         metrics.add(name=SERIAL_METRIC, datatype=UINT64, long_value=payload.serial)
     return msg.SerializeToString()
+
+
+def with_seq(raw: bytes, seq: int) -> bytes:
+    """`raw` (a serialized Payload) with its `seq` set to `seq`, without parsing it again.
+
+    Protobuf defines a concatenation of two serialized messages as their merge, a scalar field taking
+    the last value read; `seq` (field 3) is what `encode` writes after the metrics (field 2) and before
+    nothing else we set, so a payload encoded without a seq plus this gives the very bytes `encode`
+    would have made with it. (A payload that already had one carries both, the stamped one read.)"""
+    return raw + pb.Payload(seq=seq).SerializeToString()
 
 
 _FIELD_OF = {INT8: "int_value", INT16: "int_value", INT32: "int_value", UINT8: "int_value", UINT16: "int_value",
@@ -267,6 +276,4 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
         metrics.append(metric)
     if bd_seq is None and kind in ("NBIRTH", "NDEATH"):
         raise PayloadError(f"missing metric {BD_SEQ_METRIC!r}")
-    if serial is not None:
-        check_serial(serial, seq)
     return Payload(timestamp or 0, seq, bd_seq, metrics, serial)

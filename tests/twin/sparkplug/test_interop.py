@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from twin.sparkplug import protobuf as sparkplug
+from twin.sparkplug.codec import with_seq
 from twin.sparkplug.payload import REBIRTH, Metric, Payload
 
 NOW = int(time.time() * 1000)
@@ -42,13 +43,14 @@ def test_tahu_reads_our_births_and_data(tahu_js):
     aliases = sparkplug.assign_aliases("mill-1", ["torque", "tool_wear", "product_type", "machine_failure"])
     nbirth = Payload(NOW, 0, 3, [Metric("bdSeq", 3, "Int64"), Metric(REBIRTH, False, "Boolean"),
                                  Metric("spool_depth", 0, "Int64"), Metric("source", "simulated mill", "String")])
-    dbirth = Payload(NOW, 17, None, [
+    dbirth = Payload(NOW, 1, None, [
         Metric("torque", None, "Double", "Nm"), Metric("tool_wear", None, "Double", "min"),
         Metric("product_type", None, "String"), Metric("machine_failure", None, "Boolean")], serial=273)
-    ddata = Payload(NOW + 5, 17, None, [Metric("torque", 41.25), Metric("tool_wear", 108.0),
-                                        Metric("product_type", "L"), Metric("machine_failure", False)], serial=273)
+    # as the agent sends DDATA: encoded without a seq into its spool, the node's seq stamped as it leaves
+    ddata = Payload(NOW + 5, None, None, [Metric("torque", 41.25), Metric("tool_wear", 108.0),
+                                          Metric("product_type", "L"), Metric("machine_failure", False)], serial=273)
     ours = {"NBIRTH": sparkplug.encode(nbirth), "DBIRTH": sparkplug.encode(dbirth, aliases=aliases),
-            "DDATA": sparkplug.encode(ddata, aliases=aliases, names=False)}
+            "DDATA": with_seq(sparkplug.encode(ddata, aliases=aliases, names=False), 2)}
     got = run_tahu(tahu_js, {"decode": {k: base64.b64encode(v).decode() for k, v in ours.items()}})["decoded"]
 
     birth = got["NBIRTH"]
@@ -59,7 +61,7 @@ def test_tahu_reads_our_births_and_data(tahu_js):
         ("source", "String", "simulated mill")]
 
     device = got["DBIRTH"]
-    assert int(device["seq"]) == 17
+    assert int(device["seq"]) == 1
     declared = {m["name"]: m for m in device["metrics"]}
     for name, alias in aliases.items():
         assert int(declared[name]["alias"]) == alias and declared[name]["value"] is None
@@ -69,7 +71,7 @@ def test_tahu_reads_our_births_and_data(tahu_js):
         == 273 and "alias" not in declared[sparkplug.SERIAL_METRIC]
 
     data = got["DDATA"]
-    assert (int(data["timestamp"]), int(data["seq"])) == (NOW + 5, 17)
+    assert (int(data["timestamp"]), int(data["seq"])) == (NOW + 5, 2)
     by_alias = {int(m["alias"]): m for m in data["metrics"] if "alias" in m}
     names = {alias: name for name, alias in aliases.items()}
     assert {names[a]: (m["value"], m["type"]) for a, m in by_alias.items()} == {

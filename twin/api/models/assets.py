@@ -42,6 +42,7 @@ class NodeOut(BaseModel):
     id: str
     online: bool
     bd_seq: int | None
+    stale: bool = False   # a Sparkplug seq gap since the node's last NBIRTH (a rebirth was requested)
     metrics: dict[str, Any]
 
 
