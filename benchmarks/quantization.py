@@ -27,7 +27,7 @@ from benchmarks.fixtures import REPO, build_tabular
 from core.fused import fuse_model
 from core.onnx_export import export_onnx
 from core.quantization import AWQConfig, AWQQuantizer, compile_quantized, quantize_onnx
-from deploy.serving.models import load_model
+from deploy.serving.families.tabular import TorchAdapter
 
 
 def timed(fn, repeats: int) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moeworks-quant-"))
     with console.status("training the tabular model"):
         path, _ = build_tabular(work)
-    model = load_model(path).model
+    model = TorchAdapter.from_path(path).model
     with np.load(path.with_suffix(".calibration.npz")) as data:
         calibration = {k: data[k] for k in data.files}
     batches = [{k: torch.from_numpy(v[s:s + 128]) for k, v in calibration.items()} for s in range(0, 512, 128)]

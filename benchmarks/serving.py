@@ -64,8 +64,8 @@ import torch
 
 from benchmarks.common import add_output_arguments, describe, machine, write_results
 from benchmarks.fixtures import REPO, build_tabular
+from benchmarks.serving_models import MODEL_KIND, SequenceMoEClassifier, SequenceMoEConfig, register
 from core.trainer import save_checkpoint
-from deploy.serving.models import SequenceMoEClassifier, SequenceMoEConfig, load_model
 from deploy.synthetic import segmented_classification
 
 CONFIGS = {
@@ -117,7 +117,7 @@ def build_sequence(out: Path, seed: int = 0) -> tuple[Path, dict]:
     torch.manual_seed(seed)
     config = SequenceMoEConfig(num_features=8)
     model = SequenceMoEClassifier(config).eval()
-    path = save_checkpoint(out / "sequence_moe.pt", model, config=config, extra={"model_kind": "sequence_moe"})
+    path = save_checkpoint(out / "sequence_moe.pt", model, config=config, extra={"model_kind": MODEL_KIND})
     rng = np.random.default_rng(seed)
     np.savez(out / "sequence_moe.calibration.npz",
              features=rng.standard_normal((512, 16, 8)).astype(np.float32))
@@ -214,8 +214,8 @@ def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = 
     import onnx
 
     from core.onnx_export import export_onnx
-    from deploy.serving.adapters import load_adapter
-    from deploy.serving.credit import CreditAdapter
+    from deploy.serving.families.credit import CreditAdapter
+    from deploy.serving.registry import REGISTRY
 
     if (path / "model.json").is_file():  # a RUL folder: the vertical's own export (its LSTM has no MoE)
         from manufacturing.maintenance.export import export_model_folder
@@ -227,7 +227,7 @@ def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = 
 
         export_job(path / "detector.pt", path.parent / f"{path.name}_export", voc, int8=True)
         return path.parent / f"{path.name}_export"
-    adapter = load_adapter(path)
+    adapter = REGISTRY.from_path(path)
     stem = path.stem if path.is_file() else path.name
     target = path.parent / f"{stem}{'.sparse' if dispatch == 'sparse' else ''}.onnx"
     if isinstance(adapter, CreditAdapter):
@@ -256,12 +256,13 @@ def export_for_serving(path: Path, dispatch: str = "static", voc: Path | None = 
 
 def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
     """FP32 vs AWQ INT8 (the server's recipe, in process) on held-out rows."""
-    from core.quantization import AWQConfig, AWQQuantizer
+    from deploy.serving.optimise import awq_int8, torch_batches
+    from deploy.serving.registry import REGISTRY
 
-    model = load_model(path).model
+    model = REGISTRY.from_path(path).model
     with np.load(calibration) as data:
-        batches = [{k: torch.from_numpy(data[k][s:s + 128]) for k in data.files} for s in range(0, 512, 128)]
-    quantized = AWQQuantizer(AWQConfig(scheme="int8_dynamic")).fit(model, batches).transform(model)
+        arrays = {k: data[k][:512] for k in data.files}
+    quantized = awq_int8(model, torch_batches(arrays), scheme="int8_dynamic")
     with torch.inference_mode():
         fp32 = model(**spec["held_out"])[0].squeeze(-1).numpy()
         int8 = quantized(**spec["held_out"])[0].squeeze(-1).numpy()
@@ -274,11 +275,13 @@ def accuracy_gate(path: Path, calibration: Path, spec: dict) -> dict:
 
 def onnx_accuracy_gate(onnx_path: Path, spec: dict) -> dict:
     """FP32 vs onnxruntime dynamic INT8 (the server's ONNX recipe) of one exported file on held-out rows."""
-    from deploy.serving.adapters import AdapterOptions, OnnxAdapter
+    from deploy.serving.base import AdapterOptions
+    from deploy.serving.families.onnx import OnnxAdapter
 
     rows = {name: np.asarray(value) for name, value in spec["held_out"].items()}
     work = Path(tempfile.mkdtemp(prefix="moeworks-onnx-gate-"))
-    fp32, int8 = OnnxAdapter(onnx_path), OnnxAdapter(onnx_path, AdapterOptions(quantize="int8_dynamic"), work_dir=work)
+    fp32 = OnnxAdapter.from_path(onnx_path)
+    int8 = OnnxAdapter.from_path(onnx_path, AdapterOptions(quantize="int8_dynamic"), work_dir=work)
     first = fp32.outputs[0]
     base, quant = fp32.predict(rows)[first].reshape(len(next(iter(rows.values()))), -1)[:, 0], \
         int8.predict(rows)[first].reshape(len(next(iter(rows.values()))), -1)[:, 0]
@@ -291,14 +294,15 @@ def onnx_accuracy_gate(onnx_path: Path, spec: dict) -> dict:
 
 def request_bodies(path: Path, count: int = 256, seed: int = 0) -> list[bytes]:
     """`count` distinct one-row JSON requests that fit the model's inputs."""
-    from deploy.serving.adapters import load_adapter
-    from deploy.serving.defects import encode_image
+    from deploy.serving.families.credit import CreditAdapter
+    from deploy.serving.families.defects import encode_image
+    from deploy.serving.registry import REGISTRY
 
-    if (path / "scorer.json").is_file():  # a credit scorer: raw applications within the field rules
-        rows = load_adapter(path).example(count, seed=seed)
+    adapter = REGISTRY.from_path(path)
+    rows = adapter.example(count, seed=seed)
+    if isinstance(adapter, CreditAdapter):  # a credit scorer: raw applications within the field rules
         return [json.dumps({"instances": [{k: v[i].item() if hasattr(v[i], "item") else v[i]
                                            for k, v in rows.items()}]}).encode() for i in range(count)]
-    rows = load_adapter(path).example(count, seed=seed)
 
     def value(array: np.ndarray):
         return encode_image(array) if array.dtype == np.uint8 and array.ndim == 3 else array.tolist()
@@ -362,8 +366,9 @@ class Server:
 
     def __init__(self, name: str, path: Path, calibration: Path, extra: list[str], *, threads: int) -> None:
         self.name, self.port = name, _free_port()
-        command = [sys.executable, "-m", "deploy.cli", "serve", str(path), "--port", str(self.port),
-                   "--threads", str(threads), *extra]
+        # `moeworks serve` with the benchmark's sequence family registered (benchmarks/serving_models.py)
+        command = [sys.executable, "-m", "benchmarks.serving_models", "serve", "--model", str(path), "--port",
+                   str(self.port), "--threads", str(threads), *extra]
         if "--quantize" in extra:
             command += ["--calibration", str(calibration)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_COMPILE_THREADS": "1",
@@ -615,6 +620,7 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=15.0, help="--overload: seconds per load level")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    register()  # the sequence model is served (and loaded here for its gates) as a family of its own
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the `finally`s: stop the servers
     if args.overload:
         overload(args)

@@ -296,12 +296,12 @@ def test_a_detector_beside_a_manifest_must_match_it(yolo_model, tmp_path):
 
 def test_serve_refuses_a_pickled_pt_before_starting(tmp_path):
     from deploy.cli import app
-    from deploy.serving.adapters import load_adapter
+    from deploy.serving.registry import REGISTRY
 
     marker = tmp_path / "ran"
     crafted = plant_checkpoint(tmp_path / "x.pt", marker)
     with pytest.raises(ValueError, match="x.pt: refused: not a weights-only checkpoint"):
-        load_adapter(crafted)
+        REGISTRY.from_path(crafted)
     result = CliRunner().invoke(app, ["serve", str(crafted), "--port", "0"])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     last = result.output.strip().splitlines()[-1]

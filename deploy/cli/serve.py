@@ -36,11 +36,10 @@ def serve(model: Path = typer.Option(..., help="a core checkpoint (.pt), an ONNX
           max_body_mb: float = typer.Option(16.0, help="largest request body (MiB); larger: 413"),
           max_instances: int = typer.Option(256, help="most instances (rows) per request; more: 422")) -> None:
     """Serve a model over HTTP: POST /v1/predict, /healthz, /readyz, /v1/model, /metrics."""
-    from deploy.serving.adapters import AdapterOptions, check_model_path
+    from deploy.serving.base import AdapterOptions
     from deploy.serving.batcher import BatcherConfig
-    from deploy.serving.defects import is_defects_folder
     from deploy.serving.limits import RequestLimits
-    from deploy.serving.maintenance import is_rul_folder
+    from deploy.serving.registry import REGISTRY
     from deploy.serving.server import ServeConfig, run_gunicorn
     from twin.auth import TokenStore, check_bind
 
@@ -50,20 +49,17 @@ def serve(model: Path = typer.Option(..., help="a core checkpoint (.pt), an ONNX
     check_bind(host, auth_file)
     if auth_file is not None:
         TokenStore.load(auth_file)  # a broken token file is the user's mistake, said before start-up
-    if not (model.is_file() or (model / "scorer.json").is_file() or is_rul_folder(model) or is_defects_folder(model)):
-        fail(f"model: no model file, credit, RUL or defects model folder at {model}")
-    try:  # before any worker starts: a changed model folder or a pickled .pt is one line, not a boot failure
-        check_model_path(model)
-    except ValueError as error:
-        fail(f"model: {error}")
-    if (model / "scorer.json").is_file() and (quantize != "none" or fuse):
-        fail("--quantize/--fuse: a credit folder is served as `finance score` runs it (FP32); leave them out")
-    if not 0 <= conf <= 1:
-        fail(f"--conf: a score threshold in [0, 1], got {conf}")
     if camera is not None and not camera.is_file():
         fail(f"--camera: no calibration file at {camera}")
-    if quantize not in ("none", "int8_dynamic", "int8_weight_only", "int8_static"):
-        fail(f"--quantize: unknown scheme {quantize!r}")
+    try:  # the scheme's name, the threads, the score threshold
+        options = AdapterOptions(quantize=quantize, fuse=fuse, calibration=calibration, threads=threads, camera=camera,
+                                 conf=conf)
+    except ValueError as error:
+        fail(f"serving options: {error}")
+    try:  # before any worker starts: an unknown, changed or pickled model is one line, not a boot failure
+        REGISTRY.check(model, options)
+    except (ValueError, FileNotFoundError) as error:
+        fail(f"model: {error}")
     if not 0 < timeout_ms <= max_timeout_ms:
         fail(f"--timeout-ms: must lie in (0, --max-timeout-ms={max_timeout_ms:g}]")
     try:
@@ -77,6 +73,4 @@ def serve(model: Path = typer.Option(..., help="a core checkpoint (.pt), an ONNX
     except ValueError as error:
         fail(f"serving options: {error}")
     run_gunicorn(ServeConfig(model=model, host=host, port=port, workers=workers, batcher=batcher, limits=limits,
-                             auth_file=auth_file,
-                             adapter=AdapterOptions(quantize=quantize, fuse=fuse, calibration=calibration,
-                                                    threads=threads, camera=camera, conf=conf)))
+                             auth_file=auth_file, adapter=options))

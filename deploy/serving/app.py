@@ -41,7 +41,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from deploy.serving.adapters import ModelAdapter, row_to_json
+from deploy.serving.base import ModelAdapter, row_to_json
 from deploy.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, Overloaded, QueueFull
 from deploy.serving.limits import RequestLimits, RequestRefused, parse_json, request_timeout_s
 from deploy.serving.metrics import ServingMetrics

@@ -12,8 +12,8 @@ from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
 from core.quantization import AWQConfig, AWQQuantizer
-from deploy.serving.adapters import TorchAdapter
 from deploy.serving.batcher import BatcherConfig, DynamicBatcher, QueueFull
+from deploy.serving.families.tabular import TorchAdapter
 from deploy.synthetic import segmented_classification
 
 
@@ -25,7 +25,7 @@ def run_serving_demo(checkpoint: Path, *, rows: int, seed: int = 0, requests: in
     console.rule("[bold]serving: AWQ INT8 and dynamic batching on the demo model (generated data)")
     numeric, segment, label = segmented_classification(rows, seed=seed)
     split = int(0.8 * rows)
-    adapter = TorchAdapter(checkpoint)
+    adapter = TorchAdapter.from_path(checkpoint)
     held_out = {"numeric": torch.from_numpy(numeric[split:]), "categorical": torch.from_numpy(segment[split:, None])}
     calibration = [{"numeric": torch.from_numpy(numeric[s:s + 256]),
                     "categorical": torch.from_numpy(segment[s:s + 256, None])} for s in range(0, 1024, 256)]

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.serving.adapters import AdapterOptions, load_adapter
+from deploy.serving.base import AdapterOptions
 from deploy.serving.batcher import BatcherConfig
 from deploy.serving.limits import RequestLimits
 
@@ -26,8 +26,9 @@ class ServeConfig:
 
 def build_app(config: ServeConfig):
     from deploy.serving.app import create_app
+    from deploy.serving.registry import REGISTRY
 
-    return create_app(lambda: load_adapter(config.model, config.adapter), batcher_config=config.batcher,
+    return create_app(lambda: REGISTRY.from_path(config.model, config.adapter), batcher_config=config.batcher,
                       limits=config.limits, auth_file=config.auth_file)
 
 

@@ -120,9 +120,9 @@ def test_a_hashed_lstm_folder_is_served_like_any_rul_folder(trained):
     """`serve` takes the compressed folder as it is: the hashed weights run in the server's model."""
     from fastapi.testclient import TestClient
 
-    from deploy.serving.adapters import load_adapter
     from deploy.serving.app import create_app
     from deploy.serving.batcher import BatcherConfig
+    from deploy.serving.registry import REGISTRY
     from manufacturing.maintenance.cmapss import read_cmapss
 
     out, _ = compress(trained, "hash", "lstm", "--compression", 4)
@@ -133,7 +133,7 @@ def test_a_hashed_lstm_folder_is_served_like_any_rul_folder(trained):
     columns = ["setting_1", "setting_2", "setting_3", *estimator.normalizer_.sensors_]
     instances = [{"cycles": group[columns].to_numpy()[-estimator.net_.window:].tolist()}
                  for _, group in test.groupby("unit", sort=True)]
-    adapter = load_adapter(out)
+    adapter = REGISTRY.from_path(out)
     with TestClient(create_app(lambda: adapter, batcher_config=BatcherConfig(max_wait_s=0.005))) as client:
         answers = [client.post("/v1/predict", json={"instances": [i]}) for i in instances]
     got = [a.json()["predictions"][0]["rul"] for a in answers]

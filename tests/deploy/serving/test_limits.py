@@ -11,29 +11,17 @@ import threading
 import time
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core import MoEConfig
-from core.blocks import TabularMoE, TabularMoEConfig
-from core.trainer import save_checkpoint
-from deploy.serving.adapters import TorchAdapter
 from deploy.serving.app import create_app
 from deploy.serving.batcher import BatcherConfig
+from deploy.serving.families.tabular import TorchAdapter
 from deploy.serving.limits import RequestLimits, nesting_depth
 from twin.auth import create_token
 
 SERVED = {200, 413, 422, 503, 504}  # what /v1/predict may answer; never 500
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = TabularMoEConfig(num_numeric=5, categorical_cardinalities=[3, 4], embedding_dim=2, moe=MoEConfig(
-        num_experts=4, top_k=2, hidden_size=16, intermediate_size=32))
-    return save_checkpoint(tmp_path_factory.mktemp("limits") / "tiny.pt", TabularMoE(config), config=config)
 
 
 def instance(i=0):
@@ -42,7 +30,7 @@ def instance(i=0):
 
 def serve(checkpoint, *, limits=None, auth_file=None, **batcher):
     config = BatcherConfig(**{"max_wait_s": 0.002, "default_timeout_s": 10.0, **batcher})
-    return TestClient(create_app(lambda: TorchAdapter(checkpoint), batcher_config=config,
+    return TestClient(create_app(lambda: TorchAdapter.from_path(checkpoint), batcher_config=config,
                                  limits=limits or RequestLimits(), auth_file=auth_file))
 
 

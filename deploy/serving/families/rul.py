@@ -17,13 +17,18 @@ included).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from deploy.serving.adapters import AdapterOptions, ModelAdapter, OnnxAdapter, file_version
-from deploy.serving.models import InputField
+from deploy.serving.base import AdapterOptions, InputField, ModelAdapter, ModelPath, file_version
+from deploy.serving.optimise import check_onnx_options
+
+if TYPE_CHECKING:
+    from manufacturing.maintenance.features import ConditionNormalizer
 
 SETTINGS = ["setting_1", "setting_2", "setting_3"]
 
@@ -71,43 +76,79 @@ def is_rul_folder(path: Path) -> bool:
 class RULAdapter(ModelAdapter):
     """RUL from raw cycles. Input `cycles` (<= window, 3 + sensors) float32; output `rul` (cycles)."""
 
-    def __init__(self, source: str | Path, options: AdapterOptions | None = None) -> None:
+    family = "rul"
+    describes = "a `maintenance train` folder, its model.pt or its .onnx export"
+
+    def __init__(self, *, run: Callable[[np.ndarray], np.ndarray], normalizer: ConditionNormalizer,
+                 fields: list[InputField], columns: list[str], output: str, name: str, version: str, runtime: str,
+                 options: AdapterOptions) -> None:
+        """run: (batch, window, features) float32 model windows -> (batch,) RUL in cycles."""
+        self._run, self.normalizer, self.fields, self.columns, self.output = run, normalizer, fields, columns, output
+        self.name, self.version, self.runtime, self.options = name, version, runtime, options
+
+    @classmethod
+    def recognise(cls, candidate: ModelPath) -> bool:
+        path = candidate.path
+        if path.is_dir():
+            return is_rul_folder(path)
+        if path.name == "model.pt":
+            return is_rul_folder(path.parent)
+        metadata = candidate.onnx
+        return metadata is not None and "normalizer" in metadata and "net" in metadata
+
+    @classmethod
+    def check_options(cls, path: Path, options: AdapterOptions) -> None:
+        if path.is_dir() or path.name == "model.pt":
+            if options.quantize != "none" or options.fuse:
+                raise ValueError(f"{path}: INT8 and fusion of a RUL model run through its ONNX export "
+                                 "(`moeworks maintenance export`); serve the .onnx file with --quantize")
+        else:
+            check_onnx_options(options)
+
+    @classmethod
+    def from_path(cls, path: str | Path, options: AdapterOptions | None = None) -> RULAdapter:
+        """A `maintenance train` folder (or its model.pt) runs in PyTorch; its .onnx export in onnxruntime."""
         from manufacturing.maintenance.export import RUL_INPUT, RUL_OUTPUT
         from manufacturing.maintenance.features import ConditionNormalizer
 
-        self.options = options = options or AdapterOptions()
-        source = Path(source)
-        torch.set_num_threads(options.threads)
+        source = Path(path)
+        if source.name == "model.pt" and not source.is_dir():
+            source = source.parent  # the folder's checkpoint: its normaliser lives beside it
+        source, options = cls.start_loading(source, options)
         if source.is_dir():
             from manufacturing.maintenance.rul import CHECKPOINT, RULEstimator
 
-            if options.quantize != "none" or options.fuse:
-                raise ValueError(f"{source}: INT8 and fusion of a RUL model run through its ONNX export "
-                                 "(`moeworks maintenance export`); serve the .onnx file with --quantize")
             estimator = RULEstimator.load(source)
-            self.normalizer, window, kind = estimator.normalizer_, estimator.net_.window, estimator.net_.kind
-            self._run = lambda windows: estimator.predict_windows(torch.from_numpy(windows))
-            self.version, self.runtime = file_version(source / CHECKPOINT), "torch+fp32"
+            normalizer, window, kind = estimator.normalizer_, estimator.net_.window, estimator.net_.kind
+
+            def run(windows: np.ndarray) -> np.ndarray:
+                return estimator.predict_windows(torch.from_numpy(windows))
+
+            version, runtime = file_version(source / CHECKPOINT), "torch+fp32"
         else:
             from core.quantization import QUANTIZED_ONNX_OPS
+            from deploy.serving.families.onnx import OnnxAdapter
 
             # LSTM weights are most of an LSTM RUL model: INT8 covers them too (as the edge export does).
-            inner = OnnxAdapter(source, options, quantize_ops=[*QUANTIZED_ONNX_OPS, "LSTM"])
+            inner = OnnxAdapter.from_path(source, options, quantize_ops=[*QUANTIZED_ONNX_OPS, "LSTM"])
             metadata = inner.session.get_modelmeta().custom_metadata_map
-            self.normalizer = ConditionNormalizer.from_state(json.loads(metadata["normalizer"]))
+            normalizer = ConditionNormalizer.from_state(json.loads(metadata["normalizer"]))
             net = json.loads(metadata["net"])
             window, kind = int(net["window"]), net["kind"]
-            self._run = lambda windows: inner.predict({RUL_INPUT: windows})[RUL_OUTPUT]
-            self.version, self.runtime = inner.version, inner.runtime
-        self.output = RUL_OUTPUT
-        self.name = f"rul-{kind}"
-        self.columns = [*SETTINGS, *self.normalizer.sensors_]
-        self.fields = [InputField("cycles", np.dtype(np.float32), (window, len(self.columns)), pad_first_axis=True)]
-        config, regimes = self.normalizer.config, len(self.normalizer.centers_)
+
+            def run(windows: np.ndarray) -> np.ndarray:
+                return inner.predict({RUL_INPUT: windows})[RUL_OUTPUT]
+
+            version, runtime = inner.version, inner.runtime
+        columns = [*SETTINGS, *normalizer.sensors_]
+        fields = [InputField("cycles", np.dtype(np.float32), (window, len(columns)), pad_first_axis=True)]
+        config, regimes = normalizer.config, len(normalizer.centers_)
         if config.history or config.running_mean:
-            self.fields.append(InputField(HISTORY_FIELD, np.dtype(np.float32), (regimes,)))
+            fields.append(InputField(HISTORY_FIELD, np.dtype(np.float32), (regimes,)))
         if config.running_mean:  # float64: sums of raw readings over hundreds of cycles
-            self.fields.append(InputField(SUMS_FIELD, np.dtype(np.float64), (regimes, len(self.normalizer.sensors_))))
+            fields.append(InputField(SUMS_FIELD, np.dtype(np.float64), (regimes, len(normalizer.sensors_))))
+        return cls(run=run, normalizer=normalizer, fields=fields, columns=columns, output=RUL_OUTPUT,
+                   name=f"rul-{kind}", version=version, runtime=runtime, options=options)
 
     def describe(self) -> dict:
         return {**super().describe(), "columns": self.columns}

@@ -5,26 +5,18 @@ as designed, so the check here is the statuses each route may answer.)"""
 
 import pytest
 import schemathesis
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 
-from core import MoEConfig
-from core.blocks import TabularMoE, TabularMoEConfig
-from core.trainer import save_checkpoint
-from deploy.serving.adapters import TorchAdapter
 from deploy.serving.app import create_app
 from deploy.serving.batcher import BatcherConfig
+from deploy.serving.families.tabular import TorchAdapter
 
 
 @pytest.fixture(scope="module")
-def served_app(tmp_path_factory):
-    torch.manual_seed(0)
-    config = TabularMoEConfig(num_numeric=5, categorical_cardinalities=[3, 4], embedding_dim=2, moe=MoEConfig(
-        num_experts=4, top_k=2, hidden_size=16, intermediate_size=32))
-    checkpoint = save_checkpoint(tmp_path_factory.mktemp("schema") / "tiny.pt", TabularMoE(config), config=config)
-    app = create_app(lambda: TorchAdapter(checkpoint),
+def served_app(checkpoint):
+    app = create_app(lambda: TorchAdapter.from_path(checkpoint),
                      batcher_config=BatcherConfig(max_wait_s=0.002, default_timeout_s=10.0))
     with TestClient(app):  # runs the lifespan: the model is loaded and the batcher runs while the cases do
         yield app

@@ -1,35 +1,21 @@
-"""The serving app with a real saved model: answers under concurrency, 503 when full, 422 naming fields."""
+"""The serving app with a real saved model (a core TabularMoE checkpoint): answers under concurrency, 503 when
+full, 422 naming fields, and `moeworks serve` under gunicorn."""
 
 import ctypes
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from core import MoEConfig
-from core.blocks import TabularMoE, TabularMoEConfig
-from core.trainer import save_checkpoint
-from deploy.serving.adapters import AdapterOptions, OnnxAdapter, TorchAdapter, load_adapter
 from deploy.serving.app import create_app
+from deploy.serving.base import AdapterOptions
 from deploy.serving.batcher import BatcherConfig
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = TabularMoEConfig(num_numeric=5, categorical_cardinalities=[3, 4], embedding_dim=2, moe=MoEConfig(
-        num_experts=4, top_k=2, hidden_size=16, intermediate_size=32))
-    return save_checkpoint(tmp_path_factory.mktemp("serving") / "tiny.pt", TabularMoE(config), config=config)
+from deploy.serving.families.tabular import TorchAdapter
+from tests.deploy.serving.served import Served
 
 
 def instance(i):
@@ -38,11 +24,11 @@ def instance(i):
 
 def make_client(checkpoint, **batcher):
     config = BatcherConfig(**{"max_wait_s": 0.002, "default_timeout_s": 10.0, **batcher})
-    return TestClient(create_app(lambda: TorchAdapter(checkpoint), batcher_config=config, max_request_rows=8))
+    return TestClient(create_app(lambda: TorchAdapter.from_path(checkpoint), batcher_config=config, max_request_rows=8))
 
 
 def test_concurrent_requests_get_their_own_answers_and_share_batches(checkpoint):
-    reference = TorchAdapter(checkpoint)
+    reference = TorchAdapter.from_path(checkpoint)
     expected = reference.predict({"numeric": np.array([instance(i)["numeric"] for i in range(48)], np.float32),
                                   "categorical": np.array([instance(i)["categorical"] for i in range(48)])})
     with make_client(checkpoint) as client:
@@ -86,7 +72,7 @@ def test_model_runs_with_the_configured_torch_threads_in_the_batcher_thread(chec
             return super().predict(inputs)
 
     config = BatcherConfig(max_wait_s=0.002, default_timeout_s=10.0)
-    app = create_app(lambda: Recording(checkpoint, AdapterOptions(threads=configured)), batcher_config=config,
+    app = create_app(lambda: Recording.from_path(checkpoint, AdapterOptions(threads=configured)), batcher_config=config,
                      warm_up=False)
     with TestClient(app) as client:
         assert client.post("/v1/predict", json={"instances": [instance(1)]}).status_code == 200
@@ -137,46 +123,8 @@ def test_health_readiness_and_model_info(checkpoint):
         assert info["runtime"] == "torch+fp32"
 
 
-def test_onnx_int8_adapter_serves_the_same_model(checkpoint, tmp_path):
-    from core.onnx_export import export_onnx
-
-    torch_adapter = TorchAdapter(checkpoint)
-    rows = torch_adapter.example(16, seed=3)
-    path = export_onnx(torch_adapter.model, tuple(torch.from_numpy(rows[f.name]) for f in torch_adapter.fields),
-                       tmp_path / "tiny.onnx", input_names=["numeric", "categorical"],
-                       output_names=["logits", "aux"],
-                       metadata={"version": "tiny-1", "config": {"categorical_cardinalities": [3, 4]}})
-    onnx_adapter = load_adapter(path, AdapterOptions(quantize="int8_dynamic"))
-    assert isinstance(onnx_adapter, OnnxAdapter) and onnx_adapter.runtime == "onnxruntime+int8_dynamic"
-    assert onnx_adapter.fields[1].high == (3, 4)
-    got, want = onnx_adapter.predict(rows)["logits"], torch_adapter.predict(rows)["logits"]
-    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98
-    split = onnx_adapter.run_batch([{k: v[:5] for k, v in rows.items()}, {k: v[5:] for k, v in rows.items()}])
-    np.testing.assert_allclose(np.concatenate([s["logits"] for s in split]), got, atol=1e-5)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_moeworks_serve_runs_under_gunicorn(checkpoint):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    server = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", str(checkpoint), "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"instances": [instance(1), instance(2)]})
-        assert answer.status_code == 200, answer.text
-        assert len(answer.json()["predictions"]) == 2
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    with Served(checkpoint, ready_s=60) as server:
+        answer = server.post({"instances": [instance(1), instance(2)]})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 2

@@ -1,26 +1,40 @@
-"""Model adapters: one interface in front of a PyTorch checkpoint or an ONNX file.
+"""What every served model family shares: the adapter interface, its options, request checks.
 
 An adapter knows its input fields (to validate requests before they reach the model), runs a
 batch of rows, and splits the result back per request. The server and the batcher see only this
-interface, so a new model kind (the credit scorer, RUL, defects) is a new adapter or a new entry in
-`deploy.serving.models.LOADERS`, not a change to the server.
+interface. A model family (deploy/serving/families/) is one `ModelAdapter` subclass that says how
+to recognise its files (`recognise`) and how to build itself from them (`from_path`: load,
+quantize, compile); `deploy.serving.registry` asks the families in turn. Families import this
+module, never the registry, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
 from deploy.serving.limits import RequestRefused
-from deploy.serving.models import InputField, load_model
+
+
+@dataclass(frozen=True)
+class InputField:
+    """One named input: dtype and the shape of a single row (the batch axis is implicit)."""
+
+    name: str
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    high: tuple[int, ...] | None = None  # integer codes: column j must lie in [0, high[j])
+    allow_nan: bool = False  # True where NaN means "missing" and the model imputes it (credit features)
+    # True where fewer steps than row_shape[0] are accepted and padded in front with copies of the
+    # first step (RUL windows: an engine younger than the window, "no change before the record began").
+    pad_first_axis: bool = False
 
 
 class InvalidRequest(RequestRefused):
@@ -96,6 +110,9 @@ def file_version(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+QUANTIZE_SCHEMES = ("none", "int8_dynamic", "int8_weight_only", "int8_static")
+
+
 @dataclass
 class AdapterOptions:
     # torch: int8_dynamic | int8_weight_only (AWQ + torchao); ONNX: int8_dynamic | int8_static (onnxruntime)
@@ -107,15 +124,100 @@ class AdapterOptions:
     camera: Path | None = None  # defects: calibration file (mm per pixel, min size mm); None: the 0.1 mm/px default
     conf: float = 0.25  # defects: score threshold of reported boxes (the inspector's default)
 
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_SCHEMES:
+            raise ValueError(f"quantize={self.quantize!r}: unknown scheme; one of {list(QUANTIZE_SCHEMES)}")
+        if not 1 <= self.calibration_rows <= 1_000_000:
+            raise ValueError(f"calibration_rows={self.calibration_rows}: must lie in [1, 1000000]")
+        if not 1 <= self.threads <= 1024:
+            raise ValueError(f"threads={self.threads}: must lie in [1, 1024]")
+        if not 0 <= self.conf <= 1:
+            raise ValueError(f"conf={self.conf}: a score threshold in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelPath:
+    """A path as the families see it when recognising a model: the metadata of a checkpoint or an
+    ONNX file is read once here (on first use) and shared by every family that asks."""
+
+    path: Path
+
+    @cached_property
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The metadata of a weights-only checkpoint: any file but a folder or an .onnx (None then).
+
+        Read weights-only: a file that is a full pickle (an ultralytics checkpoint, or a crafted
+        file) is refused with ValueError, never unpickled.
+        """
+        if not self.path.is_file() or self.path.suffix == ".onnx":
+            return None
+        from core.trainer import CheckpointError, read_checkpoint
+
+        try:
+            return read_checkpoint(self.path)["metadata"]
+        except CheckpointError as error:
+            raise ValueError(f"{error}; serve a moeworks checkpoint, model folder or .onnx export") from None
+
+    @cached_property
+    def onnx(self) -> dict[str, str] | None:
+        """The metadata properties of an .onnx file (None for anything else); ValueError if unreadable."""
+        if not self.path.is_file() or self.path.suffix != ".onnx":
+            return None
+        import onnx
+
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+        except Exception as error:  # noqa: BLE001 - onnx raises DecodeError and others for a broken file
+            raise ValueError(f"{self.path}: not a readable ONNX model ({error})") from None
+        return {p.key: p.value for p in proto.metadata_props}
+
 
 class ModelAdapter(ABC):
-    """Validate requests, run batches, split results. Subclasses set `fields` and implement `predict`."""
+    """Validate requests, run batches, split results. Subclasses set `fields` and implement `predict`.
+
+    A family is a subclass that also names itself (`family`, `describes`), recognises its files
+    (`recognise`), checks the options before anything loads (`check_options`) and builds itself
+    (`from_path`, where loading, quantizing and compiling happen; `__init__` only stores the parts,
+    keyword-only). `fallback` families (any other .onnx) are asked after every specific one.
+    """
+
+    family: ClassVar[str]  # the name the registry lists
+    describes: ClassVar[str]  # what it serves, in a few words (the registry's refusal lists them)
+    fallback: ClassVar[bool] = False
 
     name: str
     version: str
     runtime: str
     fields: list[InputField]
     options: AdapterOptions
+
+    @classmethod
+    @abstractmethod
+    def recognise(cls, candidate: ModelPath) -> bool:
+        """True where `candidate` is this family's model (a folder or a file); False otherwise.
+        ValueError (one line) for a file that cannot be read safely (a pickled .pt)."""
+
+    @classmethod
+    @abstractmethod
+    def check_options(cls, path: Path, options: AdapterOptions) -> None:
+        """Refuse options this family cannot apply to `path` (ValueError, one line), before loading."""
+
+    @classmethod
+    @abstractmethod
+    def from_path(cls, path: str | Path, options: AdapterOptions | None = None) -> ModelAdapter:
+        """Load (and quantize, compile) the model at `path` into an adapter ready to `predict`."""
+
+    @classmethod
+    def start_loading(cls, path: str | Path, options: AdapterOptions | None) -> tuple[Path, AdapterOptions]:
+        """`from_path`'s first step in every family: the default options, the family's refusals
+        (`check_options`) before anything loads, and torch's threads for the loading thread (the
+        batcher's thread gets them again in `prepare_thread`)."""
+        import torch
+
+        path, options = Path(path), options or AdapterOptions()
+        cls.check_options(path, options)
+        torch.set_num_threads(options.threads)
+        return path, options
 
     @abstractmethod
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -234,6 +336,8 @@ class ModelAdapter(ABC):
         every core: 25 ms CPU and 66 ms per one-row request against 0.35 ms and 0.8 ms (measured,
         2-core machine under load). onnxruntime sessions carry their own thread counts.
         """
+        import torch
+
         torch.set_num_threads(self.options.threads)
 
     def warm_up_sizes(self, max_rows: int) -> list[int]:
@@ -254,213 +358,6 @@ class ModelAdapter(ABC):
         bounds = np.cumsum([len(next(iter(r.values()))) for r in requests])[:-1]
         split = {name: np.split(value, bounds) for name, value in outputs.items()}
         return [{name: parts[i] for name, parts in split.items()} for i in range(len(requests))]
-
-
-def _load_calibration(options: AdapterOptions, adapter: ModelAdapter) -> dict[str, np.ndarray]:
-    if options.calibration is None:
-        return adapter.example(options.calibration_rows, seed=1)
-    with np.load(options.calibration) as data:
-        missing = [f.name for f in adapter.fields if f.name not in data]
-        if missing:
-            raise ValueError(f"{options.calibration}: calibration arrays missing {missing}")
-        return {f.name: data[f.name].astype(f.dtype) for f in adapter.fields}
-
-
-class TorchAdapter(ModelAdapter):
-    """A saved core checkpoint (see deploy.serving.models) run by PyTorch, optionally INT8 and fused."""
-
-    def __init__(self, path: str | Path, options: AdapterOptions | None = None) -> None:
-        from core.fused import fuse_model
-        from core.quantization import AWQConfig, AWQQuantizer, compile_quantized
-
-        self.options = options = options or AdapterOptions()
-        path = Path(path)
-        torch.set_num_threads(options.threads)
-        loaded = load_model(path)
-        self.fields = loaded.fields
-        self.name = loaded.metadata.get("name", path.stem)
-        self.version = loaded.metadata.get("version") or file_version(path)
-        model = loaded.model.eval()
-        variant = ["torch", "fp32"]
-        if options.quantize in ("int8_dynamic", "int8_weight_only"):
-            arrays = _load_calibration(options, self)
-            batches = [{k: torch.from_numpy(v[s:s + 128]) for k, v in arrays.items()}
-                       for s in range(0, len(next(iter(arrays.values()))), 128)]
-            with torch.no_grad():
-                model = AWQQuantizer(AWQConfig(scheme=options.quantize)).fit(model, batches).transform(model)
-            if not options.fuse:  # torchao's int8 kernels want torch.compile; fuse_model compiles them anyway
-                model = compile_quantized(model)
-            variant[1] = options.quantize
-        elif options.quantize != "none":
-            raise ValueError(f"quantize={options.quantize!r} is not a PyTorch scheme (int8_dynamic, int8_weight_only)")
-        if options.fuse:
-            model = fuse_model(model)
-            variant.append("fused")
-        self.model = model
-        self.runtime = "+".join(variant)
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            logits = self.model(**{k: torch.from_numpy(v) for k, v in inputs.items()})[0].float().numpy()
-        out = {"logits": logits}
-        if logits.shape[-1] == 1:
-            out["probability"] = 1 / (1 + np.exp(-logits))
-        return out
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-              "tensor(double)": np.float64}
-
-
-class OnnxAdapter(ModelAdapter):
-    """An ONNX file run by onnxruntime; optionally quantized to INT8 at load (dynamic or QDQ static)."""
-
-    def __init__(self, path: str | Path, options: AdapterOptions | None = None, *,
-                 work_dir: Path | None = None, quantize_ops: list[str] | None = None) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        from core.onnx_export import available_providers
-        from core.quantization import quantize_onnx
-
-        self.options = options = options or AdapterOptions()
-        path = Path(path)
-        proto = onnx.load(str(path), load_external_data=False)
-        metadata = {p.key: p.value for p in proto.metadata_props}
-        self.name = metadata.get("name", path.stem)
-        self.version = metadata.get("version") or file_version(path)
-        highs = self._categorical_bounds(metadata)
-        # Inputs whose NaN means "missing" (the graph imputes it), as the exporter declared them.
-        missing = set(filter(None, metadata.get("nan_means_missing", "").split(",")))
-        self.fields = []
-        for value in proto.graph.input:
-            tensor = value.type.tensor_type
-            elem = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim][1:]
-            if any(d is None for d in dims):
-                raise ValueError(f"{path}: input {value.name} has a dynamic non-batch axis {dims}; not servable")
-            self.fields.append(InputField(value.name, np.dtype(elem), tuple(dims), high=highs.get(value.name),
-                                          allow_nan=value.name in missing and np.dtype(elem).kind == "f"))
-        run_path, variant = path, "fp32"
-        if options.quantize in ("int8_dynamic", "int8_static"):
-            work_dir = work_dir or path.parent
-            run_path = work_dir / f"{path.stem}.{options.quantize}.onnx"
-            mode = "dynamic" if options.quantize == "int8_dynamic" else "static"
-            calibration = _load_calibration(options, self) if mode == "static" else None
-            quantize_onnx(path, run_path, mode=mode, calibration=calibration, op_types=quantize_ops)
-            variant = options.quantize
-        elif options.quantize != "none":
-            raise ValueError(f"quantize={options.quantize!r} is not an ONNX scheme (int8_dynamic, int8_static)")
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.threads
-        session_options.inter_op_num_threads = 1
-        # ORT's fused kernels (GELU, bias+GELU, LayerNorm, MatMul+Add, attention) are its "extended"
-        # and layout levels: `fuse` turns them on; without it only basic graph clean-ups run.
-        level = ort.GraphOptimizationLevel
-        session_options.graph_optimization_level = level.ORT_ENABLE_ALL if options.fuse else level.ORT_ENABLE_BASIC
-        self.session = ort.InferenceSession(str(run_path), sess_options=session_options,
-                                            providers=available_providers())
-        # Per-row outputs only (a scalar auxiliary loss is not an answer).
-        self.outputs = [o.name for o in self.session.get_outputs() if len(o.shape) >= 1]
-        self.runtime = f"onnxruntime+{variant}" + ("+fused" if options.fuse else "")
-
-    @staticmethod
-    def _categorical_bounds(metadata: dict[str, str]) -> dict[str, tuple[int, ...]]:
-        """`categorical` code ranges from a TabularMoE config saved in the file's metadata, if any."""
-        try:
-            config = json.loads(metadata.get("config", "{}"))
-        except json.JSONDecodeError:
-            return {}
-        cards = config.get("categorical_cardinalities") if isinstance(config, dict) else None
-        return {"categorical": tuple(cards)} if cards else {}
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.outputs, inputs)
-        out = dict(zip(self.outputs, values, strict=True))
-        if "logits" in out and out["logits"].ndim == 2 and out["logits"].shape[-1] == 1:
-            out["probability"] = 1 / (1 + np.exp(-out["logits"].astype(np.float64)))
-        return out
-
-
-def _checkpoint_kind(path: Path) -> str | None:
-    """metadata["kind"] of a weights-only checkpoint of ours (None when it names none).
-
-    Read weights-only: a .pt that is a full pickle (an ultralytics checkpoint, or a crafted file)
-    is refused with ValueError, never unpickled.
-    """
-    from core.trainer import CheckpointError, read_checkpoint
-
-    try:
-        kind = read_checkpoint(path)["metadata"].get("kind")
-    except CheckpointError as error:
-        raise ValueError(f"{error}; serve a moeworks checkpoint, model folder or .onnx export") from None
-    return kind if isinstance(kind, str) else None
-
-
-def check_model_path(path: str | Path) -> None:
-    """What `moeworks serve` checks before starting workers: a model folder matches its MANIFEST.json,
-    a file matches its folder's manifest (when there is one), and a .pt is a weights-only checkpoint.
-    ValueError with one line otherwise."""
-    from core.model_files import verify_file, verify_manifest
-
-    path = Path(path)
-    if path.is_dir():
-        verify_manifest(path)
-        return
-    verify_file(path)
-    if path.suffix != ".onnx":
-        _checkpoint_kind(path)
-
-
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # noqa: BLE001 - onnx raises DecodeError and others for a broken file
-        raise ValueError(f"{path}: not a readable ONNX model ({error})") from None
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def load_adapter(path: str | Path, options: AdapterOptions | None = None) -> ModelAdapter:
-    """An adapter by what `path` is.
-
-    Folders: a credit scorer (scorer.json; any `finance train` model, raw application fields), a RUL
-    model (`moeworks maintenance train`: model.pt + model.json), a defects run or export folder
-    (detector.pt / detector.onnx). Files: an .onnx
-    (the RUL or detector export by its metadata, any other ONNX by its inputs), a YOLO checkpoint
-    (the weights-only detector.pt of `defects train`), or a core checkpoint. A .pt that is not
-    weights-only (an ultralytics checkpoint, a crafted pickle) is refused, never unpickled.
-    """
-    from deploy.serving.credit import CreditAdapter
-    from deploy.serving.defects import DefectsAdapter, is_defects_folder
-    from deploy.serving.maintenance import RULAdapter, is_rul_folder
-
-    path = Path(path)
-    if path.is_dir():
-        if (path / "scorer.json").is_file():
-            return CreditAdapter(path, options)
-        if is_rul_folder(path):
-            return RULAdapter(path, options)
-        if is_defects_folder(path):
-            return DefectsAdapter(path, options)
-        raise ValueError(f"{path}: not a model folder (credit scorer, RUL model or defects run/export)")
-    if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path} (a checkpoint, an .onnx file or a model folder)")
-    if path.suffix == ".onnx":
-        metadata = _onnx_metadata(path)
-        if "normalizer" in metadata and "net" in metadata:
-            return RULAdapter(path, options)
-        if "names" in metadata and "imgsz" in metadata:
-            return DefectsAdapter(path, options)
-        return OnnxAdapter(path, options)
-    if path.name == "model.pt" and is_rul_folder(path.parent):
-        return RULAdapter(path.parent, options)
-    from manufacturing.defects.detector import DETECTOR_KIND
-
-    if _checkpoint_kind(path) == DETECTOR_KIND:  # refuses a full pickle: nothing is unpickled
-        return DefectsAdapter(path, options)
-    return TorchAdapter(path, options)
 
 
 def row_to_json(outputs: dict[str, np.ndarray], row: int) -> dict[str, Any]:

@@ -15,15 +15,19 @@ Previously only MoE folders were served, at the level of the 214 engineered feat
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from deploy.serving.adapters import AdapterOptions, InvalidRequest, ModelAdapter, request_instances
+from deploy.serving.base import AdapterOptions, InputField, InvalidRequest, ModelAdapter, ModelPath, request_instances
 from deploy.serving.limits import FLOAT32_MAX
-from deploy.serving.models import InputField
+
+if TYPE_CHECKING:
+    from finance.data import DatasetSpec
+    from finance.scorer import CreditScorer
 
 MAX_TEXT = 256  # characters of a category value or an id: longer is not a code, it is a payload
 _NUMBER = (int, float)
@@ -32,28 +36,61 @@ _NUMBER = (int, float)
 class CreditAdapter(ModelAdapter):
     """Raw application fields -> pd, points, decision, reason_1..k, reason_codes (and the id sent)."""
 
-    def __init__(self, directory: str | Path, options: AdapterOptions | None = None) -> None:
-        import torch
+    family = "credit"
+    describes = "a `finance train` folder, with scorer.json"
 
+    def __init__(self, *, scorer: CreditScorer, spec: DatasetSpec, options: AdapterOptions) -> None:
+        self.scorer, self.spec, self.options = scorer, spec, options
+
+    @classmethod
+    def recognise(cls, candidate: ModelPath) -> bool:
+        return (candidate.path / "scorer.json").is_file()
+
+    @classmethod
+    def check_options(cls, path: Path, options: AdapterOptions) -> None:
+        if options.quantize != "none" or options.fuse:
+            raise ValueError(f"{path}: a credit folder is served as `finance score` runs it (FP32, no fusion); "
+                             "leave out --quantize and --fuse")
+
+    @classmethod
+    def from_path(cls, path: str | Path, options: AdapterOptions | None = None) -> CreditAdapter:
         from finance import load_model
         from finance.data import dataset_spec
 
-        self.options = options = options or AdapterOptions()
-        if options.quantize != "none" or options.fuse:
-            raise ValueError(f"{directory}: a credit folder is served as `finance score` runs it (FP32, no fusion); "
-                             "leave out --quantize and --fuse")
-        torch.set_num_threads(options.threads)
-        self.scorer = load_model(Path(directory))
-        self.spec = dataset_spec(self.scorer.dataset)
-        self.name = f"credit-{self.scorer.dataset}-{self.scorer.model_name}"
-        self.version = self.scorer.version_
-        self.runtime = f"finance+{self.scorer.model_name}"
-        self.numeric = [f for f in self.spec.fields if f.kind != "category"]
-        self.categories = [f for f in self.spec.fields if f.kind == "category"]
-        self.fields = [InputField(f.name, np.dtype(np.float64 if f.kind != "category" else object), ())
-                       for f in self.spec.fields]
-        self.outputs = ["pd", "points", "decision",
-                        *(f"reason_{j + 1}" for j in range(self.scorer.policy.reason_count)), "reason_codes"]
+        path, options = cls.start_loading(path, options)
+        scorer = load_model(path)
+        return cls(scorer=scorer, spec=dataset_spec(scorer.dataset), options=options)
+
+    # What follows from the scorer and its dataset's fields (cheap; computed once, on first use).
+    @cached_property
+    def name(self) -> str:
+        return f"credit-{self.scorer.dataset}-{self.scorer.model_name}"
+
+    @cached_property
+    def version(self) -> str:
+        return self.scorer.version_
+
+    @cached_property
+    def runtime(self) -> str:
+        return f"finance+{self.scorer.model_name}"
+
+    @cached_property
+    def numeric(self) -> list:
+        return [f for f in self.spec.fields if f.kind != "category"]
+
+    @cached_property
+    def categories(self) -> list:
+        return [f for f in self.spec.fields if f.kind == "category"]
+
+    @cached_property
+    def fields(self) -> list[InputField]:
+        return [InputField(f.name, np.dtype(np.float64 if f.kind != "category" else object), ())
+                for f in self.spec.fields]
+
+    @cached_property
+    def outputs(self) -> list[str]:
+        return ["pd", "points", "decision", *(f"reason_{j + 1}" for j in range(self.scorer.policy.reason_count)),
+                "reason_codes"]
 
     def describe(self) -> dict[str, Any]:
         inputs = {self.spec.id_column: {"type": "string or integer", "required": False}}

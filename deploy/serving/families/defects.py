@@ -17,13 +17,22 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
-from deploy.serving.adapters import AdapterOptions, InvalidRequest, ModelAdapter, file_version, request_instances
-from deploy.serving.models import InputField
+from deploy.serving.base import (
+    AdapterOptions,
+    InputField,
+    InvalidRequest,
+    ModelAdapter,
+    ModelPath,
+    file_version,
+    request_instances,
+)
+
+if TYPE_CHECKING:
+    from manufacturing.defects.pipeline import DefectInspector
 
 DETECTOR_PT, DETECTOR_ONNX, DETECTOR_INT8, MOE_STAGE = "detector.pt", "detector.onnx", "detector.int8.onnx", \
     "moe_stage.pt"
@@ -59,16 +68,39 @@ def _choose_files(source: Path, options: AdapterOptions) -> tuple[Path, Path | N
 class DefectsAdapter(ModelAdapter):
     """Images in (field `image`, base64), defects with sizes in mm out (field `defects`)."""
 
-    def __init__(self, source: str | Path, options: AdapterOptions | None = None) -> None:
+    family = "defects"
+    describes = "a `defects train` run or `defects export` folder, its detector.pt or the detector's .onnx"
+    # The row is the decoded image (any size); `image` arrives as base64, see `parse`.
+    fields: ClassVar[list[InputField]] = [InputField("image", np.dtype(object), ())]
+
+    def __init__(self, *, inspector: DefectInspector, name: str, version: str, runtime: str,
+                 options: AdapterOptions) -> None:
+        self.inspector, self.name, self.version, self.runtime, self.options = inspector, name, version, runtime, options
+
+    @classmethod
+    def recognise(cls, candidate: ModelPath) -> bool:
+        if candidate.path.is_dir():
+            return is_defects_folder(candidate.path)
+        metadata = candidate.onnx
+        if metadata is not None:
+            return "names" in metadata and "imgsz" in metadata
+        from manufacturing.defects.detector import DETECTOR_KIND
+
+        return candidate.checkpoint is not None and candidate.checkpoint.get("kind") == DETECTOR_KIND
+
+    @classmethod
+    def check_options(cls, path: Path, options: AdapterOptions) -> None:
+        _choose_files(path, options)
+
+    @classmethod
+    def from_path(cls, path: str | Path, options: AdapterOptions | None = None) -> DefectsAdapter:
         from manufacturing.defects.calibration import Calibration
         from manufacturing.defects.detector import YoloDetector
         from manufacturing.defects.errors import DefectDataError
         from manufacturing.defects.moe_stage import CropMoEClassifier
         from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
 
-        self.options = options = options or AdapterOptions()
-        source = Path(source)
-        torch.set_num_threads(options.threads)
+        source, options = cls.start_loading(path, options)  # refuses a scheme the files do not have
         if source.is_dir():
             from core.model_files import verify_manifest
 
@@ -80,14 +112,12 @@ class DefectsAdapter(ModelAdapter):
             camera = Calibration.from_file(options.camera) if options.camera else Calibration()
         except DefectDataError as error:
             raise ValueError(str(error)) from None
-        self.inspector = DefectInspector(detector=detector, calibration=camera, second_stage=stage,
-                                         config=InspectionConfig(conf=options.conf))
-        self.name = "defects-yolo" + ("+moe" if stage else "")
-        self.version = file_version(detector_path) + (f"+moe:{file_version(stage_path)[7:]}" if stage_path else "")
+        inspector = DefectInspector(detector=detector, calibration=camera, second_stage=stage,
+                                    config=InspectionConfig(conf=options.conf))
+        version = file_version(detector_path) + (f"+moe:{file_version(stage_path)[7:]}" if stage_path else "")
         variant = "int8_static" if detector_path.name.endswith(".int8.onnx") else "fp32"
-        self.runtime = f"{'torch' if detector.backend == 'pytorch' else 'onnxruntime'}+{variant}"
-        # The row is the decoded image (any size); `image` arrives as base64, see `parse`.
-        self.fields = [InputField("image", np.dtype(object), ())]
+        return cls(inspector=inspector, name="defects-yolo" + ("+moe" if stage else ""), version=version,
+                   runtime=f"{'torch' if detector.backend == 'pytorch' else 'onnxruntime'}+{variant}", options=options)
 
     def warm_up_sizes(self, max_rows: int) -> list[int]:
         return [1, 2]  # no compiled graphs to specialise: warm the allocator and the session only

@@ -3,20 +3,18 @@ of `finance.load_model(dir).score` out (bit for bit for the row-by-row models), 
 requests that share batches; raw-field mistakes get a 422 naming row and field."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from deploy.serving.adapters import load_adapter
 from deploy.serving.app import create_app
 from deploy.serving.batcher import BatcherConfig
+from deploy.serving.registry import REGISTRY
+from tests.deploy.serving.served import Served
 
 KINDS = ("scorecard", "lightgbm", "moe", "sequence", "ensemble")
 EXACT = ("scorecard", "lightgbm", "ensemble")  # features, trees, WoE and the blend run row by row
@@ -58,7 +56,7 @@ def as_json(frame):
 
 def client_for(folder):
     config = BatcherConfig(max_wait_s=0.005, default_timeout_s=30.0)
-    return TestClient(create_app(lambda: load_adapter(folder), batcher_config=config))
+    return TestClient(create_app(lambda: REGISTRY.from_path(folder), batcher_config=config))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -113,12 +111,6 @@ def test_raw_field_mistakes_get_422_naming_row_and_field(credit, change, loc_fie
     assert detail["loc"] == ["body", "instances", 2, loc_field] and words in detail["msg"], detail
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_moeworks_serve_boots_a_lightgbm_folder_with_tokens(credit, tmp_path):
     """The folder that used to end in 'Worker failed to boot', under gunicorn with --auth-file."""
     from finance import load_model
@@ -127,27 +119,10 @@ def test_moeworks_serve_boots_a_lightgbm_folder_with_tokens(credit, tmp_path):
     folders, frame = credit
     tokens = tmp_path / "tokens.json"
     token = create_token(tokens, role="operator", name="loan system")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    server = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", str(folders["lightgbm"]), "--port",
-                               str(port), "--auth-file", str(tokens)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        body = {"instances": as_json(frame.iloc[:2])}
-        url = f"http://127.0.0.1:{port}/v1/predict"
-        assert httpx.post(url, json=body).status_code == 401
-        answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    body = {"instances": as_json(frame.iloc[:2])}
+    with Served(folders["lightgbm"], "--auth-file", str(tokens), ready_s=120) as server:
+        assert server.post(body).status_code == 401
+        answer = server.post(body, headers={"Authorization": f"Bearer {token}"})
     assert answer.status_code == 200, answer.text
     expected = load_model(folders["lightgbm"]).score(frame.iloc[:2], reasons="all")
     assert [p["pd"] for p in answer.json()["predictions"]] == expected["pd"].tolist()
@@ -168,7 +143,7 @@ def test_schemathesis_finds_no_500_on_a_credit_folder(credit, mode):
     from schemathesis.generation import GenerationMode
 
     folders, _ = credit
-    app = create_app(lambda: load_adapter(folders["lightgbm"]),
+    app = create_app(lambda: REGISTRY.from_path(folders["lightgbm"]),
                      batcher_config=BatcherConfig(max_wait_s=0.002, default_timeout_s=10.0))
     seen = []
     with TestClient(app):
