@@ -205,3 +205,15 @@ def test_a_pool_keeps_its_classes(loop):
     with pytest.raises(DefectDataError, match="the pool's classes are"):
         AnnotationPool.open(pool.root, classes=["crazing", "inclusion"])
     assert AnnotationPool.open(pool.root).classes == CLASSES
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--import", "{tmp}/e.json", "--model", "{tmp}/m.pt"], "not both"),
+    (["--data", "{tmp}"], "--model and --data are needed"),
+    (["--model", "{tmp}/m.pt", "--data", "{tmp}", "--threshold", "0.1"], "floor < threshold"),
+    (["--import", "{tmp}/e.json"], "no annotation pool here"),
+])
+def test_annotate_mistakes_are_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["defects", "annotate", "--pool", str(tmp_path / "pool"),
+                                      *[a.format(tmp=tmp_path) for a in args]])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
