@@ -240,4 +240,6 @@ def defects_annotate(
                + (f", VOC for `defects train --data`: {result['voc']}" if result["voc"] else ""), as_json=as_json)
     if as_json:
         output.emit("defects.annotate", {"pool": str(pool), "model": None if model is None else str(model),
-                                         "data": str(import_export if import_export is not None else data), **result})
+                                         "data": str(import_export if import_export is not None else data),
+                                         "out": str(Path(result["tasks"]).parent if result.get("tasks") else pool),
+                                         **result})
