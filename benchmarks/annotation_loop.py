@@ -99,7 +99,7 @@ def one_round(pool, detector, batch, truth, args, work: Path, r: int) -> dict:
 
     images = [image for record in batch for image in read_new_images(record.image_path)]
     rule = AcceptRule(threshold=args.threshold, floor=args.floor)
-    detections = detector.detect([i.image for i in images], conf=rule.floor)
+    detections = detector.detect([i.decode() for i in images], conf=rule.floor)
     precision = {}
     for threshold in (*OTHER_THRESHOLDS, args.threshold):
         accept = AcceptRule(threshold=threshold, floor=min(rule.floor, threshold / 2))

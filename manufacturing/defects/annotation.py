@@ -35,7 +35,9 @@ file first, `state.json` last; a run killed at any point leaves the previous hea
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -321,20 +323,30 @@ def _read_json(path: Path) -> dict:
 
 @dataclass
 class NewImage:
-    """An image file read for the pool: bytes, hash, name stem, suffix and the decoded BGR array."""
+    """An image file for the pool: its path, the SHA-256 of its bytes and its size. Neither the bytes
+    nor the pixels are held (a run may take many large frames): `read` and `decode` load them again."""
 
     path: Path
-    data: bytes
     digest: str
-    image: np.ndarray
+    width: int
+    height: int
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.shape[1], self.image.shape[0]
+    def read(self) -> bytes:
+        """The file's bytes, refused if they changed since the image was hashed."""
+        data = self.path.read_bytes()
+        if sha256(data) != self.digest:
+            raise DefectDataError(f"{self.path}: the file changed while annotate ran")
+        return data
+
+    def decode(self) -> np.ndarray:
+        from manufacturing.defects.dataset import load_image
+
+        return load_image(self.path, expected_size=(self.width, self.height))
 
 
 def read_new_images(folder: str | Path) -> list[NewImage]:
-    """The images of a folder (or one image file), decoded and hashed; bounded in count and size."""
+    """The images of a folder (or one image file), hashed and decoded once (a corrupt file is refused
+    here, before anything is written); bounded in count and size."""
     from manufacturing.defects.dataset import load_image
 
     folder = Path(folder)
@@ -352,9 +364,26 @@ def read_new_images(folder: str | Path) -> list[NewImage]:
     for path in paths:
         if path.stat().st_size > MAX_IMAGE_BYTES:
             raise DefectDataError(f"{path}: larger than {MAX_IMAGE_BYTES >> 20} MiB")
-        data = path.read_bytes()
-        images.append(NewImage(path, data, sha256(data), load_image(path)))
+        height, width = load_image(path).shape[:2]
+        images.append(NewImage(path, sha256(path.read_bytes()), width, height))
     return images
+
+
+@contextlib.contextmanager
+def pool_lock(pool: AnnotationPool):
+    """One writer at a time: a second annotate or import on the same pool is refused, not interleaved
+    (each reads the head and the queue, then writes them)."""
+    pool.root.mkdir(parents=True, exist_ok=True)
+    with open(pool.root / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DefectDataError(f"{pool.root}: another annotate or import is writing this pool; try again when it "
+                                  "ends") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def not_yet_seen(pool: AnnotationPool, images: list[NewImage]) -> list[NewImage]:
@@ -373,7 +402,10 @@ def annotate(pool: AnnotationPool, detector, images: list[NewImage], *, rule: Ac
              image_url: str, model_name: str, batch_size: int = 16) -> dict:
     """Detect on the images the pool has not seen, then `file_detections`."""
     fresh = not_yet_seen(pool, images)
-    detections = detector.detect([i.image for i in fresh], conf=rule.floor, batch_size=batch_size) if fresh else []
+    detections = []
+    for start in range(0, len(fresh), batch_size):  # decoded a batch at a time
+        chunk = fresh[start:start + batch_size]
+        detections += detector.detect([i.decode() for i in chunk], conf=rule.floor, batch_size=batch_size)
     result = file_detections(pool, fresh, detections, names=detector.names, rule=rule, review_dir=review_dir,
                              image_url=image_url, model_name=model_name)
     return {**result, "images": len(images), "skipped_known": len(images) - len(fresh)}
@@ -384,6 +416,12 @@ def file_detections(pool: AnnotationPool, images: list[NewImage], detections: li
     """Accept the images whose detections pass `rule` into a new pool version (source "auto"), queue
     the rest and write them as a Label Studio import in review_dir (tasks.json, labeling_config.xml,
     images/). detections: one Detections per image (boxes xyxy px, scores, class indices into names)."""
+    with pool_lock(pool):
+        return _file_detections(pool, images, detections, names=names, rule=rule, review_dir=review_dir,
+                                image_url=image_url, model_name=model_name)
+
+
+def _file_detections(pool, images, detections, *, names, rule, review_dir, image_url, model_name) -> dict:
     from manufacturing.defects.labelstudio import labeling_config, prediction_task
 
     state = pool.state()
@@ -392,12 +430,12 @@ def file_detections(pool: AnnotationPool, images: list[NewImage], detections: li
     for image, found in zip(images, detections, strict=True):
         name = pool.unique_name(image.path.stem, image.digest, taken)
         taken.add(name)
-        width, height = image.size
+        width, height = image.width, image.height
         suffix = image.path.suffix.lower()
         keep = np.asarray(found.scores) >= rule.floor
         boxes, scores = np.asarray(found.boxes)[keep], np.asarray(found.scores)[keep]
         labels = [names[c] for c in np.asarray(found.classes)[keep]]
-        pool.put(image.data)
+        pool.put(image.read())
         if rule.accepts(scores):
             accepted.append(Change(image=image.digest, name=name, suffix=suffix, width=width, height=height,
                                    boxes=boxes, labels=labels, source="auto"))
@@ -416,7 +454,7 @@ def file_detections(pool: AnnotationPool, images: list[NewImage], detections: li
             for image in images:
                 if image.digest in queued:
                     entry = queued[image.digest]
-                    (temporary / "images" / f"{entry['name']}{entry['suffix']}").write_bytes(image.data)
+                    (temporary / "images" / f"{entry['name']}{entry['suffix']}").write_bytes(image.read())
             (temporary / "tasks.json").write_text(json.dumps(tasks, indent=1))
             (temporary / "labeling_config.xml").write_text(labeling_config(pool.classes))
             os.replace(temporary, review_dir)
@@ -434,6 +472,11 @@ def file_detections(pool: AnnotationPool, images: list[NewImage], detections: li
 def import_review(pool: AnnotationPool, export: str | Path) -> dict:
     """A reviewers' Label Studio export into a new pool version (source "review"); the reviewed
     images leave the queue. Images already in the pool may be relabelled."""
+    with pool_lock(pool):
+        return _import_review(pool, export)
+
+
+def _import_review(pool: AnnotationPool, export: str | Path) -> dict:
     from manufacturing.defects.labelstudio import read_export
 
     state = pool.state()

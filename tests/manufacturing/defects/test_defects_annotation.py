@@ -217,3 +217,21 @@ def test_annotate_mistakes_are_one_line(tmp_path, args, message):
     result = CliRunner().invoke(app, ["defects", "annotate", "--pool", str(tmp_path / "pool"),
                                       *[a.format(tmp=tmp_path) for a in args]])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
+
+
+def test_one_writer_at_a_time_and_an_image_changed_during_the_run_is_refused(loop):
+    from manufacturing.defects.annotation import pool_lock
+
+    pool, truth, images, result, tmp_path = loop
+    tasks = json.loads((tmp_path / "review" / "tasks.json").read_text())
+    export = _export_from_tasks(tasks, truth, tmp_path / "export.json")
+    with pool_lock(pool), pytest.raises(DefectDataError, match="another annotate or import"):
+        import_review(pool, export)
+    assert len(pool.state().queue) == 3
+    more = write_synthetic_voc(tmp_path / "more", SyntheticConfig(images=2, size=96, seed=9))
+    fresh = read_new_images(more / "IMAGES")
+    fresh[1].path.write_bytes(fresh[1].path.read_bytes() + b"\0")
+    with pytest.raises(DefectDataError, match="changed while annotate ran"):
+        file_detections(pool, fresh, [Detections(), Detections()], names=CLASSES, rule=AcceptRule(),
+                        image_url="", review_dir=tmp_path / "review2", model_name="m")
+    assert pool.state().head == result["version"] and len(pool.state().queue) == 3

@@ -36,7 +36,7 @@ def test_annotate_with_a_trained_detector_review_and_train_on_the_pool(tmp_path)
     # best (the images whose reported boxes all score the best are accepted).
     detector = YoloDetector.load(trained["detector"])
     images = read_new_images(new / "IMAGES")
-    scores = [d.scores.astype(np.float64) for d in detector.detect([i.image for i in images], conf=0.0001)]
+    scores = [d.scores.astype(np.float64) for d in detector.detect([i.decode() for i in images], conf=0.0001)]
     top, below = np.unique(np.concatenate(scores))[::-1][:2]
     floor, accept_all = (top + below) / 2, (3 * top + below) / 4
     reported = [np.sort(s[s >= floor])[::-1] for s in scores]
