@@ -126,8 +126,11 @@ def one_round(pool, detector, batch, truth, args, work: Path, r: int) -> dict:
             for k, (box, label) in enumerate(zip(record.boxes, record.labels, strict=True))]}]})
     (work / f"export{r}.json").write_text(json.dumps(export))
     reviewed = import_review(pool, work / f"export{r}.json")
+    best = [float(d.scores.max()) for d in detections if len(d)]
     return {"batch": len(images), "auto_accepted": result["auto_accepted"], "reviewed": reviewed["reviewed"],
-            "precision": precision, "version": reviewed["version"]}
+            "precision": precision, "version": reviewed["version"],
+            "images_with_a_box": len(best), "best_score": max(best, default=None),
+            "median_best_score": float(np.median(best)) if best else None}
 
 
 def main() -> None:

@@ -137,7 +137,8 @@ def read_export(path: str | Path, *, classes: list[str], sizes: dict[str, tuple[
     for row, task in enumerate(tasks):
         where = f"{path} task {row}"
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise DefectDataError(f"{where}: field 'data' must be an object")
+            raise DefectDataError(f"{where}: field 'data' must be an object (export as Label Studio's \"JSON\", not "
+                                  "JSON-MIN or CSV)")
         sha = task["data"].get("sha256")
         if not (isinstance(sha, str) and sha in sizes):
             raise DefectDataError(f"{where}: field data.sha256 {str(sha)[:70]!r} names no image this pool queued or "
