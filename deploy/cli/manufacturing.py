@@ -177,3 +177,69 @@ def defects_export(
         output.emit("defects.export", {"model": str(model), "data": str(data), "out": str(out), **result})
     if not parity["passed"]:
         raise typer.Exit(1)
+
+
+@defects_app.command("annotate")
+def defects_annotate(
+    pool: Path = typer.Option(..., help="annotation pool folder (versioned; made on the first run)"),
+    model: Path = typer.Option(None, help="a `defects train` run folder or its detector file (.pt or .onnx)"),
+    data: Path = typer.Option(None, help="new images: a folder or one image file"),
+    import_export: Path = typer.Option(None, "--import", help="reviewers' Label Studio JSON export to take back "
+                                                              "into the pool (instead of --model/--data)"),
+    threshold: float = typer.Option(0.9, help="auto-accept an image when it has a box and every box scores at "
+                                              "least this (else it is queued for review)"),
+    floor: float = typer.Option(0.25, help="score from which a box counts as reported (below: ignored)"),
+    out: Path = typer.Option(None, help="review folder: tasks.json (Label Studio import with pre-annotations), "
+                                        "labeling_config.xml, images/ (default POOL/review/<UTC time>)"),
+    image_url: str = typer.Option("/data/local-files/?d=images/", help="prefix of each task's data.image before "
+                                  "the file name (default: Label Studio local files with "
+                                  "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the review folder)"),
+    as_json: bool = JSON,
+) -> None:
+    """The annotation loop: auto-accept confident detections into a versioned pool, queue the rest as a
+    Label Studio import; `--import` takes the reviewers' export back. Writes the new version as VOC."""
+    import datetime
+
+    from manufacturing.defects.annotation import AcceptRule, AnnotationPool, annotate, import_review, read_new_images
+
+    if import_export is not None:
+        if model is not None or data is not None:
+            raise UserInputError("give either --import EXPORT or --model and --data, not both")
+        annotation_pool = AnnotationPool.open(pool)
+        result = import_review(annotation_pool, import_export)
+        summary = (f"imported {result['reviewed']} reviewed images ({result['added']} added, {result['relabelled']} "
+                   f"relabelled, {result['unchanged']} unchanged); {result['queue_total']} still queued")
+    else:
+        if model is None or data is None:
+            raise UserInputError("--model and --data are needed (or --import EXPORT)")
+        try:
+            rule = AcceptRule(threshold=threshold, floor=floor)
+        except ValueError as error:
+            raise UserInputError(f"--threshold/--floor: {error}") from None
+        from core.onnx_export import file_sha256
+        from manufacturing.defects.detector import YoloDetector
+        from manufacturing.defects.workflow import DETECTOR_FILE
+
+        detector_file = model / DETECTOR_FILE if model.is_dir() else model
+        images = read_new_images(data)
+        with output.third_party_output_to(Path("runs/logs/defects-annotate.log")):
+            detector = YoloDetector.load(detector_file)
+        annotation_pool = AnnotationPool.open(pool, classes=detector.names)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+        review_dir = out if out is not None else pool / "review" / stamp
+        if review_dir.exists():
+            raise UserInputError(f"--out {review_dir}: exists; choose a new review folder")
+        result = annotate(annotation_pool, detector, images, rule=rule, review_dir=review_dir, image_url=image_url,
+                          model_name=f"{detector_file.name}@{file_sha256(detector_file)[:12]}")
+        summary = (f"{result['auto_accepted']} of {result['images']} images auto-accepted (every box >= "
+                   f"{threshold}), {result['queued']} queued for review"
+                   + (f" in {result['tasks']}" if result["tasks"] else "")
+                   + (f", {result['skipped_known']} already in the pool or queue" if result["skipped_known"] else ""))
+    result["voc"] = str(annotation_pool.write_voc(result["version"])) if result["version"] else None
+    output.say(f"{summary}; pool version {(result['version'] or 'none')[:16]}"
+               + (f", VOC for `defects train --data`: {result['voc']}" if result["voc"] else ""), as_json=as_json)
+    if as_json:
+        output.emit("defects.annotate", {"pool": str(pool), "model": None if model is None else str(model),
+                                         "data": str(import_export if import_export is not None else data),
+                                         "out": str(Path(result["tasks"]).parent if result.get("tasks") else pool),
+                                         **result})

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.model_files import MANIFEST, write_manifest
+from manufacturing.defects.annotation import checkout_version
 from manufacturing.defects.dataset import load_image, write_yolo_dataset
 from manufacturing.defects.detector import YoloDetector, save_detector
 from manufacturing.defects.errors import DefectDataError
@@ -73,6 +74,9 @@ def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbos
               "epochs": summary.epochs, "imgsz": summary.imgsz, "train_seconds": round(summary.seconds, 1),
               "train_images_per_second": round(summary.images_per_second, 2),
               "ultralytics_val": summary.metrics}
+    pool = checkout_version(voc_dir)  # a folder an annotation pool wrote: the data's version, for the record
+    if pool:
+        result.update(pool=pool.get("pool"), pool_version=pool["version"])
     if job.train_moe:
         started = time.perf_counter()
         stage = fit_moe_stage(YoloDetector.load(detector_path), train, job.moe_training)

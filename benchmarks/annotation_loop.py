@@ -1,0 +1,211 @@
+"""The annotation loop on NEU-DET: validation mAP50 against images a person reviewed, and the precision
+of the auto-accepted labels (issue 21's experiment, at a size set by the arguments).
+
+Protocol: the seed-0 split (manufacturing/defects/splits/neu_det_seed0.json); its training images,
+optionally a class-stratified subset (--train-limit), are shuffled; the first --start-fraction are
+labelled by a person (the seed version of the pool), the rest come in --rounds equal batches. Each
+round trains YOLO from scratch on the pool's current VOC checkout, then runs the product's
+annotate step on the next batch (manufacturing.defects.annotation: the AcceptRule at --threshold,
+--floor): accepted images enter the pool with the model's labels, the queued ones are "reviewed" by
+a Label Studio export holding their true labels, imported as the product imports one. After the
+last round the pool trains the loop's detector; a detector trained on every training image with
+its true labels is the reference. Every detector: same epochs, size, seed; mAP50 on the validation
+images (--val-limit) with the product's evaluator.
+
+Precision of auto-accepted labels: a box is right when a true box of the same class overlaps it at
+IoU >= 0.5 (each true box matched once); an image is right when all its boxes are right and no true
+box is missed. Reported at --threshold and, from the same detections, at lower thresholds.
+
+    nice -n 19 python -m benchmarks.annotation_loop --imgsz 128 --epochs 10 --json \
+        --out benchmarks/results/annotation_loop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import add_output_arguments, describe, machine, write_results
+from benchmarks.fixtures import REPO, add_data_argument
+
+SPLIT = REPO / "manufacturing" / "defects" / "splits" / "neu_det_seed0.json"
+OTHER_THRESHOLDS = (0.5, 0.7, 0.8)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, 4) x (m, 4) xyxy -> (n, m) intersection over union."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def matched(boxes, labels, scores, truth) -> tuple[int, bool]:
+    """(boxes right, image right) for the model's labels of one image against its true record."""
+    order = np.argsort(-np.asarray(scores))
+    overlaps = iou(np.asarray(boxes, np.float64).reshape(-1, 4), truth.boxes.astype(np.float64))
+    free = np.ones(len(truth.labels), bool)
+    right = 0
+    for i in order:
+        candidates = [j for j in np.argsort(-overlaps[i]) if free[j] and overlaps[i, j] >= 0.5
+                      and truth.labels[j] == labels[i]]
+        if candidates:
+            free[candidates[0]] = False
+            right += 1
+    return right, right == len(labels) and not free.any()
+
+
+def stratified(records, limit: int, seed: int):
+    """`limit` records, as many of each first class as the whole has in proportion (seeded)."""
+    if not limit or limit >= len(records):
+        return list(records)
+    from manufacturing.defects.voc import seeded_split
+
+    _, chosen = seeded_split(records, val_fraction=limit / len(records), seed=seed)
+    return chosen
+
+
+def train_and_score(train_records, val_records, names, args, work: Path, tag: str) -> tuple[object, float, float]:
+    """A detector trained from scratch on `train_records`; (detector, val mAP50, train seconds)."""
+    from manufacturing.defects.dataset import write_yolo_dataset
+    from manufacturing.defects.detector import YoloDetector, save_detector
+    from manufacturing.defects.pipeline import DefectInspector, evaluate_records
+    from manufacturing.defects.train import DetectorConfig, train_detector
+
+    run = work / tag
+    data_yaml = write_yolo_dataset({"train": train_records, "val": val_records}, run / "dataset", names)
+    config = DetectorConfig(imgsz=args.imgsz, epochs=args.epochs, batch=args.batch, workers=0, seed=0,
+                            patience=args.epochs, close_mosaic=max(1, args.epochs // 4), warmup_epochs=1.0)
+    started = time.perf_counter()
+    summary = train_detector(data_yaml, config, run, verbose=False)
+    seconds = time.perf_counter() - started
+    detector = YoloDetector.load(save_detector(summary.weights, run / "detector.pt"))
+    metrics = evaluate_records(DefectInspector(detector=detector), val_records, progress=False)["yolo"]
+    print(f"  {tag}: {len(train_records)} training images, val mAP50 {metrics['mAP50']:.3f} "
+          f"({seconds:.0f} s)", flush=True)
+    return detector, float(metrics["mAP50"]), seconds
+
+
+def one_round(pool, detector, batch, truth, args, work: Path, r: int) -> dict:
+    """The product's annotate step on `batch`, the review of what it queued, and the labels' precision."""
+    from manufacturing.defects import labelstudio
+    from manufacturing.defects.annotation import AcceptRule, file_detections, import_review, read_new_images
+
+    images = [image for record in batch for image in read_new_images(record.image_path)]
+    rule = AcceptRule(threshold=args.threshold, floor=args.floor)
+    detections = detector.detect([i.decode() for i in images], conf=rule.floor)
+    precision = {}
+    for threshold in (*OTHER_THRESHOLDS, args.threshold):
+        accept = AcceptRule(threshold=threshold, floor=min(rule.floor, threshold / 2))
+        boxes = right = images_right = accepted = 0
+        for image, found in zip(images, detections, strict=True):
+            keep = found.scores >= rule.floor
+            if not accept.accepts(found.scores[keep]):
+                continue
+            labels = [detector.names[c] for c in found.classes[keep]]
+            n_right, whole = matched(found.boxes[keep], labels, found.scores[keep], truth[image.path.stem])
+            accepted, boxes, right, images_right = accepted + 1, boxes + len(labels), right + n_right, \
+                images_right + whole
+        precision[str(threshold)] = {"images": accepted, "boxes": boxes,
+                                     "box_precision": right / boxes if boxes else None,
+                                     "image_precision": images_right / accepted if accepted else None}
+    result = file_detections(pool, images, detections, names=detector.names, rule=rule,
+                             review_dir=work / f"review{r}", image_url="/data/local-files/?d=images/",
+                             model_name=f"round{r}")
+    export = []
+    for n, task in enumerate(json.loads(Path(result["tasks"]).read_text()) if result["tasks"] else []):
+        record = truth[task["data"]["name"]]  # the review reveals the true labels
+        export.append({"id": n, "data": task["data"], "annotations": [{"result": [
+            labelstudio.box_result(box, label, record.width, record.height, result_id=f"{n}-{k}")
+            for k, (box, label) in enumerate(zip(record.boxes, record.labels, strict=True))]}]})
+    (work / f"export{r}.json").write_text(json.dumps(export))
+    reviewed = import_review(pool, work / f"export{r}.json")
+    best = [float(d.scores.max()) for d in detections if len(d)]
+    return {"batch": len(images), "auto_accepted": result["auto_accepted"], "reviewed": reviewed["reviewed"],
+            "precision": precision, "version": reviewed["version"],
+            "images_with_a_box": len(best), "best_score": max(best, default=None),
+            "median_best_score": float(np.median(best)) if best else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_argument(parser, under="neu_det", what="NEU-DET folder")
+    parser.add_argument("--split", type=Path, default=SPLIT)
+    parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--start-fraction", type=float, default=0.2)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--floor", type=float, default=0.25)
+    parser.add_argument("--train-limit", type=int, default=0, help="class-stratified subset of training images")
+    parser.add_argument("--val-limit", type=int, default=0, help="class-stratified subset of validation images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    add_output_arguments(parser, Path("runs/bench/annotation_loop.json"))
+    args = parser.parse_args()
+
+    from manufacturing.defects.annotation import AnnotationPool, Change
+    from manufacturing.defects.voc import class_names, read_voc_folder
+    from manufacturing.defects.workflow import records_by_split
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="annotation-loop-"))
+    records = read_voc_folder(args.data)
+    names = class_names(records)
+    train = stratified(records_by_split(records, args.split, "train"), args.train_limit, args.seed)
+    val = stratified(records_by_split(records, args.split, "val"), args.val_limit, args.seed)
+    truth = {r.name: r for r in train}
+    order = np.random.default_rng(args.seed).permutation(len(train))
+    start = round(args.start_fraction * len(train))
+    seed_set = [train[i] for i in order[:start]]
+    batches = [[train[i] for i in part] for part in np.array_split(order[start:], args.rounds)]
+    results = {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v
+                                                  for k, v in vars(args).items()},
+               "train_images": len(train), "val_images": len(val), "classes": names, "rounds": []}
+    print(f"NEU-DET annotation loop: {len(train)} training images ({start} labelled to start, {args.rounds} "
+          f"rounds), {len(val)} validation images, {args.imgsz} px, {args.epochs} epochs; "
+          f"{describe(results['machine'])}", flush=True)
+
+    pool = AnnotationPool.open(work / "pool", classes=names)
+    pool.commit([Change(image=pool.put(r.image_path.read_bytes()), name=r.name, suffix=r.image_path.suffix,
+                        width=r.width, height=r.height, boxes=r.boxes, labels=r.labels, source="review")
+                 for r in seed_set], origin={"command": "seed", "labelled_by": "person (true labels)"})
+    reviewed = start
+    for r, batch in enumerate(batches):
+        pool_records = read_voc_folder(pool.write_voc(pool.state().head))
+        detector, map50, seconds = train_and_score(pool_records, val, names, args, work, f"round{r}")
+        outcome = one_round(pool, detector, batch, truth, args, work, r)
+        results["rounds"].append({"round": r, "trained_on": len(pool_records), "reviewed_before": reviewed,
+                                  "val_mAP50": map50, "train_seconds": seconds, **outcome})
+        reviewed += outcome["reviewed"]
+        p = outcome["precision"][str(args.threshold)]
+        print(f"  round {r}: {outcome['auto_accepted']} of {outcome['batch']} auto-accepted (box precision "
+              f"{p['box_precision']}), {outcome['reviewed']} reviewed", flush=True)
+    final = read_voc_folder(pool.write_voc(pool.state().head))
+    _, loop_map, loop_s = train_and_score(final, val, names, args, work, "loop")
+    _, full_map, full_s = train_and_score(train, val, names, args, work, "full")
+    accepted = sum(r["auto_accepted"] for r in results["rounds"])
+    boxes = [r["precision"][str(args.threshold)] for r in results["rounds"]]
+    box_total = sum(p["boxes"] for p in boxes)
+    right = sum(round((p["box_precision"] or 0) * p["boxes"]) for p in boxes)
+    results.update(loop={"val_mAP50": loop_map, "trained_on": len(final), "reviewed": reviewed,
+                         "reviewed_fraction": reviewed / len(train), "auto_accepted": accepted,
+                         "auto_box_precision": right / box_total if box_total else None,
+                         "train_seconds": loop_s, "pool_version": pool.state().head},
+                   full={"val_mAP50": full_map, "trained_on": len(train), "reviewed": len(train),
+                         "train_seconds": full_s},
+                   loop_over_full=loop_map / full_map if full_map else None)
+    print(f"loop: val mAP50 {loop_map:.3f} with {reviewed} of {len(train)} images reviewed "
+          f"({100 * reviewed / len(train):.0f}%), {accepted} auto-accepted; everything labelled: {full_map:.3f}",
+          flush=True)
+    write_results(results, args.out, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()
