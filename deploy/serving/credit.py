@@ -53,7 +53,7 @@ class CreditAdapter(ModelAdapter):
         self.fields = [InputField(f.name, np.dtype(np.float64 if f.kind != "category" else object), ())
                        for f in self.spec.fields]
         self.outputs = ["pd", "points", "decision",
-                        *(f"reason_{j + 1}" for j in range(self.scorer.policy.reason_count)), "reason_codes"]
+                        *(f"reason_{j + 1}" for j in range(self.scorer.policy_.reason_count)), "reason_codes"]
 
     def describe(self) -> dict[str, Any]:
         inputs = {self.spec.id_column: {"type": "string or integer", "required": False}}
