@@ -41,7 +41,7 @@ def _moe_ensemble(records, models_dir: Path):
     validation split (no cross-fitting), its LightGBM and MoE the ones benchmarked alone (the same
     split and features: `train_scorer`'s seeded split)."""
     from finance import load_model
-    from finance.models.base import FitData, build_model
+    from finance.models.base import build_model
     from finance.models.ensemble import EnsembleModel
     from finance.scorer import CreditScorer, split_records
 
@@ -49,13 +49,13 @@ def _moe_ensemble(records, models_dir: Path):
     loaded = [load_model(_model(records.dataset, n, records, models_dir)) for n in ("lightgbm", "moe")]
     pipeline = loaded[0].pipeline_
     assert loaded[1].pipeline_.feature_names_ == pipeline.feature_names_, "the members' features differ"
-    fit_train = FitData(pipeline.transform(train.frame), train.target, train.frame)
-    fit_valid = FitData(pipeline.transform(valid.frame), valid.target, valid.frame)
+    X_train, X_valid = pipeline.transform(train.frame), pipeline.transform(valid.frame)
     scorecard = build_model("scorecard", feature_names=pipeline.feature_names_, dataset=records.dataset)
-    members = [s.model_ for s in loaded] + [scorecard.fit(fit_train, fit_valid)]
-    model = EnsembleModel.from_fitted(members, fit_valid, feature_names=pipeline.feature_names_,
+    members = [s.model_ for s in loaded] + [scorecard.fit(X_train, train.target)]
+    model = EnsembleModel.from_fitted(members, X_valid, valid.target, feature_names=pipeline.feature_names_,
                                       dataset=records.dataset)
-    return CreditScorer(dataset=records.dataset, model_name="ensemble").fit(train, valid, fitted_model=model)
+    return CreditScorer(dataset=records.dataset, model_name="ensemble").fit(*train.xy, eval_set=[valid.xy],
+                                                                            fitted_model=model)
 
 
 def _model(dataset: str, name: str, records, models_dir: Path) -> Path:

@@ -41,7 +41,6 @@ from benchmarks.common import describe, machine, write_results
 from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 from finance.data import load_records
 from finance.evaluation import credit_metrics, scoring_speed
-from finance.models import FitData
 from finance.models.ensemble import EnsembleModel
 from finance.scorer import CreditScorer, split_records
 
@@ -75,16 +74,16 @@ def quality(dataset: str, data_root: Path, seed: int, console: Console, *, speed
     for name in ("scorecard", "lightgbm", "moe"):
         console.print(f"[{dataset}] training {name} on {len(train):,} rows ...")
         scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed,
-                                     exclude_protected=exclude_protected).fit(train, valid)
+                                     exclude_protected=exclude_protected).fit(*train.xy, eval_set=[valid.xy])
     members = [scorers[n].model_ for n in ("lightgbm", "moe", "scorecard")]
     started = time.perf_counter()
     base = scorers["lightgbm"]
-    ensemble = EnsembleModel.from_fitted(members, FitData(base.pipeline_.transform(valid.frame), valid.target),
-                                         train=FitData(base.pipeline_.transform(train.frame), train.target),
+    ensemble = EnsembleModel.from_fitted(members, base.pipeline_.transform(valid.frame), valid.target,
+                                         X_train=base.pipeline_.transform(train.frame), y_train=train.target,
                                          feature_names=base.pipeline_.feature_names_, dataset=dataset)
     scorers["ensemble"] = CreditScorer(dataset=dataset, model_name="ensemble", seed=seed,
                                        exclude_protected=exclude_protected).fit(
-        train, valid, fitted_model=ensemble)
+        *train.xy, eval_set=[valid.xy], fitted_model=ensemble)
     scorers["ensemble"].train_seconds_ = sum(scorers[n].train_seconds_ for n in ("lightgbm", "moe", "scorecard")) + (
         time.perf_counter() - started)
     rows = {}
@@ -116,8 +115,8 @@ def prepare_million(rows: int, seed: int, workdir: Path, console: Console) -> tu
                                                                                           seed=seed)))
     train, valid = split_records(train_records, valid_share=0.2, seed=seed)
     console.print(f"[generated] training lightgbm on {len(train):,} rows for the batch job ...")
-    model_dir = CreditScorer(dataset="generated", model_name="lightgbm", seed=seed).fit(train, valid).save(
-        workdir / "model")
+    model_dir = CreditScorer(dataset="generated", model_name="lightgbm", seed=seed).fit(
+        *train.xy, eval_set=[valid.xy]).save(workdir / "model")
     return population, model_dir, generate_seconds
 
 

@@ -38,7 +38,7 @@ def moe_member(scorer: CreditScorer):
 def reason_codes(scorer: CreditScorer, data: FitData, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes (n,) "f|f|f", the MoE's own contributions (n, F)) with the MoE at `steps` steps."""
     moe = moe_member(scorer)
-    moe.config.attribution_steps = steps
+    moe.config_.attribution_steps = steps
     _, contributions = scorer.model_.predict_with_contributions(data)
     own = contributions if scorer.model_ is moe else moe.predict_with_contributions(data)[1]
     return scorer.reason_codes(data, contributions)[1], own
@@ -46,7 +46,7 @@ def reason_codes(scorer: CreditScorer, data: FitData, steps: int) -> tuple[np.nd
 
 def single_call_ms(scorer: CreditScorer, data: FitData, steps: int, calls: int = 200) -> float:
     moe = moe_member(scorer)
-    moe.config.attribution_steps = steps
+    moe.config_.attribution_steps = steps
     rows = [FitData(data.X[i % len(data):i % len(data) + 1]) for i in range(calls + 10)]
     cpu = []
     for i, row in enumerate(rows):

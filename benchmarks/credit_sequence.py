@@ -58,14 +58,15 @@ def one_split(records, seed: int, console: Console, models: Path | None = None,
     scorers = {}
     for name in ("lightgbm", "sequence"):
         with console.status(f"seed {seed}: training {name} on {len(train):,} rows"):
-            scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed).fit(train, valid)
+            scorers[name] = CreditScorer(dataset=dataset, model_name=name, seed=seed).fit(
+                *train.xy, eval_set=[valid.xy])
     base = scorers["lightgbm"]
     started = time.perf_counter()
-    valid_data = FitData(base.pipeline_.transform(valid.frame), valid.target, valid.frame)
-    blend = SequenceEnsembleModel.from_fitted([base.model_, scorers["sequence"].model_], valid_data,
+    valid_data = FitData(base.pipeline_.transform(valid.frame), valid.frame)
+    blend = SequenceEnsembleModel.from_fitted([base.model_, scorers["sequence"].model_], valid_data, valid.target,
                                               feature_names=base.pipeline_.feature_names_, dataset=dataset)
     scorers["sequence-ensemble"] = CreditScorer(dataset=dataset, model_name="sequence-ensemble", seed=seed).fit(
-        train, valid, fitted_model=blend)
+        *train.xy, eval_set=[valid.xy], fitted_model=blend)
     members_seconds = scorers["lightgbm"].train_seconds_ + scorers["sequence"].train_seconds_
     scorers["sequence-ensemble"].train_seconds_ = members_seconds + time.perf_counter() - started
     if saved is not None:

@@ -28,7 +28,7 @@ from benchmarks.common import machine, write_results
 from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 from finance.data import load_records
 from finance.features import FeaturePipeline
-from finance.models import FitData, build_model
+from finance.models import build_model
 from finance.models.ensemble import _logit
 from finance.models.moe import MoEModelConfig
 from finance.scorer import split_records
@@ -36,14 +36,15 @@ from finance.scorer import split_records
 DEFAULT_VARIANTS = {"single_best_epoch": {"average_last": 1}, "mean_of_last_3_epochs": {"average_last": 3}}
 
 
-def two_fold_logits(name: str, config, train: FitData, valid: FitData, halves, *, names: list[str], dataset: str,
-                    seed: int) -> np.ndarray:
-    """(2, n_valid) log-odds: row j from the copy early-stopped on halves[j]."""
+def two_fold_logits(name: str, config, train: tuple[np.ndarray, np.ndarray], valid: tuple[np.ndarray, np.ndarray],
+                    halves, *, names: list[str], dataset: str, seed: int) -> np.ndarray:
+    """(2, n_valid) log-odds: row j from the copy early-stopped on halves[j]. train, valid: (X, y)."""
     out = []
+    X_valid, y_valid = valid
     for stop in halves:
         model = build_model(name, feature_names=names, dataset=dataset, seed=seed, config=config)
-        model.fit(train, FitData(valid.X[stop], valid.y[stop]))
-        out.append(_logit(model.predict_proba(FitData(valid.X))[:, 1]))
+        model.fit(*train, eval_set=[(X_valid[stop], y_valid[stop])])
+        out.append(_logit(model.predict_proba(X_valid)[:, 1]))
     return np.stack(out)
 
 
@@ -52,9 +53,9 @@ def run(dataset: str, data_root: Path, variants: dict, seed: int) -> dict:
     fit_part, _ = split_records(records, valid_share=0.2, seed=seed)  # the test part is not used below
     train_records, valid_records = split_records(fit_part, valid_share=0.2, seed=seed)
     pipe = FeaturePipeline(dataset=dataset).fit(train_records.frame)
-    train = FitData(pipe.transform(train_records.frame), train_records.target)
-    valid = FitData(pipe.transform(valid_records.frame), valid_records.target)
-    y = valid.y
+    train = (pipe.transform(train_records.frame), train_records.target)
+    valid = (pipe.transform(valid_records.frame), valid_records.target)
+    y = valid[1]
     halves = [np.isin(np.arange(len(y)), rows) for _, rows in
               StratifiedKFold(2, shuffle=True, random_state=123).split(y, y)]
     fold = {"names": pipe.feature_names_, "dataset": dataset, "seed": seed}
@@ -78,7 +79,7 @@ def run(dataset: str, data_root: Path, variants: dict, seed: int) -> dict:
         return float(np.mean(aucs))
 
     reference = honest(logits["lightgbm"])
-    return {"rows_train": len(train), "rows_valid": len(valid), "lightgbm_honest_auc": reference,
+    return {"rows_train": len(train[1]), "rows_valid": len(valid[1]), "lightgbm_honest_auc": reference,
             "moe": {v: {"honest_auc": honest(logits[v]), "blend_gain_own": blend(v, False) - reference,
                         "blend_gain_cross_fitted": blend(v, True) - reference} for v in variants}}
 

@@ -1,14 +1,17 @@
-"""A small, shared training loop: AdamW, warm-up then linear decay, accumulation, early stopping."""
+"""A small, shared training loop: AdamW, warm-up then linear decay, accumulation, early stopping,
+and end-of-epoch callbacks (`EpochCallback`: keep the best weights, average the last epochs' weights)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,11 +39,14 @@ class TrainerConfig:
     progress: bool = True  # tqdm bar per epoch; off in tests
 
     def __post_init__(self) -> None:
-        assert self.learning_rate > 0, "learning_rate must be > 0"
-        assert 0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"
-        assert self.grad_accumulation >= 1, "grad_accumulation must be >= 1"
-        assert self.max_epochs >= 1, "max_epochs must be >= 1"
-        assert self.mode in ("min", "max"), "mode must be 'min' or 'max'"
+        checks = ((self.learning_rate > 0, "learning_rate must be > 0"),
+                  (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+                  (self.grad_accumulation >= 1, "grad_accumulation must be >= 1"),
+                  (self.max_epochs >= 1, "max_epochs must be >= 1"), (self.patience >= 1, "patience must be >= 1"),
+                  (self.mode in ("min", "max"), "mode must be 'min' or 'max'"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainerConfig: {message}")
 
 
 def seed_everything(seed: int) -> None:
@@ -92,12 +98,72 @@ class TrainResult:
     seconds: float
 
 
+def _copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class EpochCallback:
+    """A hook into `Trainer.fit` at the end of each epoch; override what is needed (the rest do nothing).
+
+    after_training(model, epoch): the epoch's optimizer steps are done, before evaluation (the model
+        is in eval mode).
+    on_epoch_end(model, epoch, metrics, improved): after evaluation; `improved` is True when the
+        monitored metric is the best so far (the epoch early stopping measures from).
+    on_fit_end(model): after the last epoch, whether early-stopped or not.
+    """
+
+    def after_training(self, model: nn.Module, epoch: int) -> None:
+        return None
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float], improved: bool) -> None:
+        return None
+
+    def on_fit_end(self, model: nn.Module) -> None:
+        return None
+
+
+class KeepBest(EpochCallback):
+    """Copy the weights of the best epoch (by the monitored metric) and load them into the trained
+    model at the end. source: the module whose weights are kept (default: the trained model; a
+    `WeightAveraging.averaged` keeps the best averaged weights instead)."""
+
+    def __init__(self, source: nn.Module | None = None) -> None:
+        self.source = source
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float], improved: bool) -> None:
+        if improved:
+            self.state = _copy_state(self.source if self.source is not None else model)
+
+    def on_fit_end(self, model: nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+class WeightAveraging(EpochCallback):
+    """`averaged`: a copy of `model` holding the mean of its weights at the end of the last `last`
+    epochs (tail averaging), refreshed after each epoch's training, before evaluation, so that an
+    evaluate function can score the averaged weights instead of the single epoch's."""
+
+    def __init__(self, model: nn.Module, *, last: int) -> None:
+        if not isinstance(last, int) or last < 1:
+            raise ValueError(f"WeightAveraging: last must be a positive integer, got {last!r}")
+        self.averaged = copy.deepcopy(model)
+        self.window: deque[dict[str, torch.Tensor]] = deque(maxlen=last)
+
+    def after_training(self, model: nn.Module, epoch: int) -> None:
+        self.window.append(_copy_state(model))
+        self.averaged.load_state_dict({k: torch.stack([w[k] for w in self.window]).mean(0) for k in self.window[-1]})
+        self.averaged.eval()
+
+
 class Trainer:
     """Train any nn.Module with a loss function and an evaluation function.
 
     loss_fn(model, batch) -> scalar loss (task loss plus the model's auxiliary losses).
     evaluate_fn(model) -> dict of validation metrics that includes `config.monitor`.
-    The best state (by the monitored metric) is restored into the model at the end.
+    callbacks: `EpochCallback`s run at each epoch's end, in order; None means [KeepBest()], i.e. the
+    best state (by the monitored metric) is restored into the model at the end.
     """
 
     def __init__(self, config: TrainerConfig) -> None:
@@ -105,16 +171,18 @@ class Trainer:
 
     def fit(self, model: nn.Module, train_batches: Callable[[int], Iterable[Any]], steps_per_epoch: int,
             loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-            evaluate_fn: Callable[[nn.Module], dict[str, float]]) -> TrainResult:
+            evaluate_fn: Callable[[nn.Module], dict[str, float]],
+            callbacks: Sequence[EpochCallback] | None = None) -> TrainResult:
         """train_batches(epoch) yields the epoch's micro-batches (reshuffled by the caller per epoch)."""
         cfg = self.config
+        callbacks = [KeepBest()] if callbacks is None else list(callbacks)
         seed_everything(cfg.seed)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
         optimizer_steps = max(1, math.ceil(steps_per_epoch / cfg.grad_accumulation)) * cfg.max_epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_linear_decay(optimizer_steps, int(cfg.warmup_fraction * optimizer_steps)))
         sign = 1.0 if cfg.mode == "min" else -1.0
-        best_value, best_state, best_metrics, best_epoch = math.inf, None, {}, -1
+        best_value, best_metrics, best_epoch = math.inf, {}, -1
         history: list[dict[str, float]] = []
         started = time.perf_counter()
         epoch = 0
@@ -139,18 +207,22 @@ class Trainer:
                     bar.set_postfix(loss=f"{running / seen:.4f}")
             model.eval()
             with torch.no_grad():
+                for callback in callbacks:
+                    callback.after_training(model, epoch + 1)
                 metrics = {"train_loss": running / max(seen, 1), **evaluate_fn(model)}
             metrics["epoch"] = epoch + 1
             history.append(metrics)
             assert cfg.monitor in metrics, f"evaluate_fn must return {cfg.monitor!r}; got {sorted(metrics)}"
             value = sign * float(metrics[cfg.monitor])
-            if value < best_value:
+            improved = value < best_value
+            if improved:
                 best_value, best_metrics, best_epoch = value, metrics, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch + 1 - best_epoch >= cfg.patience:
+            for callback in callbacks:
+                callback.on_epoch_end(model, epoch + 1, metrics, improved)
+            if not improved and epoch + 1 - best_epoch >= cfg.patience:
                 break
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        for callback in callbacks:
+            callback.on_fit_end(model)
         return TrainResult(best_metrics, best_epoch, epoch + 1, history, time.perf_counter() - started)
 
 

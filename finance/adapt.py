@@ -120,7 +120,7 @@ def adapt_scorer(base: CreditScorer, records: Records, config: CreditAdaptConfig
         return {"val_loss": F.binary_cross_entropy_with_logits(logits, torch.as_tensor(
             valid.target, dtype=torch.float32)).item(), "val_auc": float(roc_auc_score(valid.target, logits.numpy()))}
 
-    trainer = Trainer(TrainerConfig(learning_rate=config.learning_rate, weight_decay=model.config.weight_decay,
+    trainer = Trainer(TrainerConfig(learning_rate=config.learning_rate, weight_decay=model.config_.weight_decay,
                                     grad_accumulation=config.grad_accumulation, max_epochs=config.max_epochs,
                                     patience=config.patience, monitor="val_auc", mode="max", seed=config.seed,
                                     progress=config.progress))
@@ -135,7 +135,7 @@ def adapt_scorer(base: CreditScorer, records: Records, config: CreditAdaptConfig
 
     scorer = copy.copy(base)
     scorer.model_ = model
-    before = credit_metrics(valid.target, base.predict_pd(valid.frame), approval_rate=base.policy.approval_rate)
+    before = credit_metrics(valid.target, base.predict_pd(valid.frame), approval_rate=base.policy_.approval_rate)
     scorer.calibrate(train, valid)  # cut-off, references and metrics on the segment
     if base.row_fingerprint_ is not None:  # rows seen: the base's training rows and the segment's
         scorer.row_fingerprint_ = RowFingerprint(base.row_fingerprint_.train.union(scorer.row_fingerprint_.train),

@@ -120,6 +120,11 @@ class Records:
     def __len__(self) -> int:
         return len(self.frame)
 
+    @property
+    def xy(self) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """(frame, target): what an estimator's fit takes, e.g. `scorer.fit(*train.xy, eval_set=[valid.xy])`."""
+        return self.frame, self.target
+
     def take(self, rows: np.ndarray) -> Records:
         """The records at positions `rows` (an index array or slice), renumbered from 0."""
         return Records(self.dataset, self.frame.iloc[rows].reset_index(drop=True),

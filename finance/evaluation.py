@@ -131,7 +131,7 @@ def evaluate_scorer(scorer: Any, records: Any, *, speed: bool = True) -> dict[st
     """
     data = scorer.features(records.frame)
     pd_ = scorer.model_.predict_proba(data)[:, 1]
-    metrics = credit_metrics(records.target, pd_, approval_rate=scorer.policy.approval_rate)
+    metrics = credit_metrics(records.target, pd_, approval_rate=scorer.policy_.approval_rate)
     shares = np.bincount(np.searchsorted(scorer.reference_edges_, pd_, side="right"),
                          minlength=len(scorer.reference_edges_) + 1) / len(pd_)
     metrics["psi"] = population_stability(scorer.reference_shares_, shares)

@@ -120,14 +120,14 @@ def write_report(path: str | Path, scorer: Any, records: Any, evaluation: dict[s
     metrics = evaluation["metrics"]
     pd_ = evaluation["pd"]
     y = records.target
-    points = scorer.policy.scale.points(pd_)
+    points = scorer.policy_.scale.points(pd_)
     plots = _plots(y, pd_, points, scorer.reference_shares_, evaluation["psi_shares"])
 
     rng = np.random.default_rng(0)
     rows = np.sort(rng.permutation(len(records))[:sample_rows])
     sample = records.frame.iloc[rows].reset_index(drop=True)
     X = scorer.pipeline_.transform(sample)
-    contrib = scorer.model_.contributions(FitData(X, None, sample if scorer.model_.needs_records else None))
+    contrib = scorer.model_.contributions(FitData(X, sample if scorer.model_.needs_records else None))
     importance = pd.DataFrame({"feature": scorer.pipeline_.feature_names_,
                                "definition": [s.definition for s in scorer.pipeline_.catalogue_],
                                "source": [s.source for s in scorer.pipeline_.catalogue_],
@@ -142,9 +142,9 @@ def write_report(path: str | Path, scorer: Any, records: Any, evaluation: dict[s
         if scorer.dataset == "generated" else "",
         f"<p>Model version <code>{html.escape(scorer.version_)}</code>; {len(scorer.pipeline_.feature_names_)} "
         f"features; trained on {scorer.training_rows_:,} rows; PD cut-off {scorer.cutoff_pd_:.4f} "
-        f"(approval rate {scorer.policy.approval_rate:.0%} on validation); points: "
-        f"{scorer.policy.scale.base_score:g} at {scorer.policy.scale.base_odds:g}:1 odds, PDO "
-        f"{scorer.policy.scale.pdo:g}.</p>",
+        f"(approval rate {scorer.policy_.approval_rate:.0%} on validation); points: "
+        f"{scorer.policy_.scale.base_score:g} at {scorer.policy_.scale.base_odds:g}:1 odds, PDO "
+        f"{scorer.policy_.scale.pdo:g}.</p>",
         "<h2>Metrics on this population</h2>",
         _table(pd.DataFrame([{"metric": k, "value": v} for k, v in metrics.items()])),
         "<h2>Plots</h2>", "<div>" + "".join(plots) + "</div>",
@@ -154,7 +154,7 @@ def write_report(path: str | Path, scorer: Any, records: Any, evaluation: dict[s
         "<h2>Reason codes of declined applicants (sample)</h2>", _table(declined),
     ]
     if hasattr(scorer.model_, "scorecard_table"):
-        sections += ["<h2>Scorecard</h2>", _table(scorer.model_.scorecard_table(scorer.policy.scale))]
+        sections += ["<h2>Scorecard</h2>", _table(scorer.model_.scorecard_table(scorer.policy_.scale))]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px} .t{border-collapse:collapse;font-size:12px}"
              " .t td,.t th{padding:2px 8px;border-bottom:1px solid #ddd} .warn{color:#b00;font-weight:bold}"
              " img{margin:4px}")

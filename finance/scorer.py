@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 
 from core.model_files import CheckpointError, ModelFilesError, verify_manifest, write_manifest
 from core.row_fingerprint import RowFingerprint, SplitFingerprint, row_hashes
@@ -32,6 +33,7 @@ from finance.data import Records, check_columns, dataset_spec
 from finance.errors import CreditDataError
 from finance.features import FeaturePipeline
 from finance.models import CreditModel, FitData, build_model, model_class
+from finance.models.base import VALIDATION_SHARE
 from finance.scaling import PointsScale
 
 
@@ -44,44 +46,72 @@ class ScoringPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.scale, dict):
             self.scale = PointsScale(**self.scale)
-        assert 0 < self.approval_rate < 1, "approval_rate must be in (0, 1)"
+        if not 0 < self.approval_rate < 1:
+            raise ValueError(f"ScoringPolicy: approval_rate must lie in (0, 1), got {self.approval_rate!r}")
+        if not isinstance(self.reason_count, int) or not 1 <= self.reason_count <= 100:
+            raise ValueError(f"ScoringPolicy: reason_count must be an integer in [1, 100], got {self.reason_count!r}")
 
 
-class CreditScorer:
-    """Learned: pipeline_, model_, cutoff_pd_, reference_edges_/reference_shares_ (validation PD
-    deciles, the PSI reference), reference_feature_edges_/reference_feature_shares_ (each feature's
-    validation deciles and missing share, the CSI reference), validation_metrics_, version_."""
+class CreditScorer(BaseEstimator):
+    """Raw records -> decisions: a scikit-learn estimator over the dataset's raw records (a DataFrame).
+
+    Constructor (keyword-only, parameters only): dataset, model_name (a registered credit model),
+    policy (ScoringPolicy; None = its defaults), seed, progress, model_config (the model's config;
+    None = its defaults), exclude_protected (train without the features computed from protected
+    attributes, see finance.features.FeaturePipeline).
+    fit(X, y, *, sample_weight=None, eval_set=None) -> self; predict_proba(X) -> (n, 2).
+    Learned: policy_, pipeline_, model_, classes_, cutoff_pd_, reference_edges_/reference_shares_
+    (validation PD deciles, the PSI reference), reference_feature_edges_/reference_feature_shares_
+    (each feature's validation deciles and missing share, the CSI reference), validation_metrics_, version_.
+    """
 
     def __init__(self, *, dataset: str, model_name: str, policy: ScoringPolicy | None = None, seed: int = 0,
                  progress: bool = False, model_config: Any = None, exclude_protected: bool = False) -> None:
-        """exclude_protected: train without the features computed from protected attributes (see
-        finance.features.FeaturePipeline)."""
         self.dataset = dataset
         self.model_name = model_name
-        self.policy = policy or ScoringPolicy()
+        self.policy = policy
         self.seed = seed
         self.progress = progress
         self.model_config = model_config
         self.exclude_protected = exclude_protected
 
     # ------------------------------------------------------------------------------ training
-    def fit(self, train: Records, valid: Records, *, sample_weight: np.ndarray | None = None,
+    def fit(self, X: pd.DataFrame, y: Any, *, sample_weight: Any = None,
+            eval_set: list[tuple[pd.DataFrame, Any]] | None = None,
             fitted_model: CreditModel | None = None) -> CreditScorer:
-        """Fit features and model on `train`; `valid` drives early stopping, the cut-off and the PSI reference.
+        """Fit features and model on the raw records X (n, fields) and labels y (n,) 0/1.
 
+        eval_set: [(X_valid, y_valid)], the records that drive early stopping, the cut-off and the
+        PSI reference; None: a stratified, seeded `VALIDATION_SHARE` of X is held out for them.
         fitted_model: a model already fitted on the same split's features (e.g. an ensemble blended
         from fitted members); it is used as it is.
         """
+        from sklearn.model_selection import train_test_split
+
+        records = Records(self.dataset, X.reset_index(drop=True), np.asarray(y))
+        weight = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if eval_set is None:
+            train_rows, valid_rows = train_test_split(np.arange(len(records)), test_size=VALIDATION_SHARE,
+                                                      stratify=records.target, random_state=self.seed)
+            train, valid = records.take(train_rows), records.take(valid_rows)
+            weight = None if weight is None else weight[train_rows]
+        else:
+            if len(eval_set) != 1 or len(eval_set[0]) != 2:
+                raise ValueError("eval_set must be [(X_valid, y_valid)]: one validation set")
+            train = records
+            valid = Records(self.dataset, eval_set[0][0].reset_index(drop=True), np.asarray(eval_set[0][1]))
+        self.policy_ = self.policy if self.policy is not None else ScoringPolicy()
+        self.classes_ = np.array([0, 1])
         self.pipeline_ = FeaturePipeline(dataset=self.dataset, exclude_protected=self.exclude_protected).fit(
             train.frame)
-        fit_train = FitData(self.pipeline_.transform(train.frame), train.target, train.frame, sample_weight)
-        fit_valid = FitData(self.pipeline_.transform(valid.frame), valid.target, valid.frame)
+        fit_train = FitData(self.pipeline_.transform(train.frame), train.frame)
+        fit_valid = FitData(self.pipeline_.transform(valid.frame), valid.frame)
         started = time.perf_counter()
         if fitted_model is None:
-            self.model_ = build_model(self.model_name, feature_names=self.pipeline_.feature_names_,
-                                      dataset=self.dataset, seed=self.seed, progress=self.progress,
-                                      config=self.model_config)
-            self.model_.fit(fit_train, fit_valid)
+            self.model_ = build_model(self.model_name, config=self.model_config,
+                                      feature_names=self.pipeline_.feature_names_, dataset=self.dataset,
+                                      seed=self.seed, progress=self.progress)
+            self.model_.fit(fit_train, train.target, sample_weight=weight, eval_set=[(fit_valid, valid.target)])
         else:
             self.model_ = fitted_model
         self.train_seconds_ = time.perf_counter() - started
@@ -95,12 +125,12 @@ class CreditScorer:
 
         fit_valid = fit_valid if fit_valid is not None else self.features(valid.frame)
         pd_valid = self.model_.predict_proba(fit_valid)[:, 1]
-        self.cutoff_pd_ = float(np.quantile(pd_valid, self.policy.approval_rate))
+        self.cutoff_pd_ = float(np.quantile(pd_valid, self.policy_.approval_rate))
         self.reference_edges_ = np.unique(np.quantile(pd_valid, np.linspace(0, 1, 11)[1:-1]))
         self.reference_shares_ = np.bincount(np.searchsorted(self.reference_edges_, pd_valid, side="right"),
                                              minlength=len(self.reference_edges_) + 1) / len(pd_valid)
         self.reference_feature_edges_, self.reference_feature_shares_ = characteristic_reference(fit_valid.X)
-        self.validation_metrics_ = credit_metrics(valid.target, pd_valid, approval_rate=self.policy.approval_rate)
+        self.validation_metrics_ = credit_metrics(valid.target, pd_valid, approval_rate=self.policy_.approval_rate)
         self.training_rows_ = len(train)
         self.row_fingerprint_ = RowFingerprint(SplitFingerprint.build(self.row_hashes(train.frame)),
                                                SplitFingerprint.build(self.row_hashes(valid.frame)))
@@ -117,11 +147,16 @@ class CreditScorer:
     def features(self, records: pd.DataFrame) -> FitData:
         """What the model scores: the feature matrix (n, F) of raw records (and the records, for
         models that read them)."""
-        return FitData(self.pipeline_.transform(records), None, records if self.model_.needs_records else None)
+        return FitData(self.pipeline_.transform(records), records if self.model_.needs_records else None)
 
     def predict_pd(self, records: pd.DataFrame) -> np.ndarray:
         """(n,) probability of default for raw records (validated ones: see finance.data)."""
         return self.model_.predict_proba(self.features(records))[:, 1]
+
+    def predict_proba(self, records: pd.DataFrame) -> np.ndarray:
+        """(n, 2) probabilities of no default and of default for raw records."""
+        p = self.predict_pd(records.reset_index(drop=True))
+        return np.stack([1.0 - p, p], axis=1)
 
     def score(self, records: pd.DataFrame, *, reasons: str = "all") -> pd.DataFrame:
         """Raw records -> id, pd, points, decision, reason_1..k (words), reason_codes, model_version.
@@ -143,7 +178,7 @@ class CreditScorer:
             proba = self.model_.predict_proba(data)
         pd_ = proba[:, 1]
         decision = np.where(pd_ <= self.cutoff_pd_, "approve", "decline")
-        k = self.policy.reason_count
+        k = self.policy_.reason_count
         texts = np.full((len(pd_), k), "", dtype=object)
         codes = np.full(len(pd_), "", dtype=object)
         rows = np.arange(len(pd_)) if reasons == "all" else (
@@ -155,7 +190,7 @@ class CreditScorer:
         # One constructor call: adding columns one by one cost more than the scoring of one record.
         # copy=False: every array is this call's own (pandas' copies cost ~60 us of a single call).
         return pd.DataFrame({"id": records[spec.id_column].to_numpy(), "pd": pd_,
-                             "points": self.policy.scale.points(pd_), "decision": decision,
+                             "points": self.policy_.scale.points(pd_), "decision": decision,
                              **{f"reason_{j + 1}": texts[:, j] for j in range(k)}, "reason_codes": codes,
                              "model_version": np.full(len(pd_), self.version_, dtype=object)}, copy=False)
 
@@ -166,7 +201,7 @@ class CreditScorer:
         risk up are named, at most one per reason family (`top_reasons`); an applicant with fewer
         gets empty slots. contributions: the model's (n, F) for `data` when already computed.
         """
-        k = self.policy.reason_count
+        k = self.policy_.reason_count
         # (n, F): each feature's push on the log-odds of default, > 0 raises risk
         contrib = self.model_.contributions(data) if contributions is None else contributions
         top = top_reasons(contrib, self.pipeline_.families_, k)  # (n, <= k)
@@ -193,8 +228,8 @@ class CreditScorer:
         self.model_.save(directory / "model")
         meta = {
             "dataset": self.dataset, "model": self.model_name, "version": self.version_, "seed": self.seed,
-            "policy": {"approval_rate": self.policy.approval_rate, "reason_count": self.policy.reason_count,
-                       "scale": asdict(self.policy.scale)},
+            "policy": {"approval_rate": self.policy_.approval_rate, "reason_count": self.policy_.reason_count,
+                       "scale": asdict(self.policy_.scale)},
             "cutoff_pd": self.cutoff_pd_, "reference_edges": self.reference_edges_.tolist(),
             "reference_shares": self.reference_shares_.tolist(), "validation_metrics": self.validation_metrics_,
             "training_rows": self.training_rows_, "train_seconds": getattr(self, "train_seconds_", None),
@@ -226,6 +261,7 @@ class CreditScorer:
         scorer = cls(dataset=meta["dataset"], model_name=meta["model"], seed=meta["seed"],
                      policy=ScoringPolicy(approval_rate=policy["approval_rate"], reason_count=policy["reason_count"],
                                           scale=PointsScale(**policy["scale"])))
+        scorer.policy_, scorer.classes_ = scorer.policy, np.array([0, 1])
         scorer.pipeline_ = FeaturePipeline.from_dict(json.loads((directory / "pipeline.json").read_text()))
         scorer.exclude_protected = scorer.pipeline_.exclude_protected
         try:
@@ -300,4 +336,5 @@ def train_scorer(records: Records, model_name: str, *, seed: int = 0, valid_shar
     """Split `records` (seeded, stratified), fit features and model, return the fitted scorer."""
     train, valid = split_records(records, valid_share=valid_share, seed=seed)
     return CreditScorer(dataset=records.dataset, model_name=model_name, policy=policy, seed=seed, progress=progress,
-                        model_config=model_config, exclude_protected=exclude_protected).fit(train, valid)
+                        model_config=model_config, exclude_protected=exclude_protected).fit(
+        train.frame, train.target, eval_set=[(valid.frame, valid.target)])

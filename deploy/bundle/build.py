@@ -90,7 +90,7 @@ def expected_outputs(scorer, frame: pd.DataFrame) -> dict[str, Any]:
     """moeworks' own outputs for the vectors (finance.load_model(dir).score), as the graph names them."""
     scored = scorer.score(frame, reasons="all")
     index = {n: j for j, n in enumerate(scorer.pipeline_.feature_names_)}
-    k = min(scorer.policy.reason_count, int(scorer.pipeline_.families_.max()) + 1)
+    k = min(scorer.policy_.reason_count, int(scorer.pipeline_.families_.max()) + 1)
     reasons = [[index[c] for c in codes.split("|")] + [-1] * (k - len(codes.split("|"))) if codes else [-1] * k
                for codes in scored["reason_codes"]]
     return {"pd": scored["pd"].tolist(), "points": scored["points"].tolist(),

@@ -84,7 +84,7 @@ def credit_card(scorer, *, opsets: dict[str, int], operators: set[str], data_sha
     reasons = [{"index": j, "feature": s.name, "definition": s.definition, "family": s.family,
                 "protected_attribute": s.protected, "training_median": float(m)}
                for j, (s, m) in enumerate(zip(catalogue, scorer.pipeline_.medians_, strict=True))]
-    scale = scorer.policy.scale
+    scale = scorer.policy_.scale
     network = has_network(scorer.model_)
     return {
         "schema": "moeworks-bundle-card/1",

@@ -63,7 +63,7 @@ def _scorecard(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[V
     logit = _numpy_row_sum(g, values * g.const(coef), len(names)) + float(model.logistic_.intercept_[0])
     pd_ = 1.0 / (1.0 + g.op("Exp", -logit))
     per_feature = values * g.const(coef) - g.const(np.asarray(model.best_contribution_, dtype=np.float64))
-    scatter = np.zeros((len(names), len(model.feature_names)))
+    scatter = np.zeros((len(names), len(model.features_)))
     scatter[np.arange(len(names)), model.columns_] = 1.0
     return pd_, g.op("MatMul", per_feature, g.const(scatter))
 
@@ -74,7 +74,7 @@ def _lightgbm(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Va
     One ai.onnx.ml TreeEnsemble (opset 5, float64 splits as LightGBM compares) returns the leaf each
     tree reaches; leaf values and the per-leaf path attributions (`paths_`) are gathered from it and
     added in the order `contributions` adds them (tree by tree, root to leaf)."""
-    if model.config.attribution != "path":
+    if model.config_.attribution != "path":
         raise BundleError("LightGBM bundles carry path attributions; this model ranks reasons by TreeSHAP")
     trees = model.booster_.dump_model(num_iteration=model.best_iteration_)["tree_info"]
     feature_table, delta_table, _ = model.paths_
@@ -94,8 +94,8 @@ def _lightgbm(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Va
     features = g.op("Gather", g.const_int32(np.where(feature_table < 0, 0, feature_table).reshape(-1, depth)), leaf)
     deltas = g.op("Gather", g.const(delta_table.reshape(-1, depth)), leaf)
     flat_shape = g.const(np.array([0, num_trees * depth]))
-    zeros = g.op("Expand", g.const(np.zeros((1, len(model.feature_names)))),
-                 g.op("Concat", g.op("Shape", x, start=0, end=1), g.const(np.array([len(model.feature_names)])),
+    zeros = g.op("Expand", g.const(np.zeros((1, len(model.features_)))),
+                 g.op("Concat", g.op("Shape", x, start=0, end=1), g.const(np.array([len(model.features_)])),
                       axis=0))
     contrib = g.op("ScatterElements", zeros, g.op("Reshape", features, flat_shape),
                    g.op("Reshape", deltas, flat_shape), axis=1, reduction="add")
@@ -195,7 +195,7 @@ def _ensemble(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Va
 
 def _moe(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Var, Var]:
     """(pd, integrated-gradient contributions) of a finance.models.moe.MoEModel (deploy/bundle/moe_graph.py)."""
-    return moe_head(g, feature_matrix(g, raw, pipeline, list(model.feature_names)), model)
+    return moe_head(g, feature_matrix(g, raw, pipeline, list(model.features_)), model)
 
 
 _HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm, "moe": _moe, "ensemble": _ensemble}
@@ -234,11 +234,11 @@ def credit_graph(scorer, *, metadata: dict[str, str] | None = None) -> onnx.Mode
     g = GraphBuilder()
     raw = raw_inputs(g, scorer.dataset)
     pd_, contrib = _HEADS[name](g, raw, scorer.model_, scorer.pipeline_)
-    scale = scorer.policy.scale
+    scale = scorer.policy_.scale
     p = g.clip(pd_, 1e-9, 1 - 1e-9)
     points = g.op("Round", (scale.offset + scale.factor * g.op("Log", (1.0 - p) / p)) * 10.0) / 10.0
     decision = g.op("Cast", pd_ > float(scorer.cutoff_pd_), to=7)
-    k = min(scorer.policy.reason_count, int(scorer.pipeline_.families_.max()) + 1)
+    k = min(scorer.policy_.reason_count, int(scorer.pipeline_.families_.max()) + 1)
     reasons = top_reason_indices(g, contrib, np.asarray(scorer.pipeline_.families_), k)
     for var, out in ((pd_, "pd"), (points, "points"), (decision, "decision"), (reasons, "reasons")):
         g.output(var, out)

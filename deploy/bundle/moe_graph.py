@@ -137,7 +137,7 @@ def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
     x = g.where(x.isnan(), c(buffers["fill"]), x)
     x = g.op("Min", g.op("Max", x, c(buffers["low"])), c(buffers["high"]))
     z = (x - c(buffers["mean"])) / c(buffers["scale"])  # (N, F) standardised
-    steps = model.config.attribution_steps
+    steps = model.config_.attribution_steps
     alphas = np.append((np.arange(steps, dtype=np.float32) + 0.5) / steps, np.float32(1.0))
     width = kernel.input_weight.shape[1]
     path = g.op("Reshape", g.op("Unsqueeze", z, g.const(np.array([0]))) * c(alphas.reshape(-1, 1, 1)),

@@ -96,7 +96,7 @@ def train(dataset: str = typer.Option(..., help="taiwan, gmsc or generated"),
 
     records = _records(dataset, data)
     if reject_inference or unlabelled:
-        from finance.reject_inference.credit_estimator import train_with_reject_inference
+        from finance.reject_inference.methods import train_with_reject_inference
 
         scorer = train_with_reject_inference(records, None if unlabelled is None else _records(
             dataset, unlabelled, require_target=False), model_name=kind, method=reject_inference, seed=seed,

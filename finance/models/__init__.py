@@ -6,8 +6,12 @@ Built in: "scorecard" (WoE logistic scorecard), "lightgbm", "moe" (core's Tabula
     from finance.models import CreditModel, register_model
 
     @register_model("sequence")
-    class SequenceModel(CreditModel):
-        needs_records = True  # receives the raw records (e.g. finance.features.monthly_sequences)
+    class SequenceModel(CreditModel):  # a scikit-learn estimator: clone, get_params, fit(X, y, ...)
+        needs_records = True  # X is a FitData that carries the raw records too
+        config_class = SequenceModelConfig
+
+        def _fit(self, X, y, sample_weight, X_valid, y_valid): ...  # CreditModel.fit validates, then calls this
+        def predict_proba(self, X): ...
         ...
 
 `finance train --model NAME` accepts any registered name; a module that registers models can also be

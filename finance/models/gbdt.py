@@ -30,6 +30,25 @@ class LightGBMConfig:
     # 3.3 ms per applicant on 173 trees x 369 features here, too slow for a batch of a million.
     attribution: str = "path"
 
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"LightGBMConfig: {message}")
+
+        if not 0 < self.learning_rate <= 1:
+            fail(f"learning_rate must lie in (0, 1], got {self.learning_rate!r}")
+        for name in ("num_leaves", "min_child_samples", "max_rounds", "early_stopping_rounds", "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_leaves < 2:
+            fail(f"num_leaves must be >= 2, got {self.num_leaves}")
+        for name in ("feature_fraction", "bagging_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                fail(f"{name} must lie in (0, 1], got {getattr(self, name)!r}")
+        if not self.lambda_l2 >= 0:
+            fail(f"lambda_l2 must be >= 0, got {self.lambda_l2!r}")
+        if self.attribution not in ("path", "shap"):
+            fail(f"attribution must be 'path' or 'shap', got {self.attribution!r}")
+
 
 @register_model("lightgbm")
 class LightGBMModel(CreditModel):
@@ -38,23 +57,23 @@ class LightGBMModel(CreditModel):
     config_class = LightGBMConfig
 
     def _params(self) -> dict[str, Any]:
-        c = self.config
+        c = self.config_
         return {"objective": "binary", "metric": "auc", "learning_rate": c.learning_rate, "num_leaves": c.num_leaves,
                 "min_child_samples": c.min_child_samples, "feature_fraction": c.feature_fraction,
                 "bagging_fraction": c.bagging_fraction, "bagging_freq": 1, "lambda_l2": c.lambda_l2,
                 "num_threads": c.threads, "seed": self.seed, "verbose": -1, "deterministic": True,
                 "force_row_wise": True}
 
-    def fit(self, train: FitData, valid: FitData) -> LightGBMModel:
-        names = [_safe(n) for n in self.feature_names]
-        dtrain = lgb.Dataset(train.X, train.y, weight=train.sample_weight, feature_name=names, free_raw_data=False)
-        dvalid = lgb.Dataset(valid.X, valid.y, weight=valid.sample_weight, reference=dtrain)
-        self.booster_ = lgb.train(self._params(), dtrain, num_boost_round=self.config.max_rounds, valid_sets=[dvalid],
-                                  callbacks=[lgb.early_stopping(self.config.early_stopping_rounds, verbose=False)])
+    def _fit(self, X: FitData, y: np.ndarray, sample_weight: np.ndarray | None, X_valid: FitData | None,
+             y_valid: np.ndarray | None) -> None:
+        names = [_safe(n) for n in self.features_]
+        dtrain = lgb.Dataset(X.X, y, weight=sample_weight, feature_name=names, free_raw_data=False)
+        dvalid = lgb.Dataset(X_valid.X, y_valid, reference=dtrain)
+        self.booster_ = lgb.train(self._params(), dtrain, num_boost_round=self.config_.max_rounds, valid_sets=[dvalid],
+                                  callbacks=[lgb.early_stopping(self.config_.early_stopping_rounds, verbose=False)])
         self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.current_iteration())
         self.paths_ = self._path_tables()
         self.ragged_ = self._ragged_paths()
-        return self
 
     def _path_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per tree and leaf, the (feature, value change) of each split on the root-to-leaf path.
@@ -101,20 +120,22 @@ class LightGBMModel(CreditModel):
         first = np.concatenate([[0], np.cumsum(length)[:-1]])
         return length, first, feature[present], delta[present], (np.arange(feature.shape[0]) * feature.shape[1])[None]
 
-    def predict_proba(self, data: FitData) -> np.ndarray:
-        pd_ = self.booster_.predict(data.X, num_iteration=self.best_iteration_, num_threads=self.config.threads)
+    def predict_proba(self, X: FitData | np.ndarray) -> np.ndarray:
+        data = self._input(X)
+        pd_ = self.booster_.predict(data.X, num_iteration=self.best_iteration_, num_threads=self.config_.threads)
         return np.column_stack([1 - pd_, pd_])
 
-    def contributions(self, data: FitData) -> np.ndarray:
-        if self.config.attribution == "shap":
+    def contributions(self, X: FitData | np.ndarray) -> np.ndarray:
+        data = self._input(X)
+        if self.config_.attribution == "shap":
             contrib = self.booster_.predict(data.X, num_iteration=self.best_iteration_, pred_contrib=True,
-                                            num_threads=self.config.threads)
+                                            num_threads=self.config_.threads)
             return contrib[:, :-1]  # last column is the expected value
         leaves = self.booster_.predict(data.X, num_iteration=self.best_iteration_, pred_leaf=True,
-                                       num_threads=self.config.threads)  # (n, trees)
+                                       num_threads=self.config_.threads)  # (n, trees)
         leaves = leaves.reshape(len(data), -1)
         length, first, flat_feature, flat_delta, tree_base = self.ragged_
-        n_features = len(self.feature_names)
+        n_features = len(self.features_)
         out = np.zeros((len(data), n_features))
         for start in range(0, len(data), 4096):  # blocks keep the gathered entries small
             leaf = tree_base + leaves[start:start + 4096]  # (b, trees) ids of the leaves reached
@@ -131,13 +152,13 @@ class LightGBMModel(CreditModel):
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.booster_.save_model(str(directory / "lightgbm.txt"), num_iteration=self.best_iteration_)
-        (directory / "lightgbm.json").write_text(json.dumps({"config": asdict(self.config),
+        (directory / "lightgbm.json").write_text(json.dumps({"config": asdict(self.config_),
                                                              "best_iteration": self.best_iteration_}))
 
     @classmethod
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> LightGBMModel:
         meta = json.loads((directory / "lightgbm.json").read_text())
-        model = cls(feature_names=feature_names, dataset=dataset, config=LightGBMConfig(**meta["config"]))
+        model = cls._restored(config=LightGBMConfig(**meta["config"]), feature_names=feature_names, dataset=dataset)
         model.booster_ = lgb.Booster(model_file=str(directory / "lightgbm.txt"))
         model.best_iteration_ = meta["best_iteration"]
         model.paths_ = model._path_tables()
@@ -156,7 +177,7 @@ class LightGBMModel(CreditModel):
 
         from core.onnx_export import OPSET
 
-        features = [("features", FloatTensorType([None, len(self.feature_names)]))]
+        features = [("features", FloatTensorType([None, len(self.features_)]))]
         # onnxmltools' LightGBM converter stops at opset 15.
         proto = onnxmltools.convert_lightgbm(self.booster_, initial_types=features, zipmap=False,
                                              target_opset=min(OPSET, 15))

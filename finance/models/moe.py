@@ -9,9 +9,7 @@ Attributions for reason codes are integrated gradients from the average applican
 
 from __future__ import annotations
 
-import copy
 import json
-from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,15 @@ from torch import nn
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
-from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
+from core.trainer import (
+    KeepBest,
+    Trainer,
+    TrainerConfig,
+    WeightAveraging,
+    data_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from finance.models.base import CreditModel, FitData, register_model
 from finance.models.input_gradients import TabularMoEGradient
 
@@ -47,6 +53,25 @@ class MoEModelConfig:
     average_last: int = 3
     clip_quantile: float = 0.005  # clip each feature to its [0.5%, 99.5%] training range: heavy tails
     attribution_steps: int = 8  # integrated-gradient steps (midpoint rule) for reason codes
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"MoEModelConfig: {message}")
+
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size", "num_layers", "batch_size",
+                     "max_epochs", "patience", "average_last", "attribution_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.top_k > self.num_experts:
+            fail(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if not 0 <= self.dropout < 1:
+            fail(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.learning_rate > 0:
+            fail(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.weight_decay >= 0:
+            fail(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.clip_quantile < 0.5:
+            fail(f"clip_quantile must lie in [0, 0.5), got {self.clip_quantile!r}")
 
 
 # Integrated-gradient paths of at most this many points (9 per application at the default 8
@@ -105,11 +130,13 @@ def _build(config: MoEModelConfig, num_features: int) -> StandardisedMoE:
 class MoEModel(CreditModel):
     config_class = MoEModelConfig
 
-    def fit(self, train: FitData, valid: FitData) -> MoEModel:
-        c = self.config
+    def _fit(self, X: FitData, y: np.ndarray, sample_weight: np.ndarray | None, X_valid: FitData | None,
+             y_valid: np.ndarray | None) -> None:
+        c = self.config_
         torch.manual_seed(self.seed)
-        self.module_ = _build(c, train.X.shape[1])
-        X = train.X.astype(np.float64)
+        self.module_ = _build(c, X.X.shape[1])
+        train_X = X.X
+        X = train_X.astype(np.float64)
         with np.errstate(all="ignore"):
             fill = np.nan_to_num(np.nanmedian(X, axis=0))
             low = np.nan_to_num(np.nanquantile(X, c.clip_quantile, axis=0))
@@ -120,12 +147,11 @@ class MoEModel(CreditModel):
                             ("scale", np.where(scale > 1e-9, scale, 1.0))):
             getattr(self.module_, name).copy_(torch.as_tensor(value, dtype=torch.float32))
         with torch.no_grad():
-            xs = self.module_.standardise(torch.from_numpy(train.X))
-            xv = self.module_.standardise(torch.from_numpy(valid.X))
-        ys = torch.as_tensor(train.y, dtype=torch.float32)
-        ws = torch.as_tensor(train.sample_weight if train.sample_weight is not None else np.ones(len(train)),
-                             dtype=torch.float32)
-        yv = valid.y
+            xs = self.module_.standardise(torch.from_numpy(train_X))
+            xv = self.module_.standardise(torch.from_numpy(X_valid.X))
+        ys = torch.as_tensor(y, dtype=torch.float32)
+        ws = torch.as_tensor(sample_weight if sample_weight is not None else np.ones(len(y)), dtype=torch.float32)
+        yv = y_valid
         net = self.module_.net
 
         def batches(epoch: int):
@@ -138,54 +164,47 @@ class MoEModel(CreditModel):
             logits, aux = model(batch[0])
             return F.binary_cross_entropy_with_logits(logits[:, 0], batch[1], weight=batch[2]) + aux
 
-        window: deque[dict[str, torch.Tensor]] = deque(maxlen=c.average_last)  # the last epochs' weights
-        averaged = copy.deepcopy(net)
-        best: dict[str, Any] = {"auc": -np.inf, "state": None}
+        # Early stopping and the weights kept go by the averaged weights' validation AUC.
+        averaging = WeightAveraging(net, last=c.average_last)
 
         def evaluate(model: nn.Module) -> dict[str, float]:
-            window.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            averaged.load_state_dict({k: torch.stack([w[k] for w in window]).mean(0) for k in window[-1]})
-            averaged.eval()
+            averaged = averaging.averaged
             logits = torch.cat([averaged(xv[i:i + 8192])[0][:, 0] for i in range(0, len(xv), 8192)])
             loss = F.binary_cross_entropy_with_logits(logits, torch.as_tensor(yv, dtype=torch.float32)).item()
-            auc = float(roc_auc_score(yv, logits.numpy()))
-            if auc > best["auc"]:
-                best.update(auc=auc, state={k: v.clone() for k, v in averaged.state_dict().items()})
-            return {"val_loss": loss, "val_auc": auc}
+            return {"val_loss": loss, "val_auc": float(roc_auc_score(yv, logits.numpy()))}
 
         trainer = Trainer(TrainerConfig(learning_rate=c.learning_rate, weight_decay=c.weight_decay,
                                         grad_accumulation=1, max_epochs=c.max_epochs, patience=c.patience,
                                         monitor="val_auc", mode="max", seed=self.seed, progress=self.progress))
         self.result_ = trainer.fit(net, batches, steps_per_epoch=-(-len(ys) // c.batch_size), loss_fn=loss_fn,
-                                   evaluate_fn=evaluate)
-        net.load_state_dict(best["state"])  # the best averaged weights (the Trainer restored single-epoch ones)
-        self.data_fingerprint_ = data_fingerprint(train.X, train.y)
+                                   evaluate_fn=evaluate, callbacks=[averaging, KeepBest(source=averaging.averaged)])
+        self.data_fingerprint_ = data_fingerprint(train_X, y)
         self.module_.eval()
         self.gradient_kernel_ = TabularMoEGradient.from_module(net)
-        return self
 
     @torch.inference_mode()
     def logits(self, X: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         return torch.cat([self.module_(x[i:i + 65536]) for i in range(0, len(x), 65536)]).numpy().astype(np.float64)
 
-    def predict_proba(self, data: FitData) -> np.ndarray:
+    def predict_proba(self, X: FitData | np.ndarray) -> np.ndarray:
+        data = self._input(X)
         return _proba(self.logits(data.X))
 
-    def contributions(self, data: FitData) -> np.ndarray:
+    def contributions(self, X: FitData | np.ndarray) -> np.ndarray:
         """Integrated gradients of the logit in standardised space, from the average applicant (0)."""
-        return self._integrated_gradients(data.X, with_logits=False)[1]
+        return self._integrated_gradients(self._input(X).X, with_logits=False)[1]
 
-    def predict_with_contributions(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_contributions(self, X: FitData | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Both from one pass: the applicant itself rides along as one more point of the path."""
-        logits, contributions = self._integrated_gradients(data.X, with_logits=True)
+        logits, contributions = self._integrated_gradients(self._input(X).X, with_logits=True)
         return _proba(logits), contributions
 
     def _integrated_gradients(self, X: np.ndarray, *, with_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
         """(logits (n,) or None, contributions (n, F)): `attribution_steps` midpoint-rule steps from
         0 to each standardised applicant z, and with `with_logits` a last point at z whose logit is
         the prediction (its gradient is not used; rows do not interact, so the steps are unchanged)."""
-        steps = self.config.attribution_steps
+        steps = self.config_.attribution_steps
         alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps  # midpoint rule
         if with_logits:
             alphas = np.append(alphas, np.float32(1.0))
@@ -219,16 +238,16 @@ class MoEModel(CreditModel):
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(directory / "moe.pt", self.module_, config=self.config,
+        save_checkpoint(directory / "moe.pt", self.module_, config=self.config_,
                         metrics=self.result_.best_metrics if hasattr(self, "result_") else {},
                         data_fingerprint=getattr(self, "data_fingerprint_", None),
-                        extra={"num_features": len(self.feature_names)})
-        (directory / "moe.json").write_text(json.dumps({"config": asdict(self.config)}))
+                        extra={"num_features": len(self.features_)})
+        (directory / "moe.json").write_text(json.dumps({"config": asdict(self.config_)}))
 
     @classmethod
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> MoEModel:
         config = MoEModelConfig(**json.loads((directory / "moe.json").read_text())["config"])
-        model = cls(feature_names=feature_names, dataset=dataset, config=config)
+        model = cls._restored(config=config, feature_names=feature_names, dataset=dataset)
         model.module_, meta = load_checkpoint(directory / "moe.pt", lambda c: _build(config, len(feature_names)))
         model.gradient_kernel_ = TabularMoEGradient.from_module(model.module_.net)
         model.metrics_ = meta["metrics"]
@@ -236,7 +255,7 @@ class MoEModel(CreditModel):
 
     def summary(self) -> dict[str, Any]:
         result = getattr(self, "result_", None)
-        return {"experts": self.config.num_experts, "top_k": self.config.top_k,
+        return {"experts": self.config_.num_experts, "top_k": self.config_.top_k,
                 **({"epochs": result.epochs_run, "best_epoch": result.best_epoch} if result else {})}
 
     @torch.no_grad()
@@ -257,10 +276,10 @@ class MoEModel(CreditModel):
         output `probability` (batch, 1)."""
         from core.onnx_export import export_onnx
 
-        example = torch.from_numpy(np.zeros((4, len(self.feature_names)), dtype=np.float32))
+        example = torch.from_numpy(np.zeros((4, len(self.features_)), dtype=np.float32))
         return export_onnx(_Probability(self.module_), (example,), path, input_names=["features"],
                            output_names=["probability"], metadata={"producer_model": "finance.moe",
-                                                                  "features": len(self.feature_names)})
+                                                                  "features": len(self.features_)})
 
     def probability_module(self) -> nn.Module:
         return _Probability(self.module_)

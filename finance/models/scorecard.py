@@ -38,6 +38,24 @@ class ScorecardConfig:
     min_bin_size: float = 0.03  # each bin holds >= 3% of applicants: stable WoE
     regularisation_c: float = 0.5  # mild L2 on the WoE logistic regression
 
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"ScorecardConfig: {message}")
+
+        for name in ("max_candidates", "max_features", "max_n_bins"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_n_bins < 2:
+            fail(f"max_n_bins must be >= 2, got {self.max_n_bins}")
+        if not 0 <= self.min_iv < 10:
+            fail(f"min_iv must lie in [0, 10), got {self.min_iv!r}")
+        if not 0 < self.max_correlation <= 1:
+            fail(f"max_correlation must lie in (0, 1], got {self.max_correlation!r}")
+        if not 0 < self.min_bin_size < 0.5:
+            fail(f"min_bin_size must lie in (0, 0.5), got {self.min_bin_size!r}")
+        if not self.regularisation_c > 0:
+            fail(f"regularisation_c must be > 0, got {self.regularisation_c!r}")
+
 
 SCORECARD_FILE = "scorecard.json"
 SCORECARD_FORMAT = "moeworks-scorecard/2"  # /1 was scorecard.joblib (a pickle) beside a scorecard.json
@@ -77,18 +95,20 @@ class ScorecardModel(CreditModel):
     """WoE scorecard. contributions: log-odds above each feature's best bin (points lost / factor)."""
 
     config_class = ScorecardConfig
+    uses_eval_set = False  # binning and the regression learn from the training rows alone
 
-    def fit(self, train: FitData, valid: FitData) -> ScorecardModel:
-        c = self.config
+    def _fit(self, X: FitData, y: np.ndarray, sample_weight: np.ndarray | None, X_valid: FitData | None,
+             y_valid: np.ndarray | None) -> None:
+        c = self.config_
         rng = np.random.default_rng(self.seed)
-        rows = rng.permutation(len(train))[:50_000]  # screening needs no more rows than this
-        strength = univariate_auc(train.X[rows], train.y[rows])
+        rows = rng.permutation(len(X))[:50_000]  # screening needs no more rows than this
+        strength = univariate_auc(X.X[rows], y[rows])
         candidates = np.argsort(-strength)[: c.max_candidates]
-        names = [self.feature_names[i] for i in candidates]
-        frame = pd.DataFrame(train.X[:, candidates].astype(np.float64), columns=names)
+        names = [self.features_[i] for i in candidates]
+        frame = pd.DataFrame(X.X[:, candidates].astype(np.float64), columns=names)
         self.binning_ = BinningProcess(names, max_n_bins=c.max_n_bins, min_bin_size=c.min_bin_size,
                                        binning_fit_params={n: {"monotonic_trend": "auto_asc_desc"} for n in names})
-        self.binning_.fit(frame, train.y, sample_weight=train.sample_weight)
+        self.binning_.fit(frame, y, sample_weight=sample_weight)
         self.woe_tables_ = {name: self._woe_table(name) for name in names}
         summary = self.binning_.summary()
         information_value = dict(zip(summary["name"], summary["iv"].astype(float), strict=True))
@@ -96,7 +116,8 @@ class ScorecardModel(CreditModel):
         # Greedy by information value, skipping near-duplicates of features already in.
         chosen: list[str] = []
         for name in sorted(names, key=lambda n: -information_value[n]):
-            if information_value[name] < c.min_iv or len(chosen) == c.max_features:
+            # The strongest feature always enters: a scorecard needs one, even on data without signal.
+            if chosen and (information_value[name] < c.min_iv or len(chosen) == c.max_features):
                 break
             if not chosen or np.abs(woe[chosen].corrwith(woe[name])).max() < c.max_correlation:
                 chosen.append(name)
@@ -104,9 +125,9 @@ class ScorecardModel(CreditModel):
         # negative; a positive one is collinearity, and that feature leaves (weakest first).
         while True:
             self.selected_ = chosen
-            self.columns_ = [self.feature_names.index(n) for n in chosen]
+            self.columns_ = [self.features_.index(n) for n in chosen]
             self.logistic_ = LogisticRegression(C=c.regularisation_c, max_iter=2000).fit(
-                self._woe(train.X), train.y, sample_weight=train.sample_weight)
+                self._woe(X.X), y, sample_weight=sample_weight)
             wrong = [n for n, coef in zip(chosen, self.logistic_.coef_[0], strict=True) if coef >= 0]
             if not wrong or len(chosen) == 1:
                 break
@@ -118,7 +139,6 @@ class ScorecardModel(CreditModel):
             for j, name in enumerate(self.selected_)])
         self.woe_tables_ = {name: self.woe_tables_[name] for name in self.selected_}
         self.bin_tables_ = {name: self._bin_table(name) for name in self.selected_}
-        return self
 
     def _bin_table(self, name: str) -> list[dict[str, Any]]:
         """One feature's binning table (Totals row dropped) as JSON-ready rows; non-finite -> None."""
@@ -158,12 +178,14 @@ class ScorecardModel(CreditModel):
             out[:, j] = np.where(np.isnan(x), missing, woe[np.searchsorted(splits, x, side="right")])
         return out
 
-    def predict_proba(self, data: FitData) -> np.ndarray:
+    def predict_proba(self, X: FitData | np.ndarray) -> np.ndarray:
+        data = self._input(X)
         return logistic_proba(self._woe(data.X), self.logistic_)
 
-    def contributions(self, data: FitData) -> np.ndarray:
+    def contributions(self, X: FitData | np.ndarray) -> np.ndarray:
+        data = self._input(X)
         per_feature = self._woe(data.X) * self.logistic_.coef_[0] - self.best_contribution_  # (n, selected) >= 0
-        out = np.zeros((len(data), len(self.feature_names)))
+        out = np.zeros((len(data), len(self.features_)))
         out[:, self.columns_] = per_feature
         return out
 
@@ -183,7 +205,7 @@ class ScorecardModel(CreditModel):
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": SCORECARD_FORMAT, "config": asdict(self.config), "selected": self.selected_,
+            "format": SCORECARD_FORMAT, "config": asdict(self.config_), "selected": self.selected_,
             "columns": self.columns_, "best_contribution": self.best_contribution_.tolist(),
             "logistic": {"coef": self.logistic_.coef_[0].tolist(), "intercept": float(self.logistic_.intercept_[0])},
             "information_value": self.information_value_,
@@ -203,7 +225,8 @@ class ScorecardModel(CreditModel):
             raise CreditDataError(f"{path}: over {MAX_SCORECARD_BYTES >> 20} MiB: not a scorecard", field="model")
         try:
             state = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-            model = cls(feature_names=feature_names, dataset=dataset, config=ScorecardConfig(**state["config"]))
+            model = cls._restored(config=ScorecardConfig(**state["config"]), feature_names=feature_names,
+                                  dataset=dataset)
             model._restore(state)
         except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
                 RecursionError) as error:
@@ -223,7 +246,7 @@ class ScorecardModel(CreditModel):
         if not (isinstance(selected, list) and selected and all(isinstance(n, str) for n in selected)
                 and len(set(selected)) == len(selected)):
             raise ValueError("field 'selected' must be a non-empty list of distinct feature names")
-        if columns != [self.feature_names.index(n) if n in self.feature_names else -1 for n in selected]:
+        if columns != [self.features_.index(n) if n in self.features_ else -1 for n in selected]:
             raise ValueError("fields 'selected' and 'columns' do not match the model's feature pipeline")
         k = len(selected)
         coef = _finite_vector(state["logistic"]["coef"], "logistic.coef", k)
@@ -248,7 +271,7 @@ class ScorecardModel(CreditModel):
         self.selected_, self.columns_ = selected, columns
         self.information_value_ = {n: float(v) for n, v in state.get("information_value", {}).items()}
         # Only what scoring reads: the coefficients (finance.models.base.logistic_proba).
-        logistic = LogisticRegression(C=self.config.regularisation_c)
+        logistic = LogisticRegression(C=self.config_.regularisation_c)
         logistic.classes_ = np.array([0, 1])
         logistic.coef_, logistic.intercept_ = coef[None, :], intercept
         logistic.n_features_in_ = k

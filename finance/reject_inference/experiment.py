@@ -44,10 +44,10 @@ def make_estimator(kind: str, seed: int = 0, threads: int = 1, dataset: str | No
     """The credit model the methods wrap: LightGBM on the raw fields (the practitioners' pick), a
     logistic regression, or `credit:NAME`, any registered credit model with its feature pipeline."""
     if kind.startswith("credit:"):
-        from finance.reject_inference.credit_estimator import CreditModelEstimator
+        from finance.scorer import CreditScorer
 
         assert dataset is not None, "a credit model needs its dataset"
-        return CreditModelEstimator(dataset=dataset, model_name=kind.partition(":")[2], seed=seed)
+        return CreditScorer(dataset=dataset, model_name=kind.partition(":")[2], seed=seed)
     if kind == "lightgbm":
         from lightgbm import LGBMClassifier
 

@@ -448,3 +448,25 @@ def make_method(name: str, *, estimator: Any, **params: Any) -> RejectInferenceC
     if name not in METHODS:
         raise ValueError(f"unknown reject-inference method {name!r}; choose from {sorted(METHODS)}")
     return METHODS[name](estimator=estimator, **params)
+
+
+def train_with_reject_inference(labelled: Any, unlabelled: Any, *, model_name: str, method: str | None, seed: int = 0,
+                                policy: Any = None, exclude_protected: bool = False) -> tuple[Any, Any]:
+    """Train a credit scorer on accepted loans (`labelled` Records) plus unlabelled applicants
+    (`unlabelled` Records: the rejects, or any applicants without outcome) with a reject-inference
+    method wrapped around a `CreditScorer` (itself an estimator over raw records). Returns (the
+    fitted CreditScorer, the fitted method, for its learned attributes)."""
+    from finance.errors import CreditDataError
+    from finance.scorer import CreditScorer
+
+    if method not in METHODS:
+        raise CreditDataError(f"unknown reject-inference method {method!r}; choose from {list(METHODS)}",
+                              field="reject_inference")
+    if unlabelled is None or not len(unlabelled.frame):
+        raise CreditDataError("reject inference needs applicants without outcome (--unlabelled)", field="unlabelled")
+    estimator = CreditScorer(dataset=labelled.dataset, model_name=model_name, seed=seed, policy=policy,
+                             exclude_protected=exclude_protected)
+    frame = pd.concat([labelled.frame, unlabelled.frame], ignore_index=True)
+    y = np.r_[np.asarray(labelled.target, dtype="int64"), np.full(len(unlabelled.frame), UNLABELLED)]
+    fitted = make_method(method, estimator=estimator).fit(frame, y)
+    return fitted.estimator_, fitted

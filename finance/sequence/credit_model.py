@@ -1,6 +1,7 @@
 """The sequence models in the credit registry: `finance train --model sequence | sequence-ensemble`.
 
-`sequence` is the SequenceClassifier behind the CreditModel interface (it reads the raw records);
+`sequence` is a CreditModel whose fit trains a SequenceClassifier on the raw records (X is a
+`FitData` with records);
 `sequence-ensemble` is the credit ensemble with LightGBM (on the 200+ pipeline features) and the
 sequence model as members, blended on the validation split. Reason codes: the sequence model's
 attributions per raw field (occlusion by default, or integrated gradients) are placed on the
@@ -22,7 +23,7 @@ import pandas as pd
 from finance.errors import CreditDataError
 from finance.models.base import CreditModel, FitData, register_model
 from finance.models.ensemble import EnsembleConfig, EnsembleModel
-from finance.sequence.estimator import SequenceClassifier, SequenceTrainingConfig
+from finance.sequence.estimator import ATTRIBUTIONS, SequenceClassifier, SequenceTrainingConfig
 from finance.sequence.model import SequenceTransformerConfig
 from finance.sequence.tokens import TAIWAN_LAYOUT, MonthlyLayout
 
@@ -64,6 +65,18 @@ class SequenceModelConfig:
     attribution: str = "occlusion"  # reason codes: exact, one batched pass; or "integrated-gradients"
     attribution_steps: int = 8  # integrated-gradient midpoints, when chosen
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = SequenceTransformerConfig(**self.model)
+        if isinstance(self.training, dict):
+            self.training = SequenceTrainingConfig(**self.training)
+        if self.attribution not in ATTRIBUTIONS:
+            raise ValueError(f"SequenceModelConfig: attribution must be one of {ATTRIBUTIONS}, "
+                             f"got {self.attribution!r}")
+        if not isinstance(self.attribution_steps, int) or self.attribution_steps < 1:
+            raise ValueError(f"SequenceModelConfig: attribution_steps must be a positive integer, "
+                             f"got {self.attribution_steps!r}")
+
 
 def layout_for(dataset: str) -> MonthlyLayout:
     if dataset == "generated":
@@ -101,47 +114,56 @@ def level_strings(values: Any) -> np.ndarray:
 
 @register_model("sequence")
 class SequenceModel(CreditModel):
-    """A MoE Transformer over the six monthly tokens (finance.sequence), fed the raw records."""
+    """A MoE Transformer over the six monthly tokens (finance.sequence), fed the raw records.
+
+    Learned: classifier_ (the fitted SequenceClassifier)."""
 
     needs_records = True
     config_class = SequenceModelConfig
 
-    def fit(self, train: FitData, valid: FitData) -> SequenceModel:
-        assert train.records is not None and valid.records is not None, "the sequence model reads raw records"
-        self.classifier_ = SequenceClassifier(layout=layout_for(self.dataset), model=self.config.model,
-                                              training=dataclasses.replace(self.config.training),
-                                              seed=self.seed, attribution=self.config.attribution,
-                                              attribution_steps=self.config.attribution_steps)
-        self.classifier_.fit(train.records, train.y, sample_weight=train.sample_weight,
-                             validation=(valid.records, valid.y))
-        return self
+    def _fit(self, X: FitData, y: np.ndarray, sample_weight: np.ndarray | None, X_valid: FitData | None,
+             y_valid: np.ndarray | None) -> None:
+        if X_valid.records is None:
+            raise ValueError("the sequence model reads raw records: eval_set X must be a FitData with records")
+        c = self.config_
+        self.classifier_ = SequenceClassifier(layout=layout_for(self.dataset), model=c.model,
+                                              training=dataclasses.replace(c.training), seed=self.seed,
+                                              attribution=c.attribution, attribution_steps=c.attribution_steps)
+        self.classifier_.fit(X.records, y, sample_weight=sample_weight, eval_set=[(X_valid.records, y_valid)])
 
-    def predict_proba(self, data: FitData) -> np.ndarray:
-        return self.classifier_.predict_proba(data.records)
+    def predict_proba(self, X: FitData | np.ndarray) -> np.ndarray:
+        return self.classifier_.predict_proba(self._records(X))
 
-    def contributions(self, data: FitData) -> np.ndarray:
-        pushes, columns = self.classifier_.attributions(data.records)
-        out = np.zeros((len(pushes), len(self.feature_names)))
+    def contributions(self, X: FitData | np.ndarray) -> np.ndarray:
+        data = self._records(X)
+        pushes, columns = self.classifier_.attributions(data)
+        out = np.zeros((len(pushes), len(self.features_)))
         categorical = set(self.classifier_.layout.static_categorical)
         for j, column in enumerate(columns):
-            levels = level_strings(data.records[column]) if column in categorical else np.full(len(out), None)
+            levels = level_strings(data[column]) if column in categorical else np.full(len(out), None)
             for level in pd.unique(levels):
-                index = feature_index(self.feature_names, column, level)
+                index = feature_index(self.features_, column, level)
                 if index is not None:
                     rows = levels == level
                     out[rows, index] += pushes[rows, j]
         return out
+
+    def _records(self, X: FitData | np.ndarray) -> pd.DataFrame:
+        records = self._input(X).records
+        if records is None:
+            raise ValueError("the sequence model reads raw records: pass X as a FitData with records")
+        return records
 
     def save(self, directory: Path) -> None:
         self.classifier_.save(directory)
 
     @classmethod
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> SequenceModel:
-        model = cls(feature_names=feature_names, dataset=dataset)
-        model.classifier_ = SequenceClassifier.load(directory)
-        model.config = SequenceModelConfig(model=model.classifier_.model_.config,
-                                           attribution=model.classifier_.attribution,
-                                           attribution_steps=model.classifier_.attribution_steps)
+        classifier = SequenceClassifier.load(directory)
+        config = SequenceModelConfig(model=classifier.model_.config, attribution=classifier.attribution,
+                                     attribution_steps=classifier.attribution_steps)
+        model = cls._restored(config=config, feature_names=feature_names, dataset=dataset)
+        model.classifier_ = classifier
         return model
 
     def export_onnx(self, path: Path) -> Path:

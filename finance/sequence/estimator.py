@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from core.onnx_export import export_onnx
 from core.trainer import Trainer, TrainerConfig, data_fingerprint, load_checkpoint, save_checkpoint
@@ -44,7 +45,11 @@ class SequenceTrainingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.trainer, dict):
             self.trainer = TrainerConfig(**self.trainer)
-        assert 0 < self.validation_share < 0.5, "validation_share must lie in (0, 0.5)"
+        if not 0 < self.validation_share < 0.5:
+            raise ValueError(f"SequenceTrainingConfig: validation_share must lie in (0, 0.5), "
+                             f"got {self.validation_share!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"SequenceTrainingConfig: batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 def to_tensors(batch: SequenceBatch) -> tuple[torch.Tensor, ...]:
@@ -57,8 +62,8 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score))
 
 
-class SequenceClassifier:
-    """A Transformer over monthly tokens, predicting default; an sklearn-style credit model.
+class SequenceClassifier(ClassifierMixin, BaseEstimator):
+    """A Transformer over monthly tokens, predicting default; a scikit-learn binary classifier over raw records.
 
     Args:
         layout: which columns hold each month's fields (Taiwan's by default).
@@ -66,8 +71,9 @@ class SequenceClassifier:
         training: batch size, validation share and the Trainer's config.
         seed: the split and the initialisation.
         attribution, attribution_steps: how reason codes are computed (see `attributions`).
-    fit(frame, y, sample_weight=None) -> self; predict_proba(frame) -> (n, 2).
-    Learned: tokenizer_, model_ (SequenceTransformer), history_ (per-epoch metrics), best_epoch_.
+    fit(frame, y, *, sample_weight=None, eval_set=None) -> self; predict_proba(frame) -> (n, 2).
+    Learned: tokenizer_, model_ (SequenceTransformer), config_, classes_, history_ (per-epoch
+    metrics), best_epoch_, validation_metrics_.
     """
 
     def __init__(self, *, layout: MonthlyLayout = TAIWAN_LAYOUT, model: SequenceTransformerConfig | None = None,
@@ -83,14 +89,13 @@ class SequenceClassifier:
         self.attribution = attribution
         self.attribution_steps = attribution_steps  # integrated-gradient midpoints (batched, not sequential)
 
-    def get_params(self, deep: bool = False) -> dict[str, Any]:
-        return {"layout": self.layout, "model": self.model, "training": self.training, "seed": self.seed,
-                "attribution": self.attribution, "attribution_steps": self.attribution_steps}
-
-    def set_params(self, **params: Any) -> SequenceClassifier:
-        for key, value in params.items():
-            setattr(self, key, value)
-        return self
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.dataframe = True  # raw records, one column per field
+        tags.input_tags.allow_nan = True
+        tags.classifier_tags.multi_class = False
+        return tags
 
     def _config(self, tokenizer: SequenceTokenizer) -> SequenceTransformerConfig:
         base = self.model or SequenceTransformerConfig()
@@ -99,22 +104,30 @@ class SequenceClassifier:
                                    num_static_numeric=len(self.layout.static_numeric),
                                    static_cardinalities=tokenizer.cardinalities)
 
-    def fit(self, X: pd.DataFrame, y: Any, sample_weight: Any = None,
-            validation: tuple[pd.DataFrame, Any] | None = None) -> SequenceClassifier:
-        """Train with early stopping on a stratified validation share (or the given `validation` set)."""
+    def fit(self, X: pd.DataFrame, y: Any, *, sample_weight: Any = None,
+            eval_set: list[tuple[pd.DataFrame, Any]] | None = None) -> SequenceClassifier:
+        """Train with early stopping on a stratified validation share (or eval_set=[(X_valid, y_valid)])."""
         from sklearn.model_selection import train_test_split
 
+        if self.attribution not in ATTRIBUTIONS:
+            raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {self.attribution!r}")
+        if eval_set is not None and (len(eval_set) != 1 or len(eval_set[0]) != 2):
+            raise ValueError("eval_set must be [(X_valid, y_valid)]: one validation set")
         training = self.training or SequenceTrainingConfig()
-        y = np.asarray(y, dtype="float32")
+        labels = np.asarray(y)
+        self.classes_ = np.unique(labels)
+        if len(self.classes_) != 2:
+            raise ValueError(f"a credit model needs two classes (good and default), y has {len(self.classes_)}")
+        y = (labels == self.classes_[1]).astype("float32")
         weight = np.ones(len(y), "float32") if sample_weight is None else np.asarray(sample_weight, "float32")
-        if validation is None:
+        if eval_set is None:
             fit_idx, val_idx = train_test_split(np.arange(len(y)), test_size=training.validation_share,
                                                 stratify=y, random_state=self.seed)
             X_fit, y_fit, w_fit = X.iloc[fit_idx], y[fit_idx], weight[fit_idx]
             X_val, y_val = X.iloc[val_idx], y[val_idx]
         else:
             X_fit, y_fit, w_fit = X, y, weight
-            X_val, y_val = validation[0], np.asarray(validation[1], dtype="float32")
+            X_val, y_val = eval_set[0][0], (np.asarray(eval_set[0][1]) == self.classes_[1]).astype("float32")
         self.tokenizer_ = SequenceTokenizer(layout=self.layout).fit(X_fit)
         train, val = self.tokenizer_.transform(X_fit), self.tokenizer_.transform(X_val)
         torch.manual_seed(self.seed)
@@ -282,6 +295,7 @@ class SequenceClassifier:
         self = cls(layout=tokenizer.layout, model=model.config, seed=metadata.get("seed", 0),
                    **{k: metadata[k] for k in ("attribution", "attribution_steps") if k in metadata})
         self.tokenizer_, self.model_, self.config_ = tokenizer, model, model.config
+        self.classes_ = np.array([0, 1])
         self.validation_metrics_, self.best_epoch_ = metadata["metrics"], metadata.get("best_epoch")
         self.fingerprint_, self.history_ = metadata["data_fingerprint"], []
         return self

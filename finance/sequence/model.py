@@ -32,10 +32,15 @@ class SequenceTransformerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
-        assert self.num_months >= 1, "num_months must be >= 1"
-        assert self.moe.hidden_size % self.num_heads == 0, "hidden_size must be divisible by num_heads"
+        if self.num_months < 1:
+            raise ValueError(f"SequenceTransformerConfig: num_months must be >= 1, got {self.num_months}")
+        if self.moe.hidden_size % self.num_heads:
+            raise ValueError(f"SequenceTransformerConfig: hidden_size {self.moe.hidden_size} must be divisible by "
+                             f"num_heads {self.num_heads}")
         # Dropping tokens would let padding months take capacity from real ones: keep the layer dropless.
-        assert self.moe.dropless, "the sequence model's MoE layers must be dropless (no capacity)"
+        if not self.moe.dropless:
+            raise ValueError("SequenceTransformerConfig: the sequence model's MoE layers must be dropless "
+                             "(no capacity)")
 
 
 class SequenceTransformer(nn.Module):

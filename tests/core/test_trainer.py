@@ -1,12 +1,16 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from core import MoEConfig
 from core.blocks import TabularMoE, TabularMoEConfig
 from core.trainer import (
+    EpochCallback,
+    KeepBest,
     Trainer,
     TrainerConfig,
+    WeightAveraging,
     data_fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -38,14 +42,14 @@ def _setup(seed=0):
     return config, batches, loss_fn, evaluate, (numeric, segment, label)
 
 
-def _fit(seed, **overrides):
+def _fit(seed, callbacks=None, **overrides):
     config, batches, loss_fn, evaluate, _ = _setup()
     torch.manual_seed(seed)
     model = TabularMoE(config)
     settings = {"learning_rate": 3e-3, "grad_accumulation": 2, "max_epochs": 4, "progress": False,
                 "seed": seed, **overrides}
     trainer = Trainer(TrainerConfig(**settings))
-    return model, trainer.fit(model, batches, 16, loss_fn, evaluate)
+    return model, trainer.fit(model, batches, 16, loss_fn, evaluate, callbacks=callbacks)
 
 
 def test_training_lowers_validation_loss_and_is_seeded():
@@ -83,3 +87,65 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert meta["data_fingerprint"] == fingerprint
     assert meta["metrics"]["val_loss"] == result.best_metrics["val_loss"]
     assert meta["config"]["moe"]["num_experts"] == 16
+
+
+class _Recorder(EpochCallback):
+    """Records the calls it gets and the weights after each epoch's training."""
+
+    def __init__(self):
+        self.calls, self.weights = [], {}
+
+    def after_training(self, model, epoch):
+        self.calls.append(("after_training", epoch))
+        self.weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def on_epoch_end(self, model, epoch, metrics, improved):
+        self.calls.append(("on_epoch_end", epoch, improved))
+
+    def on_fit_end(self, model):
+        self.calls.append(("on_fit_end",))
+
+
+def test_callbacks_run_at_each_epoch_end_and_keep_best_restores_the_best_epoch():
+    recorder = _Recorder()
+    model, result = _fit(0, callbacks=[recorder, KeepBest()], patience=1, max_epochs=20, learning_rate=5.0,
+                         max_grad_norm=1e6)
+    epochs = result.epochs_run
+    improved = [c[2] for c in recorder.calls if c[0] == "on_epoch_end"]
+    assert [c[0] for c in recorder.calls] == ["after_training", "on_epoch_end"] * epochs + ["on_fit_end"]
+    assert improved.index(True) == 0 and improved[result.best_epoch - 1] and not improved[-1]
+    for key, value in model.state_dict().items():  # the weights of the best epoch, not of the last
+        assert torch.equal(value, recorder.weights[result.best_epoch][key])
+    plain_model, plain = _fit(0, patience=1, max_epochs=20, learning_rate=5.0, max_grad_norm=1e6)
+    assert plain.history == result.history  # callbacks=None means [KeepBest()]
+    for p, q in zip(plain_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_without_keep_best_the_last_weights_stay():
+    recorder = _Recorder()
+    model, result = _fit(0, callbacks=[recorder], patience=1, max_epochs=20, learning_rate=5.0, max_grad_norm=1e6)
+    assert result.best_epoch < result.epochs_run
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, recorder.weights[result.epochs_run][key])
+
+
+def test_weight_averaging_holds_the_mean_of_the_last_epochs():
+    recorder = _Recorder()
+    config, batches, loss_fn, evaluate, _ = _setup()
+    torch.manual_seed(0)
+    model = TabularMoE(config)
+    averaging = WeightAveraging(model, last=2)
+    seen = []
+
+    def evaluate_averaged(m):
+        seen.append({k: v.clone() for k, v in averaging.averaged.state_dict().items()})
+        return evaluate(averaging.averaged)
+
+    trainer = Trainer(TrainerConfig(learning_rate=3e-3, grad_accumulation=2, max_epochs=3, progress=False))
+    trainer.fit(model, batches, 16, loss_fn, evaluate_averaged, callbacks=[recorder, averaging])
+    key = "input.weight" if "input.weight" in seen[0] else next(k for k, v in seen[0].items() if v.is_floating_point())
+    assert torch.equal(seen[0][key], recorder.weights[1][key])  # one epoch so far: its own weights
+    np.testing.assert_allclose(seen[2][key], (recorder.weights[2][key] + recorder.weights[3][key]) / 2, atol=1e-7)
+    with pytest.raises(ValueError, match="last must be a positive integer"):
+        WeightAveraging(model, last=0)

@@ -31,7 +31,7 @@ def taiwan(data_root):
     sample = records.take(np.random.default_rng(3).permutation(len(records))[:4000])
     train, valid = split_records(sample, valid_share=0.3, seed=0)
     scorers = {name: CreditScorer(dataset="taiwan", model_name=name, model_config=SMALL_MOE if name == "moe" else None)
-               .fit(train, valid) for name in ("scorecard", "lightgbm", "moe")}
+               .fit(*train.xy, eval_set=[valid.xy]) for name in ("scorecard", "lightgbm", "moe")}
     return records, scorers
 
 
@@ -59,7 +59,7 @@ def test_one_application_alone_scores_exactly_as_in_a_batch(taiwan, name):
 def test_generated_applications_alone_score_exactly_as_in_a_batch(tmp_path):
     records = load_generated(generate(tmp_path / "g", GeneratorConfig(n_applicants=2_500, seed=11)))
     train, valid = split_records(records, seed=0)
-    scorer = CreditScorer(dataset="generated", model_name="lightgbm").fit(train, valid)
+    scorer = CreditScorer(dataset="generated", model_name="lightgbm").fit(*train.xy, eval_set=[valid.xy])
     rows = list(range(0, 2_500, 250))
     batch = scorer.score(records.frame, reasons="all").iloc[rows].reset_index(drop=True)
     pd.testing.assert_frame_equal(_alone(scorer, records.frame, rows), batch, check_exact=True)
@@ -173,7 +173,7 @@ def test_one_pass_of_the_moe_and_the_ensemble_equals_predict_and_contributions(t
     moe = scorers["moe"]
     valid = records.frame.iloc[5000:6000]
     ensemble = EnsembleModel.from_fitted([scorers[n].model_ for n in ("lightgbm", "moe", "scorecard")],
-                                         FitData(moe.pipeline_.transform(valid), records.target[5000:6000]),
+                                         moe.pipeline_.transform(valid), records.target[5000:6000],
                                          feature_names=moe.pipeline_.feature_names_, dataset="taiwan")
     data = moe.features(records.frame.iloc[:300])
     for model in (moe.model_, ensemble):

@@ -40,11 +40,12 @@ def test_a_scorer_trained_without_protected_attributes_keeps_them_out_after_a_re
     records = load_taiwan(data_root / "taiwan_credit_default")
     records = records.take(np.arange(3000))
     train, valid = split_records(records, seed=0)
-    scorer = CreditScorer(dataset="taiwan", model_name="lightgbm", exclude_protected=True).fit(train, valid)
+    scorer = CreditScorer(dataset="taiwan", model_name="lightgbm", exclude_protected=True).fit(
+        *train.xy, eval_set=[valid.xy])
     loaded = load_model(scorer.save(tmp_path / "m"))
     assert loaded.exclude_protected and loaded.pipeline_.excluded_ == scorer.pipeline_.excluded_
     assert {"age", "female", "marriage=1"} <= set(loaded.pipeline_.excluded_)
-    assert not {"age", "female", "limit_per_age"} & set(loaded.model_.feature_names)
+    assert not {"age", "female", "limit_per_age"} & set(loaded.model_.features_)
     scored = loaded.score(valid.frame.iloc[:300])
     named = set("|".join(scored["reason_codes"]).split("|")) - {""}
     assert named and not named & set(loaded.pipeline_.excluded_)

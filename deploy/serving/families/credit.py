@@ -89,7 +89,7 @@ class CreditAdapter(ModelAdapter):
 
     @cached_property
     def outputs(self) -> list[str]:
-        return ["pd", "points", "decision", *(f"reason_{j + 1}" for j in range(self.scorer.policy.reason_count)),
+        return ["pd", "points", "decision", *(f"reason_{j + 1}" for j in range(self.scorer.policy_.reason_count)),
                 "reason_codes"]
 
     def describe(self) -> dict[str, Any]:

@@ -89,17 +89,18 @@ _CONFIGS = {"lightgbm": LightGBMConfig(max_rounds=60, min_child_samples=20),
 def _default_ensemble(dataset: str, train: Records, valid: Records) -> CreditScorer:
     """`finance train --model ensemble` (LightGBM, MoE, scorecard blended), its members trained with the
     small test configs and blended by `EnsembleModel.from_fitted`, as the default ensemble blends them."""
-    from finance.models.base import FitData, build_model
+    from finance.models.base import build_model
     from finance.models.ensemble import EnsembleModel
 
-    pipeline = CreditScorer(dataset=dataset, model_name="scorecard").fit(train, valid).pipeline_
-    fit_train = FitData(pipeline.transform(train.frame), train.target, train.frame)
-    fit_valid = FitData(pipeline.transform(valid.frame), valid.target, valid.frame)
+    pipeline = CreditScorer(dataset=dataset, model_name="scorecard").fit(*train.xy, eval_set=[valid.xy]).pipeline_
+    X_train, X_valid = pipeline.transform(train.frame), pipeline.transform(valid.frame)
     members = [build_model(name, feature_names=pipeline.feature_names_, dataset=dataset,
-                           config=_CONFIGS.get(name)).fit(fit_train, fit_valid)
+                           config=_CONFIGS.get(name)).fit(X_train, train.target, eval_set=[(X_valid, valid.target)])
                for name in ("lightgbm", "moe", "scorecard")]
-    ensemble = EnsembleModel.from_fitted(members, fit_valid, feature_names=pipeline.feature_names_, dataset=dataset)
-    return CreditScorer(dataset=dataset, model_name="ensemble").fit(train, valid, fitted_model=ensemble)
+    ensemble = EnsembleModel.from_fitted(members, X_valid, valid.target, feature_names=pipeline.feature_names_,
+                                         dataset=dataset)
+    return CreditScorer(dataset=dataset, model_name="ensemble").fit(*train.xy, eval_set=[valid.xy],
+                                                                    fitted_model=ensemble)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,8 @@ def scorers(tmp_path_factory):
         train, valid = make(2500, 1), make(800, 2)
         for name in models:
             scorer = (_default_ensemble(dataset, train, valid) if name == "moe-ensemble" else
-                      CreditScorer(dataset=dataset, model_name=name, model_config=_CONFIGS.get(name)).fit(train, valid))
+                      CreditScorer(dataset=dataset, model_name=name, model_config=_CONFIGS.get(name)).fit(
+                          *train.xy, eval_set=[valid.xy]))
             out[(dataset, name)] = scorer.save(tmp_path_factory.mktemp(f"{dataset}-{name}"))
     return out
 

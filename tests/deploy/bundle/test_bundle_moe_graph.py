@@ -38,7 +38,8 @@ def _model(seed: int, **moe) -> MoEModel:
         if layer.config.bias_balancing:  # large enough to overturn the softmax's own choice
             layer.router.selection_bias.copy_(torch.from_numpy(rng.normal(0, 0.2, 16).astype(np.float32)))
     module.eval()
-    model = MoEModel(feature_names=[f"f{j}" for j in range(FEATURES)], dataset="taiwan", config=MoEModelConfig())
+    model = MoEModel._restored(config=MoEModelConfig(), feature_names=[f"f{j}" for j in range(FEATURES)],
+                               dataset="taiwan")
     model.module_, model.gradient_kernel_ = module, TabularMoEGradient.from_module(net)
     return model
 
@@ -62,9 +63,7 @@ def test_graph_reproduces_pd_and_integrated_gradients(moe, rows):
     x = rng.normal(0, 2, (rows, FEATURES)).astype(np.float32)
     x[rng.random(x.shape) < 0.1] = np.nan
     x[0] = 1e30  # clipped to the training range inside the graph, as in the module
-    from finance.models.base import FitData
-
-    proba, expected = model.predict_with_contributions(FitData(x, np.zeros(rows), None))
+    proba, expected = model.predict_with_contributions(x)
     session = ort.InferenceSession(_graph(model), providers=["CPUExecutionProvider"])
     pd_, contributions = session.run(None, {"features": x})
     np.testing.assert_allclose(pd_[:, 0], proba[:, 1], rtol=0, atol=1e-6)

@@ -26,7 +26,8 @@ def taiwan_sample(data_root):
 def test_each_model_beats_random_and_round_trips(taiwan_sample, tmp_path, name):
     fit_part, test_part = taiwan_sample
     train, valid = split_records(fit_part, valid_share=0.25, seed=0)
-    scorer = CreditScorer(dataset="taiwan", model_name=name, model_config=CONFIGS.get(name)).fit(train, valid)
+    scorer = CreditScorer(dataset="taiwan", model_name=name, model_config=CONFIGS.get(name)).fit(
+        *train.xy, eval_set=[valid.xy])
     pd_ = scorer.predict_pd(test_part.frame)
     assert roc_auc_score(test_part.target, pd_) > 0.70  # random is 0.5; published LR 0.72-0.76 on all rows
     reloaded = load_model(scorer.save(tmp_path / name))
@@ -63,28 +64,28 @@ def test_onnx_exports_match_the_framework(taiwan_sample, tmp_path):
     X_test = pipe.transform(test_part.frame)
     for name, config in (("lightgbm", None), ("moe", SMALL_MOE)):
         model = build_model(name, feature_names=pipe.feature_names_, dataset="taiwan", config=config)
-        model.fit(FitData(pipe.transform(train.frame), train.target),
-                  FitData(pipe.transform(valid.frame), valid.target))
+        model.fit(pipe.transform(train.frame), train.target, eval_set=[(pipe.transform(valid.frame), valid.target)])
         path = model.export_onnx(tmp_path / f"{name}.onnx")
         if name == "moe":
             assert max_abs_difference(model.probability_module(), path, {"features": torch.from_numpy(X_test)}) < 1e-5
         else:
             onnx_pd = inference_session(path).run(None, {"features": X_test})[1][:, 1]
-            np.testing.assert_allclose(onnx_pd, model.predict_proba(FitData(X_test))[:, 1], atol=1e-5)
+            np.testing.assert_allclose(onnx_pd, model.predict_proba(X_test)[:, 1], atol=1e-5)
 
 
 def test_registry_takes_new_models_without_editing_ours():
     @register_model("constant-test")
     class Constant(CreditModel):
-        def fit(self, train, valid):
-            self.rate_ = float(np.mean(train.y))
-            return self
+        uses_eval_set = False
 
-        def predict_proba(self, data):
-            return np.column_stack([np.full(len(data), 1 - self.rate_), np.full(len(data), self.rate_)])
+        def _fit(self, X, y, sample_weight, X_valid, y_valid):
+            self.rate_ = float(np.mean(y))
 
-        def contributions(self, data):
-            return np.zeros(data.X.shape)
+        def predict_proba(self, X):
+            return np.column_stack([np.full(len(X), 1 - self.rate_), np.full(len(X), self.rate_)])
+
+        def contributions(self, X):
+            return np.zeros(X.shape)
 
         def save(self, directory):
             pass
@@ -96,7 +97,7 @@ def test_registry_takes_new_models_without_editing_ours():
     assert "constant-test" in available_models() and {"scorecard", "lightgbm", "moe", "ensemble"} <= set(
         available_models())
     model = build_model("constant-test", feature_names=["a"], dataset="taiwan")
-    assert model.fit(FitData(np.zeros((4, 1), np.float32), np.array([0, 1, 1, 1])), None).predict_pd(
+    assert model.fit(np.zeros((4, 1), np.float32), np.array([0, 1, 1, 1])).predict_pd(
         FitData(np.zeros((2, 1), np.float32))) == pytest.approx([0.75, 0.75])
     with pytest.raises(CreditDataError, match="unknown model"):
         build_model("no-such-model", feature_names=["a"], dataset="taiwan")
@@ -107,12 +108,12 @@ def test_lightgbm_path_attributions_add_up_to_the_raw_score_and_follow_shap():
     X = rng.standard_normal((3000, 6)).astype(np.float32)
     y = (rng.random(3000) < 1 / (1 + np.exp(-(2 * X[:, 0] - X[:, 1])))).astype(int)
     model = build_model("lightgbm", feature_names=list("abcdef"), dataset="taiwan")
-    model.fit(FitData(X[:2000], y[:2000]), FitData(X[2000:], y[2000:]))
-    path = model.contributions(FitData(X[:200]))
+    model.fit(X[:2000], y[:2000], eval_set=[(X[2000:], y[2000:])])
+    path = model.contributions(X[:200])
     raw = model.booster_.predict(X[:200], raw_score=True, num_iteration=model.best_iteration_)
     np.testing.assert_allclose(path.sum(1) + model.paths_[2].sum(), raw, atol=1e-9)
-    model.config.attribution = "shap"
-    shap = model.contributions(FitData(X[:200]))
+    model.config_.attribution = "shap"
+    shap = model.contributions(X[:200])
     assert (np.abs(path).mean(0).argmax(), np.abs(shap).mean(0).argmax()) == (0, 0)  # the strongest feature
     assert np.corrcoef(path[:, 0], shap[:, 0])[0, 1] > 0.9
 
@@ -126,17 +127,16 @@ def test_cross_fitted_blend_rows_come_from_copies_stopped_on_the_other_half(taiw
     fit_part, _ = taiwan_sample
     train, valid = split_records(fit_part, valid_share=0.25, seed=0)
     pipe = FeaturePipeline(dataset="taiwan").fit(train.frame)
-    fit_train = FitData(pipe.transform(train.frame), train.target)
-    fit_valid = FitData(pipe.transform(valid.frame), valid.target)
+    X_train, X_valid = pipe.transform(train.frame), pipe.transform(valid.frame)
     names = pipe.feature_names_
-    members = [build_model(n, feature_names=names, dataset="taiwan").fit(fit_train, fit_valid)
-               for n in ("lightgbm", "scorecard")]
-    logits = _cross_fitted_logits(members, fit_train, fit_valid)
+    members = [build_model(n, feature_names=names, dataset="taiwan").fit(
+        X_train, train.target, eval_set=[(X_valid, valid.target)]) for n in ("lightgbm", "scorecard")]
+    logits = _cross_fitted_logits(members, X_train, train.target, None, X_valid, valid.target)
     # The scorecard does not look at the validation part: its copies score exactly as it does.
-    np.testing.assert_allclose(logits[:, 1], _logit(members[1].predict_proba(fit_valid)[:, 1]), rtol=1e-12)
+    np.testing.assert_allclose(logits[:, 1], _logit(members[1].predict_proba(X_valid)[:, 1]), rtol=1e-12)
     # LightGBM's rows of one half come from a booster early-stopped on the other half only.
-    stop, blend = next(StratifiedKFold(2, shuffle=True, random_state=0).split(fit_valid.X, fit_valid.y))
+    stop, blend = next(StratifiedKFold(2, shuffle=True, random_state=0).split(X_valid, valid.target))
     reference = build_model("lightgbm", feature_names=names, dataset="taiwan").fit(
-        fit_train, FitData(fit_valid.X[stop], fit_valid.y[stop]))
-    np.testing.assert_array_equal(logits[blend, 0], _logit(reference.predict_proba(FitData(fit_valid.X[blend]))[:, 1]))
-    assert not np.allclose(logits[:, 0], _logit(members[0].predict_proba(fit_valid)[:, 1]))
+        X_train, train.target, eval_set=[(X_valid[stop], valid.target[stop])])
+    np.testing.assert_array_equal(logits[blend, 0], _logit(reference.predict_proba(X_valid[blend])[:, 1]))
+    assert not np.allclose(logits[:, 0], _logit(members[0].predict_proba(X_valid)[:, 1]))

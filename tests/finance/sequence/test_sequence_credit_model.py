@@ -27,7 +27,8 @@ def test_sequence_models_are_registered():
 
 def test_sequence_scorer_scores_with_reason_codes_and_round_trips(records, tmp_path):
     train, valid, test = records
-    scorer = CreditScorer(dataset="taiwan", model_name="sequence", model_config=quick()).fit(train, valid)
+    scorer = CreditScorer(dataset="taiwan", model_name="sequence", model_config=quick()).fit(
+        *train.xy, eval_set=[valid.xy])
     scored = scorer.score(test.frame)
     assert len(scored) == len(test) and scored["pd"].between(0, 1).all()
     from sklearn.metrics import roc_auc_score
@@ -47,7 +48,7 @@ def test_sequence_scorer_scores_with_reason_codes_and_round_trips(records, tmp_p
 
 
 def test_any_credit_model_trains_with_reject_inference(records):
-    from finance.reject_inference.credit_estimator import train_with_reject_inference
+    from finance.reject_inference.methods import train_with_reject_inference
 
     train, valid, test = records
     accepted = Records("taiwan", train.frame.iloc[:1000], train.target[:1000])

@@ -43,8 +43,8 @@ def credit(tmp_path_factory):
             learning_rate=2e-3, grad_accumulation=1, max_epochs=1, patience=1, monitor="val_auc", mode="max",
             progress=False))),
         "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}
-    folders = {name: CreditScorer(dataset="generated", model_name=name, model_config=config).fit(train, valid)
-               .save(root / name) for name, config in configs.items()}
+    folders = {name: CreditScorer(dataset="generated", model_name=name, model_config=config)
+               .fit(*train.xy, eval_set=[valid.xy]).save(root / name) for name, config in configs.items()}
     return folders, records.frame.iloc[2976:].reset_index(drop=True)
 
 
