@@ -30,13 +30,13 @@ from core.bundle_signing import (
     write_manifest,
 )
 from deploy.bundle.archive import SUFFIX, extracted, is_archive, write_archive
-from deploy.bundle.card import CARD_KEY, credit_card
+from deploy.bundle.card import CARD_KEY, credit_card, has_network
 from deploy.bundle.credit_features import BundleError
 from deploy.bundle.credit_graph import credit_graph
 
 MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
-COVERED = ("credit scorecard, lightgbm, moe and ensemble of them (finance train; taiwan, gmsc), RUL lstm and moe "
-           "(maintenance train), AI4I failure model (its LightGBM backend)")
+COVERED = ("credit scorecard, lightgbm, moe, sequence and ensembles of them (finance train; taiwan, gmsc), RUL lstm "
+           "and moe (maintenance train), AI4I failure model (its LightGBM backend)")
 MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made
 SAMPLE_ROWS = 24
 
@@ -78,6 +78,9 @@ def test_records(scorer, training: pd.DataFrame | None) -> pd.DataFrame:
     sample = (training[[f.name for f in spec.fields]].iloc[:SAMPLE_ROWS].astype(np.float64).reset_index(drop=True)
               if training is not None else _sample_rows(spec, np.random.default_rng(0), SAMPLE_ROWS))
     frame = pd.concat([sample, _edge_rows(spec)], ignore_index=True)
+    if has_network(scorer.model_, ("sequence",)):  # moeworks refuses these records (the graph: pd NaN, decision -1)
+        limit = frame["LIMIT_BAL"]
+        frame.loc[~(limit > 0), "LIMIT_BAL"] = 1.0
     frame.insert(0, spec.id_column, np.arange(len(frame)))
     return frame
 
