@@ -24,7 +24,8 @@ OPSET = 18  # core.onnx_export.OPSET: one opset for every graph partners get
 ML_OPSET = 3  # ai.onnx.ml: TreeEnsembleRegressor with double thresholds (nodes_values_as_tensor)
 
 _DTYPES = {np.dtype(np.float64): ir.DataType.DOUBLE, np.dtype(np.float32): ir.DataType.FLOAT,
-           np.dtype(np.int64): ir.DataType.INT64, np.dtype(np.bool_): ir.DataType.BOOL}
+           np.dtype(np.int64): ir.DataType.INT64, np.dtype(np.bool_): ir.DataType.BOOL,
+           np.dtype(np.uint8): ir.DataType.UINT8}
 _ONNX_TYPES = {"string": onnx.TensorProto.STRING, "double": onnx.TensorProto.DOUBLE,
                "float": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64,
                "bool": onnx.TensorProto.BOOL}
@@ -222,4 +223,4 @@ class GraphBuilder:
 
 
 def _np_type(name: str) -> type:
-    return {"double": np.float64, "float": np.float32, "int64": np.int64, "bool": np.bool_}[name]
+    return {"double": np.float64, "float": np.float32, "int64": np.int64, "bool": np.bool_, "uint8": np.uint8}[name]

@@ -335,36 +335,6 @@ def test_models_without_a_bundle_graph_are_refused_by_name(scorers, tmp_path):
         credit_graph(scorer)
 
 
-@pytest.fixture(scope="session")
-def partner_python(tmp_path_factory):
-    """A fresh virtual environment with only onnxruntime and numpy (from PyPI), made once per session."""
-    venv = tmp_path_factory.mktemp("partner") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime", "numpy"],
-                             capture_output=True, text=True, timeout=600)
-    if install.returncode != 0:
-        pytest.skip(f"cannot install onnxruntime from PyPI: {install.stderr.strip().splitlines()[-1:]}")
-    return python
-
-
-@pytest.fixture(scope="session")
-def partner_node(tmp_path_factory):
-    """onnxruntime-node from npm in a test folder (its CPU binaries ship in the package)."""
-    import shutil
-
-    if not shutil.which("node") or not shutil.which("npm"):
-        pytest.skip("node and npm are not installed")
-    folder = tmp_path_factory.mktemp("node")
-    # --ignore-scripts: the install script only fetches the CUDA provider (from nuget.org, unreachable in CI)
-    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", "onnxruntime-node"],
-                             cwd=folder,
-                             capture_output=True, text=True, timeout=600)
-    if install.returncode != 0:
-        pytest.skip(f"cannot install onnxruntime-node from npm: {install.stderr.strip().splitlines()[-1:]}")
-    return folder / "node_modules"
-
-
 @pytest.mark.slow
 def test_partner_python_without_moeworks_reproduces_the_test_vectors(partner_python, scorers, signed_bundle,
                                                                      ai4i_model, rul_models, tmp_path):
