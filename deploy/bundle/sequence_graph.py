@@ -72,7 +72,7 @@ def _tokens(g: GraphBuilder, raw: dict[str, Var], tokenizer) -> tuple[Var, Var, 
     stacked = g.where(pad3, 0.0, stacked)
     tokens = (stacked - g.const(np.asarray(tokenizer.token_mean_))) / g.const(np.asarray(tokenizer.token_std_))
     tokens = g.op("Cast", g.where(pad3, 0.0, tokens), to=1)
-    from finance.sequence.tokens import STATUS_MAX, STATUS_MIN, STATUS_PAD
+    from finance.sequence.tokens import STATUS_MAX, STATUS_MIN, STATUS_PAD  # (finance.sequence imports torch)
 
     codes = g.clip(g.where(status.isnan(), float(STATUS_MIN), status), STATUS_MIN, STATUS_MAX) - float(STATUS_MIN - 1)
     codes = g.where(status.isnan() | padding, float(STATUS_PAD), codes)
@@ -103,7 +103,7 @@ def _field_features(g: GraphBuilder, raw: dict[str, Var], classifier, feature_na
     nowhere = len(feature_names)
     categorical = set(classifier.layout.static_categorical)
     columns = []
-    for f in classifier._fields():
+    for f in classifier._fields():  # the fields, in the order `attributions` returns them
         if f.column not in categorical:
             index = feature_index(feature_names, f.column)
             columns.append(g.op("Expand", g.const(np.array([[nowhere if index is None else index]])),
