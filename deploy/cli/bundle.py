@@ -23,8 +23,9 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
           out: Path = typer.Option(..., help="the bundle folder to write (new or empty)"),
           sign_key: Path | None = typer.Option(None, help="EC private key (PEM) to sign the bundle with; "
                                                           "it is read, never copied into the bundle"),
-          training_data: Path | None = typer.Option(None, help="the training file (credit CSV, C-MAPSS, AI4I), "
-                                                               "to record its SHA-256 and draw test vectors from it"),
+          training_data: Path | None = typer.Option(None, help="the training file (credit CSV, C-MAPSS, AI4I) "
+                                                               "or image folder (defects), to record its SHA-256 "
+                                                               "and draw test vectors from it"),
           archive: bool = typer.Option(False, "--archive", help="write OUT as one .tar.gz of the bundle's files "
                                                                "(verify and inspect take it as they take a folder)"),
           conf: float | None = typer.Option(None, help="defect detector: score threshold (default 0.25)"),
