@@ -27,13 +27,21 @@ from benchmarks.fixtures import CREDIT_FOLDERS, add_data_argument
 
 
 def _configs() -> dict:
+    import dataclasses
+
     from finance.models.ensemble import EnsembleConfig
     from finance.models.gbdt import LightGBMConfig
     from finance.models.moe import MoEModelConfig
+    from finance.sequence import SequenceTrainingConfig
+    from finance.sequence.credit_model import SequenceModelConfig
 
+    training = SequenceTrainingConfig()
     return {"lightgbm": LightGBMConfig(max_rounds=400),  # bounded training time
             "moe": MoEModelConfig(max_epochs=6),  # the default network, fewer epochs: bounded training time
-            "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False)}
+            "ensemble": EnsembleConfig(members=["lightgbm", "scorecard"], cross_fit=False),
+            # the default Transformer, fewer epochs: bounded training time
+            "sequence": SequenceModelConfig(training=dataclasses.replace(
+                training, trainer=dataclasses.replace(training.trainer, max_epochs=4)))}
 
 
 def _moe_ensemble(records, models_dir: Path):
@@ -280,6 +288,62 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
             "load_seconds": load_seconds}
 
 
+def measure_defects(run_dir: Path, data_root: Path, work: Path, *, repeats: int) -> dict:
+    """The defect detector's bundle (a `defects train` folder) against `DefectInspector` on NEU-DET frames
+    (every 25th image, 200 px; no tiling below 2x the input size): per frame the same number of detections,
+    then the largest box and score differences; throughput in frames/s (batch 16 and 1)."""
+    import onnx
+    import onnxruntime as ort
+
+    from deploy.bundle.build import build_bundle
+    from deploy.bundle.defects_card import inspector_outputs
+    from manufacturing.defects.dataset import load_image
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.pipeline import DefectInspector
+
+    started = time.perf_counter()
+    bundle = Path(build_bundle(run_dir, work / "defects")["bundle"])
+    build_seconds = time.perf_counter() - started
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    load_seconds = time.perf_counter() - started
+    paths = sorted((data_root / "neu_det" / "IMAGES").glob("*.jpg"))[::25]
+    frames = np.stack([load_image(p)[:, :, ::-1] for p in paths])  # RGB, as the bundle takes them
+    inspector = DefectInspector(detector=YoloDetector.load(run_dir / "detector.pt"))
+    want = inspector_outputs(inspector, frames)
+    names = [o.name for o in session.get_outputs()]
+    parts = [dict(zip(names, session.run(None, {"image": frames[i:i + 16]}), strict=True))
+             for i in range(0, len(frames), 16)]
+    got = {n: np.concatenate([p[n] + (i * 16 if n == "image_index" else 0) for i, p in enumerate(parts)])
+           for n in names}
+    counts_want = np.bincount(want["image_index"], minlength=len(frames))
+    same = counts_want == np.bincount(got["image_index"], minlength=len(frames))
+    matched_w = np.isin(want["image_index"], np.flatnonzero(same))
+    matched_g = np.isin(got["image_index"], np.flatnonzero(same))
+    box = np.abs(want["boxes"][matched_w] - got["boxes"][matched_g])
+    score = np.abs(want["scores"][matched_w] - got["scores"][matched_g])
+    bgr = [np.ascontiguousarray(f[:, :, ::-1]) for f in frames]
+    throughput = _onnx_against_moeworks(
+        onnx_batch=lambda: session.run(None, {"image": frames[:16]}), moeworks_batch=lambda: inspector.detect(bgr[:16]),
+        onnx_single=lambda: [session.run(None, {"image": frames[i:i + 1]}) for i in range(16)],
+        moeworks_single=lambda: [inspector.detect([b]) for b in bgr[:16]], batch_rows=16, single_rows=16,
+        repeats=repeats)
+    proto = onnx.load(str(bundle / "model.onnx"))
+    return {"dataset": "neu_det", "model": "defects-detector",
+            "parity": {"frames": len(frames), "detections": int(len(want["scores"])),
+                       "frames_with_other_counts": int((~same).sum()),
+                       "classes_differing": int((want["classes"][matched_w] != got["classes"][matched_g]).sum()),
+                       "box_max_abs_error_px": float(box.max()) if box.size else 0.0,
+                       "score_max_abs_error": float(score.max()) if score.size else 0.0},
+            "throughput": throughput, "throughput_unit": "frames/s (batch: 16 frames)",
+            "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
+            "bundle_bytes": sum(p.stat().st_size for p in bundle.iterdir()), "graph_nodes": len(proto.graph.node),
+            "graph_operators": sorted({n.op_type for n in proto.graph.node}), "build_seconds": build_seconds,
+            "load_seconds": load_seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(parser)
@@ -287,6 +351,8 @@ def main() -> None:
     parser.add_argument("--cases", default="taiwan:scorecard,taiwan:lightgbm,taiwan:ensemble,gmsc:scorecard,"
                                            "gmsc:lightgbm,taiwan:moe,gmsc:moe,taiwan:moe-ensemble,"
                                            "gmsc:moe-ensemble,ai4i:lightgbm,cmapss-FD001:lstm,cmapss-FD004:moe")
+    parser.add_argument("--detector-run", type=Path, default=None,
+                        help="a `defects train` folder, for the case neu_det:detector (not among the defaults)")
     parser.add_argument("--single-rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     add_output_arguments(parser, None)
@@ -297,6 +363,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for case in args.cases.split(","):
             dataset, name = case.split(":")
+            if dataset == "neu_det":
+                if args.detector_run is None:
+                    parser.error("the case neu_det:detector needs --detector-run")
+                row = measure_defects(args.detector_run, args.data, Path(work), repeats=args.repeats)
+                results["cases"].append(row)
+                p, t = row["parity"], row["throughput"]
+                print(f"neu_det detector nodes {row['graph_nodes']} | {p['frames']} frames, {p['detections']} "
+                      f"detections, frames with other counts {p['frames_with_other_counts']}, box err "
+                      f"{p['box_max_abs_error_px']:.3g} px, score err {p['score_max_abs_error']:.2e} | batch 16: "
+                      f"{t['ratio_4096']:.2f}x, batch 1: {t['ratio_1']:.2f}x of moeworks", file=sys.stderr)
+                continue
             if dataset.startswith("cmapss"):  # cmapss-FD001:lstm
                 row = measure_rul(name, dataset.split("-")[1], args.data, args.models_dir, Path(work),
                                   repeats=args.repeats)

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,13 @@ from core.bundle_signing import (
     write_manifest,
 )
 from deploy.bundle.archive import SUFFIX, extracted, is_archive, write_archive
-from deploy.bundle.card import CARD_KEY, credit_card
+from deploy.bundle.card import CARD_KEY, credit_card, has_network
 from deploy.bundle.credit_features import BundleError
 from deploy.bundle.credit_graph import credit_graph
 
 MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
-COVERED = ("credit scorecard, lightgbm, moe and ensemble of them (finance train; taiwan, gmsc), RUL lstm and moe "
-           "(maintenance train), AI4I failure model (its LightGBM backend)")
+COVERED = ("credit scorecard, lightgbm, moe, sequence and ensembles of them (finance train; taiwan, gmsc), RUL lstm "
+           "and moe (maintenance train), AI4I failure model (its LightGBM backend), defect detector (defects train)")
 MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made
 SAMPLE_ROWS = 24
 
@@ -78,6 +79,9 @@ def test_records(scorer, training: pd.DataFrame | None) -> pd.DataFrame:
     sample = (training[[f.name for f in spec.fields]].iloc[:SAMPLE_ROWS].astype(np.float64).reset_index(drop=True)
               if training is not None else _sample_rows(spec, np.random.default_rng(0), SAMPLE_ROWS))
     frame = pd.concat([sample, _edge_rows(spec)], ignore_index=True)
+    if has_network(scorer.model_, ("sequence",)):  # moeworks refuses these records (the graph: pd NaN, decision -1)
+        limit = frame["LIMIT_BAL"]
+        frame.loc[~(limit > 0), "LIMIT_BAL"] = 1.0
     frame.insert(0, spec.id_column, np.arange(len(frame)))
     return frame
 
@@ -108,6 +112,8 @@ def run_graph(model_path: Path | bytes, inputs: dict[str, list]) -> dict[str, np
         values = inputs[spec.name]
         if spec.type == "tensor(string)":
             feeds[spec.name] = np.array(values, dtype=object).reshape(-1, 1)
+        elif spec.type == "tensor(uint8)":  # (N, H, W, 3) frames of the defect detector
+            feeds[spec.name] = np.asarray(values, dtype=np.uint8)
         else:  # (N,) lists are [N, 1] inputs; (N, T) lists of lists (RUL cycles) stay as they are
             array = np.array(values, dtype=object)
             array = np.where(array == None, np.nan, array).astype(np.float64)  # noqa: E711 (elementwise)
@@ -122,8 +128,14 @@ def compare(got: dict[str, np.ndarray], expected: dict[str, Any], tolerances: di
     problems = []
     for name, values in expected.items():
         want = np.asarray(values)
-        have = np.asarray(got[name]).reshape(want.shape)
+        have = np.asarray(got[name])
+        if have.size != want.size:  # e.g. a detection more or less
+            problems.append(f"{name} has shape {list(have.shape)}, expected {list(want.shape)}")
+            continue
+        have = have.reshape(want.shape)
         tolerance = float(tolerances[name])
+        if want.size == 0:
+            continue
         if tolerance == 0:
             if not np.array_equal(have, want):
                 problems.append(f"{name} differs in {int((have != want).reshape(len(want), -1).any(1).sum())} rows")
@@ -196,17 +208,80 @@ def _rul(model_dir: Path, training_data: Path | None) -> tuple:
     return proto, card, inputs, {"rul": [[float(v)] for v in expected["rul"]]}
 
 
+def _defects(model_dir: Path, training_data: Path | None, options: DetectorOptions) -> tuple:
+    """(proto, card, inputs, expected) of a `defects train` folder (its YOLO stage)."""
+    from deploy.bundle.defects_card import defects_card, inspector_outputs, test_frames
+    from deploy.bundle.defects_graph import IMAGE, defects_graph
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
+    from manufacturing.defects.workflow import DETECTOR_FILE, MOE_FILE
+
+    if options.moe_stage is not None:
+        raise BundleError("the MoE second stage has no bundle graph (its crops are cut and resized with OpenCV per "
+                          "box and re-scored by a second network and NMS): bundle the detector alone, without "
+                          "--moe-stage")
+    config = InspectionConfig() if options.conf is None else InspectionConfig(conf=options.conf)
+    inspector = DefectInspector(detector=YoloDetector.load(model_dir / DETECTOR_FILE),
+                                calibration=options.calibration_for(model_dir), config=config)
+    cal = inspector.calibration
+    proto = defects_graph(inspector.detector, conf=config.conf, iou=config.iou, max_det=config.max_det,
+                          mm_per_pixel=(cal.mm_per_pixel_x, cal.mm_per_pixel_y), min_size_mm=cal.min_size_mm)
+    operators = {n.op_type for n in proto.graph.node}
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    card = defects_card(inspector, model_dir, opsets=opsets, operators=operators,
+                        data_sha256=_sha256_path(training_data) if training_data is not None else None,
+                        moe_stage_present=(model_dir / MOE_FILE).is_file())
+    frames = test_frames(inspector, model_dir, training_data)
+    expected = {name: values.tolist() for name, values in inspector_outputs(inspector, frames).items()}
+    return proto, card, {IMAGE: frames.tolist()}, expected
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """Build options of a defect detector bundle (`bundle build --conf/--calibration/--mm-per-pixel`)."""
+
+    conf: float | None = None  # score threshold (default InspectionConfig's)
+    calibration: Path | None = None  # JSON/YAML (default: the model folder's calibration.json/.yaml, else 0.1 mm/px)
+    mm_per_pixel: float | None = None  # overrides the calibration's scale
+    moe_stage: Path | None = None  # refused: the second stage has no graph
+
+    def __post_init__(self) -> None:
+        if self.conf is not None and not 0.0 < self.conf < 1.0:
+            raise BundleError(f"--conf must lie in (0, 1), got {self.conf}")
+        if self.mm_per_pixel is not None and not (math.isfinite(self.mm_per_pixel) and self.mm_per_pixel > 0):
+            raise BundleError(f"--mm-per-pixel must be a positive number, got {self.mm_per_pixel}")
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.conf, self.calibration, self.mm_per_pixel, self.moe_stage))
+
+    def calibration_for(self, model_dir: Path):
+        import dataclasses
+
+        from manufacturing.defects.calibration import Calibration
+
+        source = self.calibration or next((model_dir / f"calibration.{ext}" for ext in ("json", "yaml", "yml")
+                                           if (model_dir / f"calibration.{ext}").is_file()), None)
+        cal = Calibration.from_file(source) if source is not None else Calibration()
+        if self.mm_per_pixel is not None:
+            cal = dataclasses.replace(cal, mm_per_pixel_x=self.mm_per_pixel, mm_per_pixel_y=self.mm_per_pixel)
+        return cal
+
+
 def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, training_data: Path | None = None,
-                 archive: bool = False) -> dict[str, Any]:
-    """Write the bundle of the model in model_dir (a credit, RUL or AI4I failure model) to out
-    (a new or empty folder; with `archive`, a new .tar.gz file holding that folder's files)."""
+                 archive: bool = False, detector: DetectorOptions | None = None) -> dict[str, Any]:
+    """Write the bundle of the model in model_dir (a credit, RUL, AI4I failure model or defect detector)
+    to out (a new or empty folder; with `archive`, a new .tar.gz file holding that folder's files).
+    `detector`: the defect detector's options (refused for other models)."""
+    detector = detector or DetectorOptions()
     if archive:
         if not is_archive(out):
             raise BundleError(f"an archive's name ends in {SUFFIX}: {out.name}")
         if out.exists():
             raise BundleError(f"{out} exists")
         with tempfile.TemporaryDirectory(prefix="moeworks-bundle-", dir=out.parent) as work:
-            result = build_bundle(model_dir, Path(work) / "bundle", sign_key=sign_key, training_data=training_data)
+            result = build_bundle(model_dir, Path(work) / "bundle", sign_key=sign_key, training_data=training_data,
+                                  detector=detector)
             partial = out.with_name(out.name + ".partial")
             write_archive(Path(result["bundle"]), partial)
             partial.replace(out)  # a half-written archive never carries the archive's name
@@ -218,7 +293,12 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, tr
             raise BundleError(f"no such key file: {sign_key}")
         if out.resolve() in sign_key.resolve().parents:
             raise BundleError("the signing key must not lie inside the bundle folder")
-    if (model_dir / "ai4i.json").is_file():
+    is_detector = (model_dir / "detector.pt").is_file()
+    if detector.given and not is_detector:
+        raise BundleError("--conf, --calibration, --mm-per-pixel and --moe-stage apply to defect detectors only")
+    if is_detector:
+        proto, card, inputs, expected = _defects(model_dir, training_data, detector)
+    elif (model_dir / "ai4i.json").is_file():
         proto, card, inputs, expected = _ai4i(model_dir, training_data)
     elif (model_dir / "model.pt").is_file() and (model_dir / "model.json").is_file():
         proto, card, inputs, expected = _rul(model_dir, training_data)
@@ -240,8 +320,10 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, tr
     try:
         (out / MODEL).write_bytes(model_bytes)
         (out / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
+        # dtypes: the inputs that are not float64 (the detector's uint8 frames), for partners that must say so
+        dtypes = {i.name: "uint8" for i in proto.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
         (out / VECTORS).write_text(json.dumps({"rows": rows, "inputs": inputs, "expected": expected,
-                                               "tolerances": tolerances}))
+                                               "tolerances": tolerances, **({"dtypes": dtypes} if dtypes else {})}))
         manifest = write_manifest(out)
         if sign_key is not None:
             sign(out, sign_key)

@@ -86,6 +86,7 @@ def credit_card(scorer, *, opsets: dict[str, int], operators: set[str], data_sha
                for j, (s, m) in enumerate(zip(catalogue, scorer.pipeline_.medians_, strict=True))]
     scale = scorer.policy_.scale
     network = has_network(scorer.model_)
+    sequence = has_network(scorer.model_, ("sequence",))
     return {
         "schema": "moeworks-bundle-card/1",
         "model": {"family": f"credit/{scorer.model_name}", "dataset": scorer.dataset, "version": scorer.version_,
@@ -97,7 +98,9 @@ def credit_card(scorer, *, opsets: dict[str, int], operators: set[str], data_sha
              "meaning": f"score points, higher is safer: {scale.base_score:g} at {scale.base_odds:g}:1 good:bad "
                         f"odds, {scale.pdo:g} points double the odds; rounded to 0.1"},
             {"name": "decision", "type": "tensor(int64) [N, 1]", "labels": ["approve", "decline"],
-             "meaning": f"0 approve (pd <= {scorer.cutoff_pd_!r}), 1 decline",
+             "meaning": f"0 approve (pd <= {scorer.cutoff_pd_!r}), 1 decline" + (
+                 "; -1 not scored: LIMIT_BAL missing or <= 0 (moeworks refuses the record; pd and points are "
+                 "NaN, reasons -1)" if sequence else ""),
              "cutoff_pd": float(scorer.cutoff_pd_)},
             {"name": "reasons", "type": f"tensor(int64) [N, {k}]",
              "meaning": "indices into reason_table of the factors that raised this applicant's risk most, "
@@ -123,7 +126,9 @@ def credit_card(scorer, *, opsets: dict[str, int], operators: set[str], data_sha
         "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
                     # 0: identical. Networks run in float32, where the order of a sum moves the last bits
                     "tolerances": {"pd": 1e-4 if network else 1e-6, "points": 0.1, "decision": 0, "reasons": 0}},
-        **({"attributions": MOE_ATTRIBUTIONS} if network else {}),
+        **({"attributions": " ".join(text for kind, text in (("moe", MOE_ATTRIBUTIONS),
+                                                               ("sequence", SEQUENCE_ATTRIBUTIONS))
+                                     if has_network(scorer.model_, (kind,)))} if network else {}),
     }
 
 
@@ -135,11 +140,19 @@ MOE_ATTRIBUTIONS = (
     "each other (or a push lies at the 1e-6 threshold) the order can differ from moeworks'; likewise where two "
     "experts' router scores tie to float32 rounding the other expert can be chosen, and that row's PD moves by "
     "more than 1e-4 (1 of GMSC's 120,000 rows, by 4e-3, in benchmarks/bundles.py). The test vectors match.")
+SEQUENCE_ATTRIBUTIONS = (
+    "The sequence Transformer's reasons are occlusion pushes, as moeworks computes them: the network runs on "
+    "the applicant and on one copy per raw field (each month's PAY_x, BILL_AMTx and PAY_AMTx, LIMIT_BAL, AGE, "
+    "SEX, EDUCATION, MARRIAGE) with that field at the reference client's value (standardised 0, the commonest "
+    "status or level); a push is the drop in float32 log-odds, placed on the pipeline feature that holds the "
+    "field (EDUCATION 2 on education=2). Its MoE layers run every expert and weight the chosen two (the static "
+    "path), so pushes within about 1e-6 of each other or of the 1e-6 threshold can rank differently from "
+    "moeworks'. The test vectors match.")
 
 
-def has_network(model) -> bool:
-    """Whether a credit model (or one of an ensemble's members) is the MoE network."""
-    return model.name == "moe" or any(has_network(m) for m in getattr(model, "members_", []))
+def has_network(model, kinds: tuple[str, ...] = ("moe", "sequence")) -> bool:
+    """Whether a credit model (or one of an ensemble's members) is one of the networks `kinds`."""
+    return model.name in kinds or any(has_network(m, kinds) for m in getattr(model, "members_", []))
 
 
 def ai4i_test_rows(training):

@@ -17,6 +17,7 @@ import onnx
 from deploy.bundle.credit_features import BundleError, feature_matrix, raw_inputs
 from deploy.bundle.graph import GraphBuilder, Var
 from deploy.bundle.moe_graph import moe_head
+from deploy.bundle.sequence_graph import sequence_head
 
 REASON_THRESHOLD = 1e-6  # finance.scorer.CreditScorer.reason_codes names pushes above this
 
@@ -198,7 +199,8 @@ def _moe(g: GraphBuilder, raw: dict[str, Var], model, pipeline) -> tuple[Var, Va
     return moe_head(g, feature_matrix(g, raw, pipeline, list(model.features_)), model)
 
 
-_HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm, "moe": _moe, "ensemble": _ensemble}
+_HEADS = {"scorecard": _scorecard, "lightgbm": _lightgbm, "moe": _moe, "ensemble": _ensemble,
+          "sequence": sequence_head, "sequence-ensemble": _ensemble}
 
 
 def top_reason_indices(g: GraphBuilder, contrib: Var, families: np.ndarray, k: int) -> Var:
@@ -237,9 +239,11 @@ def credit_graph(scorer, *, metadata: dict[str, str] | None = None) -> onnx.Mode
     scale = scorer.policy_.scale
     p = g.clip(pd_, 1e-9, 1 - 1e-9)
     points = g.op("Round", (scale.offset + scale.factor * g.op("Log", (1.0 - p) / p)) * 10.0) / 10.0
-    decision = g.op("Cast", pd_ > float(scorer.cutoff_pd_), to=7)
+    # -1: a record moeworks refuses (pd NaN: the sequence model's missing or non-positive credit limit)
+    decision = g.where(pd_.isnan(), g.const(np.array(-1)), g.op("Cast", pd_ > float(scorer.cutoff_pd_), to=7))
     k = min(scorer.policy_.reason_count, int(scorer.pipeline_.families_.max()) + 1)
     reasons = top_reason_indices(g, contrib, np.asarray(scorer.pipeline_.families_), k)
+    reasons = g.where(pd_.isnan(), g.const(np.array(-1)), reasons)
     for var, out in ((pd_, "pd"), (points, "points"), (decision, "decision"), (reasons, "reasons")):
         g.output(var, out)
     return g.model(doc=f"moeworks credit bundle: {scorer.dataset} {name} {scorer.version_}", metadata=metadata,

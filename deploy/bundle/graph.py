@@ -24,7 +24,8 @@ OPSET = 18  # core.onnx_export.OPSET: one opset for every graph partners get
 ML_OPSET = 3  # ai.onnx.ml: TreeEnsembleRegressor with double thresholds (nodes_values_as_tensor)
 
 _DTYPES = {np.dtype(np.float64): ir.DataType.DOUBLE, np.dtype(np.float32): ir.DataType.FLOAT,
-           np.dtype(np.int64): ir.DataType.INT64, np.dtype(np.bool_): ir.DataType.BOOL}
+           np.dtype(np.int64): ir.DataType.INT64, np.dtype(np.bool_): ir.DataType.BOOL,
+           np.dtype(np.uint8): ir.DataType.UINT8}
 _ONNX_TYPES = {"string": onnx.TensorProto.STRING, "double": onnx.TensorProto.DOUBLE,
                "float": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64,
                "bool": onnx.TensorProto.BOOL}
@@ -77,6 +78,8 @@ class GraphBuilder:
         self.outputs: list[ir.Value] = []
         self._constants: dict[tuple, Var] = {}
         self._count = 0
+        self._embedded_nodes: list[ir.Node] = []  # of graphs inlined by `embed`
+        self._embedded_initializers: list[ir.Value] = []
 
     def _name(self, stem: str) -> str:
         self._count += 1
@@ -167,6 +170,39 @@ class GraphBuilder:
             total = total + t
         return total
 
+    def embed(self, proto: onnx.ModelProto, inputs: dict[str, Var], *, prefix: str) -> dict[str, Var]:
+        """Another model's graph (e.g. a torch.onnx export) inlined into this one: its inputs bound to
+        `inputs` (by name), its values renamed `prefix` + name; returns its outputs by name.
+
+        Inlined rather than joined with onnx.compose afterwards, so that the product's own transforms
+        can both feed the network and use its outputs (occlusion reasons, ensemble blends) in one builder.
+        """
+        model = ir.serde.deserialize_model(proto)
+        graph = model.graph
+        if model.functions or dict(graph.opset_imports) != {"": OPSET}:
+            raise ValueError(f"only graphs of opset {OPSET} without local functions can be embedded, got "
+                             f"{dict(graph.opset_imports)} and {len(model.functions)} functions")
+        if {v.name for v in graph.inputs} != set(inputs):
+            raise ValueError(f"the graph's inputs are {[v.name for v in graph.inputs]}, not {sorted(inputs)}")
+        outputs = {v.name: v for v in graph.outputs}
+        nodes = list(graph)
+        for value in graph.inputs:
+            value.replace_all_uses_with(inputs[value.name].value)
+        graph.outputs.clear()
+        graph.remove(nodes)
+        initializers = list(graph.initializers.values())
+        graph.initializers.clear()
+        for value in initializers:
+            value.name = prefix + value.name
+            self._embedded_initializers.append(value)
+        for node in nodes:
+            if node.name:
+                node.name = prefix + node.name
+            for value in node.outputs:
+                value.name = prefix + value.name
+        self._embedded_nodes += nodes
+        return {name: Var(self, value) for name, value in outputs.items()}
+
     def output(self, var: Var, name: str) -> None:
         identity = self.op("Identity", var)
         identity.value.name = name
@@ -175,7 +211,8 @@ class GraphBuilder:
     def model(self, *, doc: str = "", metadata: dict[str, str] | None = None,
               extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
         opsets = {"": OPSET, **(extra_opsets or {})}
-        graph = ir.Graph(self.inputs, self.outputs, nodes=self.tape.nodes, initializers=self.tape.initializers,
+        graph = ir.Graph(self.inputs, self.outputs, nodes=[*self.tape.nodes, *self._embedded_nodes],
+                         initializers=[*self.tape.initializers, *self._embedded_initializers],
                          opset_imports=opsets, name="moeworks_bundle", doc_string=doc or None)
         model = ir.Model(graph, ir_version=9, producer_name="moeworks", metadata_props=dict(metadata or {}))
         passes.Sequential(common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(),
@@ -186,4 +223,4 @@ class GraphBuilder:
 
 
 def _np_type(name: str) -> type:
-    return {"double": np.float64, "float": np.float32, "int64": np.int64, "bool": np.bool_}[name]
+    return {"double": np.float64, "float": np.float32, "int64": np.int64, "bool": np.bool_, "uint8": np.uint8}[name]

@@ -19,24 +19,36 @@ def _fail(message: str) -> None:
 
 @app.command("build")
 def build(model: Path = typer.Option(..., help="a saved model folder: credit (finance train), RUL or AI4I "
-                                                 "(maintenance train)"),
+                                                 "(maintenance train), defect detector (defects train)"),
           out: Path = typer.Option(..., help="the bundle folder to write (new or empty)"),
           sign_key: Path | None = typer.Option(None, help="EC private key (PEM) to sign the bundle with; "
                                                           "it is read, never copied into the bundle"),
-          training_data: Path | None = typer.Option(None, help="the training file (credit CSV, C-MAPSS, AI4I), "
-                                                               "to record its SHA-256 and draw test vectors from it"),
+          training_data: Path | None = typer.Option(None, help="the training file (credit CSV, C-MAPSS, AI4I) "
+                                                               "or image folder (defects), to record its SHA-256 "
+                                                               "and draw test vectors from it"),
           archive: bool = typer.Option(False, "--archive", help="write OUT as one .tar.gz of the bundle's files "
                                                                "(verify and inspect take it as they take a folder)"),
+          conf: float | None = typer.Option(None, help="defect detector: score threshold (default 0.25)"),
+          calibration: Path | None = typer.Option(None, help="defect detector: JSON/YAML with mm_per_pixel(_x/_y) "
+                                                             "and min_size_mm (default: the model folder's "
+                                                             "calibration.json/.yaml, else 0.1 mm/px)"),
+          mm_per_pixel: float | None = typer.Option(None, help="defect detector: camera scale (overrides the "
+                                                               "calibration's)"),
+          moe_stage: Path | None = typer.Option(None, "--moe-stage", help="refused: the defect detector's MoE second "
+                                                                          "stage has no bundle graph"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Build a bundle of MODEL in OUT; refuses one whose graph does not reproduce moeworks."""
-    from deploy.bundle.build import build_bundle
+    from deploy.bundle.build import DetectorOptions, build_bundle
     from deploy.bundle.credit_features import BundleError
     from finance.errors import CreditDataError
+    from manufacturing.defects.errors import DefectDataError
     from manufacturing.maintenance.errors import MaintenanceDataError
 
     try:
-        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data, archive=archive)
-    except (BundleError, CreditDataError, MaintenanceDataError, OSError) as error:
+        options = DetectorOptions(conf=conf, calibration=calibration, mm_per_pixel=mm_per_pixel, moe_stage=moe_stage)
+        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data, archive=archive,
+                              detector=options)
+    except (BundleError, CreditDataError, MaintenanceDataError, DefectDataError, OSError) as error:
         _fail(str(error).splitlines()[0])
     except ValueError as error:  # e.g. a key file that is not an EC private key in PEM
         _fail(f"cannot sign with {sign_key}: {str(error).splitlines()[0]}")

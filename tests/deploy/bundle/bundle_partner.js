@@ -13,11 +13,14 @@ async function main(bundle) {
   const feeds = {};
   for (const name of session.inputNames) {
     const values = vectors.inputs[name];
-    // a list is an [N, 1] input; a list of lists an [N, T] one (RUL: engines x cycles)
-    const dims = Array.isArray(values[0]) ? [rows, values[0].length] : [rows, 1];
-    feeds[name] = typeof values[0] === "string"
-      ? new ort.Tensor("string", values, dims)
-      : new ort.Tensor("float64", Float64Array.from(values.flat(), (v) => (v === null ? NaN : v)), dims);
+    // a list is an [N, 1] input; nested lists keep their shape ([N, T] RUL cycles, [N, H, W, 3] frames)
+    const dims = [];
+    for (let v = values; Array.isArray(v); v = v[0]) dims.push(v.length);
+    if (dims.length === 1) dims.push(1);
+    const dtype = (vectors.dtypes || {})[name] || "float64";  // the detector's frames are uint8
+    if (typeof values[0] === "string") feeds[name] = new ort.Tensor("string", values, dims);
+    else if (dtype === "uint8") feeds[name] = new ort.Tensor("uint8", Uint8Array.from(values.flat(Infinity)), dims);
+    else feeds[name] = new ort.Tensor("float64", Float64Array.from(values.flat(Infinity), (v) => (v === null ? NaN : v)), dims);
   }
   const got = await session.run(feeds);
   const problems = [];

@@ -1,0 +1,164 @@
+"""The defect detector bundle's card, test frames and moeworks' own detections for them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.bundle.card import min_onnxruntime
+
+FRAMES = 4  # real frames among the test vectors, besides the three flat ones
+EDGE_LEVELS = (0, 255, 114)  # black, white and the letterbox grey (nothing to find): the extremes of the input
+# moeworks resizes with OpenCV's fixed-point bilinear, the graph in floating point: grey levels differ by at most
+# one in about 12% of the pixels (tests/deploy/bundle/test_bundle_defects.py). Frames whose detections score
+# this close (relative) to the threshold are not used as test vectors: one grey level could move them across.
+THRESHOLD_MARGIN = 0.05
+# Detections: scores and boxes of the same frames through onnxruntime and through PyTorch + OpenCV.
+TOLERANCES = {"boxes": 0.5, "scores": 2e-3, "classes": 0, "sizes_mm": 0.05, "image_index": 0}
+
+
+def inspector_outputs(inspector, frames_rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """`DefectInspector.detect` + its report's size filter on (N, H, W, 3) RGB frames, as the graph's outputs."""
+    images = [np.ascontiguousarray(f[:, :, ::-1]) for f in frames_rgb]  # moeworks reads BGR
+    out: dict[str, list] = {name: [] for name in ("boxes", "scores", "classes", "sizes_mm", "image_index")}
+    for i, dets in enumerate(inspector.detect(images)):
+        keep = inspector.calibration.large_enough(dets.boxes)
+        out["boxes"].append(dets.boxes[keep].astype(np.float32).reshape(-1, 4))
+        out["scores"].append(dets.scores[keep].astype(np.float32))
+        out["classes"].append(dets.classes[keep].astype(np.int64))
+        out["sizes_mm"].append(inspector.calibration.sizes_mm(dets.boxes[keep]))
+        out["image_index"].append(np.full(int(keep.sum()), i, np.int64))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def _frame_files(model_dir: Path, training_data: Path | None) -> list[Path]:
+    """Images to draw test frames from: the training folder given, else the validation images of the
+    split `defects train` recorded (when its source folder is still there)."""
+    from manufacturing.defects.pipeline import list_images
+
+    if training_data is not None:
+        return list_images(training_data)
+    try:
+        split = json.loads((model_dir / "split.json").read_text())
+        source = Path(split["source"])
+        names = set(split["val"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not source.is_dir():
+        return []
+    return [p for p in list_images(source) if p.stem in names or p.name in names]
+
+
+def test_frames(inspector, model_dir: Path, training_data: Path | None) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB: up to FRAMES real frames (cut to a common size no larger than what
+    moeworks detects on without tiling), else generated surfaces, then black, white and grey frames."""
+    from manufacturing.defects.dataset import load_image
+
+    limit = int(inspector.config.tile_above * inspector.detector.imgsz)
+    images = []
+    for path in _frame_files(model_dir, training_data)[:64]:
+        images.append(load_image(path))
+    if not images:
+        from manufacturing.defects.synthetic import planted_image
+
+        rng = np.random.default_rng(0)
+        grey = [planted_image(rng, min(160, limit), 3)[0] for _ in range(FRAMES * 2)]
+        images = [np.repeat(g[:, :, None], 3, axis=2) for g in grey]
+    height = min(limit, min(im.shape[0] for im in images))
+    width = min(limit, min(im.shape[1] for im in images))
+    conf, chosen = inspector.config.conf, []
+    for image in images:
+        frame = np.ascontiguousarray(image[:height, :width, ::-1])
+        near = inspector_outputs(_with_conf(inspector, conf * (1 - THRESHOLD_MARGIN)), frame[None])["scores"]
+        if not ((near > conf * (1 - THRESHOLD_MARGIN)) & (near < conf * (1 + THRESHOLD_MARGIN))).any():
+            chosen.append(frame)
+        if len(chosen) == FRAMES:
+            break
+    flat = [np.full((height, width, 3), level, np.uint8) for level in EDGE_LEVELS]
+    return np.stack(chosen + flat)
+
+
+def _with_conf(inspector, conf: float):
+    import dataclasses
+
+    from manufacturing.defects.pipeline import DefectInspector
+
+    return DefectInspector(detector=inspector.detector, calibration=inspector.calibration,
+                           config=dataclasses.replace(inspector.config, conf=conf))
+
+
+def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operators: set[str],
+                 data_sha256: str | None, moe_stage_present: bool) -> dict[str, Any]:
+    detector, cal, cfg = inspector.detector, inspector.calibration, inspector.config
+    weights = model_dir / "detector.pt"
+    metadata = _detector_metadata(weights)
+    training: dict[str, Any] = {}
+    if (model_dir / "split.json").is_file():
+        split = json.loads((model_dir / "split.json").read_text())
+        training = {"split_sha256": hashlib.sha256((model_dir / "split.json").read_bytes()).hexdigest(),
+                    "train_images": len(split.get("train", [])), "val_images": len(split.get("val", [])),
+                    "source": split.get("source")}
+    if data_sha256:
+        training["training_folder_sha256"] = data_sha256
+    size = detector.imgsz
+    second_stage = ("The model folder holds an MoE second stage (moe_stage.pt); it is NOT in this bundle: "
+                    if moe_stage_present else "No MoE second stage. ")
+    return {
+        "schema": "moeworks-bundle-card/1",
+        "model": {"family": "defects/yolo-detector", "dataset": "VOC folder (NEU-DET format)",
+                  "version": hashlib.sha256(weights.read_bytes()).hexdigest()[:16], "classes": list(detector.names),
+                  "input_size": size, "second_stage": second_stage + (
+                      "the crop re-classification cuts and resizes every box with OpenCV and re-scores it with a "
+                      "second network and a second NMS; the bundle carries the YOLO stage alone, as `moeworks "
+                      "defects predict` without --moe-stage.")},
+        "inputs": [{"name": "image", "type": "tensor(uint8) [N, H, W, 3]", "unit": "grey level 0-255",
+                    "meaning": "N camera frames of one size H x W, RGB, rows top to bottom (what an image decoder "
+                               "gives; a grey image repeated in the 3 channels). The graph letterboxes each frame to "
+                               f"{size} x {size} (scale to fit, grey 114 borders) as moeworks does.",
+                    "allowed_range": {"min": 0, "max": 255, "frame_longest_side_px": int(cfg.tile_above * size)},
+                    "missing": "no missing values: every pixel is a grey level",
+                    "protected_attribute": ""}],
+        "outputs": [
+            {"name": "boxes", "type": "tensor(float) [K, 4]",
+             "meaning": "x1, y1, x2, y2 of each detection in frame pixels (K detections of the whole batch, frame by "
+                        "frame, strongest first)"},
+            {"name": "scores", "type": "tensor(float) [K]", "meaning": "detection confidence in [0, 1]"},
+            {"name": "classes", "type": "tensor(int64) [K]", "labels": list(detector.names),
+             "meaning": "index into labels"},
+            {"name": "sizes_mm", "type": "tensor(double) [K, 3]",
+             "meaning": "width mm, height mm, box area mm^2 (frame pixels times the calibration)"},
+            {"name": "image_index", "type": "tensor(int64) [K]", "meaning": "the frame of the batch (0-based)"}],
+        "postprocessing": {"conf": cfg.conf, "nms_iou": cfg.iou, "max_det_per_frame": cfg.max_det,
+                           "nms": "class-wise (ONNX NonMaxSuppression), one class per box (its best)",
+                           "calibration": cal.to_dict(),
+                           "size_filter": f"detections whose longer side is under {cal.min_size_mm} mm are dropped"},
+        "training_data": training,
+        "validation_metrics": metadata.get("metrics", {}),
+        "protected_attributes": {"raw_fields": {}, "note": "images of steel surfaces; no personal data"},
+        "intended_use": "Finding and measuring surface defects on frames of the same line, camera and lighting as "
+                        "the training images, as a decision aid for inspection.",
+        "limitations": [
+            "Trained on one dataset's images; re-validate (mAP) on the plant's own annotated frames first.",
+            f"Frames longer than {int(cfg.tile_above * size)} px are tiled by moeworks (overlapping "
+            f"tiles of {size} px, NMS over the frame); the graph letterboxes the whole frame instead. Cut larger "
+            "frames into tiles of at most that size before scoring, or score them with moeworks.",
+            "Sizes in mm hold only for the calibration above (camera distance, lens, line speed); re-calibrate when "
+            "they change and rebuild the bundle with --calibration.",
+            "moeworks resizes with OpenCV's fixed-point bilinear, the graph in floating point: a grey level differs "
+            "by one in about 12% of the resized pixels, which moves scores and boxes by the tolerances below; a "
+            "detection that close to the threshold can appear in one and not the other.",
+            second_stage.strip()],
+        "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
+                    "tolerances": dict(TOLERANCES)},
+    }
+
+
+def _detector_metadata(path: Path) -> dict:
+    """The detector file's metadata (metrics), read weights-only."""
+    from core.trainer import read_checkpoint
+
+    return read_checkpoint(path).get("metadata", {})

@@ -1,0 +1,167 @@
+"""The defect detector's bundle (deploy/bundle/defects_graph.py): camera frames in, detections with sizes
+in mm out, against moeworks' DefectInspector on real NEU-DET frames (generated ones without the data).
+
+The detector is trained here (generated surfaces, 64 px, one epoch: `defects train` as a user runs it);
+it detects little, so the bundle is built with a low threshold, where it proposes boxes on every frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.bundle.build import DetectorOptions, build_bundle, run_graph, verify_bundle
+from deploy.bundle.credit_features import BundleError
+from deploy.bundle.defects_card import TOLERANCES, inspector_outputs
+from deploy.bundle.defects_graph import OUTPUTS
+from deploy.bundle.graph import GraphBuilder
+
+ROOT = Path(__file__).resolve().parents[3]
+PARTNER = Path(__file__).resolve().parent
+CONF = 5e-4  # the one-epoch detector's scores lie around 1e-3
+
+
+def _real_frames(data_root: Path | None, count: int) -> list[np.ndarray]:
+    """BGR frames: NEU-DET images (200 px, grey) where the data is, else generated surfaces."""
+    from manufacturing.defects.dataset import load_image
+
+    if data_root is not None:
+        paths = sorted((data_root / "neu_det" / "IMAGES").glob("*.jpg"))[::97][:count]
+        if paths:
+            return [load_image(p) for p in paths]
+    from manufacturing.defects.synthetic import planted_image
+
+    rng = np.random.default_rng(3)
+    return [np.repeat(planted_image(rng, 200, 3)[0][:, :, None], 3, axis=2) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def frames(request) -> list[np.ndarray]:
+    try:
+        root = request.getfixturevalue("data_root")
+    except pytest.skip.Exception:
+        root = None
+    return _real_frames(root, 6)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_letterbox_in_the_graph_is_moeworks_to_one_grey_level(frames, size):
+    """Down- and upscaled, square and not, and one frame already at the input size (no resize)."""
+    import onnxruntime as ort
+
+    from deploy.bundle.defects_graph import _letterbox
+    from manufacturing.defects.detector import to_input
+
+    g = GraphBuilder()
+    batch, _, _, _ = _letterbox(g, g.input("image", "uint8", ["N", "H", "W", 3]), size, 114)
+    g.output(batch, "batch")
+    session = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    for height, width in ((200, 200), (100, 120), (120, 100), (50, 40), (size, size)):
+        cut = [np.ascontiguousarray(f[:height, :width]) for f in frames]
+        want, _ = to_input(cut, size)
+        got = session.run(None, {"image": np.stack([f[:, :, ::-1] for f in cut])})[0]
+        levels = np.abs(got - want) * 255
+        assert got.shape == want.shape and levels.max() <= 1.0 + 1e-4, (height, width)
+        # OpenCV's fixed-point weights round differently from floats in some pixels, never by more than 1
+        assert (levels > 0.5).mean() < (0.2 if (height, width) != (size, size) else 1e-9), (height, width)
+        padding = (want == 114 / 255).all(axis=(0, 1))  # grey border rows/columns are the same rows/columns
+        assert ((got == 114 / 255).all(axis=(0, 1)) == padding).all()
+
+
+@pytest.fixture(scope="module")
+def detector_run(tmp_path_factory) -> Path:
+    """`moeworks defects train` on generated surfaces: 64 px, one epoch, no MoE stage (~1-2 min)."""
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+    from manufacturing.defects.synthetic import SyntheticConfig, write_synthetic_voc
+
+    root = tmp_path_factory.mktemp("defects")
+    voc = write_synthetic_voc(root / "voc", SyntheticConfig(images=12, size=96, seed=1))
+    result = CliRunner().invoke(app, ["defects", "train", "--data", str(voc), "--out", str(root / "run"),
+                                      "--imgsz", "64", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25",
+                                      "--no-train-moe", "--json"])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_detector_bundle_reproduces_the_inspector_on_real_frames(detector_run, frames, tmp_path):
+    from manufacturing.defects.calibration import Calibration
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
+
+    calibration = tmp_path / "camera.json"
+    calibration.write_text(json.dumps({"mm_per_pixel_x": 0.05, "mm_per_pixel_y": 0.08, "min_size_mm": 0.3}))
+    out = Path(build_bundle(detector_run, tmp_path / "b",
+                            detector=DetectorOptions(conf=CONF, calibration=calibration))["bundle"])
+    inspector = DefectInspector(detector=YoloDetector.load(detector_run / "detector.pt"),
+                                calibration=Calibration(0.05, 0.08, 0.3), config=InspectionConfig(conf=CONF))
+    compared = 0
+    # frames up to tile_above x 64 = 128 px (larger ones moeworks tiles: the card says so): downscaled by a
+    # third, halved and not resized, square and not
+    for height, width in ((128, 128), (100, 120), (64, 64)):
+        rgb = np.stack([f[:height, :width, ::-1] for f in frames])
+        got = run_graph(out / "model.onnx", {"image": rgb})
+        want = inspector_outputs(inspector, rgb)
+        assert [got[name].shape for name in OUTPUTS] == [want[name].shape for name in OUTPUTS], (height, width)
+        np.testing.assert_array_equal(got["image_index"], want["image_index"])
+        np.testing.assert_array_equal(got["classes"], want["classes"])
+        for name in ("boxes", "scores", "sizes_mm"):
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOLERANCES[name])
+        compared += len(want["scores"])
+        assert set(want["image_index"]) == set(range(len(frames)))  # every frame has detections
+    assert compared > 20
+    # sizes are the calibration's: width x 0.05 mm, height x 0.08 mm; nothing under 0.3 mm is left
+    boxes, sizes = got["boxes"].astype(np.float64), got["sizes_mm"]
+    np.testing.assert_allclose(sizes[:, 0], (boxes[:, 2] - boxes[:, 0]) * 0.05, rtol=1e-6)
+    np.testing.assert_allclose(sizes[:, 2], sizes[:, 0] * sizes[:, 1], rtol=1e-9)
+    assert (np.maximum(sizes[:, 0], sizes[:, 1]) >= 0.3).all()
+    card = json.loads((out / "card.json").read_text())
+    assert card["model"]["family"] == "defects/yolo-detector" and card["model"]["classes"] == inspector.detector.names
+    assert card["postprocessing"]["calibration"]["mm_per_pixel_y"] == 0.08 and card["postprocessing"]["conf"] == CONF
+    assert [o["name"] for o in card["outputs"]] == list(OUTPUTS) and "NOT in this bundle" not in card["model"][
+        "second_stage"]
+    vectors = json.loads((out / "test_vectors.json").read_text())
+    assert vectors["dtypes"] == {"image": "uint8"} and vectors["rows"] >= 4
+    flat = np.array(vectors["inputs"]["image"][-3:])  # black, white and grey frames: the extremes
+    assert [int(f.min()) for f in flat] == [0, 255, 114] == [int(f.max()) for f in flat]
+    assert verify_bundle(out)["test_vectors"] == vectors["rows"]
+
+
+@pytest.mark.slow
+def test_detector_bundle_refuses_the_moe_stage_and_defect_options_elsewhere(detector_run, tmp_path):
+    with pytest.raises(BundleError, match="MoE second stage has no bundle graph"):
+        build_bundle(detector_run, tmp_path / "b", detector=DetectorOptions(moe_stage=tmp_path / "moe_stage.pt"))
+    with pytest.raises(BundleError, match="apply to defect detectors only"):
+        build_bundle(tmp_path, tmp_path / "c", detector=DetectorOptions(conf=0.3))
+    with pytest.raises(BundleError, match="--conf must lie"):
+        DetectorOptions(conf=1.5)
+    refused = subprocess.run([sys.executable, "-m", "deploy.cli", "bundle", "build", "--model", str(detector_run),
+                              "--out", str(tmp_path / "d"), "--moe-stage", str(tmp_path / "moe_stage.pt")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: the MoE second stage has no bundle graph")
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+
+
+@pytest.fixture(scope="module")
+def detector_bundle(detector_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("detector-bundle") / "b"
+    return Path(build_bundle(detector_run, out, detector=DetectorOptions(conf=CONF))["bundle"])
+
+
+@pytest.mark.slow
+def test_partners_reproduce_the_detector_test_vectors(detector_bundle, partner_python, partner_node):
+    env = {**os.environ, "NODE_PATH": str(partner_node)}
+    for command, extra in (([str(partner_python), str(PARTNER / "bundle_partner.py")], {}),
+                           (["node", str(PARTNER / "bundle_partner.js")], {"env": env})):
+        run = subprocess.run([*command, str(detector_bundle)], capture_output=True, text=True, timeout=120, **extra)
+        assert run.returncode == 0, run.stdout + run.stderr
+        result = json.loads(run.stdout)
+        assert result["problems"] == [] and result["family"] == "defects/yolo-detector"
