@@ -175,6 +175,26 @@ def _moe_layer_backward(f: _Float32, grad_out: Var, layer, saved: dict) -> Var:
     return f.layer_norm_backward(grad_u, layer.norm, saved["norm"])
 
 
+def _forward(f: _Float32, x: Var, kernel, *, outputs: int) -> tuple[Var, tuple]:
+    """x (P, F) float32 -> (logits (P, outputs) of the head's first `outputs` rows, what the backward needs)."""
+    g, c = f.g, f.c
+    h, input_grad = f.gelu(g.op("MatMul", x, c(kernel.input_weight.T)) + c(kernel.input_bias))
+    states = []
+    for layer in kernel.layers:
+        out, state = _moe_layer(f, h, layer)
+        states.append(state)
+        h = h + out
+    normed, head_saved = f.layer_norm(h, kernel.head_norm)
+    logits = g.op("MatMul", normed, c(kernel.head_weight[:outputs].T)) + c(kernel.head_bias[:outputs])
+    return logits, (h, input_grad, states, head_saved)
+
+
+def network_logits(g: GraphBuilder, x: Var, kernel) -> Var:
+    """The network's forward alone: x (N, F) float32 -> logits (N, outputs) float32, for a
+    `TabularMoEGradient` kernel (the backward's extra values are pruned from the graph unused)."""
+    return _forward(_Float32(g), x, kernel, outputs=kernel.head_weight.shape[0])[0]
+
+
 def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
     """x: (N, F) float32 features (NaN allowed) -> (pd (N, 1) float64, contributions (N, F) float64)."""
     kernel, module = model.gradient_kernel_, model.module_
@@ -188,14 +208,7 @@ def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
     width = kernel.input_weight.shape[1]
     path = g.op("Reshape", g.op("Unsqueeze", z, g.const(np.array([0]))) * c(alphas.reshape(-1, 1, 1)),
                 g.const(np.array([-1, width])))  # (points * N, F), point-major
-    h, input_grad = f.gelu(g.op("MatMul", path, c(kernel.input_weight.T)) + c(kernel.input_bias))
-    states = []
-    for layer in kernel.layers:
-        out, state = _moe_layer(f, h, layer)
-        states.append(state)
-        h = h + out
-    normed, head_saved = f.layer_norm(h, kernel.head_norm)
-    logits = g.op("MatMul", normed, c(kernel.head_weight[:1].T)) + c(kernel.head_bias[:1])  # (P, 1)
+    logits, (h, input_grad, states, head_saved) = _forward(f, path, kernel, outputs=1)  # (P, 1)
     grad = f.layer_norm_backward(g.op("Expand", c(kernel.head_weight[0]), g.op("Shape", h)), kernel.head_norm,
                                  head_saved)
     for layer, state in zip(reversed(kernel.layers), reversed(states), strict=True):

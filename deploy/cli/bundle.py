@@ -27,6 +27,8 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
                                                                "to record its SHA-256 and draw test vectors from it"),
           archive: bool = typer.Option(False, "--archive", help="write OUT as one .tar.gz of the bundle's files "
                                                                "(verify and inspect take it as they take a folder)"),
+          backend: str | None = typer.Option(None, help="AI4I failure models: the backend the graph carries, "
+                                                          "lightgbm (default) or moe"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Build a bundle of MODEL in OUT; refuses one whose graph does not reproduce moeworks."""
     from deploy.bundle.build import build_bundle
@@ -35,7 +37,8 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
     from manufacturing.maintenance.errors import MaintenanceDataError
 
     try:
-        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data, archive=archive)
+        result = build_bundle(model, out, sign_key=sign_key, training_data=training_data, archive=archive,
+                              backend=backend)
     except (BundleError, CreditDataError, MaintenanceDataError, OSError) as error:
         _fail(str(error).splitlines()[0])
     except ValueError as error:  # e.g. a key file that is not an EC private key in PEM
