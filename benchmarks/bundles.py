@@ -9,15 +9,22 @@ when there), build its bundle, then on every row of the dataset's file measure
   onnxruntime (1 intra-op thread, as LightGBM's own config) and for `score(frame, reasons="all")`,
   interleaved, median of `--repeats`.
 
+With `--baseline-moe REV`, each credit case with the MoE network is measured twice in the same run:
+first with the MoE graph of git revision REV (`deploy/bundle/moe_graph.py` read with `git show`,
+its `moe_head` swapped in), then with the working tree's: before/after ratios from one process.
+
     nice python -m benchmarks.bundles --data ../shared/data --models-dir /tmp/bundles --json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +84,26 @@ def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _moe_graph_of(revision: str | None):
+    """Inside: credit bundles get the MoE graph (`moe_head`) of git revision `revision` (None: this tree's)."""
+    import deploy.bundle.credit_graph as credit_graph
+
+    if revision is None:
+        yield
+        return
+    source = subprocess.run(["git", "show", f"{revision}:deploy/bundle/moe_graph.py"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    module = types.ModuleType(f"moe_graph_{revision}")
+    exec(compile(source, f"{revision}:deploy/bundle/moe_graph.py", "exec"), module.__dict__)  # our own history
+    current = credit_graph.moe_head
+    credit_graph.moe_head = module.moe_head
+    try:
+        yield
+    finally:
+        credit_graph.moe_head = current
+
+
 def _onnx_against_moeworks(*, onnx_batch, moeworks_batch, onnx_single, moeworks_single, batch_rows: int,
                            single_rows: int, repeats: int) -> dict:
     """Rows/s of the bundle in onnxruntime and of moeworks' own scoring, on one batch of `batch_rows`
@@ -95,7 +122,7 @@ def _onnx_against_moeworks(*, onnx_batch, moeworks_batch, onnx_single, moeworks_
 
 
 def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
-            repeats: int) -> dict:
+            repeats: int, parity_rows: int | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
@@ -122,17 +149,18 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     def feeds(start: int, stop: int) -> dict:
         return {f: v[start:stop] for f, v in columns.items()}
 
-    # parity on every row, in blocks of 4,096 (what a partner's batch job would send)
+    # parity on every row (or the first `parity_rows`), in blocks of 4,096 (what a partner's batch job would send)
+    checked = frame.iloc[:parity_rows]
     pd_parts, decision_parts, reason_parts = [], [], []
-    for start in range(0, len(frame), 4096):
-        pd_, _, decision, reasons = session.run(None, feeds(start, start + 4096))
+    for start in range(0, len(checked), 4096):
+        pd_, _, decision, reasons = session.run(None, feeds(start, min(start + 4096, len(checked))))
         pd_parts.append(pd_[:, 0]), decision_parts.append(decision[:, 0]), reason_parts.append(reasons)
-    expected = scorer.score(frame, reasons="all")
+    expected = scorer.score(checked, reasons="all")
     names = np.array([*scorer.pipeline_.feature_names_, ""], dtype=object)
     reasons = np.concatenate(reason_parts)
     codes = np.array(["|".join(names[r[r >= 0]]) for r in reasons], dtype=object)
     got_pd = np.concatenate(pd_parts)
-    parity = {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got_pd - expected["pd"].to_numpy()))),
+    parity = {"rows": len(checked), "pd_max_abs_error": float(np.max(np.abs(got_pd - expected["pd"].to_numpy()))),
               "decisions_differing": int(((np.concatenate(decision_parts) == 1)
                                           != (expected["decision"] == "decline").to_numpy()).sum()),
               "reason_codes_differing": int((codes != expected["reason_codes"].to_numpy()).sum()),
@@ -241,10 +269,12 @@ def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work:
             "load_seconds": load_seconds}
 
 
-def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: int, repeats: int) -> dict:
-    """The AI4I failure model's bundle against its own LightGBM backend (`predict_proba`)."""
+def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: int, repeats: int,
+                 backend: str = "lightgbm") -> dict:
+    """The AI4I failure model's bundle of one backend against that backend (`predict_proba`)."""
     import onnx
     import onnxruntime as ort
+    import torch
 
     from deploy.bundle.build import build_bundle
     from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, OUTPUTS, AI4IFailureModel, read_ai4i
@@ -255,7 +285,7 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
         AI4IFailureModel(progress=False, max_epochs=5).fit(frame).save(folder)
     model = AI4IFailureModel.load(folder)
     started = time.perf_counter()
-    bundle = Path(build_bundle(folder, work / "ai4i")["bundle"])
+    bundle = Path(build_bundle(folder, work / f"ai4i-{backend}", backend=backend)["bundle"])
     build_seconds = time.perf_counter() - started
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -269,17 +299,20 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
         return {f: v[start:stop] for f, v in columns.items()}
 
     got = np.column_stack([o[:, 0] for o in session.run(None, feeds(0, len(frame)))])
-    expected = model.predict_proba(frame, backend="lightgbm")[OUTPUTS].to_numpy()
+    expected = model.predict_proba(frame, backend=backend)[OUTPUTS].to_numpy()
     block = frame.iloc[:4096]
     single = [frame.iloc[i:i + 1] for i in range(single_rows)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the MoE backend's torch on one thread, as onnxruntime and LightGBM here
     throughput = _onnx_against_moeworks(
         onnx_batch=lambda: session.run(None, feeds(0, 4096)),
-        moeworks_batch=lambda: model.predict_proba(block, backend="lightgbm"),
+        moeworks_batch=lambda: model.predict_proba(block, backend=backend),
         onnx_single=lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
-        moeworks_single=lambda: [model.predict_proba(r, backend="lightgbm") for r in single],
+        moeworks_single=lambda: [model.predict_proba(r, backend=backend) for r in single],
         batch_rows=4096, single_rows=single_rows, repeats=repeats)
+    torch.set_num_threads(threads)
     proto = onnx.load(str(bundle / "model.onnx"))
-    return {"dataset": "ai4i2020", "model": "ai4i-lightgbm",
+    return {"dataset": "ai4i2020", "model": f"ai4i-{backend}",
             "parity": {"rows": len(frame), "pd_max_abs_error": float(np.max(np.abs(got - expected))),
                        "decisions_differing": None, "reason_codes_differing": None},
             "throughput": throughput, "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
@@ -350,11 +383,16 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "moeworks-bundle-models")
     parser.add_argument("--cases", default="taiwan:scorecard,taiwan:lightgbm,taiwan:ensemble,gmsc:scorecard,"
                                            "gmsc:lightgbm,taiwan:moe,gmsc:moe,taiwan:moe-ensemble,"
-                                           "gmsc:moe-ensemble,ai4i:lightgbm,cmapss-FD001:lstm,cmapss-FD004:moe")
+                                           "gmsc:moe-ensemble,ai4i:lightgbm,ai4i:moe,cmapss-FD001:lstm,"
+                                           "cmapss-FD004:moe")
     parser.add_argument("--detector-run", type=Path, default=None,
                         help="a `defects train` folder, for the case neu_det:detector (not among the defaults)")
     parser.add_argument("--single-rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parity-rows", type=int, default=None,
+                        help="credit cases: check parity on the first N rows of the file only (default: every row)")
+    parser.add_argument("--baseline-moe", metavar="REV", default=None,
+                        help="also measure the credit MoE cases with git revision REV's MoE graph, first, in this run")
     add_output_arguments(parser, None)
     args = parser.parse_args()
     results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1, "torch_threads": 1},
@@ -379,21 +417,33 @@ def main() -> None:
                                   repeats=args.repeats)
             elif dataset == "ai4i":
                 row = measure_ai4i(args.data, args.models_dir, Path(work), single_rows=args.single_rows,
-                                   repeats=args.repeats)
+                                   repeats=args.repeats, backend=name)
             else:
+                graphs = [args.baseline_moe, None] if args.baseline_moe and "moe" in name else [None]
+                for graph in graphs[:-1]:  # the baseline first, then this tree's graph
+                    with _moe_graph_of(graph):
+                        row = measure(dataset, name, args.data, args.models_dir, Path(work) / graph,
+                                      single_rows=args.single_rows, repeats=args.repeats,
+                                      parity_rows=args.parity_rows)
+                    results["cases"].append({**row, "moe_graph": graph})
+                    _print_row(dataset, f"{name}@{graph}", row)
                 row = measure(dataset, name, args.data, args.models_dir, Path(work), single_rows=args.single_rows,
-                              repeats=args.repeats)
+                              repeats=args.repeats, parity_rows=args.parity_rows)
             results["cases"].append(row)
-            p, t = row["parity"], row["throughput"]
-            print(f"{dataset:7s} {name:10s} nodes {row['graph_nodes']:4d} "
-                  f"onnx {row['model_onnx_bytes'] / 1024:7.0f} KiB "
-                  f"load {row['load_seconds'] * 1000:6.0f} ms | rows {p['rows']} pd err {p['pd_max_abs_error']:.1e} "
-                  f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} "
-                  f"(sets {p.get('reason_sets_differing')}) | "
-                  f"batch 4096: onnx {t['onnx_rows_s_4096']:,.0f} vs {t['moeworks_rows_s_4096']:,.0f} rows/s "
-                  f"({t['ratio_4096']:.2f}x) | batch 1: {t['onnx_rows_s_1']:,.0f} vs {t['moeworks_rows_s_1']:,.0f} "
-                  f"({t['ratio_1']:.2f}x)", file=sys.stderr)
+            _print_row(dataset, name, row)
     write_results(results, args.out, as_json=args.json)
+
+
+def _print_row(dataset: str, name: str, row: dict) -> None:
+    p, t = row["parity"], row["throughput"]
+    print(f"{dataset:7s} {name:10s} nodes {row['graph_nodes']:4d} "
+          f"onnx {row['model_onnx_bytes'] / 1024:7.0f} KiB "
+          f"load {row['load_seconds'] * 1000:6.0f} ms | rows {p['rows']} pd err {p['pd_max_abs_error']:.1e} "
+          f"decisions diff {p['decisions_differing']} reasons diff {p['reason_codes_differing']} "
+          f"(sets {p.get('reason_sets_differing')}) | "
+          f"batch 4096: onnx {t['onnx_rows_s_4096']:,.0f} vs {t['moeworks_rows_s_4096']:,.0f} rows/s "
+          f"({t['ratio_4096']:.2f}x) | batch 1: {t['onnx_rows_s_1']:,.0f} vs {t['moeworks_rows_s_1']:,.0f} "
+          f"({t['ratio_1']:.2f}x)", file=sys.stderr)
 
 
 if __name__ == "__main__":

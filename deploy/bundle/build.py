@@ -37,7 +37,8 @@ from deploy.bundle.credit_graph import credit_graph
 
 MODEL, CARD, VECTORS = "model.onnx", "card.json", "test_vectors.json"
 COVERED = ("credit scorecard, lightgbm, moe, sequence and ensembles of them (finance train; taiwan, gmsc), RUL lstm "
-           "and moe (maintenance train), AI4I failure model (its LightGBM backend), defect detector (defects train)")
+           "and moe (maintenance train), AI4I failure model (its LightGBM or MoE backend), defect detector "
+           "(defects train)")
 MAX_MODEL_BYTES = 512 << 20  # a bundle's graph above this is not one we made
 SAMPLE_ROWS = 24
 
@@ -166,22 +167,22 @@ def _credit(model_dir: Path, training_data: Path | None) -> tuple:
     return proto, card, inputs, expected_outputs(scorer, frame)
 
 
-def _ai4i(model_dir: Path, training_data: Path | None) -> tuple:
+def _ai4i(model_dir: Path, training_data: Path | None, backend: str) -> tuple:
     from deploy.bundle.ai4i_graph import ai4i_graph
     from deploy.bundle.card import ai4i_card, ai4i_test_rows
     from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, AI4IFailureModel, read_ai4i
 
     model = AI4IFailureModel.load(model_dir)
     training = read_ai4i(training_data) if training_data is not None else None
-    proto = ai4i_graph(model)
+    proto = ai4i_graph(model, backend=backend)
     operators = {n.op_type for n in proto.graph.node}
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
-    card = ai4i_card(model, opsets=opsets, operators=operators,
+    card = ai4i_card(model, opsets=opsets, operators=operators, backend=backend,
                      data_sha256=_sha256_path(training_data) if training_data is not None else None)
     frame = ai4i_test_rows(training)
     inputs = {"Type": frame["Type"].astype(str).tolist(),
               **{n: [float(v) for v in frame[n].to_numpy(np.float64)] for n in NUMERIC_INPUTS}}
-    scored = model.predict_proba(frame, backend="lightgbm")
+    scored = model.predict_proba(frame, backend=backend)
     return proto, card, inputs, {name: scored[name].tolist() for name in scored.columns}
 
 
@@ -269,10 +270,12 @@ class DetectorOptions:
 
 
 def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, training_data: Path | None = None,
-                 archive: bool = False, detector: DetectorOptions | None = None) -> dict[str, Any]:
+                 archive: bool = False, detector: DetectorOptions | None = None,
+                 backend: str | None = None) -> dict[str, Any]:
     """Write the bundle of the model in model_dir (a credit, RUL, AI4I failure model or defect detector)
     to out (a new or empty folder; with `archive`, a new .tar.gz file holding that folder's files).
-    `detector`: the defect detector's options (refused for other models)."""
+    `detector`: the defect detector's options (refused for other models). `backend`: which of an AI4I
+    model's backends the graph carries (lightgbm, the default, or moe); other models refuse it."""
     detector = detector or DetectorOptions()
     if archive:
         if not is_archive(out):
@@ -281,7 +284,7 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, tr
             raise BundleError(f"{out} exists")
         with tempfile.TemporaryDirectory(prefix="moeworks-bundle-", dir=out.parent) as work:
             result = build_bundle(model_dir, Path(work) / "bundle", sign_key=sign_key, training_data=training_data,
-                                  detector=detector)
+                                  detector=detector, backend=backend)
             partial = out.with_name(out.name + ".partial")
             write_archive(Path(result["bundle"]), partial)
             partial.replace(out)  # a half-written archive never carries the archive's name
@@ -296,10 +299,13 @@ def build_bundle(model_dir: Path, out: Path, *, sign_key: Path | None = None, tr
     is_detector = (model_dir / "detector.pt").is_file()
     if detector.given and not is_detector:
         raise BundleError("--conf, --calibration, --mm-per-pixel and --moe-stage apply to defect detectors only")
+    is_ai4i = (model_dir / "ai4i.json").is_file()
+    if backend is not None and not is_ai4i:
+        raise BundleError("a backend is chosen for AI4I failure models only (lightgbm or moe)")
     if is_detector:
         proto, card, inputs, expected = _defects(model_dir, training_data, detector)
-    elif (model_dir / "ai4i.json").is_file():
-        proto, card, inputs, expected = _ai4i(model_dir, training_data)
+    elif is_ai4i:
+        proto, card, inputs, expected = _ai4i(model_dir, training_data, backend or "lightgbm")
     elif (model_dir / "model.pt").is_file() and (model_dir / "model.json").is_file():
         proto, card, inputs, expected = _rul(model_dir, training_data)
     elif (model_dir / "scorer.json").is_file():

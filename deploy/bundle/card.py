@@ -167,7 +167,8 @@ def ai4i_test_rows(training):
     return pd.concat([sample, pd.DataFrame(extremes)], ignore_index=True)
 
 
-def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256: str | None) -> dict[str, Any]:
+def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256: str | None,
+              backend: str = "lightgbm") -> dict[str, Any]:
     from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, OUTPUTS
 
     units = {"Air temperature [K]": "K", "Process temperature [K]": "K", "Rotational speed [rpm]": "rpm",
@@ -180,11 +181,9 @@ def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256
         training["training_file_sha256"] = data_sha256
     return {
         "schema": "moeworks-bundle-card/1",
-        "model": {"family": "maintenance/ai4i-lightgbm", "dataset": "ai4i2020",
-                  "version": hashlib.sha256("".join(model.boosters_[o].model_to_string() for o in OUTPUTS)
-                                            .encode()).hexdigest()[:16],
-                  "backend": "lightgbm (the model's MoE backend has no bundle graph yet)",
-                  "default_backend_of_model": model.default_backend_},
+        "model": {"family": f"maintenance/ai4i-{backend}", "dataset": "ai4i2020",
+                  "version": _ai4i_version(model, backend),
+                  "backend": backend, "default_backend_of_model": model.default_backend_},
         "inputs": [{"name": "Type", "type": "tensor(string) [N, 1]", "unit": "",
                     "meaning": "product quality: L, M or H",
                     "allowed_range": {"levels": ["L", "M", "H"]},
@@ -192,8 +191,9 @@ def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256
                     "protected_attribute": ""},
                    *({"name": n, "type": "tensor(double) [N, 1]", "unit": units[n], "meaning": n.split(" [")[0],
                       "allowed_range": {"finite": True},
-                      "missing": "not allowed: moeworks refuses non-finite readings; NaN follows LightGBM's "
-                                 "missing branch", "protected_attribute": ""} for n in NUMERIC_INPUTS)],
+                      "missing": "not allowed: moeworks refuses non-finite readings" + (
+                          "; NaN follows LightGBM's missing branch" if backend == "lightgbm" else
+                          "; NaN gives NaN probabilities"), "protected_attribute": ""} for n in NUMERIC_INPUTS)],
         "outputs": [{"name": o, "type": "tensor(double) [N, 1]", "meaning": f"probability of {meanings[o]}"}
                     for o in OUTPUTS],
         "training_data": training,
@@ -203,8 +203,23 @@ def ai4i_card(model, *, opsets: dict[str, int], operators: set[str], data_sha256
         "limitations": ["AI4I 2020 is synthetic data of one machine type; re-validate on the plant's own "
                         "history before acting on alerts.", "Random failures (RNF) are not predictable."],
         "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
-                    "tolerances": dict.fromkeys(OUTPUTS, 1e-6)},
+                    # float32 network: 1e-4 as the credit networks (issue 17), the trees 1e-6
+                    "tolerances": dict.fromkeys(OUTPUTS, 1e-4 if backend == "moe" else 1e-6)},
     }
+
+
+def _ai4i_version(model, backend: str) -> str:
+    """The first 16 hex digits of the SHA-256 of the backend's fitted state (boosters or network weights)."""
+    from manufacturing.maintenance.ai4i import OUTPUTS
+
+    digest = hashlib.sha256()
+    if backend == "lightgbm":
+        digest.update("".join(model.boosters_[o].model_to_string() for o in OUTPUTS).encode())
+    else:
+        for name, tensor in sorted(model.moe_.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def rul_test_engines(estimator, training):

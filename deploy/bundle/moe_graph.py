@@ -11,11 +11,13 @@ read from that kernel, so the graph follows whatever the loaded module holds.
 torch.onnx (core.onnx_export) exports the forward only: a graph from it would give the PD but not
 the reasons, and a second forward for the backward's saved values would run the network twice.
 
-The experts run densely in the graph: every expert on every path point, weighted by a routing
-matrix that is zero outside each point's top-k (TopK: ties to the lower index, as the kernel's
-stable argsort). With 16 experts of 64 x 128 this is 2 x 262k multiply-adds per point and layer,
-one MatMul each instead of a gather per expert. Float32 throughout as the product; the prediction's
-sigmoid is float64 as `finance.models.moe._proba`.
+The experts run sparsely, as the kernel dispatches them: per expert, the (row, slot) assignments
+routed to it (Equal + NonZero on the top-k indices; TopK breaks ties to the lower index, as the
+kernel's stable argsort), a Gather of those rows, the expert's two MatMuls, and a Gather per slot
+that puts the outputs back in row order. The dense form (every expert on every path point, weighted
+by a routing matrix that is zero outside the top-k) did 8x the expert arithmetic at 16 experts,
+top-2, and ran at 0.17-0.31x moeworks' batch scoring at 4,096 rows (benchmarks/RESULTS.md, bundles).
+Float32 throughout as the product; the prediction's sigmoid is float64 as `finance.models.moe._proba`.
 """
 
 from __future__ import annotations
@@ -44,16 +46,25 @@ class _Float32:
         cdf = c(0.5) * (c(1.0) + g.op("Erf", x * c(_SQRT_HALF)))
         return x * cdf, cdf + x * c(_INV_SQRT_2PI) * g.op("Exp", c(-0.5) * x * x)
 
-    def activation(self, name: str, x: Var) -> tuple[Var, Var]:
+    def activation(self, name: str, x: Var) -> tuple[Var, Var, float]:
+        """(a, a', scale): scale * a is the activation of x and scale * a' its derivative.
+
+        GELU's 0.5 goes into the expert weights (scale 0.5: exact in float32), saving passes over
+        the experts' (P*k, I) activations, the graph's largest element-wise work: x (1 + erf(t))
+        and (1 + erf(t)) + x sqrt(2/pi) exp(-x^2 / 2), 9 passes instead of 11."""
         g, c = self.g, self.c
         if name == "gelu":
-            return self.gelu(x)
+            t = x * c(_SQRT_HALF)
+            one_erf = g.op("Erf", t) + c(1.0)
+            # sqrt(2/pi) exp(-t^2) as exp(log(sqrt(2/pi)) - t^2): one pass less than the product
+            pdf = g.op("Exp", c(np.log(2.0 * _INV_SQRT_2PI)) - t * t)
+            return x * one_erf, one_erf + x * pdf, 0.5
         if name == "relu":
             positive = x > c(0.0)
-            return g.where(positive, x, c(0.0)), g.op("Cast", positive, to=1)
+            return g.where(positive, x, c(0.0)), g.op("Cast", positive, to=1), 1.0
         if name == "silu":
             sig = c(1.0) / (c(1.0) + g.op("Exp", -x))
-            return x * sig, sig * (c(1.0) + x * (c(1.0) - sig))
+            return x * sig, sig * (c(1.0) + x * (c(1.0) - sig)), 1.0
         raise BundleError(f"expert activation {name!r} has no bundle graph")
 
     def mean_last(self, x: Var, width: int) -> Var:
@@ -74,8 +85,41 @@ class _Float32:
         return inv_std * (gw - self.mean_last(gw, width) - normed * self.mean_last(gw * normed, width))
 
 
+def _dispatch(f: _Float32, index: Var, weight: Var, experts: int, top_k: int) -> dict:
+    """Which (row, slot) assignments of index (P, k) each expert serves, as the kernel groups them.
+
+    Assignment a is row a // k, slot a % k (row-major). Per expert e: `rows[e]` (n_e,) the rows
+    routed to it, `weight[e]` (n_e, 1) their gate weights. `slots[j]` (P,): where row p's slot-j
+    output lies among the experts' outputs concatenated in expert order (a Gather by it puts them
+    back: every row has exactly k, so no scatter-add over (P, H) is needed). One Equal and NonZero
+    per expert over the P*k assignments: cheaper than sorting them (TopK), and no Split."""
+    g = f.g
+    flat = g.op("Reshape", index, g.const(np.array([-1])))  # (P*k,)
+    flat_weight = g.op("Reshape", weight, g.const(np.array([-1])))
+    positions = [g.op("Reshape", g.op("NonZero", g.op("Equal", flat, g.const(np.array(e)))), g.const(np.array([-1])))
+                 for e in range(experts)]  # (n_e,) assignments of expert e, ascending
+    order = g.concat(positions, axis=0)  # (P*k,): assignments expert by expert
+    count = g.op("Range", g.const(np.array(0)), g.op("Squeeze", g.op("Shape", flat), g.const(np.array([0]))),
+                 g.const(np.array(1)))
+    inverse = g.op("Reshape", g.op("ScatterElements", count, order, count, axis=0),
+                   g.const(np.array([-1, top_k])))  # (P, k): where each assignment landed in `order`
+    return {"rows": [g.op("Div", p, g.const(np.array(top_k))) for p in positions],
+            "weight": [g.op("Unsqueeze", g.op("Gather", flat_weight, p, axis=0), g.const(np.array([1])))
+                       for p in positions],
+            "slots": [g.op("Squeeze", g.columns(inverse, j, j + 1), g.const(np.array([1]))) for j in range(top_k)]}
+
+
+def _combine(f: _Float32, parts: list[Var], dispatch: dict) -> Var:
+    """Per-expert (n_e, W) results -> (P, W): each row's k of them summed, slot by slot."""
+    stacked = f.g.concat(parts, axis=0)  # (P*k, W), expert by expert
+    return f.g.sequential_sum([f.g.op("Gather", stacked, slot, axis=0) for slot in dispatch["slots"]])
+
+
 def _moe_layer(f: _Float32, h: Var, layer) -> tuple[Var, dict]:
-    """One residual branch, forward: h (P, H) -> (output (P, H), what the backward needs)."""
+    """One residual branch, forward: h (P, H) -> (output (P, H), what the backward needs).
+
+    Sparse, as the kernel: each expert runs on the rows routed to it only (Gather, its two
+    MatMuls), and the weighted outputs go back to their rows (`_combine`)."""
     g, c = f.g, f.c
     experts, hidden, inner = layer.w_in.shape
     if layer.shared:
@@ -90,31 +134,33 @@ def _moe_layer(f: _Float32, h: Var, layer) -> tuple[Var, dict]:
     if layer.normalize_weights and layer.top_k > 1:
         total = g.op("ReduceSum", weight, g.const(np.array([-1])), keepdims=1)
         weight = weight / g.op("Max", total, c(1e-9))
-    routing = g.op("ScatterElements", g.op("Mul", scores, c(0.0)), index, weight, axis=-1)  # (P, E), 0 off top-k
-    w_in = np.ascontiguousarray(layer.w_in.transpose(1, 0, 2).reshape(hidden, experts * inner))  # (H, E*I)
-    pre = g.op("Reshape", g.op("MatMul", u, c(w_in)), g.const(np.array([0, experts, inner])))  # (P, E, I)
-    act, act_grad = f.activation(layer.activation, pre)
-    y = g.op("MatMul", g.op("Transpose", act, perm=[1, 0, 2]), c(layer.w_out))  # (E, P, H)
-    y = g.op("Transpose", y, perm=[1, 0, 2])  # (P, E, H)
-    out = g.op("Squeeze", g.op("MatMul", g.op("Unsqueeze", routing, g.const(np.array([1]))), y),
-               g.const(np.array([1])))  # (P, H)
-    return out, {"norm": norm_saved, "index": index, "weight": weight, "scores": scores, "routing": routing,
-                 "act_grad": act_grad, "y": y}
+    dispatch = _dispatch(f, index, weight, experts, layer.top_k)
+    ys, act_grads, scale = [], [], 1.0
+    for e in range(experts):
+        act, act_grad, scale = f.activation(layer.activation, g.op(
+            "MatMul", g.op("Gather", u, dispatch["rows"][e], axis=0), c(layer.w_in[e])))  # (n_e, I)
+        ys.append(g.op("MatMul", act, c(scale * layer.w_out[e])))  # (n_e, H)
+        act_grads.append(act_grad)
+    out = _combine(f, [y * w for y, w in zip(ys, dispatch["weight"], strict=True)], dispatch)  # (P, H)
+    return out, {"norm": norm_saved, "index": index, "weight": weight, "scores": scores, "dispatch": dispatch,
+                 "act_grad": act_grads, "scale": scale, "y": ys}
 
 
 def _moe_layer_backward(f: _Float32, grad_out: Var, layer, saved: dict) -> Var:
     """d logit / d output (P, H) -> d logit / d input through the branch, as _MoELayer.backward."""
     g, c = f.g, f.c
     experts, hidden, inner = layer.w_in.shape
-    w_out_t = np.ascontiguousarray(layer.w_out.transpose(2, 0, 1).reshape(hidden, experts * inner))  # (H, E*I)
-    grad_act = g.op("Reshape", g.op("MatMul", grad_out, c(w_out_t)), g.const(np.array([0, experts, inner])))
-    grad_pre = grad_act * g.op("Unsqueeze", saved["routing"], g.const(np.array([2]))) * saved["act_grad"]
-    w_in_t = np.ascontiguousarray(layer.w_in.transpose(0, 2, 1).reshape(experts * inner, hidden))  # (E*I, H)
-    grad_u = g.op("MatMul", g.op("Reshape", grad_pre, g.const(np.array([0, experts * inner]))), c(w_in_t))
-    grad_all = g.op("Squeeze", g.op("MatMul", saved["y"], g.op("Unsqueeze", grad_out, g.const(np.array([2])))),
-                    g.const(np.array([2])))  # (P, E): d logit / d weight of each expert
-    index, weight = saved["index"], saved["weight"]
-    grad_weight = g.op("GatherElements", grad_all, index, axis=-1)  # (P, k)
+    dispatch, index, weight = saved["dispatch"], saved["index"], saved["weight"]
+    grad_u_parts, grad_weight_parts = [], []
+    for e in range(experts):
+        grad_y = g.op("Gather", grad_out, dispatch["rows"][e], axis=0)  # (n_e, H)
+        # d logit / d gate weight of the assignment: <grad_out, y>
+        grad_weight_parts.append(g.op("ReduceSum", saved["y"][e] * grad_y, g.const(np.array([-1])), keepdims=1))
+        grad_pre = g.op("MatMul", grad_y * dispatch["weight"][e], c(layer.w_out[e].T)) * saved["act_grad"][e]
+        grad_u_parts.append(g.op("MatMul", grad_pre, c(saved["scale"] * layer.w_in[e].T)))
+    grad_u = _combine(f, grad_u_parts, dispatch)  # (P, H)
+    grad_weight = g.concat([g.op("Gather", g.concat(grad_weight_parts, axis=0), slot, axis=0)
+                            for slot in dispatch["slots"]], axis=1)  # (P, k)
     zeros = g.op("Mul", saved["scores"], c(0.0))
     if layer.normalize_weights and layer.top_k > 1:
         chosen = weight * (grad_weight - g.op("ReduceSum", weight * grad_weight, g.const(np.array([-1])),
@@ -127,6 +173,26 @@ def _moe_layer_backward(f: _Float32, grad_out: Var, layer, saved: dict) -> Var:
                                                    keepdims=1))
     grad_u = grad_u + g.op("MatMul", grad_logits, c(layer.gate))
     return f.layer_norm_backward(grad_u, layer.norm, saved["norm"])
+
+
+def _forward(f: _Float32, x: Var, kernel, *, outputs: int) -> tuple[Var, tuple]:
+    """x (P, F) float32 -> (logits (P, outputs) of the head's first `outputs` rows, what the backward needs)."""
+    g, c = f.g, f.c
+    h, input_grad = f.gelu(g.op("MatMul", x, c(kernel.input_weight.T)) + c(kernel.input_bias))
+    states = []
+    for layer in kernel.layers:
+        out, state = _moe_layer(f, h, layer)
+        states.append(state)
+        h = h + out
+    normed, head_saved = f.layer_norm(h, kernel.head_norm)
+    logits = g.op("MatMul", normed, c(kernel.head_weight[:outputs].T)) + c(kernel.head_bias[:outputs])
+    return logits, (h, input_grad, states, head_saved)
+
+
+def network_logits(g: GraphBuilder, x: Var, kernel) -> Var:
+    """The network's forward alone: x (N, F) float32 -> logits (N, outputs) float32, for a
+    `TabularMoEGradient` kernel (the backward's extra values are pruned from the graph unused)."""
+    return _forward(_Float32(g), x, kernel, outputs=kernel.head_weight.shape[0])[0]
 
 
 def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
@@ -142,14 +208,7 @@ def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
     width = kernel.input_weight.shape[1]
     path = g.op("Reshape", g.op("Unsqueeze", z, g.const(np.array([0]))) * c(alphas.reshape(-1, 1, 1)),
                 g.const(np.array([-1, width])))  # (points * N, F), point-major
-    h, input_grad = f.gelu(g.op("MatMul", path, c(kernel.input_weight.T)) + c(kernel.input_bias))
-    states = []
-    for layer in kernel.layers:
-        out, state = _moe_layer(f, h, layer)
-        states.append(state)
-        h = h + out
-    normed, head_saved = f.layer_norm(h, kernel.head_norm)
-    logits = g.op("MatMul", normed, c(kernel.head_weight[:1].T)) + c(kernel.head_bias[:1])  # (P, 1)
+    logits, (h, input_grad, states, head_saved) = _forward(f, path, kernel, outputs=1)  # (P, 1)
     grad = f.layer_norm_backward(g.op("Expand", c(kernel.head_weight[0]), g.op("Shape", h)), kernel.head_norm,
                                  head_saved)
     for layer, state in zip(reversed(kernel.layers), reversed(states), strict=True):

@@ -36,6 +36,8 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
                                                                "calibration's)"),
           moe_stage: Path | None = typer.Option(None, "--moe-stage", help="refused: the defect detector's MoE second "
                                                                           "stage has no bundle graph"),
+          backend: str | None = typer.Option(None, help="AI4I failure models: the backend the graph carries, "
+                                                          "lightgbm (default) or moe"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:
     """Build a bundle of MODEL in OUT; refuses one whose graph does not reproduce moeworks."""
     from deploy.bundle.build import DetectorOptions, build_bundle
@@ -47,7 +49,7 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
     try:
         options = DetectorOptions(conf=conf, calibration=calibration, mm_per_pixel=mm_per_pixel, moe_stage=moe_stage)
         result = build_bundle(model, out, sign_key=sign_key, training_data=training_data, archive=archive,
-                              detector=options)
+                              detector=options, backend=backend)
     except (BundleError, CreditDataError, MaintenanceDataError, DefectDataError, OSError) as error:
         _fail(str(error).splitlines()[0])
     except ValueError as error:  # e.g. a key file that is not an EC private key in PEM

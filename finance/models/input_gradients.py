@@ -150,17 +150,21 @@ class TabularMoEGradient:
         self.head_norm, self.head_weight, self.head_bias = head_norm, head_weight, head_bias  # (outputs, H)
 
     @classmethod
-    def from_module(cls, net: nn.Module) -> TabularMoEGradient:
+    def from_module(cls, net: nn.Module, *, embedded_inputs: bool = False) -> TabularMoEGradient:
         """net: a `core.blocks.TabularMoE` without categorical embeddings, whose layers route by
         softmax with no expert capacity (dropless, as in eval on a handful of rows), with float32
         CPU weights and stacked `core.experts.Experts`. Anything else raises TypeError (not such a
-        network) or ValueError (a network this kernel does not cover), naming what differs."""
+        network) or ValueError (a network this kernel does not cover), naming what differs.
+
+        With `embedded_inputs`, a network with embeddings is taken too: x is then the input layer's
+        whole input, the numeric features followed by each categorical feature's embedding vector
+        (the embeddings themselves stay with the caller: deploy/bundle/ai4i_graph.py)."""
         from core.blocks import TabularMoE
         from core.experts import Experts
 
         if not isinstance(net, TabularMoE):
             raise TypeError(f"TabularMoEGradient reads a core.blocks.TabularMoE, got {type(net).__name__}")
-        if len(net.embeddings):
+        if len(net.embeddings) and not embedded_inputs:
             raise ValueError("TabularMoEGradient covers numeric inputs only; this network has categorical embeddings")
         parts = {"input_projection": net.input_projection, "head_projection": net.head_projection}
         for name, part in parts.items():

@@ -151,7 +151,7 @@ def scorers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ai4i_model(tmp_path_factory):
-    """An AI4I failure model on generated readings (one MoE epoch: the bundle carries the LightGBM backend)."""
+    """An AI4I failure model on generated readings (one MoE epoch: enough for the graph's maths)."""
     from manufacturing.maintenance.ai4i import AI4IFailureModel, generate_ai4i
 
     return AI4IFailureModel(max_epochs=1, progress=False).fit(generate_ai4i(2000, seed=0)).save(
@@ -231,6 +231,41 @@ def test_ai4i_bundle_from_raw_readings_reproduces_the_lightgbm_backend(ai4i_mode
     card = json.loads((out / "card.json").read_text())
     assert [i["name"] for i in card["inputs"]] == INPUTS and [o["name"] for o in card["outputs"]] == OUTPUTS
     assert verify_bundle(out)["signature"] == "unsigned"
+
+
+def test_ai4i_moe_bundle_reproduces_the_moe_backend(ai4i_model, tmp_path):
+    from manufacturing.maintenance.ai4i import INPUTS, NUMERIC_INPUTS, OUTPUTS, AI4IFailureModel, generate_ai4i
+
+    out = Path(build_bundle(ai4i_model, tmp_path / "b", backend="moe")["bundle"])
+    rows = generate_ai4i(600, seed=4)[INPUTS]
+    rows.loc[:2, "Torque [Nm]"] = [0.0, 1e6, -5.0]
+    rows.loc[3, "Type"] = "X"  # an unknown type: embedding row 0, as moeworks codes it
+    got = run_graph(out / "model.onnx", {"Type": rows["Type"].tolist(),
+                                         **{n: rows[n].tolist() for n in NUMERIC_INPUTS}})
+    model = AI4IFailureModel.load(ai4i_model)
+    expected = model.predict_proba(rows.drop(index=3), backend="moe")
+    for name in OUTPUTS:
+        np.testing.assert_allclose(np.delete(got[name][:, 0], 3), expected[name], rtol=0, atol=1e-4)
+        assert expected[name].std() > 1e-3  # the network's outputs vary with the readings: real values compared
+    # the graph is not the LightGBM one: the backends disagree where the graph follows the network
+    lightgbm = model.predict_proba(rows.drop(index=3), backend="lightgbm")["failure"]
+    assert np.abs(np.delete(got["failure"][:, 0], 3) - lightgbm).max() > 1e-3
+    card = json.loads((out / "card.json").read_text())
+    assert card["model"]["family"] == "maintenance/ai4i-moe" and card["model"]["backend"] == "moe"
+    assert card["runtime"]["tolerances"] == dict.fromkeys(OUTPUTS, 1e-4)
+    assert verify_bundle(out)["test_vectors"] == len(json.loads((out / "test_vectors.json").read_text())["expected"]
+                                                     ["failure"])
+
+
+def test_a_backend_is_chosen_for_ai4i_models_only(ai4i_model, tmp_path):
+    credit = tmp_path / "credit"
+    credit.mkdir()
+    (credit / "scorer.json").write_text("{}")  # refused before the model is read
+    with pytest.raises(BundleError, match="AI4I failure models only"):
+        build_bundle(credit, tmp_path / "a", backend="moe")
+    with pytest.raises(BundleError, match="unknown AI4I backend 'tree'"):
+        build_bundle(ai4i_model, tmp_path / "b", backend="tree")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_graph_inputs_are_the_raw_fields_and_the_card_describes_them(scorers, tmp_path):
@@ -348,6 +383,7 @@ def partner_bundles(signed_bundle: Path, scorers, ai4i_model: Path, rul_models: 
             Path(build_bundle(scorers[("gmsc", "moe-ensemble")], tmp_path / "moe-ens")["bundle"]),
             Path(build_bundle(scorers[("taiwan", "sequence")], tmp_path / "seq")["bundle"]),
             Path(build_bundle(ai4i_model, tmp_path / "ai4i")["bundle"]),
+            Path(build_bundle(ai4i_model, tmp_path / "ai4i-moe", backend="moe")["bundle"]),
             *(Path(build_bundle(folder, tmp_path / f"rul-{kind}")["bundle"]) for kind, folder in rul_models.items())]
 
 

@@ -2,7 +2,8 @@
 product's own path (finance.models.moe.MoEModel: torch for blocks, finance.models.input_gradients for a few rows).
 
 Random networks of each routing variant the graph covers (normalised or full-softmax weights, gelu,
-relu and silu experts, a bias that changes which experts are chosen); inputs with NaN and far
+relu and silu experts, a bias that changes which experts are chosen, one to three experts per row;
+5 rows leave most of the 16 experts with no row, which the sparse dispatch must take); inputs with NaN and far
 outside the clipping range. No training: the maths is what is checked here, the trained credit
 models in tests/deploy/bundle/test_bundle.py.
 """
@@ -27,7 +28,7 @@ FEATURES = 12
 def _model(seed: int, **moe) -> MoEModel:
     torch.manual_seed(seed)
     net = TabularMoE(TabularMoEConfig(num_numeric=FEATURES, num_layers=2, moe=MoEConfig(
-        num_experts=16, top_k=2, hidden_size=16, intermediate_size=24, **moe)))
+        num_experts=16, hidden_size=16, intermediate_size=24, **{"top_k": 2, **moe})))
     module = StandardisedMoE(net, FEATURES)
     rng = np.random.default_rng(seed)
     module.fill.copy_(torch.from_numpy(rng.normal(size=FEATURES).astype(np.float32)))
@@ -53,7 +54,8 @@ def _graph(model: MoEModel) -> bytes:
 
 
 @pytest.mark.parametrize("moe", [{}, {"normalize_weights": False}, {"activation": "relu"},
-                                 {"activation": "silu", "bias_balancing": True}])
+                                 {"activation": "silu", "bias_balancing": True}, {"top_k": 1},
+                                 {"top_k": 3, "normalize_weights": False}])
 @pytest.mark.parametrize("rows", [5, 300])  # the product's NumPy kernel (a few rows) and torch autograd paths
 def test_graph_reproduces_pd_and_integrated_gradients(moe, rows):
     import onnxruntime as ort
