@@ -27,6 +27,18 @@ MOE_STAGE = typer.Option(None, "--moe-stage", help="MoE stage (.pt or .onnx) to 
                                                    "(was --moe)")
 
 
+def _model_or_shipped(model: Path | None) -> Path:
+    """--model, or the shipped NEU-DET detector (its SHA-256 checked) when it is left out, said on stderr."""
+    if model is not None:
+        return model
+    from manufacturing.defects.shipped import CARD_FILE, verified_path
+
+    path = verified_path()
+    output.note(f"no --model: using the shipped NEU-DET detector {path} (trained on the NEU-DET research data "
+                f"set; model card {CARD_FILE})")
+    return path
+
+
 @defects_app.command("train")
 def defects_train(
     data: Path = typer.Option(..., help="VOC folder (IMAGES/+ANNOTATIONS/, JPEGImages/+Annotations/, or flat)"),
@@ -41,17 +53,31 @@ def defects_train(
     seed: int = typer.Option(0, help="split and training seed"),
     train_moe: bool = typer.Option(True, "--train-moe/--no-train-moe", help="also train the MoE second stage on "
                                                                           "crops (was --moe/--no-moe)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out from its "
+                                                        "yolo/weights/last.pt (same --data and split only)"),
+    weights: Path = typer.Option(None, "--weights", help="start from this detector file (e.g. the shipped one, "
+                                                         "manufacturing/defects/weights/neu_det.pt) to fine-tune"),
+    threads: int = typer.Option(1, help="torch threads for training (1 suits 2 shared cores; more on a machine "
+                                        "of its own)"),
     as_json: bool = JSON,
 ) -> None:
-    """Train YOLO from its model YAML (offline, no pretrained weights) and the MoE crop stage."""
+    """Train YOLO from its model YAML (offline) or from a detector file, and the MoE crop stage."""
     from manufacturing.defects.train import DetectorConfig
     from manufacturing.defects.workflow import TrainJob, train_job
 
-    job = TrainJob(detector=DetectorConfig(imgsz=imgsz, epochs=epochs, time=hours or None, batch=batch,
-                                           workers=workers, device=device, seed=seed),
-                   val_fraction=val_fraction, split_seed=seed, train_moe=train_moe)
+    if resume and weights is not None:
+        raise UserInputError("--resume continues a run from its own last.pt; it takes no --weights")
+    if weights is not None and not weights.is_file():
+        raise UserInputError(f"--weights {weights}: no such detector file")
+    try:
+        detector = DetectorConfig(imgsz=imgsz, epochs=epochs, time=hours or None, batch=batch, workers=workers,
+                                  device=device, seed=seed, threads=threads,
+                                  weights=None if weights is None else str(weights))
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    job = TrainJob(detector=detector, val_fraction=val_fraction, split_seed=seed, train_moe=train_moe)
     with output.third_party_output_to(out / "logs" / "defects.log"):
-        result = train_job(data, out, job)
+        result = train_job(data, out, job, resume=resume)
     output.say(f"trained {result.get('detector')} ({result.get('train_images')} training images)"
                + (f" and {result['moe_stage']}" if result.get("moe_stage") else "") + f"; run folder {out}",
                as_json=as_json)
@@ -62,7 +88,7 @@ def defects_train(
 @defects_app.command("evaluate")
 def defects_evaluate(
     data: Path = typer.Option(..., help="any VOC folder with the model's class names"),
-    model: Path = typer.Option(..., help="detector (.pt or .onnx)"),
+    model: Path = typer.Option(None, help="detector (.pt or .onnx); default: the shipped NEU-DET detector"),
     moe_stage: Path = MOE_STAGE,
     split_file: Path = typer.Option(None, help="score only the 'val' images of this recorded split"),
     as_json: bool = JSON,
@@ -76,6 +102,7 @@ def defects_evaluate(
     from manufacturing.defects.voc import read_voc_folder
     from manufacturing.defects.workflow import records_by_split
 
+    model = _model_or_shipped(model)
     records = read_voc_folder(data)
     if split_file is not None:
         records = records_by_split(records, split_file, "val")
@@ -104,7 +131,7 @@ def defects_evaluate(
 def defects_predict(
     data: Path = typer.Option(..., help="an image or a folder of images (any size; large frames are tiled; "
                                         "was --source)"),
-    model: Path = typer.Option(..., help="detector (.pt or .onnx)"),
+    model: Path = typer.Option(None, help="detector (.pt or .onnx); default: the shipped NEU-DET detector"),
     moe_stage: Path = MOE_STAGE,
     out: Path = typer.Option(Path("runs/defects/predict"), help="predictions.json and annotated images"),
     calibration: Path = typer.Option(None, help="JSON/YAML with mm_per_pixel(_x/_y) and min_size_mm"),
@@ -123,6 +150,7 @@ def defects_predict(
     from manufacturing.defects.moe_stage import CropMoEClassifier
     from manufacturing.defects.pipeline import DefectInspector, InspectionConfig, predict_to_folder
 
+    model = _model_or_shipped(model)
     cal = Calibration.from_file(calibration) if calibration else Calibration()
     if reference is not None:
         from manufacturing.defects.dataset import load_image

@@ -209,11 +209,16 @@ def save_detector(weights: str | Path, path: str | Path, *, metrics: dict | None
     names = [model.names[i] for i in sorted(model.names)]
     ckpt = getattr(yolo, "ckpt", None) or {}
     trained = ckpt.get("train_args", {}) or {}
-    cfg = check_model_yaml(json.loads(json.dumps(model.yaml)), str(weights))
+    cfg = json.loads(json.dumps(model.yaml))
+    if isinstance(cfg.get("yaml_file"), str):  # where the YAML was read from: a name is all that is useful
+        cfg["yaml_file"] = Path(cfg["yaml_file"]).name[:64]
+    cfg = check_model_yaml(cfg, str(weights))
     if cfg["nc"] != len(names):
         raise DefectDataError(f"{weights}: model YAML says {cfg['nc']} classes, names has {len(names)}")
     size = int(trained.get("imgsz", 640))
-    save_checkpoint(path, model, config=cfg, metrics=metrics or {},
+    # Stored in float16, as ultralytics stores its best.pt (so converting it loses nothing): half the
+    # size of float32, which keeps a shipped YOLO11n under 6 MB. Loading casts back to float32.
+    save_checkpoint(path, copy.deepcopy(model).half(), config=cfg, metrics=metrics or {},
                     extra={"kind": DETECTOR_KIND, "names": names, "imgsz": size,
                            "train_results": ckpt.get("train_results") or {}})
     # The rebuilt detector must compute what ultralytics' own model computes, before anything uses it.
@@ -272,44 +277,8 @@ class YoloDetector:
     @staticmethod
     def _load_weights(path: Path) -> tuple[torch.nn.Module, dict]:
         """The detector file's DetectionModel (fused, eval) and metadata, read weights-only."""
-        from core.trainer import CheckpointError, read_checkpoint
-
-        with path.open("rb") as handle:
-            head = handle.read(4)
-        # torch writes a zip archive (older torch a bare pickle, protocol byte 0x80): anything else is no
-        # checkpoint at all, and saying "pickle" about a photo would mislead
-        if head != b"PK\x03\x04" and head[:1] != b"\x80":
-            raise DefectDataError(f"{path}: not a YOLO checkpoint (.pt) or moeworks ONNX export (.onnx)")
-        try:
-            payload = read_checkpoint(path)
-        except CheckpointError:
-            raise DefectDataError(f"{path}: refused: not a weights-only detector file (a full pickle, such as an "
-                                  "ultralytics .pt, could run code and is never unpickled); use the detector.pt "
-                                  "`moeworks defects train` writes or its .onnx export") from None
-        metadata = payload["metadata"]
-        if metadata.get("kind") != DETECTOR_KIND:
-            raise DefectDataError(f"{path}: field 'kind' is not {DETECTOR_KIND} (not a detector `moeworks defects "
-                                  "train` wrote)")
-        names, size = metadata.get("names"), metadata.get("imgsz")
-        if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
-            raise DefectDataError(f"{path}: field 'names' must be a non-empty list of class names")
-        if not (isinstance(size, int) and 32 <= size <= 8192 and size % 32 == 0):
-            raise DefectDataError(f"{path}: field 'imgsz' must be a multiple of 32 in [32, 8192]")
-        cfg = check_model_yaml(metadata.get("config"), str(path))
-        if cfg["nc"] != len(names):
-            raise DefectDataError(f"{path}: model YAML says {cfg['nc']} classes, field 'names' has {len(names)}")
-        from manufacturing.defects.offline import ultralytics_offline
-
-        ultralytics_offline()
-        from ultralytics.nn.tasks import DetectionModel
-
-        try:
-            model = DetectionModel(cfg, nc=len(names), verbose=False)
-            model.load_state_dict(payload["state_dict"])
-        except Exception as error:  # noqa: BLE001 - a YAML that does not build, or weights of another shape
-            raise DefectDataError(f"{path}: the weights do not fit the model YAML ({one_line(error)})") from None
-        model.names = dict(enumerate(names))
-        return model.float().fuse(verbose=False).eval(), metadata
+        model, metadata = training_model(path)
+        return model.fuse(verbose=False).eval(), metadata
 
     def raw(self, batch: np.ndarray) -> np.ndarray:
         """(batch, 3, S, S) float32 -> (batch, 4 + classes, anchors) float32."""
@@ -333,3 +302,49 @@ class YoloDetector:
             results += postprocess(self.raw(batch), frames, [im.shape[:2] for im in chunk],
                                    conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
         return results
+
+
+def training_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The detector file's ultralytics DetectionModel, unfused (trainable, as `defects train --weights`
+    fine-tunes it), and its metadata; read weights-only, its YAML checked before it is built."""
+    from core.trainer import CheckpointError, read_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise DefectDataError(f"{path}: no such model file")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    # torch writes a zip archive (older torch a bare pickle, protocol byte 0x80): anything else is no
+    # checkpoint at all, and saying "pickle" about a photo would mislead
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise DefectDataError(f"{path}: not a YOLO checkpoint (.pt) or moeworks ONNX export (.onnx)")
+    try:
+        payload = read_checkpoint(path)
+    except CheckpointError:
+        raise DefectDataError(f"{path}: refused: not a weights-only detector file (a full pickle, such as an "
+                              "ultralytics .pt, could run code and is never unpickled); use the detector.pt "
+                              "`moeworks defects train` writes or its .onnx export") from None
+    metadata = payload["metadata"]
+    if metadata.get("kind") != DETECTOR_KIND:
+        raise DefectDataError(f"{path}: field 'kind' is not {DETECTOR_KIND} (not a detector `moeworks defects "
+                              "train` wrote)")
+    names, size = metadata.get("names"), metadata.get("imgsz")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+        raise DefectDataError(f"{path}: field 'names' must be a non-empty list of class names")
+    if not (isinstance(size, int) and 32 <= size <= 8192 and size % 32 == 0):
+        raise DefectDataError(f"{path}: field 'imgsz' must be a multiple of 32 in [32, 8192]")
+    cfg = check_model_yaml(metadata.get("config"), str(path))
+    if cfg["nc"] != len(names):
+        raise DefectDataError(f"{path}: model YAML says {cfg['nc']} classes, field 'names' has {len(names)}")
+    from manufacturing.defects.offline import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.nn.tasks import DetectionModel
+
+    try:
+        model = DetectionModel(cfg, nc=len(names), verbose=False)
+        model.load_state_dict(payload["state_dict"])
+    except Exception as error:  # noqa: BLE001 - a YAML that does not build, or weights of another shape
+        raise DefectDataError(f"{path}: the weights do not fit the model YAML ({one_line(error)})") from None
+    model.names = dict(enumerate(names))
+    return model.float(), metadata

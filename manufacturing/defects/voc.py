@@ -7,6 +7,7 @@ the file and the field, so a bad annotation never surfaces as a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -127,12 +128,27 @@ def seeded_split(records: list[VOCImage], *, val_fraction: float = 0.2,
     return train, val
 
 
+def data_sha256(records: list[VOCImage]) -> str:
+    """SHA-256 of a VOC folder's content: each image's name, boxes, labels and image bytes, in name order.
+
+    Recorded in a run's split.json so that `defects train --resume` can tell the same data from a
+    folder of the same name whose images or annotations changed.
+    """
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: r.name):
+        digest.update(json.dumps([record.name, record.width, record.height, list(record.labels),
+                                  np.round(np.asarray(record.boxes, np.float64), 3).tolist()]).encode())
+        digest.update(hashlib.sha256(Path(record.image_path).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def write_split(path: str | Path, train: list[VOCImage], val: list[VOCImage], *, seed: int,
-                val_fraction: float, source: str) -> Path:
-    """Record a split (file names only) so that it can be reproduced and cited."""
+                val_fraction: float, source: str, data_hash: str | None = None) -> Path:
+    """Record a split (file names only, and the data's SHA-256) so that it can be reproduced and cited."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"source": source, "seed": seed, "val_fraction": val_fraction,
+    hashed = {} if data_hash is None else {"data_sha256": data_hash}
+    path.write_text(json.dumps({"source": source, "seed": seed, "val_fraction": val_fraction, **hashed,
                                 "method": "stratified by first class, numpy default_rng permutation",
                                 "train": sorted(r.name for r in train), "val": sorted(r.name for r in val)},
                                indent=1) + "\n")

@@ -14,10 +14,17 @@ from core.model_files import MANIFEST, write_manifest
 from manufacturing.defects.annotation import checkout_version
 from manufacturing.defects.dataset import load_image, write_yolo_dataset
 from manufacturing.defects.detector import YoloDetector, save_detector
-from manufacturing.defects.errors import DefectDataError
+from manufacturing.defects.errors import DefectDataError, one_line
 from manufacturing.defects.moe_stage import CropMoEClassifier, CropMoEConfig, CropTrainingConfig
 from manufacturing.defects.train import DetectorConfig, train_detector
-from manufacturing.defects.voc import VOCImage, class_names, read_voc_folder, seeded_split, write_split
+from manufacturing.defects.voc import (
+    VOCImage,
+    class_names,
+    data_sha256,
+    read_voc_folder,
+    seeded_split,
+    write_split,
+)
 
 DETECTOR_FILE, MOE_FILE, SPLIT_FILE = "detector.pt", "moe_stage.pt", "split.json"
 
@@ -52,25 +59,69 @@ def fit_moe_stage(detector: YoloDetector, records: list[VOCImage], training: Cro
     return CropMoEClassifier(config=config, training=training).fit(crops, geometry, labels)
 
 
-def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbose: bool = True) -> dict:
-    """Split a VOC folder, train YOLO (and the MoE stage), and save both next to the recorded split."""
+def check_resumable(out_dir: Path, voc_dir: str | Path, records: list[VOCImage], train: list[VOCImage],
+                    val: list[VOCImage], job: TrainJob) -> Path:
+    """The run folder's data.yaml, after checking that `out_dir` is an unfinished `defects train` run
+    on this very data and split; DefectDataError (one line) otherwise."""
+    from manufacturing.defects.train import last_checkpoint
+
+    split_path, last = out_dir / SPLIT_FILE, last_checkpoint(out_dir)
+    if not split_path.is_file() or not last.is_file():
+        raise DefectDataError(f"{out_dir}: nothing to resume: no {SPLIT_FILE} or yolo/weights/last.pt (not an "
+                              "interrupted `moeworks defects train` run folder)")
+    if (out_dir / "train_summary.json").is_file():
+        raise DefectDataError(f"{out_dir}: this run finished training; start a new run, or fine-tune its "
+                              f"detector with --weights {out_dir / DETECTOR_FILE}")
+    try:
+        recorded = json.loads(split_path.read_text())
+        source, seed, fraction = recorded["source"], recorded["seed"], recorded["val_fraction"]
+        recorded_train, recorded_val = set(recorded["train"]), set(recorded["val"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DefectDataError(f"{split_path}: unreadable split file ({one_line(error)})") from None
+    if Path(str(source)).resolve() != Path(voc_dir).resolve():
+        raise DefectDataError(f"{out_dir}: refused to resume: the run was trained on {source}, not on {voc_dir}")
+    if (seed, fraction) != (job.split_seed, job.val_fraction):
+        raise DefectDataError(f"{out_dir}: refused to resume: the run's split has seed {seed} and val fraction "
+                              f"{fraction}, not {job.split_seed} and {job.val_fraction}")
+    if "data_sha256" in recorded and recorded["data_sha256"] != data_sha256(records):
+        raise DefectDataError(f"{out_dir}: refused to resume: {voc_dir} changed since the run started (its "
+                              f"images or annotations differ from the SHA-256 in {SPLIT_FILE})")
+    if recorded_train != {r.name for r in train} or recorded_val != {r.name for r in val}:
+        raise DefectDataError(f"{out_dir}: refused to resume: {voc_dir} does not split into the run's recorded "
+                              f"train and val images ({SPLIT_FILE})")
+    data_yaml = out_dir / "dataset" / "data.yaml"
+    if not data_yaml.is_file():
+        raise DefectDataError(f"{data_yaml}: missing: the run folder is incomplete")
+    return data_yaml
+
+
+def train_job(voc_dir: str | Path, out_dir: str | Path, job: TrainJob, *, verbose: bool = True,
+              resume: bool = False) -> dict:
+    """Split a VOC folder, train YOLO (and the MoE stage), and save both next to the recorded split.
+
+    resume: continue the interrupted run in `out_dir` (check_resumable) instead of starting anew.
+    """
     out_dir = Path(out_dir)
+    records = read_voc_folder(voc_dir)
+    names = class_names(records)
+    train, val = seeded_split(records, val_fraction=job.val_fraction, seed=job.split_seed)
+    if resume:
+        data_yaml = check_resumable(out_dir, voc_dir, records, train, val, job)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A rerun into the same folder rewrites its files: the old manifest would refuse the new ones
     # (the detector is loaded again below, before the new manifest is written).
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    records = read_voc_folder(voc_dir)
-    names = class_names(records)
-    train, val = seeded_split(records, val_fraction=job.val_fraction, seed=job.split_seed)
-    write_split(out_dir / SPLIT_FILE, train, val, seed=job.split_seed, val_fraction=job.val_fraction,
-                source=str(voc_dir))
-    data_yaml = write_yolo_dataset({"train": train, "val": val}, out_dir / "dataset", names)
-    summary = train_detector(data_yaml, job.detector, out_dir, verbose=verbose)
+    if not resume:
+        write_split(out_dir / SPLIT_FILE, train, val, seed=job.split_seed, val_fraction=job.val_fraction,
+                    source=str(voc_dir), data_hash=data_sha256(records))
+        data_yaml = write_yolo_dataset({"train": train, "val": val}, out_dir / "dataset", names)
+    summary = train_detector(data_yaml, job.detector, out_dir, verbose=verbose, resume=resume)
     detector_path = out_dir / DETECTOR_FILE
     # ultralytics' best.pt is a full pickle: converted here, by the process that wrote it, into the
     # weights-only file every later load reads (manufacturing.defects.detector).
     save_detector(summary.weights, detector_path, metrics=summary.metrics)
-    result = {"detector": str(detector_path), "classes": names, "train_images": len(train), "val_images": len(val),
+    result = {"detector": str(detector_path), "classes": names, "resumed": resume,
+              "start_weights": job.detector.weights, "train_images": len(train), "val_images": len(val),
               "epochs": summary.epochs, "imgsz": summary.imgsz, "train_seconds": round(summary.seconds, 1),
               "train_images_per_second": round(summary.images_per_second, 2),
               "ultralytics_val": summary.metrics}
