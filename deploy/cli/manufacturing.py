@@ -254,9 +254,11 @@ def defects_annotate(
             detector = YoloDetector.load(detector_file)
         annotation_pool = AnnotationPool.open(pool, classes=detector.names)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-        review_dir = out if out is not None else pool / "review" / stamp
-        if review_dir.exists():
-            raise UserInputError(f"--out {review_dir}: exists; choose a new review folder")
+        if out is not None and out.exists():
+            raise UserInputError(f"--out {out}: exists; choose a new review folder")
+        review_dir, n = out or pool / "review" / stamp, 2
+        while review_dir.exists():  # two runs within one second: the default folder takes a suffix
+            review_dir, n = pool / "review" / f"{stamp}-{n}", n + 1
         result = annotate(annotation_pool, detector, images, rule=rule, review_dir=review_dir, image_url=image_url,
                           model_name=f"{detector_file.name}@{file_sha256(detector_file)[:12]}")
         summary = (f"{result['auto_accepted']} of {result['images']} images auto-accepted (every box >= "

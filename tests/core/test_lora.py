@@ -55,7 +55,9 @@ def test_zero_adapter_changes_nothing_and_merge_equals_adapter(tokens):
     x = torch.randn(tokens, 24)
     reference = base(x)[0].detach()
     lora_model = lora.attach(copy.deepcopy(base))
-    torch.testing.assert_close(lora_model(x)[0], reference, rtol=0, atol=0)  # B starts at zero
+    # B starts at zero: no change beyond float rounding (peft's expert path adds the zero update to the
+    # weights and multiplies in another kernel order, which can move the last bit: 2.4e-7 seen in CI)
+    torch.testing.assert_close(lora_model(x)[0], reference, rtol=0, atol=1e-6)
     randomise(lora_model)
     adapted = lora_model(x)[0].detach()
     assert (adapted - reference).abs().max() > 1e-3, "the adapter must change the outputs"

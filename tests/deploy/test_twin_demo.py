@@ -49,10 +49,11 @@ def test_edge_run_replays_real_data_into_the_spool_when_no_broker_is_there(tmp_p
     assert stats["produced"] == 40 and stats["acknowledged"] == 0 and stats["spool_depth"] == 40
     assert stats["reconnect_failures"] >= 1
     from deploy.edge.spool import Spool
-    from twin.sparkplug.codec import decode
+    from twin.sparkplug.codec import decode, with_seq
 
     pending = Spool(tmp_path / "e.spool").pending(limit=100)
-    cycles = [decode("DDATA", p).metrics[0].value for _, _, p in pending]  # Sparkplug protobuf by default
+    # Sparkplug protobuf by default; the seq is stamped as a message leaves (deploy/edge/spool.py), so here too
+    cycles = [decode("DDATA", with_seq(p, 0)).metrics[0].value for _, _, p in pending]
     assert cycles == list(range(1, 41)), "C-MAPSS unit 3, cycle by cycle"
 
 

@@ -46,7 +46,8 @@ def models(tmp_path_factory, checkpoint, tiny_rul_estimator):
     root = tmp_path_factory.mktemp("registry")
     records = load_generated(generate(root / "credit_data", GeneratorConfig(n_applicants=1500, seed=1)))
     train, valid = split_records(records, valid_share=0.3, seed=0)
-    credit = CreditScorer(dataset="generated", model_name="scorecard").fit(train, valid).save(root / "credit")
+    credit = CreditScorer(dataset="generated", model_name="scorecard").fit(*train.xy, eval_set=[valid.xy]).save(
+        root / "credit")
 
     estimator = tiny_rul_estimator("lstm")
     estimator.fit(generate_cmapss(6, num_regimes=1, seed=2))
