@@ -121,12 +121,26 @@ def _onnx_against_moeworks(*, onnx_batch, moeworks_batch, onnx_single, moeworks_
     return throughput
 
 
-def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
-            repeats: int, parity_rows: int | None = None) -> dict:
+def _build_and_open(folder: Path, out: Path, **options):
+    """(bundle folder, onnxruntime session on 1 thread, build seconds, load seconds) of one model folder."""
     import onnxruntime as ort
-    import torch
 
     from deploy.bundle.build import build_bundle
+
+    started = time.perf_counter()
+    bundle = Path(build_bundle(folder, out, **options)["bundle"])
+    build_seconds = time.perf_counter() - started
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(bundle / "model.onnx"), session_options, providers=["CPUExecutionProvider"])
+    return bundle, session, build_seconds, time.perf_counter() - started
+
+
+def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
+            repeats: int, parity_rows: int | None = None) -> dict:
+    import torch
+
     from finance import load_model
     from finance.data import dataset_spec, load_records
 
@@ -134,14 +148,7 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     folder = _model(dataset, name, records, models_dir)
     threads = torch.get_num_threads()
     scorer = load_model(folder)
-    started = time.perf_counter()
-    bundle = Path(build_bundle(folder, work / f"{dataset}-{name}")["bundle"])
-    build_seconds = time.perf_counter() - started
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    started = time.perf_counter()
-    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    load_seconds = time.perf_counter() - started
+    bundle, session, build_seconds, load_seconds = _build_and_open(folder, work / f"{dataset}-{name}")
     fields = dataset_spec(dataset).field_names
     frame = records.frame
     columns = {f: frame[f].to_numpy(np.float64, na_value=np.nan).reshape(-1, 1) for f in fields}
@@ -214,11 +221,9 @@ def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work:
     """A RUL model's bundle against `RULEstimator.predict` on every engine of a C-MAPSS file: at its
     last cycle, and cut at a seeded random cycle as test files cut them."""
     import onnx
-    import onnxruntime as ort
     import pandas as pd
     import torch
 
-    from deploy.bundle.build import build_bundle
     from deploy.bundle.rul_graph import rul_fields
     from manufacturing.maintenance.cmapss import read_cmapss
     from manufacturing.maintenance.rul import RULEstimator
@@ -226,14 +231,7 @@ def measure_rul(kind: str, subset: str, data_root: Path, models_dir: Path, work:
     frame = read_cmapss(data_root / "cmapss" / f"train_{subset}.txt.gz")
     folder = _rul_model(kind, subset, frame, models_dir)
     estimator = RULEstimator.load(folder)
-    started = time.perf_counter()
-    bundle = Path(build_bundle(folder, work / f"rul-{kind}-{subset}")["bundle"])
-    build_seconds = time.perf_counter() - started
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    started = time.perf_counter()
-    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    load_seconds = time.perf_counter() - started
+    bundle, session, build_seconds, load_seconds = _build_and_open(folder, work / f"rul-{kind}-{subset}")
     rng = np.random.default_rng(0)
     position = frame.groupby("unit").cumcount().to_numpy()  # rows sorted by unit, then cycle
     sizes = frame.groupby("unit").size()
@@ -273,10 +271,8 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
                  backend: str = "lightgbm") -> dict:
     """The AI4I failure model's bundle of one backend against that backend (`predict_proba`)."""
     import onnx
-    import onnxruntime as ort
     import torch
 
-    from deploy.bundle.build import build_bundle
     from manufacturing.maintenance.ai4i import NUMERIC_INPUTS, OUTPUTS, AI4IFailureModel, read_ai4i
 
     frame = read_ai4i(data_root / "ai4i2020")
@@ -284,14 +280,7 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
     if not (folder / "ai4i.json").is_file():
         AI4IFailureModel(progress=False, max_epochs=5).fit(frame).save(folder)
     model = AI4IFailureModel.load(folder)
-    started = time.perf_counter()
-    bundle = Path(build_bundle(folder, work / f"ai4i-{backend}", backend=backend)["bundle"])
-    build_seconds = time.perf_counter() - started
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    started = time.perf_counter()
-    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    load_seconds = time.perf_counter() - started
+    bundle, session, build_seconds, load_seconds = _build_and_open(folder, work / f"ai4i-{backend}", backend=backend)
     columns = {"Type": frame["Type"].astype(str).to_numpy(object).reshape(-1, 1),
                **{n: frame[n].to_numpy(np.float64).reshape(-1, 1) for n in NUMERIC_INPUTS}}
 
@@ -326,22 +315,13 @@ def measure_defects(run_dir: Path, data_root: Path, work: Path, *, repeats: int)
     (every 25th image, 200 px; no tiling below 2x the input size): per frame the same number of detections,
     then the largest box and score differences; throughput in frames/s (batch 16 and 1)."""
     import onnx
-    import onnxruntime as ort
 
-    from deploy.bundle.build import build_bundle
     from deploy.bundle.defects_card import inspector_outputs
     from manufacturing.defects.dataset import load_image
     from manufacturing.defects.detector import YoloDetector
     from manufacturing.defects.pipeline import DefectInspector
 
-    started = time.perf_counter()
-    bundle = Path(build_bundle(run_dir, work / "defects")["bundle"])
-    build_seconds = time.perf_counter() - started
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    started = time.perf_counter()
-    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    load_seconds = time.perf_counter() - started
+    bundle, session, build_seconds, load_seconds = _build_and_open(run_dir, work / "defects")
     paths = sorted((data_root / "neu_det" / "IMAGES").glob("*.jpg"))[::25]
     frames = np.stack([load_image(p)[:, :, ::-1] for p in paths])  # RGB, as the bundle takes them
     inspector = DefectInspector(detector=YoloDetector.load(run_dir / "detector.pt"))
