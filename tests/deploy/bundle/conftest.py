@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.npm import npm_install
+
 
 @pytest.fixture(scope="session")
 def partner_python(tmp_path_factory):
@@ -24,15 +26,4 @@ def partner_python(tmp_path_factory):
 @pytest.fixture(scope="session")
 def partner_node(tmp_path_factory):
     """onnxruntime-node from npm in a test folder (its CPU binaries ship in the package)."""
-    import shutil
-
-    if not shutil.which("node") or not shutil.which("npm"):
-        pytest.skip("node and npm are not installed")
-    folder = tmp_path_factory.mktemp("node")
-    # --ignore-scripts: the install script only fetches the CUDA provider (from nuget.org, unreachable in CI)
-    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", "onnxruntime-node"],
-                             cwd=folder,
-                             capture_output=True, text=True, timeout=600)
-    if install.returncode != 0:
-        pytest.skip(f"cannot install onnxruntime-node from npm: {install.stderr.strip().splitlines()[-1:]}")
-    return folder / "node_modules"
+    return npm_install(tmp_path_factory.mktemp("node"), "onnxruntime-node")

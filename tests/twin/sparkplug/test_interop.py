@@ -4,13 +4,13 @@ node): it decodes the NBIRTH, DBIRTH and DDATA our edge agent sends, and we deco
 import base64
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.npm import npm_install
 from twin.sparkplug import protobuf as sparkplug
 from twin.sparkplug.codec import with_seq
 from twin.sparkplug.payload import REBIRTH, Metric, Payload
@@ -20,14 +20,7 @@ NOW = int(time.time() * 1000)
 
 @pytest.fixture(scope="module")
 def tahu_js(tmp_path_factory):
-    if not shutil.which("node") or not shutil.which("npm"):
-        pytest.skip("node and npm are not installed")
-    folder = tmp_path_factory.mktemp("tahu")
-    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", "sparkplug-payload@1"],
-                             cwd=folder, capture_output=True, text=True, timeout=600)
-    if install.returncode != 0:
-        pytest.skip(f"cannot install sparkplug-payload from npm: {install.stderr.strip().splitlines()[-1:]}")
-    return folder / "node_modules"
+    return npm_install(tmp_path_factory.mktemp("tahu"), "sparkplug-payload@1")
 
 
 def run_tahu(node_modules: Path, job: dict) -> dict:
