@@ -78,6 +78,7 @@ class EdgeConfig:
     max_messages: int | None = None       # stop producing after this many ticks (None: the source's end)
     duration_s: float | None = None       # stop after this long (None: until the source ends and the spool drains)
     drain_timeout_s: float = 30.0         # at the end, wait at most this long for the spool to empty
+    settle_s: float = 2.0                 # on stop, wait this long at most for PUBACKs of what is in flight
     security: MQTTSecurity | None = None  # username/password and TLS; None: anonymous, plaintext
     payload: str = DEFAULT_CODEC          # "protobuf" (Sparkplug B) or "json"
     primary_host: str | None = None       # Sparkplug host id whose STATE gates publishing (None: publish at once)
@@ -237,13 +238,7 @@ class EdgeAgent:
             session.rebirth = False
             self.stats["rebirths"] += 1
             self._births(session, spool)
-        done = []
-        while session.acked:
-            spool_id = session.inflight.pop(session.acked.popleft(), None)
-            if spool_id is not None:
-                done.append(spool_id)
-        spool.acknowledge(done)
-        self.stats["acknowledged"] += len(done)
+        self._take_acks(session, spool)
         room = self.config.window - len(session.inflight)
         if room <= 0 or not host_online:  # the primary host is away: data waits in the spool
             return
@@ -254,6 +249,27 @@ class EdgeAgent:
                 return
             session.inflight[info.mid] = spool_id
             session.sent_upto = spool_id
+
+    def _take_acks(self, session: _Session, spool: Spool) -> None:
+        """What the broker acknowledged leaves the spool: the host's persistent session holds it from then on."""
+        done = []
+        while session.acked:
+            spool_id = session.inflight.pop(session.acked.popleft(), None)
+            if spool_id is not None:
+                done.append(spool_id)
+        spool.acknowledge(done)
+        self.stats["acknowledged"] += len(done)
+
+    def _settle(self, session: _Session, spool: Spool) -> None:
+        """On stop: nothing more is sent, and what is in flight gets `settle_s` for its PUBACKs, so that the
+        counts reconcile (acknowledged = what the host will store) instead of leaving rows the host stores
+        but the agent sends again at its next start (the host keeps one of each: nothing is lost either way)."""
+        deadline = time.monotonic() + self.config.settle_s
+        while True:
+            self._take_acks(session, spool)
+            if not session.inflight or session.lost or time.monotonic() >= deadline:
+                return
+            time.sleep(0.005)
 
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         """Publish until the source ends (and the spool is drained), `max_messages`, `duration_s` or `stop`."""
@@ -325,7 +341,7 @@ class EdgeAgent:
                 self.rollout.stop()
             if session is not None:
                 if not session.lost:
-                    self._pump(session, spool)
+                    self._settle(session, spool)
                 session.close(clean=True)
             self.stats["spool_depth"] = spool.depth()
             spool.close()

@@ -105,6 +105,71 @@ def _amqtt_durable_sessions() -> None:
 
 
 @functools.cache
+def _broker_class():
+    from amqtt.broker import Broker
+
+    class RetainedToSubscribersBroker(Broker):
+        """amqtt 0.12's broker, with its retained messages sent only to the subscriptions they match.
+
+        On every connect, amqtt's `_handle_client_session` walks the broker's whole subscription dict,
+        every client's filters, and for each one sends the matching retained messages to the client
+        that connects, awaiting as it goes. Two faults: a client got the retained messages of filters
+        other clients hold, past its own subscriptions; and another client's SUBSCRIBE during one of
+        those awaits changed the dict, so the walk raised "dictionary changed size during iteration"
+        and dropped the connecting client (an edge agent of the TLS demo then opened a second session:
+        tests/twin/mqtt/test_security.py, 2 runs in 12 under load). Here a filter the client does not
+        hold sends nothing and returns without yielding; one it holds (its SUBSCRIBE, or a persistent
+        session's filters on reconnect) is sent from a task of its own, so that walk never yields either.
+        """
+
+        _retained_sends: set[asyncio.Task] = set()
+
+        async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
+            held = [qos for s, qos in self._subscriptions.get(subscription[0], ()) if s.client_id == session.client_id]
+            if not held:
+                return
+            send = super()._publish_retained_messages_for_subscription((subscription[0], held[0]), session)
+            task = asyncio.ensure_future(send)
+            self._retained_sends.add(task)  # a task nobody holds may be collected before it runs
+            task.add_done_callback(self._retained_sends.discard)
+
+    return RetainedToSubscribersBroker
+
+
+@functools.cache
+def _off_loop_password_auth():
+    from amqtt.plugins.authentication import FileAuthPlugin
+
+    class OffLoopPasswordAuth(FileAuthPlugin):
+        """amqtt's password-file plugin, with the argon2 check off the broker's event loop.
+
+        amqtt verifies on the loop itself: one argon2id check (64 MiB, t=3) took 0.33 s on the shared
+        2-core VM at load 5, and every client of the broker waited that long per login, so that a few
+        agents connecting together, or anyone trying passwords, stalled all traffic (the TLS demo's
+        agents sent nothing in 3 s in 1 run of 15 under load). Here checks run in threads, at most
+        MAX_CONCURRENT_CHECKS at a time (each holds 64 MiB), and an unknown user costs a check too, so
+        that the time taken does not tell which user names exist.
+        """
+
+        MAX_CONCURRENT_CHECKS = 2
+        _DUMMY_PASSWORD = "not a password of anyone's"
+
+        async def authenticate(self, *, session) -> bool | None:
+            if session is None or not session.username:
+                return False
+            if not hasattr(self, "_checks"):  # built on the broker's loop, at the first login
+                self._checks = asyncio.Semaphore(self.MAX_CONCURRENT_CHECKS)
+                self._dummy_hash = self.pwd_hasher.hash(self._DUMMY_PASSWORD)
+            known = self._users.get(session.username)
+            async with self._checks:
+                ok = await asyncio.to_thread(self.pwd_hasher.verify, session.password or "",
+                                             known or self._dummy_hash)
+            return bool(known) and ok
+
+    return OffLoopPasswordAuth
+
+
+@functools.cache
 def _persistent_session_auth():
     from amqtt.plugins.authentication import AnonymousAuthPlugin
 
@@ -159,8 +224,6 @@ class EmbeddedBroker:
         self._broker = None
 
     def start(self) -> EmbeddedBroker:
-        from amqtt.broker import Broker
-
         _amqtt_durable_sessions()
         listener = {"type": "tcp", "bind": f"{self.host}:{self.port}"}
         if self.certfile is not None:
@@ -169,14 +232,14 @@ class EmbeddedBroker:
                 listener["cafile"] = str(self.cafile)
         if self.password_file is not None:  # only this plugin answers: a client without a username gets no yes
             # (its users' sessions are not anonymous, so persistent sessions keep their offline queue)
-            plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(self.password_file)}}
+            plugins = {"twin.mqtt.embedded_broker.OffLoopPasswordAuth": {"password_file": str(self.password_file)}}
         else:
             plugins = {"twin.mqtt.embedded_broker.PersistentSessionAuth": {"allow_anonymous": True}}
         config = {"listeners": {"default": listener}, "plugins": plugins}
         self._thread.start()
 
         async def boot():
-            self._broker = Broker(config, loop=self._loop)
+            self._broker = _broker_class()(config, loop=self._loop)
             await self._broker.start()
 
         asyncio.run_coroutine_threadsafe(boot(), self._loop).result(timeout=20)  # listening once it returns
@@ -210,4 +273,6 @@ def __getattr__(name: str):
     # module does not import amqtt
     if name == "PersistentSessionAuth":
         return _persistent_session_auth()
+    if name == "OffLoopPasswordAuth":
+        return _off_loop_password_auth()
     raise AttributeError(name)

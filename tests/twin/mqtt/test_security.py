@@ -371,7 +371,8 @@ def test_the_demo_over_tls_with_a_password_per_client(pki, tmp_path):
 
     from deploy.twin_demo import run_twin_demo
 
-    summary = run_twin_demo(tmp_path / "demo", duration_s=3.0, rate_hz=20.0, quick=True,
+    # 6 s: five argon2 logins (0.3-1.5 s each on 2 loaded cores, two at a time) come before any data
+    summary = run_twin_demo(tmp_path / "demo", duration_s=6.0, rate_hz=20.0, quick=True,
                             console=Console(quiet=True),
                             broker_tls=(pki.server_cert, pki.server_key, pki.ca))
     users = (tmp_path / "demo" / "mqtt" / "broker_passwd").read_text()
