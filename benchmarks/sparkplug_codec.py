@@ -60,7 +60,7 @@ def measure(names: tuple[str, ...], with_type: bool, messages: int, repeats: int
     wire = {c: [encoders[c](p) for p in payloads] for c in encoders}
     inverse = {alias: name for name, alias in aliases.items()}
     decoders = {"json": lambda raw: json_codec.decode("DDATA", raw, now_ms=now),
-                "protobuf": lambda raw: sparkplug.decode("DDATA", raw, now_ms=now, aliases=inverse)}
+                "protobuf": lambda raw: sparkplug.decode("DDATA", raw, now_ms=now, aliases=inverse, as_values=True)}
     topic = "spBv1.0/g/DDATA/n1/m1"
     for _ in range(repeats):
         for codec in encoders:  # alternating, so both see the same load on a shared machine
