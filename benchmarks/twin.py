@@ -396,7 +396,8 @@ class WorkerProcesses:
 
 
 def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, machines: int, nodes: int,
-                publishers: int, cluster, workdir: Path, kill_worker: bool, lease_s: float) -> dict:
+                publishers: int, cluster, workdir: Path, kill_worker: bool, lease_s: float,
+                payload: str = "json") -> dict:
     """One run of `workers` scaled-out twin workers (twin/scaleout.py) on Mosquitto and PostgreSQL. With
     `kill_worker` the last worker is SIGKILLed halfway through the window and not restarted: the others
     adopt its MQTT session and its nodes; lost/duplicated rows are counted against the publishers' acks."""
@@ -408,7 +409,7 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_ids = sorted(plant.nodes)
-    tag = f"w{workers}_{int(rate)}_{'kill' if kill_worker else 'run'}"
+    tag = f"w{workers}_{int(rate)}_{payload}_{'kill' if kill_worker else 'run'}"
     with psycopg.connect(cluster.url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE bench_{tag}")
     db = cluster.url.rsplit("/", 1)[0] + f"/bench_{tag}"
@@ -427,7 +428,8 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
         procs = [ctx.Process(
             daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
                                                     {n: plant.nodes[n] for n in node_ids[k::publishers]},
-                                                    rate / publishers, warmup + seconds, k, out, ready, go))
+                                                    rate / publishers, warmup + seconds, k, out, ready, go, 0.0,
+                                                    payload))
             for k in range(publishers)]
         for p in procs:
             p.start()
@@ -467,7 +469,7 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
     applied = max(1, in_window[0])
     worker_cpu = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
     acked = sum(r["acked"] for r in results)
-    return {"workers": workers, "target_rate": rate, "kill_worker": kill_worker,
+    return {"workers": workers, "target_rate": rate, "kill_worker": kill_worker, "payload": payload,
             "sustained_rate": in_window[0] / window, "worker_cpu_s": worker_cpu, "window_s": window,
             "cpu_per_msg": {"workers_us": sum(worker_cpu) / applied * 1e6,
                             "broker_us": (broker1 - broker0) / applied * 1e6,
@@ -490,31 +492,42 @@ def workers_main(args, console: Console) -> None:
     measured_on = common.machine()
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-workers-") as tmp, PostgresCluster() as cluster:
-        plan = [(w, rate, False) for rate in rates for w in counts]
+        payloads = args.payload.split(",")
+        plan = [(w, rate, False, payload) for payload in payloads for rate in rates for w in counts]
         if args.kill_worker and max(counts) >= 2:
-            plan.append((max(counts), rates[0], True))  # the fault run at the first rate
-        for workers, rate, kill in plan:
-            console.log(f"{workers} worker(s), target {rate:,.0f} msg/s, {args.seconds:g} s"
+            plan.append((max(counts), rates[0], True, payloads[0]))  # the fault run at the first rate
+        for workers, rate, kill, payload in plan:
+            console.log(f"{workers} worker(s), target {rate:,.0f} msg/s of {payload}, {args.seconds:g} s"
                         f"{', SIGKILL of one worker halfway' if kill else ''} ...")
-            workdir = Path(tmp) / f"w{workers}-{int(rate)}-{kill}"
+            workdir = Path(tmp) / f"w{workers}-{int(rate)}-{payload}-{kill}"
             workdir.mkdir()
             runs.append(run_workers(workers=workers, rate=rate, seconds=args.seconds, warmup=args.warmup,
                                     machines=args.machines, nodes=args.nodes, publishers=args.publishers,
-                                    cluster=cluster, workdir=workdir, kill_worker=kill, lease_s=args.lease_s))
+                                    cluster=cluster, workdir=workdir, kill_worker=kill, lease_s=args.lease_s,
+                                    payload=payload))
+    # Scaling read off CPU cost (the 2 shared cores cannot give each worker a core of its own): N workers, each
+    # on a core, would apply N x (messages per worker CPU-second) a second; against one worker's the same way.
+    for r in runs:
+        one = next((o for o in runs if o["workers"] == 1 and o["target_rate"] == r["target_rate"]
+                    and o["payload"] == r["payload"] and not o["kill_worker"]), None)
+        r["scaling_vs_1_worker"] = (r["workers"] * r["msg_per_worker_cpu_s"] / one["msg_per_worker_cpu_s"]
+                                    if one is not None and r["workers"] and not r["kill_worker"] else None)
     table = Table(title=f"scaled-out twin (Mosquitto + PostgreSQL), {args.machines} devices, "
                         f"{measured_on['logical_cores']} CPUs shared by every process (load "
                         f"{measured_on['load_average'][0]:.1f} at start)")
-    for col in ("workers", "kill", "target msg/s", "sustained msg/s", "state p50 ms", "state p99 ms",
-                "workers CPU us/msg", "PG us/msg", "broker us/msg", "msg per worker CPU-s", "acked", "lost",
-                "duplicated", "alarms twice"):
+    for col in ("workers", "kill", "payload", "target msg/s", "sustained msg/s", "state p50 ms", "state p99 ms",
+                "workers CPU us/msg", "PG us/msg", "broker us/msg", "msg per worker CPU-s", "x 1 worker (CPU)",
+                "acked", "lost", "duplicated", "alarms twice"):
         table.add_column(col, justify="right")
     for r in runs:
         cpu = r["cpu_per_msg"]
         table.add_row(str(r["workers"]) if r["workers"] else "single twin", "yes" if r["kill_worker"] else "no",
-                      f"{r['target_rate']:,.0f}",
+                      r["payload"], f"{r['target_rate']:,.0f}",
                       f"{r['sustained_rate']:,.0f}", f"{r['state_latency_p50_ms'] or 0:.0f}",
                       f"{r['state_latency_p99_ms'] or 0:.0f}", f"{cpu['workers_us']:.0f}", f"{cpu['postgres_us']:.0f}",
-                      f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}", f"{r['acked_by_broker']:,}",
+                      f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}",
+                      "-" if r["scaling_vs_1_worker"] is None else f"{r['scaling_vs_1_worker']:.2f}x",
+                      f"{r['acked_by_broker']:,}",
                       str(r["lost"]), str(r["duplicated"]), str(r["alarms_raised_twice"]))
     console.print(table)
     common.write_results({"benchmark": "twin_workers", "machine": measured_on,
