@@ -3,9 +3,10 @@
 Two DDATA messages as the edge agent builds them: the AI4I mill's 6 metrics (what benchmarks/twin.py
 publishes) and a C-MAPSS engine's 24 (its largest real message); protobuf sends aliases alone, the
 twin names them from the birth's map. "decode" is as the twin's state calls it (protobuf DDATA with
-`as_values`: name -> value, no Metric per value; the JSON decoder has no such form). "twin apply" is TwinState.apply of a stream of such messages
-for one device (decode, seq and duplicate checks, values, health rules): the per-message work of
-the twin's MQTT thread before the history writer. CPU time of this process, median of `--repeats`.
+`as_values`: name -> value, no Metric per value; the JSON decoder has no such form). "twin apply" is
+TwinState.apply of a stream of such messages for one device (decode, seq and duplicate checks,
+values, health rules): the per-message work of the twin's MQTT thread before the history writer.
+CPU time of this process, median of `--repeats`.
 
     python -m benchmarks.sparkplug_codec --json
 """
