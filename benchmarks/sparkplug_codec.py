@@ -2,9 +2,11 @@
 
 Two DDATA messages as the edge agent builds them: the AI4I mill's 6 metrics (what benchmarks/twin.py
 publishes) and a C-MAPSS engine's 24 (its largest real message); protobuf sends aliases alone, the
-twin names them from the birth's map. "twin apply" is TwinState.apply of a stream of such messages
-for one device (decode, seq and duplicate checks, values, health rules): the per-message work of
-the twin's MQTT thread before the history writer. CPU time of this process, median of `--repeats`.
+twin names them from the birth's map. "decode" is as the twin's state calls it (protobuf DDATA with
+`as_values`: name -> value, no Metric per value; the JSON decoder has no such form). "twin apply" is
+TwinState.apply of a stream of such messages for one device (decode, seq and duplicate checks,
+values, health rules): the per-message work of the twin's MQTT thread before the history writer.
+CPU time of this process, median of `--repeats`.
 
     python -m benchmarks.sparkplug_codec --json
 """
@@ -60,7 +62,7 @@ def measure(names: tuple[str, ...], with_type: bool, messages: int, repeats: int
     wire = {c: [encoders[c](p) for p in payloads] for c in encoders}
     inverse = {alias: name for name, alias in aliases.items()}
     decoders = {"json": lambda raw: json_codec.decode("DDATA", raw, now_ms=now),
-                "protobuf": lambda raw: sparkplug.decode("DDATA", raw, now_ms=now, aliases=inverse)}
+                "protobuf": lambda raw: sparkplug.decode("DDATA", raw, now_ms=now, aliases=inverse, as_values=True)}
     topic = "spBv1.0/g/DDATA/n1/m1"
     for _ in range(repeats):
         for codec in encoders:  # alternating, so both see the same load on a shared machine

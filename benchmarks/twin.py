@@ -42,6 +42,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -396,7 +397,8 @@ class WorkerProcesses:
 
 
 def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, machines: int, nodes: int,
-                publishers: int, cluster, workdir: Path, kill_worker: bool, lease_s: float) -> dict:
+                publishers: int, cluster, workdir: Path, kill_worker: bool, lease_s: float,
+                payload: str = "json", repeat: int = 0) -> dict:
     """One run of `workers` scaled-out twin workers (twin/scaleout.py) on Mosquitto and PostgreSQL. With
     `kill_worker` the last worker is SIGKILLed halfway through the window and not restarted: the others
     adopt its MQTT session and its nodes; lost/duplicated rows are counted against the publishers' acks."""
@@ -408,7 +410,7 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
 
     plant = Plant.generated(machines=machines, nodes=nodes)
     node_ids = sorted(plant.nodes)
-    tag = f"w{workers}_{int(rate)}_{'kill' if kill_worker else 'run'}"
+    tag = f"w{workers}_{int(rate)}_{payload}_{'kill' if kill_worker else 'run'}_r{repeat}"
     with psycopg.connect(cluster.url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE bench_{tag}")
     db = cluster.url.rsplit("/", 1)[0] + f"/bench_{tag}"
@@ -427,7 +429,8 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
         procs = [ctx.Process(
             daemon=True, target=publish_load, args=(broker.port, plant.group, node_ids[k::publishers],
                                                     {n: plant.nodes[n] for n in node_ids[k::publishers]},
-                                                    rate / publishers, warmup + seconds, k, out, ready, go))
+                                                    rate / publishers, warmup + seconds, k, out, ready, go, 0.0,
+                                                    payload))
             for k in range(publishers)]
         for p in procs:
             p.start()
@@ -467,7 +470,7 @@ def run_workers(*, workers: int, rate: float, seconds: float, warmup: float, mac
     applied = max(1, in_window[0])
     worker_cpu = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
     acked = sum(r["acked"] for r in results)
-    return {"workers": workers, "target_rate": rate, "kill_worker": kill_worker,
+    return {"workers": workers, "target_rate": rate, "kill_worker": kill_worker, "payload": payload, "repeat": repeat,
             "sustained_rate": in_window[0] / window, "worker_cpu_s": worker_cpu, "window_s": window,
             "cpu_per_msg": {"workers_us": sum(worker_cpu) / applied * 1e6,
                             "broker_us": (broker1 - broker0) / applied * 1e6,
@@ -490,34 +493,61 @@ def workers_main(args, console: Console) -> None:
     measured_on = common.machine()
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-workers-") as tmp, PostgresCluster() as cluster:
-        plan = [(w, rate, False) for rate in rates for w in counts]
+        payloads = args.payload.split(",")
+        # --repeats: the whole plan again, so the counts alternate under whatever load the machine has
+        plan = [(w, rate, False, payload, rep) for rep in range(args.repeats) for payload in payloads
+                for rate in rates for w in counts]
         if args.kill_worker and max(counts) >= 2:
-            plan.append((max(counts), rates[0], True))  # the fault run at the first rate
-        for workers, rate, kill in plan:
-            console.log(f"{workers} worker(s), target {rate:,.0f} msg/s, {args.seconds:g} s"
-                        f"{', SIGKILL of one worker halfway' if kill else ''} ...")
-            workdir = Path(tmp) / f"w{workers}-{int(rate)}-{kill}"
+            plan.append((max(counts), rates[0], True, payloads[0], 0))  # the fault run at the first rate
+        for workers, rate, kill, payload, rep in plan:
+            console.log(f"{workers} worker(s), target {rate:,.0f} msg/s of {payload}, {args.seconds:g} s"
+                        f"{', SIGKILL of one worker halfway' if kill else ''} (repeat {rep + 1}) ...")
+            workdir = Path(tmp) / f"w{workers}-{int(rate)}-{payload}-{kill}-{rep}"
             workdir.mkdir()
             runs.append(run_workers(workers=workers, rate=rate, seconds=args.seconds, warmup=args.warmup,
                                     machines=args.machines, nodes=args.nodes, publishers=args.publishers,
-                                    cluster=cluster, workdir=workdir, kill_worker=kill, lease_s=args.lease_s))
+                                    cluster=cluster, workdir=workdir, kill_worker=kill, lease_s=args.lease_s,
+                                    payload=payload, repeat=rep))
+    # Scaling read off CPU cost (the 2 shared cores cannot give each worker a core of its own): N workers, each
+    # on a core, would apply N x (messages per worker CPU-second) a second; against one worker's the same way.
+    for r in runs:
+        one = next((o for o in runs if o["workers"] == 1 and o["target_rate"] == r["target_rate"]
+                    and o["payload"] == r["payload"] and not o["kill_worker"] and o["repeat"] == r["repeat"]), None)
+        r["scaling_vs_1_worker"] = (r["workers"] * r["msg_per_worker_cpu_s"] / one["msg_per_worker_cpu_s"]
+                                    if one is not None and r["workers"] and not r["kill_worker"] else None)
     table = Table(title=f"scaled-out twin (Mosquitto + PostgreSQL), {args.machines} devices, "
                         f"{measured_on['logical_cores']} CPUs shared by every process (load "
                         f"{measured_on['load_average'][0]:.1f} at start)")
-    for col in ("workers", "kill", "target msg/s", "sustained msg/s", "state p50 ms", "state p99 ms",
-                "workers CPU us/msg", "PG us/msg", "broker us/msg", "msg per worker CPU-s", "acked", "lost",
-                "duplicated", "alarms twice"):
+    for col in ("workers", "kill", "payload", "target msg/s", "sustained msg/s", "state p50 ms", "state p99 ms",
+                "workers CPU us/msg", "PG us/msg", "broker us/msg", "msg per worker CPU-s", "x 1 worker (CPU)",
+                "acked", "lost", "duplicated", "alarms twice"):
         table.add_column(col, justify="right")
     for r in runs:
         cpu = r["cpu_per_msg"]
         table.add_row(str(r["workers"]) if r["workers"] else "single twin", "yes" if r["kill_worker"] else "no",
-                      f"{r['target_rate']:,.0f}",
+                      r["payload"], f"{r['target_rate']:,.0f}",
                       f"{r['sustained_rate']:,.0f}", f"{r['state_latency_p50_ms'] or 0:.0f}",
                       f"{r['state_latency_p99_ms'] or 0:.0f}", f"{cpu['workers_us']:.0f}", f"{cpu['postgres_us']:.0f}",
-                      f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}", f"{r['acked_by_broker']:,}",
+                      f"{cpu['broker_us']:.0f}", f"{r['msg_per_worker_cpu_s']:,.0f}",
+                      "-" if r["scaling_vs_1_worker"] is None else f"{r['scaling_vs_1_worker']:.2f}x",
+                      f"{r['acked_by_broker']:,}",
                       str(r["lost"]), str(r["duplicated"]), str(r["alarms_raised_twice"]))
     console.print(table)
-    common.write_results({"benchmark": "twin_workers", "machine": measured_on,
+    summary = []  # medians over the repeats, per (workers, rate, payload)
+    for key in sorted({(r["workers"], r["target_rate"], r["payload"]) for r in runs if not r["kill_worker"]}):
+        same = [r for r in runs if (r["workers"], r["target_rate"], r["payload"]) == key and not r["kill_worker"]]
+        scaling = [r["scaling_vs_1_worker"] for r in same if r["scaling_vs_1_worker"] is not None]
+        summary.append({"workers": key[0], "target_rate": key[1], "payload": key[2], "runs": len(same),
+                        "workers_us_median": statistics.median(r["cpu_per_msg"]["workers_us"] for r in same),
+                        "postgres_us_median": statistics.median(r["cpu_per_msg"]["postgres_us"] for r in same),
+                        "msg_per_worker_cpu_s_median": statistics.median(r["msg_per_worker_cpu_s"] for r in same),
+                        "scaling_vs_1_worker_median": statistics.median(scaling) if scaling else None})
+        s = summary[-1]
+        console.print(f"{'single twin' if not key[0] else f'{key[0]} worker(s)'} at {key[1]:,.0f} msg/s of {key[2]}, "
+                      f"median of {len(same)}: workers {s['workers_us_median']:.0f} us/msg, PostgreSQL "
+                      f"{s['postgres_us_median']:.0f} us/msg, {s['msg_per_worker_cpu_s_median']:,.0f} msg per worker "
+                      f"CPU-s" + (f", {s['scaling_vs_1_worker_median']:.2f}x one worker" if scaling else ""))
+    common.write_results({"benchmark": "twin_workers", "machine": measured_on, "summary": summary,
                           "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
                           "target": {"lost": 0, "duplicated": 0, "scaling_2_workers": 1.7}}, args.out,
                          as_json=args.json)
@@ -574,10 +604,12 @@ def main() -> None:
     parser.add_argument("--kill-worker", action="store_true",
                         help="with --workers: a fault run more, SIGKILL of one worker halfway through the window")
     parser.add_argument("--lease-s", type=float, default=3.0, help="with --workers: the workers' lease")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole plan this many times (variants alternating), medians printed at the end")
     common.add_output_arguments(parser, Path("runs/bench/twin.json"))
     args = parser.parse_args()
-    if not 0.0 <= args.attack <= 0.5 or args.kill_cycles < 0 or args.seconds <= 0:
-        parser.error("--attack must be in [0, 0.5], --kill-cycles >= 0, --seconds > 0")
+    if not 0.0 <= args.attack <= 0.5 or args.kill_cycles < 0 or args.seconds <= 0 or not 1 <= args.repeats <= 20:
+        parser.error("--attack must be in [0, 0.5], --kill-cycles >= 0, --seconds > 0, --repeats 1..20")
     payloads = args.payload.split(",")
     if not payloads or any(p not in PAYLOADS for p in payloads):
         parser.error(f"--payload takes a comma-separated list of {', '.join(PAYLOADS)}")
@@ -597,14 +629,18 @@ def main() -> None:
     measured_on = common.machine()
     runs = []
     with tempfile.TemporaryDirectory(prefix="moeworks-bench-twin-") as tmp:
-        for rate in [float(r) for r in args.rates.split(",")]:
-            for payload in payloads:  # encodings back to back at each rate: the same machine load for both
-                console.log(f"target {rate:,.0f} msg/s of {payload} over {args.machines} devices for "
-                            f"{args.seconds:g} s ...")
-                runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup, machines=args.machines,
-                                     nodes=args.nodes, publishers=args.publishers, db=args.db, workdir=Path(tmp),
-                                     attack=args.attack, kill_cycles=args.kill_cycles, broker_kind=args.broker,
-                                     payload=payload))
+        for rep in range(args.repeats):
+            workdir = Path(tmp) / f"r{rep}"
+            workdir.mkdir()
+            for rate in [float(r) for r in args.rates.split(",")]:
+                for payload in payloads:  # encodings back to back at each rate: the same machine load for both
+                    console.log(f"target {rate:,.0f} msg/s of {payload} over {args.machines} devices for "
+                                f"{args.seconds:g} s (repeat {rep + 1}) ...")
+                    runs.append(run_rate(rate=rate, seconds=args.seconds, warmup=args.warmup,
+                                         machines=args.machines, nodes=args.nodes, publishers=args.publishers,
+                                         db=args.db, workdir=workdir, attack=args.attack,
+                                         kill_cycles=args.kill_cycles, broker_kind=args.broker, payload=payload)
+                                | {"repeat": rep})
     per_device = {n: state_bytes_per_device(n) for n in (1_000, 20_000)}
     capacity = {"state_bytes_per_device": per_device[20_000],
                 "devices_per_gib_of_state": int(2**30 / per_device[20_000])}
@@ -631,8 +667,17 @@ def main() -> None:
     console.print(table)
     console.print(f"live state: {capacity['state_bytes_per_device']:,.0f} bytes/device -> "
                   f"{capacity['devices_per_gib_of_state']:,} devices per GiB")
+    summary = []  # the twin's CPU per message, median over the repeats, per (rate, payload)
+    for key in sorted({(r["target_rate"], r["payload"]) for r in runs}):
+        same = [r["cpu_per_msg"]["twin_us"] for r in runs if (r["target_rate"], r["payload"]) == key
+                and r["cpu_per_msg"]["twin_us"] is not None]
+        if same:
+            summary.append({"target_rate": key[0], "payload": key[1], "runs": len(same),
+                            "twin_us_median": statistics.median(same)})
+            console.print(f"{key[0]:,.0f} msg/s of {key[1]}: twin CPU {summary[-1]['twin_us_median']:.1f} us/msg, "
+                          f"median of {len(same)} ({', '.join(f'{v:.1f}' for v in same)})")
     result = {"benchmark": "twin_ingestion", "machine": measured_on, "args": {k: str(v) for k, v in vars(args).items()},
-              "runs": runs, "capacity": capacity,
+              "runs": runs, "capacity": capacity, "summary": summary,
               "target": {"rate": 5000, "p99_ms": 250, "lost": 0, "duplicated": 0}}
     common.write_results(result, args.out, as_json=args.json)
 

@@ -35,7 +35,7 @@ from twin.mqtt.burst_client import BurstClient, BurstClientConfig
 from twin.mqtt.security import MQTTSecurity
 from twin.sparkplug.codec import DEFAULT_CODEC, check_codec, encode
 from twin.sparkplug.payload import MAX_PAYLOAD_BYTES, NAMESPACE, REBIRTH, Limits, Metric, Payload, Topic
-from twin.store.history import HistoryStore, WriterConfig
+from twin.store.history import Bulk, HistoryStore, WriterConfig
 from twin.store.mes import MESConfig, WorkOrderExporter
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class TwinConfig:
 
 class TwinService:
     store_statements: dict[str, str] = {}  # more row kinds for the history writer (twin/scaleout/worker.py's inbox)
+    store_bulk: dict[str, Bulk] = {}      # ...and those PostgreSQL takes by COPY (twin.store.history.PG_BULK)
 
     def __init__(self, *, config: TwinConfig, plant: Plant | None = None,
                  health_models: dict[str, HealthModel] | None = None, failure_model: FailureModel | None = None):
@@ -118,7 +119,8 @@ class TwinService:
     def start(self) -> TwinService:
         cfg = self.config
         self.store = HistoryStore(cfg.db, writer=WriterConfig(cfg.batch_rows, cfg.flush_interval_s),
-                                  on_commit=self._on_commit, statements=self.store_statements).start()
+                                  on_commit=self._on_commit, statements=self.store_statements,
+                                  bulk=self.store_bulk).start()
         self.state = TwinState(plant=self.plant, health_models=self.health_models, seen=self.store.has,
                                last_seqs=self.store.last_seqs(), limits=cfg.limits, defer_health=True)
         self.alarms = AlarmManager()

@@ -39,6 +39,7 @@ from twin.sparkplug.payload import (
     DEFAULT_LIMITS,
     SEQ_MODULUS,
     Limits,
+    Metric,
     Payload,
     PayloadError,
     Topic,
@@ -162,8 +163,9 @@ class TwinState:
                 parsed = self._check_topic(topic)
                 if parsed is None:
                     return out
-            payload = decode(parsed.kind, raw, now_ms=now_ms, limits=self.limits,
-                             aliases=self._alias_map(parsed.device or "/" + parsed.node))
+            kind = parsed.kind
+            payload = decode(kind, raw, now_ms=now_ms, limits=self.limits,
+                             aliases=self._alias_map(parsed.device or "/" + parsed.node), as_values=kind == "DDATA")
         except PayloadError as exc:
             self.counters["dead_letter"] += 1
             self.counters[exc.key] += 1
@@ -287,20 +289,17 @@ class TwinState:
             if not device.born:
                 self.counters["data_before_birth"] += 1
             self._ask_rebirth(topic.node, now_ms, out)
-        values: dict[str, Any] = {}
         sensors = device.machine.sensors
-        self._resolve_aliases(topic.device, payload, out)
-        for metric in payload.metrics:
-            sensor = sensors.get(metric.name)
-            if sensor is None:
-                self._metric_fault(out, "unknown_metric", f"unknown metric {metric.name!r}")
-            elif not value_fits(sensor.type, metric.value):
-                text = repr(metric.value)
-                self._metric_fault(out, "wrong_type", f"metric {metric.name!r} must be {sensor.type} in range, got "
-                                                      f"{type(metric.value).__name__} "
-                                                      f"{text if len(text) <= 60 else text[:57] + '...'}")
-            else:
-                values[metric.name] = metric.value
+        values = payload.values
+        if values is not None:  # named once each (protobuf, twin.sparkplug.protobuf.decode's as_values)
+            for name, value in values.items():
+                sensor = sensors.get(name)
+                if sensor is None or not value_fits(sensor.type, value):  # the dict is kept when all fit
+                    values = self._fitting(out, sensors, [Metric(n, v) for n, v in values.items()])
+                    break
+        else:
+            self._resolve_aliases(topic.device, payload, out)
+            values = self._fitting(out, sensors, payload.metrics)
         device.remember(serial)
         if serial > device.max_serial:
             device.max_serial = serial
@@ -324,6 +323,22 @@ class TwinState:
             out.changed.append(device.machine.id)
         out.ingested = Ingested(device.machine.id, serial, payload.timestamp, now_ms, values, in_order,
                                 device.health if in_order else None)
+
+    def _fitting(self, out: Outcome, sensors, metrics: list[Metric]) -> dict[str, Any]:
+        """name -> value of the metrics the plant's sensors take; the others dead-lettered."""
+        values: dict[str, Any] = {}
+        for metric in metrics:
+            sensor = sensors.get(metric.name)
+            if sensor is None:
+                self._metric_fault(out, "unknown_metric", f"unknown metric {metric.name!r}")
+            elif not value_fits(sensor.type, metric.value):
+                text = repr(metric.value)
+                self._metric_fault(out, "wrong_type", f"metric {metric.name!r} must be {sensor.type} in range, got "
+                                                      f"{type(metric.value).__name__} "
+                                                      f"{text if len(text) <= 60 else text[:57] + '...'}")
+            else:
+                values[metric.name] = metric.value
+        return values
 
     def _sequence(self, topic: Topic, seq: int | None, now_ms: int, out: Outcome) -> int | None:
         """Follow the node's seq with one more message; returns the message's position on the node's count

@@ -41,9 +41,10 @@ from twin.scaleout.ownership import DOOR, SCHEMA_LOCK, Leases, ensure_schema, ow
 from twin.scaleout.reorder import apply_order
 from twin.service import TwinConfig, TwinService
 from twin.sparkplug.payload import NAMESPACE
-from twin.store.history import ALARM_COLUMNS, UPSERT, HistoryStore
+from twin.store.history import ALARM_COLUMNS, UPSERT, Bulk, HistoryStore
 
 log = logging.getLogger(__name__)
+HOST = "/state"  # the lease of the primary host's STATE (no node of a topic has a "/" in its id)
 SHARE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an MQTT topic level: no '/', '+', '#' or '$'
 INBOX_BATCH = 5_000  # rows one poll of the inbox applies at most: bounds how long it holds the state's lock
 
@@ -80,6 +81,17 @@ class ScaleOutConfig:
             raise ValueError(f"ScaleOutConfig.poll_s must be 0.001-5 s, got {self.poll_s!r}")
 
 
+_HEALTH_FIELDS = tuple(f.name for f in dataclasses.fields(Health))
+
+
+def _fields(health: Health) -> dict[str, Any]:
+    """What dataclasses.asdict gives for a Health (its fields are numbers, strings and a dict of numbers), at a
+    tenth of the cost: the snapshots hold every owned device's, every lease round."""
+    doc = {name: getattr(health, name) for name in _HEALTH_FIELDS}
+    doc["mode_probs"] = dict(doc["mode_probs"])
+    return doc
+
+
 def _connect(url: str):
     import psycopg
 
@@ -101,12 +113,17 @@ class ScaledTwinService(TwinService):
                          "(SELECT 1 FROM twin_node_leases WHERE node = ?::text AND holder = ?::text AND "
                          "epoch = ?::bigint FOR SHARE) ON CONFLICT " + UPSERT["alarms"].split(" ON CONFLICT ", 1)[1]}
 
+    # one binary COPY per batch (twin.store.history.PG_BULK): rows take ids in the batch's order, which the owner
+    # reads them in
+    store_bulk = {"inbox": Bulk("twin_inbox (node, topic, payload, received_us)", ("text", "text", "bytea", "int8"))}
+
     def __init__(self, *, config: TwinConfig, scale: ScaleOutConfig, **kwargs):
         if not config.db.startswith(("postgresql://", "postgres://")):
             raise ValueError("twin workers share their state in PostgreSQL: --db must be a postgresql:// URL")
         super().__init__(config=config, **kwargs)
         self.scale = scale
         self._owned: dict[str, int] = {}              # node (or DOOR) -> lease epoch
+        self._host: BurstClient | None = None         # the STATE session, while this worker holds HOST
         self._slot_clients: dict[int, BurstClient] = {}
         self._taken: set[int] = set()                 # inbox ids applied, their delete not yet committed
         self._taken_lock = threading.Lock()
@@ -185,6 +202,10 @@ class ScaledTwinService(TwinService):
             client.stop()   # ...and what arrives after goes again to the slot's next holder
         self.store.flush()
         self._write_snapshots(force=True)
+        if self._host is not None:
+            if self._renewal is None or set(self._renewal[1]) <= {self.scale.worker}:  # the last worker: offline
+                self._host.publish(self._state_topic, self._host_state(False), qos=1, retain=True)
+            self._host.stop()
         try:
             self.leases.leave()
         except Exception:  # noqa: BLE001 - the database is gone: the leases expire instead
@@ -247,7 +268,8 @@ class ScaledTwinService(TwinService):
             return 0
         cutoff = time.time_ns() // 1000 - self.scale.hold_ms * 1000
         rows = conn.execute("SELECT id, node, topic, payload FROM twin_inbox WHERE node = ANY(%s) AND received_us "
-                            "<= %s ORDER BY received_us, id LIMIT %s", (owned, cutoff, INBOX_BATCH)).fetchall()
+                            "<= %s ORDER BY received_us, id LIMIT %s", (owned, cutoff, INBOX_BATCH),
+                            binary=True).fetchall()  # binary: the payloads come as they are, no hex to decode
         with self._taken_lock:
             rows = [r for r in rows if r[0] not in self._taken]
         if not rows:
@@ -353,9 +375,46 @@ class ScaledTwinService(TwinService):
             if epoch is not None:
                 self._claimed[("node", key)] = time.monotonic()
                 self._take(key, epoch)
+        self._host_round(live, renewed, renewed_at)
         self._write_snapshots()
         self._refresh_acks()
         self._refresh_cluster()
+
+    # ------------------------------------------------------------------ the primary host's STATE
+    # The group is one Sparkplug primary host application (host id: the config's client_id), whatever its
+    # number of workers. One worker at a time holds its STATE (the HOST lease, claimed and moved like a
+    # node's): it publishes `online` (retained) on a session of its own whose will says `offline` with
+    # the same timestamp. Its SIGKILL fires the will: edge nodes following the host hold their data
+    # until the next holder (after the lease) publishes `online` with a newer timestamp, and then send
+    # births and their spool. A holder that hands over or loses its lease closes its session cleanly (no
+    # will): the edges keep publishing until its successor's newer `online`; the last worker to stop
+    # cleanly publishes `offline`.
+    def _host_round(self, live: list[str], renewed: dict[str, int], renewed_at: float) -> None:
+        ours = owner_of(HOST, live) == self.scale.worker
+        if self._host is not None and HOST not in renewed and self._claimed[("node", HOST)] < renewed_at:
+            log.warning("worker %s lost the primary host's STATE (its lease ran out)", self.scale.worker)
+            self._host.stop()
+            self._host = None
+        elif self._host is not None and not ours:  # a worker joined and wins it: hand it over
+            self._host.stop()
+            self._host = None
+            self.leases.release_node(HOST)
+        # only with the broker reached (the commands' session): the slots' subscriptions are made or under way
+        if self._host is None and ours and self.client is not None and self.client.connected.is_set():
+            if self.leases.claim_node(HOST) is not None:
+                self._claimed[("node", HOST)] = time.monotonic()
+                self._host = self._host_client()
+
+    def _host_client(self) -> BurstClient:
+        cfg = self.config
+        self._state_timestamp = int(time.time() * 1000)  # newer than any STATE an earlier holder published
+        return BurstClient(
+            config=BurstClientConfig(host=cfg.broker_host, port=cfg.broker_port, client_id=f"{cfg.client_id}-host",
+                                     keepalive_s=cfg.keepalive_s, will=(self._state_topic, self._host_state(False),
+                                                                        1, True),
+                                     backoff_min_s=0.1, backoff_max_s=2.0, security=cfg.mqtt),
+            on_connect=lambda client, present: client.publish(self._state_topic, self._host_state(True), qos=1,
+                                                              retain=True)).start()
 
     def _take(self, key: str, epoch: int) -> None:
         """Become the owner of a node: its state from the snapshot its last owner wrote, the devices' last
@@ -422,8 +481,7 @@ class ScaledTwinService(TwinService):
                     device = self.state.devices[device_id]
                     doc = device.to_dict() | {"born": device.born, "ever_online": device.ever_online,
                                               "received_ms": device.received_ms, "values": dict(device.values),
-                                              "health_state": dataclasses.asdict(device.health)
-                                              if device.health else None}
+                                              "health_state": _fields(device.health) if device.health else None}
                     rows.append((f"device:{device_id}", json.dumps(doc, default=str), now_ms))
         if rows:
             with self.leases.conn.transaction():

@@ -21,6 +21,7 @@ CODECS = ("protobuf", "json")
 DEFAULT_CODEC = "protobuf"
 _BLANKS = b" \t\r\n"
 _JSON_STARTS = (b"{", b"[")
+_JSON_FIRST, _BLANK_BYTES = frozenset(b"{["), frozenset(_BLANKS)
 
 
 def check_codec(name: str, owner: str) -> None:
@@ -29,17 +30,20 @@ def check_codec(name: str, owner: str) -> None:
 
 
 def is_json(raw: bytes) -> bool:
-    first = raw[:1]
-    return first in _JSON_STARTS or (first != b"" and first in _BLANKS and raw.lstrip(_BLANKS)[:1] in _JSON_STARTS)
+    if not raw:
+        return False
+    first = raw[0]  # an int: no one-byte slice per message
+    return first in _JSON_FIRST or (first in _BLANK_BYTES and raw.lstrip(_BLANKS)[:1] in _JSON_STARTS)
 
 
 def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS,
-           aliases: Mapping[int, str] | None = None) -> Payload:
+           aliases: Mapping[int, str] | None = None, as_values: bool = False) -> Payload:
     """twin.sparkplug.payload.decode or twin.sparkplug.protobuf.decode (which names alias-only metrics from
-    `aliases`), by the payload's first byte (see the module's docstring)."""
+    `aliases`, and may give a data message's metrics as Payload.values: `as_values`), by the payload's
+    first byte (see the module's docstring)."""
     if is_json(raw):
         return json_codec.decode(kind, raw, now_ms=now_ms, limits=limits)
-    return protobuf.decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases)
+    return protobuf.decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases, as_values=as_values)
 
 
 def encode(payload: Payload, codec: str, *, aliases: Mapping[str, int] | None = None, names: bool = True) -> bytes:

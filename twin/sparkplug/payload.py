@@ -152,6 +152,9 @@ class Payload:
     bd_seq: int | None = None
     metrics: list[Metric] = field(default_factory=list)
     serial: int | None = None
+    # a data message's metrics as name -> value, in place of `metrics`, where the decoder was asked for it
+    # and every metric was named once (twin.sparkplug.protobuf.decode's `as_values`); None otherwise
+    values: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         out: dict[str, Any] = {"timestamp": self.timestamp}

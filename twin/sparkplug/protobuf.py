@@ -156,6 +156,15 @@ def with_seq(raw: bytes, seq: int) -> bytes:
     return raw + pb.Payload(seq=seq).SerializeToString()
 
 
+# The datatypes read without a check beyond "its field is not the default" (no two's complement to undo):
+# datatype -> (value field, our type). Data messages of the edge agent and of the C-MAPSS and AI4I
+# publishers hold only these (Double, plus the mill's String).
+_PLAIN = {DOUBLE: ("double_value", "Double"), FLOAT: ("float_value", "Float"), BOOLEAN: ("boolean_value", "Boolean"),
+          STRING: ("string_value", "String"), TEXT: ("string_value", "String"),
+          UINT8: ("int_value", "Int64"), UINT16: ("int_value", "Int64"), UINT32: ("long_value", "Int64"),
+          UINT64: ("long_value", "Int64"), DATETIME: ("long_value", "Int64")}
+_NOT_PLAIN = (None, None)
+_COUNTERS = frozenset((SERIAL_METRIC, BD_SEQ_METRIC))  # metrics decode takes out of the list
 _FIELD_OF = {INT8: "int_value", INT16: "int_value", INT32: "int_value", UINT8: "int_value", UINT16: "int_value",
              INT64: "long_value", UINT32: "long_value", UINT64: "long_value", DATETIME: "long_value",
              FLOAT: "float_value", DOUBLE: "double_value", BOOLEAN: "boolean_value", STRING: "string_value",
@@ -195,11 +204,16 @@ def _counter(metric: Metric, i: int, high: int) -> int:
 
 
 def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits = DEFAULT_LIMITS,
-           aliases: Mapping[int, str] | None = None) -> Payload:
+           aliases: Mapping[int, str] | None = None, as_values: bool = False) -> Payload:
     """Parse and check a protobuf payload for a message type; raises PayloadError with the reason,
     under the same rules as twin.sparkplug.payload.decode (its docstring) reads the JSON. A metric sent by alias
     alone is named from `aliases` (alias -> name, from the sender's birth); without a match its name
-    stays None for the caller to judge."""
+    stays None for the caller to judge.
+
+    `as_values` (data messages): the metrics as Payload.values, name -> value in message order, instead of
+    one Metric each, where every metric is named and no name repeats; otherwise (and on births) as
+    Payload.metrics. The twin's DDATA path reads only names and values: a Metric per value was a third
+    of the decode (benchmarks/RESULTS.md, sparkplug_codec)."""
     if len(raw) > limits.max_payload_bytes:
         raise PayloadError(f"payload of {len(raw):,} bytes is over the {limits.max_payload_bytes:,}-byte limit",
                            "oversized")
@@ -231,8 +245,42 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
     # HasField only where a default (0) is also a legal value (an alias of 0)
     max_name, max_string = limits.max_name_chars, limits.max_string_chars
     births = kind in ("NBIRTH", "DBIRTH")
+    # Data messages take two short cuts (each gives what the general path below would, which every other
+    # metric takes; tests/twin/sparkplug/test_decode_equivalence.py holds them to it): an alias the birth
+    # named with a datatype of _PLAIN and a value other than its default is one Metric without further
+    # reads; the serial, sent by name, is read without a Metric. Where alias 0 is named, neither applies.
+    plain = not births and not (aliases and 0 in aliases)
+    named = aliases.get if aliases is not None and plain else None
+    serial_by_name = plain and len(SERIAL_METRIC) <= max_name
+    values: dict | None = {} if as_values and plain else None
     for i, item in enumerate(items):
         alias = item.alias
+        if alias:
+            if named is not None:
+                name = named(alias)
+                if name is not None and name not in _COUNTERS:
+                    datatype = item.datatype
+                    if datatype == DOUBLE:  # most data: one branch, no table
+                        value, ours = item.double_value, "Double"
+                    else:
+                        field, ours = _PLAIN.get(datatype, _NOT_PLAIN)
+                        value = getattr(item, field) if field is not None else None
+                        if type(value) is str and len(value) > max_string:
+                            check_string(i, name, value, limits)
+                    if value:
+                        if values is None:
+                            metrics.append(Metric(name, value, ours, None, alias))
+                            continue
+                        if name not in values:
+                            values[name] = value
+                            continue
+                        return decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases)  # a repeated name
+        elif serial_by_name:
+            value = item.long_value
+            if value and value <= MAX_SERIAL and item.datatype == UINT64 and item.name == SERIAL_METRIC:
+                serial = value
+                continue
+        datatype = item.datatype
         if not alias and not item.HasField("alias"):
             alias = None
         # on data, an alias the sender's birth declared names the metric (names in those maps passed this
@@ -245,7 +293,6 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
                     raise PayloadError(f"metrics[{i}] needs a name or an alias")
             elif len(name) > max_name:
                 check_name(i, name, limits)
-        datatype = item.datatype
         if datatype in OUR_TYPES:
             # a value other than its field's default proves that field is the one set (a oneof reads its unset
             # members as defaults): the common case, without WhichOneof
@@ -266,6 +313,16 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
             check_string(i, name, value, limits)
         # units matter on births (the twin reads them there, and ignores properties on data messages)
         unit = _unit(i, name, item.properties, limits) if births and item.HasField("properties") else None
+        if values is not None:
+            if name is None or name in values:  # an alias no birth named, or a repeated name: as Metrics
+                return decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases)
+            if name == SERIAL_METRIC:
+                serial = _counter(Metric(name, value), i, MAX_SERIAL)
+            elif name != BD_SEQ_METRIC or kind != "NDEATH":
+                values[name] = value
+            else:
+                return decode(kind, raw, now_ms=now_ms, limits=limits, aliases=aliases)
+            continue
         metric = Metric(name, value, OUR_TYPES[datatype], unit, alias)
         if name is not None and (name == SERIAL_METRIC or name == BD_SEQ_METRIC):
             if name == SERIAL_METRIC:
@@ -276,4 +333,4 @@ def decode(kind: str, raw: bytes, *, now_ms: int | None = None, limits: Limits =
         metrics.append(metric)
     if bd_seq is None and kind in ("NBIRTH", "NDEATH"):
         raise PayloadError(f"missing metric {BD_SEQ_METRIC!r}")
-    return Payload(timestamp or 0, seq, bd_seq, metrics, serial)
+    return Payload(timestamp or 0, seq, bd_seq, metrics, serial, values)

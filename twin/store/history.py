@@ -71,6 +71,25 @@ UPSERT = {
                    "status=excluded.status, attempts=excluded.attempts, last_error=excluded.last_error, "
                    "delivered_ms=excluded.delivered_ms",
 }
+# PostgreSQL: a batch of rows of these kinds is written with one binary COPY, not one statement per row
+# (psycopg's executemany: each row's parameters dumped and sent as a Bind/Execute of its own, 5-7x COPY's
+# client CPU per row). That was much of the scale-out workers' CPU, every message being written twice
+# (inbox, history): benchmarks/RESULTS.md, "Twin scale-out". kind -> Bulk. A batch the database refuses
+# is written again row by row with the kind's ordinary statement (HistoryStore._isolate), as before.
+@dataclass(frozen=True)
+class Bulk:
+    table: str                        # COPY's target, with its columns
+    types: tuple[str, ...]            # PostgreSQL type of each column, for the binary format
+    prepare: str | None = None        # run first in the same transaction (a staging table)
+    finish: str | None = None         # run after the COPY (staging -> the table, ON CONFLICT as the statement)
+
+
+PG_BULK = {
+    # COPY knows no ON CONFLICT: history rows go through a temporary table emptied at each commit
+    "history": Bulk("history_in", ("text", "int8", "int8", "int8", "int4", "float8", "float8", "text", "text"),
+                    prepare="CREATE TEMP TABLE IF NOT EXISTS history_in (LIKE history) ON COMMIT DELETE ROWS",
+                    finish="INSERT INTO history SELECT * FROM history_in ON CONFLICT DO NOTHING"),
+}
 ALARM_COLUMNS = ("id", "device", "kind", "metric", "severity", "message", "value", "raised_ms", "cleared_ms",
                  "acked_ms", "acked_by", "acked_role")
 
@@ -140,15 +159,17 @@ class HistoryStore:
 
     def __init__(self, url: str | Path, *, writer: WriterConfig = WriterConfig(),
                  on_commit: Callable[[list[Ingested], float], None] | None = None,
-                 statements: dict[str, str] | None = None):
+                 statements: dict[str, str] | None = None, bulk: dict[str, Bulk] | None = None):
         """`statements`: more kinds of rows the writer takes (`put(kind, rows)`), each an executemany
-        statement with `?` placeholders (the twin's scale-out tables, twin/scaleout/worker.py)."""
+        statement with `?` placeholders (the twin's scale-out tables, twin/scaleout/worker.py); `bulk`: more
+        kinds written in one statement per batch on PostgreSQL (as PG_BULK)."""
         url = str(url)
         self.dialect = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
         self.url = url.removeprefix("sqlite:///") if self.dialect == "sqlite" else url
         self.writer = writer
         self.on_commit = on_commit
         self.statements = UPSERT | (statements or {})
+        self.bulk = PG_BULK | (bulk or {})
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._local = threading.local()
         self._connections: list[Any] = []
@@ -378,7 +399,18 @@ class HistoryStore:
     def _commit(self, grouped: dict[str, list]) -> None:
         cur = self._wconn.cursor()
         for kind, rows in grouped.items():
-            cur.executemany(self._sql(self.statements[kind]), rows)
+            bulk = self.bulk.get(kind) if self.dialect == "postgresql" and len(rows) > 1 else None  # Bulk
+            if bulk is None:
+                cur.executemany(self._sql(self.statements[kind]), rows)
+                continue
+            if bulk.prepare:
+                cur.execute(bulk.prepare)
+            with cur.copy(f"COPY {bulk.table} FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(bulk.types)
+                for row in rows:
+                    copy.write_row(row)
+            if bulk.finish:
+                cur.execute(bulk.finish)
         self._wconn.commit()
 
     def _rollback(self) -> None:

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from tests import polling
 from twin.scaleout.ownership import owner_of
 from twin.scaleout.reorder import apply_order
+from twin.scaleout.worker import HOST
 
 ROOT = Path(__file__).resolve().parents[3]
 GROUP = "bench"
@@ -78,12 +79,15 @@ def postgres():
 class Worker:
     """`python -m twin.scaleout.worker` with its API on a free port, so that the test can SIGKILL it."""
 
-    def __init__(self, tmp_path: Path, name: str, broker_port: int, db: str, *, machines: int, nodes: int):
+    def __init__(self, tmp_path: Path, name: str, broker_port: int, db: str, *, machines: int | None, nodes: int,
+                 client_id: str = "twin-so"):
+        """`machines` None: the default plant (twin/domain/plant.yaml), that of the edge agent."""
         from tests.services import free_port, wait_port
 
         self.http = free_port()
-        config = {"broker_port": broker_port, "db": db, "client_id": "twin-so", "work_orders_csv": None,
-                  "keepalive_s": 2, "generated_plant": {"machines": machines, "nodes": nodes},
+        plant = {"generated_plant": {"machines": machines, "nodes": nodes}} if machines is not None else {}
+        config = {"broker_port": broker_port, "db": db, "client_id": client_id, "work_orders_csv": None,
+                  "keepalive_s": 2, **plant,
                   "scale": {"worker": name, "slots": 2, "home_slot": int(name[-1]), "lease_s": 1.5},
                   "http_port": self.http}
         path = tmp_path / f"{name}.json"
@@ -118,7 +122,7 @@ def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres
     db = psycopg.connect(postgres.url, autocommit=True)
     try:
         wait_for(lambda: db.execute("SELECT COUNT(*) FROM twin_node_leases WHERE holder IS NOT NULL "
-                                    "AND node <> ''").fetchone()[0] == nodes
+                                    "AND node NOT IN ('', %s)", (HOST,)).fetchone()[0] == nodes
                  and len({r[0] for r in db.execute("SELECT holder FROM twin_slots WHERE holder IS NOT NULL")}) == 2,
                  what="both workers holding a slot and the nodes owned")
         now = int(time.time() * 1000)
@@ -160,7 +164,8 @@ def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres
         # the killed worker comes back (as the supervisor restarts it) and takes its share again
         workers[1] = Worker(tmp_path, "w1", broker.port, postgres.url, machines=machines, nodes=nodes)
         wait_for(lambda: len({r[0] for r in db.execute("SELECT holder FROM twin_node_leases WHERE holder IS NOT NULL "
-                                                       "AND node <> ''")}) == 2, what="the nodes shared again")
+                                                       "AND node NOT IN ('', %s)", (HOST,))}) == 2,
+                 what="the nodes shared again")
         time.sleep(1.0)  # a lease round: the snapshots of the moved nodes written
 
         def view(worker):
@@ -190,6 +195,81 @@ def test_two_workers_store_every_row_once_and_survive_a_sigkill(broker, postgres
     finally:
         db.close()
         edge.client.stop()
+        for worker in workers:
+            worker.stop()
+
+
+@pytest.mark.slow
+def test_one_worker_at_a_time_is_the_primary_host_and_edges_hold_data_while_none_is_up(broker, postgres, tmp_path):
+    """Sparkplug's STATE with N workers: one holder publishes online, its SIGKILL publishes its will (offline) and
+    the survivor online again (newer); the last worker's clean stop says offline. An edge agent following the
+    host holds its data while offline and delivers all of it afterwards: 0 lost."""
+    import threading
+
+    import orjson
+    import paho.mqtt.client as mqtt
+    import psycopg
+
+    from deploy.edge.agent import EdgeAgent, EdgeConfig
+    from deploy.edge.sources import SimulatedMill
+
+    host, topic = "twin-so-host", "spBv1.0/STATE/twin-so-host"
+    seen: list[tuple[str, dict | None]] = []  # (topic, STATE) of everything the group's namespace carries
+    observer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer-state")
+    observer.on_message = lambda c, u, m: seen.append((m.topic, orjson.loads(m.payload) if m.topic == topic
+                                                       else None))
+    observer.connect("127.0.0.1", broker.port)
+    observer.loop_start()
+    observer.subscribe([(topic, 1), ("spBv1.0/plant1/DDATA/#", 1)])
+    states = lambda: [doc for t, doc in seen if t == topic]  # noqa: E731
+    ddata = lambda: sum(t != topic for t, _ in seen)  # noqa: E731
+    workers = [Worker(tmp_path, f"w{k}", broker.port, postgres.url, machines=None, nodes=0, client_id=host)
+               for k in (0, 1)]
+    db = psycopg.connect(postgres.url, autocommit=True)
+    agent = EdgeAgent(config=EdgeConfig(port=broker.port, node="edge-mill-1", device="mill-1", rate_hz=100.0,
+                                        keepalive_s=2, spool=tmp_path / "edge.spool", backoff_max_s=0.5,
+                                        primary_host=host), source=SimulatedMill(seed=3, rows=1200))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(agent.run()))
+    try:
+        wait_for(lambda: states() and states()[-1]["online"], what="a worker publishing the host online")
+        thread.start()
+        wait_for(lambda: db.execute("SELECT COUNT(*) FROM history").fetchone()[0] > 100, what="data flowing")
+        (holder,) = db.execute("SELECT holder FROM twin_node_leases WHERE node = %s", (HOST,)).fetchone()
+        first = states()[-1]
+        workers[int(holder[-1])].stop(signal.SIGKILL)
+        wait_for(lambda: len(states()) >= 3 and states()[-1]["online"], what="the survivor publishing online")
+        assert states()[-3:] == [first, {"online": False, "timestamp": first["timestamp"]}, states()[-1]], \
+            "the killed holder's will, then the survivor's online"
+        assert states()[-1]["timestamp"] > first["timestamp"], "newer than the will: the edges take it"
+        survivor = workers[1 - int(holder[-1])]
+        assert db.execute("SELECT holder FROM twin_node_leases WHERE node = %s", (HOST,)).fetchone()[0] != holder
+        wait_for(lambda: db.execute("SELECT COUNT(*) FROM history").fetchone()[0] > 400, what="data after the kill")
+        survivor.stop()  # the last worker, a clean stop: offline, retained
+        wait_for(lambda: not states()[-1]["online"], what="the last worker's offline")
+        assert states()[-1] == {"online": False, "timestamp": states()[-2]["timestamp"]}
+        time.sleep(0.5)  # what was in flight lands
+        held_from = ddata()
+        time.sleep(1.5)
+        assert ddata() == held_from, "no data while no worker is up"
+        assert thread.is_alive(), "the agent holds its rows in its spool meanwhile"
+        workers.append(Worker(tmp_path, "w0", broker.port, postgres.url, machines=None, nodes=0, client_id=host))
+        thread.join(timeout=90)
+        assert result["produced"] == 1200 and result["spool_depth"] == 0
+        wait_for(lambda: db.execute("SELECT COUNT(*) FROM history WHERE device = 'mill-1'").fetchone()[0] == 1200,
+                 timeout=60, what="the held rows stored")
+        seqs = [r[0] for r in db.execute("SELECT seq FROM history WHERE device = 'mill-1' ORDER BY seq")]
+        assert seqs == list(range(1200)), "0 lost, 0 duplicated"
+        assert [s["online"] for s in states()[-2:]] == [False, True]
+        online = [s["timestamp"] for s in states() if s["online"]]
+        assert online == sorted(set(online)), "each holder's online newer than the one before"
+        assert all(s["timestamp"] == online_before["timestamp"] for online_before, s in zip(states(), states()[1:],
+                                                                                             strict=False)
+                   if not s["online"]), "an offline names the session it ends"
+    finally:
+        thread.join(timeout=60) if thread.is_alive() else None
+        observer.loop_stop()
+        db.close()
         for worker in workers:
             worker.stop()
 

@@ -138,3 +138,18 @@ def test_count_refuses_a_table_it_does_not_keep(tmp_path):
         assert store.count("history") == 0
     finally:
         store.close()
+
+
+def test_a_batch_of_mixed_health_figures_is_written_whole(store):
+    """PostgreSQL writes a batch as one statement of arrays (twin.store.history.PG_BULK): health figures that are
+    ints, floats and missing in one batch go in together, without a refused batch written again row by row."""
+    now = 1_765_000_000_000
+    figures = [Health(rul=125), Health(rul=80.5, failure_prob=0.25), None, Health(failure_prob=1)]
+    store.put_history_many([Ingested("engine-1", s, now + s, now + s, {"s2": 641.8 + s, "mode": "a\u00e9"}, s % 2 == 0,
+                                     h) for s, h in enumerate(figures)])
+    store.flush(timeout=20)
+    assert store.write_errors == 0 and store.rows_refused == 0
+    rows = store.history("engine-1")
+    assert [(r["seq"], r["rul"], r["failure_prob"], r["in_order"], r["values"]["s2"]) for r in rows] == [
+        (0, 125.0, None, True, 641.8), (1, 80.5, 0.25, False, 642.8), (2, None, None, True, 643.8),
+        (3, None, 1.0, False, 644.8)]
