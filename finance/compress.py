@@ -60,11 +60,8 @@ def compress_scorer(source: CreditScorer, records: Records, method: Literal["dis
     guide = teacher or source
     soft = _teacher_logits(guide, train.frame) if config.alpha > 0 else None
     if method == "distill":
-        sizes = student or {}
-        model_config = MoEModelConfig(num_experts=sizes.get("num_experts", 4), top_k=min(2, sizes.get("num_experts", 4)),
-                                      hidden_size=sizes.get("hidden_size", 32),
-                                      intermediate_size=sizes.get("intermediate_size", 64),
-                                      num_layers=sizes.get("num_layers", 1))
+        sizes = {"num_experts": 4, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, **(student or {})}
+        model_config = MoEModelConfig(**sizes, top_k=min(2, sizes["num_experts"]))
         from finance.models.moe import _build
 
         module = _build(model_config, X_train.shape[1])

@@ -249,6 +249,8 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
                   l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
                                                       "(times the sum of |w|, beside an MSE on RUL/cap near 0.003)"),
                   l1_epochs: int = typer.Option(5, help="lstm models: epochs of L1-regularised training"),
+                  steps: int = typer.Option(1, help="lstm models: remove the channels in this many equal steps, "
+                                                    "fine-tuning (--epochs) after each (iterative pruning)"),
                   keep_experts: int | None = typer.Option(None, help="moe models: experts kept per layer "
                                                                      "(default: half)"),
                   merge: bool = typer.Option(False, help="moe models: merge dropped experts into the nearest kept "
@@ -269,7 +271,8 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
     if not 0 <= l1 <= 1 or not 0 <= l1_epochs <= 1000:
         raise CompressError("--l1 must be in [0, 1] and --l1-epochs in [0, 1000]")
     subset, frame = _training_frame(data, subset, source)
-    pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, keep_experts=keep_experts,
+    pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, steps=steps,
+                            keep_experts=keep_experts,
                             merge=merge, teacher=_teacher(teacher, model), alpha=alpha,
                             config=_fine_tune_config(epochs, seed, as_json))
     _finish(pruned, metrics, out, model, subset, "prune", as_json)

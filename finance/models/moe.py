@@ -152,7 +152,8 @@ class _Probability(nn.Module):
 def _build(config: MoEModelConfig, num_features: int) -> StandardisedMoE:
     net = TabularMoE(TabularMoEConfig(
         num_numeric=num_features, num_layers=config.num_layers, dropout=config.dropout,
-        hashed_compression=config.hashed_compression, moe=MoEConfig(num_experts=config.num_experts, top_k=config.top_k, hidden_size=config.hidden_size,
+        hashed_compression=config.hashed_compression,
+        moe=MoEConfig(num_experts=config.num_experts, top_k=config.top_k, hidden_size=config.hidden_size,
                       intermediate_size=config.intermediate_size)))
     return StandardisedMoE(net, num_features)
 

@@ -19,8 +19,15 @@ import torch
 
 from core.compress.tabular import TabularFineTuneConfig, compress_tabular, logits_of
 from core.trainer import data_fingerprint
-from manufacturing.maintenance.ai4i import INPUTS, LABELS, OUTPUTS, AI4IFailureModel, alert_metrics, split_rows, \
-    validate_ai4i
+from manufacturing.maintenance.ai4i import (
+    INPUTS,
+    LABELS,
+    OUTPUTS,
+    AI4IFailureModel,
+    alert_metrics,
+    split_rows,
+    validate_ai4i,
+)
 from manufacturing.maintenance.errors import MaintenanceDataError
 
 
