@@ -205,6 +205,10 @@ def test_credit_folders_distill_prune_and_hash_into_normal_credit_folders(tabula
             assert scorer.model_.config_.hashed_compression == 8
             assert metrics["hashed_values"] * 8 == metrics["virtual_weights"]
         assert metrics["parameters"] == sum(p.numel() for p in net.parameters()) < source_net
+        from deploy.serving.registry import REGISTRY
+
+        adapter = REGISTRY.from_path(out)  # what `serve --model` loads
+        assert type(adapter).__name__ == type(REGISTRY.from_path(tabular / "credit")).__name__
         result = invoke("finance", "evaluate", "--model", out, "--data", data, "--no-speed", "--json")
         assert result.exit_code == 0, result.output
         assert last_json(result.output)["auc"] > 0.5
@@ -243,6 +247,9 @@ def test_ai4i_folders_compress_their_moe_backend_into_normal_ai4i_folders(tabula
             assert (out / f"lightgbm_{name}.txt").read_text() == (tabular / "ai4i" / f"lightgbm_{name}.txt").read_text()
         if method == "hash":
             assert model.moe_config_.hashed_compression == 8
+            result = invoke("bundle", "build", "--model", out, "--out", tmp_path / "bundle", "--backend", "moe",
+                            "--training-data", tabular / "ai4i.csv")
+            assert result.exit_code == 0, result.output  # the graph reproduced the hashed model's outputs
         result = invoke("maintenance", "ai4i-evaluate", "--model", out, "--data", tabular / "ai4i.csv", "--json")
         assert result.exit_code == 0, result.output
         result = invoke("maintenance", "export", "--model", out, "--out", tmp_path / f"{method}_onnx")
