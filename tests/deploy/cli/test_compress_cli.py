@@ -68,9 +68,11 @@ def test_distill_the_moe_into_a_small_lstm(trained):
 
 
 def test_prune_lstm_channels(trained):
-    out, metrics = compress(trained, "prune", "lstm", "--ratio", 0.5, "--l1-epochs", 1)
+    out, metrics = compress(trained, "prune", "lstm", "--ratio", 0.5, "--l1-epochs", 1, "--steps", 2)
     pruned = RULEstimator.load(out)
-    assert pruned.net_.hidden_size == 32 and pruned.net_.head_hidden == 16
+    assert pruned.net_.hidden_size == 32 and pruned.net_.head_hidden == 16  # two steps, the one-step widths
+    assert pruned.metadata_["compression"]["steps"] == 2
+    assert len(pruned.metadata_["epochs_run"]) == 3  # L1 training, fine-tuning after step 1, after step 2
     assert metrics["parameters"] < 0.5 * metrics["source_parameters"]
     assert (out / "model.pt").stat().st_size < 0.5 * (trained / "lstm" / "model.pt").stat().st_size
     evaluate_and_export(trained, out, "lstm")
