@@ -206,6 +206,9 @@ def test_credit_folders_distill_prune_and_hash_into_normal_credit_folders(tabula
         else:
             assert scorer.model_.config_.hashed_compression == 8
             assert metrics["hashed_values"] * 8 == metrics["virtual_weights"]
+            result = invoke("finance", "adapt", "--model", out, "--data", data, "--out", tmp_path / "adapted")
+            assert result.exit_code == 2 and "hashed" in result.output  # LoRA needs the dense network
+            assert len(result.output.strip().splitlines()) == 1
         assert metrics["parameters"] == sum(p.numel() for p in net.parameters()) < source_net
         from deploy.serving.registry import REGISTRY
 
