@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import add_output_arguments, describe, machine, write_results
-from benchmarks.fixtures import REPO, add_data_argument
+from benchmarks.fixtures import CREDIT_FOLDERS, DATA_ROOT, REPO, add_data_argument
 
 CLI = [sys.executable, "-m", "deploy.cli"]
 
@@ -41,14 +41,14 @@ def steps(args, subset: str, root: Path) -> list[tuple[str, list[str]]]:
     data = str(args.data)
     fine = str(args.epochs)
     return [
-        ("teacher", ["maintenance", "train", "--subset", subset, "--data", data, "--model", "moe",
+        ("teacher", ["maintenance", "train", "--subset", subset, "--data", data, "--kind", "moe",
                      "--epochs", str(args.teacher_epochs)]),
         ("student", ["compress", "distill", "--model", str(root / "teacher"), "--data", data,
                      "--hidden", str(args.hidden), "--epochs", str(args.student_epochs)]),
         # The student's fine-tuning after pruning or hashing is guided by the MoE it was distilled from.
         ("student_pruned", ["compress", "prune", "--model", str(root / "student"), "--data", data,
                             "--teacher", str(root / "teacher"), "--ratio", str(args.ratio), "--l1-epochs", "5",
-                            "--epochs", fine]),
+                            "--steps", str(args.prune_steps), "--alpha", str(args.prune_alpha), "--epochs", fine]),
         ("student_hashed", ["compress", "hash", "--model", str(root / "student"), "--data", data,
                             "--teacher", str(root / "teacher"), "--compression", "8", "--epochs", fine]),
         ("teacher_hashed_experts", ["compress", "hash", "--model", str(root / "teacher"), "--data", data,
@@ -56,6 +56,80 @@ def steps(args, subset: str, root: Path) -> list[tuple[str, list[str]]]:
         ("teacher_pruned_experts", ["compress", "prune", "--model", str(root / "teacher"), "--data", data,
                                     "--keep-experts", "4", "--epochs", str(args.teacher_fine_epochs)]),
     ]
+
+
+def tabular_steps(args, root: Path) -> list[tuple[str, str, list[str]]]:
+    """(dataset, folder name, the moeworks command that makes it) for the credit and AI4I MoEs."""
+    taiwan = str(DATA_ROOT / CREDIT_FOLDERS["taiwan"])
+    ai4i = str(DATA_ROOT / "ai4i2020")
+    out = []
+    for dataset, data, source in (("taiwan", taiwan, ["finance", "train", "--dataset", "taiwan", "--data", taiwan,
+                                                      "--kind", "moe"]),
+                                  ("ai4i", ai4i, ["maintenance", "ai4i-train", "--data", ai4i])):
+        folder = str(root / f"{dataset}_source")
+        out += [(dataset, f"{dataset}_source", source),
+                (dataset, f"{dataset}_distilled", ["compress", "distill", "--model", folder, "--data", data,
+                                                   "--experts", "4", "--hidden", "16", "--epochs", "30"]),
+                (dataset, f"{dataset}_pruned_experts", ["compress", "prune", "--model", folder, "--data", data,
+                                                        "--keep-experts", str(args.tabular_keep), "--epochs", "15"]),
+                (dataset, f"{dataset}_hashed_experts", ["compress", "hash", "--model", folder, "--data", data,
+                                                        "--compression", "8", "--epochs", "15"])]
+    return out
+
+
+def measure_tabular(folders: dict[str, tuple[str, Path]], onnx_dir: Path, args) -> list[dict]:
+    """Network parameters, ONNX FP32 bytes, batch-1 latency (torch, ORT FP32) and the validation
+    metric (credit: AUC; AI4I: the MoE backend's failure PR-AUC) of each folder, on the source's
+    validation rows (every compressed folder is scored on the rows its source held back)."""
+    from core.onnx_export import inference_session
+    from finance.scorer import load_model
+    from manufacturing.maintenance.ai4i import AI4IFailureModel, read_ai4i, split_rows
+    from manufacturing.maintenance.export import export_ai4i_onnx
+
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    rows, runners = [], {}
+    ai4i_rows = read_ai4i(DATA_ROOT / "ai4i2020")
+    for name, (dataset, folder) in folders.items():
+        if dataset == "taiwan":
+            scorer = load_model(folder)
+            net = scorer.model_.module_.net
+            path = scorer.model_.export_onnx(onnx_dir / f"{name}.onnx")
+            metric, value = "val_auc", scorer.validation_metrics_["auc"]
+            module = scorer.model_.module_.eval()
+            example = {"features": np.zeros((1, len(scorer.pipeline_.feature_names_)), dtype=np.float32)}
+            def eager(w, m=module):
+                return m(torch.from_numpy(w["features"]))
+        else:
+            model = AI4IFailureModel.load(folder)
+            net = model.moe_.eval()
+            path = export_ai4i_onnx(model, onnx_dir / name)["moe"]
+            _, val = split_rows(ai4i_rows, seed=model.seed)
+            metric, value = "val_moe_failure_pr_auc", model.evaluate(val)["moe"]["failure_pr_auc"]
+            numeric, codes = model.moe_inputs(val.iloc[:1])
+            example = {"numeric": numeric.numpy(), "type_code": codes.numpy()}
+            def eager(w, m=net):
+                return m(torch.from_numpy(w["numeric"]), torch.from_numpy(w["type_code"]))
+        session = inference_session(path, threads=1)
+        runners[name] = {"torch": eager, "ort_fp32": lambda w, s=session: s.run(None, w)}
+        details = json.loads((folder / "compression.json").read_text()) if (folder / "compression.json").is_file() \
+            else (model.metrics_.get("compression", {}) if dataset == "ai4i" else {})
+        rows.append({"dataset": dataset, "model": name, "parameters": sum(p.numel() for p in net.parameters()),
+                     "expert_values": sum(p.numel() for n, p in net.named_parameters() if ".experts." in n),
+                     "onnx_fp32_bytes": path.stat().st_size, metric: value, "metric": metric,
+                     "method": details.get("method"), "folder": str(folder), "example": example})
+    samples: dict[tuple[str, str], list[float]] = {}
+    with torch.no_grad():
+        for _ in range(args.latency_rounds):
+            for row in rows:
+                for runtime, run in runners[row["model"]].items():
+                    samples.setdefault((row["model"], runtime), []).append(
+                        latency_ms(run, row["example"], args.latency_calls))
+    for row in rows:
+        del row["example"]
+        for runtime in ("torch", "ort_fp32"):
+            row[f"latency_ms_{runtime}"] = float(np.median(samples[(row["model"], runtime)]))
+            row[f"latency_best_ms_{runtime}"] = float(np.min(samples[(row["model"], runtime)]))
+    return rows
 
 
 def make(name: str, command: list[str], folder: Path, args, console: Console) -> str:
@@ -72,7 +146,7 @@ def make(name: str, command: list[str], folder: Path, args, console: Console) ->
     return shown
 
 
-def latency_ms(run, window: np.ndarray, rounds: int) -> float:
+def latency_ms(run, window, rounds: int) -> float:
     run(window)  # warm-up
     started = time.perf_counter()
     for _ in range(rounds):
@@ -196,6 +270,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64, help="the student LSTM's hidden units")
     parser.add_argument("--ratio", type=float, default=0.4,
                         help="share of the student's channels pruned (0.4 of 64 hidden units: ~55%% of its parameters)")
+    parser.add_argument("--prune-steps", type=int, default=1, help="the student's pruning in this many steps, "
+                                                                     "fine-tuned after each")
+    parser.add_argument("--prune-alpha", type=float, default=0.5,
+                        help="weight of the MoE teacher's outputs in the pruned student's fine-tuning "
+                             "(1: the teacher only)")
+    parser.add_argument("--tabular", action="store_true", help="also the credit (Taiwan) and AI4I MoEs: distilled, "
+                                                                   "experts pruned, experts hashed")
+    parser.add_argument("--tabular-keep", type=int, default=8, help="experts kept of the tabular MoEs' 16")
     parser.add_argument("--reuse", action="store_true", help="measure existing folders instead of training them")
     parser.add_argument("--latency-rounds", type=int, default=15)
     parser.add_argument("--latency-calls", type=int, default=20, help="calls timed per round")
@@ -204,7 +286,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the edge case: one core per model
     console = Console(stderr=args.json, width=220)
     results = {"command": " ".join(sys.argv), "rows": [], "targets": {}, "commands": {}}
-    for subset in args.subsets:
+    for subset in [s for s in args.subsets if s]:
         root = args.runs / subset
         folders = {}
         for name, command in steps(args, subset, root):
@@ -215,6 +297,15 @@ def main() -> None:
         rows = measure(folders, root / "onnx", args, subset, console)
         results["rows"] += rows
         results["targets"][subset] = ratios(rows)
+    if args.tabular:
+        folders = {}
+        for dataset, name, command in tabular_steps(args, args.runs / "tabular"):
+            results["commands"][f"tabular/{name}"] = make(name, command, args.runs / "tabular" / name, args, console)
+            folders[name] = (dataset, args.runs / "tabular" / name)
+        results["tabular_machine"] = machine()
+        results["tabular_rows"] = measure_tabular(folders, args.runs / "tabular" / "onnx", args)
+        for row in results["tabular_rows"]:
+            console.print({k: v for k, v in row.items() if k != "folder"})
     console.print(table(results["rows"]))
     console.print_json(json.dumps(results["targets"]))
     write_results(results, args.out, as_json=args.json)

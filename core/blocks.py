@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,19 @@ class TabularMoEConfig:
     dropout: float = 0.1
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(
         num_experts=16, top_k=2, hidden_size=64, intermediate_size=128))  # small experts: tabular sets are small
+    # Hashed weight sharing of the experts' w_in / w_out (core.compress.hashed): virtual weights per
+    # stored value; None: dense. Set by `moeworks compress hash`; a saved folder rebuilds it from here.
+    hashed_compression: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
         def fail(message: str) -> None:
             raise ValueError(f"TabularMoEConfig: {message}")
+
+        if self.hashed_compression is not None and not (
+                isinstance(self.hashed_compression, int | float) and 1 <= self.hashed_compression <= 1024):
+            fail(f"hashed_compression must be in [1, 1024], got {self.hashed_compression!r}")
 
         if self.num_numeric < 0:
             fail(f"num_numeric must be >= 0, got {self.num_numeric}")
@@ -123,6 +130,25 @@ class TabularMoE(nn.Module):
         self.layers = nn.ModuleList(MoELayer(config.moe, static=static) for _ in range(config.num_layers))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.num_outputs))
+        if config.hashed_compression is not None:
+            from core.compress.hashed import hash_weights
+
+            hash_weights(self, self.expert_weight_names(), compression=config.hashed_compression)
+
+    def expert_weight_names(self) -> list[str]:
+        """The routed experts' stacked weights ("layers.0.experts.w_in", ...): what `hashed_compression` hashes."""
+        return [f"layers.{i}.experts.{w}" for i in range(len(self.layers)) for w in ("w_in", "w_out")]
+
+    def dense_copy(self) -> TabularMoE:
+        """This network with dense expert weights (hashed ones materialized; for ONNX export),
+        in the same mode; itself when nothing is hashed."""
+        if self.config.hashed_compression is None:
+            return self
+        from core.compress.hashed import dense_state_dict
+
+        dense = TabularMoE(replace(self.config, hashed_compression=None), static=self.layers[0].static)
+        dense.load_state_dict(dense_state_dict(self))
+        return dense.train(self.training)
 
     def forward(self, numeric: torch.Tensor,
                 categorical: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,9 @@ def adapt_scorer(base: CreditScorer, records: Records, config: CreditAdaptConfig
     if base.model_name != "moe" or not isinstance(base.model_, MoEModel):
         raise CreditDataError(f"adapt needs a `moe` model folder (LoRA adapts the MoE network); this one is "
                               f"{base.model_name!r}", field="model")
+    if base.model_.config_.hashed_compression is not None:
+        raise CreditDataError("adapt needs a dense network; this folder's experts are hashed (`compress hash`): "
+                              "adapt its dense source, then hash the result", field="model")
     if records.dataset != base.dataset:
         raise CreditDataError(f"the model scores {base.dataset!r} records, not {records.dataset!r}", field="data")
     counts = np.bincount(records.target.astype(int), minlength=2)

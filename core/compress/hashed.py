@@ -127,6 +127,20 @@ def materialize(model: nn.Module) -> nn.Module:
     return model
 
 
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state_dict with each hashed weight as its plain dense tensor under its own name
+    ("layers.0.experts.w_in"), `model` left hashed: load it into the same architecture built without
+    hashing to get a dense copy (for ONNX export). Not a deep copy plus `materialize`: a deep copy
+    of a parametrized module shares its injected class, and removing the copy's parametrization
+    removes the original's too."""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in f".{k}"}
+    for prefix, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attribute in module.parametrizations.keys():
+                state[f"{prefix}.{attribute}" if prefix else attribute] = getattr(module, attribute).detach().clone()
+    return state
+
+
 def hashed_parameters(model: nn.Module) -> tuple[int, int]:
     """(pool values, virtual elements) over every HashedWeight of `model`."""
     pool = virtual = 0

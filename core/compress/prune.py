@@ -147,27 +147,49 @@ class L1ChannelImportance(tp.importance.Importance):
         return channel_importance(group)
 
 
-def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float,
+def channel_pruner(model: nn.Module, example_inputs: Any, *, ratio: float, steps: int = 1,
                    ignored_layers: Iterable[nn.Module] = (),
-                   output_transform: Callable[[Any], torch.Tensor] | None = None) -> dict[str, int]:
-    """Remove `ratio` of the channels of every prunable group of `model`, lowest L1 first, in place.
+                   output_transform: Callable[[Any], torch.Tensor] | None = None) -> tp.pruner.MetaPruner:
+    """torch-pruning's MetaPruner for `model`: lowest L1 first (L1ChannelImportance), `ratio` of the
+    channels of every prunable group in all, reached in `steps` calls of `.step()` by its linear
+    schedule (fine-tune between the calls: iterative pruning; the final widths equal one step's).
 
     example_inputs: a tensor or tuple the model runs on (DepGraph traces it once). ignored_layers:
     layers whose outputs must keep their width (the output head). output_transform: the output
-    tensor of a model that returns a tuple. Returns {"parameters_before", "parameters_after"}.
+    tensor of a model that returns a tuple.
     """
     if not 0 < ratio < 1:
         raise ValueError(f"prune_channels: ratio must be in (0, 1), got {ratio!r}")
-    before = sum(p.numel() for p in model.parameters())
+    if not isinstance(steps, int) or not 1 <= steps <= 100:
+        raise ValueError(f"prune_channels: steps must be an integer in [1, 100], got {steps!r}")
     was_training = model.training
     model.eval()
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs, importance=L1ChannelImportance(), pruning_ratio=ratio,
+        model, example_inputs, importance=L1ChannelImportance(), pruning_ratio=ratio, iterative_steps=steps,
         ignored_layers=list(ignored_layers), customized_pruners={nn.LSTM: LSTMHiddenPruner()},
         root_module_types=list(PRUNABLE), output_transform=output_transform)
+    model.train(was_training)
+    return pruner
+
+
+def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float,
+                   ignored_layers: Iterable[nn.Module] = (),
+                   output_transform: Callable[[Any], torch.Tensor] | None = None) -> dict[str, int]:
+    """Remove `ratio` of the channels of every prunable group of `model`, lowest L1 first, in place,
+    in one step (channel_pruner). Returns {"parameters_before", "parameters_after"}."""
+    before = sum(p.numel() for p in model.parameters())
+    pruner = channel_pruner(model, example_inputs, ratio=ratio, ignored_layers=ignored_layers,
+                            output_transform=output_transform)
+    prune_step(model, pruner)
+    return {"parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters())}
+
+
+def prune_step(model: nn.Module, pruner: tp.pruner.MetaPruner) -> None:
+    """One step of `pruner` on `model` (in eval mode, as DepGraph traced it)."""
+    was_training = model.training
+    model.eval()
     pruner.step()
     model.train(was_training)
-    return {"parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters())}
 
 
 # -- experts -------------------------------------------------------------------------------------

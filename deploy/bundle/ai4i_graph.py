@@ -32,7 +32,7 @@ def _moe_outputs(g: GraphBuilder, numeric: Var, codes: Var, model) -> None:
 
     net = model.moe_
     try:
-        kernel = TabularMoEGradient.from_module(net, embedded_inputs=True)
+        kernel = TabularMoEGradient.from_module(net.dense_copy(), embedded_inputs=True)  # hashed: dense
     except (TypeError, ValueError) as error:
         raise BundleError(f"the AI4I MoE backend has no bundle graph: {error}") from None
     # (numeric - mean) / std in float64 then float32, as `moe_inputs` (float32 minus the loaded float64 mean)

@@ -3,8 +3,11 @@
 Each command reads a model folder (`--model`), the training data it was trained on (`--data`),
 fine-tunes the compressed model on the same engines, validates it on the same held-back engines,
 and writes an ordinary model folder (`--out`, sealed by MANIFEST.json after every file is
-written) that `evaluate`, `serve`, `export` and `bundle` take as they take the source. Supported
-so far: RUL folders from `moeworks maintenance train`; any other folder is refused (exit 2).
+written) that `evaluate`, `serve`, `export` and `bundle` take as they take the source. Supported:
+RUL folders (`maintenance train`: distill, channel or expert pruning, hashing), credit folders
+(`finance train`: distill from any kind, the ensemble included, into a small MoE; expert pruning
+and hashing of a `moe` folder) and AI4I folders (`maintenance ai4i-train`: the same for its MoE
+backend). Any other folder (the defect detector's included) is refused with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -28,6 +31,26 @@ class CompressError(UserInputError):
     """A model folder or option `compress` cannot take; one line."""
 
 
+SUPPORTED = ("RUL (`maintenance train`), credit (`finance train`) and AI4I (`maintenance ai4i-train`) "
+             "model folders")
+
+
+def folder_kind(model: Path) -> str:
+    """"rul", "credit" or "ai4i" by the file that marks each folder; anything else is refused."""
+    if not model.is_dir():
+        raise CompressError(f"--model {model}: no such model folder")
+    if (model / "scorer.json").is_file():
+        return "credit"
+    if (model / "ai4i.json").is_file():
+        return "ai4i"
+    if (model / "model.json").is_file():
+        return "rul"
+    if (model / "detector.pt").is_file() or any(model.glob("*.pt")):
+        raise CompressError(f"--model {model}: compress does not take this folder (the defect detector's channel "
+                            f"pruning is not built yet); it takes {SUPPORTED}")
+    raise CompressError(f"--model {model}: compress takes {SUPPORTED}; this folder is not one")
+
+
 def _rul_source(model: Path):
     """Load `model` if it is a RUL model folder; otherwise refuse with the reason."""
     from manufacturing.maintenance.rul import RULEstimator
@@ -43,8 +66,7 @@ def _rul_source(model: Path):
         except (UnicodeDecodeError, ValueError, RecursionError, AttributeError):
             kind = None
     if kind not in ("lstm", "moe"):
-        raise CompressError(f"--model {model}: compress supports RUL model folders (`moeworks maintenance train`) "
-                            "so far; this folder is not one")
+        raise CompressError(f"--model {model}: compress takes {SUPPORTED}; this folder is not one")
     return RULEstimator.load(model)
 
 
@@ -95,15 +117,17 @@ def _fine_tune_config(epochs: int, seed: int, as_json: bool):
         raise CompressError(str(error)) from None
 
 
-MODEL = typer.Option(..., help="trained model folder (so far: a RUL folder from `maintenance train`)")
+MODEL = typer.Option(..., help="trained model folder: RUL (`maintenance train`), credit (`finance train`) or "
+                                "AI4I (`maintenance ai4i-train`)")
 OUT = typer.Option(..., help="new folder for the compressed model")
-DATA = typer.Option(None, help="the C-MAPSS training file or folder the model was trained on "
-                               "(default: $MOEWORKS_DATA/cmapss)")
+DATA = typer.Option(None, help="the data the model was trained on: the C-MAPSS training file or folder "
+                               "(default: $MOEWORKS_DATA/cmapss), the credit records, or ai4i2020.csv "
+                               "(default: $MOEWORKS_DATA/ai4i2020)")
 SUBSET = typer.Option(None, help="FD001-FD004 (default: the one the model folder records)")
 JSON = typer.Option(False, "--json", help="print the metrics as one JSON object on stdout")
 TEACHER = typer.Option(None, help="model folder whose outputs guide fine-tuning (e.g. the MoE a student was "
                                   "distilled from; default: the --model folder itself)")
-GUIDE_ALPHA = typer.Option(0.5, help="weight of the teacher's outputs in fine-tuning (0: true RUL only)")
+GUIDE_ALPHA = typer.Option(0.5, help="weight of the teacher's outputs in fine-tuning (0: the true labels only)")
 SEED = typer.Option(0)
 
 
@@ -125,16 +149,91 @@ def _source(model: Path, out: Path):
     return source
 
 
+def _tabular(kind: str, method: str, model: Path, out: Path, data: Path | None, subset: str | None,
+             teacher: Path | None, *, alpha: float, epochs: int, seed: int, as_json: bool, **options) -> None:
+    """compress for credit and AI4I folders: their TabularMoE network (core.compress.tabular)."""
+    from core.compress.tabular import TabularFineTuneConfig
+    from deploy.cli.maintenance import _threads
+
+    _threads()
+    if subset is not None:
+        raise CompressError("--subset is for RUL folders (a C-MAPSS subset); this is a " + kind + " folder")
+    _out_folder(out, model)
+    if teacher is not None and teacher.resolve() != model.resolve() and folder_kind(teacher) != kind:
+        raise CompressError(f"--teacher {teacher}: give a {kind} model folder, as --model is")
+    try:
+        config = TabularFineTuneConfig(epochs=epochs, alpha=alpha, seed=seed, progress=output.show_progress(as_json),
+                                       monitor="val_auc" if kind == "credit" else "val_loss")
+    except ValueError as error:
+        raise CompressError(str(error)) from None
+    same = teacher is None or teacher.resolve() == model.resolve()
+    if kind == "credit":
+        from deploy.cli.finance import _records
+        from finance.compress import compress_scorer, save_compressed
+        from finance.scorer import load_model
+
+        source = load_model(model)
+        guide = None if same else load_model(teacher)
+        if data is None:
+            raise CompressError("--data: give the labelled records the model was trained on (file or folder in the "
+                                "dataset's original format)")
+        scorer, metrics = compress_scorer(source, _records(source.dataset, data), method, config=config,
+                                          teacher=guide, **options)
+        save_compressed(scorer, metrics, out)
+        shown = {k: v for k, v in metrics.items() if k != "routing"}
+        title = (f"{method}: {model} -> {out} ({metrics['parameters']:,} network parameters; validation AUC "
+                 f"{metrics['source_auc']:.4f} -> {metrics['auc']:.4f})")
+    else:
+        from core.row_fingerprint import RowFingerprint
+        from deploy.cli.maintenance import _data_folder, _flat
+        from manufacturing.maintenance.ai4i import AI4IFailureModel, read_ai4i
+        from manufacturing.maintenance.ai4i_compress import compress_ai4i
+
+        source = AI4IFailureModel.load(model)
+        guide = None if same else AI4IFailureModel.load(teacher)
+        compressed, evaluation, details = compress_ai4i(source, read_ai4i(_data_folder(data, "ai4i2020")), method,
+                                                        config=config, teacher=guide, **options)
+        out.mkdir(parents=True, exist_ok=True)
+        fingerprint = RowFingerprint.load(model)
+        if fingerprint is not None:  # the same training and validation rows as the source's
+            fingerprint.save(out)
+        compressed.save(out, metrics={**evaluation, "compression": details})
+        shown = {**_flat(evaluation), **{k: v for k, v in details.items() if k != "routing"}}
+        metrics = {**shown, "routing": details.get("routing")} if "routing" in details else shown
+        title = (f"{method}: {model} -> {out} ({details['parameters']:,} MoE parameters, source "
+                 f"{details['source_parameters']:,}; default backend {compressed.default_backend_})")
+    from deploy.cli.maintenance import _print_metrics
+
+    _print_metrics(title, shown, as_json, command=f"compress.{method}",
+                   result={**metrics, "model": str(out), "kind": kind, "source": str(model)})
+
+
 @app.command("distill")
 def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
-                    hidden: int = typer.Option(32, help="the student LSTM's hidden units"),
-                    layers: int = typer.Option(1, help="the student LSTM's layers"),
-                    alpha: float = typer.Option(0.5, help="weight of the teacher's soft targets (1 - alpha: true RUL)"),
-                    epochs: int = typer.Option(15, help="most epochs (early stopping on the validation engines)"),
+                    hidden: int = typer.Option(32, help="the student's hidden units (RUL: its LSTM's; credit and "
+                                                        "AI4I: its MoE's width)"),
+                    layers: int = typer.Option(1, help="the student's layers (LSTM or MoE layers)"),
+                    experts: int = typer.Option(4, help="credit and AI4I: the student MoE's experts"),
+                    intermediate: int | None = typer.Option(None, help="credit and AI4I: each expert's inner "
+                                                                       "width (default: twice --hidden)"),
+                    alpha: float = typer.Option(0.5, help="weight of the teacher's soft targets (1 - alpha: the "
+                                                          "true labels)"),
+                    epochs: int = typer.Option(15, help="most epochs (early stopping on the validation part)"),
                     seed: int = SEED, as_json: bool = JSON):
-    """Distil the model (e.g. the MoE seed ensemble) into one small LSTM student."""
+    """Distil the model (the RUL MoE seed ensemble, a credit ensemble, ...) into one small student:
+    an LSTM for RUL, a small MoE for credit and AI4I."""
     from manufacturing.maintenance.compress import distill
 
+    kind = folder_kind(model)
+    if kind != "rul":
+        if not (1 <= hidden <= 1024 and 1 <= layers <= 8 and 1 <= experts <= 1024
+                and (intermediate is None or 1 <= intermediate <= 4096)):
+            raise CompressError("--hidden must be in [1, 1024], --layers in [1, 8], --experts in [1, 1024] and "
+                                "--intermediate in [1, 4096]")
+        _tabular(kind, "distill", model, out, data, subset, None, alpha=alpha, epochs=epochs, seed=seed,
+                 as_json=as_json, student={"num_experts": experts, "hidden_size": hidden,
+                                           "intermediate_size": intermediate or 2 * hidden, "num_layers": layers})
+        return
     source = _source(model, out)
     if not 0 <= alpha <= 1:
         raise CompressError(f"--alpha must be in [0, 1], got {alpha}")
@@ -150,6 +249,8 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
                   l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
                                                       "(times the sum of |w|, beside an MSE on RUL/cap near 0.003)"),
                   l1_epochs: int = typer.Option(5, help="lstm models: epochs of L1-regularised training"),
+                  steps: int = typer.Option(1, help="lstm models: remove the channels in this many equal steps, "
+                                                    "fine-tuning (--epochs) after each (iterative pruning)"),
                   keep_experts: int | None = typer.Option(None, help="moe models: experts kept per layer "
                                                                      "(default: half)"),
                   merge: bool = typer.Option(False, help="moe models: merge dropped experts into the nearest kept "
@@ -157,14 +258,21 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
                   epochs: int = typer.Option(10, help="most fine-tuning epochs after the removal"),
                   teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
                   seed: int = SEED, as_json: bool = JSON):
-    """Remove channels (LSTM/MLP, torch-pruning) or the least-routed experts (MoE), then fine-tune."""
+    """Remove channels (LSTM/MLP, torch-pruning) or the least-routed experts (MoE: RUL, credit, AI4I), then
+    fine-tune."""
     from manufacturing.maintenance.compress import prune
 
+    kind = folder_kind(model)
+    if kind != "rul":
+        _tabular(kind, "prune", model, out, data, subset, teacher, alpha=alpha, epochs=epochs, seed=seed,
+                 as_json=as_json, keep_experts=keep_experts, mode="merge" if merge else "drop")
+        return
     source = _source(model, out)
     if not 0 <= l1 <= 1 or not 0 <= l1_epochs <= 1000:
         raise CompressError("--l1 must be in [0, 1] and --l1-epochs in [0, 1000]")
     subset, frame = _training_frame(data, subset, source)
-    pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, keep_experts=keep_experts,
+    pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, steps=steps,
+                            keep_experts=keep_experts,
                             merge=merge, teacher=_teacher(teacher, model), alpha=alpha,
                             config=_fine_tune_config(epochs, seed, as_json))
     _finish(pruned, metrics, out, model, subset, "prune", as_json)
@@ -177,9 +285,15 @@ def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA,
                  epochs: int = typer.Option(10, help="most fine-tuning epochs"),
                  teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
                  seed: int = SEED, as_json: bool = JSON):
-    """Share weights through a hash (HashedNets): `compression` times fewer stored values, then fine-tune."""
+    """Share weights through a hash (HashedNets): `compression` times fewer stored values, then fine-tune
+    (credit and AI4I: the experts' weights)."""
     from manufacturing.maintenance.compress import hash_model
 
+    kind = folder_kind(model)
+    if kind != "rul":
+        _tabular(kind, "hash", model, out, data, subset, teacher, alpha=alpha, epochs=epochs, seed=seed,
+                 as_json=as_json, compression=compression)
+        return
     source = _source(model, out)
     subset, frame = _training_frame(data, subset, source)
     hashed, metrics = hash_model(source, frame, compression=compression, teacher=_teacher(teacher, model),

@@ -53,6 +53,9 @@ class MoEModelConfig:
     average_last: int = 3
     clip_quantile: float = 0.005  # clip each feature to its [0.5%, 99.5%] training range: heavy tails
     attribution_steps: int = 8  # integrated-gradient steps (midpoint rule) for reason codes
+    # Hashed weight sharing of the experts (core.compress.hashed; `moeworks compress hash`): virtual
+    # weights per stored value, None dense. The saved folder rebuilds the hashed network from it.
+    hashed_compression: float | None = None
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -72,6 +75,9 @@ class MoEModelConfig:
             fail(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.clip_quantile < 0.5:
             fail(f"clip_quantile must lie in [0, 0.5), got {self.clip_quantile!r}")
+        if self.hashed_compression is not None and not (
+                isinstance(self.hashed_compression, int | float) and 1 <= self.hashed_compression <= 1024):
+            fail(f"hashed_compression must be in [1, 1024], got {self.hashed_compression!r}")
 
 
 # Integrated-gradient paths of at most this many points (9 per application at the default 8
@@ -100,6 +106,31 @@ class StandardisedMoE(nn.Module):
         logits, _ = self.net(self.standardise(x))
         return logits[:, 0]
 
+    @torch.no_grad()
+    def fit_standardisation(self, X: np.ndarray, clip_quantile: float) -> None:
+        """Set the buffers from training features X (n, F), NaN allowed: median fill, clipping to the
+        [q, 1 - q] quantiles, then the clipped columns' mean and standard deviation."""
+        X = X.astype(np.float64)
+        with np.errstate(all="ignore"):
+            fill = np.nan_to_num(np.nanmedian(X, axis=0))
+            low = np.nan_to_num(np.nanquantile(X, clip_quantile, axis=0))
+            high = np.nan_to_num(np.nanquantile(X, 1 - clip_quantile, axis=0))
+            clipped = np.clip(np.where(np.isnan(X), fill, X), low, high)
+        scale = clipped.std(axis=0)
+        for name, value in (("fill", fill), ("low", low), ("high", high), ("mean", clipped.mean(axis=0)),
+                            ("scale", np.where(scale > 1e-9, scale, 1.0))):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    def dense_copy(self) -> StandardisedMoE:
+        """This module with the network's hashed expert weights materialized (for ONNX export);
+        itself when nothing is hashed."""
+        if self.net.config.hashed_compression is None:
+            return self
+        dense = StandardisedMoE(self.net.dense_copy(), len(self.fill))
+        for name in ("fill", "low", "high", "mean", "scale"):
+            getattr(dense, name).copy_(getattr(self, name))
+        return dense.train(self.training)
+
 
 def _proba(logits: np.ndarray) -> np.ndarray:
     """(n, 2) probabilities of no default and default from (n,) float64 logits."""
@@ -121,6 +152,7 @@ class _Probability(nn.Module):
 def _build(config: MoEModelConfig, num_features: int) -> StandardisedMoE:
     net = TabularMoE(TabularMoEConfig(
         num_numeric=num_features, num_layers=config.num_layers, dropout=config.dropout,
+        hashed_compression=config.hashed_compression,
         moe=MoEConfig(num_experts=config.num_experts, top_k=config.top_k, hidden_size=config.hidden_size,
                       intermediate_size=config.intermediate_size)))
     return StandardisedMoE(net, num_features)
@@ -136,16 +168,7 @@ class MoEModel(CreditModel):
         torch.manual_seed(self.seed)
         self.module_ = _build(c, X.X.shape[1])
         train_X = X.X
-        X = train_X.astype(np.float64)
-        with np.errstate(all="ignore"):
-            fill = np.nan_to_num(np.nanmedian(X, axis=0))
-            low = np.nan_to_num(np.nanquantile(X, c.clip_quantile, axis=0))
-            high = np.nan_to_num(np.nanquantile(X, 1 - c.clip_quantile, axis=0))
-            clipped = np.clip(np.where(np.isnan(X), fill, X), low, high)
-        scale = clipped.std(axis=0)
-        for name, value in (("fill", fill), ("low", low), ("high", high), ("mean", clipped.mean(axis=0)),
-                            ("scale", np.where(scale > 1e-9, scale, 1.0))):
-            getattr(self.module_, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+        self.module_.fit_standardisation(train_X, c.clip_quantile)
         with torch.no_grad():
             xs = self.module_.standardise(torch.from_numpy(train_X))
             xv = self.module_.standardise(torch.from_numpy(X_valid.X))
@@ -249,7 +272,8 @@ class MoEModel(CreditModel):
         config = MoEModelConfig(**json.loads((directory / "moe.json").read_text())["config"])
         model = cls._restored(config=config, feature_names=feature_names, dataset=dataset)
         model.module_, meta = load_checkpoint(directory / "moe.pt", lambda c: _build(config, len(feature_names)))
-        model.gradient_kernel_ = TabularMoEGradient.from_module(model.module_.net)
+        # a hashed network's kernel reads its dense (materialized) weights
+        model.gradient_kernel_ = TabularMoEGradient.from_module(model.module_.net.dense_copy())
         model.metrics_ = meta["metrics"]
         return model
 
@@ -277,9 +301,10 @@ class MoEModel(CreditModel):
         from core.onnx_export import export_onnx
 
         example = torch.from_numpy(np.zeros((4, len(self.features_)), dtype=np.float32))
-        return export_onnx(_Probability(self.module_), (example,), path, input_names=["features"],
+        # hashed experts go out dense: plain weights instead of a gather over a bucket table
+        return export_onnx(_Probability(self.module_.dense_copy()), (example,), path, input_names=["features"],
                            output_names=["probability"], metadata={"producer_model": "finance.moe",
                                                                   "features": len(self.features_)})
 
     def probability_module(self) -> nn.Module:
-        return _Probability(self.module_)
+        return _Probability(self.module_.dense_copy())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from core.compress.distill import DistillConfig, Distiller
 from core.compress.hashed import hash_weights, hashed_parameters
-from core.compress.prune import expert_load, l1_penalty, prune_channels, prune_experts
+from core.compress.prune import channel_pruner, expert_load, l1_penalty, prune_experts, prune_step
 from core.trainer import Trainer, TrainerConfig, TrainResult, data_fingerprint
 from manufacturing.maintenance.cmapss import add_rul, validate_frame
 from manufacturing.maintenance.errors import MaintenanceDataError
@@ -202,11 +202,12 @@ def _guide_name(guide: torch.nn.Module | None, teacher: RULEstimator | None) -> 
 
 
 def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: float = 1e-6,
-          l1_epochs: int = 5, keep_experts: int | None = None, merge: bool = False,
+          l1_epochs: int = 5, steps: int = 1, keep_experts: int | None = None, merge: bool = False,
           teacher: RULEstimator | None = None, alpha: float = 0.5,
           config: FineTuneConfig | None = None) -> tuple[RULEstimator, dict[str, Any]]:
     """lstm kind: L1-regularised training, then `ratio` of the LSTM's hidden units and the head's
-    channels removed (torch-pruning), then fine-tuning. moe kind: each member keeps its
+    channels removed (torch-pruning) in `steps` equal steps, each followed by fine-tuning
+    (iterative pruning; 1: one removal, one fine-tuning). moe kind: each member keeps its
     `keep_experts` most-routed experts (routing counted over the training windows; the rest
     dropped or merged), then fine-tuning; both guided by `teacher` (see _teacher_for) at `alpha`."""
     config = config or FineTuneConfig()
@@ -221,15 +222,23 @@ def prune(source: RULEstimator, frame: pd.DataFrame, *, ratio: float = 0.5, l1: 
         if l1_epochs:
             results += [fine_tune(source, m, data, replace(config, epochs=l1_epochs), l1=l1, teacher=guide,
                                   alpha=alpha) for m in members]
+        if not isinstance(steps, int) or not 1 <= steps <= 20:
+            raise MaintenanceDataError(f"steps must be an integer in [1, 20], got {steps}", field="steps")
         example = torch.zeros(2, source.net_.window, source.net_.num_features)
-        for m in members:
-            prune_channels(m, example, ratio=ratio, ignored_layers=[m.head[-1]], output_transform=lambda out: out[0])
+        pruners = [channel_pruner(m, example, ratio=ratio, steps=steps, ignored_layers=[m.head[-1]],
+                                  output_transform=lambda out: out[0]) for m in members]
+        for step in range(steps):
+            for m, pruner in zip(members, pruners, strict=True):
+                prune_step(m, pruner)
+            if step < steps - 1:  # the last step's fine-tuning is the common one below
+                results += [fine_tune(source, m, data, config, teacher=guide, alpha=alpha) for m in members]
         widths = {(m.lstm.hidden_size, m.head[0].out_features) for m in members}
         if len(widths) != 1:  # the same ratio should prune every member to the same widths
             raise RuntimeError(f"pruning left the ensemble's members at different widths {sorted(widths)}")
         hidden, head = widths.pop()
         net = replace(source.net_, hidden_size=hidden, head_hidden=head)
-        details = {"ratio": ratio, "l1": l1, "l1_epochs": l1_epochs, "hidden_size": hidden, "head_hidden": head}
+        details = {"ratio": ratio, "l1": l1, "l1_epochs": l1_epochs, "steps": steps, "hidden_size": hidden,
+                   "head_hidden": head}
     else:
         experts = source.net_.moe.num_experts
         keep = keep_experts or max(source.net_.moe.top_k, experts // 2)

@@ -71,7 +71,8 @@ def export_ai4i_onnx(model, folder: str | Path) -> dict[str, Path]:
     scaling = {"features": FEATURES, "mean": model.mean_.tolist(), "std": model.std_.tolist(),
                "type_codes": {"L": 1, "M": 2, "H": 3}, "outputs": OUTPUTS}
     example = (torch.zeros(2, len(FEATURES)), torch.ones(2, 1, dtype=torch.int64))
-    paths = {"moe": export_onnx(AI4IProbabilities(model.moe_).eval(), example, folder / "ai4i_moe.onnx",
+    # hashed experts (`moeworks compress hash`) go out dense, as the RUL nets' do
+    paths = {"moe": export_onnx(AI4IProbabilities(model.moe_.dense_copy()).eval(), example, folder / "ai4i_moe.onnx",
                                 input_names=["numeric", "type_code"], output_names=["probabilities"],
                                 metadata={"model": "moeworks AI4I MoE", **scaling})}
     for name, booster in model.boosters_.items():
