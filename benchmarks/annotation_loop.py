@@ -3,21 +3,29 @@ of the auto-accepted labels (issue 21's experiment, at a size set by the argumen
 
 Protocol: the seed-0 split (manufacturing/defects/splits/neu_det_seed0.json); its training images,
 optionally a class-stratified subset (--train-limit), are shuffled; the first --start-fraction are
-labelled by a person (the seed version of the pool), the rest come in --rounds equal batches. Each
-round trains YOLO from scratch on the pool's current VOC checkout, then runs the product's
-annotate step on the next batch (manufacturing.defects.annotation: the AcceptRule at --threshold,
---floor): accepted images enter the pool with the model's labels, the queued ones are "reviewed" by
-a Label Studio export holding their true labels, imported as the product imports one. After the
-last round the pool trains the loop's detector; a detector trained on every training image with
-its true labels is the reference. Every detector: same epochs, size, seed; mAP50 on the validation
-images (--val-limit) with the product's evaluator.
+labelled by a person (the seed version of the pool), the rest come in --rounds equal batches.
+Round 0 trains YOLO from scratch (--start-epochs) on the pool's VOC checkout; each later detector
+fine-tunes the previous round's for --round-epochs (a CPU budget: no detector is trained to
+convergence). With --calibrate (default) a --calibration-fraction of the seed set is held out of
+the rounds' training and each round's detector is calibrated on it (manufacturing.defects.confidence,
+isotonic, as `defects annotate --calibrate` does). Each round runs the product's annotate step on the
+next batch (the AcceptRule at --threshold, --floor, on calibrated scores): accepted images enter the
+pool with the model's labels, the queued ones are "reviewed" by a Label Studio export holding their
+true labels, imported as the product imports one. After the last round the loop's detector
+fine-tunes on the whole pool (the calibration part included); the reference is a detector trained
+from scratch on every training image with its true labels for the same number of image-epochs as
+the loop's detectors together (--full-epochs 0). mAP50 on the validation images (--val-limit) with
+the product's evaluator; ultralytics' per-epoch validation (which picks best.pt) sees --fit-val of
+them. Finished trainings are kept in --work, and a rerun with the same --work resumes after them.
 
 Precision of auto-accepted labels: a box is right when a true box of the same class overlaps it at
 IoU >= 0.5 (each true box matched once); an image is right when all its boxes are right and no true
-box is missed. Reported at --threshold and, from the same detections, at lower thresholds.
+box is missed. Reported at --threshold and, from the same detections, at lower thresholds, on raw and
+on calibrated scores.
 
-    nice -n 19 python -m benchmarks.annotation_loop --imgsz 128 --epochs 10 --json \
-        --out benchmarks/results/annotation_loop.json
+    nice -n 5 python -m benchmarks.annotation_loop --imgsz 160 --start-epochs 40 --round-epochs 5 \
+        --work /work/runs/loop --plot benchmarks/results/annotation_loop_map50_vs_reviewed.png \
+        --json --out benchmarks/results/annotation_loop.json
 """
 
 from __future__ import annotations
