@@ -184,10 +184,48 @@ def label_precision(images, detections, truth, names, floor, calibration, thresh
             n_right, whole = matched(found.boxes[keep], labels, found.scores[keep], truth[image.path.stem])
             accepted, boxes, right, images_right = accepted + 1, boxes + len(labels), right + n_right, \
                 images_right + whole
-        precision[str(threshold)] = {"images": accepted, "boxes": boxes, "right": right,
+        precision[str(threshold)] = {"images": accepted, "boxes": boxes, "right": right, "images_right": images_right,
                                      "box_precision": right / boxes if boxes else None,
                                      "image_precision": images_right / accepted if accepted else None}
     return precision
+
+
+def calibration_check(model: Path, val, args) -> dict:
+    """Auto-accept precision of a trained detector on images it never saw (the validation images), raw
+    and calibrated: two-fold, each half calibrated on the other (as `defects annotate --calibrate`)."""
+    from types import SimpleNamespace
+
+    from core.onnx_export import file_sha256
+    from manufacturing.defects.confidence import fit_score_calibration
+    from manufacturing.defects.dataset import load_image
+    from manufacturing.defects.detector import YoloDetector
+
+    detector = YoloDetector.load(model)
+    found = detector.detect([load_image(r.image_path) for r in val], conf=args.floor)
+    truth = {r.name: r for r in val}
+    thresholds = (*OTHER_THRESHOLDS, args.threshold)
+    totals = {"raw": {}, "calibrated": {}}
+    folds = []
+    for fit_part, judge_part in ((0, 1), (1, 0)):
+        fit_rows, judge_rows = list(range(fit_part, len(val), 2)), list(range(judge_part, len(val), 2))
+        calibration = fit_score_calibration([found[i] for i in fit_rows], [val[i] for i in fit_rows],
+                                            names=detector.names, model=file_sha256(model), floor=args.floor)
+        folds.append({"calibrated_on": len(fit_rows), "boxes": calibration.boxes, "right": calibration.right,
+                      "raw_score_for_0.9": first_at(calibration, args.threshold)})
+        images = [SimpleNamespace(path=val[i].image_path) for i in judge_rows]
+        for kind, judge in (("raw", None), ("calibrated", calibration)):
+            part = label_precision(images, [found[i] for i in judge_rows], truth, detector.names, args.floor, judge,
+                                   thresholds)
+            for t, counts in part.items():
+                into = totals[kind].setdefault(t, {"images": 0, "boxes": 0, "right": 0, "images_right": 0})
+                for k in into:
+                    into[k] += counts[k]
+    for kind in totals.values():
+        for counts in kind.values():
+            counts["box_precision"] = counts["right"] / counts["boxes"] if counts["boxes"] else None
+            counts["image_precision"] = counts["images_right"] / counts["images"] if counts["images"] else None
+    return {"model": str(model), "model_sha256": file_sha256(model), "images": len(val), "folds": folds,
+            "precision": totals}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -241,6 +279,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="working folder (default: a temporary one); rerun with it to resume")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of mAP50 against images reviewed")
+    parser.add_argument("--calibration-check", type=Path, default=None, metavar="DETECTOR",
+                        help="only: auto-accept precision of this trained detector on the validation images, raw "
+                             "and calibrated (two-fold), no loop")
     add_output_arguments(parser, Path("runs/bench/annotation_loop.json"))
     args = parser.parse_args()
 
@@ -255,6 +296,16 @@ def main() -> None:
     names = class_names(records)
     train = stratified(records_by_split(records, args.split, "train"), args.train_limit, args.seed)
     val = stratified(records_by_split(records, args.split, "val"), args.val_limit, args.seed)
+    if args.calibration_check:
+        check = {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v
+                                                    for k, v in vars(args).items()},
+                 **calibration_check(args.calibration_check, val, args)}
+        for kind, by_threshold in check["precision"].items():
+            for t, c in by_threshold.items():
+                print(f"  {kind:10s} >= {t}: {c['images']} of {len(val)} images accepted, box precision "
+                      f"{c['box_precision']}, image precision {c['image_precision']}", flush=True)
+        write_results(check, args.out, as_json=args.json)
+        return
     truth = {r.name: r for r in train}
     order = np.random.default_rng(args.seed).permutation(len(train))
     start = round(args.start_fraction * len(train))
