@@ -10,6 +10,9 @@ region is background (a missed defect, the costly error on a line); an image wit
 gives no confidence to trust (NEU-DET holds no defect-free images, and on a line "nothing found"
 is exactly what a review has to confirm). So the rule trades review work for label precision, which
 is what the pool needs: a wrong auto-label is trained on silently, a queued image costs a look.
+With a score calibration (`confidence.py`, `defects annotate --calibrate`), the threshold applies to
+the calibrated score, the chance a box is right: YOLO's raw scores rarely reach 0.9 even where its
+0.6 boxes are right 95% of the time (benchmarks/RESULTS.md, annotation_loop).
 
 The pool (a folder): why a manifest of our own rather than DVC. DVC versions a whole directory as
 one `.dir` listing of MD5s, tied to a git repository (or `--no-scm`), with no place for what this
