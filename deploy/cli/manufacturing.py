@@ -217,6 +217,9 @@ def defects_annotate(
     threshold: float = typer.Option(0.9, help="auto-accept an image when it has a box and every box scores at "
                                               "least this (else it is queued for review)"),
     floor: float = typer.Option(0.25, help="score from which a box counts as reported (below: ignored)"),
+    calibrate: Path = typer.Option(None, help="a VOC folder of labelled images the detector was not trained on: "
+                                              "fit an isotonic map from score to the chance a box is right, apply "
+                                              "--threshold to calibrated scores, and store the map in the pool"),
     out: Path = typer.Option(None, help="review folder: tasks.json (Label Studio import with pre-annotations), "
                                         "labeling_config.xml, images/ (default POOL/review/<UTC time>)"),
     image_url: str = typer.Option("/data/local-files/?d=images/", help="prefix of each task's data.image before "
@@ -231,8 +234,8 @@ def defects_annotate(
     from manufacturing.defects.annotation import AcceptRule, AnnotationPool, annotate, import_review, read_new_images
 
     if import_export is not None:
-        if model is not None or data is not None:
-            raise UserInputError("give either --import EXPORT or --model and --data, not both")
+        if model is not None or data is not None or calibrate is not None:
+            raise UserInputError("give either --import EXPORT or --model and --data (and --calibrate), not both")
         annotation_pool = AnnotationPool.open(pool)
         result = import_review(annotation_pool, import_export)
         summary = (f"imported {result['reviewed']} reviewed images ({result['added']} added, {result['relabelled']} "
@@ -253,6 +256,19 @@ def defects_annotate(
         with output.third_party_output_to(Path("runs/logs/defects-annotate.log")):
             detector = YoloDetector.load(detector_file)
         annotation_pool = AnnotationPool.open(pool, classes=detector.names)
+        detector_hash, calibration = file_sha256(detector_file), None
+        if calibrate is not None:
+            from manufacturing.defects.confidence import fit_score_calibration
+            from manufacturing.defects.dataset import load_image
+            from manufacturing.defects.voc import read_voc_folder
+
+            labelled = read_voc_folder(calibrate)
+            found = []
+            for start in range(0, len(labelled), 16):  # decoded a batch at a time
+                found += detector.detect([load_image(r.image_path) for r in labelled[start:start + 16]],
+                                         conf=rule.floor)
+            calibration = fit_score_calibration(found, labelled, names=detector.names, model=detector_hash,
+                                                floor=rule.floor)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
         if out is not None and out.exists():
             raise UserInputError(f"--out {out}: exists; choose a new review folder")
@@ -260,9 +276,9 @@ def defects_annotate(
         while review_dir.exists():  # two runs within one second: the default folder takes a suffix
             review_dir, n = pool / "review" / f"{stamp}-{n}", n + 1
         result = annotate(annotation_pool, detector, images, rule=rule, review_dir=review_dir, image_url=image_url,
-                          model_name=f"{detector_file.name}@{file_sha256(detector_file)[:12]}")
+                          model_name=f"{detector_file.name}@{detector_hash[:12]}", calibration=calibration)
         summary = (f"{result['auto_accepted']} of {result['images']} images auto-accepted (every box >= "
-                   f"{threshold}), {result['queued']} queued for review"
+                   f"{threshold}{', calibrated' if calibration else ''}), {result['queued']} queued for review"
                    + (f" in {result['tasks']}" if result["tasks"] else "")
                    + (f", {result['skipped_known']} already in the pool or queue" if result["skipped_known"] else ""))
     result["voc"] = str(annotation_pool.write_voc(result["version"])) if result["version"] else None

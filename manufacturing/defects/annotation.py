@@ -10,6 +10,9 @@ region is background (a missed defect, the costly error on a line); an image wit
 gives no confidence to trust (NEU-DET holds no defect-free images, and on a line "nothing found"
 is exactly what a review has to confirm). So the rule trades review work for label precision, which
 is what the pool needs: a wrong auto-label is trained on silently, a queued image costs a look.
+With a score calibration (`confidence.py`, `defects annotate --calibrate`), the threshold applies to
+the calibrated score, the chance a box is right: YOLO's raw scores rarely reach 0.9 even where its
+0.6 boxes are right 95% of the time (benchmarks/RESULTS.md, annotation_loop).
 
 The pool (a folder): why a manifest of our own rather than DVC. DVC versions a whole directory as
 one `.dir` listing of MD5s, tied to a git repository (or `--no-scm`), with no place for what this
@@ -399,29 +402,35 @@ def not_yet_seen(pool: AnnotationPool, images: list[NewImage]) -> list[NewImage]
 
 
 def annotate(pool: AnnotationPool, detector, images: list[NewImage], *, rule: AcceptRule, review_dir: Path,
-             image_url: str, model_name: str, batch_size: int = 16) -> dict:
-    """Detect on the images the pool has not seen, then `file_detections`."""
+             image_url: str, model_name: str, batch_size: int = 16, calibration=None) -> dict:
+    """Detect on the images the pool has not seen, then `file_detections` (calibration: see there)."""
     fresh = not_yet_seen(pool, images)
     detections = []
     for start in range(0, len(fresh), batch_size):  # decoded a batch at a time
         chunk = fresh[start:start + batch_size]
         detections += detector.detect([i.decode() for i in chunk], conf=rule.floor, batch_size=batch_size)
     result = file_detections(pool, fresh, detections, names=detector.names, rule=rule, review_dir=review_dir,
-                             image_url=image_url, model_name=model_name)
+                             image_url=image_url, model_name=model_name, calibration=calibration)
     return {**result, "images": len(images), "skipped_known": len(images) - len(fresh)}
 
 
 def file_detections(pool: AnnotationPool, images: list[NewImage], detections: list, *, names: list[str],
-                    rule: AcceptRule, review_dir: Path, image_url: str, model_name: str) -> dict:
+                    rule: AcceptRule, review_dir: Path, image_url: str, model_name: str, calibration=None) -> dict:
     """Accept the images whose detections pass `rule` into a new pool version (source "auto"), queue
     the rest and write them as a Label Studio import in review_dir (tasks.json, labeling_config.xml,
-    images/). detections: one Detections per image (boxes xyxy px, scores, class indices into names)."""
+    images/). detections: one Detections per image (boxes xyxy px, scores, class indices into names).
+
+    calibration (a `confidence.ScoreCalibration` of this detector): a box is reported by its raw score
+    (>= rule.floor, as without), and the threshold applies to its calibrated score (the probability
+    that it is right); the map is stored in the pool and named in the new version's origin, and the
+    review tasks carry calibrated scores."""
     with pool_lock(pool):
         return _file_detections(pool, images, detections, names=names, rule=rule, review_dir=review_dir,
-                                image_url=image_url, model_name=model_name)
+                                image_url=image_url, model_name=model_name, calibration=calibration)
 
 
-def _file_detections(pool, images, detections, *, names, rule, review_dir, image_url, model_name) -> dict:
+def _file_detections(pool, images, detections, *, names, rule, review_dir, image_url, model_name,
+                     calibration) -> dict:
     from manufacturing.defects.labelstudio import labeling_config, prediction_task
 
     state = pool.state()
@@ -436,7 +445,9 @@ def _file_detections(pool, images, detections, *, names, rule, review_dir, image
         boxes, scores = np.asarray(found.boxes)[keep], np.asarray(found.scores)[keep]
         labels = [names[c] for c in np.asarray(found.classes)[keep]]
         pool.put(image.read())
-        if rule.accepts(scores):
+        if calibration is not None:
+            scores = calibration(scores)
+        if bool(len(scores)) and bool((scores >= rule.threshold).all()):  # AcceptRule.accepts on kept boxes
             accepted.append(Change(image=image.digest, name=name, suffix=suffix, width=width, height=height,
                                    boxes=boxes, labels=labels, source="auto"))
             continue
@@ -463,10 +474,12 @@ def _file_detections(pool, images, detections, *, names, rule, review_dir, image
             raise
         tasks_file = review_dir / "tasks.json"
     origin = {"command": "annotate", "model": model_name, "threshold": rule.threshold, "floor": rule.floor}
+    if calibration is not None:
+        origin["calibration"] = pool.put(canonical(calibration.to_json()))
     head = pool.commit(accepted, origin=origin, queue={**state.queue, **queued})
     return {"version": head, "parent": state.head, "auto_accepted": len(accepted), "queued": len(queued),
             "queue_total": len(state.queue) + len(queued), "tasks": None if tasks_file is None else str(tasks_file),
-            "threshold": rule.threshold, "floor": rule.floor}
+            "threshold": rule.threshold, "floor": rule.floor, "calibration": origin.get("calibration")}
 
 
 def import_review(pool: AnnotationPool, export: str | Path) -> dict:

@@ -209,6 +209,7 @@ def test_a_pool_keeps_its_classes(loop):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--import", "{tmp}/e.json", "--model", "{tmp}/m.pt"], "not both"),
+    (["--import", "{tmp}/e.json", "--calibrate", "{tmp}"], "not both"),
     (["--data", "{tmp}"], "--model and --data are needed"),
     (["--model", "{tmp}/m.pt", "--data", "{tmp}", "--threshold", "0.1"], "floor < threshold"),
     (["--import", "{tmp}/e.json"], "no annotation pool here"),
