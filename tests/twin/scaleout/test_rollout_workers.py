@@ -97,13 +97,19 @@ def test_rollout_through_two_workers_survives_a_sigkill_of_its_driver_and_rolls_
         told = wait_for(lambda: next((n for n in cluster.get(cluster.driver, f"/api/rollouts/{rollout_id}")["nodes"]
                                       if n["wave"] == "canary" and n["state"] != "pending"), None),
                         what="the canary told")
-        assert cluster.get(cluster.other, f"/api/rollouts/{rollout_id}")["state"] == "canary"
+        before = cluster.get(cluster.other, f"/api/rollouts/{rollout_id}")
         cluster.workers[cluster.driver].stop(signal.SIGKILL)
+        # killed with the canary wave running and the rest not yet told: what follows is the other worker's doing
+        assert before["state"] == "canary", before
+        assert [n["state"] for n in before["nodes"] if n["wave"] == "rest"] == ["pending"], before
         status = wait_for(lambda: cluster.finished(cluster.other, rollout_id), what="the rollout finished")
         assert status["state"] == "completed", status
         assert {n["node"]: (n["state"], n["version"]) for n in status["nodes"]} == {
             node: ("healthy", lab.versions["v2"]) for node in MILLS}
         assert told["wave"] == "canary"
+        with psycopg.connect(cluster.db, autocommit=True) as conn:  # the lease moved to the survivor
+            assert conn.execute("SELECT holder FROM twin_node_leases WHERE node = %s",
+                                (ROLLOUT,)).fetchall() == [(cluster.other,)]
         # each node swapped once: v1 -> v2, v1 still its previous model (a second install would make it v2)
         wait_for(lambda: _reported(cluster, cluster.other, lab.versions["v2"]), what="v2 reported")
         for model in cluster.get(cluster.other, "/api/edge-models"):
@@ -192,3 +198,43 @@ def test_a_download_token_from_the_drivers_command_works_on_every_worker(broker,
     finally:
         listener.stop()
         cluster.stop()
+
+
+def test_the_drivers_writes_are_fenced_by_its_lease_and_finished_rows_are_kept(postgres):
+    """A worker whose rollout lease moved on writes nothing (LeaseLost); an aborted rollout or a skipped node is
+    never written over by a step the driver computed before the abort."""
+    import psycopg
+
+    from twin.rollout.store import LeaseLost, Rollout, RolloutNode, RolloutStore
+    from twin.scaleout.ownership import Leases, ensure_schema
+    from twin.store.history import HistoryStore
+
+    HistoryStore(postgres.url).close()
+    conn = psycopg.connect(postgres.url, autocommit=True)
+    store = RolloutStore(postgres.url)
+    try:
+        ensure_schema(conn)
+        first, second = (Leases(conn=conn, worker=w, slots=1, lease_s=60) for w in ("w0", "w1"))
+        epoch = first.claim_node(ROLLOUT)
+        assert epoch is not None and second.claim_node(ROLLOUT) is None
+        rollout = Rollout("r1", 1, "admin", "v2", "a" * 64, 10, "/nowhere", 0.5, {"rows": 5}, "canary", None, 1)
+        nodes = [RolloutNode("r1", "n1", "canary", "pending"), RolloutNode("r1", "n2", "rest", "pending")]
+        assert store.save(rollout, nodes, fence=(ROLLOUT, "w0", epoch)) == {"n1", "n2"}
+        first.release_node(ROLLOUT)  # w0 stalled: its lease went to w1
+        assert second.claim_node(ROLLOUT) == epoch + 1
+        offered = RolloutNode("r1", "n1", "canary", "offered", token_hashes=["b" * 64], sent_ms=2, updated_ms=2)
+        with pytest.raises(LeaseLost):
+            store.save(None, [offered], fence=(ROLLOUT, "w0", epoch))
+        assert [n.state for n in store.nodes("r1")] == ["pending", "pending"]  # nothing written
+        # an abort (any worker's API, unfenced), then the driver's older step: the abort holds
+        rollout.state = "aborted"
+        store.save(rollout, [RolloutNode("r1", "n2", "rest", "skipped")])
+        rollout.state = "rolling"
+        written = store.save(rollout, [offered, RolloutNode("r1", "n2", "rest", "offered")],
+                             fence=(ROLLOUT, "w1", epoch + 1))
+        assert written == {"n1"}  # n2 was skipped: it is not told
+        assert store.rollout("r1").state == "aborted"
+        assert [(n.node, n.state) for n in store.nodes("r1")] == [("n1", "offered"), ("n2", "skipped")]
+    finally:
+        store.close()
+        conn.close()
