@@ -351,6 +351,18 @@ class TwinService:
             state = self.state.nodes.get(node)
             return {} if state is None else dict(state.metrics, _online=state.online)
 
+    def nodes_metrics(self, nodes: list[str]) -> dict[str, dict[str, Any]]:
+        """node_metrics of several nodes (a scaled-out worker reads them in one query)."""
+        return {node: self.node_metrics(node) for node in nodes}
+
+    def enable_rollouts(self) -> None:
+        """A rollout manager runs on this service (a scaled-out worker may then take the rollout lease)."""
+
+    def rollout_fence(self) -> tuple[str, str, int] | None | bool:
+        """Whether this process moves model rollouts on: a single twin always does, unfenced (None). A scaled-out
+        worker answers False unless it holds the rollout lease, then (key, worker, epoch) to fence its writes."""
+        return None
+
     def acknowledge(self, alarm_id: str, user: str, role: str | None = None) -> Alarm | None:
         now_ms = int(time.time() * 1000)
         with self._lock:

@@ -54,7 +54,9 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                                                              "rollouts of bundles signed with it"),
           rollout_url: str | None = typer.Option(None, help="the URL edge nodes reach this twin's API at "
                                                             "(default: the HTTP host and port)"),
-          rollout_dir: Path = typer.Option(Path("runs/twin/rollouts"), help="where offered bundles are kept"),
+          rollout_dir: Path = typer.Option(Path("runs/twin/rollouts"), help="where offered bundles are kept "
+                                                                           "(with --workers: one folder all "
+                                                                           "workers read)"),
           workers: int = typer.Option(1, help="twin workers sharing the plant through MQTT shared subscriptions "
                                               "(Mosquitto) and PostgreSQL (--db postgresql://...); worker k serves "
                                               "the API on --http-port + k"),
@@ -106,8 +108,6 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
                             ai4i_model=str(ai4i_model) if ai4i_model else None, payload=payload)
         if (https_cert is None) != (https_key is None):
             raise ValueError("--https-cert and --https-key go together")
-        if scale is not None and rollout_key is not None:  # each worker owns only some nodes' reports
-            raise ValueError("--rollout-key: rollouts run on a single twin, not with --workers")
         if scale is None:
             service = TwinService(config=config, plant=model).start()
         else:
@@ -119,9 +119,12 @@ def serve(plant: Path | None = typer.Option(None, help="plant file (YAML); defau
             from twin.rollout.manager import RolloutConfig, RolloutManager
 
             scheme = "https" if https_cert else "http"
+            # a worker's NCMDs name worker 0's port by default (the supervisor restarts it): the files are served
+            # by every worker, so a front that reaches any of them (--rollout-url) serves them too
+            port = http_port - scale.home_slot if scale is not None and scale.home_slot is not None else http_port
             rollouts = RolloutManager(config=RolloutConfig(
                 folder=rollout_dir, publisher_key=rollout_key,
-                base_url=rollout_url or f"{scheme}://{http_host}:{http_port}"), service=service).start_thread()
+                base_url=rollout_url or f"{scheme}://{http_host}:{port}"), service=service).start_thread()
     except (PlantConfigError, StoreError, ValueError) as exc:  # ValueError: the maintenance models' data errors
         _fail(exc)
     output.note(f"twin: {len(model.machines)} assets of {model.site}; broker {broker_host}:{broker_port}"

@@ -11,6 +11,12 @@ does not answer stops the rollout there. Each step is committed to the database 
 on; a thread re-reads the state every `tick_s`, so a restarted twin carries on (an NCMD lost to an
 offline node is sent again every `resend_s`).
 
+With twin workers (twin/scaleout) every worker runs a manager on the same tables: each one's API starts,
+aborts and reads rollouts and serves the bundle's files, but only the worker that holds the rollout lease
+(`service.rollout_fence()`) moves them on, and its writes are fenced by that lease, so each command is
+decided once; a worker that takes the lease over carries on from the rows. Node reports are read with
+`service.nodes_metrics`, which a worker answers from the state its nodes' owners share.
+
 This module imports nothing from deploy/: the signature check is core.bundle_signing's.
 """
 
@@ -41,7 +47,7 @@ from twin.rollout.protocol import (
     HealthGate,
     RolloutCommand,
 )
-from twin.rollout.store import Rollout, RolloutNode, RolloutStore
+from twin.rollout.store import LeaseLost, Rollout, RolloutNode, RolloutStore
 from twin.sparkplug.codec import encode
 from twin.sparkplug.payload import Topic
 
@@ -87,6 +93,7 @@ class RolloutManager:
         self.config = config
         self.service = service
         self.store = store or RolloutStore(service.config.db)
+        service.enable_rollouts()
         self._lock = threading.RLock()   # one change at a time: API calls and the ticker
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,8 +202,9 @@ class RolloutManager:
     def edge_models(self) -> list[dict[str, Any]]:
         """Each edge node's active and previous model and its latest rollout step, as it reported them."""
         out = []
+        reports = self.service.nodes_metrics(sorted(self.service.plant.nodes))
         for node in sorted(self.service.plant.nodes):
-            metrics = self.service.node_metrics(node)
+            metrics = dict(reports.get(node, {}))
             out.append({"node": node, "online": metrics.pop("_online", False),
                         "model_version": metrics.get(MODEL_VERSION), "previous_version": metrics.get(MODEL_PREVIOUS),
                         "rollout_id": metrics.get(ROLLOUT_ID), "rollout_state": metrics.get(ROLLOUT_STATE),
@@ -225,19 +233,27 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ moving on
     def tick(self) -> None:
+        fence = self.service.rollout_fence()
+        if fence is False:
+            return  # another worker drives the rollouts
         with self._lock:
-            for rollout in self.store.rollouts(active_only=True):
-                self._advance(rollout)
+            try:
+                for rollout in self.store.rollouts(active_only=True):
+                    self._advance(rollout, fence)
+            except LeaseLost as lost:  # stalled past the lease: its next holder carries on from the rows
+                log.warning("rollouts handed on: %s", lost)
 
-    def _advance(self, rollout: Rollout) -> None:
+    def _advance(self, rollout: Rollout, fence: tuple[str, str, int] | None = None) -> None:
         now = int(time.time() * 1000)
         nodes = self.store.nodes(rollout.id)
         changed: list[RolloutNode] = []
         to_offer: list[RolloutNode] = []
+        reports = self.service.nodes_metrics([n.node for n in nodes
+                                              if n.state not in NODE_TERMINAL and n.state != "pending"])
         for node in nodes:
             if node.state in NODE_TERMINAL or node.state == "pending":
                 continue
-            metrics = self.service.node_metrics(node.node)
+            metrics = reports.get(node.node, {})
             reported = metrics.get(ROLLOUT_STATE)
             if metrics.get(ROLLOUT_ID) == rollout.id and reported in NODE_REPORTED and reported != node.state:
                 node.state, node.reason = reported, _bounded(metrics.get(ROLLOUT_REASON))
@@ -279,10 +295,13 @@ class RolloutManager:
         rollout_changed = rollout.state != self.store.rollout(rollout.id).state
         if rollout_changed:
             rollout.updated_ms = now
+        written = set()
         if changed or to_offer or rollout_changed:
-            self.store.save(rollout if rollout_changed else None, list({id(n): n for n in changed + to_offer}.values()))
+            written = self.store.save(rollout if rollout_changed else None,
+                                      list({id(n): n for n in changed + to_offer}.values()), fence=fence)
         gate = HealthGate(**rollout.gate)
-        for node in to_offer:  # committed first: a twin killed here re-sends, it never forgets a node it told
+        for node in [n for n in to_offer if n.node in written]:  # committed first: a twin killed here re-sends,
+            # it never forgets a node it told; a node an abort skipped meanwhile is not told
             url = f"{self.config.base_url.rstrip('/')}/api/rollouts/{rollout.id}/files/"
             self._publish(node.node, RolloutCommand(rollout.id, "install", url, tokens[node.node], rollout.sha256,
                                                     rollout.version, rollout.bytes, gate))

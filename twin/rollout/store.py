@@ -4,6 +4,12 @@ Two tables beside the history: `rollouts` (one row per rollout: the bundle it of
 its health gate, its state) and `rollout_nodes` (one row per target node: its wave, its state, the
 hashes of the download tokens it was sent). Every change is committed before it is acted on, so a twin
 restarted at any point carries on where it stopped.
+
+Twin workers (twin/scaleout) share these tables in PostgreSQL: any worker's API starts, aborts and reads
+rollouts; one worker at a time (the holder of the `/rollout` lease) moves them on, and its writes are
+fenced by that lease (`save(..., fence=...)`), so a worker that stalled past its lease writes nothing and
+sends no command. A finished rollout or node row is never written over: an abort taken by one worker's
+API is not undone by the driver's write of the step it had computed before.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twin.rollout.protocol import NODE_TERMINAL
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, created_ms BIGINT NOT NULL, created_by TEXT NOT NULL, version TEXT NOT NULL,
@@ -25,8 +33,16 @@ CREATE TABLE IF NOT EXISTS rollout_nodes (
     version TEXT, token_hashes TEXT NOT NULL, offered_ms BIGINT, sent_ms BIGINT, updated_ms BIGINT NOT NULL,
     PRIMARY KEY (rollout_id, node));
 """
+SCHEMA_LOCK = 0x6D6F65_726F6C6C  # advisory lock id of the schema above
 ROLLOUT_COLUMNS = ("id", "created_ms", "created_by", "version", "sha256", "bytes", "folder", "canary_share", "gate",
                    "state", "reason", "updated_ms")
+# the states that end a rollout or a node's part in it (twin.rollout.protocol.NODE_TERMINAL): never written over
+ROLLOUT_RUNNING = "('canary', 'rolling')"
+NODE_DONE = "(" + ", ".join(f"'{state}'" for state in sorted(NODE_TERMINAL)) + ")"
+# the driver's write holds its lease (twin.scaleout.ownership's table) until the commit: a worker that took the
+# lease over after it reads the rows it wrote; one whose lease ran out writes nothing
+FENCE = ("SELECT 1 FROM twin_node_leases WHERE node = %s AND holder = %s AND epoch = %s AND "
+         "expires_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint FOR SHARE")
 NODE_COLUMNS = ("rollout_id", "node", "wave", "state", "reason", "version", "token_hashes", "offered_ms", "sent_ms",
                 "updated_ms")
 
@@ -72,6 +88,10 @@ class RolloutNode:
         return {k: v for k, v in vars(self).items() if k not in ("token_hashes", "rollout_id")}
 
 
+class LeaseLost(RuntimeError):
+    """The driver's lease is no longer this worker's: nothing was written."""
+
+
 class RolloutStore:
     """One connection, serialised by a lock: rollouts change a few times a second at most."""
 
@@ -83,6 +103,8 @@ class RolloutStore:
             import psycopg
 
             self._conn = psycopg.connect(self.url, connect_timeout=10)
+            # twin workers starting together: one CREATE ... IF NOT EXISTS at a time (concurrent ones can fail)
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             self._conn.execute(SCHEMA)
         else:
             Path(self.url).parent.mkdir(parents=True, exist_ok=True)
@@ -100,23 +122,32 @@ class RolloutStore:
             self._conn.commit()  # PostgreSQL: end the read's transaction, so the next read sees new commits
             return rows
 
-    def save(self, rollout: Rollout | None = None, nodes: list[RolloutNode] = ()) -> None:
-        """Insert or replace a rollout and node rows, in one transaction."""
+    def save(self, rollout: Rollout | None = None, nodes: list[RolloutNode] = (), *,
+             fence: tuple[str, str, int] | None = None) -> set[str]:
+        """Insert or update a rollout and node rows, in one transaction; the nodes whose row was written (a
+        finished node's row is kept as it is). `fence`: (lease key, holder, epoch) that must still hold (PostgreSQL),
+        else LeaseLost and nothing is written."""
         with self._lock:
             try:
+                if fence is not None and not self._conn.execute(FENCE, fence).fetchall():
+                    raise LeaseLost(f"the rollout lease {fence[0]!r} is no longer {fence[1]}'s (epoch {fence[2]})")
                 if rollout is not None:
                     self._conn.execute(self._sql(
                         f"INSERT INTO rollouts VALUES ({','.join('?' * len(ROLLOUT_COLUMNS))}) ON CONFLICT (id) "
                         f"DO UPDATE SET state=excluded.state, reason=excluded.reason, "
-                        f"updated_ms=excluded.updated_ms"), rollout.row())
+                        f"updated_ms=excluded.updated_ms WHERE rollouts.state IN {ROLLOUT_RUNNING}"), rollout.row())
+                written = set()
                 for node in nodes:
-                    self._conn.execute(self._sql(
+                    cursor = self._conn.execute(self._sql(
                         f"INSERT INTO rollout_nodes VALUES ({','.join('?' * len(NODE_COLUMNS))}) ON CONFLICT "
                         f"(rollout_id, node) DO UPDATE SET state=excluded.state, reason=excluded.reason, "
                         f"version=excluded.version, token_hashes=excluded.token_hashes, "
-                        f"offered_ms=excluded.offered_ms, sent_ms=excluded.sent_ms, updated_ms=excluded.updated_ms"),
-                        node.row())
+                        f"offered_ms=excluded.offered_ms, sent_ms=excluded.sent_ms, updated_ms=excluded.updated_ms "
+                        f"WHERE rollout_nodes.state NOT IN {NODE_DONE}"), node.row())
+                    if cursor.rowcount:
+                        written.add(node.node)
                 self._conn.commit()
+                return written
             except BaseException:
                 self._conn.rollback()
                 raise

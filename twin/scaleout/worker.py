@@ -12,6 +12,10 @@ Why this shape (twin/SCHEMA.md, "Scale-out", has the rules):
   one is in the same batch), puts each device's data back in serial order (twin.scaleout.reorder), applies
   them exactly as the single twin does (history rows keyed by (device, serial), so a message applied
   twice is stored once), and deletes the inbox rows in the transaction after (or with) their history.
+- Model rollouts (twin.rollout) live in PostgreSQL too: every worker's API starts, aborts and shows them
+  and serves the bundle's files; the holder of the ROLLOUT lease (rendezvous over the live workers, like
+  a node's) alone moves them on and sends the NCMDs, its writes fenced by that lease. The nodes'
+  reports reach it through the snapshots their owners write.
 - What the API shows comes from PostgreSQL (snapshots the owners write, the alarms and history
   tables), so every worker answers the same.
 """
@@ -45,6 +49,7 @@ from twin.store.history import ALARM_COLUMNS, UPSERT, Bulk, HistoryStore
 
 log = logging.getLogger(__name__)
 HOST = "/state"  # the lease of the primary host's STATE (no node of a topic has a "/" in its id)
+ROLLOUT = "/rollout"  # the lease of driving the model rollouts (twin.rollout.manager)
 SHARE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an MQTT topic level: no '/', '+', '#' or '$'
 INBOX_BATCH = 5_000  # rows one poll of the inbox applies at most: bounds how long it holds the state's lock
 
@@ -124,6 +129,9 @@ class ScaledTwinService(TwinService):
         self.scale = scale
         self._owned: dict[str, int] = {}              # node (or DOOR) -> lease epoch
         self._host: BurstClient | None = None         # the STATE session, while this worker holds HOST
+        self._rollout_epoch: int | None = None        # the ROLLOUT lease's epoch, while this worker holds it
+        self.drives_rollouts = False                  # set by enable_rollouts: a worker without a rollout
+                                                      # manager never takes the lease
         self._slot_clients: dict[int, BurstClient] = {}
         self._taken: set[int] = set()                 # inbox ids applied, their delete not yet committed
         self._taken_lock = threading.Lock()
@@ -376,6 +384,7 @@ class ScaledTwinService(TwinService):
                 self._claimed[("node", key)] = time.monotonic()
                 self._take(key, epoch)
         self._host_round(live, renewed, renewed_at)
+        self._rollout_round(live, renewed, renewed_at)
         self._write_snapshots()
         self._refresh_acks()
         self._refresh_cluster()
@@ -404,6 +413,45 @@ class ScaledTwinService(TwinService):
             if self.leases.claim_node(HOST) is not None:
                 self._claimed[("node", HOST)] = time.monotonic()
                 self._host = self._host_client()
+
+    # ------------------------------------------------------------------ model rollouts
+    def enable_rollouts(self) -> None:
+        """This worker runs a rollout manager: it may take the ROLLOUT lease (every worker of the group must)."""
+        self.drives_rollouts = True
+
+    def _rollout_round(self, live: list[str], renewed: dict[str, int], renewed_at: float) -> None:
+        ours = self.drives_rollouts and owner_of(ROLLOUT, live) == self.scale.worker
+        if self._rollout_epoch is not None and ROLLOUT not in renewed and self._claimed[("node", ROLLOUT)] < renewed_at:
+            log.warning("worker %s lost the rollout lease (it ran out)", self.scale.worker)
+            self._rollout_epoch = None
+        elif self._rollout_epoch is not None and not ours:  # a worker joined and wins it: hand it over
+            self._rollout_epoch = None
+            self.leases.release_node(ROLLOUT)  # the manager's next write is fenced out from here on
+        if self._rollout_epoch is None and ours:
+            epoch = self.leases.claim_node(ROLLOUT)
+            if epoch is not None:
+                self._claimed[("node", ROLLOUT)] = time.monotonic()
+                self._rollout_epoch = epoch
+                log.info("worker %s drives the model rollouts (epoch %d)", self.scale.worker, epoch)
+
+    def rollout_fence(self) -> tuple[str, str, int] | bool:
+        epoch = self._rollout_epoch
+        return False if epoch is None else (ROLLOUT, self.scale.worker, epoch)
+
+    def nodes_metrics(self, nodes: list[str]) -> dict[str, dict[str, Any]]:
+        """Owned nodes' metrics from this worker's state, the others' from the snapshots their owners write."""
+        with self._lock:
+            out = {n: dict(self.state.nodes[n].metrics, _online=self.state.nodes[n].online)
+                   for n in nodes if n in self._owned and n in self.state.nodes}
+        others = [f"node:{n}" for n in nodes if n not in out]
+        if others:
+            for key, doc in self.store.query("SELECT key, doc FROM twin_snapshots WHERE key = ANY(?)", (others,)):
+                doc = json.loads(doc)
+                out[key.removeprefix("node:")] = dict(doc.get("metrics", {}), _online=doc.get("online", False))
+        return out
+
+    def node_metrics(self, node: str) -> dict[str, Any]:
+        return self.nodes_metrics([node]).get(node, {}) if node in self.plant.nodes else {}
 
     def _host_client(self) -> BurstClient:
         cfg = self.config
@@ -618,9 +666,10 @@ def share_probe(config: TwinConfig, worker_group: str, timeout_s: float = 5.0) -
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m twin.scaleout.worker CONFIG.json`: one worker without the HTTP API unless CONFIG has `http_port`
-    (served on 127.0.0.1, no tokens), until SIGTERM. CONFIG: TwinConfig fields, `scale` (ScaleOutConfig
-    fields) and optionally `plant` / `generated_plant` as for `python -m twin.service`. The tests and
-    benchmarks/twin.py run workers this way so that they can SIGKILL one."""
+    (served on 127.0.0.1; tokens with `auth_file`, HTTPS with `https_cert` and `https_key`), until SIGTERM.
+    CONFIG: TwinConfig fields, `scale` (ScaleOutConfig fields), optionally `plant` / `generated_plant` as for
+    `python -m twin.service`, and `rollout` (twin.rollout.manager.RolloutConfig fields) to run a rollout manager.
+    The tests and benchmarks/twin.py run workers this way so that they can SIGKILL one."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m twin.scaleout.worker CONFIG.json", file=sys.stderr)
@@ -633,9 +682,24 @@ def main(argv: list[str] | None = None) -> None:
         if "generated_plant" in doc:
             plant = Plant.generated(**doc.pop("generated_plant"))
         http_port = doc.pop("http_port", None)
+        https = (doc.pop("https_cert", None), doc.pop("https_key", None))
+        auth_file = doc.pop("auth_file", None)
+        rollout = doc.pop("rollout", None)
         scale = ScaleOutConfig(**doc.pop("scale"))
         service = ScaledTwinService(config=TwinConfig(**doc), scale=scale, plant=plant).start()
         service.wait_connected(30)
+        rollouts = None
+        if rollout is not None:
+            from twin.rollout.manager import RolloutConfig, RolloutManager
+
+            rollout = RolloutConfig(**{k: Path(v) if k in ("folder", "publisher_key") else v
+                                       for k, v in rollout.items()})
+            rollouts = RolloutManager(config=rollout, service=service).start_thread()
+        tokens = None
+        if auth_file is not None:
+            from twin.auth import TokenStore
+
+            tokens = TokenStore.load(Path(auth_file))
     except (OSError, ValueError, TypeError, KeyError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -647,12 +711,15 @@ def main(argv: list[str] | None = None) -> None:
 
         from twin.api.app import create_app
 
-        server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=int(http_port),
-                                               log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(service, tokens=tokens, rollouts=rollouts), host="127.0.0.1",
+                                               port=int(http_port), log_level="warning", ssl_certfile=https[0],
+                                               ssl_keyfile=https[1]))
         server.install_signal_handlers = lambda: None  # ours above stop the worker
         threading.Thread(target=server.run, name="twin-http", daemon=True).start()
     print("ready", flush=True)
     stop.wait()
+    if rollouts is not None:
+        rollouts.stop()
     service.stop()
 
 

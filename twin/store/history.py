@@ -476,7 +476,8 @@ class HistoryStore:
         order = "DESC" if latest else "ASC"
         rows = self.query("SELECT seq, ts_ms, received_ms, in_order, rul, failure_prob, failure_mode, vals "
                           f"FROM history WHERE device = ? AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms {order}, "
-                          f"seq {order} LIMIT ?", (device, start_ms, end_ms, -1 if limit is None else limit))
+                          f"seq {order} LIMIT ?", (device, start_ms, end_ms, limit if limit is not None else
+                                                   None if self.dialect == "postgresql" else -1))  # no limit
         out = [{"seq": r[0], "ts_ms": r[1], "received_ms": r[2], "in_order": bool(r[3]), "rul": r[4],
                 "failure_prob": r[5], "failure_mode": r[6], "values": json.loads(r[7])} for r in rows]
         return out[::-1] if latest else out

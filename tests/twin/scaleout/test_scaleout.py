@@ -80,16 +80,17 @@ class Worker:
     """`python -m twin.scaleout.worker` with its API on a free port, so that the test can SIGKILL it."""
 
     def __init__(self, tmp_path: Path, name: str, broker_port: int, db: str, *, machines: int | None, nodes: int,
-                 client_id: str = "twin-so"):
-        """`machines` None: the default plant (twin/domain/plant.yaml), that of the edge agent."""
+                 client_id: str = "twin-so", http_port: int | None = None, **extra):
+        """`machines` None: the default plant (twin/domain/plant.yaml), that of the edge agent. `extra`: more of
+        the worker's CONFIG (rollout, auth_file, https_cert, https_key)."""
         from tests.services import free_port, wait_port
 
-        self.http = free_port()
+        self.http = http_port or free_port()
         plant = {"generated_plant": {"machines": machines, "nodes": nodes}} if machines is not None else {}
         config = {"broker_port": broker_port, "db": db, "client_id": client_id, "work_orders_csv": None,
                   "keepalive_s": 2, **plant,
                   "scale": {"worker": name, "slots": 2, "home_slot": int(name[-1]), "lease_s": 1.5},
-                  "http_port": self.http}
+                  "http_port": self.http, **extra}
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
         self.log = (tmp_path / f"{name}.log").open("ab")

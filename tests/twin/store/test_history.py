@@ -41,6 +41,7 @@ def test_history_is_idempotent_batched_and_queryable(store):
     rows = store.history("m1", start_ms=DAY + 10_000, end_ms=DAY + 20_000)
     assert [r["seq"] for r in rows] == list(range(10, 20)) and rows[0]["values"]["torque"] == 43.0
     assert [r["seq"] for r in store.history("m1", limit=3, latest=True)] == [497, 498, 499]
+    assert [r["seq"] for r in store.history("m1", limit=None)] == list(range(500))  # no limit, either database
     assert store.last_seqs() == {"m1": 499} and store.has("m1", 3) and not store.has("m1", 500)
 
 
