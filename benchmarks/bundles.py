@@ -84,6 +84,17 @@ def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
     return folder
 
 
+class _EarlierNames:
+    """A fitted credit model as revisions before the estimator API (c1ad257) read it: their `moe_head`
+    reads `model.config`, now `config_`; every other attribute is the model's own."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, "config_" if name == "config" else name)
+
+
 @contextlib.contextmanager
 def _moe_graph_of(revision: str | None):
     """Inside: credit bundles get the MoE graph (`moe_head`) of git revision `revision` (None: this tree's)."""
@@ -97,7 +108,7 @@ def _moe_graph_of(revision: str | None):
     module = types.ModuleType(f"moe_graph_{revision}")
     exec(compile(source, f"{revision}:deploy/bundle/moe_graph.py", "exec"), module.__dict__)  # our own history
     current = credit_graph.moe_head
-    credit_graph.moe_head = module.moe_head
+    credit_graph.moe_head = lambda g, x, model: module.moe_head(g, x, _EarlierNames(model))
     try:
         yield
     finally:
