@@ -17,6 +17,10 @@ kernel's stable argsort), a Gather of those rows, the expert's two MatMuls, and 
 that puts the outputs back in row order. The dense form (every expert on every path point, weighted
 by a routing matrix that is zero outside the top-k) did 8x the expert arithmetic at 16 experts,
 top-2, and ran at 0.17-0.31x moeworks' batch scoring at 4,096 rows (benchmarks/RESULTS.md, bundles).
+Element-wise passes are the rest of the cost (a profile at 4,096 rows: MatMul about 30% of the kernel
+time, the element-wise ops over the (P, H) and (P*k, I) activations most of the rest), so: layer norms
+forward as ONNX's LayerNormalization; GELU's constants on the weights around it; the input layer's
+product once per applicant; the backward over the `steps` path points only, the applicant forward-only.
 Float32 throughout as the product; the prediction's sigmoid is float64 as `finance.models.moe._proba`.
 """
 
