@@ -84,6 +84,17 @@ def _model(dataset: str, name: str, records, models_dir: Path) -> Path:
     return folder
 
 
+class _EarlierNames:
+    """A fitted credit model as revisions before the estimator API (c1ad257) read it: their `moe_head`
+    reads `model.config`, now `config_`; every other attribute is the model's own."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, "config_" if name == "config" else name)
+
+
 @contextlib.contextmanager
 def _moe_graph_of(revision: str | None):
     """Inside: credit bundles get the MoE graph (`moe_head`) of git revision `revision` (None: this tree's)."""
@@ -97,7 +108,7 @@ def _moe_graph_of(revision: str | None):
     module = types.ModuleType(f"moe_graph_{revision}")
     exec(compile(source, f"{revision}:deploy/bundle/moe_graph.py", "exec"), module.__dict__)  # our own history
     current = credit_graph.moe_head
-    credit_graph.moe_head = module.moe_head
+    credit_graph.moe_head = lambda g, x, model: module.moe_head(g, x, _EarlierNames(model))
     try:
         yield
     finally:
@@ -138,7 +149,8 @@ def _build_and_open(folder: Path, out: Path, **options):
 
 
 def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Path, *, single_rows: int,
-            repeats: int, parity_rows: int | None = None) -> dict:
+            repeats: int, parity_rows: int | None = None, batch_rows: int = 4096) -> dict:
+    import pandas
     import torch
 
     from finance import load_model
@@ -156,13 +168,16 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
     def feeds(start: int, stop: int) -> dict:
         return {f: v[start:stop] for f, v in columns.items()}
 
-    # parity on every row (or the first `parity_rows`), in blocks of 4,096 (what a partner's batch job would send)
+    # parity on every row (or the first `parity_rows`), in blocks of `batch_rows` (what a partner's batch
+    # job would send; moeworks scores the same blocks: the sequence model's occlusion reasons stack each
+    # block 1 + fields times, and 4,096 rows of it outgrew this machine's 24 GiB)
     checked = frame.iloc[:parity_rows]
-    pd_parts, decision_parts, reason_parts = [], [], []
-    for start in range(0, len(checked), 4096):
-        pd_, _, decision, reasons = session.run(None, feeds(start, min(start + 4096, len(checked))))
+    pd_parts, decision_parts, reason_parts, expected_parts = [], [], [], []
+    for start in range(0, len(checked), batch_rows):
+        pd_, _, decision, reasons = session.run(None, feeds(start, min(start + batch_rows, len(checked))))
         pd_parts.append(pd_[:, 0]), decision_parts.append(decision[:, 0]), reason_parts.append(reasons)
-    expected = scorer.score(checked, reasons="all")
+        expected_parts.append(scorer.score(checked.iloc[start:start + batch_rows], reasons="all"))
+    expected = pandas.concat(expected_parts)
     names = np.array([*scorer.pipeline_.feature_names_, ""], dtype=object)
     reasons = np.concatenate(reason_parts)
     codes = np.array(["|".join(names[r[r >= 0]]) for r in reasons], dtype=object)
@@ -175,17 +190,18 @@ def measure(dataset: str, name: str, data_root: Path, models_dir: Path, work: Pa
               "reason_sets_differing": int(sum(set(a.split("|")) != set(b.split("|"))
                                                for a, b in zip(codes, expected["reason_codes"], strict=True)))}
 
-    block = frame.iloc[:4096]
+    block = frame.iloc[:batch_rows]
     single = [frame.iloc[i:i + 1] for i in range(single_rows)]
     torch.set_num_threads(1)  # moeworks' MoE network on one thread, as onnxruntime and LightGBM here
     throughput = _onnx_against_moeworks(
-        onnx_batch=lambda: session.run(None, feeds(0, 4096)), moeworks_batch=lambda: scorer.score(block, reasons="all"),
+        onnx_batch=lambda: session.run(None, feeds(0, batch_rows)),
+        moeworks_batch=lambda: scorer.score(block, reasons="all"),
         onnx_single=lambda: [session.run(None, feeds(i, i + 1)) for i in range(single_rows)],
         moeworks_single=lambda: [scorer.score(r, reasons="all") for r in single],
-        batch_rows=4096, single_rows=single_rows, repeats=repeats)
+        batch_rows=batch_rows, single_rows=single_rows, repeats=repeats)
     torch.set_num_threads(threads)
     card_ops = sorted({n.op_type for n in __import__("onnx").load(str(bundle / "model.onnx")).graph.node})
-    return {"dataset": dataset, "model": name, "parity": parity, "throughput": throughput,
+    return {"dataset": dataset, "model": name, "parity": parity, "throughput": throughput, "batch_rows": batch_rows,
             "model_onnx_bytes": (bundle / "model.onnx").stat().st_size,
             "bundle_bytes": sum(p.stat().st_size for p in bundle.iterdir()),
             "graph_nodes": len(__import__("onnx").load(str(bundle / "model.onnx")).graph.node),
@@ -371,6 +387,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parity-rows", type=int, default=None,
                         help="credit cases: check parity on the first N rows of the file only (default: every row)")
+    parser.add_argument("--batch-rows", type=int, default=4096,
+                        help="credit cases: rows per batch call and per parity block (the throughput keys keep "
+                             "the name _4096; the sequence model needs fewer on 24 GiB)")
     parser.add_argument("--baseline-moe", metavar="REV", default=None,
                         help="also measure the credit MoE cases with git revision REV's MoE graph, first, in this run")
     add_output_arguments(parser, None)
@@ -404,11 +423,11 @@ def main() -> None:
                     with _moe_graph_of(graph):
                         row = measure(dataset, name, args.data, args.models_dir, Path(work) / graph,
                                       single_rows=args.single_rows, repeats=args.repeats,
-                                      parity_rows=args.parity_rows)
+                                      parity_rows=args.parity_rows, batch_rows=args.batch_rows)
                     results["cases"].append({**row, "moe_graph": graph})
                     _print_row(dataset, f"{name}@{graph}", row)
                 row = measure(dataset, name, args.data, args.models_dir, Path(work), single_rows=args.single_rows,
-                              repeats=args.repeats, parity_rows=args.parity_rows)
+                              repeats=args.repeats, parity_rows=args.parity_rows, batch_rows=args.batch_rows)
             results["cases"].append(row)
             _print_row(dataset, name, row)
     write_results(results, args.out, as_json=args.json)

@@ -17,6 +17,10 @@ kernel's stable argsort), a Gather of those rows, the expert's two MatMuls, and 
 that puts the outputs back in row order. The dense form (every expert on every path point, weighted
 by a routing matrix that is zero outside the top-k) did 8x the expert arithmetic at 16 experts,
 top-2, and ran at 0.17-0.31x moeworks' batch scoring at 4,096 rows (benchmarks/RESULTS.md, bundles).
+Element-wise passes are the rest of the cost (a profile at 4,096 rows: MatMul about 30% of the kernel
+time, the element-wise ops over the (P, H) and (P*k, I) activations most of the rest), so: layer norms
+forward as ONNX's LayerNormalization; GELU's constants on the weights around it; the input layer's
+product once per applicant; the backward over the `steps` path points only, the applicant forward-only.
 Float32 throughout as the product; the prediction's sigmoid is float64 as `finance.models.moe._proba`.
 """
 
@@ -28,7 +32,6 @@ from deploy.bundle.credit_features import BundleError
 from deploy.bundle.graph import GraphBuilder, Var
 
 _SQRT_HALF = float(np.sqrt(0.5))
-_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 
 
 class _Float32:
@@ -40,43 +43,42 @@ class _Float32:
     def c(self, value) -> Var:
         return self.g.const(np.asarray(value, dtype=np.float32))
 
-    def gelu(self, x: Var) -> tuple[Var, Var]:
-        """(exact erf GELU of x, its derivative), as finance.models.input_gradients._activation."""
+    def gelu_t(self, t: Var, *, derivative: bool) -> tuple[Var, Var | None]:
+        """Exact GELU at x = sqrt(2) t, in units that fold its constants into the weights around it:
+        (t (1 + erf t) = sqrt(2) gelu(x), and with `derivative` (1 + erf t) + (2 / sqrt(pi)) t exp(-t^2)
+        = 2 gelu'(x)). The caller scales x's weights by sqrt(1/2) to get t, and the results by sqrt(1/2)
+        and 1/2: 3 passes over the activations for the value, 5 more for the derivative (11 with x itself)."""
         g, c = self.g, self.c
-        cdf = c(0.5) * (c(1.0) + g.op("Erf", x * c(_SQRT_HALF)))
-        return x * cdf, cdf + x * c(_INV_SQRT_2PI) * g.op("Exp", c(-0.5) * x * x)
+        one_erf = g.op("Erf", t) + c(1.0)
+        if not derivative:
+            return t * one_erf, None
+        # (2 / sqrt(pi)) exp(-t^2) as exp(log(2 / sqrt(pi)) - t^2): one pass less than the product
+        pdf = g.op("Exp", c(np.log(2.0 / np.sqrt(np.pi))) - t * t)
+        return t * one_erf, one_erf + t * pdf
 
-    def activation(self, name: str, x: Var) -> tuple[Var, Var, float]:
-        """(a, a', scale): scale * a is the activation of x and scale * a' its derivative.
-
-        GELU's 0.5 goes into the expert weights (scale 0.5: exact in float32), saving passes over
-        the experts' (P*k, I) activations, the graph's largest element-wise work: x (1 + erf(t))
-        and (1 + erf(t)) + x sqrt(2/pi) exp(-x^2 / 2), 9 passes instead of 11."""
+    def activation(self, name: str, x: Var, *, derivative: bool) -> tuple[Var, Var | None]:
+        """(a, a') of an expert's pre-activation x: see `_SCALES` for how they relate to the activation."""
         g, c = self.g, self.c
         if name == "gelu":
-            t = x * c(_SQRT_HALF)
-            one_erf = g.op("Erf", t) + c(1.0)
-            # sqrt(2/pi) exp(-t^2) as exp(log(sqrt(2/pi)) - t^2): one pass less than the product
-            pdf = g.op("Exp", c(np.log(2.0 * _INV_SQRT_2PI)) - t * t)
-            return x * one_erf, one_erf + x * pdf, 0.5
+            return self.gelu_t(x, derivative=derivative)
         if name == "relu":
             positive = x > c(0.0)
-            return g.where(positive, x, c(0.0)), g.op("Cast", positive, to=1), 1.0
+            return g.where(positive, x, c(0.0)), g.op("Cast", positive, to=1) if derivative else None
         if name == "silu":
             sig = c(1.0) / (c(1.0) + g.op("Exp", -x))
-            return x * sig, sig * (c(1.0) + x * (c(1.0) - sig)), 1.0
+            return x * sig, sig * (c(1.0) + x * (c(1.0) - sig)) if derivative else None
         raise BundleError(f"expert activation {name!r} has no bundle graph")
 
     def mean_last(self, x: Var, width: int) -> Var:
         """sum over the last axis times 1/width (keepdims), as the kernel's layer norm."""
         return self.g.op("ReduceSum", x, self.g.const(np.array([-1])), keepdims=1) * self.c(1.0 / width)
 
-    def layer_norm(self, x: Var, norm) -> tuple[Var, tuple[Var, Var]]:
-        width = norm.weight.shape[0]
-        centred = x - self.mean_last(x, width)
-        inv_std = self.c(1.0) / self.g.op("Sqrt", self.mean_last(centred * centred, width) + self.c(norm.eps))
-        normed = centred * inv_std
-        return normed * self.c(norm.weight) + self.c(norm.bias), (normed, inv_std)
+    def layer_norm(self, x: Var, norm, *, saving: bool) -> tuple[Var, tuple[Var, Var] | None]:
+        """(layer norm of x, with `saving` (normed x, 1 / std) for the backward). ONNX's LayerNormalization
+        (opset 17) is one pass where the kernel's sum, centre, square, sum, scale are nine."""
+        y, mean, inv_std = self.g.op_multi("LayerNormalization", x, self.c(norm.weight), self.c(norm.bias),
+                                           outputs=3, axis=-1, epsilon=float(norm.eps))
+        return y, ((x - mean) * inv_std, inv_std) if saving else None
 
     def layer_norm_backward(self, grad: Var, norm, saved: tuple[Var, Var]) -> Var:
         normed, inv_std = saved
@@ -115,8 +117,16 @@ def _combine(f: _Float32, parts: list[Var], dispatch: dict) -> Var:
     return f.g.sequential_sum([f.g.op("Gather", stacked, slot, axis=0) for slot in dispatch["slots"]])
 
 
-def _moe_layer(f: _Float32, h: Var, layer) -> tuple[Var, dict]:
-    """One residual branch, forward: h (P, H) -> (output (P, H), what the backward needs).
+# Per expert activation, (scale of w_in, of w_out, of w_in in the backward): the graph's a and a'
+# (`_Float32.activation`) of x' = x * the first are the activation of x times 1 / the second, and its
+# derivative times 1 / the third, so the constants ride on the weights instead of costing passes over
+# the (P*k, I) activations, the graph's largest element-wise work. GELU: x = sqrt(2) t, t (1 + erf t)
+# = sqrt(2) gelu(x), (1 + erf t) + (2 / sqrt(pi)) t exp(-t^2) = 2 gelu'(x).
+_SCALES = {"gelu": (_SQRT_HALF, _SQRT_HALF, 0.5), "relu": (1.0, 1.0, 1.0), "silu": (1.0, 1.0, 1.0)}
+
+
+def _moe_layer(f: _Float32, h: Var, layer, *, saving: bool) -> tuple[Var, dict | None]:
+    """One residual branch, forward: h (P, H) -> (output (P, H), with `saving` what the backward needs).
 
     Sparse, as the kernel: each expert runs on the rows routed to it only (Gather, its two
     MatMuls), and the weighted outputs go back to their rows (`_combine`)."""
@@ -124,7 +134,10 @@ def _moe_layer(f: _Float32, h: Var, layer) -> tuple[Var, dict]:
     experts, hidden, inner = layer.w_in.shape
     if layer.shared:
         raise BundleError("MoE layers with shared experts have no bundle graph yet")
-    u, norm_saved = f.layer_norm(h, layer.norm)
+    if layer.activation not in _SCALES:
+        raise BundleError(f"expert activation {layer.activation!r} has no bundle graph")
+    scale_in, scale_out, _ = _SCALES[layer.activation]
+    u, norm_saved = f.layer_norm(h, layer.norm, saving=saving)
     logits = g.op("MatMul", u, c(layer.gate.T))  # (P, E)
     scores = g.op("Softmax", logits, axis=-1)
     choice = scores if layer.selection_bias is None else scores + c(layer.selection_bias)
@@ -135,15 +148,18 @@ def _moe_layer(f: _Float32, h: Var, layer) -> tuple[Var, dict]:
         total = g.op("ReduceSum", weight, g.const(np.array([-1])), keepdims=1)
         weight = weight / g.op("Max", total, c(1e-9))
     dispatch = _dispatch(f, index, weight, experts, layer.top_k)
-    ys, act_grads, scale = [], [], 1.0
+    ys, act_grads = [], []
     for e in range(experts):
-        act, act_grad, scale = f.activation(layer.activation, g.op(
-            "MatMul", g.op("Gather", u, dispatch["rows"][e], axis=0), c(layer.w_in[e])))  # (n_e, I)
-        ys.append(g.op("MatMul", act, c(scale * layer.w_out[e])))  # (n_e, H)
+        act, act_grad = f.activation(layer.activation, g.op(
+            "MatMul", g.op("Gather", u, dispatch["rows"][e], axis=0), c(scale_in * layer.w_in[e])),
+            derivative=saving)  # (n_e, I)
+        ys.append(g.op("MatMul", act, c(scale_out * layer.w_out[e])))  # (n_e, H)
         act_grads.append(act_grad)
     out = _combine(f, [y * w for y, w in zip(ys, dispatch["weight"], strict=True)], dispatch)  # (P, H)
+    if not saving:
+        return out, None
     return out, {"norm": norm_saved, "index": index, "weight": weight, "scores": scores, "dispatch": dispatch,
-                 "act_grad": act_grads, "scale": scale, "y": ys}
+                 "act_grad": act_grads, "y": ys}
 
 
 def _moe_layer_backward(f: _Float32, grad_out: Var, layer, saved: dict) -> Var:
@@ -157,7 +173,7 @@ def _moe_layer_backward(f: _Float32, grad_out: Var, layer, saved: dict) -> Var:
         # d logit / d gate weight of the assignment: <grad_out, y>
         grad_weight_parts.append(g.op("ReduceSum", saved["y"][e] * grad_y, g.const(np.array([-1])), keepdims=1))
         grad_pre = g.op("MatMul", grad_y * dispatch["weight"][e], c(layer.w_out[e].T)) * saved["act_grad"][e]
-        grad_u_parts.append(g.op("MatMul", grad_pre, c(saved["scale"] * layer.w_in[e].T)))
+        grad_u_parts.append(g.op("MatMul", grad_pre, c(_SCALES[layer.activation][2] * layer.w_in[e].T)))
     grad_u = _combine(f, grad_u_parts, dispatch)  # (P, H)
     grad_weight = g.concat([g.op("Gather", g.concat(grad_weight_parts, axis=0), slot, axis=0)
                             for slot in dispatch["slots"]], axis=1)  # (P, k)
@@ -175,28 +191,40 @@ def _moe_layer_backward(f: _Float32, grad_out: Var, layer, saved: dict) -> Var:
     return f.layer_norm_backward(grad_u, layer.norm, saved["norm"])
 
 
-def _forward(f: _Float32, x: Var, kernel, *, outputs: int) -> tuple[Var, tuple]:
-    """x (P, F) float32 -> (logits (P, outputs) of the head's first `outputs` rows, what the backward needs)."""
+def _network(f: _Float32, t: Var, kernel, *, outputs: int, saving: bool) -> tuple[Var, tuple]:
+    """The network from t (P, H) = (input layer's pre-activation) * sqrt(1/2) on: (logits (P, outputs)
+    of the head's first `outputs` rows, with `saving` what the backward needs; the input layer's
+    `gelu_t` derivative is 2 gelu')."""
     g, c = f.g, f.c
-    h, input_grad = f.gelu(g.op("MatMul", x, c(kernel.input_weight.T)) + c(kernel.input_bias))
+    act, input_grad = f.gelu_t(t, derivative=saving)
+    h = act * c(_SQRT_HALF)  # (P, H)
     states = []
     for layer in kernel.layers:
-        out, state = _moe_layer(f, h, layer)
+        out, state = _moe_layer(f, h, layer, saving=saving)
         states.append(state)
         h = h + out
-    normed, head_saved = f.layer_norm(h, kernel.head_norm)
+    normed, head_saved = f.layer_norm(h, kernel.head_norm, saving=saving)
     logits = g.op("MatMul", normed, c(kernel.head_weight[:outputs].T)) + c(kernel.head_bias[:outputs])
     return logits, (h, input_grad, states, head_saved)
 
 
 def network_logits(g: GraphBuilder, x: Var, kernel) -> Var:
     """The network's forward alone: x (N, F) float32 -> logits (N, outputs) float32, for a
-    `TabularMoEGradient` kernel (the backward's extra values are pruned from the graph unused)."""
-    return _forward(_Float32(g), x, kernel, outputs=kernel.head_weight.shape[0])[0]
+    `TabularMoEGradient` kernel."""
+    f = _Float32(g)
+    t = g.op("MatMul", x, f.c(_SQRT_HALF * kernel.input_weight.T)) + f.c(_SQRT_HALF * kernel.input_bias)
+    return _network(f, t, kernel, outputs=kernel.head_weight.shape[0], saving=False)[0]
 
 
 def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
-    """x: (N, F) float32 features (NaN allowed) -> (pd (N, 1) float64, contributions (N, F) float64)."""
+    """x: (N, F) float32 features (NaN allowed) -> (pd (N, 1) float64, contributions (N, F) float64).
+
+    Two passes through the network: the `steps` path points alpha * z with what the backward needs,
+    then the applicant z alone, forward only (its gradient is not used: the kernel's one pass over
+    steps + 1 points computes it and drops it). The input layer is linear, so its product is taken
+    once per applicant (z W, then alpha * z W per point), and the path's mean gradient is taken in
+    the hidden width before the one product with W back to the F inputs: the same sums, to float32
+    rounding, with 1/(steps) of the input layer's arithmetic."""
     kernel, module = model.gradient_kernel_, model.module_
     f, c = _Float32(g), _Float32(g).c
     buffers = {name: getattr(module, name).detach().numpy() for name in ("fill", "low", "high", "mean", "scale")}
@@ -204,21 +232,20 @@ def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
     x = g.op("Min", g.op("Max", x, c(buffers["low"])), c(buffers["high"]))
     z = (x - c(buffers["mean"])) / c(buffers["scale"])  # (N, F) standardised
     steps = model.config_.attribution_steps
-    alphas = np.append((np.arange(steps, dtype=np.float32) + 0.5) / steps, np.float32(1.0))
-    width = kernel.input_weight.shape[1]
-    path = g.op("Reshape", g.op("Unsqueeze", z, g.const(np.array([0]))) * c(alphas.reshape(-1, 1, 1)),
-                g.const(np.array([-1, width])))  # (points * N, F), point-major
-    logits, (h, input_grad, states, head_saved) = _forward(f, path, kernel, outputs=1)  # (P, 1)
+    alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps  # midpoint rule
+    hidden = kernel.input_weight.shape[0]
+    zw = g.op("MatMul", z, c(_SQRT_HALF * kernel.input_weight.T))  # (N, H)
+    bias = c(_SQRT_HALF * kernel.input_bias)
+    path = g.op("Reshape", g.op("Unsqueeze", zw, g.const(np.array([0]))) * c(alphas.reshape(-1, 1, 1)) + bias,
+                g.const(np.array([-1, hidden])))  # (steps * N, H), point-major
+    _, (h, input_grad, states, head_saved) = _network(f, path, kernel, outputs=1, saving=True)
     grad = f.layer_norm_backward(g.op("Expand", c(kernel.head_weight[0]), g.op("Shape", h)), kernel.head_norm,
                                  head_saved)
     for layer, state in zip(reversed(kernel.layers), reversed(states), strict=True):
         grad = grad + _moe_layer_backward(f, grad, layer, state)
-    grad = g.op("MatMul", grad * input_grad, c(kernel.input_weight))  # (P, F)
-    grad = g.op("Reshape", grad, g.const(np.array([steps + 1, -1, width])))
-    mean_grad = g.op("ReduceMean", g.op("Slice", grad, g.const(np.array([0])), g.const(np.array([steps])),
-                                        g.const(np.array([0]))), g.const(np.array([0])), keepdims=0)  # (N, F)
+    grad = g.op("Reshape", grad * input_grad, g.const(np.array([steps, -1, hidden])))  # 2 d logit / d pre-activation
+    mean_grad = g.op("MatMul", g.op("ReduceMean", grad, g.const(np.array([0])), keepdims=0),
+                     c(0.5 * kernel.input_weight))  # (N, F): mean over the path of d logit / d input
     contributions = g.op("Cast", z * mean_grad, to=11)
-    logit = g.op("Cast", g.op("Squeeze", g.op("Slice", g.op("Reshape", logits, g.const(np.array([steps + 1, -1, 1]))),
-                                               g.const(np.array([steps])), g.const(np.array([steps + 1])),
-                                               g.const(np.array([0]))), g.const(np.array([0]))), to=11)  # (N, 1)
-    return 1.0 / (1.0 + g.op("Exp", -logit)), contributions
+    logit, _ = _network(f, zw + bias, kernel, outputs=1, saving=False)  # (N, 1) at the applicant
+    return 1.0 / (1.0 + g.op("Exp", -g.op("Cast", logit, to=11))), contributions
