@@ -17,8 +17,11 @@ EDGE_LEVELS = (0, 255, 114)  # black, white and the letterbox grey (nothing to f
 # one in about 12% of the pixels (tests/deploy/bundle/test_bundle_defects.py). Frames whose detections score
 # this close (relative) to the threshold are not used as test vectors: one grey level could move them across.
 THRESHOLD_MARGIN = 0.05
-# Detections: scores and boxes of the same frames through onnxruntime and through PyTorch + OpenCV.
-TOLERANCES = {"boxes": 0.5, "scores": 2e-3, "classes": 0, "sizes_mm": 0.05, "image_index": 0}
+# Detections: scores and boxes of the same frames through onnxruntime and through PyTorch + OpenCV. Those
+# grey levels move a trained detector's scores: by up to 3.0e-3 on the generated test frames for the shipped
+# detector fine-tuned one epoch (tests/deploy/bundle/test_bundle_defects.py), 1.1e-2 on real NEU-DET frames
+# (benchmarks/RESULTS.md, bundles: the detector bundle); 2e-3 held only for a one-epoch detector from scratch.
+TOLERANCES = {"boxes": 0.5, "scores": 2e-2, "classes": 0, "sizes_mm": 0.05, "image_index": 0}
 
 
 def inspector_outputs(inspector, frames_rgb: np.ndarray) -> dict[str, np.ndarray]:

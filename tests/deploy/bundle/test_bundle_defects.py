@@ -1,8 +1,11 @@
 """The defect detector's bundle (deploy/bundle/defects_graph.py): camera frames in, detections with sizes
 in mm out, against moeworks' DefectInspector on real NEU-DET frames (generated ones without the data).
 
-The detector is trained here (generated surfaces, 64 px, one epoch: `defects train` as a user runs it);
-it detects little, so the bundle is built with a low threshold, where it proposes boxes on every frame.
+The detector is the shipped one fine-tuned here for one epoch (generated surfaces, 192 px: `defects train
+--weights` as a user runs it), so that its scores vary from box to box: a detector trained from scratch
+for one epoch scored every box alike (0.00078 on each of 30), and which of tied boxes NMS keeps is
+ultralytics' or onnxruntime's choice, not the model's (5 boxes a frame against 4). It is built with a
+threshold of 0.1, where it finds boxes on part of the frames.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from deploy.bundle.graph import GraphBuilder
 
 ROOT = Path(__file__).resolve().parents[3]
 PARTNER = Path(__file__).resolve().parent
-CONF = 5e-4  # the one-epoch detector's scores lie around 1e-3
+CONF = 0.1  # where the one epoch on generated surfaces leaves detections on part of the NEU-DET frames
 
 
 def _real_frames(data_root: Path | None, count: int) -> list[np.ndarray]:
@@ -47,7 +50,7 @@ def frames(request) -> list[np.ndarray]:
         root = request.getfixturevalue("data_root")
     except pytest.skip.Exception:
         root = None
-    return _real_frames(root, 6)
+    return _real_frames(root, 12)
 
 
 @pytest.mark.parametrize("size", [64, 96])
@@ -76,7 +79,8 @@ def test_letterbox_in_the_graph_is_moeworks_to_one_grey_level(frames, size):
 
 @pytest.fixture(scope="module")
 def detector_run(tmp_path_factory) -> Path:
-    """`moeworks defects train` on generated surfaces: 64 px, one epoch, no MoE stage (~1-2 min)."""
+    """`moeworks defects train --weights` from the shipped detector on generated surfaces: 192 px, one epoch,
+    no MoE stage (~1 min)."""
     from typer.testing import CliRunner
 
     from deploy.cli import app
@@ -85,14 +89,21 @@ def detector_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("defects")
     voc = write_synthetic_voc(root / "voc", SyntheticConfig(images=12, size=96, seed=1))
     result = CliRunner().invoke(app, ["defects", "train", "--data", str(voc), "--out", str(root / "run"),
-                                      "--imgsz", "64", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25",
-                                      "--no-train-moe", "--json"])
+                                      "--imgsz", "192", "--epochs", "1", "--batch", "4", "--val-fraction", "0.25",
+                                      "--no-train-moe", "--json",
+                                      "--weights", str(ROOT / "manufacturing" / "defects" / "weights" / "neu_det.pt")])
     assert result.exit_code == 0, result.output
     return root / "run"
 
 
+def _above(outputs: dict[str, np.ndarray], floor: float) -> dict[str, np.ndarray]:
+    keep = outputs["scores"] >= floor
+    return {name: values[keep] for name, values in outputs.items()}
+
+
 @pytest.mark.slow
-def test_detector_bundle_reproduces_the_inspector_on_real_frames(detector_run, frames, tmp_path):
+def test_detector_bundle_reproduces_the_inspector_on_real_frames(data_root, detector_run, frames, tmp_path):
+    """NEU-DET frames only (`data_root` skips without them): the fine-tuned detector finds little on generated ones."""
     from manufacturing.defects.calibration import Calibration
     from manufacturing.defects.detector import YoloDetector
     from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
@@ -104,20 +115,25 @@ def test_detector_bundle_reproduces_the_inspector_on_real_frames(detector_run, f
     inspector = DefectInspector(detector=YoloDetector.load(detector_run / "detector.pt"),
                                 calibration=Calibration(0.05, 0.08, 0.3), config=InspectionConfig(conf=CONF))
     compared = 0
-    # frames up to tile_above x 64 = 128 px (larger ones moeworks tiles: the card says so): downscaled by a
-    # third, halved and not resized, square and not
-    for height, width in ((128, 128), (100, 120), (64, 64)):
+    # whole frames and crops, up to tile_above x 192 px (larger ones moeworks tiles: the card says so):
+    # resized up and down, square and not, and one at the input size (not resized)
+    for height, width in ((200, 200), (160, 180), (192, 192)):
         rgb = np.stack([f[:height, :width, ::-1] for f in frames])
-        got = run_graph(out / "model.onnx", {"image": rgb})
-        want = inspector_outputs(inspector, rgb)
+        # one grey level of resizing moves a score by a little: a box near the threshold can be in one and not
+        # the other (as the build leaves out such frames from the test vectors), so compare those well above it
+        got = _above(run_graph(out / "model.onnx", {"image": rgb}), 1.5 * CONF)
+        want = _above(inspector_outputs(inspector, rgb), 1.5 * CONF)
         assert [got[name].shape for name in OUTPUTS] == [want[name].shape for name in OUTPUTS], (height, width)
         np.testing.assert_array_equal(got["image_index"], want["image_index"])
         np.testing.assert_array_equal(got["classes"], want["classes"])
-        for name in ("boxes", "scores", "sizes_mm"):
+        for name in ("boxes", "scores"):
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOLERANCES[name])
+        # widths and heights to the box's half pixel; the area (mm^2) then moves with the box's size
+        np.testing.assert_allclose(got["sizes_mm"][:, :2], want["sizes_mm"][:, :2], rtol=0, atol=TOLERANCES["sizes_mm"])
+        np.testing.assert_allclose(got["sizes_mm"][:, 2], want["sizes_mm"][:, 2], rtol=1e-2)
         compared += len(want["scores"])
-        assert set(want["image_index"]) == set(range(len(frames)))  # every frame has detections
-    assert compared > 20
+        assert len(set(want["image_index"])) >= len(frames) // 4, (height, width)  # detections on several frames
+    assert compared >= 12
     # sizes are the calibration's: width x 0.05 mm, height x 0.08 mm; nothing under 0.3 mm is left
     boxes, sizes = got["boxes"].astype(np.float64), got["sizes_mm"]
     np.testing.assert_allclose(sizes[:, 0], (boxes[:, 2] - boxes[:, 0]) * 0.05, rtol=1e-6)
