@@ -129,7 +129,7 @@ class ScaledTwinService(TwinService):
         self.scale = scale
         self._owned: dict[str, int] = {}              # node (or DOOR) -> lease epoch
         self._host: BurstClient | None = None         # the STATE session, while this worker holds HOST
-        self._rollout_epoch: int | None = None        # the ROLLOUT lease's epoch, while this worker holds it
+        self._singletons: dict[str, int] = {}         # HOST, ROLLOUT -> lease epoch, while this worker holds it
         self.drives_rollouts = False                  # set by enable_rollouts: a worker without a rollout
                                                       # manager never takes the lease
         self._slot_clients: dict[int, BurstClient] = {}
@@ -399,20 +399,38 @@ class ScaledTwinService(TwinService):
     # will): the edges keep publishing until its successor's newer `online`; the last worker to stop
     # cleanly publishes `offline`.
     def _host_round(self, live: list[str], renewed: dict[str, int], renewed_at: float) -> None:
-        ours = owner_of(HOST, live) == self.scale.worker
-        if self._host is not None and HOST not in renewed and self._claimed[("node", HOST)] < renewed_at:
-            log.warning("worker %s lost the primary host's STATE (its lease ran out)", self.scale.worker)
-            self._host.stop()
-            self._host = None
-        elif self._host is not None and not ours:  # a worker joined and wins it: hand it over
-            self._host.stop()
-            self._host = None
-            self.leases.release_node(HOST)
         # only with the broker reached (the commands' session): the slots' subscriptions are made or under way
-        if self._host is None and ours and self.client is not None and self.client.connected.is_set():
-            if self.leases.claim_node(HOST) is not None:
-                self._claimed[("node", HOST)] = time.monotonic()
-                self._host = self._host_client()
+        connected = self.client is not None and self.client.connected.is_set()
+        change = self._singleton_round(HOST, live, renewed, renewed_at, wanted=True, may_take=connected)
+        if change == "lost":
+            log.warning("worker %s lost the primary host's STATE (its lease ran out)", self.scale.worker)
+        if change in ("lost", "released"):
+            self._host.stop()
+            self._host = None
+        elif change == "taken":
+            self._host = self._host_client()
+
+    def _singleton_round(self, key: str, live: list[str], renewed: dict[str, int], renewed_at: float, *,
+                         wanted: bool, may_take: bool = True) -> str | None:
+        """One round of a lease the group has one of (HOST, ROLLOUT), moved like a node's: "lost" (it ran out),
+        "released" (a worker that joined wins it), "taken", or None (no change). Its epoch is in
+        `self._singletons` while this worker holds it."""
+        ours = wanted and owner_of(key, live) == self.scale.worker
+        held = key in self._singletons
+        if held and key not in renewed and self._claimed[("node", key)] < renewed_at:
+            del self._singletons[key]
+            return "lost"
+        if held and not ours:
+            del self._singletons[key]
+            self.leases.release_node(key)  # a fenced write of the old holder fails from here on
+            return "released"
+        if not held and ours and may_take:
+            epoch = self.leases.claim_node(key)
+            if epoch is not None:
+                self._claimed[("node", key)] = time.monotonic()
+                self._singletons[key] = epoch
+                return "taken"
+        return None
 
     # ------------------------------------------------------------------ model rollouts
     def enable_rollouts(self) -> None:
@@ -420,22 +438,14 @@ class ScaledTwinService(TwinService):
         self.drives_rollouts = True
 
     def _rollout_round(self, live: list[str], renewed: dict[str, int], renewed_at: float) -> None:
-        ours = self.drives_rollouts and owner_of(ROLLOUT, live) == self.scale.worker
-        if self._rollout_epoch is not None and ROLLOUT not in renewed and self._claimed[("node", ROLLOUT)] < renewed_at:
+        change = self._singleton_round(ROLLOUT, live, renewed, renewed_at, wanted=self.drives_rollouts)
+        if change == "lost":
             log.warning("worker %s lost the rollout lease (it ran out)", self.scale.worker)
-            self._rollout_epoch = None
-        elif self._rollout_epoch is not None and not ours:  # a worker joined and wins it: hand it over
-            self._rollout_epoch = None
-            self.leases.release_node(ROLLOUT)  # the manager's next write is fenced out from here on
-        if self._rollout_epoch is None and ours:
-            epoch = self.leases.claim_node(ROLLOUT)
-            if epoch is not None:
-                self._claimed[("node", ROLLOUT)] = time.monotonic()
-                self._rollout_epoch = epoch
-                log.info("worker %s drives the model rollouts (epoch %d)", self.scale.worker, epoch)
+        elif change == "taken":
+            log.info("worker %s drives the model rollouts (epoch %d)", self.scale.worker, self._singletons[ROLLOUT])
 
     def rollout_fence(self) -> tuple[str, str, int] | bool:
-        epoch = self._rollout_epoch
+        epoch = self._singletons.get(ROLLOUT)
         return False if epoch is None else (ROLLOUT, self.scale.worker, epoch)
 
     def nodes_metrics(self, nodes: list[str]) -> dict[str, dict[str, Any]]:
