@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -300,11 +300,14 @@ class SequenceClassifier(ClassifierMixin, BaseEstimator):
         self.fingerprint_, self.history_ = metadata["data_fingerprint"], []
         return self
 
-    def export_onnx(self, path: str | Path, example: pd.DataFrame | None = None, *, version: str = "dev") -> Path:
+    def export_onnx(self, path: str | Path, example: pd.DataFrame | None = None, *, version: str = "dev",
+                    moe_dispatch: Literal["static", "sparse"] = "static") -> Path:
         """ONNX with the five token tensors as inputs (`INPUT_NAMES`) and logits, aux_loss as outputs.
 
         The tokenizer (pandas) stays outside the graph; its fitted state is written into the model's
-        metadata so a partner can reproduce it.
+        metadata so a partner can reproduce it. `moe_dispatch` as `core.onnx_export.export_onnx`:
+        "sparse" runs only the routed experts (the partner bundle's occlusion pass stacks 24 copies of
+        every row, where the static path's every-expert activations outgrew 24 GiB at 4,096 rows).
         """
         if example is not None:
             inputs = to_tensors(self.tokenizer_.transform(example.iloc[:4]))
@@ -317,7 +320,7 @@ class SequenceClassifier(ClassifierMixin, BaseEstimator):
         static_model = SequenceTransformer(self.config_, static=True)
         static_model.load_state_dict(self.model_.state_dict())
         return export_onnx(static_model.eval(), inputs, path, input_names=INPUT_NAMES,
-                           output_names=["logits", "aux_loss"],
+                           output_names=["logits", "aux_loss"], moe_dispatch=moe_dispatch,
                            metadata={"model": "finance-sequence-transformer", "version": version,
                                      "tokenizer": json.dumps(self.tokenizer_.to_dict())})
 
