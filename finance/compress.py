@@ -26,7 +26,7 @@ from finance.data import Records
 from finance.errors import CreditDataError
 from finance.evaluation import credit_metrics
 from finance.models.input_gradients import TabularMoEGradient
-from finance.models.moe import MoEModel, MoEModelConfig, StandardisedMoE
+from finance.models.moe import MoEModel, MoEModelConfig, StandardisedMoE, build_module
 from finance.scorer import CreditScorer, split_records
 
 COMPRESSION_FILE = "compression.json"
@@ -62,9 +62,7 @@ def compress_scorer(source: CreditScorer, records: Records, method: Literal["dis
     if method == "distill":
         sizes = {"num_experts": 4, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, **(student or {})}
         model_config = MoEModelConfig(**sizes, top_k=min(2, sizes["num_experts"]))
-        from finance.models.moe import _build
-
-        module = _build(model_config, X_train.shape[1])
+        module = build_module(model_config, X_train.shape[1])
         module.fit_standardisation(X_train, model_config.clip_quantile)
         base_net = module.net  # only its config (inputs, outputs) is read: distill builds the student
         student = {"num_experts": model_config.num_experts, "hidden_size": model_config.hidden_size,

@@ -149,7 +149,8 @@ class _Probability(nn.Module):
         return torch.sigmoid(self.scorer(features))[:, None]
 
 
-def _build(config: MoEModelConfig, num_features: int) -> StandardisedMoE:
+def build_module(config: MoEModelConfig, num_features: int) -> StandardisedMoE:
+    """The untrained network (with its standardisation buffers) a `moe` credit model of `config` fits."""
     net = TabularMoE(TabularMoEConfig(
         num_numeric=num_features, num_layers=config.num_layers, dropout=config.dropout,
         hashed_compression=config.hashed_compression,
@@ -166,7 +167,7 @@ class MoEModel(CreditModel):
              y_valid: np.ndarray | None) -> None:
         c = self.config_
         torch.manual_seed(self.seed)
-        self.module_ = _build(c, X.X.shape[1])
+        self.module_ = build_module(c, X.X.shape[1])
         train_X = X.X
         self.module_.fit_standardisation(train_X, c.clip_quantile)
         with torch.no_grad():
@@ -271,7 +272,7 @@ class MoEModel(CreditModel):
     def load(cls, directory: Path, *, feature_names: list[str], dataset: str) -> MoEModel:
         config = MoEModelConfig(**json.loads((directory / "moe.json").read_text())["config"])
         model = cls._restored(config=config, feature_names=feature_names, dataset=dataset)
-        model.module_, meta = load_checkpoint(directory / "moe.pt", lambda c: _build(config, len(feature_names)))
+        model.module_, meta = load_checkpoint(directory / "moe.pt", lambda c: build_module(config, len(feature_names)))
         # a hashed network's kernel reads its dense (materialized) weights
         model.gradient_kernel_ = TabularMoEGradient.from_module(model.module_.net.dense_copy())
         model.metrics_ = meta["metrics"]

@@ -122,7 +122,9 @@ def _broker_class():
         session's filters on reconnect) is sent from a task of its own, so that walk never yields either.
         """
 
-        _retained_sends: set[asyncio.Task] = set()
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._retained_sends: set[asyncio.Task] = set()  # this broker's sends in flight
 
         async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
             held = [qos for s, qos in self._subscriptions.get(subscription[0], ()) if s.client_id == session.client_id]
