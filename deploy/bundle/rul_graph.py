@@ -101,7 +101,8 @@ def rul_graph(estimator, *, metadata: dict[str, str] | None = None) -> onnx.Mode
     g.output(no_rul, "no_rul")
     front = g.model()
     with tempfile.TemporaryDirectory() as folder:
-        net = onnx.load(str(export_rul_onnx(estimator, Path(folder) / "net.onnx")))
+        # the MoE kind's experts sparsely (only the routed ones run; core.sparse_export), an LSTM as it is
+        net = onnx.load(str(export_rul_onnx(estimator, Path(folder) / "net.onnx", moe_dispatch="sparse")))
     del net.metadata_props[:]  # the bundle's card replaces the export's own notes
     front.ir_version = net.ir_version = max(front.ir_version, net.ir_version)
     net = onnx.compose.add_prefix(net, "net/")

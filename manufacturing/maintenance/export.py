@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,9 +17,11 @@ from manufacturing.maintenance.rul import RULEstimator
 RUL_INPUT, RUL_OUTPUT = "window", "rul"
 
 
-def export_rul_onnx(estimator: RULEstimator, path: str | Path) -> Path:
+def export_rul_onnx(estimator: RULEstimator, path: str | Path, *,
+                    moe_dispatch: Literal["static", "sparse"] = "static") -> Path:
     """Write the RUL net as ONNX: input `window` (batch, window, features) float32, normalised as
-    `metadata_props["normalizer"]` says; output `rul` (batch,) in cycles. Dynamic batch axis."""
+    `metadata_props["normalizer"]` says; output `rul` (batch,) in cycles. Dynamic batch axis.
+    `moe_dispatch` as `core.onnx_export.export_onnx` (the partner bundle takes "sparse")."""
     example = torch.zeros(2, estimator.net_.window, estimator.net_.num_features)
     metadata = {"model": f"moeworks RUL {estimator.net.kind}", "net": estimator.net_.to_dict(),
                 "normalizer": estimator.normalizer_.state(),
@@ -30,7 +33,7 @@ def export_rul_onnx(estimator: RULEstimator, path: str | Path) -> Path:
         # Hashed weights (core.compress.hashed) go out dense: the graph then holds plain MatMul/LSTM
         # weights instead of a gather over an int64 bucket table as large as the weights themselves.
         return export_onnx(RULOnly(materialize(estimator.model_)).eval(), (example,), path, input_names=[RUL_INPUT],
-                           output_names=[RUL_OUTPUT], metadata=metadata)
+                           output_names=[RUL_OUTPUT], metadata=metadata, moe_dispatch=moe_dispatch)
 
 
 def onnx_rul(path: str | Path, windows: np.ndarray) -> np.ndarray:
