@@ -211,29 +211,43 @@ def _rul(model_dir: Path, training_data: Path | None) -> tuple:
 
 def _defects(model_dir: Path, training_data: Path | None, options: DetectorOptions) -> tuple:
     """(proto, card, inputs, expected) of a `defects train` folder (its YOLO stage)."""
-    from deploy.bundle.defects_card import defects_card, inspector_outputs, test_frames
+    from deploy.bundle.defects_card import defects_card, inspector_outputs, stage_parity, test_frames
     from deploy.bundle.defects_graph import IMAGE, defects_graph
     from manufacturing.defects.detector import YoloDetector
     from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
     from manufacturing.defects.workflow import DETECTOR_FILE, MOE_FILE
 
+    stage = None
     if options.moe_stage is not None:
-        raise BundleError("the MoE second stage has no bundle graph (its crops are cut and resized with OpenCV per "
-                          "box and re-scored by a second network and NMS): bundle the detector alone, without "
-                          "--moe-stage")
+        from manufacturing.defects.errors import DefectDataError
+        from manufacturing.defects.moe_stage import CropMoEClassifier
+
+        if options.moe_stage.suffix != ".pt":
+            raise BundleError(f"--moe-stage takes the stage's checkpoint (moe_stage.pt, as `defects train` writes "
+                              f"it), not {options.moe_stage.name}: the graph exports its network itself")
+        try:
+            stage, names = CropMoEClassifier.load(options.moe_stage)
+        except DefectDataError as error:
+            raise BundleError(str(error)) from None
     config = InspectionConfig() if options.conf is None else InspectionConfig(conf=options.conf)
-    inspector = DefectInspector(detector=YoloDetector.load(model_dir / DETECTOR_FILE),
+    inspector = DefectInspector(detector=YoloDetector.load(model_dir / DETECTOR_FILE), second_stage=stage,
                                 calibration=options.calibration_for(model_dir), config=config)
+    if stage is not None and names != list(inspector.detector.names):
+        raise BundleError(f"{options.moe_stage}: the MoE stage's classes {names} are not the detector's "
+                          f"{list(inspector.detector.names)}")
     cal = inspector.calibration
     proto = defects_graph(inspector.detector, conf=config.conf, iou=config.iou, max_det=config.max_det,
-                          mm_per_pixel=(cal.mm_per_pixel_x, cal.mm_per_pixel_y), min_size_mm=cal.min_size_mm)
+                          mm_per_pixel=(cal.mm_per_pixel_x, cal.mm_per_pixel_y), min_size_mm=cal.min_size_mm,
+                          stage=stage)
     operators = {n.op_type for n in proto.graph.node}
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    frames = test_frames(inspector, model_dir, training_data)
+    outputs = inspector_outputs(inspector, frames)
     card = defects_card(inspector, model_dir, opsets=opsets, operators=operators,
                         data_sha256=_sha256_path(training_data) if training_data is not None else None,
-                        moe_stage_present=(model_dir / MOE_FILE).is_file())
-    frames = test_frames(inspector, model_dir, training_data)
-    expected = {name: values.tolist() for name, values in inspector_outputs(inspector, frames).items()}
+                        moe_stage_present=(model_dir / MOE_FILE).is_file(), stage_file=options.moe_stage,
+                        parity=stage_parity(run_graph(proto.SerializeToString(), {IMAGE: frames}), outputs))
+    expected = {name: values.tolist() for name, values in outputs.items()}
     return proto, card, {IMAGE: frames.tolist()}, expected
 
 
@@ -244,7 +258,7 @@ class DetectorOptions:
     conf: float | None = None  # score threshold (default InspectionConfig's)
     calibration: Path | None = None  # JSON/YAML (default: the model folder's calibration.json/.yaml, else 0.1 mm/px)
     mm_per_pixel: float | None = None  # overrides the calibration's scale
-    moe_stage: Path | None = None  # refused: the second stage has no graph
+    moe_stage: Path | None = None  # the MoE second stage's checkpoint (moe_stage.pt): put in the graph
 
     def __post_init__(self) -> None:
         if self.conf is not None and not 0.0 < self.conf < 1.0:

@@ -76,7 +76,11 @@ def test_frames(inspector, model_dir: Path, training_data: Path | None) -> np.nd
     conf, chosen = inspector.config.conf, []
     for image in images:
         frame = np.ascontiguousarray(image[:height, :width, ::-1])
-        near = inspector_outputs(_with_conf(inspector, conf * (1 - THRESHOLD_MARGIN)), frame[None])["scores"]
+        lowered = _with_conf(inspector, conf * (1 - THRESHOLD_MARGIN))
+        near = inspector_outputs(lowered, frame[None])["scores"]
+        if inspector.second_stage is not None:  # the YOLO boxes the stage re-scores cross the same threshold
+            near = np.concatenate([near, inspector_outputs(_with_conf(inspector, lowered.config.conf, stage=False),
+                                                           frame[None])["scores"]])
         if not ((near > conf * (1 - THRESHOLD_MARGIN)) & (near < conf * (1 + THRESHOLD_MARGIN))).any():
             chosen.append(frame)
         if len(chosen) == FRAMES:
@@ -85,17 +89,29 @@ def test_frames(inspector, model_dir: Path, training_data: Path | None) -> np.nd
     return np.stack(chosen + flat)
 
 
-def _with_conf(inspector, conf: float):
+def _with_conf(inspector, conf: float, *, stage: bool = True):
     import dataclasses
 
     from manufacturing.defects.pipeline import DefectInspector
 
     return DefectInspector(detector=inspector.detector, calibration=inspector.calibration,
+                           second_stage=inspector.second_stage if stage else None,
                            config=dataclasses.replace(inspector.config, conf=conf))
 
 
+def stage_parity(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The graph's outputs against moeworks' on the test frames: largest differences, as the card states them."""
+    same = all(got[n].shape == want[n].shape for n in want) and np.array_equal(got["classes"], want["classes"])
+    parity: dict[str, Any] = {"detections": int(len(want["scores"])), "classes_identical": bool(same)}
+    if same:
+        for name in ("scores", "boxes", "sizes_mm"):
+            parity[f"{name}_max_abs_diff"] = float(np.max(np.abs(got[name] - want[name]), initial=0.0))
+    return parity
+
+
 def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operators: set[str],
-                 data_sha256: str | None, moe_stage_present: bool) -> dict[str, Any]:
+                 data_sha256: str | None, moe_stage_present: bool, stage_file: Path | None = None,
+                 parity: dict[str, Any] | None = None) -> dict[str, Any]:
     detector, cal, cfg = inspector.detector, inspector.calibration, inspector.config
     weights = model_dir / "detector.pt"
     metadata = _detector_metadata(weights)
@@ -109,15 +125,29 @@ def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operator
         training["training_folder_sha256"] = data_sha256
     size = detector.imgsz
     second_stage = ("The model folder holds an MoE second stage (moe_stage.pt); it is NOT in this bundle: "
-                    if moe_stage_present else "No MoE second stage. ")
+                    if moe_stage_present else "No MoE second stage. ") + (
+        "the crop re-classification cuts and resizes every box with OpenCV and re-scores it with a "
+        "second network and a second NMS; the bundle carries the YOLO stage alone, as `moeworks "
+        "defects predict` without --moe-stage (bundle build --moe-stage puts it in the graph).")
+    if inspector.second_stage is not None:
+        stage = inspector.second_stage
+        second_stage = (
+            f"The MoE second stage ({stage_file.name if stage_file else 'moe_stage.pt'}, sha256 "
+            f"{hashlib.sha256(stage_file.read_bytes()).hexdigest()[:16] if stage_file else '?'}) is IN the graph, as "
+            "`moeworks defects predict --moe-stage`: each YOLO box is cut with a "
+            f"{stage.config.context:g} margin and resized to {stage.config.crop_size} px as cv2.INTER_AREA does "
+            "(per-box separable weight matrices, MatMul), re-classified by the crop CNN + MoE layer (sparse "
+            f"dispatch: only routed experts run), blended as yolo^{1 - stage.training.blend:g} * "
+            f"moe^{stage.training.blend:g} per class, suppressed again class-wise (NMS IoU {cfg.iou}) and kept at "
+            f"score >= {cfg.conf}. OpenCV's INTER_AREA rounds in fixed point where it interpolates (boxes under "
+            f"{stage.config.crop_size} px with their margin), the graph in floating point: a crop's grey level "
+            "differs by at most one in a few % of those pixels, which moves the fused scores by the tolerance below.")
     return {
         "schema": "moeworks-bundle-card/1",
         "model": {"family": "defects/yolo-detector", "dataset": "VOC folder (NEU-DET format)",
                   "version": hashlib.sha256(weights.read_bytes()).hexdigest()[:16], "classes": list(detector.names),
-                  "input_size": size, "second_stage": second_stage + (
-                      "the crop re-classification cuts and resizes every box with OpenCV and re-scores it with a "
-                      "second network and a second NMS; the bundle carries the YOLO stage alone, as `moeworks "
-                      "defects predict` without --moe-stage.")},
+                  "input_size": size, "second_stage": second_stage,
+                  "second_stage_in_graph": inspector.second_stage is not None},
         "inputs": [{"name": "image", "type": "tensor(uint8) [N, H, W, 3]", "unit": "grey level 0-255",
                     "meaning": "N camera frames of one size H x W, RGB, rows top to bottom (what an image decoder "
                                "gives; a grey image repeated in the 3 channels). The graph letterboxes each frame to "
@@ -156,7 +186,8 @@ def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operator
             "detection that close to the threshold can appear in one and not the other.",
             second_stage.strip()],
         "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
-                    "tolerances": dict(TOLERANCES)},
+                    "tolerances": dict(TOLERANCES),
+                    **({"measured_parity": parity} if parity is not None else {})},
     }
 
 

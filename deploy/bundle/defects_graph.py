@@ -14,10 +14,14 @@ Outputs, K detections of the whole batch, frame by frame, strongest first: `boxe
 x1, y1, x2, y2 frame pixels; `scores` (K,) float32; `classes` (K,) int64 (the card's class names);
 `sizes_mm` (K, 3) float64 width, height, box area (mm^2); `image_index` (K,) int64, the frame.
 
+With the MoE second stage (`bundle build --moe-stage`; deploy/bundle/defects_stage.py), the YOLO
+detections of each frame (its `max_det` strongest, before the size filter) are cropped, re-scored and
+re-classified by the stage, suppressed again class-wise and kept at score >= conf, as
+`DefectInspector.detect` with a second stage; the size filter follows. Without it (the default, as
+`moeworks defects predict` without --moe-stage) the graph carries YOLO alone.
+
 Not in the graph: tiling (moeworks tiles frames longer than `tile_above` x the input size; the
-card says so) and the optional MoE second stage (crop re-classification: its crops are cut and
-resized with OpenCV per box and re-scored by a second network with a second NMS; the bundle
-carries YOLO alone and says so).
+card says so).
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def _letterbox(g: GraphBuilder, image: Var, size: int, pad_value: int) -> tuple[
 
 
 def defects_graph(detector, *, conf: float, iou: float, max_det: int, mm_per_pixel: tuple[float, float],
-                  min_size_mm: float) -> onnx.ModelProto:
-    """The bundle's graph for a loaded PyTorch `YoloDetector` (see the module docstring)."""
+                  min_size_mm: float, stage=None) -> onnx.ModelProto:
+    """The bundle's graph for a loaded PyTorch `YoloDetector` and, when given, its loaded (.pt)
+    `CropMoEClassifier` second stage (see the module docstring)."""
     from manufacturing.defects.detector import PAD_VALUE
     from manufacturing.defects.export import export_detector_onnx
 
@@ -108,14 +113,24 @@ def defects_graph(detector, *, conf: float, iou: float, max_det: int, mm_per_pix
     shape = g.op("Cast", g.op("Shape", image), to=1)
     high = g.op("Concat", *(g.op("Gather", shape, g.const(np.array([j])), axis=0) for j in (2, 1, 2, 1)), axis=0)
     xyxy = g.op("Min", g.op("Max", xyxy, g.const(np.float32(0.0))), high)
+    if stage is not None:
+        from deploy.bundle.defects_stage import rescore
+
+        first = rank <= g.const(np.array(max_det))  # YOLO's max_det per frame, then the stage
+        xyxy, frame, anchor = (g.op("Compress", v, first, axis=0) for v in (xyxy, frame, anchor))
+        xyxy, score, label, frame = rescore(g, stage, image, xyxy, frame, g.op("GatherND", class_scores, anchor),
+                                            iou=iou, conf=conf, frames=frames, max_det=max_det)
     # Calibration.sizes_mm (float64) and large_enough
     xyxy64 = g.op("Cast", xyxy, to=11)
     width = (g.column(xyxy64, 2) - g.column(xyxy64, 0)) * float(mm_per_pixel[0])
     height = (g.column(xyxy64, 3) - g.column(xyxy64, 1)) * float(mm_per_pixel[1])
     sizes = g.concat([width, height, width * height], axis=1)
-    large = g.op("Squeeze", g.maximum(width, height) >= float(min_size_mm), g.const(np.array([1])))
-    keep = large & (rank <= g.const(np.array(max_det)))
+    keep = g.op("Squeeze", g.maximum(width, height) >= float(min_size_mm), g.const(np.array([1])))
+    if stage is None:
+        keep = keep & (rank <= g.const(np.array(max_det)))
     for var, name in ((xyxy, "boxes"), (score, "scores"), (label, "classes"), (sizes, "sizes_mm"),
                       (frame, "image_index")):
         g.output(g.op("Compress", var, keep, axis=0), name)
-    return g.model(doc=f"moeworks defect detector bundle: {len(detector.names)} classes, input {detector.imgsz}")
+    with_stage = " + MoE second stage" if stage is not None else ""
+    return g.model(doc=f"moeworks defect detector bundle: {len(detector.names)} classes, input {detector.imgsz}"
+                       + with_stage)

@@ -34,8 +34,10 @@ def build(model: Path = typer.Option(..., help="a saved model folder: credit (fi
                                                              "calibration.json/.yaml, else 0.1 mm/px)"),
           mm_per_pixel: float | None = typer.Option(None, help="defect detector: camera scale (overrides the "
                                                                "calibration's)"),
-          moe_stage: Path | None = typer.Option(None, "--moe-stage", help="refused: the defect detector's MoE second "
-                                                                          "stage has no bundle graph"),
+          moe_stage: Path | None = typer.Option(None, "--moe-stage", help="defect detector: its MoE second stage "
+                                                                          "(moe_stage.pt) to put in the graph, as "
+                                                                          "`defects predict --moe-stage` (default: "
+                                                                          "YOLO alone)"),
           backend: str | None = typer.Option(None, help="AI4I failure models: the backend the graph carries, "
                                                           "lightgbm (default) or moe"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout")) -> None:

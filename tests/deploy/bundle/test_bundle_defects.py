@@ -152,9 +152,11 @@ def test_detector_bundle_reproduces_the_inspector_on_real_frames(data_root, dete
 
 
 @pytest.mark.slow
-def test_detector_bundle_refuses_the_moe_stage_and_defect_options_elsewhere(detector_run, tmp_path):
-    with pytest.raises(BundleError, match="MoE second stage has no bundle graph"):
+def test_detector_bundle_refuses_a_missing_moe_stage_and_defect_options_elsewhere(detector_run, tmp_path):
+    with pytest.raises(BundleError, match="moe_stage.pt: no such model file"):
         build_bundle(detector_run, tmp_path / "b", detector=DetectorOptions(moe_stage=tmp_path / "moe_stage.pt"))
+    with pytest.raises(BundleError, match="takes the stage's checkpoint"):
+        build_bundle(detector_run, tmp_path / "b", detector=DetectorOptions(moe_stage=tmp_path / "moe_stage.onnx"))
     with pytest.raises(BundleError, match="apply to defect detectors only"):
         build_bundle(tmp_path, tmp_path / "c", detector=DetectorOptions(conf=0.3))
     with pytest.raises(BundleError, match="--conf must lie"):
@@ -162,8 +164,127 @@ def test_detector_bundle_refuses_the_moe_stage_and_defect_options_elsewhere(dete
     refused = subprocess.run([sys.executable, "-m", "deploy.cli", "bundle", "build", "--model", str(detector_run),
                               "--out", str(tmp_path / "d"), "--moe-stage", str(tmp_path / "moe_stage.pt")],
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert refused.returncode == 2 and refused.stderr.startswith("error: the MoE second stage has no bundle graph")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "no such model file" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+
+
+def test_stage_crops_in_the_graph_are_opencv_inter_area_to_one_grey_level(frames):
+    """The graph's crops (per-box weight matrices) against `crops_and_geometry` (cv2.INTER_AREA) for boxes of
+    NEU-DET's sizes, 8-200 px: downscaled (area path), upscaled and mixed (two-tap path), at the frame's edges."""
+    import onnxruntime as ort
+
+    from deploy.bundle.defects_stage import crops_and_geometry
+    from manufacturing.defects.moe_stage import CropMoEConfig
+    from manufacturing.defects.moe_stage import crops_and_geometry as moeworks_crops
+
+    config = CropMoEConfig()
+    g = GraphBuilder()
+    crops, geometry = crops_and_geometry(g, g.input("image", "uint8", ["N", "H", "W", 3]),
+                                         g.input("boxes", "float", ["K", 4]), g.input("frame", "int64", ["K"]),
+                                         crop_size=config.crop_size, context=config.context)
+    g.output(crops, "crops")
+    g.output(geometry, "geometry")
+    session = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    images = [np.ascontiguousarray(f[:200, :200]) for f in frames[:4]]
+    rng = np.random.default_rng(0)
+    side = rng.uniform(8, 200, (240, 2)) * rng.uniform(0.7, 1.3, (240, 1))
+    corner = rng.uniform(-10, 200, (240, 2)) - side / 2
+    boxes = np.clip(np.concatenate([corner, corner + side], axis=1), 0, 200).astype(np.float32)
+    boxes = boxes[(boxes[:, 2] - boxes[:, 0] >= 2) & (boxes[:, 3] - boxes[:, 1] >= 2)]
+    frame = rng.integers(0, len(images), len(boxes))
+    got, got_geometry = session.run(None, {"image": np.stack([im[:, :, ::-1] for im in images]), "boxes": boxes,
+                                           "frame": frame})
+    want = [moeworks_crops(images[f], boxes[k:k + 1], config) for k, f in enumerate(frame)]
+    levels = np.abs(got - np.concatenate([w[0] for w in want])) * 255
+    np.testing.assert_allclose(got_geometry, np.concatenate([w[1] for w in want]), rtol=0, atol=1e-6)
+    assert levels.max() <= 1.0 + 1e-4
+    patch = np.minimum(boxes[:, 2:] - boxes[:, :2], 200 / 1.3) * 1.3  # about the patch with its margin
+    area = (patch >= config.crop_size).all(axis=1)
+    assert area.sum() > 20 and (~area).sum() > 20
+    # OpenCV's area path sums in float as the graph does; its two-tap path rounds in 11-bit fixed point
+    assert (levels[area] > 0.5).mean() < 0.01 and (levels[~area] > 0.5).mean() < 0.15
+
+
+@pytest.fixture(scope="module")
+def stage_run(detector_run, tmp_path_factory) -> Path:
+    """The fine-tuned detector and a tiny MoE stage (4 experts, 16 wide) trained for two epochs on
+    `crop_training_set` of generated surfaces (ground truth, YOLO's hits and false positives; ~20 s)."""
+    from manufacturing.defects.crop_data import crop_training_set
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.moe_stage import CropMoEClassifier, CropMoEConfig, CropTrainingConfig
+    from manufacturing.defects.synthetic import SyntheticConfig, write_synthetic_voc
+    from manufacturing.defects.voc import read_voc_folder
+    from core import MoEConfig
+
+    root = tmp_path_factory.mktemp("stage")
+    (root / "run").mkdir()
+    (root / "run" / "detector.pt").write_bytes((detector_run / "detector.pt").read_bytes())
+    detector = YoloDetector.load(root / "run" / "detector.pt")
+    records = read_voc_folder(write_synthetic_voc(root / "voc", SyntheticConfig(images=24, size=160, seed=5)))
+    config = CropMoEConfig(num_classes=len(detector.names), channels=(8, 16),
+                           moe=MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=32))
+    crops, geometry, labels = crop_training_set(records, detector, list(detector.names), config, progress=False)
+    stage = CropMoEClassifier(config=config, training=CropTrainingConfig(epochs=2, batch_size=32, progress=False))
+    stage.fit(crops, geometry, labels).save(root / "run" / "moe_stage.pt", names=list(detector.names))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def stage_bundle(stage_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage-bundle") / "b"
+    return Path(build_bundle(stage_run, out, detector=DetectorOptions(
+        conf=CONF, moe_stage=stage_run / "moe_stage.pt"))["bundle"])
+
+
+@pytest.mark.slow
+def test_detector_bundle_with_the_moe_stage_reproduces_predict_with_the_stage(stage_run, stage_bundle, frames):
+    """One graph from the frames to the re-scored detections, against DefectInspector with the stage
+    (`defects predict --moe-stage`): on the test vectors and on further frames, cut to other sizes."""
+    from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.moe_stage import CropMoEClassifier
+    from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
+
+    stage, _ = CropMoEClassifier.load(stage_run / "moe_stage.pt")
+    inspector = DefectInspector(detector=YoloDetector.load(stage_run / "detector.pt"), second_stage=stage,
+                                config=InspectionConfig(conf=CONF))
+    yolo = DefectInspector(detector=inspector.detector, config=InspectionConfig(conf=CONF))
+    card = json.loads((stage_bundle / "card.json").read_text())
+    assert card["model"]["second_stage_in_graph"] and "is IN the graph" in card["model"]["second_stage"]
+    vectors = json.loads((stage_bundle / "test_vectors.json").read_text())
+    frames_in = np.asarray(vectors["inputs"]["image"], np.uint8)
+    got, want = run_graph(stage_bundle / "model.onnx", {"image": frames_in}), inspector_outputs(inspector, frames_in)
+    assert [got[n].shape for n in OUTPUTS] == [want[n].shape for n in OUTPUTS] and len(want["scores"]) >= 3
+    np.testing.assert_array_equal(got["classes"], want["classes"])
+    np.testing.assert_array_equal(got["image_index"], want["image_index"])
+    # the stage changed what YOLO alone reports (else this would test nothing of it)
+    alone = inspector_outputs(yolo, frames_in)
+    assert alone["scores"].shape != want["scores"].shape or np.abs(alone["scores"] - want["scores"]).max() > 1e-2
+    parity = card["runtime"]["measured_parity"]
+    assert parity["classes_identical"] and parity["detections"] == len(want["scores"])
+    for name in ("scores", "boxes"):
+        error = float(np.abs(got[name] - want[name]).max())
+        assert error <= TOLERANCES[name] and error == pytest.approx(parity[f"{name}_max_abs_diff"], abs=1e-9)
+    compared = 0
+    for height, width in ((200, 200), (160, 180)):
+        rgb = np.stack([f[:height, :width, ::-1] for f in frames])
+        got = _above(run_graph(stage_bundle / "model.onnx", {"image": rgb}), 1.5 * CONF)
+        want = _above(inspector_outputs(inspector, rgb), 1.5 * CONF)
+        assert [got[name].shape for name in OUTPUTS] == [want[name].shape for name in OUTPUTS], (height, width)
+        np.testing.assert_array_equal(got["classes"], want["classes"])
+        for name in ("boxes", "scores"):
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOLERANCES[name])
+        compared += len(want["scores"])
+    assert compared >= 6
+    assert verify_bundle(stage_bundle)["test_vectors"] == vectors["rows"]
+
+
+@pytest.mark.slow
+def test_python_partner_runs_the_detector_bundle_with_the_moe_stage(stage_bundle, partner_python):
+    run = subprocess.run([str(partner_python), str(PARTNER / "bundle_partner.py"), str(stage_bundle)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout)
+    assert result["problems"] == [] and result["family"] == "defects/yolo-detector"
 
 
 @pytest.fixture(scope="module")
