@@ -211,7 +211,8 @@ def _rul(model_dir: Path, training_data: Path | None) -> tuple:
 
 def _defects(model_dir: Path, training_data: Path | None, options: DetectorOptions) -> tuple:
     """(proto, card, inputs, expected) of a `defects train` folder (its YOLO stage)."""
-    from deploy.bundle.defects_card import defects_card, inspector_outputs, stage_parity, test_frames
+    from deploy.bundle.defects_card import (defects_card, inspector_outputs, stage_parity, stage_tolerances,
+                                            test_frames)
     from deploy.bundle.defects_graph import IMAGE, defects_graph
     from manufacturing.defects.detector import YoloDetector
     from manufacturing.defects.pipeline import DefectInspector, InspectionConfig
@@ -246,7 +247,9 @@ def _defects(model_dir: Path, training_data: Path | None, options: DetectorOptio
     card = defects_card(inspector, model_dir, opsets=opsets, operators=operators,
                         data_sha256=_sha256_path(training_data) if training_data is not None else None,
                         moe_stage_present=(model_dir / MOE_FILE).is_file(), stage_file=options.moe_stage,
-                        parity=stage_parity(run_graph(proto.SerializeToString(), {IMAGE: frames}), outputs))
+                        parity=stage_parity(run_graph(proto.SerializeToString(), {IMAGE: frames}), outputs),
+                        tolerances=stage_tolerances(outputs, (cal.mm_per_pixel_x, cal.mm_per_pixel_y))
+                        if stage is not None else None)
     expected = {name: values.tolist() for name, values in outputs.items()}
     return proto, card, {IMAGE: frames.tolist()}, expected
 

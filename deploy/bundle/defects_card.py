@@ -99,6 +99,21 @@ def _with_conf(inspector, conf: float, *, stage: bool = True):
                            config=dataclasses.replace(inspector.config, conf=conf))
 
 
+def stage_tolerances(outputs: dict[str, np.ndarray], mm_per_pixel: tuple[float, float]) -> dict[str, float]:
+    """TOLERANCES for a bundle with the MoE stage: sizes_mm's area column (mm^2) moves with the box's size,
+    so its bound is the one the boxes tolerance implies for the test vectors' largest box,
+    |dA| <= dw * h + w * dh + dw * dh with dw, dh up to two box edges' tolerance; widths and heights
+    (mm) stay within the boxes tolerance times the scale."""
+    tolerances = dict(TOLERANCES)
+    boxes = outputs["boxes"].reshape(-1, 4).astype(np.float64)
+    if len(boxes):
+        w = float((boxes[:, 2] - boxes[:, 0]).max()) * mm_per_pixel[0]
+        h = float((boxes[:, 3] - boxes[:, 1]).max()) * mm_per_pixel[1]
+        dw, dh = 2 * TOLERANCES["boxes"] * mm_per_pixel[0], 2 * TOLERANCES["boxes"] * mm_per_pixel[1]
+        tolerances["sizes_mm"] = max(TOLERANCES["sizes_mm"], float(np.ceil((dw * h + w * dh + dw * dh) * 1e3) / 1e3))
+    return tolerances
+
+
 def stage_parity(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:
     """The graph's outputs against moeworks' on the test frames: largest differences, as the card states them."""
     same = all(got[n].shape == want[n].shape for n in want) and np.array_equal(got["classes"], want["classes"])
@@ -111,7 +126,7 @@ def stage_parity(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dic
 
 def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operators: set[str],
                  data_sha256: str | None, moe_stage_present: bool, stage_file: Path | None = None,
-                 parity: dict[str, Any] | None = None) -> dict[str, Any]:
+                 parity: dict[str, Any] | None = None, tolerances: dict[str, float] | None = None) -> dict[str, Any]:
     detector, cal, cfg = inspector.detector, inspector.calibration, inspector.config
     weights = model_dir / "detector.pt"
     metadata = _detector_metadata(weights)
@@ -186,7 +201,7 @@ def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operator
             "detection that close to the threshold can appear in one and not the other.",
             second_stage.strip()],
         "runtime": {"onnx_opsets": opsets, "min_onnxruntime": min_onnxruntime(operators),
-                    "tolerances": dict(TOLERANCES),
+                    "tolerances": dict(tolerances or TOLERANCES),
                     **({"measured_parity": parity} if parity is not None else {})},
     }
 

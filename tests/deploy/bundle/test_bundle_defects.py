@@ -264,6 +264,11 @@ def test_detector_bundle_with_the_moe_stage_reproduces_predict_with_the_stage(st
     for name in ("scores", "boxes"):
         error = float(np.abs(got[name] - want[name]).max())
         assert error <= TOLERANCES[name] and error == pytest.approx(parity[f"{name}_max_abs_diff"], abs=1e-9)
+    # widths and heights (mm) to the detector bundle's tolerance; the area column to the one the boxes imply
+    np.testing.assert_allclose(got["sizes_mm"][:, :2], want["sizes_mm"][:, :2], rtol=0, atol=TOLERANCES["sizes_mm"])
+    assert parity["sizes_mm_max_abs_diff"] <= card["runtime"]["tolerances"]["sizes_mm"]
+    assert {k: v for k, v in card["runtime"]["tolerances"].items() if k != "sizes_mm"} == {
+        k: v for k, v in TOLERANCES.items() if k != "sizes_mm"}
     compared = 0
     for height, width in ((200, 200), (160, 180)):
         rgb = np.stack([f[:height, :width, ::-1] for f in frames])
