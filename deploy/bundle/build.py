@@ -210,9 +210,9 @@ def _rul(model_dir: Path, training_data: Path | None) -> tuple:
 
 
 def _defects(model_dir: Path, training_data: Path | None, options: DetectorOptions) -> tuple:
-    """(proto, card, inputs, expected) of a `defects train` folder (its YOLO stage)."""
-    from deploy.bundle.defects_card import (defects_card, inspector_outputs, stage_parity, stage_tolerances,
-                                            test_frames)
+    """(proto, card, inputs, expected) of a `defects train` folder: its YOLO stage, and with `moe_stage` its
+    MoE second stage in the same graph."""
+    from deploy.bundle.defects_card import defects_card, inspector_outputs, stage_parity, stage_tolerances, test_frames
     from deploy.bundle.defects_graph import IMAGE, defects_graph
     from manufacturing.defects.detector import YoloDetector
     from manufacturing.defects.pipeline import DefectInspector, InspectionConfig

@@ -210,12 +210,12 @@ def test_stage_crops_in_the_graph_are_opencv_inter_area_to_one_grey_level(frames
 def stage_run(detector_run, tmp_path_factory) -> Path:
     """The fine-tuned detector and a tiny MoE stage (4 experts, 16 wide) trained for two epochs on
     `crop_training_set` of generated surfaces (ground truth, YOLO's hits and false positives; ~20 s)."""
+    from core import MoEConfig
     from manufacturing.defects.crop_data import crop_training_set
     from manufacturing.defects.detector import YoloDetector
     from manufacturing.defects.moe_stage import CropMoEClassifier, CropMoEConfig, CropTrainingConfig
     from manufacturing.defects.synthetic import SyntheticConfig, write_synthetic_voc
     from manufacturing.defects.voc import read_voc_folder
-    from core import MoEConfig
 
     root = tmp_path_factory.mktemp("stage")
     (root / "run").mkdir()
