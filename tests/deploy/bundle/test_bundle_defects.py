@@ -251,6 +251,8 @@ def test_detector_bundle_with_the_moe_stage_reproduces_predict_with_the_stage(st
     yolo = DefectInspector(detector=inspector.detector, config=InspectionConfig(conf=CONF))
     card = json.loads((stage_bundle / "card.json").read_text())
     assert card["model"]["second_stage_in_graph"] and "is IN the graph" in card["model"]["second_stage"]
+    # crops by MatMul, the experts' sparse dispatch (NonZero), the second NMS, all in the one graph
+    assert {"MatMul", "GatherElements", "NonZero", "NonMaxSuppression"} <= set(card["graph"]["operators"])
     vectors = json.loads((stage_bundle / "test_vectors.json").read_text())
     frames_in = np.asarray(vectors["inputs"]["image"], np.uint8)
     got, want = run_graph(stage_bundle / "model.onnx", {"image": frames_in}), inspector_outputs(inspector, frames_in)
@@ -285,12 +287,14 @@ def test_detector_bundle_with_the_moe_stage_reproduces_predict_with_the_stage(st
 
 
 @pytest.mark.slow
-def test_python_partner_runs_the_detector_bundle_with_the_moe_stage(stage_bundle, partner_python):
-    run = subprocess.run([str(partner_python), str(PARTNER / "bundle_partner.py"), str(stage_bundle)],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-    result = json.loads(run.stdout)
-    assert result["problems"] == [] and result["family"] == "defects/yolo-detector"
+def test_partners_run_the_detector_bundle_with_the_moe_stage(stage_bundle, partner_python, partner_node):
+    env = {**os.environ, "NODE_PATH": str(partner_node)}
+    for command, extra in (([str(partner_python), str(PARTNER / "bundle_partner.py")], {}),
+                           (["node", str(PARTNER / "bundle_partner.js")], {"env": env})):
+        run = subprocess.run([*command, str(stage_bundle)], capture_output=True, text=True, timeout=120, **extra)
+        assert run.returncode == 0, run.stdout + run.stderr
+        result = json.loads(run.stdout)
+        assert result["problems"] == [] and result["family"] == "defects/yolo-detector"
 
 
 @pytest.fixture(scope="module")
