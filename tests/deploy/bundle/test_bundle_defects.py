@@ -208,7 +208,7 @@ def test_stage_crops_in_the_graph_are_opencv_inter_area_to_one_grey_level(frames
 
 @pytest.fixture(scope="module")
 def stage_run(detector_run, tmp_path_factory) -> Path:
-    """The fine-tuned detector and a tiny MoE stage (4 experts, 16 wide) trained for two epochs on
+    """The fine-tuned detector and a tiny MoE stage (4 experts, 16 wide, blend 0.9) trained for two epochs on
     `crop_training_set` of generated surfaces (ground truth, YOLO's hits and false positives; ~20 s)."""
     from core import MoEConfig
     from manufacturing.defects.crop_data import crop_training_set
@@ -225,7 +225,10 @@ def stage_run(detector_run, tmp_path_factory) -> Path:
     config = CropMoEConfig(num_classes=len(detector.names), channels=(8, 16),
                            moe=MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=32))
     crops, geometry, labels = crop_training_set(records, detector, list(detector.names), config, progress=False)
-    stage = CropMoEClassifier(config=config, training=CropTrainingConfig(epochs=2, batch_size=32, progress=False))
+    # blend 0.9 (the stage's weight in the fused score; 0.5 by default): this short-trained stage then
+    # re-classifies some of YOLO's boxes, so that the classes compared are the stage's, not YOLO's
+    stage = CropMoEClassifier(config=config, training=CropTrainingConfig(epochs=2, batch_size=32, blend=0.9,
+                                                                         progress=False))
     stage.fit(crops, geometry, labels).save(root / "run" / "moe_stage.pt", names=list(detector.names))
     return root / "run"
 
@@ -261,7 +264,8 @@ def test_detector_bundle_with_the_moe_stage_reproduces_predict_with_the_stage(st
     np.testing.assert_array_equal(got["image_index"], want["image_index"])
     # the stage changed what YOLO alone reports (else this would test nothing of it)
     alone = inspector_outputs(yolo, frames_in)
-    assert alone["scores"].shape != want["scores"].shape or np.abs(alone["scores"] - want["scores"]).max() > 1e-2
+    assert alone["scores"].shape != want["scores"].shape or (
+        np.abs(alone["scores"] - want["scores"]).max() > 1e-2 and (alone["classes"] != want["classes"]).any())
     parity = card["runtime"]["measured_parity"]
     assert parity["classes_identical"] and parity["detections"] == len(want["scores"])
     for name in ("scores", "boxes"):
