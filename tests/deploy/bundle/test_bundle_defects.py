@@ -290,15 +290,20 @@ def test_detector_bundle_with_the_moe_stage_reproduces_predict_with_the_stage(st
     assert verify_bundle(stage_bundle)["test_vectors"] == vectors["rows"]
 
 
-@pytest.mark.slow
-def test_partners_run_the_detector_bundle_with_the_moe_stage(stage_bundle, partner_python, partner_node):
+def _partners_reproduce(bundle: Path, partner_python: Path, partner_node: Path) -> None:
+    """The Python (fresh venv) and Node partner scripts check the bundle's test vectors."""
     env = {**os.environ, "NODE_PATH": str(partner_node)}
     for command, extra in (([str(partner_python), str(PARTNER / "bundle_partner.py")], {}),
                            (["node", str(PARTNER / "bundle_partner.js")], {"env": env})):
-        run = subprocess.run([*command, str(stage_bundle)], capture_output=True, text=True, timeout=120, **extra)
+        run = subprocess.run([*command, str(bundle)], capture_output=True, text=True, timeout=120, **extra)
         assert run.returncode == 0, run.stdout + run.stderr
         result = json.loads(run.stdout)
         assert result["problems"] == [] and result["family"] == "defects/yolo-detector"
+
+
+@pytest.mark.slow
+def test_partners_run_the_detector_bundle_with_the_moe_stage(stage_bundle, partner_python, partner_node):
+    _partners_reproduce(stage_bundle, partner_python, partner_node)
 
 
 @pytest.fixture(scope="module")
@@ -309,10 +314,4 @@ def detector_bundle(detector_run, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_partners_reproduce_the_detector_test_vectors(detector_bundle, partner_python, partner_node):
-    env = {**os.environ, "NODE_PATH": str(partner_node)}
-    for command, extra in (([str(partner_python), str(PARTNER / "bundle_partner.py")], {}),
-                           (["node", str(PARTNER / "bundle_partner.js")], {"env": env})):
-        run = subprocess.run([*command, str(detector_bundle)], capture_output=True, text=True, timeout=120, **extra)
-        assert run.returncode == 0, run.stdout + run.stderr
-        result = json.loads(run.stdout)
-        assert result["problems"] == [] and result["family"] == "defects/yolo-detector"
+    _partners_reproduce(detector_bundle, partner_python, partner_node)
