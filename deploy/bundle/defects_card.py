@@ -158,7 +158,8 @@ def defects_card(inspector, model_dir: Path, *, opsets: dict[str, int], operator
             f"{stage.config.crop_size} px on a side: its fixed-point rounding is reproduced) and off by one grey "
             "level in a few pixels per million where it averages; the fused scores differ from moeworks' mainly "
             "through the YOLO stage's letterbox (one grey level in about 12% of the resized pixels, below), "
-            "measured in runtime.measured_parity on the test frames.")
+            "measured in runtime.measured_parity on the test frames. Memory grows with boxes x frame pixels "
+            "(each crop is computed from its whole frame: K x 3 x H x W floats for K boxes).")
     return {
         "schema": "moeworks-bundle-card/1",
         "model": {"family": "defects/yolo-detector", "dataset": "VOC folder (NEU-DET format)",

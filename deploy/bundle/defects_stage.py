@@ -11,9 +11,12 @@ on uint8. Both are separable, so the graph builds each box's column and row weig
 Wy @ frame @ Wx^T rounded to whole grey levels; the two-tap path as the integer horizontal sums
 (frame @ Wx^T, exact in float32) followed by OpenCV's vertical pass in int64 with its SIMD rounding
 (((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2), which makes those crops bit-exact.
-RoiAlign (bilinear samples) and Resize (no area mode) compute neither. Measured against OpenCV for
-boxes of 8-200 px (tests/deploy/bundle/test_bundle_defects.py): two-tap crops identical, area crops
-off by one grey level in a few pixels per million (float summation order at .5).
+RoiAlign (bilinear samples) and Resize (no area mode) compute neither. The cost: each box's weights
+and product span its whole frame, K x 3 x H x W floats for K boxes (about 48 MB for 100 boxes on
+200 px NEU-DET frames, but 6 GB for 300 boxes on 1,280 px frames: computed, not measured).
+Measured against OpenCV for boxes of 8-200 px (tests/deploy/bundle/test_bundle_defects.py): two-tap
+crops identical, area crops off by one grey level in a few pixels per million (float summation order
+at .5).
 
 The network: `core.onnx_export.export_onnx` of CropMoENet with the sparse MoE dispatch (only the routed
 experts run), inlined with GraphBuilder.embed. One zero crop is appended so that the network never sees
