@@ -169,7 +169,8 @@ def channel_pruner(model: nn.Module, example_inputs: Any, *, ratio: float, steps
     was_training = model.training
     model.eval()
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs, importance=importance or L1ChannelImportance(), pruning_ratio=ratio, iterative_steps=steps,
+        model, example_inputs, importance=importance or L1ChannelImportance(), pruning_ratio=ratio,
+        iterative_steps=steps,
         ignored_layers=list(ignored_layers), customized_pruners={nn.LSTM: LSTMHiddenPruner()},
         root_module_types=list(PRUNABLE), output_transform=output_transform)
     model.train(was_training)

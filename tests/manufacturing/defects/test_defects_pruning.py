@@ -26,8 +26,8 @@ NAMES = ["a", "b", "c"]
 SIZE = 64
 
 
-def tiny_detector(path):
-    """A weights-only detector file of YOLO11n (3 classes, random weights), as save_detector writes one."""
+def tiny_detector(path, names=tuple(NAMES)):
+    """A weights-only detector file of YOLO11n (random weights, SIZE px), as save_detector writes one."""
     from core.trainer import save_checkpoint
 
     ultralytics_offline()
@@ -35,14 +35,14 @@ def tiny_detector(path):
 
     torch.manual_seed(0)
     cfg = json.loads(json.dumps(yaml_model_load("yolo11n.yaml")))
-    cfg["nc"] = len(NAMES)
+    cfg["nc"] = len(names)
     cfg["yaml_file"] = "yolo11n.yaml"
-    model = DetectionModel(copy.deepcopy(cfg), nc=len(NAMES), verbose=False)
+    model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
     for module in model.modules():  # non-trivial batch-norm statistics, so that a wrong channel shows
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    return save_checkpoint(path, model, config=cfg, extra={"kind": DETECTOR_KIND, "names": NAMES, "imgsz": SIZE})
+    return save_checkpoint(path, model, config=cfg, extra={"kind": DETECTOR_KIND, "names": list(names), "imgsz": SIZE})
 
 
 @pytest.fixture(scope="module")
