@@ -11,7 +11,8 @@ mAP50-95 of the PyTorch detector and of its ONNX export on the validation images
 (`defects evaluate`'s code), and images/s at batch 1 on the CPU for PyTorch and onnxruntime (the
 network alone, 1 thread each; interleaved rounds so that the machine's other load falls on all
 alike). The target of issue 20: >= 50% fewer parameters at < 1% relative loss of mAP50 after
-fine-tuning, judged against the shipped detector (and shown against the unpruned fine-tune).
+fine-tuning, judged against the shipped detector (and shown against the unpruned fine-tune of the
+same epochs, `--same-budget`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def main() -> None:
                         help="name=detector.pt,...; the first is the reference (the shipped detector)")
     add_data_argument(parser, under="neu_det", what="NEU-DET VOC folder")
     parser.add_argument("--split-file", type=Path, default=SPLIT, help="split whose 'val' images are scored")
-    parser.add_argument("--finetuned", default="", help="name of the unpruned fine-tuned variant (the same-budget "
-                                                        "comparison), if any")
+    parser.add_argument("--same-budget", default="",
+                        help="pruned=unpruned,...: each pruned variant's unpruned fine-tune of the same epochs")
     parser.add_argument("--unfinetuned", default="", help="comma list of ratios: the reference pruned, not "
                                                           "fine-tuned")
     parser.add_argument("--latency-repeats", type=int, default=12, help="batch-1 calls per model per round")
@@ -64,6 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         variants = _variants(args.variants)
+        pairs = {k: str(v) for k, v in _variants(args.same_budget).items()}
+        if not set(pairs) | set(pairs.values()) <= set(variants):
+            raise ValueError("--same-budget: name variants given in --variants")
         ratios = [float(r) for r in filter(None, args.unfinetuned.split(","))]
     except ValueError as error:
         parser.error(str(error))
@@ -110,19 +114,20 @@ def main() -> None:
             results[name][f"{backend}_images_per_second"] = 1000 / statistics.median(latency[name][backend])
             results[name][f"{backend}_latency_ms_rounds"] = latency[name][backend]
     base = results[reference]
-    tuned = results.get(args.finetuned)
-    for r in results.values():
+    for name, r in results.items():
         r["parameters_removed"] = 1 - r["parameters"] / base["parameters"]
         r["mAP50_relative_change"] = r["mAP50"] / base["mAP50"] - 1
-        if tuned is not None:
-            r["mAP50_relative_change_vs_finetuned"] = r["mAP50"] / tuned["mAP50"] - 1
+        if name in pairs:
+            r["same_budget"] = pairs[name]
+            r["mAP50_relative_change_vs_same_budget"] = r["mAP50"] / results[pairs[name]]["mAP50"] - 1
         r["pytorch_speedup"] = r["pytorch_images_per_second"] / base["pytorch_images_per_second"]
         r["onnx_speedup"] = r["onnx_images_per_second"] / base["onnx_images_per_second"]
         r["target_met"] = bool(r["parameters_removed"] >= PARAMETER_TARGET and r["mAP50_relative_change"] > -MAP_TARGET)
-    header = ["variant", "params", "fewer", ".pt bytes", "ONNX bytes", "mAP50", "vs ref", "mAP50-95",
+    header = ["variant", "params", "fewer", ".pt bytes", "ONNX bytes", "mAP50", "vs ref", "vs same budget", "mAP50-95",
               "ONNX mAP50", "PyTorch img/s b1", "ONNX img/s b1", "target"]
     rows = [[n, f"{r['parameters']:,}", f"{r['parameters_removed']:.1%}", f"{r['file_bytes']:,}",
              f"{r['onnx_fp32_bytes']:,}", f"{r['mAP50']:.4f}", f"{r['mAP50_relative_change']:+.1%}",
+             f"{r['mAP50_relative_change_vs_same_budget']:+.1%}" if n in pairs else "",
              f"{r['mAP50-95']:.4f}", f"{r['onnx_mAP50']:.4f}",
              f"{r['pytorch_images_per_second']:.1f} ({r['pytorch_speedup']:.2f}x)",
              f"{r['onnx_images_per_second']:.1f} ({r['onnx_speedup']:.2f}x)", "met" if r["target_met"] else "no"]
@@ -131,7 +136,7 @@ def main() -> None:
     console.print(table)
     summary = {"benchmark": "compress_detector", "data": str(args.data), "split_file": str(args.split_file),
                "val_images": len(val), "timing_images": len(images), "reference": reference,
-               "finetuned": args.finetuned or None, "target": {"parameters_removed_at_least": PARAMETER_TARGET,
+               "same_budget": pairs, "target": {"parameters_removed_at_least": PARAMETER_TARGET,
                                                                "mAP50_relative_loss_under": MAP_TARGET},
                "variants": results, "table": table, "machine": measured_on, "timed_section": section}
     write_results(summary, args.out, as_json=args.json)
