@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=12, help="batch-1 calls per model per round")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--lock", default="/tmp/moeworks-bench.lock", help="flock held while timing; '' for none")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-compress-detector"),
+                        help="folder for the ONNX exports and the unfine-tuned pruned detectors")
     add_output_arguments(parser, Path("runs/bench-compress-detector/compress_detector.json"))
     args = parser.parse_args()
     try:
@@ -73,7 +75,7 @@ def main() -> None:
         parser.error(str(error))
     torch.set_num_threads(1)
     console = Console(stderr=args.json, width=160)
-    work = (args.out.parent if args.out else Path("runs/bench-compress-detector")) / "work"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     reference = next(iter(variants))
     if ratios:
