@@ -114,6 +114,8 @@ def main() -> None:
     for name in names:
         for backend in ("pytorch", "onnx"):
             results[name][f"{backend}_images_per_second"] = 1000 / statistics.median(latency[name][backend])
+            # the least disturbed round: on shared cores the other jobs only ever slow a round down
+            results[name][f"{backend}_images_per_second_best_round"] = 1000 / min(latency[name][backend])
             results[name][f"{backend}_latency_ms_rounds"] = latency[name][backend]
     base = results[reference]
     for name, r in results.items():
@@ -126,13 +128,17 @@ def main() -> None:
         r["onnx_speedup"] = r["onnx_images_per_second"] / base["onnx_images_per_second"]
         r["target_met"] = bool(r["parameters_removed"] >= PARAMETER_TARGET and r["mAP50_relative_change"] > -MAP_TARGET)
     header = ["variant", "params", "fewer", ".pt bytes", "ONNX bytes", "mAP50", "vs ref", "vs same budget", "mAP50-95",
-              "ONNX mAP50", "PyTorch img/s b1", "ONNX img/s b1", "target"]
+              "ONNX mAP50", "PyTorch img/s b1 (best round)",
+              "ONNX img/s b1 (best round)", "target"]
     rows = [[n, f"{r['parameters']:,}", f"{r['parameters_removed']:.1%}", f"{r['file_bytes']:,}",
              f"{r['onnx_fp32_bytes']:,}", f"{r['mAP50']:.4f}", f"{r['mAP50_relative_change']:+.1%}",
              f"{r['mAP50_relative_change_vs_same_budget']:+.1%}" if n in pairs else "",
              f"{r['mAP50-95']:.4f}", f"{r['onnx_mAP50']:.4f}",
-             f"{r['pytorch_images_per_second']:.1f} ({r['pytorch_speedup']:.2f}x)",
-             f"{r['onnx_images_per_second']:.1f} ({r['onnx_speedup']:.2f}x)", "met" if r["target_met"] else "no"]
+             f"{r['pytorch_images_per_second']:.1f} ({r['pytorch_images_per_second_best_round']:.1f}), "
+             f"{r['pytorch_speedup']:.2f}x",
+             f"{r['onnx_images_per_second']:.1f} ({r['onnx_images_per_second_best_round']:.1f}), "
+             f"{r['onnx_speedup']:.2f}x",
+             "met" if r["target_met"] else "no"]
             for n, r in results.items()]
     table = markdown_table(header, rows)
     console.print(table)
