@@ -149,14 +149,18 @@ class L1ChannelImportance(tp.importance.Importance):
 
 def channel_pruner(model: nn.Module, example_inputs: Any, *, ratio: float, steps: int = 1,
                    ignored_layers: Iterable[nn.Module] = (),
-                   output_transform: Callable[[Any], torch.Tensor] | None = None) -> tp.pruner.MetaPruner:
+                   output_transform: Callable[[Any], torch.Tensor] | None = None,
+                   importance: tp.importance.Importance | None = None) -> tp.pruner.MetaPruner:
     """torch-pruning's MetaPruner for `model`: lowest L1 first (L1ChannelImportance), `ratio` of the
     channels of every prunable group in all, reached in `steps` calls of `.step()` by its linear
     schedule (fine-tune between the calls: iterative pruning; the final widths equal one step's).
 
     example_inputs: a tensor or tuple the model runs on (DepGraph traces it once). ignored_layers:
     layers whose outputs must keep their width (the output head). output_transform: the output
-    tensor of a model that returns a tuple.
+    tensor of a model that returns a tuple. importance: a torch-pruning Importance in place of
+    L1ChannelImportance, e.g. its GroupMagnitudeImportance(p=1), which also maps channels through
+    concatenations and grouped convolutions (the YOLO detector's graph, which channel_importance
+    does not cover).
     """
     if not 0 < ratio < 1:
         raise ValueError(f"prune_channels: ratio must be in (0, 1), got {ratio!r}")
@@ -165,7 +169,8 @@ def channel_pruner(model: nn.Module, example_inputs: Any, *, ratio: float, steps
     was_training = model.training
     model.eval()
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs, importance=L1ChannelImportance(), pruning_ratio=ratio, iterative_steps=steps,
+        model, example_inputs, importance=importance or L1ChannelImportance(), pruning_ratio=ratio,
+        iterative_steps=steps,
         ignored_layers=list(ignored_layers), customized_pruners={nn.LSTM: LSTMHiddenPruner()},
         root_module_types=list(PRUNABLE), output_transform=output_transform)
     model.train(was_training)
@@ -174,12 +179,13 @@ def channel_pruner(model: nn.Module, example_inputs: Any, *, ratio: float, steps
 
 def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float,
                    ignored_layers: Iterable[nn.Module] = (),
-                   output_transform: Callable[[Any], torch.Tensor] | None = None) -> dict[str, int]:
+                   output_transform: Callable[[Any], torch.Tensor] | None = None,
+                   importance: tp.importance.Importance | None = None) -> dict[str, int]:
     """Remove `ratio` of the channels of every prunable group of `model`, lowest L1 first, in place,
     in one step (channel_pruner). Returns {"parameters_before", "parameters_after"}."""
     before = sum(p.numel() for p in model.parameters())
     pruner = channel_pruner(model, example_inputs, ratio=ratio, ignored_layers=ignored_layers,
-                            output_transform=output_transform)
+                            output_transform=output_transform, importance=importance)
     prune_step(model, pruner)
     return {"parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters())}
 

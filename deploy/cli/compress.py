@@ -7,7 +7,9 @@ written) that `evaluate`, `serve`, `export` and `bundle` take as they take the s
 RUL folders (`maintenance train`: distill, channel or expert pruning, hashing), credit folders
 (`finance train`: distill from any kind, the ensemble included, into a small MoE; expert pruning
 and hashing of a `moe` folder) and AI4I folders (`maintenance ai4i-train`: the same for its MoE
-backend). Any other folder (the defect detector's included) is refused with one line (exit 2).
+backend), and the defect detector's folders (`defects train`, or the shipped weights folder):
+channel pruning of the YOLO detector then fine-tuning (`compress prune --data VOC`;
+manufacturing.defects.pruning). Any other folder is refused with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -32,11 +34,20 @@ class CompressError(UserInputError):
 
 
 SUPPORTED = ("RUL (`maintenance train`), credit (`finance train`) and AI4I (`maintenance ai4i-train`) "
-             "model folders")
+             "model folders, and defect detector folders (`prune` only)")
+
+
+def detector_file(model: Path) -> Path | None:
+    """The detector file of a defect detector folder: its detector.pt (`defects train`), or the one .pt
+    of a folder that holds a single one (the shipped weights folder); None for any other folder."""
+    if (model / "detector.pt").is_file():
+        return model / "detector.pt"
+    files = sorted(model.glob("*.pt"))
+    return files[0] if len(files) == 1 else None
 
 
 def folder_kind(model: Path) -> str:
-    """"rul", "credit" or "ai4i" by the file that marks each folder; anything else is refused."""
+    """"rul", "credit", "ai4i" or "detector" by the file that marks each folder; anything else is refused."""
     if not model.is_dir():
         raise CompressError(f"--model {model}: no such model folder")
     if (model / "scorer.json").is_file():
@@ -45,9 +56,8 @@ def folder_kind(model: Path) -> str:
         return "ai4i"
     if (model / "model.json").is_file():
         return "rul"
-    if (model / "detector.pt").is_file() or any(model.glob("*.pt")):
-        raise CompressError(f"--model {model}: compress does not take this folder (the defect detector's channel "
-                            f"pruning is not built yet); it takes {SUPPORTED}")
+    if detector_file(model) is not None:
+        return "detector"
     raise CompressError(f"--model {model}: compress takes {SUPPORTED}; this folder is not one")
 
 
@@ -117,12 +127,13 @@ def _fine_tune_config(epochs: int, seed: int, as_json: bool):
         raise CompressError(str(error)) from None
 
 
-MODEL = typer.Option(..., help="trained model folder: RUL (`maintenance train`), credit (`finance train`) or "
-                                "AI4I (`maintenance ai4i-train`)")
+MODEL = typer.Option(..., help="trained model folder: RUL (`maintenance train`), credit (`finance train`), "
+                                "AI4I (`maintenance ai4i-train`) or, for prune, a defect detector folder "
+                                "(`defects train`, or one holding a single detector .pt)")
 OUT = typer.Option(..., help="new folder for the compressed model")
 DATA = typer.Option(None, help="the data the model was trained on: the C-MAPSS training file or folder "
-                               "(default: $MOEWORKS_DATA/cmapss), the credit records, or ai4i2020.csv "
-                               "(default: $MOEWORKS_DATA/ai4i2020)")
+                               "(default: $MOEWORKS_DATA/cmapss), the credit records, ai4i2020.csv "
+                               "(default: $MOEWORKS_DATA/ai4i2020), or the detector's VOC folder")
 SUBSET = typer.Option(None, help="FD001-FD004 (default: the one the model folder records)")
 JSON = typer.Option(False, "--json", help="print the metrics as one JSON object on stdout")
 TEACHER = typer.Option(None, help="model folder whose outputs guide fine-tuning (e.g. the MoE a student was "
@@ -208,6 +219,41 @@ def _tabular(kind: str, method: str, model: Path, out: Path, data: Path | None, 
                    result={**metrics, "model": str(out), "kind": kind, "source": str(model)})
 
 
+def _not_for_detector(kind: str, method: str) -> None:
+    if kind == "detector":
+        raise CompressError(f"compress {method}: a defect detector folder takes `compress prune` (channel pruning) "
+                            "only")
+
+
+def _detector(model: Path, out: Path, data: Path | None, split_file: Path | None, *, ratio: float, epochs: int,
+              seed: int, as_json: bool, **unused) -> None:
+    """compress prune for a defect detector folder: torch-pruning's channel removal on the YOLO graph,
+    then fine-tuning by `defects train`'s trainer on the detector's split (workflow.prune_job)."""
+    from deploy.cli.maintenance import _print_metrics
+    from manufacturing.defects.workflow import PruneJob, prune_job
+
+    given = [option for option, value in unused.items() if value]
+    if given:
+        raise CompressError(f"--{given[0].replace('_', '-')} is not for a defect detector folder (it takes --data, "
+                            "--ratio, --epochs, --split-file, --seed)")
+    _out_folder(out, model)
+    if data is None:
+        raise CompressError("--data: give the VOC folder the detector was trained on (e.g. NEU-DET)")
+    if split_file is not None and not split_file.is_file():
+        raise CompressError(f"--split-file {split_file}: no such split file")
+    try:
+        job = PruneJob(ratio=ratio, epochs=epochs, seed=seed)
+    except ValueError as error:
+        raise CompressError(str(error)) from None
+    with output.third_party_output_to(out / "logs" / "compress.log"):
+        result = prune_job(detector_file(model), data, out, job, split_file=split_file)
+    shown = {k: v for k, v in result.items() if k not in ("ultralytics_val",)}
+    shown.update({f"val_{k}": v for k, v in (result.get("ultralytics_val") or {}).items()})
+    _print_metrics(f"prune: {model} -> {out} ({result['parameters']:,} parameters, source "
+                   f"{result['source_parameters']:,})", shown, as_json, command="compress.prune",
+                   result={**result, "model": str(out), "kind": "detector"})
+
+
 @app.command("distill")
 def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
                     hidden: int = typer.Option(32, help="the student's hidden units (RUL: its LSTM's; credit and "
@@ -225,6 +271,7 @@ def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DA
     from manufacturing.maintenance.compress import distill
 
     kind = folder_kind(model)
+    _not_for_detector(kind, "distill")
     if kind != "rul":
         if not (1 <= hidden <= 1024 and 1 <= layers <= 8 and 1 <= experts <= 1024
                 and (intermediate is None or 1 <= intermediate <= 4096)):
@@ -245,7 +292,9 @@ def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DA
 
 @app.command("prune")
 def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
-                  ratio: float = typer.Option(0.5, help="lstm models: share of channels removed per layer"),
+                  ratio: float = typer.Option(0.5, help="lstm models and the defect detector: share of channels "
+                                                        "removed per layer (detector: 0.35 leaves ~47% of YOLO11n's "
+                                                        "parameters)"),
                   l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
                                                       "(times the sum of |w|, beside an MSE on RUL/cap near 0.003)"),
                   l1_epochs: int = typer.Option(5, help="lstm models: epochs of L1-regularised training"),
@@ -257,12 +306,23 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
                                                          "one instead of dropping them"),
                   epochs: int = typer.Option(10, help="most fine-tuning epochs after the removal"),
                   teacher: Path | None = TEACHER, alpha: float = GUIDE_ALPHA,
+                  split_file: Path | None = typer.Option(None, help="defect detector: the split.json whose 'train' "
+                                                                    "images fine-tune it and 'val' images validate "
+                                                                    "(default: the folder's split.json, else the "
+                                                                    "seeded 8:2 split `defects train` makes)"),
                   seed: int = SEED, as_json: bool = JSON):
-    """Remove channels (LSTM/MLP, torch-pruning) or the least-routed experts (MoE: RUL, credit, AI4I), then
-    fine-tune."""
+    """Remove channels (LSTM/MLP, the YOLO defect detector: torch-pruning) or the least-routed experts (MoE:
+    RUL, credit, AI4I), then fine-tune."""
     from manufacturing.maintenance.compress import prune
 
     kind = folder_kind(model)
+    if kind == "detector":
+        _detector(model, out, data, split_file, ratio=ratio, epochs=epochs, seed=seed, as_json=as_json,
+                  subset=subset, keep_experts=keep_experts, merge=merge, teacher=teacher,
+                  steps=steps != 1, l1_epochs=l1_epochs != 5)
+        return
+    if split_file is not None:
+        raise CompressError("--split-file is for a defect detector folder")
     if kind != "rul":
         _tabular(kind, "prune", model, out, data, subset, teacher, alpha=alpha, epochs=epochs, seed=seed,
                  as_json=as_json, keep_experts=keep_experts, mode="merge" if merge else "drop")
@@ -290,6 +350,7 @@ def hash_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA,
     from manufacturing.maintenance.compress import hash_model
 
     kind = folder_kind(model)
+    _not_for_detector(kind, "hash")
     if kind != "rul":
         _tabular(kind, "hash", model, out, data, subset, teacher, alpha=alpha, epochs=epochs, seed=seed,
                  as_json=as_json, compression=compression)

@@ -5,7 +5,9 @@ whatever it names), so `defects train` converts its best.pt, in the process that
 weights-only checkpoint (core.trainer.save_checkpoint): the state dict plus the model YAML, class
 names and input size as JSON. Loading rebuilds ultralytics' DetectionModel from the YAML, after
 checking that it names only known layers (ultralytics' YAML parser calls what it names and evals
-an `activation` string), and loads the weights. Nothing else is accepted.
+an `activation` string), and loads the weights. Nothing else is accepted. A channel-pruned
+detector (`moeworks compress prune`) also stores the widths of the layers it narrowed, as JSON
+numbers (manufacturing.defects.pruning), which are applied to the built model before its weights.
 
 Both backends take the same letterboxed (batch, 3, S, S) input and return the head's decoded
 output (batch, 4 + classes, anchors): boxes as (cx, cy, w, h) in input pixels, then per-class
@@ -27,6 +29,7 @@ import torch
 import torchvision
 
 from manufacturing.defects.errors import DefectDataError, one_line
+from manufacturing.defects.pruning import PRUNED_KEY, SplitC2f, apply_widths, pruned_record, split_c2f
 
 PAD_VALUE = 114  # ultralytics' letterbox grey, so the detector sees what it was trained on
 DETECTOR_KIND = "moeworks.defects.yolo"
@@ -216,11 +219,15 @@ def save_detector(weights: str | Path, path: str | Path, *, metrics: dict | None
     if cfg["nc"] != len(names):
         raise DefectDataError(f"{weights}: model YAML says {cfg['nc']} classes, names has {len(names)}")
     size = int(trained.get("imgsz", 640))
+    extra = {"kind": DETECTOR_KIND, "names": names, "imgsz": size, "train_results": ckpt.get("train_results") or {}}
+    if any(isinstance(m, SplitC2f) for m in model.modules()):  # channel-pruned: its widths, beside the YAML
+        from ultralytics.nn.tasks import DetectionModel
+
+        built = split_c2f(DetectionModel(cfg, nc=len(names), verbose=False))
+        extra[PRUNED_KEY] = pruned_record(model, built)
     # Stored in float16, as ultralytics stores its best.pt (so converting it loses nothing): half the
     # size of float32, which keeps a shipped YOLO11n under 6 MB. Loading casts back to float32.
-    save_checkpoint(path, copy.deepcopy(model).half(), config=cfg, metrics=metrics or {},
-                    extra={"kind": DETECTOR_KIND, "names": names, "imgsz": size,
-                           "train_results": ckpt.get("train_results") or {}})
+    save_checkpoint(path, copy.deepcopy(model).half(), config=cfg, metrics=metrics or {}, extra=extra)
     # The rebuilt detector must compute what ultralytics' own model computes, before anything uses it.
     reference = HeadOutput(copy.deepcopy(model).fuse(verbose=False).eval())
     rebuilt, _ = YoloDetector._load_weights(Path(path))
@@ -343,8 +350,13 @@ def training_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
     try:
         model = DetectionModel(cfg, nc=len(names), verbose=False)
+    except Exception as error:  # noqa: BLE001 - a YAML that does not build
+        raise DefectDataError(f"{path}: the model YAML does not build ({one_line(error)})") from None
+    if PRUNED_KEY in metadata:  # a channel-pruned detector: narrow the layers the record names first
+        apply_widths(model, metadata[PRUNED_KEY], str(path))
+    try:
         model.load_state_dict(payload["state_dict"])
-    except Exception as error:  # noqa: BLE001 - a YAML that does not build, or weights of another shape
+    except Exception as error:  # noqa: BLE001 - weights of another shape
         raise DefectDataError(f"{path}: the weights do not fit the model YAML ({one_line(error)})") from None
     model.names = dict(enumerate(names))
     return model.float(), metadata

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import importlib.util
@@ -101,9 +102,23 @@ def _detection_trainer():
     a bare GPU or edge machine must be sent to train there (and its plots, the only other use, are
     skipped when polars is absent).
     """
+    import torch
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    from manufacturing.defects.pruning import SplitC2f
+
     class Trainer(DetectionTrainer):
+        def get_model(self, cfg=None, weights=None, verbose=True):
+            # A channel-pruned start (manufacturing.defects.pruning) has narrower layers than its YAML
+            # builds: ultralytics would copy only the layers whose shapes match into a full-width
+            # model, so the pruned module itself is what trains.
+            if isinstance(weights, torch.nn.Module) and any(isinstance(m, SplitC2f) for m in weights.modules()):
+                model = copy.deepcopy(weights)
+                for parameter in model.parameters():
+                    parameter.requires_grad_(True)
+                return model
+            return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+
         def read_results_csv(self) -> dict[str, list]:
             try:
                 rows = list(csv.DictReader(io.StringIO(Path(self.csv).read_text())))
@@ -128,6 +143,7 @@ def _start_model(config: DetectorConfig, run_dir: Path):
     import yaml
 
     from manufacturing.defects.detector import training_model
+    from manufacturing.defects.pruning import PRUNED_KEY
 
     start, metadata = training_model(config.weights)  # weights only, its YAML checked before it is built
     # ultralytics builds a model from a YAML file: the checked YAML of the detector file, written here.
@@ -138,6 +154,8 @@ def _start_model(config: DetectorConfig, run_dir: Path):
     # Loading a module (not a file) makes ultralytics' train() start from its weights: layers of the same
     # name and shape are copied, the rest (a class head for other classes) keep their random start.
     model.load(start)
+    if PRUNED_KEY in metadata:  # narrower than its YAML: the trainer takes this module (_detection_trainer)
+        model.model = start
     return model
 
 

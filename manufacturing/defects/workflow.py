@@ -223,3 +223,87 @@ def export_job(detector_path: str | Path, out_dir: str | Path, calibration_dir: 
     (out_dir / "export.json").write_text(json.dumps(result, indent=1))
     write_manifest(out_dir, unsealed=[p.name for p in out_dir.iterdir() if p.is_dir()])
     return result
+
+
+@dataclass
+class PruneJob:
+    """`moeworks compress prune` of a detector: channel removal (manufacturing.defects.pruning), then
+    fine-tuning by `defects train`'s own trainer on the detector's split."""
+
+    ratio: float = 0.35  # share of channels removed per group; 0.35 leaves ~47% of YOLO11n's parameters
+    epochs: int = 10  # fine-tuning epochs (0: the pruned detector as it is)
+    batch: int = 16
+    workers: int = 0  # ultralytics augments in the main process on a CPU anyway
+    seed: int = 0
+    val_fraction: float = 0.2  # the split, when no split file is given: train_job's seeded split
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"--ratio must be in (0, 1) (the share of channels removed), got {self.ratio}")
+        if not 0 <= self.epochs <= 1000:
+            raise ValueError(f"--epochs must be in [0, 1000], got {self.epochs}")
+
+
+def prune_job(detector_path: str | Path, voc_dir: str | Path, out_dir: str | Path, job: PruneJob, *,
+              split_file: str | Path | None = None, verbose: bool = False) -> dict:
+    """Prune the detector file's channels, fine-tune it on its training split, and write a detector
+    folder (detector.pt, split.json, prune.json; sealed) that `defects evaluate`, `defects export` and
+    serving load as any other.
+
+    The split: `split_file` (a split.json), else the split.json beside the detector, else train_job's
+    seeded split of `voc_dir` (the shipped NEU-DET detector's split: its card says so).
+    """
+    from core.model_files import ModelFilesError, file_sha256, verify_file
+    from manufacturing.defects.detector import training_model
+    from manufacturing.defects.pruning import prune_detector, save_pruned
+
+    detector_path, out_dir = Path(detector_path), Path(out_dir)
+    try:
+        verify_file(detector_path)
+    except ModelFilesError as error:
+        raise DefectDataError(str(error)) from None
+    model, metadata = training_model(detector_path)
+    names, imgsz = metadata["names"], metadata["imgsz"]
+    records = read_voc_folder(voc_dir)
+    unknown = sorted(set(class_names(records)) - set(names))
+    if unknown:
+        raise DefectDataError(f"{voc_dir}: class {unknown[0]!r} is not one of the detector's {names}")
+    split_file = split_file or (detector_path.parent / SPLIT_FILE if (detector_path.parent / SPLIT_FILE).is_file()
+                                else None)
+    if split_file is not None:
+        train, val = records_by_split(records, split_file, "train"), records_by_split(records, split_file, "val")
+        seed, val_fraction = json.loads(Path(split_file).read_text()).get("seed"), None
+    else:
+        train, val = seeded_split(records, val_fraction=job.val_fraction, seed=job.seed)
+        seed, val_fraction = job.seed, job.val_fraction
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_split(out_dir / SPLIT_FILE, train, val, seed=seed, val_fraction=val_fraction, source=str(voc_dir),
+                data_hash=data_sha256(records))
+    started = time.perf_counter()
+    counts = prune_detector(model, ratio=job.ratio, imgsz=imgsz)
+    result = {"method": "prune", "source": str(detector_path), "source_sha256": file_sha256(detector_path),
+              "ratio": job.ratio, "parameters": counts["parameters_after"],
+              "source_parameters": counts["parameters_before"], "epochs": job.epochs, "imgsz": imgsz,
+              "train_images": len(train), "val_images": len(val), "split_file": None if split_file is None
+              else str(split_file), "prune_seconds": round(time.perf_counter() - started, 2)}
+    detector_file = out_dir / DETECTOR_FILE
+    if job.epochs == 0:
+        save_pruned(model, detector_file, config=metadata["config"], names=names, imgsz=imgsz)
+    else:
+        # Fine-tuned from a weights-only file of the pruned model (float32: exactly the pruned weights),
+        # through the same path as `defects train --weights`.
+        start = save_pruned(model, out_dir / "work" / "pruned_start.pt", config=metadata["config"], names=names,
+                            imgsz=imgsz, half=False)
+        data_yaml = write_yolo_dataset({"train": train, "val": val}, out_dir / "dataset", names)
+        config = DetectorConfig(imgsz=imgsz, epochs=job.epochs, batch=job.batch, workers=job.workers, seed=job.seed,
+                                threads=job.threads, weights=str(start))
+        summary = train_detector(data_yaml, config, out_dir, verbose=verbose)
+        save_detector(summary.weights, detector_file, metrics=summary.metrics)
+        result.update(train_seconds=round(summary.seconds, 1), ultralytics_val=summary.metrics,
+                      epochs_run=summary.epochs)
+    (out_dir / "prune.json").write_text(json.dumps(result, indent=1))
+    # Sealed: the files a load reads; the dataset copy, the pruned start and ultralytics' run folder
+    # (its own pickles) stay outside the manifest and are never loaded.
+    write_manifest(out_dir, unsealed=[p.name for p in out_dir.iterdir() if p.is_dir()])
+    return {**result, "detector": str(detector_file)}

@@ -267,7 +267,8 @@ def test_tabular_refusals_are_one_line_exit_2(tabular, tmp_path):
     (tmp_path / "detector" / "detector.pt").write_bytes(b"not a model")
     data = tabular / "credit" / "generated-data"
     cases = [
-        (("distill", "--model", tmp_path / "detector", "--out", tmp_path / "o1"), "defect detector"),
+        # a detector folder is pruned (tests/deploy/cli/test_compress_detector_cli.py), never distilled
+        (("distill", "--model", tmp_path / "detector", "--out", tmp_path / "o1"), "takes `compress prune`"),
         (("prune", "--model", tabular / "credit", "--out", tmp_path / "o2", "--data", data, "--subset", "FD001"),
          "--subset"),
         (("prune", "--model", tabular / "credit", "--out", tmp_path / "o3", "--data", data, "--keep-experts", 16),
