@@ -326,21 +326,33 @@ def measure_ai4i(data_root: Path, models_dir: Path, work: Path, *, single_rows: 
             "load_seconds": load_seconds}
 
 
-def measure_defects(run_dir: Path, data_root: Path, work: Path, *, repeats: int) -> dict:
+def measure_defects(run_dir: Path, data_root: Path, work: Path, *, repeats: int, stage: bool = False) -> dict:
     """The defect detector's bundle (a `defects train` folder) against `DefectInspector` on NEU-DET frames
     (every 25th image, 200 px; no tiling below 2x the input size): per frame the same number of detections,
-    then the largest box and score differences; throughput in frames/s (batch 16 and 1)."""
+    then the largest box and score differences; throughput in frames/s (batch 16 and 1). With `stage`, the
+    bundle carries the run's MoE second stage (`bundle build --moe-stage RUN/moe_stage.pt`) and the
+    inspector runs the same stage (as `defects predict --moe-stage`)."""
     import onnx
+    import torch
 
+    from deploy.bundle.build import DetectorOptions
     from deploy.bundle.defects_card import inspector_outputs
     from manufacturing.defects.dataset import load_image
     from manufacturing.defects.detector import YoloDetector
+    from manufacturing.defects.moe_stage import CropMoEClassifier
     from manufacturing.defects.pipeline import DefectInspector
+    from manufacturing.defects.workflow import MOE_FILE
 
-    bundle, session, build_seconds, load_seconds = _build_and_open(run_dir, work / "defects")
+    stage_file = run_dir / MOE_FILE if stage else None
+    if stage_file is not None and not stage_file.is_file():
+        raise ValueError(f"{run_dir} has no {MOE_FILE}: train the run with --train-moe (the default)")
+    bundle, session, build_seconds, load_seconds = _build_and_open(
+        run_dir, work / ("defects-stage" if stage else "defects"), detector=DetectorOptions(moe_stage=stage_file))
     paths = sorted((data_root / "neu_det" / "IMAGES").glob("*.jpg"))[::25]
     frames = np.stack([load_image(p)[:, :, ::-1] for p in paths])  # RGB, as the bundle takes them
-    inspector = DefectInspector(detector=YoloDetector.load(run_dir / "detector.pt"))
+    torch.set_num_threads(1)  # moeworks' YOLO and MoE stage on one thread, as onnxruntime here
+    inspector = DefectInspector(detector=YoloDetector.load(run_dir / "detector.pt"),
+                                second_stage=CropMoEClassifier.load(stage_file)[0] if stage else None)
     want = inspector_outputs(inspector, frames)
     names = [o.name for o in session.get_outputs()]
     parts = [dict(zip(names, session.run(None, {"image": frames[i:i + 16]}), strict=True))
@@ -360,7 +372,7 @@ def measure_defects(run_dir: Path, data_root: Path, work: Path, *, repeats: int)
         moeworks_single=lambda: [inspector.detect([b]) for b in bgr[:16]], batch_rows=16, single_rows=16,
         repeats=repeats)
     proto = onnx.load(str(bundle / "model.onnx"))
-    return {"dataset": "neu_det", "model": "defects-detector",
+    return {"dataset": "neu_det", "model": "defects-detector" + ("+moe-stage" if stage else ""),
             "parity": {"frames": len(frames), "detections": int(len(want["scores"])),
                        "frames_with_other_counts": int((~same).sum()),
                        "classes_differing": int((want["classes"][matched_w] != got["classes"][matched_g]).sum()),
@@ -382,7 +394,8 @@ def main() -> None:
                                            "gmsc:moe-ensemble,ai4i:lightgbm,ai4i:moe,cmapss-FD001:lstm,"
                                            "cmapss-FD004:moe")
     parser.add_argument("--detector-run", type=Path, default=None,
-                        help="a `defects train` folder, for the case neu_det:detector (not among the defaults)")
+                        help="a `defects train` folder, for the cases neu_det:detector and neu_det:detector-stage "
+                             "(its moe_stage.pt in the bundle and the inspector; neither case is among the defaults)")
     parser.add_argument("--single-rows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parity-rows", type=int, default=None,
@@ -396,17 +409,25 @@ def main() -> None:
     args = parser.parse_args()
     results = {"machine": {**machine(), "onnxruntime_threads": 1, "lightgbm_threads": 1, "torch_threads": 1},
                "cases": []}
+    for case in args.cases.split(","):  # refused before any case runs: the others take minutes
+        dataset, name = case.split(":")
+        if dataset == "neu_det" and name not in ("detector", "detector-stage"):
+            parser.error(f"unknown case {case}: neu_det has detector and detector-stage")
+        if dataset == "neu_det" and args.detector_run is None:
+            parser.error(f"the case {case} needs --detector-run")
+        if name == "detector-stage" and not (args.detector_run / "moe_stage.pt").is_file():
+            parser.error(f"{case}: {args.detector_run} has no moe_stage.pt (a `defects train` run with "
+                         f"--train-moe, the default, writes it)")
     print(describe(results["machine"]), file=sys.stderr)
     with tempfile.TemporaryDirectory() as work:
         for case in args.cases.split(","):
             dataset, name = case.split(":")
             if dataset == "neu_det":
-                if args.detector_run is None:
-                    parser.error("the case neu_det:detector needs --detector-run")
-                row = measure_defects(args.detector_run, args.data, Path(work), repeats=args.repeats)
+                row = measure_defects(args.detector_run, args.data, Path(work), repeats=args.repeats,
+                                      stage=name == "detector-stage")
                 results["cases"].append(row)
                 p, t = row["parity"], row["throughput"]
-                print(f"neu_det detector nodes {row['graph_nodes']} | {p['frames']} frames, {p['detections']} "
+                print(f"neu_det {name} nodes {row['graph_nodes']} | {p['frames']} frames, {p['detections']} "
                       f"detections, frames with other counts {p['frames_with_other_counts']}, box err "
                       f"{p['box_max_abs_error_px']:.3g} px, score err {p['score_max_abs_error']:.2e} | batch 16: "
                       f"{t['ratio_4096']:.2f}x, batch 1: {t['ratio_1']:.2f}x of moeworks", file=sys.stderr)
