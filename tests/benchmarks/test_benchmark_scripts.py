@@ -59,3 +59,13 @@ def test_a_cheap_benchmark_runs_end_to_end(tmp_path):
     for case in last["cases"].values():
         assert case["protobuf"]["bytes"] < case["json"]["bytes"]  # the point of the binary encoding
         assert all(case[codec][f"{step}_us"] > 0 for codec in ("json", "protobuf") for step in ("encode", "decode"))
+
+
+def test_bundles_refuses_the_detector_stage_case_without_a_stage_before_any_case_runs(monkeypatch, tmp_path, capsys):
+    module = importlib.import_module("benchmarks.bundles")
+    monkeypatch.setattr(sys, "argv", ["bundles", "--cases", "taiwan:scorecard,neu_det:detector-stage",
+                                      "--detector-run", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 2
+    assert f"neu_det:detector-stage: {tmp_path} has no moe_stage.pt" in capsys.readouterr().err
