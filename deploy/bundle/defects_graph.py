@@ -3,8 +3,8 @@ detections with sizes in mm out.
 
 Input `image` (N, H, W, 3) uint8, RGB, N frames of one size H x W (any size; what an image decoder
 gives). The graph letterboxes each frame to the detector's square input as
-`manufacturing.defects.detector.letterbox` does (scale to fit, bilinear with half-pixel centres,
-rounded to whole grey levels, grey 114 borders), runs the detector (`export_detector_onnx`'s
+`manufacturing.defects.detector.letterbox` does (scale to fit, OpenCV's uint8 bilinear with its
+fixed-point rounding, grey 114 borders: `_linear_resize_u8`), runs the detector (`export_detector_onnx`'s
 torch.onnx export, inlined), and post-processes as `postprocess` and `DefectInspector.report` do:
 each anchor's best class, score above the confidence threshold, class-wise non-maximum suppression
 (ONNX NonMaxSuppression), the `max_det` strongest per frame, boxes mapped back to frame pixels and
@@ -43,6 +43,50 @@ def _scalar(g: GraphBuilder, shape: Var, axis: int) -> Var:
     return g.op("Cast", g.op("Gather", shape, g.const(np.array([axis])), axis=0), to=11)
 
 
+def _linear_taps(g: GraphBuilder, src: Var, dst: Var) -> tuple[Var, Var, Var, Var]:
+    """cv2.resize INTER_LINEAR's taps along one axis, as OpenCV computes them for uint8 (resizeGeneric):
+    fx = (float)((d + 0.5) * scale - 0.5), sx = floor(fx), fx -= sx, clamped at both edges (fx 0), and
+    the two weights each rounded to 1/2048 (INTER_RESIZE_COEF_BITS = 11). src, dst: (1,) float64 sides.
+    Returns (sx, sx + 1 clamped) (dst,) int64 and (w0, w1) (dst,) float32 holding integers 0-2048."""
+    d = g.op("Range", g.const(np.float64(0.0)), g.op("Squeeze", dst), g.const(np.float64(1.0)))  # (dst,)
+    scale = 1.0 / (dst / src)  # cv2's scale_x = 1. / inv_scale_x, double
+    f = g.op("Cast", (d + 0.5) * scale - 0.5, to=1)  # float32, as cv2
+    sx = g.op("Floor", f)
+    fx = f - sx
+    last = g.op("Cast", src - 1.0, to=1)
+    low, high = sx < g.const(np.float32(0.0)), sx >= last
+    fx = g.where(low | high, g.const(np.float32(0.0)), fx)
+    sx = g.where(low, g.const(np.float32(0.0)), g.where(high, last, sx))
+    w0 = g.op("Round", (g.const(np.float32(1.0)) - fx) * g.const(np.float32(2048.0)))
+    w1 = g.op("Round", fx * g.const(np.float32(2048.0)))
+    second = g.op("Min", sx + g.const(np.float32(1.0)), last)
+    return g.op("Cast", sx, to=7), g.op("Cast", second, to=7), w0, w1
+
+
+def _linear_resize_u8(g: GraphBuilder, chw: Var, h: Var, w: Var, nh: Var, nw: Var) -> Var:
+    """cv2.resize(uint8, (nw, nh), INTER_LINEAR) of (N, 3, H, W) float32 grey levels, bit for bit where
+    OpenCV downscales (0 of 10.7 million pixels differ on NEU-DET frames to 192 and 150 px; upscaling:
+    1 grey level in ~0.2% of pixels): the horizontal pass as integer sums (a MatMul with the 11-bit weights,
+    exact in float32: at most 2 x 2048 x 255), then OpenCV's vertical pass in int64 with its SIMD rounding
+    ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2 (as the MoE stage's crops,
+    deploy/bundle/defects_stage.py). ONNX's float Resize rounded one grey level apart from OpenCV in ~12% of
+    the pixels, which moved one NEU-DET box by 17.5 px (benchmarks/RESULTS.md, bundles)."""
+    x0, x1, a0, a1 = _linear_taps(g, w, nw)
+    y0, y1, b0, b1 = _linear_taps(g, h, nh)
+    columns = g.op("Range", g.const(np.int64(0)), g.op("Cast", g.op("Squeeze", w), to=7), g.const(np.int64(1)))
+    row, zero = g.const(np.array([-1, 1])), g.const(np.float32(0))
+    taps = (g.where(g.op("Equal", g.op("Reshape", x0, row), columns), g.op("Reshape", a0, row), zero)
+            + g.where(g.op("Equal", g.op("Reshape", x1, row), columns), g.op("Reshape", a1, row), zero))  # (nw, W)
+    sums = g.op("MatMul", chw, g.op("Transpose", taps, perm=[1, 0]))  # (N, 3, H, nw) integers
+    shifted = g.op("Div", g.op("Cast", sums, to=7), g.const(np.array(16)))  # S >> 4 (S >= 0)
+    total = None
+    for rows, weight in ((y0, b0), (y1, b1)):
+        b = g.op("Reshape", g.op("Cast", weight, to=7), g.const(np.array([1, 1, -1, 1])))  # (1, 1, nh, 1)
+        term = g.op("Div", g.op("Mul", b, g.op("Gather", shifted, rows, axis=2)), g.const(np.array(65536)))
+        total = term if total is None else g.op("Add", total, term)
+    return g.op("Cast", g.op("Div", g.op("Add", total, g.const(np.array(2))), g.const(np.array(4))), to=1)
+
+
 def _letterbox(g: GraphBuilder, image: Var, size: int, pad_value: int) -> tuple[Var, Var, Var, Var]:
     """(batch (N, 3, S, S) float32 in [0, 1], scale, left, top) of `letterbox` + `to_input`."""
     shape = g.op("Shape", image)
@@ -51,11 +95,7 @@ def _letterbox(g: GraphBuilder, image: Var, size: int, pad_value: int) -> tuple[
     nh, nw = g.op("Round", h * scale), g.op("Round", w * scale)  # Python's round: half to even, as Round
     top, left = g.op("Round", (float(size) - nh) / 2.0 - 0.1), g.op("Round", (float(size) - nw) / 2.0 - 0.1)
     chw = g.op("Cast", g.op("Transpose", image, perm=[0, 3, 1, 2]), to=1)  # (N, 3, H, W) float32
-    sizes = g.op("Concat", g.op("Slice", g.op("Shape", chw), g.const(np.array([0])), g.const(np.array([2]))),
-                 g.op("Cast", g.concat([nh, nw], axis=0), to=7), axis=0)
-    # cv2.INTER_LINEAR: half-pixel centres, edge pixels repeated; on uint8 it rounds to whole grey levels
-    resized = g.op("Resize", chw, None, None, sizes, mode="linear", coordinate_transformation_mode="half_pixel")
-    resized = g.op("Clip", g.op("Round", resized), g.const(np.float32(0.0)), g.const(np.float32(255.0)))
+    resized = _linear_resize_u8(g, chw, h, w, nh, nw)
     zero = g.const(np.array([0.0]))
     pads = g.op("Cast", g.concat([zero, zero, top, left, zero, zero, float(size) - nh - top,
                                   float(size) - nw - left], axis=0), to=7)
