@@ -163,9 +163,9 @@ def channel_pruner(model: nn.Module, example_inputs: Any, *, ratio: float, steps
     does not cover).
     """
     if not 0 < ratio < 1:
-        raise ValueError(f"prune_channels: ratio must be in (0, 1), got {ratio!r}")
+        raise ValueError(f"channel_pruner: ratio must be in (0, 1), got {ratio!r}")
     if not isinstance(steps, int) or not 1 <= steps <= 100:
-        raise ValueError(f"prune_channels: steps must be an integer in [1, 100], got {steps!r}")
+        raise ValueError(f"channel_pruner: steps must be an integer in [1, 100], got {steps!r}")
     was_training = model.training
     model.eval()
     pruner = tp.pruner.MetaPruner(

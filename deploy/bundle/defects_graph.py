@@ -63,14 +63,32 @@ def _linear_taps(g: GraphBuilder, src: Var, dst: Var) -> tuple[Var, Var, Var, Va
     return g.op("Cast", sx, to=7), g.op("Cast", second, to=7), w0, w1
 
 
+def vertical_pass_u8(g: GraphBuilder, sums: Var, rows: tuple[Var, Var], weights: tuple[Var, Var], *,
+                     axis: int, elementwise: bool) -> Var:
+    """OpenCV's vertical pass of its uint8 two-tap resizes (INTER_LINEAR, and INTER_AREA's interpolating
+    path) on the horizontal pass's integer sums `sums` (float32 holding integers, 11-bit weights): its
+    SIMD rounding, bit for bit, ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2, in int64.
+    rows: the two source rows of each output row, gathered along `axis` (GatherElements when
+    `elementwise`, index shaped as the output; else Gather, one index per output row); weights: b0, b1
+    as int64 broadcasting against the output. Returns float32 grey levels."""
+    shifted = g.op("Div", g.op("Cast", sums, to=7), g.const(np.array(16)))  # S >> 4 (S >= 0)
+    total = None
+    for row, weight in zip(rows, weights, strict=True):
+        picked = (g.op("GatherElements", shifted, row, axis=axis) if elementwise
+                  else g.op("Gather", shifted, row, axis=axis))
+        term = g.op("Div", g.op("Mul", weight, picked), g.const(np.array(65536)))
+        total = term if total is None else g.op("Add", total, term)
+    return g.op("Cast", g.op("Div", g.op("Add", total, g.const(np.array(2))), g.const(np.array(4))), to=1)
+
+
 def _linear_resize_u8(g: GraphBuilder, chw: Var, h: Var, w: Var, nh: Var, nw: Var) -> Var:
     """cv2.resize(uint8, (nw, nh), INTER_LINEAR) of (N, 3, H, W) float32 grey levels, bit for bit where
     OpenCV downscales (0 of 10.7 million pixels differ on NEU-DET frames to 192 and 150 px; upscaling:
     1 grey level in ~0.2% of pixels): the horizontal pass as integer sums (a MatMul with the 11-bit weights,
     exact in float32: at most 2 x 2048 x 255), then OpenCV's vertical pass in int64 with its SIMD rounding
-    ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2 (as the MoE stage's crops,
-    deploy/bundle/defects_stage.py). ONNX's float Resize rounded one grey level apart from OpenCV in ~12% of
-    the pixels, which moved one NEU-DET box by 17.5 px (benchmarks/RESULTS.md, bundles)."""
+    (vertical_pass_u8, shared with the MoE stage's crops). ONNX's float Resize rounded one grey
+    level apart from OpenCV in ~12% of the pixels, which moved one NEU-DET box by 17.5 px
+    (benchmarks/RESULTS.md, bundles)."""
     x0, x1, a0, a1 = _linear_taps(g, w, nw)
     y0, y1, b0, b1 = _linear_taps(g, h, nh)
     columns = g.op("Range", g.const(np.int64(0)), g.op("Cast", g.op("Squeeze", w), to=7), g.const(np.int64(1)))
@@ -78,13 +96,8 @@ def _linear_resize_u8(g: GraphBuilder, chw: Var, h: Var, w: Var, nh: Var, nw: Va
     taps = (g.where(g.op("Equal", g.op("Reshape", x0, row), columns), g.op("Reshape", a0, row), zero)
             + g.where(g.op("Equal", g.op("Reshape", x1, row), columns), g.op("Reshape", a1, row), zero))  # (nw, W)
     sums = g.op("MatMul", chw, g.op("Transpose", taps, perm=[1, 0]))  # (N, 3, H, nw) integers
-    shifted = g.op("Div", g.op("Cast", sums, to=7), g.const(np.array(16)))  # S >> 4 (S >= 0)
-    total = None
-    for rows, weight in ((y0, b0), (y1, b1)):
-        b = g.op("Reshape", g.op("Cast", weight, to=7), g.const(np.array([1, 1, -1, 1])))  # (1, 1, nh, 1)
-        term = g.op("Div", g.op("Mul", b, g.op("Gather", shifted, rows, axis=2)), g.const(np.array(65536)))
-        total = term if total is None else g.op("Add", total, term)
-    return g.op("Cast", g.op("Div", g.op("Add", total, g.const(np.array(2))), g.const(np.array(4))), to=1)
+    weights = tuple(g.op("Reshape", g.op("Cast", b, to=7), g.const(np.array([1, 1, -1, 1]))) for b in (b0, b1))
+    return vertical_pass_u8(g, sums, (y0, y1), weights, axis=2, elementwise=False)
 
 
 def _letterbox(g: GraphBuilder, image: Var, size: int, pad_value: int) -> tuple[Var, Var, Var, Var]:

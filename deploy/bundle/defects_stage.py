@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import torch
 
+from deploy.bundle.defects_graph import vertical_pass_u8
 from deploy.bundle.graph import GraphBuilder, Var
 
 
@@ -74,22 +75,16 @@ def _axis_weights(g: GraphBuilder, start: Var, length: Var, side: Var, size: int
 
 
 def _two_tap_rows(g: GraphBuilder, columns: Var, first: Var, w0: Var, w1: Var, length: Var, start: Var) -> Var:
-    """cv2's vertical pass of the uint8 two-tap resize on the horizontal pass's sums `columns`
-    (K, 3, H, S) float32 integers (11-bit weights): its SIMD rounding, bit for bit,
-    ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2, in int64."""
+    """cv2's vertical pass of the uint8 two-tap INTER_AREA resize on the horizontal pass's sums `columns`
+    (K, 3, H, S): each box's own source rows (vertical_pass_u8)."""
     shape = g.op("Shape", columns)
     size = g.op("Gather", shape, g.const(np.array([3])), axis=0)
     out = g.op("Concat", g.op("Gather", shape, g.const(np.array([0, 1])), axis=0), size, size, axis=0)  # K, 3, S, S
     second = g.op("Min", first + 1.0, start + length - 1.0)  # an in-frame row when its weight is 0
     index = [g.op("Expand", g.op("Unsqueeze", g.op("Cast", r, to=7), g.const(np.array([1]))), out)
              for r in (first, second)]  # (K, 3, S, S): source row of each output row
-    shifted = g.op("Cast", g.op("Floor", columns / _f32(g, 16.0)), to=7)  # S >> 4
-    total = None
-    for row, weight in zip(index, (w0, w1), strict=True):
-        b = g.op("Unsqueeze", g.op("Cast", weight, to=7), g.const(np.array([1])))  # (K, 1, S, 1)
-        term = g.op("Div", g.op("Mul", b, g.op("GatherElements", shifted, row, axis=2)), g.const(np.array(65536)))
-        total = term if total is None else g.op("Add", total, term)
-    return g.op("Cast", g.op("Div", g.op("Add", total, g.const(np.array(2))), g.const(np.array(4))), to=1)
+    weights = [g.op("Unsqueeze", g.op("Cast", w, to=7), g.const(np.array([1]))) for w in (w0, w1)]  # (K, 1, S, 1)
+    return vertical_pass_u8(g, columns, tuple(index), tuple(weights), axis=2, elementwise=True)
 
 
 def crops_and_geometry(g: GraphBuilder, image: Var, boxes: Var, frame: Var, *, crop_size: int,

@@ -225,7 +225,7 @@ def _not_for_detector(kind: str, method: str) -> None:
                             "only")
 
 
-def _detector(model: Path, out: Path, data: Path | None, split_file: Path | None, *, ratio: float, epochs: int,
+def _detector(model: Path, out: Path, data: Path | None, split_file: Path | None, *, ratio: float | None, epochs: int,
               seed: int, as_json: bool, **unused) -> None:
     """compress prune for a defect detector folder: torch-pruning's channel removal on the YOLO graph,
     then fine-tuning by `defects train`'s trainer on the detector's split (workflow.prune_job)."""
@@ -242,7 +242,7 @@ def _detector(model: Path, out: Path, data: Path | None, split_file: Path | None
     if split_file is not None and not split_file.is_file():
         raise CompressError(f"--split-file {split_file}: no such split file")
     try:
-        job = PruneJob(ratio=ratio, epochs=epochs, seed=seed)
+        job = PruneJob(epochs=epochs, seed=seed, **({} if ratio is None else {"ratio": ratio}))
     except ValueError as error:
         raise CompressError(str(error)) from None
     with output.third_party_output_to(out / "logs" / "compress.log"):
@@ -292,9 +292,10 @@ def distill_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DA
 
 @app.command("prune")
 def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA, subset: str | None = SUBSET,
-                  ratio: float = typer.Option(0.5, help="lstm models and the defect detector: share of channels "
-                                                        "removed per layer (detector: 0.35 leaves ~47% of YOLO11n's "
-                                                        "parameters)"),
+                  ratio: float | None = typer.Option(None, help="lstm models and the defect detector: share of "
+                                                               "channels removed per layer (default: lstm 0.5; "
+                                                               "detector 0.35, which leaves ~47% of YOLO11n's "
+                                                               "parameters)"),
                   l1: float = typer.Option(1e-6, help="lstm models: L1 penalty on the weights before removal "
                                                       "(times the sum of |w|, beside an MSE on RUL/cap near 0.003)"),
                   l1_epochs: int = typer.Option(5, help="lstm models: epochs of L1-regularised training"),
@@ -331,7 +332,8 @@ def prune_command(model: Path = MODEL, out: Path = OUT, data: Path | None = DATA
     if not 0 <= l1 <= 1 or not 0 <= l1_epochs <= 1000:
         raise CompressError("--l1 must be in [0, 1] and --l1-epochs in [0, 1000]")
     subset, frame = _training_frame(data, subset, source)
-    pruned, metrics = prune(source, frame, ratio=ratio, l1=l1, l1_epochs=l1_epochs, steps=steps,
+    pruned, metrics = prune(source, frame, **({} if ratio is None else {"ratio": ratio}), l1=l1, l1_epochs=l1_epochs,
+                            steps=steps,
                             keep_experts=keep_experts,
                             merge=merge, teacher=_teacher(teacher, model), alpha=alpha,
                             config=_fine_tune_config(epochs, seed, as_json))

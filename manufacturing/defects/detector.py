@@ -29,7 +29,7 @@ import torch
 import torchvision
 
 from manufacturing.defects.errors import DefectDataError, one_line
-from manufacturing.defects.pruning import PRUNED_KEY, SplitC2f, apply_widths, pruned_record, split_c2f
+from manufacturing.defects.pruning import PRUNED_KEY, SplitC2f, apply_widths, yaml_record
 
 PAD_VALUE = 114  # ultralytics' letterbox grey, so the detector sees what it was trained on
 DETECTOR_KIND = "moeworks.defects.yolo"
@@ -221,10 +221,7 @@ def save_detector(weights: str | Path, path: str | Path, *, metrics: dict | None
     size = int(trained.get("imgsz", 640))
     extra = {"kind": DETECTOR_KIND, "names": names, "imgsz": size, "train_results": ckpt.get("train_results") or {}}
     if any(isinstance(m, SplitC2f) for m in model.modules()):  # channel-pruned: its widths, beside the YAML
-        from ultralytics.nn.tasks import DetectionModel
-
-        built = split_c2f(DetectionModel(cfg, nc=len(names), verbose=False))
-        extra[PRUNED_KEY] = pruned_record(model, built)
+        extra[PRUNED_KEY] = yaml_record(model, cfg, len(names))
     # Stored in float16, as ultralytics stores its best.pt (so converting it loses nothing): half the
     # size of float32, which keeps a shipped YOLO11n under 6 MB. Loading casts back to float32.
     save_checkpoint(path, copy.deepcopy(model).half(), config=cfg, metrics=metrics or {}, extra=extra)

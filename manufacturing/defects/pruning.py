@@ -154,6 +154,13 @@ def pruned_record(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
             "bn": {k: v for k, v in mine["bn"].items() if v != built["bn"][k]}}
 
 
+def yaml_record(model: nn.Module, config: dict, num_classes: int) -> dict[str, Any]:
+    """pruned_record of `model` against what its model YAML `config` builds (split_c2f'd)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    return pruned_record(model, split_c2f(DetectionModel(copy.deepcopy(config), nc=num_classes, verbose=False)))
+
+
 def _width(value: Any, length: int) -> bool:
     return (isinstance(value, list) and len(value) == length
             and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WIDTH for v in value))
@@ -208,13 +215,10 @@ def save_pruned(model: nn.Module, path: Any, *, config: dict, names: list[str], 
     half: float16, as detector files are stored (save_detector); False keeps float32 (the start
     of a fine-tuning run, which then trains from exactly the pruned weights).
     """
-    from ultralytics.nn.tasks import DetectionModel
-
     from core.trainer import save_checkpoint
     from manufacturing.defects.detector import DETECTOR_KIND
 
-    built = split_c2f(DetectionModel(copy.deepcopy(config), nc=len(names), verbose=False))
     stored = copy.deepcopy(model).float()
     return save_checkpoint(path, stored.half() if half else stored, config=config, metrics=metrics or {},
                            extra={"kind": DETECTOR_KIND, "names": list(names), "imgsz": int(imgsz),
-                                  PRUNED_KEY: pruned_record(model, built)})
+                                  PRUNED_KEY: yaml_record(model, config, len(names))})
