@@ -172,14 +172,16 @@ def first_at(calibration, level: float) -> float | None:
 def label_precision(images, detections, truth, names, floor, calibration, thresholds) -> dict:
     """Per threshold: the images the rule accepts (every reported box >= threshold, raw or calibrated
     score) and the precision of their boxes and of whole images."""
+    from manufacturing.defects.annotation import AcceptRule
+
     precision = {}
     for threshold in thresholds:
+        rule = AcceptRule(threshold=threshold, floor=floor)
         boxes = right = images_right = accepted = 0
         for image, found in zip(images, detections, strict=True):
-            keep = found.scores >= floor
-            scores = found.scores[keep] if calibration is None else calibration(found.scores[keep])
-            if not (len(scores) and (scores >= threshold).all()):
+            if not rule.accepts(found.scores, calibration):
                 continue
+            keep = found.scores >= floor
             labels = [names[c] for c in found.classes[keep]]
             n_right, whole = matched(found.boxes[keep], labels, found.scores[keep], truth[image.path.stem])
             accepted, boxes, right, images_right = accepted + 1, boxes + len(labels), right + n_right, \

@@ -26,7 +26,7 @@ from finance.data import Records
 from finance.errors import CreditDataError
 from finance.evaluation import credit_metrics
 from finance.models.input_gradients import TabularMoEGradient
-from finance.models.moe import MoEModel, MoEModelConfig, StandardisedMoE, build_module
+from finance.models.moe import MoEModel, MoEModelConfig, build_module
 from finance.scorer import CreditScorer, split_records
 
 COMPRESSION_FILE = "compression.json"
@@ -86,10 +86,7 @@ def compress_scorer(source: CreditScorer, records: Records, method: Literal["dis
     else:
         model_config = replace(model_config, hashed_compression=compression)
     details["guided_by"] = None if soft is None else ("teacher" if teacher is not None else "source")
-    compressed = StandardisedMoE(net, X_train.shape[1])
-    for name in ("fill", "low", "high", "mean", "scale"):
-        getattr(compressed, name).copy_(getattr(module, name))
-    compressed.eval()
+    compressed = module.around(net).eval()
 
     model = MoEModel._restored(config=model_config, feature_names=source.pipeline_.feature_names_,
                                dataset=source.dataset)

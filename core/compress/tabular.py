@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from core.blocks import TabularMoE, TabularMoEConfig
 from core.compress.distill import DistillConfig, distillation_loss
-from core.compress.hashed import hash_weights
+from core.compress.hashed import hash_weights, hashed_parameters
 from core.compress.prune import expert_load, prune_experts
 from core.trainer import Trainer, TrainerConfig, TrainResult
 
@@ -171,9 +171,8 @@ def compress_tabular(net: TabularMoE, method: str, inputs: tuple[torch.Tensor, .
         details = {"keep_experts": keep, "mode": mode, "routing": routing}
     elif method == "hash":
         compressed = hash_tabular_experts(net, compression=compression)
-        pool = sum(p.numel() for n, p in compressed.named_parameters() if ".experts.parametrizations." in n)
-        details = {"compression": compression, "hashed_values": pool,
-                   "virtual_weights": sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)}
+        pool, virtual = hashed_parameters(compressed)
+        details = {"compression": compression, "hashed_values": pool, "virtual_weights": virtual}
     else:
         raise ValueError(f"method must be distill, prune or hash, got {method!r}")
     result = fine_tune(compressed, inputs, target, valid_inputs, valid_target, config, teacher_logits=teacher_logits)

@@ -227,7 +227,7 @@ def moe_head(g: GraphBuilder, x: Var, model) -> tuple[Var, Var]:
     rounding, with 1/(steps) of the input layer's arithmetic."""
     kernel, module = model.gradient_kernel_, model.module_
     f, c = _Float32(g), _Float32(g).c
-    buffers = {name: getattr(module, name).detach().numpy() for name in ("fill", "low", "high", "mean", "scale")}
+    buffers = {name: getattr(module, name).detach().numpy() for name in module.BUFFERS}
     x = g.where(x.isnan(), c(buffers["fill"]), x)
     x = g.op("Min", g.op("Max", x, c(buffers["low"])), c(buffers["high"]))
     z = (x - c(buffers["mean"])) / c(buffers["scale"])  # (N, F) standardised

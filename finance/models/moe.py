@@ -91,11 +91,20 @@ NUMPY_PATH_ROWS = 512
 class StandardisedMoE(nn.Module):
     """Raw features (batch, F) float32, NaN allowed -> logit of default (batch,)."""
 
+    BUFFERS = ("fill", "low", "high", "mean", "scale")  # the standardisation fitted on training features
+
     def __init__(self, net: TabularMoE, num_features: int) -> None:
         super().__init__()
         self.net = net
-        for name in ("fill", "low", "high", "mean", "scale"):
+        for name in self.BUFFERS:
             self.register_buffer(name, torch.zeros(num_features))
+
+    def around(self, net: TabularMoE) -> StandardisedMoE:
+        """`net` behind this module's standardisation (copied), in this module's mode."""
+        other = StandardisedMoE(net, len(self.fill))
+        for name in self.BUFFERS:
+            getattr(other, name).copy_(getattr(self, name))
+        return other.train(self.training)
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.where(torch.isnan(x), self.fill, x)
@@ -126,10 +135,7 @@ class StandardisedMoE(nn.Module):
         itself when nothing is hashed."""
         if self.net.config.hashed_compression is None:
             return self
-        dense = StandardisedMoE(self.net.dense_copy(), len(self.fill))
-        for name in ("fill", "low", "high", "mean", "scale"):
-            getattr(dense, name).copy_(getattr(self, name))
-        return dense.train(self.training)
+        return self.around(self.net.dense_copy())
 
 
 def _proba(logits: np.ndarray) -> np.ndarray:

@@ -78,10 +78,14 @@ class AcceptRule:
         if not 0 < self.floor < self.threshold <= 1:
             raise ValueError(f"need 0 < floor < threshold <= 1, got floor {self.floor}, threshold {self.threshold}")
 
-    def accepts(self, scores: np.ndarray) -> bool:
-        """scores: (n,) the image's box scores. True: at least one reported box, all >= threshold."""
+    def accepts(self, scores: np.ndarray, calibration=None) -> bool:
+        """scores: (n,) the image's raw box scores. True: at least one reported box (raw score >= floor),
+        all >= threshold; with `calibration` (confidence.ScoreCalibration) the threshold applies to the
+        reported boxes' calibrated scores."""
         reported = np.asarray(scores, np.float64)
         reported = reported[reported >= self.floor]
+        if calibration is not None:
+            reported = calibration(reported)
         return bool(len(reported)) and bool((reported >= self.threshold).all())
 
 
@@ -445,9 +449,10 @@ def _file_detections(pool, images, detections, *, names, rule, review_dir, image
         boxes, scores = np.asarray(found.boxes)[keep], np.asarray(found.scores)[keep]
         labels = [names[c] for c in np.asarray(found.classes)[keep]]
         pool.put(image.read())
+        accept = rule.accepts(scores, calibration)
         if calibration is not None:
-            scores = calibration(scores)
-        if bool(len(scores)) and bool((scores >= rule.threshold).all()):  # AcceptRule.accepts on kept boxes
+            scores = calibration(scores)  # what the review tasks show
+        if accept:
             accepted.append(Change(image=image.digest, name=name, suffix=suffix, width=width, height=height,
                                    boxes=boxes, labels=labels, source="auto"))
             continue
